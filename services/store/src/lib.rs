@@ -1,0 +1,21 @@
+//! The event log of eventfold: one [`EventLog`] trait, its adapters
+//! (in memory and PostgreSQL), gap-safe subscriptions and the per-stream
+//! SHA-256 hash chain. Every adapter passes the same conformance suite
+//! (`tests/conformance.rs`).
+
+pub mod error;
+pub mod hash;
+mod log;
+pub mod memory;
+pub mod model;
+pub mod postgres;
+pub mod subscription;
+
+pub use crate::{
+    error::{Error, FieldViolation, Result},
+    log::EventLog,
+    memory::MemoryEventLog,
+    model::*,
+    postgres::{PostgresConfig, PostgresEventLog},
+    subscription::{SubscriptionMessage, SubscriptionOptions, Subscriptions, Target},
+};

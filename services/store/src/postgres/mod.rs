@@ -1,0 +1,783 @@
+//! The PostgreSQL adapter (tokio-postgres + bb8).
+//!
+//! - Appends go through a group commit: concurrent appends are queued and a
+//!   few writer tasks, each with its own connection, take whatever is queued
+//!   and run it as one `eventstore.append_batch(...)` call, i.e. one round
+//!   trip and one transaction for many appends. Every append keeps its own
+//!   expected-version check, so one append's conflict never fails another.
+//! - Reads of the global log are gap-safe (see [`xid`]): a position that is
+//!   missing because its transaction has not committed yet is waited for,
+//!   never skipped.
+//! - `LISTEN eventstore_appended` wakes live subscriptions when another
+//!   process appends; appends of this process wake them directly.
+
+mod xid;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bb8::{Pool, RunError};
+use bb8_postgres::PostgresConnectionManager;
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::{
+    sync::{Mutex, mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
+use uuid::Uuid;
+
+use self::xid::{PendingGap, XidSnapshot};
+use crate::{
+    error::{Error, Result},
+    hash,
+    log::EventLog,
+    model::{
+        AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, EventMetadata, ExpectedVersion, ListStreams,
+        RecordedEvent, Snapshot, SnapshotQuery, StreamInfo, StreamPage, StreamRead, StreamSlice, check_stream_id,
+    },
+};
+
+/// Settings of the PostgreSQL adapter.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// libpq-style URL, e.g. `postgresql://postgres@127.0.0.1:5432/eventfold`.
+    pub url: String,
+    /// Connections for reads and administrative calls.
+    pub pool_size: u32,
+    /// Writer tasks of the group commit (each holds one connection).
+    pub writers: usize,
+    /// Most appends one group-commit transaction takes.
+    pub max_batch_appends: usize,
+    /// Most events one group-commit transaction takes (a larger single
+    /// append still goes alone).
+    pub max_batch_events: usize,
+    /// How long a read of the global log waits for a missing position's
+    /// transaction to finish before answering with what precedes it.
+    pub gap_wait: Duration,
+    /// How long a call waits for a pooled connection.
+    pub connect_timeout: Duration,
+}
+
+impl PostgresConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 16,
+            writers: 2,
+            max_batch_appends: 1000,
+            max_batch_events: 10_000,
+            gap_wait: Duration::from_millis(250),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<AppendOutcome>>;
+
+struct Job {
+    request: AppendRequest,
+    contents: Vec<Vec<u8>>,
+    reply: Reply,
+}
+
+/// The event log on PostgreSQL. Needs the schema of `eventfold migrate up`.
+pub struct PostgresEventLog {
+    pool: Pool<PostgresConnectionManager<NoTls>>,
+    jobs: mpsc::Sender<Job>,
+    appended: watch::Sender<u64>,
+    gap_wait: Duration,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PostgresEventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresEventLog").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresEventLog {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl PostgresEventLog {
+    /// Set up pool, writers and listener. Connections are made lazily, so
+    /// this succeeds while PostgreSQL is down; calls then answer
+    /// `Unavailable` until it is back.
+    pub async fn connect(config: PostgresConfig) -> Result<Self> {
+        let pg: Config = config
+            .url
+            .parse()
+            .map_err(|e| Error::invalid("database_url", format!("not a PostgreSQL URL: {e}")))?;
+        let manager = PostgresConnectionManager::new(pg.clone(), NoTls);
+        let pool = Pool::builder()
+            .max_size(config.pool_size.max(1))
+            .connection_timeout(config.connect_timeout)
+            .build_unchecked(manager);
+        let (appended, _) = watch::channel(0);
+        let (jobs, receiver) = mpsc::channel(config.max_batch_appends.max(1) * 4);
+        let receiver = Arc::new(Mutex::new(receiver));
+        let mut tasks = Vec::new();
+        for _ in 0..config.writers.max(1) {
+            tasks.push(tokio::spawn(writer(
+                pg.clone(),
+                receiver.clone(),
+                appended.clone(),
+                config.max_batch_appends.max(1),
+                config.max_batch_events.max(1),
+            )));
+        }
+        tasks.push(tokio::spawn(listener(pg, appended.clone())));
+        Ok(Self { pool, jobs, appended, gap_wait: config.gap_wait, tasks })
+    }
+
+    async fn conn(&self) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// The segments `(stream, first version, last version)` whose events
+    /// make up `stream_id`: ancestors' shared history first.
+    async fn segments(&self, client: &Client, stream_id: &str) -> Result<(StreamInfo, Vec<(String, i64, i64)>)> {
+        let info = fetch_stream(client, stream_id).await?.ok_or_else(|| Error::StreamNotFound(stream_id.to_owned()))?;
+        if info.deleted_at.is_some() {
+            return Err(Error::StreamDeleted(stream_id.to_owned()));
+        }
+        let own_start = info.parent.as_ref().map_or(0, |(_, at)| *at as i64 + 1);
+        let mut segments = vec![(stream_id.to_owned(), own_start, i64::MAX)];
+        let mut parent = info.parent.clone();
+        while let Some((id, at)) = parent {
+            let row = fetch_stream(client, &id)
+                .await?
+                .ok_or_else(|| Error::Internal(format!("branch parent {id} of {stream_id} is missing")))?;
+            let start = row.parent.as_ref().map_or(0, |(_, p)| *p as i64 + 1);
+            segments.insert(0, (id, start, at as i64));
+            parent = row.parent;
+        }
+        Ok((info, segments))
+    }
+}
+
+const STREAM_COLUMNS: &str = "stream_id, version, head_hash, first_position, last_position, created_at, \
+                              updated_at, deleted_at, parent_stream_id, parent_version";
+
+async fn fetch_stream(client: &Client, stream_id: &str) -> Result<Option<StreamInfo>> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {STREAM_COLUMNS} FROM eventstore.streams \
+                 WHERE stream_id = $1 AND (version >= 0 OR parent_stream_id IS NOT NULL)"
+            ),
+            &[&stream_id],
+        )
+        .await
+        .map_err(db_error)?;
+    row.map(|r| stream_from_row(&r)).transpose()
+}
+
+fn stream_from_row(row: &Row) -> Result<StreamInfo> {
+    let version: i64 = row.get("version");
+    let head: Option<Vec<u8>> = row.get("head_hash");
+    let parent: Option<String> = row.get("parent_stream_id");
+    let parent_version: Option<i64> = row.get("parent_version");
+    Ok(StreamInfo {
+        stream_id: row.get("stream_id"),
+        version: u64::try_from(version).ok(),
+        first_position: row.get::<_, Option<i64>>("first_position").map(|p| p as u64),
+        last_position: row.get::<_, Option<i64>>("last_position").map(|p| p as u64),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+        deleted_at: row.get("deleted_at"),
+        parent: parent.zip(parent_version.map(|v| v as u64)),
+        head_hash: head.map(|h| to_hash(&h)).transpose()?,
+    })
+}
+
+fn to_hash(bytes: &[u8]) -> Result<[u8; 32]> {
+    bytes.try_into().map_err(|_| Error::Internal(format!("stored hash has {} bytes, not 32", bytes.len())))
+}
+
+const EVENT_COLUMNS: &str = "e.global_position, e.stream_id, e.version, e.event_id, e.event_type, \
+                             e.schema_version, e.data, e.metadata, e.created_at, e.hash";
+
+fn event_from_row(row: &Row) -> Result<RecordedEvent> {
+    let metadata: Value = row.get("metadata");
+    let metadata: EventMetadata = serde_json::from_value(metadata)
+        .map_err(|e| Error::Internal(format!("stored metadata is not eventfold metadata: {e}")))?;
+    let hash: Vec<u8> = row.get("hash");
+    Ok(RecordedEvent {
+        event_id: row.get("event_id"),
+        stream_id: row.get("stream_id"),
+        version: row.get::<_, i64>("version") as u64,
+        global_position: row.get::<_, i64>("global_position") as u64,
+        event_type: row.get("event_type"),
+        schema_version: row.get::<_, i32>("schema_version") as u32,
+        data: row.get("data"),
+        metadata,
+        created_at: row.get("created_at"),
+        hash: to_hash(&hash)?,
+    })
+}
+
+fn db_error(error: tokio_postgres::Error) -> Error {
+    match error.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            let text = format!("{} (SQLSTATE {code})", db.message());
+            if ["08", "53", "57", "40"].iter().any(|class| code.starts_with(class)) {
+                Error::Unavailable(text)
+            } else if code == "3F000" || code == "42P01" || code == "42883" {
+                Error::Unavailable(format!("{text}: is the schema migrated? run `eventfold migrate up`"))
+            } else {
+                Error::Internal(text)
+            }
+        }
+        None => Error::Unavailable(format!("PostgreSQL: {error}")),
+    }
+}
+
+fn pool_error(error: RunError<tokio_postgres::Error>) -> Error {
+    match error {
+        RunError::User(e) => db_error(e),
+        RunError::TimedOut => Error::Unavailable("timed out waiting for a PostgreSQL connection".to_owned()),
+    }
+}
+
+fn is_retryable(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| matches!(db.code().code(), "40001" | "40P01" | "23505"))
+}
+
+const APPEND_SQL: &str = "SELECT idx, status, first_version, last_version, actual_version, positions \
+                          FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
+/// A writer of the group commit: takes what is queued, appends it in one
+/// call, answers each append.
+async fn writer(
+    config: Config,
+    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    appended: watch::Sender<u64>,
+    max_appends: usize,
+    max_events: usize,
+) {
+    let mut connection: Option<(Client, Statement)> = None;
+    loop {
+        let batch = {
+            let mut jobs = jobs.lock().await;
+            let Some(first) = jobs.recv().await else { return };
+            let mut events = first.request.events.len();
+            let mut batch = vec![first];
+            while batch.len() < max_appends && events < max_events {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        events += job.request.events.len();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+                connection = match connect_writer(&config).await {
+                    Ok(c) => Some(c),
+                    Err(e) => break Err(e),
+                };
+            }
+            let (client, statement) = connection.as_ref().expect("connected above");
+            match run_batch(client, statement, &batch).await {
+                Ok(rows) => break Ok(rows),
+                Err(e) if attempt < 4 && is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "group commit retried");
+                    tokio::time::sleep(Duration::from_millis(2 * attempt)).await;
+                }
+                Err(e) => {
+                    let closed = e.is_closed() || e.as_db_error().is_none();
+                    if closed {
+                        connection = None;
+                        break Err(Error::Unavailable(format!(
+                            "PostgreSQL connection failed during the append, the outcome is unknown; \
+                             retry with the same request id: {e}"
+                        )));
+                    }
+                    break Err(db_error(e));
+                }
+            }
+        };
+
+        match result {
+            Ok(rows) => {
+                let mut head = 0;
+                for (job, row) in batch.into_iter().zip(rows) {
+                    let outcome = outcome_from_row(&job.request, &row);
+                    if let Ok(o) = &outcome {
+                        head = head.max(o.last_position());
+                    }
+                    let _ = job.reply.send(outcome);
+                }
+                if head > 0 {
+                    appended.send_modify(|h| *h = (*h).max(head));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, appends = batch.len(), "group commit failed");
+                for job in batch {
+                    let _ = job.reply.send(Err(clone_error(&e)));
+                }
+            }
+        }
+    }
+}
+
+fn clone_error(error: &Error) -> Error {
+    match error {
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+async fn connect_writer(config: &Config) -> Result<(Client, Statement)> {
+    let (client, connection) = config.connect(NoTls).await.map_err(db_error)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL writer connection closed");
+        }
+    });
+    let statement = client.prepare(APPEND_SQL).await.map_err(db_error)?;
+    Ok((client, statement))
+}
+
+async fn run_batch(client: &Client, statement: &Statement, batch: &[Job]) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let events: usize = batch.iter().map(|j| j.request.events.len()).sum();
+    let mut streams = Vec::with_capacity(batch.len());
+    let mut expected = Vec::with_capacity(batch.len());
+    let mut request_ids = Vec::with_capacity(batch.len());
+    let mut counts = Vec::with_capacity(batch.len());
+    let mut ids: Vec<Uuid> = Vec::with_capacity(events);
+    let mut types: Vec<&str> = Vec::with_capacity(events);
+    let mut schema: Vec<i32> = Vec::with_capacity(events);
+    let mut data: Vec<&Value> = Vec::with_capacity(events);
+    let mut metadata: Vec<Value> = Vec::with_capacity(events);
+    let mut contents: Vec<&[u8]> = Vec::with_capacity(events);
+    for job in batch {
+        let r = &job.request;
+        streams.push(r.stream_id.as_str());
+        expected.push(match r.expected {
+            ExpectedVersion::Any => -1i64,
+            ExpectedVersion::NoStream => -2,
+            ExpectedVersion::StreamExists => -3,
+            ExpectedVersion::Exact(v) => v as i64,
+        });
+        request_ids.push(r.request_id.as_deref().unwrap_or(""));
+        counts.push(r.events.len() as i32);
+        for (event, content) in r.events.iter().zip(&job.contents) {
+            ids.push(event.event_id);
+            types.push(&event.event_type);
+            schema.push(event.schema_version as i32);
+            data.push(&event.data);
+            metadata.push(event.metadata.to_json());
+            contents.push(content);
+        }
+    }
+    let rows = client
+        .query(
+            statement,
+            &[&streams, &expected, &request_ids, &counts, &ids, &types, &schema, &data, &metadata, &contents],
+        )
+        .await?;
+    Ok(rows)
+}
+
+fn outcome_from_row(request: &AppendRequest, row: &Row) -> Result<AppendOutcome> {
+    let status: &str = row.get("status");
+    let first: Option<i64> = row.get("first_version");
+    let last: Option<i64> = row.get("last_version");
+    let positions: Option<Vec<i64>> = row.get("positions");
+    match status {
+        "ok" | "duplicate" => Ok(AppendOutcome {
+            stream_id: request.stream_id.clone(),
+            first_version: first.unwrap_or_default() as u64,
+            last_version: last.unwrap_or_default() as u64,
+            positions: positions.unwrap_or_default().into_iter().map(|p| p as u64).collect(),
+            duplicate: status == "duplicate",
+        }),
+        "wrong_version" => Err(Error::WrongExpectedVersion {
+            stream: request.stream_id.clone(),
+            expected: request.expected,
+            actual: row.get::<_, Option<i64>>("actual_version").and_then(|v| u64::try_from(v).ok()),
+        }),
+        "deleted" => Err(Error::StreamDeleted(request.stream_id.clone())),
+        "duplicate_event_id" => Err(Error::DuplicateEventId {
+            event_id: request.events.iter().map(|e| e.event_id.to_string()).collect::<Vec<_>>().join(", "),
+        }),
+        other => Err(Error::Internal(format!("append_batch answered unknown status {other}"))),
+    }
+}
+
+/// Keeps `LISTEN eventstore_appended` open and turns notifications (appends
+/// of any process) into wake-ups; reconnects with backoff.
+async fn listener(config: Config, appended: watch::Sender<u64>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match listen(&config, &appended).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => tracing::debug!(error = %e, "PostgreSQL listener disconnected"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn listen(config: &Config, appended: &watch::Sender<u64>) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(n.payload().parse::<u64>().unwrap_or(0));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    client.batch_execute("LISTEN eventstore_appended").await?;
+    // Anything appended while we were not listening: wake readers once.
+    appended.send_modify(|_| {});
+    while let Some(position) = rx.recv().await {
+        appended.send_modify(|h| *h = (*h).max(position));
+    }
+    drop(client);
+    driver.await.unwrap_or(Ok(()))
+}
+
+fn like_prefix(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+const SCAN_SQL: &str = "SELECT pg_current_snapshot()::text AS snap, x.* FROM ( \
+        SELECT e.global_position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, \
+               e.created_at, e.hash, \
+               (($2::text[] IS NULL OR e.stream_id LIKE ANY ($2)) \
+                AND ($3::text[] IS NULL OR e.event_type = ANY ($3))) AS matched, \
+               e.data, e.metadata \
+        FROM eventstore.events e WHERE e.global_position > $1 \
+        ORDER BY e.global_position LIMIT $4) x";
+
+#[async_trait]
+impl EventLog for PostgresEventLog {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {
+        request.validate()?;
+        let contents = request
+            .events
+            .iter()
+            .map(|e| hash::content_digest(&e.event_id, &e.event_type, e.schema_version, &e.data, &e.metadata).to_vec())
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { request, contents, reply })
+            .await
+            .map_err(|_| Error::Unavailable("the event log is shutting down".to_owned()))?;
+        answer.await.map_err(|_| Error::Unavailable("the append writer stopped".to_owned()))?
+    }
+
+    async fn read_stream(&self, read: StreamRead) -> Result<StreamSlice> {
+        check_stream_id("stream_id", &read.stream_id)?;
+        let client = self.conn().await?;
+        let (info, segments) = self.segments(&client, &read.stream_id).await?;
+        let ids: Vec<&str> = segments.iter().map(|s| s.0.as_str()).collect();
+        let lows: Vec<i64> = segments.iter().map(|s| s.1).collect();
+        let highs: Vec<i64> = segments.iter().map(|s| s.2).collect();
+        let (lo, hi, order) = match read.direction {
+            Direction::Forwards => (read.from_version.map_or(0, |v| v as i64), i64::MAX, "ASC"),
+            Direction::Backwards => (0, read.from_version.map_or(i64::MAX, |v| v as i64), "DESC"),
+        };
+        let hi = read.max_version.map_or(hi, |m| hi.min(m as i64));
+        let limit = read.max_count.min(crate::model::MAX_READ_COUNT) as i64;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM eventstore.events e \
+                     JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS s (id, lo, hi) \
+                       ON e.stream_id = s.id AND e.version BETWEEN s.lo AND s.hi \
+                     WHERE e.version BETWEEN $4 AND $5 \
+                       AND ($6::timestamptz IS NULL OR e.created_at >= $6) \
+                       AND ($7::timestamptz IS NULL OR e.created_at < $7) \
+                     ORDER BY e.version {order} LIMIT $8"
+                ),
+                &[&ids, &lows, &highs, &lo, &hi, &read.start_time, &read.end_time, &(limit + 1)],
+            )
+            .await
+            .map_err(db_error)?;
+        let end_of_stream = rows.len() as i64 <= limit;
+        let events = rows.iter().take(limit as usize).map(event_from_row).collect::<Result<_>>()?;
+        Ok(StreamSlice { events, stream_version: info.version, end_of_stream })
+    }
+
+    async fn read_all(&self, read: AllRead) -> Result<AllSlice> {
+        let client = self.conn().await?;
+        let max_count = read.max_count.clamp(1, crate::model::MAX_READ_COUNT);
+        let scan = if read.filter.is_empty() { max_count } else { (max_count * 8).clamp(1000, 20_000) };
+        let prefixes: Option<Vec<String>> = (!read.filter.stream_prefixes.is_empty())
+            .then(|| read.filter.stream_prefixes.iter().map(|p| like_prefix(p)).collect());
+        let types: Option<&Vec<String>> = (!read.filter.event_types.is_empty()).then_some(&read.filter.event_types);
+        let after = read.after as i64;
+        let deadline = Instant::now() + self.gap_wait;
+        let mut pending: Option<PendingGap> = None;
+        loop {
+            let rows = client
+                .query(SCAN_SQL, &[&after, &prefixes, &types, &(scan as i64)])
+                .await
+                .map_err(db_error)?;
+            let Some(first) = rows.first() else {
+                return Ok(AllSlice { events: Vec::new(), next_position: read.after, end_of_log: true });
+            };
+            let snapshot_text: String = first.get("snap");
+            let snapshot = XidSnapshot::parse(&snapshot_text)
+                .ok_or_else(|| Error::Internal(format!("unparsable snapshot {snapshot_text}")))?;
+            let max_seen = rows.last().map_or(0, |r| r.get::<_, i64>("global_position") as u64);
+            let resolved_upto = match &pending {
+                Some(gap) if gap.resolved_by(&snapshot) => gap.upto,
+                _ if snapshot.in_progress.is_empty() => max_seen,
+                _ => 0,
+            };
+
+            let mut position = read.after;
+            let mut events = Vec::new();
+            let mut blocked = false;
+            let mut matched = 0;
+            for row in &rows {
+                let at = row.get::<_, i64>("global_position") as u64;
+                if at != position + 1 && at > resolved_upto {
+                    blocked = true;
+                    break;
+                }
+                position = at;
+                if row.get::<_, bool>("matched") {
+                    events.push(event_from_row(row)?);
+                    matched += 1;
+                    if matched == max_count {
+                        break;
+                    }
+                }
+            }
+            if !blocked {
+                let end_of_log = rows.len() < scan && matched < max_count;
+                return Ok(AllSlice { events, next_position: position, end_of_log });
+            }
+            if position > read.after || Instant::now() >= deadline {
+                // Progress up to the missing position, or time is up: answer
+                // what is safe; the caller continues from `position`.
+                return Ok(AllSlice { events, next_position: position, end_of_log: false });
+            }
+            if pending.is_none() {
+                pending = Some(PendingGap { upto: max_seen, waiting_for: snapshot.in_progress.clone() });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn last_position(&self) -> Result<u64> {
+        let client = self.conn().await?;
+        let row = client
+            .query_one("SELECT coalesce(max(global_position), 0) FROM eventstore.events", &[])
+            .await
+            .map_err(db_error)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn stream_info(&self, stream_id: &str) -> Result<StreamInfo> {
+        check_stream_id("stream_id", stream_id)?;
+        let client = self.conn().await?;
+        match fetch_stream(&client, stream_id).await? {
+            None => Err(Error::StreamNotFound(stream_id.to_owned())),
+            Some(info) if info.deleted_at.is_some() => Err(Error::StreamDeleted(stream_id.to_owned())),
+            Some(info) => Ok(info),
+        }
+    }
+
+    async fn list_streams(&self, query: ListStreams) -> Result<StreamPage> {
+        let client = self.conn().await?;
+        let limit = query.limit.clamp(1, 1000) as i64;
+        let prefix = query.prefix.as_deref().map(like_prefix);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {STREAM_COLUMNS} FROM eventstore.streams \
+                     WHERE ($1::text IS NULL OR stream_id > $1) \
+                       AND ($2::text IS NULL OR stream_id LIKE $2) \
+                       AND ($3 OR deleted_at IS NULL) \
+                       AND (version >= 0 OR parent_stream_id IS NOT NULL) \
+                     ORDER BY stream_id LIMIT $4"
+                ),
+                &[&query.after, &prefix, &query.show_deleted, &(limit + 1)],
+            )
+            .await
+            .map_err(db_error)?;
+        let mut streams: Vec<StreamInfo> =
+            rows.iter().take(limit as usize).map(stream_from_row).collect::<Result<_>>()?;
+        let next_after = (rows.len() as i64 > limit).then(|| streams.last().map(|s| s.stream_id.clone())).flatten();
+        streams.truncate(limit as usize);
+        Ok(StreamPage { streams, next_after })
+    }
+
+    async fn delete_stream(&self, stream_id: &str, expected_version: Option<u64>) -> Result<StreamInfo> {
+        check_stream_id("stream_id", stream_id)?;
+        let mut client = self.conn().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT {STREAM_COLUMNS} FROM eventstore.streams \
+                     WHERE stream_id = $1 AND (version >= 0 OR parent_stream_id IS NOT NULL) FOR UPDATE"
+                ),
+                &[&stream_id],
+            )
+            .await
+            .map_err(db_error)?;
+        let info = row.map(|r| stream_from_row(&r)).transpose()?;
+        let info = match info {
+            None => return Err(Error::StreamNotFound(stream_id.to_owned())),
+            Some(i) if i.deleted_at.is_some() => return Err(Error::StreamDeleted(stream_id.to_owned())),
+            Some(i) => i,
+        };
+        if let Some(expected) = expected_version {
+            if info.version != Some(expected) {
+                return Err(Error::WrongExpectedVersion {
+                    stream: stream_id.to_owned(),
+                    expected: ExpectedVersion::Exact(expected),
+                    actual: info.version,
+                });
+            }
+        }
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE eventstore.streams SET deleted_at = clock_timestamp(), updated_at = clock_timestamp() \
+                     WHERE stream_id = $1 RETURNING {STREAM_COLUMNS}"
+                ),
+                &[&stream_id],
+            )
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        stream_from_row(&row)
+    }
+
+    async fn branch_stream(&self, source: &str, at_version: u64, branch: &str) -> Result<StreamInfo> {
+        check_stream_id("source_stream_id", source)?;
+        check_stream_id("branch_stream_id", branch)?;
+        let mut client = self.conn().await?;
+        let (info, segments) = self.segments(&client, source).await?;
+        if info.version.is_none_or(|v| at_version > v) {
+            return Err(Error::invalid(
+                "at_version",
+                format!("stream {source} has no version {at_version} (current: {:?})", info.version),
+            ));
+        }
+        let (holder, _, _) = segments
+            .iter()
+            .find(|(_, lo, hi)| (*lo..=*hi).contains(&(at_version as i64)))
+            .ok_or_else(|| Error::Internal(format!("no segment of {source} holds version {at_version}")))?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let head: Vec<u8> = tx
+            .query_one(
+                "SELECT hash FROM eventstore.events WHERE stream_id = $1 AND version = $2",
+                &[holder, &(at_version as i64)],
+            )
+            .await
+            .map_err(db_error)?
+            .get(0);
+        let row = tx
+            .query_opt(
+                &format!(
+                    "INSERT INTO eventstore.streams (stream_id, version, head_hash, parent_stream_id, parent_version) \
+                     VALUES ($1, $2, $3, $4, $2) ON CONFLICT (stream_id) DO NOTHING RETURNING {STREAM_COLUMNS}"
+                ),
+                &[&branch, &(at_version as i64), &head, &source],
+            )
+            .await
+            .map_err(db_error)?;
+        let Some(row) = row else {
+            return Err(Error::StreamAlreadyExists(branch.to_owned()));
+        };
+        tx.commit().await.map_err(db_error)?;
+        stream_from_row(&row)
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<Snapshot> {
+        check_stream_id("stream_id", &snapshot.stream_id)?;
+        let info = self.stream_info(&snapshot.stream_id).await?;
+        if info.version.is_none_or(|v| snapshot.version > v) {
+            return Err(Error::invalid(
+                "version",
+                format!("stream {} has no version {}", snapshot.stream_id, snapshot.version),
+            ));
+        }
+        let client = self.conn().await?;
+        let row = client
+            .query_one(
+                "INSERT INTO eventstore.snapshots (stream_id, version, schema_version, state) \
+                 VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (stream_id, version) DO UPDATE \
+                   SET schema_version = EXCLUDED.schema_version, state = EXCLUDED.state, created_at = clock_timestamp() \
+                 RETURNING created_at",
+                &[&snapshot.stream_id, &(snapshot.version as i64), &(snapshot.schema_version as i32), &snapshot.state],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(Snapshot { created_at: row.get(0), ..snapshot })
+    }
+
+    async fn load_snapshot(&self, query: SnapshotQuery) -> Result<Option<Snapshot>> {
+        self.stream_info(&query.stream_id).await?;
+        let client = self.conn().await?;
+        let row = client
+            .query_opt(
+                "SELECT version, schema_version, state, created_at FROM eventstore.snapshots \
+                 WHERE stream_id = $1 AND ($2::bigint IS NULL OR version <= $2) \
+                   AND ($3::integer IS NULL OR schema_version = $3) \
+                 ORDER BY version DESC LIMIT 1",
+                &[&query.stream_id, &query.max_version.map(|v| v as i64), &query.schema_version.map(|v| v as i32)],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.map(|r| Snapshot {
+            stream_id: query.stream_id.clone(),
+            version: r.get::<_, i64>(0) as u64,
+            schema_version: r.get::<_, i32>(1) as u32,
+            state: r.get(2),
+            created_at: r.get(3),
+        }))
+    }
+
+    fn appended(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    async fn check_health(&self) -> Result<()> {
+        let client = self.conn().await?;
+        client.query("SELECT 1 FROM eventstore.streams LIMIT 1", &[]).await.map_err(db_error)?;
+        Ok(())
+    }
+}

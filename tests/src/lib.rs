@@ -1,0 +1,446 @@
+//! Test harness for eventfold: a throw-away PostgreSQL server per test process
+//! (or the server named by `EVENTFOLD_TEST_DATABASE_URL`), and a fresh, empty
+//! database for each test that asks for one through [`TestDatabase::create`].
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_postgres::NoTls;
+
+/// Names a PostgreSQL server to use instead of starting a throw-away one,
+/// e.g. `postgresql://postgres@127.0.0.1:5432/postgres`.
+const URL_ENV: &str = "EVENTFOLD_TEST_DATABASE_URL";
+/// How long the throw-away server may take to accept connections.
+const STARTUP_TIMEOUT_SECS: u32 = 30;
+/// How long dropping a [`TestDatabase`] waits for `DROP DATABASE`.
+const DROP_TIMEOUT: Duration = Duration::from_secs(10);
+const NOT_FOUND: &str = "PostgreSQL binaries not found: install them with \
+     `apt-get install -y postgresql` (or set EVENTFOLD_TEST_DATABASE_URL)";
+
+/// A fresh, empty database on the shared test PostgreSQL server.
+///
+/// Dropping it drops the database (`DROP DATABASE ... WITH (FORCE)`,
+/// best-effort, on a separate thread so that it works from any runtime).
+#[derive(Debug)]
+pub struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// Creates a new, uniquely named database, starting the shared server on
+    /// first use.
+    ///
+    /// # Panics
+    ///
+    /// If the server cannot be started or reached, or the database cannot be
+    /// created; the message says why.
+    pub async fn create() -> TestDatabase {
+        let server = server_url();
+        let name = unique_name();
+        let (client, connection) = tokio_postgres::connect(&server, NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the test server {server}: {e}"));
+        let conn = tokio::spawn(connection);
+        client
+            .batch_execute(&format!(r#"CREATE DATABASE "{name}" TEMPLATE template0"#))
+            .await
+            .unwrap_or_else(|e| panic!("cannot create test database {name} on {server}: {e}"));
+        drop(client);
+        // Wait for the connection task so that no socket outlives the call.
+        let _ = conn.await;
+        let url = with_database(&server, &name);
+        TestDatabase { name, url }
+    }
+
+    /// A libpq-style URL of this database, usable by
+    /// `tokio_postgres::connect(url, NoTls)`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The name of this database.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let server = server_url();
+        let sql = format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.name);
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("drop-{}", self.name))
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    if let Ok((client, connection)) = tokio_postgres::connect(&server, NoTls).await
+                    {
+                        let conn = tokio::spawn(connection);
+                        let _ = client.batch_execute(&sql).await;
+                        drop(client);
+                        let _ = conn.await;
+                    }
+                });
+                let _ = done_tx.send(());
+            });
+        if spawned.is_ok() {
+            // Best-effort: wait a bounded time so that the process does not
+            // exit (killing the thread) before the database is gone.
+            let _ = done_rx.recv_timeout(DROP_TIMEOUT);
+        }
+    }
+}
+
+/// The base server URL (database `postgres`): the value of
+/// `EVENTFOLD_TEST_DATABASE_URL` if set, otherwise the URL of this process's
+/// throw-away server, which is started on first use.
+///
+/// # Panics
+///
+/// If the throw-away server cannot be started (every later call panics with
+/// the same message).
+pub fn server_url() -> String {
+    static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
+    match SERVER.get_or_init(|| match std::env::var(URL_ENV) {
+        Ok(url) if !url.trim().is_empty() => Ok(url.trim().to_owned()),
+        _ => Server::start().map(|server| {
+            let url = server.url();
+            // Statics are never dropped: the server lives until the process
+            // ends, and its watchdog removes it then.
+            std::mem::forget(server);
+            url
+        }),
+    }) {
+        Ok(url) => url.clone(),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// `eventfold_test_<pid>_<counter>_<random>`: unique within and across
+/// processes sharing a server.
+fn unique_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let counter = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u128(nanos);
+    hasher.write_u64(counter);
+    let random = hasher.finish() as u32;
+    format!(
+        "eventfold_test_{}_{counter}_{random:08x}",
+        std::process::id()
+    )
+}
+
+/// Replaces the database of a `postgres://` / `postgresql://` URL.
+fn with_database(server_url: &str, database: &str) -> String {
+    let Some(scheme_end) = server_url.find("://").map(|i| i + 3) else {
+        panic!(
+            "{URL_ENV} must be a URL such as postgresql://postgres@127.0.0.1:5432/postgres, got {server_url:?}"
+        );
+    };
+    let rest = &server_url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let query = tail.find('?').map(|i| &tail[i..]).unwrap_or("");
+    format!("{}{authority}/{database}{query}", &server_url[..scheme_end])
+}
+
+/// A throw-away PostgreSQL server, started synchronously (no runtime needed).
+struct Server {
+    port: u16,
+    /// Write end of the watchdog's stdin: when this process ends, for any
+    /// reason, the pipe closes and the watchdog stops the server and removes
+    /// its directory.
+    _watchdog: ChildStdin,
+}
+
+impl Server {
+    fn url(&self) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn start() -> Result<Server, String> {
+        let bin = find_bin_dir().ok_or_else(|| NOT_FOUND.to_owned())?;
+        let (initdb, pg_ctl) = (bin.join("initdb"), bin.join("pg_ctl"));
+        let run_as = RunAs::detect()?;
+
+        let dir = tempfile::Builder::new()
+            .prefix("eventfold-pg-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temporary directory: {e}"))?
+            .keep();
+        let data = dir.join("data");
+        let log = dir.join("postgres.log");
+        if let RunAs::Postgres(_) = run_as {
+            run(Command::new("chown").arg("-R").arg("postgres").arg(&dir))?;
+        }
+
+        let watchdog = spawn_watchdog(&run_as, &pg_ctl, &data, &dir)?;
+
+        run(run_as
+            .command(&initdb)
+            .current_dir(&dir)
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .arg("--locale=C"))?;
+
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let port = free_port()?;
+            let options = format!(
+                "-p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200",
+                dir.display()
+            );
+            let started = run(run_as
+                .command(&pg_ctl)
+                .current_dir(&dir)
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .arg("-o")
+                .arg(&options)
+                .args(["-w", "-t", &STARTUP_TIMEOUT_SECS.to_string(), "start"]));
+            match started {
+                Ok(()) => {
+                    return Ok(Server {
+                        port,
+                        _watchdog: watchdog,
+                    });
+                }
+                Err(e) => {
+                    let tail = log_tail(&log);
+                    last_error = format!("{e}\n--- tail of {} ---\n{tail}", log.display());
+                    // Another process may have taken the port in between: retry.
+                    if !tail.contains("Address already in use") {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "cannot start the test PostgreSQL server: {last_error}"
+        ))
+    }
+}
+
+/// Whether server processes must run as the `postgres` user (they refuse to
+/// run as root).
+enum RunAs {
+    Me,
+    /// Through `runuser` (this path to it).
+    Postgres(PathBuf),
+}
+
+impl RunAs {
+    fn detect() -> Result<RunAs, String> {
+        let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        if !is_root {
+            return Ok(RunAs::Me);
+        }
+        let has_user = Command::new("id")
+            .arg("postgres")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_user {
+            return Err(
+                "running as root, but there is no `postgres` user to run the test \
+                 server as (initdb refuses root): `apt-get install -y postgresql` creates it"
+                    .to_owned(),
+            );
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .map(|dir| dir.join("runuser"))
+            .find(|runuser| runuser.is_file())
+            .map(RunAs::Postgres)
+            .ok_or_else(|| {
+                "running as root, but `runuser` (util-linux) is missing: it runs the test \
+                 server as `postgres` (initdb refuses root)"
+                    .to_owned()
+            })
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        match self {
+            RunAs::Me => Command::new(program),
+            RunAs::Postgres(runuser) => {
+                let mut command = Command::new(runuser);
+                command.args(["-u", "postgres", "--"]).arg(program);
+                command
+            }
+        }
+    }
+}
+
+/// A directory holding `initdb` and `pg_ctl`: the first on `PATH`, else the
+/// highest `/usr/lib/postgresql/<version>/bin`.
+fn find_bin_dir() -> Option<PathBuf> {
+    let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(dir) = std::env::split_paths(&path).find(|dir| has_both(dir))
+    {
+        return Some(dir);
+    }
+    std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version: Vec<u32> = entry
+                .file_name()
+                .to_str()?
+                .split('.')
+                .map(|part| part.parse().ok())
+                .collect::<Option<_>>()?;
+            let bin = entry.path().join("bin");
+            has_both(&bin).then_some((version, bin))
+        })
+        .max()
+        .map(|(_, bin)| bin)
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|e| format!("cannot find a free loopback port: {e}"))
+}
+
+/// A detached shell (own process group, so a terminal's Ctrl-C does not reach
+/// it) that waits for its stdin to close, then stops the server and removes
+/// its directory.
+fn spawn_watchdog(
+    run_as: &RunAs,
+    pg_ctl: &Path,
+    data: &Path,
+    dir: &Path,
+) -> Result<ChildStdin, String> {
+    // Retried: the process may have died while initdb or `pg_ctl start` was
+    // still running (a postmaster whose lock file is gone stops itself within
+    // a minute anyway).
+    const SCRIPT: &str = r#"cat >/dev/null 2>&1
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  $EF_RUN_AS "$EF_PG_CTL" -D "$EF_DATA" stop -m immediate -w >/dev/null 2>&1
+  rm -rf "$EF_DIR"
+  sleep 1
+  [ -e "$EF_DIR" ] || break
+done"#;
+    let run_as = match run_as {
+        RunAs::Me => String::new(),
+        RunAs::Postgres(runuser) => format!("{} -u postgres --", runuser.display()),
+    };
+    let mut child = Command::new("sh")
+        .args(["-c", SCRIPT])
+        .env("EF_RUN_AS", run_as)
+        .env("EF_PG_CTL", pg_ctl)
+        .env("EF_DATA", data)
+        .env("EF_DIR", dir)
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the test server's watchdog (sh): {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| "the watchdog has no stdin".to_owned())
+}
+
+/// Runs a command to completion; on failure, the error has its output.
+fn run(command: &mut Command) -> Result<(), String> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{command:?} failed ({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout).trim_end(),
+        String::from_utf8_lossy(&output.stderr).trim_end(),
+    ))
+}
+
+/// The last few KiB of the server log.
+fn log_tail(log: &Path) -> String {
+    const TAIL: u64 = 4096;
+    let Ok(mut file) = std::fs::File::open(log) else {
+        return "(no log)".to_owned();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_database_of_a_url() {
+        assert_eq!(
+            with_database("postgresql://postgres@127.0.0.1:5432/postgres", "x"),
+            "postgresql://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h:1?sslmode=disable", "x"),
+            "postgres://u:p@h:1/x?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h/db?a=b", "x"),
+            "postgres://h/x?a=b"
+        );
+    }
+
+    #[tokio::test]
+    async fn creates_distinct_usable_databases() {
+        let first = TestDatabase::create().await;
+        let second = TestDatabase::create().await;
+        assert_ne!(first.name(), second.name());
+        assert_ne!(first.url(), second.url());
+        assert!(first.url().ends_with(first.name()));
+
+        let (client, connection) = tokio_postgres::connect(first.url(), NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        let row = client
+            .query_one("SELECT 1::INT4, current_database()", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), 1);
+        assert_eq!(row.get::<_, String>(1), first.name());
+    }
+}
