@@ -1,1 +1,263 @@
-fn main() {}
+//! The eventfold binary: parses the command line, loads the layered
+//! configuration and wires storage to servers. No business logic lives here.
+
+mod bench;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use eventfold_platform::config::{self, DatabaseConfig, LogConfig};
+use eventfold_store::{EventLog, MemoryEventLog, PostgresConfig, PostgresEventLog};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+/// Exit code of a bad configuration or command line (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "eventfold", version, about = "gRPC-first event store and CQRS platform")]
+struct Cli {
+    /// TOML configuration file (default: $EVENTFOLD_CONFIG, if set).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (defaults, file, environment and
+    /// flags merged) and exit.
+    #[arg(long, global = true)]
+    dump_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Everything in one process on the in-memory store, no external service
+    /// (the default command).
+    Dev {
+        /// gRPC listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Run one service on PostgreSQL.
+    Serve {
+        #[command(subcommand)]
+        service: Service,
+    },
+    /// Apply, revert or list the database migrations.
+    Migrate {
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Measure against raw PostgreSQL doing the same work.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Service {
+    /// The EventStoreService.
+    Eventstore {
+        /// gRPC listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the latest migration, or every migration above `--to`.
+    Down {
+        /// Keep migrations up to this version (0: revert all).
+        #[arg(long)]
+        to: Option<i64>,
+    },
+    /// List known migrations and whether they are applied.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Append throughput and latency beside raw INSERTs.
+    Append(bench::AppendBenchArgs),
+}
+
+/// The whole configuration, one section per concern.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Config {
+    log: LogConfig,
+    database: DatabaseConfig,
+    eventstore: eventfold_eventstore::Config,
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), eventfold_platform::Error> {
+        self.database.validate()
+    }
+}
+
+/// What command line flags set; only present keys override.
+#[derive(Debug, Default, Serialize)]
+struct Overrides {
+    #[serde(skip_serializing_if = "DatabaseOverrides::is_empty")]
+    database: DatabaseOverrides,
+    #[serde(skip_serializing_if = "EventstoreOverrides::is_empty")]
+    eventstore: EventstoreOverrides,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct DatabaseOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+}
+
+impl DatabaseOverrides {
+    fn is_empty(&self) -> bool {
+        self.url.is_none()
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct EventstoreOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+}
+
+impl EventstoreOverrides {
+    fn is_empty(&self) -> bool {
+        self.listen.is_none()
+    }
+}
+
+fn overrides(command: Option<&Command>) -> Overrides {
+    let mut o = Overrides::default();
+    match command {
+        Some(Command::Dev { listen }) => o.eventstore.listen = *listen,
+        Some(Command::Serve { service: Service::Eventstore { listen, database_url } }) => {
+            o.eventstore.listen = *listen;
+            o.database.url.clone_from(database_url);
+        }
+        Some(Command::Migrate { database_url, .. }) => o.database.url.clone_from(database_url),
+        Some(Command::Bench { .. }) | None => {}
+    }
+    o
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let file = cli.config.clone().or_else(config::config_file_from_env);
+    let config: Config = match config::load(file.as_deref(), &overrides(cli.command.as_ref()))
+        .and_then(|c: Config| c.validate().map(|()| c))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("eventfold: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if cli.dump_config {
+        match toml::to_string_pretty(&config) {
+            Ok(text) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("eventfold: cannot print the configuration: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let Err(e) = eventfold_platform::telemetry::init(&config.log) {
+        eprintln!("eventfold: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("eventfold: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Dev { listen: None }), config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(config_error @ eventfold_platform::Error::Config(_)) = e.downcast_ref::<eventfold_platform::Error>() {
+                eprintln!("eventfold: {config_error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            eprintln!("eventfold: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Dev { .. } => {
+            let log: Arc<dyn EventLog> = Arc::new(MemoryEventLog::new());
+            serve_eventstore(&config, log, "in-memory store, nothing is persisted").await
+        }
+        Command::Serve { service: Service::Eventstore { .. } } => {
+            let url = config.database.require_url()?;
+            let mut pg = PostgresConfig::new(url);
+            pg.pool_size = config.database.pool_size;
+            pg.writers = config.database.writers;
+            let log: Arc<dyn EventLog> = Arc::new(PostgresEventLog::connect(pg).await?);
+            serve_eventstore(&config, log, "PostgreSQL").await
+        }
+        Command::Migrate { action, .. } => migrate(config.database.require_url()?, action).await,
+        Command::Bench { bench: Bench::Append(args) } => bench::append(args).await,
+    }
+}
+
+async fn serve_eventstore(config: &Config, log: Arc<dyn EventLog>, storage: &str) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.eventstore.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.eventstore.listen))?;
+    let addr = listener.local_addr()?;
+    println!("eventfold: EventStoreService listening on {addr} ({storage})");
+    println!("  try: grpcurl -plaintext {addr} list");
+    tracing::info!(%addr, storage, "serving");
+    eventfold_eventstore::run(
+        config.eventstore.clone(),
+        log,
+        listener,
+        eventfold_platform::server::shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn migrate(url: &str, action: MigrateAction) -> anyhow::Result<()> {
+    let (mut client, connection) =
+        tokio_postgres::connect(url, tokio_postgres::NoTls).await.with_context(|| "cannot connect to PostgreSQL")?;
+    let driver = tokio::spawn(connection);
+    match action {
+        MigrateAction::Up => {
+            eventfold_migrations::up(&mut client).await?;
+            println!("migrations applied");
+        }
+        MigrateAction::Down { to } => {
+            eventfold_migrations::down(&mut client, to).await?;
+            println!("migrations reverted");
+        }
+        MigrateAction::Status => {}
+    }
+    for m in eventfold_migrations::status(&client).await? {
+        println!("{:04} {:<30} {}", m.version, m.name, if m.applied { "applied" } else { "pending" });
+    }
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}

@@ -1,1 +1,107 @@
+//! The gRPC `EventStoreService`: streams, the `$all` log, subscriptions,
+//! snapshots, verification, branching and temporal reads over any
+//! [`EventLog`], with `grpc.health.v1` (NOT_SERVING while the storage does
+//! not answer) and server reflection.
+//!
+//! OVERVIEW: [`run`] binds nothing itself: it takes a bound listener, serves
+//! until `shutdown` resolves, then ends live subscriptions and drains calls
+//! within the grace period. `grpc.rs` converts between proto and store types
+//! and is the only place that builds a `tonic::Status`.
 
+mod convert;
+mod grpc;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use eventfold_proto::eventstore::event_store_service_server::EventStoreServiceServer;
+use eventfold_store::{EventLog, SubscriptionOptions, Subscriptions};
+use serde::{Deserialize, Serialize};
+use tokio::{net::TcpListener, sync::watch};
+use tonic_health::ServingStatus;
+
+pub use crate::grpc::{ERROR_DOMAIN, EventStoreGrpc};
+
+/// The gRPC service name, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "eventfold.eventstore.v1.EventStoreService";
+
+/// Settings of the event store server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the gRPC server listens.
+    pub listen: SocketAddr,
+    /// Seconds to drain calls after a shutdown request.
+    pub shutdown_grace_secs: u64,
+    /// Seconds between storage health probes.
+    pub health_interval_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            shutdown_grace_secs: 10,
+            health_interval_secs: 2,
+        }
+    }
+}
+
+/// Errors of running the server.
+pub type Error = eventfold_platform::Error;
+
+/// Serve the event store over `log` on `listener` until `shutdown`.
+pub async fn run(
+    config: Config,
+    log: Arc<dyn EventLog>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let subscriptions = Arc::new(Subscriptions::new(log.clone(), SubscriptionOptions::default()));
+    let service = EventStoreGrpc::new(log.clone(), subscriptions, stop_rx);
+    let (reporter, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET])?;
+    reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+
+    let probe_log = log.clone();
+    let interval = Duration::from_secs(config.health_interval_secs.max(1));
+    let probe = tokio::spawn(async move {
+        let mut serving = None;
+        loop {
+            let healthy = match tokio::time::timeout(Duration::from_secs(5), probe_log.check_health()).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    if serving != Some(false) {
+                        tracing::warn!(error = %e, "storage unhealthy: NOT_SERVING");
+                    }
+                    false
+                }
+                Err(_) => false,
+            };
+            if serving != Some(healthy) {
+                let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
+                reporter.set_service_status(SERVICE_NAME, status).await;
+                reporter.set_service_status("", status).await;
+                if healthy {
+                    tracing::info!("storage healthy: SERVING");
+                }
+                serving = Some(healthy);
+            }
+            tokio::time::sleep(interval).await;
+        }
+    });
+
+    let router = router.add_service(EventStoreServiceServer::new(service));
+    let result = eventfold_platform::server::serve(
+        router,
+        listener,
+        async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        },
+        Duration::from_secs(config.shutdown_grace_secs),
+    )
+    .await;
+    probe.abort();
+    result
+}

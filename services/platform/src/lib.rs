@@ -1,1 +1,22 @@
+//! Plumbing every eventfold service shares: the layered configuration loader
+//! (the only code that reads the environment), logging, and the gRPC server
+//! bootstrap with health, reflection and graceful shutdown.
 
+pub mod config;
+pub mod server;
+pub mod telemetry;
+
+/// Errors of the platform plumbing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("cannot set up logging: {0}")]
+    Logging(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

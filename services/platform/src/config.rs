@@ -1,0 +1,162 @@
+//! Layered configuration: defaults → TOML file → `EVENTFOLD_*` environment
+//! (`__` separates nested keys, e.g. `EVENTFOLD_DATABASE__URL`) → command
+//! line flags. Every environment variable eventfold reads is listed in
+//! [`ENV_VARS`].
+
+use std::path::Path;
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::{Error, Result};
+
+/// The prefix of every configuration environment variable.
+pub const ENV_PREFIX: &str = "EVENTFOLD_";
+
+/// Every environment variable eventfold reads, with what it sets.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("EVENTFOLD_CONFIG", "path of a TOML configuration file"),
+    ("EVENTFOLD_LOG__FORMAT", "log format: pretty or json"),
+    ("EVENTFOLD_LOG__FILTER", "log filter, e.g. info or eventfold_store=debug"),
+    ("EVENTFOLD_DATABASE__URL", "PostgreSQL URL of the event store"),
+    ("EVENTFOLD_DATABASE__POOL_SIZE", "connections for reads"),
+    ("EVENTFOLD_DATABASE__WRITERS", "group-commit writer connections"),
+    ("EVENTFOLD_EVENTSTORE__LISTEN", "gRPC listen address of the event store"),
+    ("EVENTFOLD_EVENTSTORE__SHUTDOWN_GRACE_SECS", "seconds to drain streams on shutdown"),
+    ("EVENTFOLD_TEST_DATABASE_URL", "tests only: use this PostgreSQL server instead of a throw-away one"),
+    ("EVENTFOLD_GRPCURL", "tests only: the grpcurl binary of the black-box tests"),
+];
+
+/// Load `T`: its defaults, then `file` (if any), then the environment, then
+/// `overrides` (command line flags; only the keys it serializes are set).
+pub fn load<T, O>(file: Option<&Path>, overrides: &O) -> Result<T>
+where
+    T: Serialize + DeserializeOwned + Default,
+    O: Serialize,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(Error::Config(format!("configuration file {} does not exist", file.display())));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    figment = figment
+        .merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG", "TEST_DATABASE_URL", "GRPCURL"]).split("__"))
+        .merge(Serialized::defaults(overrides));
+    figment.extract().map_err(|e| Error::Config(e.to_string()))
+}
+
+/// The configuration file named by `EVENTFOLD_CONFIG`, if any.
+pub fn config_file_from_env() -> Option<std::path::PathBuf> {
+    std::env::var_os("EVENTFOLD_CONFIG").map(Into::into)
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `pretty` (human) or `json` (one object per line, for collectors).
+    pub format: LogFormat,
+    /// An `EnvFilter` directive, e.g. `info,eventfold_store=debug`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Pretty, filter: "info".to_owned() }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// libpq-style URL; required by the PostgreSQL-backed services.
+    pub url: Option<String>,
+    /// Connections for reads and administrative calls.
+    pub pool_size: u32,
+    /// Writer connections of the group commit.
+    pub writers: usize,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { url: None, pool_size: 16, writers: 2 }
+    }
+}
+
+impl DatabaseConfig {
+    /// The URL, or a configuration error naming how to set it.
+    pub fn require_url(&self) -> Result<&str> {
+        match self.url.as_deref() {
+            Some(url) if !url.trim().is_empty() => Ok(url),
+            _ => Err(Error::Config(
+                "database.url is required (--database-url or EVENTFOLD_DATABASE__URL)".to_owned(),
+            )),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.pool_size == 0 || self.writers == 0 {
+            return Err(Error::Config("database.pool_size and database.writers must be at least 1".to_owned()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Sample {
+        log: LogConfig,
+        database: DatabaseConfig,
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = std::env::temp_dir().join(format!("eventfold-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[database]\nurl = \"postgresql://file\"\npool_size = 3\n[log]\nformat = \"json\"\n")
+            .unwrap();
+        #[derive(Serialize)]
+        struct Flags {
+            database: FlagDb,
+        }
+        #[derive(Serialize)]
+        struct FlagDb {
+            url: &'static str,
+        }
+        let loaded: Sample = load(Some(&file), &Flags { database: FlagDb { url: "postgresql://flag" } }).unwrap();
+        assert_eq!(loaded.database.url.as_deref(), Some("postgresql://flag"));
+        assert_eq!(loaded.database.pool_size, 3);
+        assert_eq!(loaded.database.writers, 2);
+        assert_eq!(loaded.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("eventfold-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[database]\nurll = \"x\"\n").unwrap();
+        let err = load::<Sample, _>(Some(&file), &()).unwrap_err();
+        assert!(err.to_string().contains("urll"), "{err}");
+        assert!(load::<Sample, _>(Some(&dir.join("missing.toml")), &()).is_err());
+    }
+}

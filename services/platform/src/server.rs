@@ -1,0 +1,84 @@
+//! gRPC server bootstrap: every server carries `grpc.health.v1` and server
+//! reflection in both `v1` and `v1alpha` (grpcurl 1.8 speaks only the
+//! latter), serves on a bound listener and drains on shutdown within a grace
+//! period.
+
+use std::{future::Future, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Server, server::Router};
+use tonic_health::server::HealthReporter;
+
+use crate::{Error, Result};
+
+/// A router with health and reflection for the given descriptor sets; add
+/// the service's own servers to it.
+pub fn router(descriptor_sets: &[&'static [u8]]) -> Result<(HealthReporter, Router)> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let configure = || {
+        descriptor_sets.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // google.rpc error details, so clients can decode them.
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
+    };
+    let v1 = configure().build_v1().map_err(|e| Error::Reflection(e.to_string()))?;
+    let v1alpha = configure().build_v1alpha().map_err(|e| Error::Reflection(e.to_string()))?;
+    let router = Server::builder().add_service(health).add_service(v1).add_service(v1alpha);
+    Ok((reporter, router))
+}
+
+/// Serve until `shutdown` resolves, then let in-flight calls finish for at
+/// most `grace` (streams are told to end through the service's own shutdown
+/// signal before that).
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+        tokio::time::sleep(grace).await;
+        let _ = drained_tx.send(());
+    });
+    let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        let _ = stop_rx.await;
+    });
+    tokio::select! {
+        result = serving => result.map_err(Error::from),
+        _ = drained_rx => {
+            tracing::warn!(grace_secs = grace.as_secs_f64(), "shutdown grace period over; closing remaining calls");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested");
+}
