@@ -205,11 +205,10 @@ impl EventStoreService for EventStoreGrpc {
         };
         let start_time = r.start_time.and_then(|t| system_time(t, "start_time", &mut violations));
         let end_time = r.end_time.and_then(|t| system_time(t, "end_time", &mut violations));
-        if let (Some(s), Some(e)) = (start_time, end_time) {
-            if e <= s {
+        if let (Some(s), Some(e)) = (start_time, end_time)
+            && e <= s {
                 violations.push(FieldViolation::new("end_time", "must be after start_time"));
             }
-        }
         check(violations)?;
         let slice = self
             .log

@@ -92,7 +92,8 @@ pub fn link(prev: &[u8; 32], version: u64, created_micros: i64, stream_id: &str,
 
 /// The link a stored event should carry, given its predecessor's.
 pub fn expected_link(prev: &[u8; 32], event: &RecordedEvent) -> [u8; 32] {
-    let content = content_digest(&event.event_id, &event.event_type, event.schema_version, &event.data, &event.metadata);
+    let content =
+        content_digest(&event.event_id, &event.event_type, event.schema_version, &event.data, &event.metadata);
     link(prev, event.version, to_micros(event.created_at), &event.stream_id, &content)
 }
 

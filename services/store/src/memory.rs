@@ -80,9 +80,7 @@ impl Inner {
             }
             None => Vec::new(),
         };
-        out.extend(
-            state.own.iter().map(|&i| &self.events[i]).filter(|e| upto.is_none_or(|u| e.version <= u)),
-        );
+        out.extend(state.own.iter().map(|&i| &self.events[i]).filter(|e| upto.is_none_or(|u| e.version <= u)));
         out
     }
 }
@@ -92,10 +90,10 @@ impl EventLog for MemoryEventLog {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {
         request.validate()?;
         let mut inner = self.lock();
-        if let Some(id) = &request.request_id {
-            if let Some(first) = inner.requests.get(id) {
-                return Ok(AppendOutcome { duplicate: true, ..first.clone() });
-            }
+        if let Some(id) = &request.request_id
+            && let Some(first) = inner.requests.get(id)
+        {
+            return Ok(AppendOutcome { duplicate: true, ..first.clone() });
         }
         let state = inner.streams.get(&request.stream_id);
         if state.is_some_and(|s| s.info.deleted_at.is_some()) {
@@ -123,8 +121,13 @@ impl EventLog for MemoryEventLog {
         let mut recorded = Vec::with_capacity(request.events.len());
         for event in request.events {
             position += 1;
-            let content =
-                hash::content_digest(&event.event_id, &event.event_type, event.schema_version, &event.data, &event.metadata);
+            let content = hash::content_digest(
+                &event.event_id,
+                &event.event_type,
+                event.schema_version,
+                &event.data,
+                &event.metadata,
+            );
             let link = hash::link(&prev, version, micros, &request.stream_id, &content);
             recorded.push(RecordedEvent {
                 event_id: event.event_id,
@@ -169,13 +172,8 @@ impl EventLog for MemoryEventLog {
             inner.event_ids.insert(event.event_id);
         }
         inner.events.extend(recorded);
-        let outcome = AppendOutcome {
-            stream_id: request.stream_id,
-            first_version,
-            last_version,
-            positions,
-            duplicate: false,
-        };
+        let outcome =
+            AppendOutcome { stream_id: request.stream_id, first_version, last_version, positions, duplicate: false };
         if let Some(id) = request.request_id {
             inner.requests.insert(id, outcome.clone());
         }
@@ -257,14 +255,14 @@ impl EventLog for MemoryEventLog {
         check_stream_id("stream_id", stream_id)?;
         let mut inner = self.lock();
         let state = inner.live_stream(stream_id)?;
-        if let Some(expected) = expected_version {
-            if state.info.version != Some(expected) {
-                return Err(Error::WrongExpectedVersion {
-                    stream: stream_id.to_owned(),
-                    expected: crate::model::ExpectedVersion::Exact(expected),
-                    actual: state.info.version,
-                });
-            }
+        if let Some(expected) = expected_version
+            && state.info.version != Some(expected)
+        {
+            return Err(Error::WrongExpectedVersion {
+                stream: stream_id.to_owned(),
+                expected: crate::model::ExpectedVersion::Exact(expected),
+                actual: state.info.version,
+            });
         }
         let state = inner.streams.get_mut(stream_id).expect("checked above");
         let now = now_micros();
@@ -341,4 +339,3 @@ impl EventLog for MemoryEventLog {
         Ok(())
     }
 }
-

@@ -150,10 +150,10 @@ impl AppendRequest {
                 format!("at most {MAX_EVENTS_PER_APPEND} events per append, got {}", self.events.len()),
             ));
         }
-        if let Some(id) = &self.request_id {
-            if id.is_empty() || id.len() > MAX_NAME_LEN {
-                violations.push(FieldViolation::new("request_id", format!("must be 1 to {MAX_NAME_LEN} bytes")));
-            }
+        if let Some(id) = &self.request_id
+            && (id.is_empty() || id.len() > MAX_NAME_LEN)
+        {
+            violations.push(FieldViolation::new("request_id", format!("must be 1 to {MAX_NAME_LEN} bytes")));
         }
         let mut ids = HashSet::new();
         for (i, event) in self.events.iter().enumerate() {
@@ -179,7 +179,10 @@ impl AppendRequest {
             }
             let size = crate::hash::canonical_json(&event.data).len();
             if size > MAX_EVENT_BYTES {
-                violations.push(FieldViolation::new(field("data"), format!("{size} bytes exceeds the limit of {MAX_EVENT_BYTES}")));
+                violations.push(FieldViolation::new(
+                    field("data"),
+                    format!("{size} bytes exceeds the limit of {MAX_EVENT_BYTES}"),
+                ));
             }
         }
         if violations.is_empty() { Ok(()) } else { Err(Error::InvalidArgument(violations)) }

@@ -31,6 +31,9 @@ pub enum Target {
 }
 
 /// What a subscriber receives.
+// Events are nearly every message: boxing them would add an allocation per
+// event to save a few bytes on the rare notices.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum SubscriptionMessage {
     Event(RecordedEvent),
@@ -59,12 +62,7 @@ pub struct SubscriptionOptions {
 
 impl Default for SubscriptionOptions {
     fn default() -> Self {
-        Self {
-            page_size: 500,
-            live_capacity: 1024,
-            subscriber_buffer: 256,
-            poll_interval: Duration::from_millis(500),
-        }
+        Self { page_size: 500, live_capacity: 1024, subscriber_buffer: 256, poll_interval: Duration::from_millis(500) }
     }
 }
 

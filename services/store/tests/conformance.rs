@@ -178,14 +178,19 @@ pub async fn read_all_filters_and_continues(log: Arc<dyn EventLog>) {
     let page = log.read_all(AllRead { after: 0, max_count: 2, filter: EventFilter::default() }).await.unwrap();
     assert_eq!(page.events.len(), 2);
     assert!(!page.end_of_log);
-    let rest =
-        log.read_all(AllRead { after: page.next_position, max_count: 100, filter: EventFilter::default() }).await.unwrap();
+    let rest = log
+        .read_all(AllRead { after: page.next_position, max_count: 100, filter: EventFilter::default() })
+        .await
+        .unwrap();
     assert_eq!(rest.events.len(), 2);
     assert_eq!(rest.events[0].global_position, positions[2]);
 
     let orders = EventFilter { stream_prefixes: vec!["order-".into()], event_types: vec![] };
     let slice = log.read_all(AllRead { after: 0, max_count: 100, filter: orders }).await.unwrap();
-    assert_eq!(slice.events.iter().map(|e| e.stream_id.as_str()).collect::<Vec<_>>(), vec!["order-1", "order-2", "order-2"]);
+    assert_eq!(
+        slice.events.iter().map(|e| e.stream_id.as_str()).collect::<Vec<_>>(),
+        vec!["order-1", "order-2", "order-2"]
+    );
 
     let created = EventFilter { stream_prefixes: vec![], event_types: vec!["OrderCreated".into()] };
     let slice = log.read_all(AllRead { after: 0, max_count: 100, filter: created }).await.unwrap();

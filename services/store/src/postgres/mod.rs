@@ -60,6 +60,10 @@ pub struct PostgresConfig {
     pub gap_wait: Duration,
     /// How long a call waits for a pooled connection.
     pub connect_timeout: Duration,
+    /// How long a group-commit call may take before its connection is
+    /// dropped and its appends answer `Unavailable` (outcome unknown: retry
+    /// with the same request id).
+    pub append_timeout: Duration,
 }
 
 impl PostgresConfig {
@@ -72,6 +76,7 @@ impl PostgresConfig {
             max_batch_events: 10_000,
             gap_wait: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(5),
+            append_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -112,10 +117,8 @@ impl PostgresEventLog {
     /// this succeeds while PostgreSQL is down; calls then answer
     /// `Unavailable` until it is back.
     pub async fn connect(config: PostgresConfig) -> Result<Self> {
-        let pg: Config = config
-            .url
-            .parse()
-            .map_err(|e| Error::invalid("database_url", format!("not a PostgreSQL URL: {e}")))?;
+        let pg: Config =
+            config.url.parse().map_err(|e| Error::invalid("database_url", format!("not a PostgreSQL URL: {e}")))?;
         let manager = PostgresConnectionManager::new(pg.clone(), NoTls);
         let pool = Pool::builder()
             .max_size(config.pool_size.max(1))
@@ -128,13 +131,14 @@ impl PostgresEventLog {
         for _ in 0..config.writers.max(1) {
             tasks.push(tokio::spawn(writer(
                 pg.clone(),
+                Timeouts { connect: config.connect_timeout, append: config.append_timeout },
                 receiver.clone(),
                 appended.clone(),
                 config.max_batch_appends.max(1),
                 config.max_batch_events.max(1),
             )));
         }
-        tasks.push(tokio::spawn(listener(pg, appended.clone())));
+        tasks.push(tokio::spawn(listener(pg, config.connect_timeout, appended.clone())));
         Ok(Self { pool, jobs, appended, gap_wait: config.gap_wait, tasks })
     }
 
@@ -256,10 +260,17 @@ fn is_retryable(error: &tokio_postgres::Error) -> bool {
 const APPEND_SQL: &str = "SELECT idx, status, first_version, last_version, actual_version, positions \
                           FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    connect: Duration,
+    append: Duration,
+}
+
 /// A writer of the group commit: takes what is queued, appends it in one
 /// call, answers each append.
 async fn writer(
     config: Config,
+    timeouts: Timeouts,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     appended: watch::Sender<u64>,
     max_appends: usize,
@@ -288,13 +299,33 @@ async fn writer(
         let result = loop {
             attempt += 1;
             if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-                connection = match connect_writer(&config).await {
-                    Ok(c) => Some(c),
-                    Err(e) => break Err(e),
+                connection = match tokio::time::timeout(timeouts.connect, connect_writer(&config)).await {
+                    Ok(Ok(c)) => Some(c),
+                    Ok(Err(e)) => break Err(e),
+                    Err(_) => {
+                        break Err(Error::Unavailable(format!(
+                            "PostgreSQL did not accept a connection within {:?}",
+                            timeouts.connect
+                        )));
+                    }
                 };
             }
             let (client, statement) = connection.as_ref().expect("connected above");
-            match run_batch(client, statement, &batch).await {
+            let answer = match tokio::time::timeout(timeouts.append, run_batch(client, statement, &batch)).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    // Dropping the connection aborts the call if it is still
+                    // running; if it committed meanwhile, a retry with the
+                    // same request id gets the first answer.
+                    connection = None;
+                    break Err(Error::Unavailable(format!(
+                        "PostgreSQL did not answer the append within {:?}, the outcome is unknown; \
+                         retry with the same request id",
+                        timeouts.append
+                    )));
+                }
+            };
+            match answer {
                 Ok(rows) => break Ok(rows),
                 Err(e) if attempt < 4 && is_retryable(&e) => {
                     tracing::debug!(error = %e, attempt, "group commit retried");
@@ -425,10 +456,10 @@ fn outcome_from_row(request: &AppendRequest, row: &Row) -> Result<AppendOutcome>
 
 /// Keeps `LISTEN eventstore_appended` open and turns notifications (appends
 /// of any process) into wake-ups; reconnects with backoff.
-async fn listener(config: Config, appended: watch::Sender<u64>) {
+async fn listener(config: Config, connect_timeout: Duration, appended: watch::Sender<u64>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match listen(&config, &appended).await {
+        match listen(&config, connect_timeout, &appended).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => tracing::debug!(error = %e, "PostgreSQL listener disconnected"),
         }
@@ -437,8 +468,11 @@ async fn listener(config: Config, appended: watch::Sender<u64>) {
     }
 }
 
-async fn listen(config: &Config, appended: &watch::Sender<u64>) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+async fn listen(config: &Config, connect_timeout: Duration, appended: &watch::Sender<u64>) -> Result<(), String> {
+    let (client, mut connection) = tokio::time::timeout(connect_timeout, config.connect(NoTls))
+        .await
+        .map_err(|_| format!("no connection within {connect_timeout:?}"))?
+        .map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -453,14 +487,14 @@ async fn listen(config: &Config, appended: &watch::Sender<u64>) -> Result<(), to
         }
         Ok(())
     });
-    client.batch_execute("LISTEN eventstore_appended").await?;
+    client.batch_execute("LISTEN eventstore_appended").await.map_err(|e| e.to_string())?;
     // Anything appended while we were not listening: wake readers once.
     appended.send_modify(|_| {});
     while let Some(position) = rx.recv().await {
         appended.send_modify(|h| *h = (*h).max(position));
     }
     drop(client);
-    driver.await.unwrap_or(Ok(()))
+    driver.await.unwrap_or(Ok(())).map_err(|e| e.to_string())
 }
 
 fn like_prefix(prefix: &str) -> String {
@@ -545,10 +579,7 @@ impl EventLog for PostgresEventLog {
         let deadline = Instant::now() + self.gap_wait;
         let mut pending: Option<PendingGap> = None;
         loop {
-            let rows = client
-                .query(SCAN_SQL, &[&after, &prefixes, &types, &(scan as i64)])
-                .await
-                .map_err(db_error)?;
+            let rows = client.query(SCAN_SQL, &[&after, &prefixes, &types, &(scan as i64)]).await.map_err(db_error)?;
             let Some(first) = rows.first() else {
                 return Ok(AllSlice { events: Vec::new(), next_position: read.after, end_of_log: true });
             };
@@ -661,14 +692,14 @@ impl EventLog for PostgresEventLog {
             Some(i) if i.deleted_at.is_some() => return Err(Error::StreamDeleted(stream_id.to_owned())),
             Some(i) => i,
         };
-        if let Some(expected) = expected_version {
-            if info.version != Some(expected) {
-                return Err(Error::WrongExpectedVersion {
-                    stream: stream_id.to_owned(),
-                    expected: ExpectedVersion::Exact(expected),
-                    actual: info.version,
-                });
-            }
+        if let Some(expected) = expected_version
+            && info.version != Some(expected)
+        {
+            return Err(Error::WrongExpectedVersion {
+                stream: stream_id.to_owned(),
+                expected: ExpectedVersion::Exact(expected),
+                actual: info.version,
+            });
         }
         let row = tx
             .query_one(

@@ -1,0 +1,39 @@
+//! Migrations apply, report, revert and re-apply on a real PostgreSQL.
+
+use eventfold_tests::TestDatabase;
+use tokio_postgres::NoTls;
+
+async fn table_exists(client: &tokio_postgres::Client, name: &str) -> bool {
+    client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn up_status_down_up() {
+    let db = TestDatabase::create().await;
+    let (mut client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+
+    let before = eventfold_migrations::status(&client).await.unwrap();
+    assert!(!before.is_empty());
+    assert!(before.iter().all(|m| !m.applied));
+
+    eventfold_migrations::up(&mut client).await.unwrap();
+    assert!(eventfold_migrations::status(&client).await.unwrap().iter().all(|m| m.applied));
+    assert!(table_exists(&client, "eventstore.events").await);
+    // Applying again is a no-op.
+    eventfold_migrations::up(&mut client).await.unwrap();
+
+    eventfold_migrations::down(&mut client, Some(0)).await.unwrap();
+    assert!(eventfold_migrations::status(&client).await.unwrap().iter().all(|m| !m.applied));
+    assert!(!table_exists(&client, "eventstore.events").await);
+
+    eventfold_migrations::up(&mut client).await.unwrap();
+    eventfold_migrations::down(&mut client, None).await.unwrap();
+    let after = eventfold_migrations::status(&client).await.unwrap();
+    assert!(!after.last().unwrap().applied, "down without --to reverts the latest");
+
+    assert!(matches!(
+        eventfold_migrations::down(&mut client, Some(9999)).await,
+        Err(eventfold_migrations::Error::UnknownVersion(9999))
+    ));
+}

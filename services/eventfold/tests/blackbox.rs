@@ -1,0 +1,375 @@
+//! Black-box test of the `eventfold` binary: start `eventfold dev` as a
+//! child process and talk to it only through the pinned grpcurl, as a user
+//! would (reflection, health, Append, ReadStream, Subscribe), then stop it
+//! with SIGTERM.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_eventfold");
+const SERVICE: &str = "eventfold.eventstore.v1.EventStoreService";
+const GRPCURL_VERSION: &str = "1.8.6";
+
+/// The grpcurl binary: `EVENTFOLD_GRPCURL`, else the copy `tests/run`
+/// installs.
+fn grpcurl() -> PathBuf {
+    if let Some(path) = std::env::var_os("EVENTFOLD_GRPCURL").filter(|p| !p.is_empty()) {
+        return path.into();
+    }
+    let tools = std::env::var_os("EVENTFOLD_TOOLS_DIR")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/eventfold/tools")));
+    if let Some(tools) = tools {
+        let path = tools.join(format!("grpcurl-{GRPCURL_VERSION}")).join("grpcurl");
+        if path.is_file() {
+            return path;
+        }
+    }
+    panic!("grpcurl not found: run tests/run (it installs the pinned grpcurl) or set EVENTFOLD_GRPCURL");
+}
+
+/// `eventfold` with no `EVENTFOLD_*` configuration from the test's
+/// environment.
+fn eventfold() -> Command {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("EVENTFOLD_") {
+            command.env_remove(key);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// Reads a pipe to its end on a thread, into a shared buffer.
+fn drain(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buffer = Arc::new(Mutex::new(String::new()));
+    let sink = buffer.clone();
+    thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    buffer
+}
+
+/// Waits for a child to exit, for at most `timeout`.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped (a failed assertion must not leave
+/// it running).
+struct Guard {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `eventfold dev` on a free loopback port.
+struct DevServer {
+    process: Guard,
+    addr: String,
+}
+
+impl DevServer {
+    fn start() -> Self {
+        let mut child = eventfold()
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .env("EVENTFOLD_LOG__FILTER", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let stderr = drain(child.stderr.take().expect("stderr"));
+        let stdout = child.stdout.take().expect("stdout");
+        let mut process = Guard { child, stderr };
+
+        // The first stdout line names the address; keep draining the rest.
+        let (line_tx, line_rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = line_tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = match line_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let status = process.child.try_wait().ok().flatten();
+                panic!(
+                    "eventfold dev printed no address within 30 s (exit: {status:?}); stderr:\n{}",
+                    process.stderr.lock().unwrap()
+                );
+            }
+        };
+        let addr = line
+            .strip_prefix("eventfold: EventStoreService listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line of eventfold dev: {line:?}"))
+            .to_owned();
+        assert!(
+            addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+            "the printed address is the bound one: {line:?}"
+        );
+        DevServer { process, addr }
+    }
+
+    /// grpcurl against this server.
+    fn grpcurl(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(grpcurl());
+        command.arg("-plaintext").args(args).stdin(Stdio::null());
+        command
+    }
+
+    /// Runs grpcurl to completion; panics unless it succeeds.
+    fn run(&self, args: &[&str]) -> String {
+        let mut command = self.grpcurl(args);
+        let Output { status, stdout, stderr } = command.output().expect("run grpcurl");
+        let stdout = String::from_utf8_lossy(&stdout).into_owned();
+        assert!(
+            status.success(),
+            "grpcurl {args:?} failed ({status}):\n{stdout}\n{}",
+            String::from_utf8_lossy(&stderr)
+        );
+        stdout
+    }
+
+    /// Calls `method` (`Service/Method`) with a JSON request; the JSON answer.
+    fn call(&self, method: &str, request: &Value) -> Value {
+        let request = request.to_string();
+        let out = self.run(&["-d", &request, &self.addr, method]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("grpcurl output of {method} is not JSON ({e}):\n{out}"))
+    }
+
+    fn subscribe(&self, request: &Value) -> Subscriber {
+        let request = request.to_string();
+        let mut child = self
+            .grpcurl(&["-d", &request, &self.addr, &format!("{SERVICE}/Subscribe")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn grpcurl Subscribe");
+        let stdout = drain(child.stdout.take().expect("stdout"));
+        let stderr = drain(child.stderr.take().expect("stderr"));
+        Subscriber { process: Guard { child, stderr }, stdout }
+    }
+}
+
+/// A running `grpcurl ... Subscribe`.
+struct Subscriber {
+    process: Guard,
+    stdout: Arc<Mutex<String>>,
+}
+
+impl Subscriber {
+    /// The complete JSON messages printed so far.
+    fn messages(&self) -> Vec<Value> {
+        let out = self.stdout.lock().unwrap().clone();
+        serde_json::Deserializer::from_str(&out).into_iter::<Value>().map_while(Result::ok).collect()
+    }
+
+    /// Waits until the messages satisfy `done`; returns them.
+    fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let messages = self.messages();
+            if done(&messages) {
+                return messages;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "subscription: no {what} within 10 s; stdout:\n{}\nstderr:\n{}",
+                    self.stdout.lock().unwrap(),
+                    self.process.stderr.lock().unwrap()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn event_ids(messages: &[Value]) -> Vec<&str> {
+    messages.iter().filter_map(|m| m["event"]["eventId"].as_str()).collect()
+}
+
+fn append(server: &DevServer, stream: &str, event_id: &str, n: u64) -> Value {
+    server.call(
+        &format!("{SERVICE}/Append"),
+        &serde_json::json!({
+            "streamId": stream,
+            "events": [{
+                "eventId": event_id,
+                "eventType": "OrderCreated",
+                "data": {"n": n, "customer": "ada"},
+                "metadata": {"correlationId": "corr-1"},
+            }],
+        }),
+    )
+}
+
+fn health(server: &DevServer, service: &str) -> String {
+    let answer = server.call("grpc.health.v1.Health/Check", &serde_json::json!({ "service": service }));
+    answer["status"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn dev_server_speaks_grpc_to_grpcurl() {
+    let server = DevServer::start();
+    let addr = server.addr.clone();
+
+    // Reflection.
+    let list = server.run(&[&addr, "list"]);
+    let services: Vec<&str> = list.lines().map(str::trim).collect();
+    assert!(services.contains(&SERVICE), "list:\n{list}");
+    assert!(services.contains(&"grpc.health.v1.Health"), "list:\n{list}");
+    let described = server.run(&[&addr, "describe", SERVICE]);
+    assert!(described.contains(&format!("{SERVICE} is a service")), "describe:\n{described}");
+    for rpc in ["rpc Append", "rpc ReadStream", "rpc Subscribe", "returns ( stream "] {
+        assert!(described.contains(rpc), "describe lacks {rpc:?}:\n{described}");
+    }
+
+    // Health: SERVING once the first probe has run.
+    for service in ["", SERVICE] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = health(&server, service);
+            if status == "SERVING" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "health of {service:?} is {status:?}, not SERVING");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    // Append, then read it back.
+    let first_id = "0190a8f2-0000-7000-8000-000000000001";
+    let appended = append(&server, "order-1", first_id, 1);
+    assert_eq!(appended["streamId"], "order-1", "{appended}");
+    assert_eq!(appended["positions"], serde_json::json!(["1"]), "{appended}");
+    assert_eq!(appended["lastPosition"], "1", "{appended}");
+
+    let read = server.call(&format!("{SERVICE}/ReadStream"), &serde_json::json!({ "streamId": "order-1" }));
+    let events = read["events"].as_array().unwrap_or_else(|| panic!("no events: {read}"));
+    assert_eq!(events.len(), 1, "{read}");
+    assert_eq!(events[0]["eventId"], first_id);
+    assert_eq!(events[0]["streamId"], "order-1");
+    assert_eq!(events[0]["eventType"], "OrderCreated");
+    assert_eq!(events[0]["data"], serde_json::json!({"n": 1, "customer": "ada"}));
+    assert_eq!(events[0]["metadata"]["correlationId"], "corr-1");
+    assert_eq!(events[0]["globalPosition"], "1");
+    assert_eq!(read["endOfStream"], true, "{read}");
+
+    // An error surfaces as a gRPC status with details.
+    let output = server
+        .grpcurl(&["-d", r#"{"streamId": ""}"#, &addr, &format!("{SERVICE}/ReadStream")])
+        .output()
+        .expect("run grpcurl");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Code: InvalidArgument"), "{stderr}");
+    assert!(stderr.contains("google.rpc.BadRequest") && stderr.contains(r#""field":"stream_id""#), "{stderr}");
+
+    // Subscribe from position 0: the history, caught up, then a live event.
+    let subscriber = server.subscribe(&serde_json::json!({ "fromPosition": "0" }));
+    subscriber.wait_for("history and caughtUp", |m| {
+        event_ids(m) == [first_id] && m.iter().any(|m| m.get("caughtUp").is_some())
+    });
+    let second_id = "0190a8f2-0000-7000-8000-000000000002";
+    let appended = append(&server, "order-2", second_id, 2);
+    assert_eq!(appended["lastPosition"], "2", "{appended}");
+    let messages = subscriber.wait_for("live event", |m| event_ids(m).contains(&second_id));
+    assert_eq!(event_ids(&messages), [first_id, second_id]);
+    let caught_up = messages.iter().position(|m| m.get("caughtUp").is_some()).expect("caughtUp");
+    let live = messages.iter().position(|m| m["event"]["eventId"] == second_id).expect("live event");
+    assert!(caught_up < live, "caughtUp comes before the live event: {messages:?}");
+    drop(subscriber);
+
+    // SIGTERM: a live subscription ends cleanly and the server exits 0.
+    let open = server.subscribe(&serde_json::json!({ "streamId": "order-2" }));
+    open.wait_for("the stream's event", |m| event_ids(m) == [second_id]);
+    let DevServer { mut process, .. } = server;
+    let pid = process.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+    assert!(killed.success(), "kill -TERM {pid}: {killed}");
+    let status = wait_timeout(&mut process.child, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("eventfold dev did not exit within 10 s of SIGTERM"));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}; stderr:\n{}",
+        process.stderr.lock().unwrap()
+    );
+    let mut open = open;
+    let ended = wait_timeout(&mut open.process.child, Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the subscription did not end with the server"));
+    assert!(
+        ended.success(),
+        "the subscription ends with status OK on shutdown ({ended}); stderr:\n{}",
+        open.process.stderr.lock().unwrap()
+    );
+}
+
+#[test]
+fn dump_config_prints_toml() {
+    let output = eventfold().arg("--dump-config").output().expect("run eventfold --dump-config");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{:?}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("[eventstore]"), "{stdout}");
+    let config: toml::Table = toml::from_str(&stdout).unwrap_or_else(|e| panic!("not TOML ({e}):\n{stdout}"));
+    assert_eq!(config["eventstore"]["listen"].as_str(), Some("127.0.0.1:50051"), "{stdout}");
+    assert!(config["database"].get("url").is_none(), "no database URL by default: {stdout}");
+
+    // Flags and the environment are layered in.
+    let output = eventfold()
+        .args(["dev", "--listen", "127.0.0.1:6000", "--dump-config"])
+        .env("EVENTFOLD_DATABASE__POOL_SIZE", "3")
+        .output()
+        .expect("run eventfold dev --dump-config");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{:?}", output.status);
+    let config: toml::Table = toml::from_str(&stdout).expect("TOML");
+    assert_eq!(config["eventstore"]["listen"].as_str(), Some("127.0.0.1:6000"), "{stdout}");
+    assert_eq!(config["database"]["pool_size"].as_integer(), Some(3), "{stdout}");
+}
+
+#[test]
+fn serve_without_database_url_is_a_usage_error() {
+    let output = eventfold().args(["serve", "eventstore"]).output().expect("run eventfold serve eventstore");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "exit status: {:?}; stderr:\n{stderr}", output.status);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line:\n{stderr}");
+    assert!(stderr.contains("database.url"), "{stderr}");
+    assert!(output.stdout.is_empty(), "nothing on stdout: {}", String::from_utf8_lossy(&output.stdout));
+}
