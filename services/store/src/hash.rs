@@ -49,11 +49,53 @@ fn write_canonical(value: &Value, out: &mut String) {
             }
             out.push(']');
         }
-        Value::Number(n) => match n.as_f64() {
-            Some(f) if n.is_f64() && f == 0.0 => out.push_str("0.0"),
-            _ => out.push_str(&n.to_string()),
-        },
+        Value::Number(n) => write_number(n, out),
         other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Numbers by value: PostgreSQL's `numeric` keeps the digits but not how a
+/// number was typed (`1e16` comes back as `10000000000000000`, `-0.0` as
+/// `0.0`), so an integral value prints as an integer whatever its JSON type,
+/// and other floats print in their shortest round-trip form.
+fn write_number(n: &serde_json::Number, out: &mut String) {
+    if n.is_i64() || n.is_u64() {
+        out.push_str(&n.to_string());
+        return;
+    }
+    let repr = n.to_string();
+    if n.as_f64().is_some_and(|f| f.fract() == 0.0) {
+        out.push_str(&integral_digits(&repr));
+    } else {
+        out.push_str(&repr);
+    }
+}
+
+/// The shortest representation of an integral float (`1.5e18`,
+/// `1000000000000000.0`) written out as plain integer digits, which is how
+/// PostgreSQL's `numeric` gives it back.
+fn integral_digits(repr: &str) -> String {
+    let (negative, body) = match repr.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, repr),
+    };
+    let (mantissa, exponent) = match body.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().unwrap_or(0)),
+        None => (body, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let mut digits = format!("{int}{frac}");
+    let point = usize::try_from(int.len() as i64 + exponent).unwrap_or(0);
+    if point >= digits.len() {
+        digits.extend(std::iter::repeat_n('0', point - digits.len()));
+    } else {
+        digits.truncate(point);
+    }
+    let digits = digits.trim_start_matches('0');
+    match (digits.is_empty(), negative) {
+        (true, _) => "0".to_owned(),
+        (false, true) => format!("-{digits}"),
+        (false, false) => digits.to_owned(),
     }
 }
 
@@ -147,7 +189,7 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_and_is_compact() {
         let v = json!({"b": 1, "a": {"y": [1, 2.5, "x"], "x": null}, "c": -0.0});
-        assert_eq!(canonical_json(&v), r#"{"a":{"x":null,"y":[1,2.5,"x"]},"b":1,"c":0.0}"#);
+        assert_eq!(canonical_json(&v), r#"{"a":{"x":null,"y":[1,2.5,"x"]},"b":1,"c":0}"#);
     }
 
     #[test]
@@ -156,6 +198,23 @@ mod tests {
         let text = canonical_json(&v);
         let back: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(canonical_json(&back), text);
+    }
+
+    #[test]
+    fn numbers_are_canonical_by_value() {
+        for (a, b) in [("1e16", "10000000000000000"), ("1.0", "1"), ("-0.0", "0"), ("2.50", "2.5")] {
+            let a: Value = serde_json::from_str(a).unwrap();
+            let b: Value = serde_json::from_str(b).unwrap();
+            assert_eq!(canonical_json(&a), canonical_json(&b));
+        }
+        let big: Value = serde_json::from_str("1.152921504606847e18").unwrap();
+        assert_eq!(canonical_json(&big), "1152921504606847000");
+        let back: Value = serde_json::from_str("1152921504606847000").unwrap();
+        assert_eq!(canonical_json(&back), "1152921504606847000");
+        assert_eq!(integral_digits("-1.5e3"), "-1500");
+        assert_eq!(integral_digits("1e300").len(), 301);
+        let f: Value = serde_json::from_str("1.5309576695984775").unwrap();
+        assert_eq!(canonical_json(&f), "1.5309576695984775");
     }
 
     #[test]

@@ -211,7 +211,11 @@ const EVENT_COLUMNS: &str = "e.global_position, e.stream_id, e.version, e.event_
                              e.schema_version, e.data, e.metadata, e.created_at, e.hash";
 
 fn event_from_row(row: &Row) -> Result<RecordedEvent> {
-    let metadata: Value = row.get("metadata");
+    let position: i64 = row.get("global_position");
+    let unreadable = |what: &str, e: tokio_postgres::Error| {
+        Error::Internal(format!("stored {what} of the event at position {position} cannot be read: {e}"))
+    };
+    let metadata: Value = row.try_get("metadata").map_err(|e| unreadable("metadata", e))?;
     let metadata: EventMetadata = serde_json::from_value(metadata)
         .map_err(|e| Error::Internal(format!("stored metadata is not eventfold metadata: {e}")))?;
     let hash: Vec<u8> = row.get("hash");
@@ -222,7 +226,7 @@ fn event_from_row(row: &Row) -> Result<RecordedEvent> {
         global_position: row.get::<_, i64>("global_position") as u64,
         event_type: row.get("event_type"),
         schema_version: row.get::<_, i32>("schema_version") as u32,
-        data: row.get("data"),
+        data: row.try_get("data").map_err(|e| unreadable("data", e))?,
         metadata,
         created_at: row.get("created_at"),
         hash: to_hash(&hash)?,
@@ -589,7 +593,6 @@ impl EventLog for PostgresEventLog {
             let max_seen = rows.last().map_or(0, |r| r.get::<_, i64>("global_position") as u64);
             let resolved_upto = match &pending {
                 Some(gap) if gap.resolved_by(&snapshot) => gap.upto,
-                _ if snapshot.in_progress.is_empty() => max_seen,
                 _ => 0,
             };
 
@@ -622,7 +625,13 @@ impl EventLog for PostgresEventLog {
                 return Ok(AllSlice { events, next_position: position, end_of_log: false });
             }
             if pending.is_none() {
-                pending = Some(PendingGap { upto: max_seen, waiting_for: snapshot.in_progress.clone() });
+                // A transaction id of our own, taken after the scan's
+                // snapshot, bounds every transaction that may hold a
+                // missing position (see `xid`). Only gaps cost an id.
+                let bound: String =
+                    client.query_one("SELECT pg_current_xact_id()::text", &[]).await.map_err(db_error)?.get(0);
+                let bound = bound.parse().map_err(|_| Error::Internal(format!("unparsable transaction id {bound}")))?;
+                pending = Some(PendingGap { upto: max_seen, bound });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
