@@ -83,7 +83,12 @@ CREATE FUNCTION eventstore.append_batch(
     e_schema      integer[],
     e_data        jsonb[],
     e_metadata    jsonb[],
-    e_content     bytea[]
+    e_content     bytea[],
+    -- Look for already stored event ids first. Off on the hot path: the
+    -- unique index rejects a duplicate anyway (the whole call fails), and the
+    -- caller then repeats the call with the check on to fail only the
+    -- offending append.
+    p_check_event_ids boolean DEFAULT false
 ) RETURNS TABLE (
     idx            integer,
     status         text,
@@ -171,8 +176,9 @@ BEGIN
            OR (v_expected >= 0 AND v_expected <> v_version) THEN
             status := 'wrong_version';
             actual_version := v_version;
-        ELSIF EXISTS (SELECT 1 FROM eventstore.events e
-                      WHERE e.event_id = ANY (e_ids[v_offset + 1 : v_offset + v_count])) THEN
+        ELSIF p_check_event_ids AND EXISTS (
+                  SELECT 1 FROM unnest(e_ids[v_offset + 1 : v_offset + v_count]) AS n (id)
+                  JOIN eventstore.events e ON e.event_id = n.id) THEN
             status := 'duplicate_event_id';
         ELSE
             status := 'ok';

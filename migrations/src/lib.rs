@@ -67,12 +67,7 @@ pub async fn up(client: &mut Client) -> Result<()> {
 /// Revert applied migrations above `target` (0 reverts everything); `None`
 /// reverts the latest applied one.
 pub async fn down(client: &mut Client, target: Option<i64>) -> Result<()> {
-    let applied: Vec<i64> = status(client)
-        .await?
-        .into_iter()
-        .filter(|m| m.applied)
-        .map(|m| m.version)
-        .collect();
+    let applied: Vec<i64> = status(client).await?.into_iter().filter(|m| m.applied).map(|m| m.version).collect();
     let target = match target {
         Some(0) => 0,
         Some(v) if known().iter().any(|(k, _)| *k == v) => v,
@@ -90,17 +85,10 @@ pub async fn down(client: &mut Client, target: Option<i64>) -> Result<()> {
 
 /// Which known migrations the database has.
 pub async fn status(client: &Client) -> Result<Vec<MigrationStatus>> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass('public._migrio_changelog') IS NOT NULL", &[])
-        .await?
-        .get(0);
+    let exists: bool =
+        client.query_one("SELECT to_regclass('public._migrio_changelog') IS NOT NULL", &[]).await?.get(0);
     let applied: Vec<i64> = if exists {
-        client
-            .query("SELECT version FROM public._migrio_changelog", &[])
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect()
+        client.query("SELECT version FROM public._migrio_changelog", &[]).await?.iter().map(|row| row.get(0)).collect()
     } else {
         Vec::new()
     };
@@ -129,7 +117,9 @@ mod tests {
         for (version, _) in known() {
             for suffix in ["up", "down"] {
                 assert!(
-                    embedded.iter().any(|n| n.starts_with(&format!("{version:04}_")) && n.ends_with(&format!(".{suffix}.sql"))),
+                    embedded
+                        .iter()
+                        .any(|n| n.starts_with(&format!("{version:04}_")) && n.ends_with(&format!(".{suffix}.sql"))),
                     "migration {version} lacks its {suffix} file"
                 );
             }

@@ -6,8 +6,7 @@
 #![allow(unreachable_pub, clippy::all, clippy::pedantic)]
 
 /// The encoded `FileDescriptorSet` of the whole catalog, imports included.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/eventfold_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/eventfold_descriptor.bin"));
 
 /// `google.api` annotation messages (`HttpRule`).
 pub mod google {

@@ -80,26 +80,20 @@ impl Drop for TestDatabase {
         let server = server_url();
         let sql = format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.name);
         let (done_tx, done_rx) = mpsc::channel::<()>();
-        let spawned = std::thread::Builder::new()
-            .name(format!("drop-{}", self.name))
-            .spawn(move || {
-                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                runtime.block_on(async move {
-                    if let Ok((client, connection)) = tokio_postgres::connect(&server, NoTls).await
-                    {
-                        let conn = tokio::spawn(connection);
-                        let _ = client.batch_execute(&sql).await;
-                        drop(client);
-                        let _ = conn.await;
-                    }
-                });
-                let _ = done_tx.send(());
+        let spawned = std::thread::Builder::new().name(format!("drop-{}", self.name)).spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok((client, connection)) = tokio_postgres::connect(&server, NoTls).await {
+                    let conn = tokio::spawn(connection);
+                    let _ = client.batch_execute(&sql).await;
+                    drop(client);
+                    let _ = conn.await;
+                }
             });
+            let _ = done_tx.send(());
+        });
         if spawned.is_ok() {
             // Best-effort: wait a bounded time so that the process does not
             // exit (killing the thread) before the database is gone.
@@ -138,26 +132,18 @@ pub fn server_url() -> String {
 fn unique_name() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let counter = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u128(nanos);
     hasher.write_u64(counter);
     let random = hasher.finish() as u32;
-    format!(
-        "eventfold_test_{}_{counter}_{random:08x}",
-        std::process::id()
-    )
+    format!("eventfold_test_{}_{counter}_{random:08x}", std::process::id())
 }
 
 /// Replaces the database of a `postgres://` / `postgresql://` URL.
 fn with_database(server_url: &str, database: &str) -> String {
     let Some(scheme_end) = server_url.find("://").map(|i| i + 3) else {
-        panic!(
-            "{URL_ENV} must be a URL such as postgresql://postgres@127.0.0.1:5432/postgres, got {server_url:?}"
-        );
+        panic!("{URL_ENV} must be a URL such as postgresql://postgres@127.0.0.1:5432/postgres, got {server_url:?}");
     };
     let rest = &server_url[scheme_end..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -225,10 +211,7 @@ impl Server {
                 .args(["-w", "-t", &STARTUP_TIMEOUT_SECS.to_string(), "start"]));
             match started {
                 Ok(()) => {
-                    return Ok(Server {
-                        port,
-                        _watchdog: watchdog,
-                    });
+                    return Ok(Server { port, _watchdog: watchdog });
                 }
                 Err(e) => {
                     let tail = log_tail(&log);
@@ -240,9 +223,7 @@ impl Server {
                 }
             }
         }
-        Err(format!(
-            "cannot start the test PostgreSQL server: {last_error}"
-        ))
+        Err(format!("cannot start the test PostgreSQL server: {last_error}"))
     }
 }
 
@@ -267,11 +248,9 @@ impl RunAs {
             .status()
             .is_ok_and(|s| s.success());
         if !has_user {
-            return Err(
-                "running as root, but there is no `postgres` user to run the test \
+            return Err("running as root, but there is no `postgres` user to run the test \
                  server as (initdb refuses root): `apt-get install -y postgresql` creates it"
-                    .to_owned(),
-            );
+                .to_owned());
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
         std::env::split_paths(&path)
@@ -311,12 +290,8 @@ fn find_bin_dir() -> Option<PathBuf> {
         .ok()?
         .filter_map(|entry| {
             let entry = entry.ok()?;
-            let version: Vec<u32> = entry
-                .file_name()
-                .to_str()?
-                .split('.')
-                .map(|part| part.parse().ok())
-                .collect::<Option<_>>()?;
+            let version: Vec<u32> =
+                entry.file_name().to_str()?.split('.').map(|part| part.parse().ok()).collect::<Option<_>>()?;
             let bin = entry.path().join("bin");
             has_both(&bin).then_some((version, bin))
         })
@@ -335,12 +310,7 @@ fn free_port() -> Result<u16, String> {
 /// A detached shell (own process group, so a terminal's Ctrl-C does not reach
 /// it) that waits for its stdin to close, then stops the server and removes
 /// its directory.
-fn spawn_watchdog(
-    run_as: &RunAs,
-    pg_ctl: &Path,
-    data: &Path,
-    dir: &Path,
-) -> Result<ChildStdin, String> {
+fn spawn_watchdog(run_as: &RunAs, pg_ctl: &Path, data: &Path, dir: &Path) -> Result<ChildStdin, String> {
     // Retried: the process may have died while initdb or `pg_ctl start` was
     // still running (a postmaster whose lock file is gone stops itself within
     // a minute anyway).
@@ -368,18 +338,12 @@ done"#;
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start the test server's watchdog (sh): {e}"))?;
-    child
-        .stdin
-        .take()
-        .ok_or_else(|| "the watchdog has no stdin".to_owned())
+    child.stdin.take().ok_or_else(|| "the watchdog has no stdin".to_owned())
 }
 
 /// Runs a command to completion; on failure, the error has its output.
 fn run(command: &mut Command) -> Result<(), String> {
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    let output = command.stdin(Stdio::null()).output().map_err(|e| format!("cannot run {command:?}: {e}"))?;
     if output.status.success() {
         return Ok(());
     }
@@ -414,14 +378,8 @@ mod tests {
             with_database("postgresql://postgres@127.0.0.1:5432/postgres", "x"),
             "postgresql://postgres@127.0.0.1:5432/x"
         );
-        assert_eq!(
-            with_database("postgres://u:p@h:1?sslmode=disable", "x"),
-            "postgres://u:p@h:1/x?sslmode=disable"
-        );
-        assert_eq!(
-            with_database("postgres://h/db?a=b", "x"),
-            "postgres://h/x?a=b"
-        );
+        assert_eq!(with_database("postgres://u:p@h:1?sslmode=disable", "x"), "postgres://u:p@h:1/x?sslmode=disable");
+        assert_eq!(with_database("postgres://h/db?a=b", "x"), "postgres://h/x?a=b");
     }
 
     #[tokio::test]
@@ -432,14 +390,10 @@ mod tests {
         assert_ne!(first.url(), second.url());
         assert!(first.url().ends_with(first.name()));
 
-        let (client, connection) = tokio_postgres::connect(first.url(), NoTls)
-            .await
-            .expect("connect to the test database");
+        let (client, connection) =
+            tokio_postgres::connect(first.url(), NoTls).await.expect("connect to the test database");
         tokio::spawn(connection);
-        let row = client
-            .query_one("SELECT 1::INT4, current_database()", &[])
-            .await
-            .unwrap();
+        let row = client.query_one("SELECT 1::INT4, current_database()", &[]).await.unwrap();
         assert_eq!(row.get::<_, i32>(0), 1);
         assert_eq!(row.get::<_, String>(1), first.name());
     }

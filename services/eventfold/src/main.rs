@@ -191,7 +191,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command.unwrap_or(Command::Dev { listen: None }), config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(config_error @ eventfold_platform::Error::Config(_)) = e.downcast_ref::<eventfold_platform::Error>() {
+            if let Some(config_error @ eventfold_platform::Error::Config(_)) =
+                e.downcast_ref::<eventfold_platform::Error>()
+            {
                 eprintln!("eventfold: {config_error}");
                 return ExitCode::from(EXIT_USAGE);
             }
@@ -228,13 +230,8 @@ async fn serve_eventstore(config: &Config, log: Arc<dyn EventLog>, storage: &str
     println!("eventfold: EventStoreService listening on {addr} ({storage})");
     println!("  try: grpcurl -plaintext {addr} list");
     tracing::info!(%addr, storage, "serving");
-    eventfold_eventstore::run(
-        config.eventstore.clone(),
-        log,
-        listener,
-        eventfold_platform::server::shutdown_signal(),
-    )
-    .await?;
+    eventfold_eventstore::run(config.eventstore.clone(), log, listener, eventfold_platform::server::shutdown_signal())
+        .await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -14,11 +14,14 @@ const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
 pub(crate) fn struct_to_json(s: Struct, field: &str, violations: &mut Vec<FieldViolation>) -> Value {
     Value::Object(
-        s.fields.into_iter().map(|(k, v)| {
-            let path = format!("{field}.{k}");
-            let json = value_to_json(v, &path, violations);
-            (k, json)
-        }).collect::<Map<_, _>>(),
+        s.fields
+            .into_iter()
+            .map(|(k, v)| {
+                let path = format!("{field}.{k}");
+                let json = value_to_json(v, &path, violations);
+                (k, json)
+            })
+            .collect::<Map<_, _>>(),
     )
 }
 
@@ -39,7 +42,11 @@ fn value_to_json(value: prost_types::Value, field: &str, violations: &mut Vec<Fi
         }
         Some(Kind::StructValue(s)) => struct_to_json(s, field, violations),
         Some(Kind::ListValue(l)) => Value::Array(
-            l.values.into_iter().enumerate().map(|(i, v)| value_to_json(v, &format!("{field}[{i}]"), violations)).collect(),
+            l.values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| value_to_json(v, &format!("{field}[{i}]"), violations))
+                .collect(),
         ),
     }
 }

@@ -206,9 +206,10 @@ impl EventStoreService for EventStoreGrpc {
         let start_time = r.start_time.and_then(|t| system_time(t, "start_time", &mut violations));
         let end_time = r.end_time.and_then(|t| system_time(t, "end_time", &mut violations));
         if let (Some(s), Some(e)) = (start_time, end_time)
-            && e <= s {
-                violations.push(FieldViolation::new("end_time", "must be after start_time"));
-            }
+            && e <= s
+        {
+            violations.push(FieldViolation::new("end_time", "must be after start_time"));
+        }
         check(violations)?;
         let slice = self
             .log
@@ -243,8 +244,8 @@ impl EventStoreService for EventStoreGrpc {
             Some(pb::read_stream_at_request::Point::Version(v)) => read.max_version = Some(v),
             Some(pb::read_stream_at_request::Point::Time(t)) => {
                 // "At or before this time": the exclusive end is the next microsecond.
-                read.end_time = system_time(t, "time", &mut violations)
-                    .map(|t| t + std::time::Duration::from_micros(1));
+                read.end_time =
+                    system_time(t, "time", &mut violations).map(|t| t + std::time::Duration::from_micros(1));
             }
             None => {}
         }
@@ -290,7 +291,10 @@ impl EventStoreService for EventStoreGrpc {
 
     type SubscribeStream = SubscribeStream;
 
-    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = request.into_inner();
         let mut violations = Vec::new();
         let filter = filter_from_proto(r.filter, &mut violations);
@@ -385,7 +389,10 @@ impl EventStoreService for EventStoreGrpc {
         }))
     }
 
-    async fn get_stream(&self, request: Request<pb::GetStreamRequest>) -> Result<Response<pb::GetStreamResponse>, Status> {
+    async fn get_stream(
+        &self,
+        request: Request<pb::GetStreamRequest>,
+    ) -> Result<Response<pb::GetStreamResponse>, Status> {
         let r = request.into_inner();
         stream_id("stream_id", &r.stream_id)?;
         let info = self.log.stream_info(&r.stream_id).await.map_err(status)?;

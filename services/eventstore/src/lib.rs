@@ -38,11 +38,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            shutdown_grace_secs: 10,
-            health_interval_secs: 2,
-        }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 50051)), shutdown_grace_secs: 10, health_interval_secs: 2 }
     }
 }
 

@@ -102,9 +102,7 @@ impl DatabaseConfig {
     pub fn require_url(&self) -> Result<&str> {
         match self.url.as_deref() {
             Some(url) if !url.trim().is_empty() => Ok(url),
-            _ => Err(Error::Config(
-                "database.url is required (--database-url or EVENTFOLD_DATABASE__URL)".to_owned(),
-            )),
+            _ => Err(Error::Config("database.url is required (--database-url or EVENTFOLD_DATABASE__URL)".to_owned())),
         }
     }
 

@@ -257,12 +257,16 @@ fn pool_error(error: RunError<tokio_postgres::Error>) -> Error {
     }
 }
 
+fn is_unique_violation(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| db.code().code() == "23505")
+}
+
 fn is_retryable(error: &tokio_postgres::Error) -> bool {
     error.as_db_error().is_some_and(|db| matches!(db.code().code(), "40001" | "40P01" | "23505"))
 }
 
 const APPEND_SQL: &str = "SELECT idx, status, first_version, last_version, actual_version, positions \
-                          FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+                          FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
 #[derive(Debug, Clone, Copy)]
 struct Timeouts {
@@ -300,54 +304,62 @@ async fn writer(
         };
 
         let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-                connection = match tokio::time::timeout(timeouts.connect, connect_writer(&config)).await {
-                    Ok(Ok(c)) => Some(c),
-                    Ok(Err(e)) => break Err(e),
-                    Err(_) => {
-                        break Err(Error::Unavailable(format!(
-                            "PostgreSQL did not accept a connection within {:?}",
-                            timeouts.connect
-                        )));
-                    }
-                };
-            }
-            let (client, statement) = connection.as_ref().expect("connected above");
-            let answer = match tokio::time::timeout(timeouts.append, run_batch(client, statement, &batch)).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    // Dropping the connection aborts the call if it is still
-                    // running; if it committed meanwhile, a retry with the
-                    // same request id gets the first answer.
-                    connection = None;
-                    break Err(Error::Unavailable(format!(
-                        "PostgreSQL did not answer the append within {:?}, the outcome is unknown; \
+        let mut check_event_ids = false;
+        let result =
+            loop {
+                attempt += 1;
+                if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+                    connection = match tokio::time::timeout(timeouts.connect, connect_writer(&config)).await {
+                        Ok(Ok(c)) => Some(c),
+                        Ok(Err(e)) => break Err(e),
+                        Err(_) => {
+                            break Err(Error::Unavailable(format!(
+                                "PostgreSQL did not accept a connection within {:?}",
+                                timeouts.connect
+                            )));
+                        }
+                    };
+                }
+                let (client, statement) = connection.as_ref().expect("connected above");
+                let answer =
+                    match tokio::time::timeout(timeouts.append, run_batch(client, statement, &batch, check_event_ids))
+                        .await
+                    {
+                        Ok(answer) => answer,
+                        Err(_) => {
+                            // Dropping the connection aborts the call if it is still
+                            // running; if it committed meanwhile, a retry with the
+                            // same request id gets the first answer.
+                            connection = None;
+                            break Err(Error::Unavailable(format!(
+                                "PostgreSQL did not answer the append within {:?}, the outcome is unknown; \
                          retry with the same request id",
-                        timeouts.append
-                    )));
+                                timeouts.append
+                            )));
+                        }
+                    };
+                match answer {
+                    Ok(rows) => break Ok(rows),
+                    Err(e) if attempt < 4 && is_retryable(&e) => {
+                        // A unique violation is almost always an event id stored
+                        // before: repeat with the check that fails only that append.
+                        check_event_ids |= is_unique_violation(&e);
+                        tracing::debug!(error = %e, attempt, "group commit retried");
+                        tokio::time::sleep(Duration::from_millis(2 * attempt)).await;
+                    }
+                    Err(e) => {
+                        let closed = e.is_closed() || e.as_db_error().is_none();
+                        if closed {
+                            connection = None;
+                            break Err(Error::Unavailable(format!(
+                                "PostgreSQL connection failed during the append, the outcome is unknown; \
+                             retry with the same request id: {e}"
+                            )));
+                        }
+                        break Err(db_error(e));
+                    }
                 }
             };
-            match answer {
-                Ok(rows) => break Ok(rows),
-                Err(e) if attempt < 4 && is_retryable(&e) => {
-                    tracing::debug!(error = %e, attempt, "group commit retried");
-                    tokio::time::sleep(Duration::from_millis(2 * attempt)).await;
-                }
-                Err(e) => {
-                    let closed = e.is_closed() || e.as_db_error().is_none();
-                    if closed {
-                        connection = None;
-                        break Err(Error::Unavailable(format!(
-                            "PostgreSQL connection failed during the append, the outcome is unknown; \
-                             retry with the same request id: {e}"
-                        )));
-                    }
-                    break Err(db_error(e));
-                }
-            }
-        };
 
         match result {
             Ok(rows) => {
@@ -391,7 +403,12 @@ async fn connect_writer(config: &Config) -> Result<(Client, Statement)> {
     Ok((client, statement))
 }
 
-async fn run_batch(client: &Client, statement: &Statement, batch: &[Job]) -> Result<Vec<Row>, tokio_postgres::Error> {
+async fn run_batch(
+    client: &Client,
+    statement: &Statement,
+    batch: &[Job],
+    check_event_ids: bool,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
     let events: usize = batch.iter().map(|j| j.request.events.len()).sum();
     let mut streams = Vec::with_capacity(batch.len());
     let mut expected = Vec::with_capacity(batch.len());
@@ -426,7 +443,19 @@ async fn run_batch(client: &Client, statement: &Statement, batch: &[Job]) -> Res
     let rows = client
         .query(
             statement,
-            &[&streams, &expected, &request_ids, &counts, &ids, &types, &schema, &data, &metadata, &contents],
+            &[
+                &streams,
+                &expected,
+                &request_ids,
+                &counts,
+                &ids,
+                &types,
+                &schema,
+                &data,
+                &metadata,
+                &contents,
+                &check_event_ids,
+            ],
         )
         .await?;
     Ok(rows)

@@ -55,10 +55,7 @@ mod tests {
 
     #[test]
     fn parses_snapshots() {
-        assert_eq!(
-            XidSnapshot::parse("10:15:10,12"),
-            Some(XidSnapshot { xmin: 10, xmax: 15 })
-        );
+        assert_eq!(XidSnapshot::parse("10:15:10,12"), Some(XidSnapshot { xmin: 10, xmax: 15 }));
         assert_eq!(XidSnapshot::parse("7:7:"), Some(XidSnapshot { xmin: 7, xmax: 7 }));
         assert_eq!(XidSnapshot::parse("nonsense"), None);
     }

@@ -1,0 +1,501 @@
+//! `eventfold bench append`: append throughput and latency of the event log
+//! on PostgreSQL, next to the same workload as plain `INSERT`s into a bare
+//! table on the same server.
+//!
+//! Absolute numbers say more about the machine (CPU, disk flush latency)
+//! than about eventfold, so every row is measured twice in the same run,
+//! against the same server, and the ratio eventfold / raw is the figure to
+//! compare across machines.
+
+use std::{
+    fmt::Write as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use eventfold_store::{AppendRequest, EventLog, ExpectedVersion, NewEvent, PostgresConfig, PostgresEventLog};
+use serde_json::{Value, json};
+use tokio_postgres::{Client, NoTls, Statement};
+use uuid::Uuid;
+
+/// Arguments of `eventfold bench append`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AppendBenchArgs {
+    /// PostgreSQL URL of a throw-away database: migrations are applied, the
+    /// table `bench_raw` is created and dropped, and events are appended to
+    /// (and deleted again from) streams named `bench-…`.
+    #[arg(long, env = "EVENTFOLD_DATABASE_URL")]
+    database_url: String,
+
+    /// Measured seconds per row and system (after the warm-up).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    duration_secs: u64,
+
+    /// Concurrent appenders, comma-separated; one table row per value and batch size.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+
+    /// Events per append, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    batch_sizes: Vec<usize>,
+
+    /// Unmeasured seconds before each measurement (connections, caches,
+    /// plans and the group commit's steady state).
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+}
+
+/// Run the append benchmark and print a markdown table to stdout (progress
+/// goes to stderr so that stdout can be pasted as is).
+pub(crate) async fn append(args: AppendBenchArgs) -> anyhow::Result<()> {
+    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        bail!("--concurrency needs values of at least 1");
+    }
+    if args.batch_sizes.is_empty()
+        || args.batch_sizes.iter().any(|&b| b == 0 || b > eventfold_store::MAX_EVENTS_PER_APPEND)
+    {
+        bail!("--batch-sizes needs values from 1 to {}", eventfold_store::MAX_EVENTS_PER_APPEND);
+    }
+
+    let mut admin = connect(&args.database_url).await?;
+    eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
+    let machine = machine_line(&admin).await?;
+
+    let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
+    let mut config = PostgresConfig::new(args.database_url.clone());
+    config.pool_size = config.pool_size.max(u32::try_from(max_concurrency).unwrap_or(u32::MAX));
+    let log = Arc::new(PostgresEventLog::connect(config).await.context("opening the event log")?);
+
+    // Streams of this invocation carry a random tag, so that a run never
+    // appends to (or cleans up) streams of another run or of real users.
+    let session = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let bench = Bench { args: &args, admin: &admin, log: &log, session: &session };
+    let result = bench.run(&machine).await;
+    // Stop the log's writers before cleaning up behind them.
+    drop(log);
+
+    // Leave the database as found (up to the migrations), also after a
+    // failure part-way: the raw table goes, bench streams are deleted.
+    let mut cleanup = admin.batch_execute("DROP TABLE IF EXISTS bench_raw").await.context("dropping bench_raw");
+    for &c in &args.concurrency {
+        for &b in &args.batch_sizes {
+            if cleanup.is_ok() {
+                cleanup = delete_streams(&admin, &stream_ids(&session, c, b)).await;
+            }
+        }
+    }
+    result.and(cleanup)
+}
+
+/// What one benchmark invocation shares between its rows.
+struct Bench<'a> {
+    args: &'a AppendBenchArgs,
+    admin: &'a Client,
+    log: &'a Arc<PostgresEventLog>,
+    session: &'a str,
+}
+
+impl Bench<'_> {
+    async fn run(&self, machine: &str) -> anyhow::Result<()> {
+        self.admin
+            .batch_execute(
+                "DROP TABLE IF EXISTS bench_raw;
+                 CREATE TABLE bench_raw (
+                     global_position bigserial PRIMARY KEY,
+                     stream_id       text,
+                     version         bigint,
+                     event_id        uuid,
+                     event_type      text,
+                     data            jsonb,
+                     metadata        jsonb,
+                     created_at      timestamptz DEFAULT now()
+                 )",
+            )
+            .await
+            .context("creating bench_raw")?;
+
+        let args = self.args;
+        println!("{machine}");
+        println!();
+        println!(
+            "Each row: {}s warm-up, then {}s measured, for eventfold and for raw INSERTs.",
+            args.warmup_secs, args.duration_secs
+        );
+        println!();
+        println!(
+            "| concurrency | batch | eventfold events/s | raw events/s | ratio | eventfold p50/p95/p99 ms | raw p50/p95/p99 ms |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        for &c in &args.concurrency {
+            for &b in &args.batch_sizes {
+                let streams = stream_ids(self.session, c, b);
+
+                self.settle().await?;
+                let eventfold = self.measure_eventfold(&streams, b).await?;
+                eprintln!("eventfold c={c} b={b}: {}", eventfold.summary(b));
+                // The next row starts from a store without this row's events.
+                delete_streams(self.admin, &streams).await?;
+                self.vacuum("eventstore.events, eventstore.streams").await;
+
+                self.admin
+                    .batch_execute("TRUNCATE bench_raw RESTART IDENTITY")
+                    .await
+                    .context("truncating bench_raw")?;
+                self.settle().await?;
+                let raw = self.measure_raw(&streams, b).await?;
+                eprintln!("raw       c={c} b={b}: {}", raw.summary(b));
+                self.admin
+                    .batch_execute("TRUNCATE bench_raw RESTART IDENTITY")
+                    .await
+                    .context("truncating bench_raw")?;
+
+                let ratio = eventfold.events_per_sec(b) / raw.events_per_sec(b);
+                println!(
+                    "| {c} | {b} | {} | {} | {ratio:.2}x | {} | {} |",
+                    thousands(eventfold.events_per_sec(b)),
+                    thousands(raw.events_per_sec(b)),
+                    eventfold.percentiles(),
+                    raw.percentiles(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Bring both systems to the same starting point: a checkpoint makes
+    /// the first write of every page after it log a full page image, which
+    /// should cost each measurement alike rather than whichever comes first.
+    async fn settle(&self) -> anyhow::Result<()> {
+        // Needs superuser or pg_checkpoint; without it the run is noisier,
+        // not wrong.
+        if let Err(e) = self.admin.batch_execute("CHECKPOINT").await {
+            eprintln!("note: CHECKPOINT failed ({e}); rows may be noisier");
+        }
+        Ok(())
+    }
+
+    /// Clean up dead rows now rather than let autovacuum do it in the middle
+    /// of the next measurement. Only owners may vacuum; then autovacuum it is.
+    async fn vacuum(&self, tables: &str) {
+        if let Err(e) = self.admin.batch_execute(&format!("VACUUM {tables}")).await {
+            eprintln!("note: VACUUM {tables} failed ({e})");
+        }
+    }
+
+    fn window(&self) -> Window {
+        let measure_from = Instant::now() + Duration::from_secs(self.args.warmup_secs);
+        Window { measure_from, until: measure_from + Duration::from_secs(self.args.duration_secs) }
+    }
+
+    async fn measure_eventfold(&self, streams: &[String], batch: usize) -> anyhow::Result<Measurement> {
+        let targets = streams
+            .iter()
+            .map(|stream| Target::Eventfold { log: Arc::clone(self.log), stream: stream.clone() })
+            .collect();
+        drive(targets, batch, self.window()).await
+    }
+
+    async fn measure_raw(&self, streams: &[String], batch: usize) -> anyhow::Result<Measurement> {
+        // One connection per appender, as an application with a pool of c
+        // connections would have; connected and prepared before the clock runs.
+        let sql = if batch == 1 {
+            "INSERT INTO bench_raw (stream_id, version, event_id, event_type, data, metadata) \
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        } else {
+            "INSERT INTO bench_raw (stream_id, version, event_id, event_type, data, metadata) \
+             SELECT $1, * FROM unnest($2::bigint[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])"
+        };
+        let mut targets = Vec::with_capacity(streams.len());
+        for stream in streams {
+            let client = connect(&self.args.database_url).await?;
+            let insert = client.prepare(sql).await.context("preparing the raw INSERT")?;
+            targets.push(Target::Raw { client, insert, stream: stream.clone(), next_version: 0 });
+        }
+        drive(targets, batch, self.window()).await
+    }
+}
+
+/// The streams of one row: one per appender, so appenders never contend
+/// for a stream (the benchmark measures the log, not conflicts).
+fn stream_ids(session: &str, concurrency: usize, batch: usize) -> Vec<String> {
+    (0..concurrency).map(|task| format!("bench-{session}-c{concurrency}-b{batch}-{task}")).collect()
+}
+
+async fn delete_streams(admin: &Client, streams: &[String]) -> anyhow::Result<()> {
+    // By exact id, so that only this run's streams can go, using the
+    // (stream_id, version) index rather than a scan.
+    admin
+        .execute("DELETE FROM eventstore.events WHERE stream_id = ANY ($1)", &[&streams])
+        .await
+        .context("deleting bench events")?;
+    admin
+        .execute("DELETE FROM eventstore.streams WHERE stream_id = ANY ($1)", &[&streams])
+        .await
+        .context("deleting bench streams")?;
+    Ok(())
+}
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.context("connecting to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!("bench connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// What the numbers depend on besides eventfold: cores (client and server
+/// share them here) and whether commits wait for the disk.
+async fn machine_line(admin: &Client) -> anyhow::Result<String> {
+    let show = async |name: &str| -> anyhow::Result<String> {
+        let rows = admin.simple_query(&format!("SHOW {name}")).await.with_context(|| format!("SHOW {name}"))?;
+        Ok(rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap_or_else(|| "?".to_owned()))
+    };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned())
+            })
+        })
+        .map_or_else(String::new, |model| format!(" ({model})"));
+    Ok(format!(
+        "Machine: nproc {cores}{cpu}, PostgreSQL {}, fsync={}, synchronous_commit={}",
+        show("server_version").await?,
+        show("fsync").await?,
+        show("synchronous_commit").await?,
+    ))
+}
+
+/// The measured span: appends that complete inside it count. Counting by
+/// completion rather than start keeps the rate unbiased at both edges.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    measure_from: Instant,
+    until: Instant,
+}
+
+/// One appender's way of appending a batch.
+enum Target {
+    Eventfold { log: Arc<PostgresEventLog>, stream: String },
+    Raw { client: Client, insert: Statement, stream: String, next_version: i64 },
+}
+
+impl Target {
+    async fn append(&mut self, events: Vec<NewEvent>) -> anyhow::Result<()> {
+        match self {
+            Self::Eventfold { log, stream } => {
+                log.append(AppendRequest::new(stream.as_str(), ExpectedVersion::Any, events)).await?;
+            }
+            Self::Raw { client, insert, stream, next_version } => {
+                let first = *next_version;
+                *next_version += events.len() as i64;
+                let metadata: Vec<Value> = events.iter().map(|e| e.metadata.to_json()).collect();
+                if let [event] = events.as_slice() {
+                    client
+                        .execute(
+                            &*insert,
+                            &[&*stream, &first, &event.event_id, &event.event_type, &event.data, &metadata[0]],
+                        )
+                        .await?;
+                } else {
+                    let versions: Vec<i64> = (first..*next_version).collect();
+                    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+                    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+                    let data: Vec<&Value> = events.iter().map(|e| &e.data).collect();
+                    client.execute(&*insert, &[&*stream, &versions, &ids, &types, &data, &metadata]).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Run every target as its own task until the window closes; gather the
+/// latencies of the appends that completed inside it.
+async fn drive(targets: Vec<Target>, batch: usize, window: Window) -> anyhow::Result<Measurement> {
+    // A JoinSet aborts the other appenders when one fails and this returns
+    // early, so none keeps appending while the caller cleans up.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (task, mut target) in targets.into_iter().enumerate() {
+        tasks.spawn(async move {
+            let mut payloads = Payloads::new(task as u64);
+            let mut latencies = Vec::new();
+            while Instant::now() < window.until {
+                // Payloads are built before the clock starts: they are the
+                // caller's work, identical for both systems.
+                let events: Vec<NewEvent> = (0..batch).map(|_| payloads.next_event()).collect();
+                let start = Instant::now();
+                target.append(events).await?;
+                let done = Instant::now();
+                if done >= window.measure_from && done < window.until {
+                    latencies.push(done - start);
+                }
+            }
+            anyhow::Ok(latencies)
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(task) = tasks.join_next().await {
+        latencies.extend(task.context("bench task panicked")??);
+    }
+    latencies.sort_unstable();
+    Ok(Measurement { latencies, seconds: (window.until - window.measure_from).as_secs_f64() })
+}
+
+/// The appends of one system in one row.
+struct Measurement {
+    /// Sorted.
+    latencies: Vec<Duration>,
+    seconds: f64,
+}
+
+impl Measurement {
+    fn appends_per_sec(&self) -> f64 {
+        self.latencies.len() as f64 / self.seconds
+    }
+
+    fn events_per_sec(&self, batch: usize) -> f64 {
+        self.appends_per_sec() * batch as f64
+    }
+
+    /// Nearest-rank percentile in milliseconds.
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * self.latencies.len() as f64).ceil() as usize;
+        self.latencies[rank.clamp(1, self.latencies.len()) - 1].as_secs_f64() * 1000.0
+    }
+
+    fn percentiles(&self) -> String {
+        let [p50, p95, p99] = [50.0, 95.0, 99.0].map(|p| self.percentile_ms(p));
+        format!("{} / {} / {}", ms(p50), ms(p95), ms(p99))
+    }
+
+    fn summary(&self, batch: usize) -> String {
+        format!(
+            "{} appends/s, {} events/s, p50/p95/p99 {} ms",
+            thousands(self.appends_per_sec()),
+            thousands(self.events_per_sec(batch)),
+            self.percentiles()
+        )
+    }
+}
+
+/// Milliseconds with the precision that matters at that size.
+fn ms(value: f64) -> String {
+    if value < 10.0 { format!("{value:.2}") } else { format!("{value:.1}") }
+}
+
+/// A rate rounded to a whole number, with thousands separators.
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// Order events of about 200 bytes of JSON, varied so that no layer (JSON
+/// encoding, TOAST, compression) sees the same bytes twice.
+struct Payloads {
+    task: u64,
+    sequence: u64,
+    state: u64,
+}
+
+impl Payloads {
+    fn new(task: u64) -> Self {
+        Self { task, sequence: 0, state: 0x9E37_79B9_7F4A_7C15 ^ (task + 1) }
+    }
+
+    /// xorshift64: cheap, deterministic and good enough to vary payloads.
+    fn random(&mut self, below: u64) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state % below
+    }
+
+    fn next_event(&mut self) -> NewEvent {
+        self.sequence += 1;
+        let (qty_a, qty_b) = (1 + self.random(5), 1 + self.random(3));
+        let (price_a, price_b) = (199 + self.random(9800), 199 + self.random(9800));
+        let mut order_id = String::with_capacity(24);
+        let _ = write!(order_id, "ord-{:04}-{:010}", self.task, self.sequence);
+        let data = json!({
+            "order_id": order_id,
+            "customer_id": format!("cus-{:06}", self.random(1_000_000)),
+            "currency": "EUR",
+            "country": "DE",
+            "total_cents": qty_a * price_a + qty_b * price_b,
+            "items": [
+                { "sku": format!("SKU-{:05}", self.random(100_000)), "qty": qty_a, "unit_cents": price_a },
+                { "sku": format!("SKU-{:05}", self.random(100_000)), "qty": qty_b, "unit_cents": price_b },
+            ],
+        });
+        NewEvent::new("OrderPlaced", data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_about_200_bytes_of_json() {
+        let mut payloads = Payloads::new(3);
+        for _ in 0..100 {
+            let len = serde_json::to_string(&payloads.next_event().data).unwrap().len();
+            assert!((180..=240).contains(&len), "payload of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let m = Measurement { latencies: (1..=100).map(Duration::from_millis).collect(), seconds: 1.0 };
+        assert_eq!(m.percentile_ms(50.0), 50.0);
+        assert_eq!(m.percentile_ms(99.0), 99.0);
+        assert_eq!(m.percentile_ms(100.0), 100.0);
+        assert_eq!(m.events_per_sec(10), 1000.0);
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0.4), "0");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn args_defaults() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: AppendBenchArgs,
+        }
+        let cli = Cli::try_parse_from(["bench", "--database-url", "postgresql://x@localhost/db"]).unwrap();
+        assert_eq!(cli.args.concurrency, [1, 8, 32]);
+        assert_eq!(cli.args.batch_sizes, [1, 10, 100]);
+        assert_eq!((cli.args.duration_secs, cli.args.warmup_secs), (10, 2));
+        let cli =
+            Cli::try_parse_from(["bench", "--database-url", "u", "--concurrency", "2,4", "--batch-sizes=5"]).unwrap();
+        assert_eq!((cli.args.concurrency, cli.args.batch_sizes), (vec![2, 4], vec![5]));
+    }
+}
