@@ -153,8 +153,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
         std::fs::write(&file, "[database]\nurll = \"x\"\n").unwrap();
-        let err = load::<Sample, _>(Some(&file), &()).unwrap_err();
+        #[derive(Serialize)]
+        struct NoFlags {}
+        let err = load::<Sample, _>(Some(&file), &NoFlags {}).unwrap_err();
         assert!(err.to_string().contains("urll"), "{err}");
-        assert!(load::<Sample, _>(Some(&dir.join("missing.toml")), &()).is_err());
+        let err = load::<Sample, _>(Some(&dir.join("missing.toml")), &NoFlags {}).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
     }
 }
