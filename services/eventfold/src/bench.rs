@@ -25,7 +25,7 @@ pub(crate) struct AppendBenchArgs {
     /// PostgreSQL URL of a throw-away database: migrations are applied, the
     /// table `bench_raw` is created and dropped, and events are appended to
     /// (and deleted again from) streams named `bench-…`.
-    #[arg(long, env = "EVENTFOLD_DATABASE_URL")]
+    #[arg(long, env = "EVENTFOLD_DATABASE__URL")]
     database_url: String,
 
     /// Measured seconds per row and system (after the warm-up).
