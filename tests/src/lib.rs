@@ -299,6 +299,13 @@ fn find_bin_dir() -> Option<PathBuf> {
         .map(|(_, bin)| bin)
 }
 
+/// A PostgreSQL URL on a loopback port nothing listens on, for tests of how
+/// services behave while their database is unreachable.
+pub fn unreachable_database_url() -> String {
+    let port = free_port().unwrap_or_else(|e| panic!("{e}"));
+    format!("postgresql://postgres@127.0.0.1:{port}/eventfold")
+}
+
 /// A loopback port that was free a moment ago.
 fn free_port() -> Result<u16, String> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

@@ -1069,9 +1069,7 @@ async fn edge_cases(mut server: Server) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_is_not_serving_and_unavailable() {
-    // A loopback port that nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("postgresql://postgres@127.0.0.1:{port}/eventfold");
+    let url = eventfold_tests::unreachable_database_url();
     let log = PostgresEventLog::connect(PostgresConfig {
         connect_timeout: Duration::from_secs(1),
         ..PostgresConfig::new(url)

@@ -670,11 +670,7 @@ async fn one_conflict_never_fails_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_database_answers_unavailable() {
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let url = format!("postgresql://postgres@127.0.0.1:{port}/eventfold");
+    let url = eventfold_tests::unreachable_database_url();
     let log = PostgresEventLog::connect(PostgresConfig {
         connect_timeout: Duration::from_secs(1),
         ..PostgresConfig::new(url)
