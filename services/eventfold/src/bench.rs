@@ -44,6 +44,11 @@ pub(crate) struct AppendBenchArgs {
     /// plans and the group commit's steady state).
     #[arg(long, default_value_t = 2)]
     warmup_secs: u64,
+
+    /// Group-commit writers of the event log (each holds a connection);
+    /// default: the store's default.
+    #[arg(long)]
+    writers: Option<usize>,
 }
 
 /// Run the append benchmark and print a markdown table to stdout (progress
@@ -65,12 +70,14 @@ pub(crate) async fn append(args: AppendBenchArgs) -> anyhow::Result<()> {
     let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
     let mut config = PostgresConfig::new(args.database_url.clone());
     config.pool_size = config.pool_size.max(u32::try_from(max_concurrency).unwrap_or(u32::MAX));
+    config.writers = args.writers.unwrap_or(config.writers).max(1);
+    let writers = config.writers;
     let log = Arc::new(PostgresEventLog::connect(config).await.context("opening the event log")?);
 
     // Streams of this invocation carry a random tag, so that a run never
     // appends to (or cleans up) streams of another run or of real users.
     let session = Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let bench = Bench { args: &args, admin: &admin, log: &log, session: &session };
+    let bench = Bench { args: &args, admin: &admin, log: &log, session: &session, writers };
     let result = bench.run(&machine).await;
     // Stop the log's writers before cleaning up behind them.
     drop(log);
@@ -94,6 +101,7 @@ struct Bench<'a> {
     admin: &'a Client,
     log: &'a Arc<PostgresEventLog>,
     session: &'a str,
+    writers: usize,
 }
 
 impl Bench<'_> {
@@ -119,8 +127,8 @@ impl Bench<'_> {
         println!("{machine}");
         println!();
         println!(
-            "Each row: {}s warm-up, then {}s measured, for eventfold and for raw INSERTs.",
-            args.warmup_secs, args.duration_secs
+            "Each row: {}s warm-up, then {}s measured, for eventfold ({} group-commit writers) and for raw INSERTs.",
+            args.warmup_secs, args.duration_secs, self.writers
         );
         println!();
         println!(

@@ -359,34 +359,65 @@ async fn explain_skips(url: &str, missing: &[u64]) -> String {
 // ---------------------------------------------------------------------------
 // 2. Out-of-order commits.
 
-/// `eventstore.append_batch` for one event, as the group commit calls it,
-/// inside the caller's transaction. Returns the event id and its position.
-async fn raw_append(tx: &tokio_postgres::Transaction<'_>, stream: &str, event_type: &str) -> (Uuid, u64) {
-    let id = Uuid::now_v7();
-    let data = json!({ "stream": stream });
-    let metadata = EventMetadata::default();
-    let content = hash::content_digest(&id, event_type, 1, &data, &metadata).to_vec();
-    let row = tx
-        .query_one(
-            "SELECT * FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+/// One `eventstore.append_batch` call as the group commit makes it, for
+/// appends `(stream, expected, request id, event count)`; returns its rows.
+async fn append_batch(
+    client: &impl tokio_postgres::GenericClient,
+    appends: &[(&str, i64, &str, usize)],
+    event_type: &str,
+    check_event_ids: bool,
+) -> Vec<tokio_postgres::Row> {
+    let mut events = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (stream, _, _, count) in appends {
+        for _ in 0..*count {
+            let id = Uuid::now_v7();
+            let data = json!({ "stream": stream });
+            let metadata = EventMetadata::default();
+            events.5.push(hash::content_digest(&id, event_type, 1, &data, &metadata).to_vec());
+            events.0.push(id);
+            events.1.push(event_type);
+            events.2.push(1i32);
+            events.3.push(data);
+            events.4.push(metadata.to_json());
+        }
+    }
+    let streams: Vec<&str> = appends.iter().map(|a| a.0).collect();
+    let expected: Vec<i64> = appends.iter().map(|a| a.1).collect();
+    let requests: Vec<&str> = appends.iter().map(|a| a.2).collect();
+    let counts: Vec<i32> = appends.iter().map(|a| a.3 as i32).collect();
+    client
+        .query(
+            "SELECT * FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             &[
-                &vec![stream],
-                &vec![-2i64],
-                &vec![""],
-                &vec![1i32],
-                &vec![id],
-                &vec![event_type],
-                &vec![1i32],
-                &vec![data],
-                &vec![metadata.to_json()],
-                &vec![content],
+                &streams,
+                &expected,
+                &requests,
+                &counts,
+                &events.0,
+                &events.1,
+                &events.2,
+                &events.3,
+                &events.4,
+                &events.5,
+                &check_event_ids,
             ],
         )
         .await
-        .expect("append_batch");
+        .expect("append_batch")
+}
+
+/// `eventstore.append_batch` for one event to a new stream, inside the
+/// caller's transaction. Returns the event id and its position.
+async fn raw_append(tx: &tokio_postgres::Transaction<'_>, stream: &str, event_type: &str) -> (Uuid, u64) {
+    let row = append_batch(tx, &[(stream, -2, "", 1)], event_type, false).await.remove(0);
     assert_eq!(row.get::<_, String>("status"), "ok");
     let positions: Vec<i64> = row.get("positions");
     assert_eq!(positions.len(), 1);
+    let id = tx
+        .query_one("SELECT event_id FROM eventstore.events WHERE global_position = $1", &[&positions[0]])
+        .await
+        .expect("the event is visible to its own transaction")
+        .get(0);
     (id, positions[0] as u64)
 }
 
@@ -663,6 +694,118 @@ async fn one_conflict_never_fails_another() {
     }
     assert_eq!(all[3..].iter().map(|e| e.event_id).collect::<HashSet<_>>().len(), 50);
     assert_eq!(log.stream_info("existing").await.unwrap().version, Some(2));
+}
+
+/// One call with a crafted batch: appends to one stream apply in batch order,
+/// a request id repeated within the batch gets the answer of its successful
+/// occurrence, and a failed append leaves neither a stream nor a request id
+/// behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_applies_its_appends_in_order() {
+    let (db, log) = common::postgres().await;
+    let client = common::client(db.url()).await;
+    let batch = [
+        ("a", -2, "", 2),   // ok: versions 0 and 1
+        ("a", 1, "", 1),    // ok: version 2, after the append before it
+        ("b", 4, "", 1),    // wrong version, on a stream that does not exist
+        ("a", -1, "r1", 1), // ok: version 3
+        ("a", -1, "r1", 1), // the same request: its first answer
+        ("c", 3, "r2", 1),  // wrong version
+        ("c", -2, "r2", 2), // ok: the failed occurrence is not an answer
+        ("c", -3, "r2", 1), // the same request: the answer of the one before
+    ];
+    let rows = append_batch(&client, &batch, "Appended", false).await;
+    /// idx, status, first version, last version, actual version, positions
+    type Answer = (i32, String, Option<i64>, Option<i64>, Option<i64>, Option<Vec<i64>>);
+    let answers: Vec<Answer> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))).collect();
+    let statuses: Vec<&str> = answers.iter().map(|a| a.1.as_str()).collect();
+    assert_eq!(statuses, ["ok", "ok", "wrong_version", "ok", "duplicate", "wrong_version", "ok", "duplicate"]);
+    assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    let versions: Vec<(Option<i64>, Option<i64>)> = answers.iter().map(|a| (a.2, a.3)).collect();
+    assert_eq!(versions[0], (Some(0), Some(1)));
+    assert_eq!(versions[1], (Some(2), Some(2)));
+    assert_eq!((versions[3], versions[4]), ((Some(3), Some(3)), (Some(3), Some(3))));
+    assert_eq!((versions[6], versions[7]), ((Some(0), Some(1)), (Some(0), Some(1))));
+    assert_eq!((answers[2].4, answers[5].4), (Some(-1), Some(-1)), "actual versions of the conflicts");
+    let positions: Vec<i64> = [0, 1, 3, 6].iter().flat_map(|&i| answers[i].5.clone().unwrap()).collect();
+    assert_eq!(positions.len(), 6);
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions ascend through the batch: {positions:?}");
+    assert_eq!(answers[4].5, answers[3].5);
+    assert_eq!(answers[7].5, answers[6].5);
+
+    let a = read_stream_fully(log.as_ref(), "a").await;
+    assert_eq!(a.iter().map(|e| e.version).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert_eq!(a.iter().map(|e| e.global_position as i64).collect::<Vec<_>>(), positions[..4]);
+    assert!(log.verify_stream("a").await.unwrap().first_broken.is_none());
+    assert!(log.verify_stream("c").await.unwrap().first_broken.is_none());
+    assert!(matches!(log.stream_info("b").await, Err(Error::StreamNotFound(_))), "no placeholder stream left");
+
+    // Retried alone, each request answers what it answered in the batch.
+    let retried = append_batch(&client, &[("a", -2, "r1", 1), ("c", 9, "r2", 1)], "Appended", false).await;
+    for (row, first) in retried.iter().zip([3, 6]) {
+        assert_eq!(row.get::<_, String>(1), "duplicate");
+        assert_eq!(row.get::<_, Option<Vec<i64>>>(5), answers[first].5);
+    }
+    assert_eq!(read_everything(log.as_ref()).await.len(), 6, "a retry appends nothing");
+}
+
+/// With the event-id check on, only the append holding a stored event id
+/// fails; the others in the batch are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_event_id_fails_only_its_append() {
+    let (_db, log) = common::postgres().await;
+    let first = NewEvent::new("Appended", json!({ "n": 0 }));
+    let stored = first.clone();
+    log.append(AppendRequest::new("x", ExpectedVersion::NoStream, vec![first])).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let log = log.clone();
+        let event = if i == 7 { stored.clone() } else { NewEvent::new("Appended", json!({ "n": i })) };
+        tasks.push(tokio::spawn(async move {
+            log.append(AppendRequest::new(format!("y-{i}"), ExpectedVersion::Any, vec![event])).await
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(_) => assert_ne!(i, 7, "the stored event id was appended again"),
+            Err(Error::DuplicateEventId { .. }) => assert_eq!(i, 7),
+            Err(e) => panic!("append {i} failed: {e}"),
+        }
+    }
+    assert_eq!(read_everything(log.as_ref()).await.len(), 20);
+    assert!(matches!(log.stream_info("y-7").await, Err(Error::StreamNotFound(_))));
+}
+
+/// A live subscription of one process is woken by another process's append
+/// through NOTIFY, not by its poll (set far beyond the test's deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_append_wakes_live_subscribers() {
+    let (db, writer) = common::postgres().await;
+    let reader = std::sync::Arc::new(PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap());
+    let options = SubscriptionOptions { poll_interval: Duration::from_secs(3600), ..SubscriptionOptions::default() };
+    let subscriptions = Subscriptions::new(reader.clone(), options);
+    let mut rx = subscriptions.subscribe(Target::All { after: Some(0), filter: EventFilter::default() }, 1000);
+    assert!(caught_up(&mut rx).await.is_empty());
+    // The reader's LISTEN connection is made in the background: appends
+    // before it listens wake nobody, so append until one gets through.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        append_one(writer.as_ref(), "elsewhere").await;
+        match tokio::time::timeout(Duration::from_millis(500), next_event(&mut rx)).await {
+            Ok(event) => break event,
+            Err(_) => assert!(Instant::now() < deadline, "no NOTIFY reached the other process within 10 s"),
+        }
+    };
+    assert_eq!(first.stream_id, "elsewhere");
+    // Listening now: the next append arrives without a retry.
+    let (id, _) = append_one(writer.as_ref(), "elsewhere").await;
+    let mut seen = vec![first.event_id];
+    while !seen.contains(&id) {
+        seen.push(
+            tokio::time::timeout(Duration::from_secs(5), next_event(&mut rx)).await.expect("woken by NOTIFY").event_id,
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -8,8 +8,13 @@
 //! - Reads of the global log are gap-safe (see [`xid`]): a position that is
 //!   missing because its transaction has not committed yet is waited for,
 //!   never skipped.
-//! - `LISTEN eventstore_appended` wakes live subscriptions when another
-//!   process appends; appends of this process wake them directly.
+//! - Appends of this process wake its live subscriptions directly. A
+//!   notifier task then sends `NOTIFY eventstore_appended` from its own
+//!   connection, after the writers' commits and coalesced: a NOTIFY inside
+//!   the writers' transactions would hold a cluster-wide lock until their
+//!   commits are flushed and serialise them. `LISTEN eventstore_appended`
+//!   wakes live subscriptions when another process appends (a lost
+//!   notification only delays them until their next poll).
 
 mod xid;
 
@@ -125,6 +130,7 @@ impl PostgresEventLog {
             .connection_timeout(config.connect_timeout)
             .build_unchecked(manager);
         let (appended, _) = watch::channel(0);
+        let (committed, committed_rx) = watch::channel(0);
         let (jobs, receiver) = mpsc::channel(config.max_batch_appends.max(1) * 4);
         let receiver = Arc::new(Mutex::new(receiver));
         let mut tasks = Vec::new();
@@ -133,11 +139,12 @@ impl PostgresEventLog {
                 pg.clone(),
                 Timeouts { connect: config.connect_timeout, append: config.append_timeout },
                 receiver.clone(),
-                appended.clone(),
+                [appended.clone(), committed.clone()],
                 config.max_batch_appends.max(1),
                 config.max_batch_events.max(1),
             )));
         }
+        tasks.push(tokio::spawn(notifier(pg.clone(), config.connect_timeout, committed_rx)));
         tasks.push(tokio::spawn(listener(pg, config.connect_timeout, appended.clone())));
         Ok(Self { pool, jobs, appended, gap_wait: config.gap_wait, tasks })
     }
@@ -275,12 +282,13 @@ struct Timeouts {
 }
 
 /// A writer of the group commit: takes what is queued, appends it in one
-/// call, answers each append.
+/// call, answers each append, then moves the heads (`[appended, committed]`:
+/// the wake-up of local subscribers and the notifier's input).
 async fn writer(
     config: Config,
     timeouts: Timeouts,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
-    appended: watch::Sender<u64>,
+    heads: [watch::Sender<u64>; 2],
     max_appends: usize,
     max_events: usize,
 ) {
@@ -305,61 +313,62 @@ async fn writer(
 
         let mut attempt = 0;
         let mut check_event_ids = false;
-        let result =
-            loop {
-                attempt += 1;
-                if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-                    connection = match tokio::time::timeout(timeouts.connect, connect_writer(&config)).await {
-                        Ok(Ok(c)) => Some(c),
-                        Ok(Err(e)) => break Err(e),
-                        Err(_) => {
-                            break Err(Error::Unavailable(format!(
-                                "PostgreSQL did not accept a connection within {:?}",
-                                timeouts.connect
-                            )));
-                        }
-                    };
-                }
-                let (client, statement) = connection.as_ref().expect("connected above");
-                let answer =
-                    match tokio::time::timeout(timeouts.append, run_batch(client, statement, &batch, check_event_ids))
-                        .await
-                    {
-                        Ok(answer) => answer,
-                        Err(_) => {
-                            // Dropping the connection aborts the call if it is still
-                            // running; if it committed meanwhile, a retry with the
-                            // same request id gets the first answer.
-                            connection = None;
-                            break Err(Error::Unavailable(format!(
-                                "PostgreSQL did not answer the append within {:?}, the outcome is unknown; \
+        let result = loop {
+            attempt += 1;
+            if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+                connection = match tokio::time::timeout(timeouts.connect, connect_prepared(&config, APPEND_SQL)).await {
+                    Ok(Ok(c)) => Some(c),
+                    Ok(Err(e)) => break Err(e),
+                    Err(_) => {
+                        break Err(Error::Unavailable(format!(
+                            "PostgreSQL did not accept a connection within {:?}",
+                            timeouts.connect
+                        )));
+                    }
+                };
+            }
+            let (client, statement) = connection.as_ref().expect("connected above");
+            let answer = match tokio::time::timeout(
+                timeouts.append,
+                run_batch(client, statement, &batch, check_event_ids),
+            )
+            .await
+            {
+                Ok(answer) => answer,
+                Err(_) => {
+                    // Dropping the connection aborts the call if it is still
+                    // running; if it committed meanwhile, a retry with the
+                    // same request id gets the first answer.
+                    connection = None;
+                    break Err(Error::Unavailable(format!(
+                        "PostgreSQL did not answer the append within {:?}, the outcome is unknown; \
                          retry with the same request id",
-                                timeouts.append
-                            )));
-                        }
-                    };
-                match answer {
-                    Ok(rows) => break Ok(rows),
-                    Err(e) if attempt < 4 && is_retryable(&e) => {
-                        // A unique violation is almost always an event id stored
-                        // before: repeat with the check that fails only that append.
-                        check_event_ids |= is_unique_violation(&e);
-                        tracing::debug!(error = %e, attempt, "group commit retried");
-                        tokio::time::sleep(Duration::from_millis(2 * attempt)).await;
-                    }
-                    Err(e) => {
-                        let closed = e.is_closed() || e.as_db_error().is_none();
-                        if closed {
-                            connection = None;
-                            break Err(Error::Unavailable(format!(
-                                "PostgreSQL connection failed during the append, the outcome is unknown; \
-                             retry with the same request id: {e}"
-                            )));
-                        }
-                        break Err(db_error(e));
-                    }
+                        timeouts.append
+                    )));
                 }
             };
+            match answer {
+                Ok(rows) => break Ok(rows),
+                Err(e) if attempt < 4 && is_retryable(&e) => {
+                    // A unique violation is almost always an event id stored
+                    // before: repeat with the check that fails only that append.
+                    check_event_ids |= is_unique_violation(&e);
+                    tracing::debug!(error = %e, attempt, "group commit retried");
+                    tokio::time::sleep(Duration::from_millis(2 * attempt)).await;
+                }
+                Err(e) => {
+                    let closed = e.is_closed() || e.as_db_error().is_none();
+                    if closed {
+                        connection = None;
+                        break Err(Error::Unavailable(format!(
+                            "PostgreSQL connection failed during the append, the outcome is unknown; \
+                             retry with the same request id: {e}"
+                        )));
+                    }
+                    break Err(db_error(e));
+                }
+            }
+        };
 
         match result {
             Ok(rows) => {
@@ -372,7 +381,9 @@ async fn writer(
                     let _ = job.reply.send(outcome);
                 }
                 if head > 0 {
-                    appended.send_modify(|h| *h = (*h).max(head));
+                    for sender in &heads {
+                        sender.send_modify(|h| *h = (*h).max(head));
+                    }
                 }
             }
             Err(e) => {
@@ -392,15 +403,51 @@ fn clone_error(error: &Error) -> Error {
     }
 }
 
-async fn connect_writer(config: &Config) -> Result<(Client, Statement)> {
+/// A connection of its own (not pooled) preparing `sql`, for a task that
+/// holds it for long.
+async fn connect_prepared(config: &Config, sql: &str) -> Result<(Client, Statement)> {
     let (client, connection) = config.connect(NoTls).await.map_err(db_error)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "PostgreSQL writer connection closed");
+            tracing::warn!(error = %e, "PostgreSQL connection closed");
         }
     });
-    let statement = client.prepare(APPEND_SQL).await.map_err(db_error)?;
+    let statement = client.prepare(sql).await.map_err(db_error)?;
     Ok((client, statement))
+}
+
+/// Tells other processes about this process's appends: one NOTIFY per
+/// change of the committed head, so a burst of commits makes few.
+async fn notifier(config: Config, connect_timeout: Duration, mut committed: watch::Receiver<u64>) {
+    let mut connection: Option<(Client, Statement)> = None;
+    while committed.changed().await.is_ok() {
+        let head = committed.borrow_and_update().to_string();
+        if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            let sql = "SELECT pg_notify('eventstore_appended', $1)";
+            connection = match tokio::time::timeout(connect_timeout, connect_prepared(&config, sql)).await {
+                // A NOTIFY transaction needs a commit record. Waiting for
+                // its flush would cost the writers a WAL flush each time;
+                // a wake-up hint lost in a crash costs a poll interval.
+                Ok(Ok((client, statement))) => match client.batch_execute("SET synchronous_commit = off").await {
+                    Ok(()) => Some((client, statement)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "notifier could not set up its connection");
+                        continue;
+                    }
+                },
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "notifier could not connect; other processes poll");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+        }
+        let (client, statement) = connection.as_ref().expect("connected above");
+        if let Err(e) = client.execute(statement, &[&head]).await {
+            tracing::debug!(error = %e, "NOTIFY failed; other processes poll");
+            connection = None;
+        }
+    }
 }
 
 async fn run_batch(
