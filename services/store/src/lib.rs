@@ -1,6 +1,6 @@
 //! The event log of eventfold: one [`EventLog`] trait, its adapters
-//! (in memory and PostgreSQL), gap-safe subscriptions and the per-stream
-//! SHA-256 hash chain. Every adapter passes the same conformance suite
+//! (in memory and PostgreSQL), gap-safe subscriptions, upcasting of old
+//! event versions and the per-stream SHA-256 hash chain. Every adapter passes the same conformance suite
 //! (`tests/conformance.rs`).
 
 pub mod error;
@@ -10,6 +10,7 @@ pub mod memory;
 pub mod model;
 pub mod postgres;
 pub mod subscription;
+pub mod upcast;
 
 pub use crate::{
     error::{Error, FieldViolation, Result},
@@ -18,4 +19,5 @@ pub use crate::{
     model::*,
     postgres::{PostgresConfig, PostgresEventLog},
     subscription::{SubscriptionMessage, SubscriptionOptions, Subscriptions, Target},
+    upcast::{Upcasters, Upcasting},
 };

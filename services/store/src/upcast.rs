@@ -1,0 +1,215 @@
+//! Upcasting: events stored under an older schema version are read as the
+//! current one. An [`Upcasters`] registry holds one step per (event type,
+//! from version); [`Upcasting`] wraps any [`EventLog`] and applies the steps
+//! to everything it reads, so aggregates, reads of streams and of the global
+//! log, and subscriptions built on it only ever see current versions.
+//!
+//! The stored event, and the hash chain over it, stay as written:
+//! `verify_stream` checks the stored form.
+
+use std::{collections::HashMap, sync::Arc};
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::{
+    error::{Error, Result},
+    log::EventLog,
+    model::{
+        AllRead, AllSlice, AppendOutcome, AppendRequest, ListStreams, RecordedEvent, Snapshot, SnapshotQuery,
+        StreamInfo, StreamPage, StreamRead, StreamSlice, VerifyReport,
+    },
+};
+
+/// One step: the body of `from_version` → the body of `from_version + 1`.
+pub type UpcastFn = Arc<dyn Fn(Value) -> std::result::Result<Value, String> + Send + Sync>;
+
+/// The upcasting steps, keyed by (event type, from version).
+#[derive(Clone, Default)]
+pub struct Upcasters {
+    steps: HashMap<(String, u32), UpcastFn>,
+}
+
+impl std::fmt::Debug for Upcasters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut keys: Vec<_> = self.steps.keys().collect();
+        keys.sort();
+        f.debug_struct("Upcasters").field("steps", &keys).finish()
+    }
+}
+
+impl Upcasters {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers the step from `from_version` of `event_type`. A second
+    /// step for the same key replaces the first.
+    pub fn register(
+        &mut self,
+        event_type: impl Into<String>,
+        from_version: u32,
+        step: impl Fn(Value) -> std::result::Result<Value, String> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.steps.insert((event_type.into(), from_version), Arc::new(step));
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Brings `event` to the newest version the registry knows, step by
+    /// step. A step that fails names the event: it is a stored fact the
+    /// code cannot read, never something to skip.
+    pub fn upcast(&self, event: &mut RecordedEvent) -> Result<()> {
+        while let Some(step) = self.steps.get(&(event.event_type.clone(), event.schema_version)) {
+            let data = std::mem::take(&mut event.data);
+            event.data = step(data).map_err(|message| {
+                Error::Internal(format!(
+                    "event {} ({} v{} at position {} of stream {}) cannot be upcast: {message}",
+                    event.event_id, event.event_type, event.schema_version, event.global_position, event.stream_id
+                ))
+            })?;
+            event.schema_version += 1;
+        }
+        Ok(())
+    }
+
+    fn upcast_all(&self, events: &mut [RecordedEvent]) -> Result<()> {
+        events.iter_mut().try_for_each(|e| self.upcast(e))
+    }
+}
+
+/// An [`EventLog`] whose reads come out upcast.
+#[derive(Debug)]
+pub struct Upcasting<L> {
+    inner: L,
+    upcasters: Upcasters,
+}
+
+impl<L: EventLog> Upcasting<L> {
+    pub fn new(inner: L, upcasters: Upcasters) -> Self {
+        Self { inner, upcasters }
+    }
+
+    pub fn inner(&self) -> &L {
+        &self.inner
+    }
+}
+
+#[async_trait]
+impl<L: EventLog> EventLog for Upcasting<L> {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {
+        self.inner.append(request).await
+    }
+
+    async fn read_stream(&self, read: StreamRead) -> Result<StreamSlice> {
+        let mut slice = self.inner.read_stream(read).await?;
+        self.upcasters.upcast_all(&mut slice.events)?;
+        Ok(slice)
+    }
+
+    async fn read_all(&self, read: AllRead) -> Result<AllSlice> {
+        let mut slice = self.inner.read_all(read).await?;
+        self.upcasters.upcast_all(&mut slice.events)?;
+        Ok(slice)
+    }
+
+    async fn last_position(&self) -> Result<u64> {
+        self.inner.last_position().await
+    }
+
+    async fn stream_info(&self, stream_id: &str) -> Result<StreamInfo> {
+        self.inner.stream_info(stream_id).await
+    }
+
+    async fn list_streams(&self, query: ListStreams) -> Result<StreamPage> {
+        self.inner.list_streams(query).await
+    }
+
+    async fn delete_stream(&self, stream_id: &str, expected_version: Option<u64>) -> Result<StreamInfo> {
+        self.inner.delete_stream(stream_id, expected_version).await
+    }
+
+    async fn branch_stream(&self, source: &str, at_version: u64, branch: &str) -> Result<StreamInfo> {
+        self.inner.branch_stream(source, at_version, branch).await
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<Snapshot> {
+        self.inner.save_snapshot(snapshot).await
+    }
+
+    async fn load_snapshot(&self, query: SnapshotQuery) -> Result<Option<Snapshot>> {
+        self.inner.load_snapshot(query).await
+    }
+
+    fn appended(&self) -> watch::Receiver<u64> {
+        self.inner.appended()
+    }
+
+    async fn check_health(&self) -> Result<()> {
+        self.inner.check_health().await
+    }
+
+    /// The chain covers the events as stored, not as upcast.
+    async fn verify_stream(&self, stream_id: &str) -> Result<VerifyReport> {
+        self.inner.verify_stream(stream_id).await
+    }
+}
+
+#[async_trait]
+impl<L: EventLog + ?Sized> EventLog for Arc<L> {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {
+        (**self).append(request).await
+    }
+
+    async fn read_stream(&self, read: StreamRead) -> Result<StreamSlice> {
+        (**self).read_stream(read).await
+    }
+
+    async fn read_all(&self, read: AllRead) -> Result<AllSlice> {
+        (**self).read_all(read).await
+    }
+
+    async fn last_position(&self) -> Result<u64> {
+        (**self).last_position().await
+    }
+
+    async fn stream_info(&self, stream_id: &str) -> Result<StreamInfo> {
+        (**self).stream_info(stream_id).await
+    }
+
+    async fn list_streams(&self, query: ListStreams) -> Result<StreamPage> {
+        (**self).list_streams(query).await
+    }
+
+    async fn delete_stream(&self, stream_id: &str, expected_version: Option<u64>) -> Result<StreamInfo> {
+        (**self).delete_stream(stream_id, expected_version).await
+    }
+
+    async fn branch_stream(&self, source: &str, at_version: u64, branch: &str) -> Result<StreamInfo> {
+        (**self).branch_stream(source, at_version, branch).await
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<Snapshot> {
+        (**self).save_snapshot(snapshot).await
+    }
+
+    async fn load_snapshot(&self, query: SnapshotQuery) -> Result<Option<Snapshot>> {
+        (**self).load_snapshot(query).await
+    }
+
+    fn appended(&self) -> watch::Receiver<u64> {
+        (**self).appended()
+    }
+
+    async fn check_health(&self) -> Result<()> {
+        (**self).check_health().await
+    }
+
+    async fn verify_stream(&self, stream_id: &str) -> Result<VerifyReport> {
+        (**self).verify_stream(stream_id).await
+    }
+}
