@@ -7,7 +7,16 @@ use std::{env, fs, path::PathBuf};
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
 
 /// The catalog's entry points, relative to `proto/`.
-const PROTOS: &[&str] = &["eventfold/eventstore/v1/eventstore.proto"];
+const PROTOS: &[&str] = &[
+    "eventfold/common/v1/common.proto",
+    "eventfold/eventstore/v1/eventstore.proto",
+    "eventfold/orders/v1/orders.proto",
+    "eventfold/inventory/v1/inventory.proto",
+    "eventfold/payments/v1/payments.proto",
+    "eventfold/shipping/v1/shipping.proto",
+    "eventfold/accounts/v1/accounts.proto",
+    "eventfold/users/v1/users.proto",
+];
 
 /// `google/api/http.proto` and `google/api/annotations.proto` declare the
 /// `google.api.http` method option. They are not shipped by any crate, so the

@@ -17,11 +17,31 @@ pub mod google {
 
 /// eventfold's own packages.
 pub mod eventfold {
-    pub mod eventstore {
-        pub mod v1 {
-            include!(concat!(env!("OUT_DIR"), "/eventfold.eventstore.v1.rs"));
-        }
+    macro_rules! package {
+        ($($name:ident => $file:literal,)*) => {
+            $(
+                pub mod $name {
+                    pub mod v1 {
+                        include!(concat!(env!("OUT_DIR"), "/", $file));
+                    }
+                }
+            )*
+        };
+    }
+
+    package! {
+        common => "eventfold.common.v1.rs",
+        eventstore => "eventfold.eventstore.v1.rs",
+        orders => "eventfold.orders.v1.rs",
+        inventory => "eventfold.inventory.v1.rs",
+        payments => "eventfold.payments.v1.rs",
+        shipping => "eventfold.shipping.v1.rs",
+        accounts => "eventfold.accounts.v1.rs",
+        users => "eventfold.users.v1.rs",
     }
 }
 
-pub use eventfold::eventstore::v1 as eventstore;
+pub use eventfold::{
+    accounts::v1 as accounts, common::v1 as common, eventstore::v1 as eventstore, inventory::v1 as inventory,
+    orders::v1 as orders, payments::v1 as payments, shipping::v1 as shipping, users::v1 as users,
+};

@@ -52,6 +52,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// The latest snapshot matching the query.
     async fn load_snapshot(&self, query: SnapshotQuery) -> Result<Option<Snapshot>>;
 
+    /// The first answer of an append made with `request_id` (AIP-155), as
+    /// a duplicate; `None` if no append with it succeeded.
+    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>>;
+
     /// Changes whenever the log may have grown (the value is a position hint).
     /// Live subscriptions wake on it instead of polling.
     fn appended(&self) -> watch::Receiver<u64>;

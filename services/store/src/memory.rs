@@ -331,6 +331,10 @@ impl EventLog for MemoryEventLog {
             .cloned())
     }
 
+    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>> {
+        Ok(self.lock().requests.get(request_id).map(|first| AppendOutcome { duplicate: true, ..first.clone() }))
+    }
+
     fn appended(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
     }

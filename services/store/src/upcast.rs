@@ -145,6 +145,10 @@ impl<L: EventLog> EventLog for Upcasting<L> {
         self.inner.load_snapshot(query).await
     }
 
+    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>> {
+        self.inner.find_request(request_id).await
+    }
+
     fn appended(&self) -> watch::Receiver<u64> {
         self.inner.appended()
     }
@@ -199,6 +203,10 @@ impl<L: EventLog + ?Sized> EventLog for Arc<L> {
 
     async fn load_snapshot(&self, query: SnapshotQuery) -> Result<Option<Snapshot>> {
         (**self).load_snapshot(query).await
+    }
+
+    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>> {
+        (**self).find_request(request_id).await
     }
 
     fn appended(&self) -> watch::Receiver<u64> {

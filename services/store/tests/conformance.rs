@@ -102,12 +102,18 @@ pub async fn request_ids_make_appends_idempotent(log: Arc<dyn EventLog>) {
     assert_eq!((second.first_version, second.last_version, &second.positions), (0, 1, &first.positions));
     let slice = log.read_stream(StreamRead::forwards("idem", 100)).await.unwrap();
     assert_eq!(slice.events.len(), 2, "the retry appended nothing");
+    // The first answer can be looked up without appending.
+    let found = log.find_request("req-1").await.unwrap().expect("the request is remembered");
+    assert_eq!(found, second);
+    assert_eq!(found.stream_id, "idem");
+    assert_eq!(log.find_request("req-never").await.unwrap(), None);
 }
 
 pub async fn failed_requests_are_not_remembered(log: Arc<dyn EventLog>) {
     let mut request = append("idem2", ExpectedVersion::StreamExists, vec![event("E", 0)]);
     request.request_id = Some("req-2".into());
     assert!(log.append(request.clone()).await.is_err());
+    assert_eq!(log.find_request("req-2").await.unwrap(), None, "a failed append leaves no answer");
     request.expected = ExpectedVersion::Any;
     let outcome = log.append(request).await.unwrap();
     assert!(!outcome.duplicate);

@@ -887,6 +887,33 @@ impl EventLog for PostgresEventLog {
         }))
     }
 
+    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>> {
+        let client = self.conn().await?;
+        let row = client
+            .query_opt(
+                "SELECT stream_id, result FROM eventstore.append_requests \
+                 WHERE request_id = $1 AND result IS NOT NULL",
+                &[&request_id],
+            )
+            .await
+            .map_err(db_error)?;
+        let Some(row) = row else { return Ok(None) };
+        let result: Value = row.get("result");
+        let number = |v: &Value| v.as_u64().ok_or_else(|| Error::Internal(format!("malformed request result {result}")));
+        Ok(Some(AppendOutcome {
+            stream_id: row.get("stream_id"),
+            first_version: number(&result["first_version"])?,
+            last_version: number(&result["last_version"])?,
+            positions: result["positions"]
+                .as_array()
+                .ok_or_else(|| Error::Internal(format!("malformed request result {result}")))?
+                .iter()
+                .map(number)
+                .collect::<Result<_>>()?,
+            duplicate: true,
+        }))
+    }
+
     fn appended(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
     }
