@@ -139,7 +139,7 @@ domain_events! {
 }
 
 /// What a transaction id was used for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Movement {
     Deposit(i64),
     Withdrawal(i64),
@@ -148,7 +148,7 @@ pub enum Movement {
     Refund(i64),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Account {
     pub id: String,
     pub owner_id: String,

@@ -23,6 +23,8 @@ pub mod testing;
 pub mod upcast;
 pub mod user;
 
+use serde::{Serialize, de::DeserializeOwned};
+
 pub use self::{
     event::{DecodeError, DomainEvent},
     money::{Currency, Money, MoneyError},
@@ -31,10 +33,13 @@ pub use self::{
 
 /// An aggregate: a consistency boundary whose state is the fold of its
 /// events. `Default` is the state before the first event.
-pub trait Aggregate: Default + Clone + std::fmt::Debug {
+pub trait Aggregate: Default + Clone + std::fmt::Debug + Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Stream category, e.g. `order`: the aggregate with id `42` lives in
     /// the stream `order-42`.
     const CATEGORY: &'static str;
+    /// Version of the state's JSON form in snapshots: raise it when the
+    /// state changes shape, and older snapshots are ignored and rewritten.
+    const SNAPSHOT_VERSION: u32 = 1;
     type Command;
     type Event: DomainEvent + Clone + std::fmt::Debug + PartialEq;
 

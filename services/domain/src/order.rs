@@ -119,7 +119,7 @@ domain_events! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Order {
     pub id: String,
     pub status: OrderStatus,

@@ -10,7 +10,7 @@ use crate::{
     invalid_if_any,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum PaymentStatus {
     #[default]
     New,
@@ -113,7 +113,7 @@ domain_events! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Payment {
     pub id: String,
     pub order_id: String,

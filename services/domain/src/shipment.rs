@@ -9,7 +9,7 @@ use crate::{
     invalid_if_any,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ShipmentStatus {
     #[default]
     New,
@@ -84,7 +84,7 @@ domain_events! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Shipment {
     pub id: String,
     pub order_id: String,

@@ -67,7 +67,7 @@ domain_events! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct User {
     pub id: String,
     pub registered: bool,

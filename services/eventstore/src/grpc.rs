@@ -3,7 +3,7 @@
 //! `ErrorInfo` with an UPPER_SNAKE reason on every error, `BadRequest` field
 //! violations for invalid arguments).
 
-use std::{collections::HashMap, pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc};
 
 use eventfold_proto::eventstore::{self as pb, event_store_service_server::EventStoreService};
 use eventfold_store::{
@@ -15,7 +15,6 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 use uuid::Uuid;
 
 use crate::convert::{
@@ -23,8 +22,7 @@ use crate::convert::{
     struct_to_json, system_time,
 };
 
-/// The error domain of every `ErrorInfo` eventfold returns.
-pub const ERROR_DOMAIN: &str = "eventfold.dev";
+pub use eventfold_platform::status::ERROR_DOMAIN;
 const DEFAULT_READ_COUNT: usize = 500;
 const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
@@ -44,56 +42,7 @@ impl EventStoreGrpc {
     }
 }
 
-fn error_info(code: Code, message: String, reason: &str, metadata: &[(&str, String)]) -> Status {
-    let metadata: HashMap<String, String> = metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
-    Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
-}
-
-/// The one mapping of store errors to gRPC statuses.
-pub(crate) fn status(error: Error) -> Status {
-    let message = error.to_string();
-    match error {
-        Error::WrongExpectedVersion { stream, expected, actual } => error_info(
-            Code::Aborted,
-            message,
-            "WRONG_EXPECTED_VERSION",
-            &[
-                ("stream", stream),
-                ("expected", expected.to_string()),
-                ("actual", actual.map_or_else(|| "no stream".to_owned(), |v| v.to_string())),
-            ],
-        ),
-        Error::StreamNotFound(stream) => error_info(Code::NotFound, message, "STREAM_NOT_FOUND", &[("stream", stream)]),
-        Error::StreamDeleted(stream) => error_info(Code::NotFound, message, "STREAM_DELETED", &[("stream", stream)]),
-        Error::StreamAlreadyExists(stream) => {
-            error_info(Code::AlreadyExists, message, "STREAM_ALREADY_EXISTS", &[("stream", stream)])
-        }
-        Error::DuplicateEventId { event_id } => {
-            error_info(Code::AlreadyExists, message, "DUPLICATE_EVENT_ID", &[("event_ids", event_id)])
-        }
-        Error::InvalidArgument(violations) => invalid(violations),
-        Error::Unavailable(detail) => {
-            error_info(Code::Unavailable, message, "STORAGE_UNAVAILABLE", &[("detail", detail)])
-        }
-        Error::Internal(_) => {
-            tracing::error!(error = %message, "internal error");
-            error_info(Code::Internal, message, "INTERNAL", &[])
-        }
-    }
-}
-
-fn invalid(violations: Vec<FieldViolation>) -> Status {
-    let message = format!(
-        "invalid argument: {}",
-        violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ")
-    );
-    let mut details = ErrorDetails::new();
-    details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
-    for v in violations {
-        details.add_bad_request_violation(v.field, v.description);
-    }
-    Status::with_error_details(Code::InvalidArgument, message, details)
-}
+pub(crate) use eventfold_platform::status::{error_info, from_store as status, invalid};
 
 fn check(violations: Vec<FieldViolation>) -> Result<(), Status> {
     if violations.is_empty() { Ok(()) } else { Err(invalid(violations)) }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod server;
+pub mod status;
 pub mod telemetry;
 
 /// Errors of the platform plumbing.

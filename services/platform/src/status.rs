@@ -1,0 +1,72 @@
+//! AIP-193 statuses: every error answer carries one `ErrorInfo` with an
+//! UPPER_SNAKE_CASE reason in eventfold's domain; invalid arguments add
+//! `BadRequest` field violations. The one mapping of store errors lives
+//! here so that every service answers the same failure the same way.
+
+use std::collections::HashMap;
+
+use eventfold_store::{Error, FieldViolation};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The error domain of every `ErrorInfo` eventfold returns.
+pub const ERROR_DOMAIN: &str = "eventfold.dev";
+
+/// A status with an `ErrorInfo{reason, domain, metadata}`.
+pub fn error_info(code: Code, message: impl Into<String>, reason: &str, metadata: &[(&str, String)]) -> Status {
+    let metadata: HashMap<String, String> = metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
+}
+
+/// `INVALID_ARGUMENT` with one `BadRequest` violation per `(field, description)`.
+pub fn invalid_argument(violations: impl IntoIterator<Item = (String, String)>) -> Status {
+    let violations: Vec<(String, String)> = violations.into_iter().collect();
+    let message = format!(
+        "invalid argument: {}",
+        violations.iter().map(|(f, d)| format!("{f}: {d}")).collect::<Vec<_>>().join("; ")
+    );
+    let mut details = ErrorDetails::new();
+    details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
+    for (field, description) in violations {
+        details.add_bad_request_violation(field, description);
+    }
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// [`invalid_argument`] for store field violations.
+pub fn invalid(violations: Vec<FieldViolation>) -> Status {
+    invalid_argument(violations.into_iter().map(|v| (v.field, v.description)))
+}
+
+/// The one mapping of store errors to gRPC statuses.
+pub fn from_store(error: Error) -> Status {
+    let message = error.to_string();
+    match error {
+        Error::WrongExpectedVersion { stream, expected, actual } => error_info(
+            Code::Aborted,
+            message,
+            "WRONG_EXPECTED_VERSION",
+            &[
+                ("stream", stream),
+                ("expected", expected.to_string()),
+                ("actual", actual.map_or_else(|| "no stream".to_owned(), |v| v.to_string())),
+            ],
+        ),
+        Error::StreamNotFound(stream) => error_info(Code::NotFound, message, "STREAM_NOT_FOUND", &[("stream", stream)]),
+        Error::StreamDeleted(stream) => error_info(Code::NotFound, message, "STREAM_DELETED", &[("stream", stream)]),
+        Error::StreamAlreadyExists(stream) => {
+            error_info(Code::AlreadyExists, message, "STREAM_ALREADY_EXISTS", &[("stream", stream)])
+        }
+        Error::DuplicateEventId { event_id } => {
+            error_info(Code::AlreadyExists, message, "DUPLICATE_EVENT_ID", &[("event_ids", event_id)])
+        }
+        Error::InvalidArgument(violations) => invalid(violations),
+        Error::Unavailable(detail) => {
+            error_info(Code::Unavailable, message, "STORAGE_UNAVAILABLE", &[("detail", detail)])
+        }
+        Error::Internal(_) => {
+            tracing::error!(error = %message, "internal error");
+            error_info(Code::Internal, message, "INTERNAL", &[])
+        }
+    }
+}
