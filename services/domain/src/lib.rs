@@ -71,7 +71,7 @@ pub fn stream_id<A: Aggregate>(id: &str) -> String {
 
 /// Checks shared by the commands: an identifier is 1 to 128 printable
 /// characters without spaces.
-pub(crate) fn check_id(field: &str, value: &str, violations: &mut Vec<Violation>) {
+pub fn check_id(field: &str, value: &str, violations: &mut Vec<Violation>) {
     if value.is_empty() || value.len() > 128 {
         violations.push(Violation::new(field, "must be 1 to 128 bytes"));
     } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use eventfold_platform::config::{self, DatabaseConfig, LogConfig};
-use eventfold_store::{EventLog, MemoryEventLog, PostgresConfig, PostgresEventLog};
+use eventfold_store::{EventLog, MemoryEventLog, PostgresConfig, PostgresEventLog, Upcasting};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -69,6 +69,16 @@ enum Service {
         #[arg(long)]
         database_url: Option<String>,
     },
+    /// The command services (orders, inventory, payments, shipping,
+    /// accounts, users).
+    Command {
+        /// gRPC listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +108,7 @@ struct Config {
     log: LogConfig,
     database: DatabaseConfig,
     eventstore: eventfold_eventstore::Config,
+    command: eventfold_command::Config,
 }
 
 impl Config {
@@ -111,8 +122,10 @@ impl Config {
 struct Overrides {
     #[serde(skip_serializing_if = "DatabaseOverrides::is_empty")]
     database: DatabaseOverrides,
-    #[serde(skip_serializing_if = "EventstoreOverrides::is_empty")]
-    eventstore: EventstoreOverrides,
+    #[serde(skip_serializing_if = "ListenOverrides::is_empty")]
+    eventstore: ListenOverrides,
+    #[serde(skip_serializing_if = "ListenOverrides::is_empty")]
+    command: ListenOverrides,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -128,12 +141,12 @@ impl DatabaseOverrides {
 }
 
 #[derive(Debug, Default, Serialize)]
-struct EventstoreOverrides {
+struct ListenOverrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<SocketAddr>,
 }
 
-impl EventstoreOverrides {
+impl ListenOverrides {
     fn is_empty(&self) -> bool {
         self.listen.is_none()
     }
@@ -145,6 +158,10 @@ fn overrides(command: Option<&Command>) -> Overrides {
         Some(Command::Dev { listen }) => o.eventstore.listen = *listen,
         Some(Command::Serve { service: Service::Eventstore { listen, database_url } }) => {
             o.eventstore.listen = *listen;
+            o.database.url.clone_from(database_url);
+        }
+        Some(Command::Serve { service: Service::Command { listen, database_url } }) => {
+            o.command.listen = *listen;
             o.database.url.clone_from(database_url);
         }
         Some(Command::Migrate { database_url, .. }) => o.database.url.clone_from(database_url),
@@ -206,32 +223,83 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Dev { .. } => {
-            let log: Arc<dyn EventLog> = Arc::new(MemoryEventLog::new());
-            serve_eventstore(&config, log, "in-memory store, nothing is persisted").await
+            let log = upcasting(Arc::new(MemoryEventLog::new()));
+            let bus = eventfold_command::bus(log.clone(), config.command.bus_options());
+            let extra = eventfold_eventstore::Extra {
+                names: eventfold_command::SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
+                add: Box::new(move |router| eventfold_command::add_services(router, bus)),
+            };
+            serve_eventstore(&config, log, "in-memory store, nothing is persisted", extra).await
         }
         Command::Serve { service: Service::Eventstore { .. } } => {
-            let url = config.database.require_url()?;
-            let mut pg = PostgresConfig::new(url);
-            pg.pool_size = config.database.pool_size;
-            pg.writers = config.database.writers;
-            let log: Arc<dyn EventLog> = Arc::new(PostgresEventLog::connect(pg).await?);
-            serve_eventstore(&config, log, "PostgreSQL").await
+            let log = postgres(&config).await?;
+            serve_eventstore(&config, log, "PostgreSQL", eventfold_eventstore::Extra::none()).await
+        }
+        Command::Serve { service: Service::Command { .. } } => {
+            let log = postgres(&config).await?;
+            let listener = bind(config.command.listen).await?;
+            let addr = listener.local_addr()?;
+            println!("eventfold: command services listening on {addr} (PostgreSQL)");
+            tracing::info!(%addr, "serving");
+            eventfold_command::run(
+                config.command.clone(),
+                log,
+                listener,
+                eventfold_platform::server::shutdown_signal(),
+            )
+            .await?;
+            tracing::info!("stopped");
+            Ok(())
         }
         Command::Migrate { action, .. } => migrate(config.database.require_url()?, action).await,
         Command::Bench { bench: Bench::Append(args) } => bench::append(args).await,
     }
 }
 
-async fn serve_eventstore(config: &Config, log: Arc<dyn EventLog>, storage: &str) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.eventstore.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.eventstore.listen))?;
+/// The log as every service reads it: old event versions upcast.
+fn upcasting(log: Arc<dyn EventLog>) -> Arc<dyn EventLog> {
+    Arc::new(Upcasting::new(log, eventfold_command::upcasters()))
+}
+
+async fn postgres(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
+    let url = config.database.require_url()?;
+    let mut pg = PostgresConfig::new(url);
+    pg.pool_size = config.database.pool_size;
+    pg.writers = config.database.writers;
+    Ok(upcasting(Arc::new(PostgresEventLog::connect(pg).await?)))
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+}
+
+async fn serve_eventstore(
+    config: &Config,
+    log: Arc<dyn EventLog>,
+    storage: &str,
+    extra: eventfold_eventstore::Extra,
+) -> anyhow::Result<()> {
+    let listener = bind(config.eventstore.listen).await?;
     let addr = listener.local_addr()?;
-    println!("eventfold: EventStoreService listening on {addr} ({storage})");
+    let commands = !extra.names.is_empty();
+    println!(
+        "eventfold: EventStoreService{} listening on {addr} ({storage})",
+        if commands { " and the command services" } else { "" }
+    );
     println!("  try: grpcurl -plaintext {addr} list");
+    if commands {
+        let order = r#"{"order_id":"o-1","customer_id":"c-1","currency":"EUR","items":[{"product_id":"sku-1","quantity":2,"unit_price":{"minor":1250,"currency":"EUR"}}]}"#;
+        println!("       grpcurl -plaintext -d '{order}' {addr} eventfold.orders.v1.OrderCommandService/CreateOrder");
+    }
     tracing::info!(%addr, storage, "serving");
-    eventfold_eventstore::run(config.eventstore.clone(), log, listener, eventfold_platform::server::shutdown_signal())
-        .await?;
+    eventfold_eventstore::run_with(
+        config.eventstore.clone(),
+        log,
+        listener,
+        eventfold_platform::server::shutdown_signal(),
+        extra,
+    )
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }

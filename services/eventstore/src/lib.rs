@@ -17,7 +17,7 @@ use eventfold_proto::eventstore::event_store_service_server::EventStoreServiceSe
 use eventfold_store::{EventLog, SubscriptionOptions, Subscriptions};
 use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
-use tonic_health::ServingStatus;
+use tonic::transport::server::Router;
 
 pub use crate::grpc::{ERROR_DOMAIN, EventStoreGrpc};
 
@@ -45,6 +45,19 @@ impl Default for Config {
 /// Errors of running the server.
 pub type Error = eventfold_platform::Error;
 
+/// Services served beside the event store by the same server (e.g. the
+/// command services in `eventfold dev`), with their health names.
+pub struct Extra {
+    pub names: Vec<String>,
+    pub add: Box<dyn FnOnce(Router) -> Router + Send>,
+}
+
+impl Extra {
+    pub fn none() -> Self {
+        Self { names: Vec::new(), add: Box::new(|router| router) }
+    }
+}
+
 /// Serve the event store over `log` on `listener` until `shutdown`.
 pub async fn run(
     config: Config,
@@ -52,42 +65,36 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    run_with(config, log, listener, shutdown, Extra::none()).await
+}
+
+/// [`run`], with more services on the same server; their health follows
+/// the storage's like the event store's.
+pub async fn run_with(
+    config: Config,
+    log: Arc<dyn EventLog>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    extra: Extra,
+) -> Result<(), Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let subscriptions = Arc::new(Subscriptions::new(log.clone(), SubscriptionOptions::default()));
     let service = EventStoreGrpc::new(log.clone(), subscriptions, stop_rx);
     let (reporter, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET])?;
-    reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
-    reporter.set_service_status("", ServingStatus::NotServing).await;
-
+    let names = std::iter::once(SERVICE_NAME.to_owned()).chain(extra.names).collect();
     let probe_log = log.clone();
-    let interval = Duration::from_secs(config.health_interval_secs.max(1));
-    let probe = tokio::spawn(async move {
-        let mut serving = None;
-        loop {
-            let healthy = match tokio::time::timeout(Duration::from_secs(5), probe_log.check_health()).await {
-                Ok(Ok(())) => true,
-                Ok(Err(e)) => {
-                    if serving != Some(false) {
-                        tracing::warn!(error = %e, "storage unhealthy: NOT_SERVING");
-                    }
-                    false
-                }
-                Err(_) => false,
-            };
-            if serving != Some(healthy) {
-                let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
-                reporter.set_service_status(SERVICE_NAME, status).await;
-                reporter.set_service_status("", status).await;
-                if healthy {
-                    tracing::info!("storage healthy: SERVING");
-                }
-                serving = Some(healthy);
-            }
-            tokio::time::sleep(interval).await;
-        }
-    });
+    let probe = eventfold_platform::server::spawn_health_probe(
+        reporter,
+        names,
+        Duration::from_secs(config.health_interval_secs.max(1)),
+        move || {
+            let log = probe_log.clone();
+            async move { log.check_health().await }
+        },
+    )
+    .await;
 
-    let router = router.add_service(EventStoreServiceServer::new(service));
+    let router = (extra.add)(router.add_service(EventStoreServiceServer::new(service)));
     let result = eventfold_platform::server::serve(
         router,
         listener,

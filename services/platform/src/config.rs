@@ -26,6 +26,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_DATABASE__WRITERS", "group-commit writer connections"),
     ("EVENTFOLD_EVENTSTORE__LISTEN", "gRPC listen address of the event store"),
     ("EVENTFOLD_EVENTSTORE__SHUTDOWN_GRACE_SECS", "seconds to drain streams on shutdown"),
+    ("EVENTFOLD_COMMAND__LISTEN", "gRPC listen address of `eventfold serve command`"),
+    ("EVENTFOLD_COMMAND__SNAPSHOT_EVERY", "a snapshot every this many events of an aggregate (0: never)"),
+    ("EVENTFOLD_COMMAND__MAX_ATTEMPTS", "attempts of a command that meets a concurrency conflict"),
     ("EVENTFOLD_TEST_DATABASE_URL", "tests only: use this PostgreSQL server instead of a throw-away one"),
     ("EVENTFOLD_GRPCURL", "tests only: the grpcurl binary of the black-box tests"),
 ];

@@ -8,7 +8,7 @@ use std::{future::Future, time::Duration};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Server, server::Router};
-use tonic_health::server::HealthReporter;
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{Error, Result};
 
@@ -58,6 +58,52 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// Keeps the health of `services` (and of the server as a whole, `""`) in
+/// step with `check`, probed every `interval`: NOT_SERVING from the start
+/// until the first probe passes, and whenever one fails or takes over 5 s.
+pub async fn spawn_health_probe<F, Fut, E>(
+    reporter: HealthReporter,
+    services: Vec<String>,
+    interval: Duration,
+    check: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let names: Vec<String> = services.into_iter().chain([String::new()]).collect();
+    for name in &names {
+        reporter.set_service_status(name, ServingStatus::NotServing).await;
+    }
+    tokio::spawn(async move {
+        let mut serving = None;
+        loop {
+            let healthy = match tokio::time::timeout(Duration::from_secs(5), check()).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    if serving != Some(false) {
+                        tracing::warn!(error = %e, "storage unhealthy: NOT_SERVING");
+                    }
+                    false
+                }
+                Err(_) => false,
+            };
+            if serving != Some(healthy) {
+                let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
+                for name in &names {
+                    reporter.set_service_status(name, status).await;
+                }
+                if healthy {
+                    tracing::info!("storage healthy: SERVING");
+                }
+                serving = Some(healthy);
+            }
+            tokio::time::sleep(interval.max(Duration::from_millis(100))).await;
+        }
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.

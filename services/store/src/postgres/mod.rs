@@ -899,7 +899,8 @@ impl EventLog for PostgresEventLog {
             .map_err(db_error)?;
         let Some(row) = row else { return Ok(None) };
         let result: Value = row.get("result");
-        let number = |v: &Value| v.as_u64().ok_or_else(|| Error::Internal(format!("malformed request result {result}")));
+        let number =
+            |v: &Value| v.as_u64().ok_or_else(|| Error::Internal(format!("malformed request result {result}")));
         Ok(Some(AppendOutcome {
             stream_id: row.get("stream_id"),
             first_version: number(&result["first_version"])?,

@@ -1,0 +1,241 @@
+//! What travels through the command bus: a command of any aggregate with
+//! its metadata, and the answer.
+
+use eventfold_domain::{
+    Aggregate, Money, Violation, account::AccountCommand, check_id, inventory::InventoryCommand, order::OrderCommand,
+    payment::PaymentCommand, shipment::ShipmentCommand, user::UserCommand,
+};
+use serde_json::Value;
+
+/// A command addressed to one aggregate instance (or, for a transfer, two).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Order {
+        order_id: String,
+        command: OrderCommand,
+    },
+    Inventory {
+        product_id: String,
+        command: InventoryCommand,
+    },
+    /// Authorize a payment; the handler reads the order's total, the
+    /// upper bound of the amount.
+    AuthorizePayment {
+        payment_id: String,
+        order_id: String,
+        amount: Money,
+        provider_reference: String,
+    },
+    Payment {
+        payment_id: String,
+        command: PaymentCommand,
+    },
+    Shipment {
+        shipment_id: String,
+        command: ShipmentCommand,
+    },
+    Account {
+        account_id: String,
+        command: AccountCommand,
+    },
+    /// Debit `from`, credit `to`; refund `from` if `to` refuses.
+    Transfer {
+        transfer_id: String,
+        from_account_id: String,
+        to_account_id: String,
+        amount: Money,
+    },
+    User {
+        user_id: String,
+        command: UserCommand,
+    },
+}
+
+impl Command {
+    /// The command's name, as the RPC calls it (for logs and metrics).
+    pub fn name(&self) -> &'static str {
+        use eventfold_domain::{
+            account::AccountCommand as A, inventory::InventoryCommand as I, order::OrderCommand as O,
+        };
+        use eventfold_domain::{payment::PaymentCommand as P, shipment::ShipmentCommand as S, user::UserCommand as U};
+        match self {
+            Command::Order { command, .. } => match command {
+                O::Create(_) => "CreateOrder",
+                O::Confirm(_) => "ConfirmOrder",
+                O::ProcessPayment(_) => "ProcessPayment",
+                O::Ship(_) => "ShipOrder",
+                O::Cancel(_) => "CancelOrder",
+            },
+            Command::Inventory { command, .. } => match command {
+                I::Register(_) => "RegisterProduct",
+                I::Replenish(_) => "ReplenishStock",
+                I::Reserve(_) => "ReserveStock",
+                I::Release(_) => "ReleaseReservation",
+                I::Consume(_) => "ConsumeReservation",
+            },
+            Command::AuthorizePayment { .. } => "AuthorizePayment",
+            Command::Payment { command, .. } => match command {
+                P::Authorize(_) => "AuthorizePayment",
+                P::Decline(_) => "DeclinePayment",
+                P::Capture(_) => "CapturePayment",
+                P::Refund(_) => "RefundPayment",
+                P::Void(_) => "VoidPayment",
+            },
+            Command::Shipment { command, .. } => match command {
+                S::Create(_) => "CreateShipment",
+                S::Dispatch(_) => "DispatchShipment",
+                S::Deliver(_) => "DeliverShipment",
+                S::Cancel(_) => "CancelShipment",
+            },
+            Command::Account { command, .. } => match command {
+                A::Open(_) => "OpenAccount",
+                A::Deposit(_) => "DepositMoney",
+                A::Withdraw(_) => "WithdrawMoney",
+                A::Send(_) => "SendTransfer",
+                A::Receive(_) => "ReceiveTransfer",
+                A::Refund(_) => "RefundTransfer",
+                A::Close(_) => "CloseAccount",
+            },
+            Command::Transfer { .. } => "TransferMoney",
+            Command::User { command, .. } => match command {
+                U::Register(_) => "RegisterUser",
+                U::Login(_) => "RecordLogin",
+                U::Action(_) => "RecordUserAction",
+            },
+        }
+    }
+
+    /// Checks of the command alone, before anything is loaded.
+    pub fn validate(&self) -> Vec<Violation> {
+        use eventfold_domain::{account::Account, inventory::Inventory, order::Order, payment::Payment};
+        use eventfold_domain::{shipment::Shipment, user::User};
+        let mut violations = Vec::new();
+        match self {
+            Command::Order { order_id, command } => {
+                check_id("order_id", order_id, &mut violations);
+                violations.extend(Order::validate(command));
+            }
+            Command::Inventory { product_id, command } => {
+                check_id("product_id", product_id, &mut violations);
+                violations.extend(Inventory::validate(command));
+            }
+            Command::AuthorizePayment { payment_id, order_id, amount, provider_reference } => {
+                check_id("payment_id", payment_id, &mut violations);
+                check_id("order_id", order_id, &mut violations);
+                if amount.minor <= 0 {
+                    violations.push(Violation::new("amount.minor", "must be positive"));
+                }
+                if provider_reference.trim().is_empty() || provider_reference.len() > 200 {
+                    violations.push(Violation::new("provider_reference", "must be 1 to 200 bytes and not blank"));
+                }
+            }
+            Command::Payment { payment_id, command } => {
+                check_id("payment_id", payment_id, &mut violations);
+                violations.extend(Payment::validate(command));
+            }
+            Command::Shipment { shipment_id, command } => {
+                check_id("shipment_id", shipment_id, &mut violations);
+                violations.extend(Shipment::validate(command));
+            }
+            Command::Account { account_id, command } => {
+                check_id("account_id", account_id, &mut violations);
+                violations.extend(Account::validate(command));
+            }
+            Command::Transfer { transfer_id, from_account_id, to_account_id, amount } => {
+                check_id("transfer_id", transfer_id, &mut violations);
+                check_id("from_account_id", from_account_id, &mut violations);
+                check_id("to_account_id", to_account_id, &mut violations);
+                if amount.minor <= 0 {
+                    violations.push(Violation::new("amount.minor", "must be positive"));
+                }
+            }
+            Command::User { user_id, command } => {
+                check_id("user_id", user_id, &mut violations);
+                violations.extend(User::validate(command));
+            }
+        }
+        violations
+    }
+}
+
+/// Who sent a command and why.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// AIP-155: a retry with the same id gets the first answer.
+    pub request_id: Option<String>,
+    /// The authenticated caller, as the transport established it.
+    pub principal: Option<String>,
+    /// Ties together everything one business flow caused.
+    pub correlation_id: String,
+    /// The message (command or event) that caused this command.
+    pub causation_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub command: Command,
+    pub meta: Meta,
+}
+
+impl Envelope {
+    pub fn new(command: Command, meta: Meta) -> Self {
+        Self { command, meta }
+    }
+
+    /// The request id of each write the command makes: the request id
+    /// itself, and for a transfer's second write `<request id>/target`.
+    pub fn write_request_ids(&self) -> Vec<String> {
+        let Some(id) = &self.meta.request_id else { return Vec::new() };
+        match self.command {
+            Command::Transfer { .. } => vec![id.clone(), format!("{id}/target")],
+            _ => vec![id.clone()],
+        }
+    }
+}
+
+/// One stream a command wrote to (or would have, for a no-op).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    pub stream_id: String,
+    /// The stream's version after the command; `None`: the stream is empty.
+    pub stream_version: Option<u64>,
+    /// The position of the last appended event; 0 when nothing was appended.
+    pub global_position: u64,
+    /// The appended events, `(type, body)` in the current schema version:
+    /// for a repeated request, those of the first answer.
+    pub events: Vec<(String, Value)>,
+    /// True when this is the first answer of the same request id.
+    pub duplicate: bool,
+}
+
+/// The answer to a command: one write per stream it touched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub writes: Vec<Write>,
+}
+
+impl Reply {
+    pub fn single(write: Write) -> Self {
+        Self { writes: vec![write] }
+    }
+
+    /// The first write (every command has at least one).
+    pub fn first(&self) -> &Write {
+        &self.writes[0]
+    }
+
+    /// Whether nothing was appended (an idempotent repeat).
+    pub fn changed_nothing(&self) -> bool {
+        self.writes.iter().any(|w| w.events.is_empty())
+    }
+
+    /// The body of the first appended event of `event_type`, if any.
+    pub fn event(&self, event_type: &str) -> Option<&Value> {
+        self.writes.iter().flat_map(|w| &w.events).find(|(t, _)| t == event_type).map(|(_, data)| data)
+    }
+}
+
+/// A stream id of `A` for the instance `id`.
+pub(crate) fn stream<A: Aggregate>(id: &str) -> String {
+    eventfold_domain::stream_id::<A>(id)
+}

@@ -1,0 +1,95 @@
+//! Why a command failed. Business rejections, invalid input, conflicts and
+//! technical failures are different variants: each becomes a different
+//! gRPC code at the edge.
+
+use eventfold_domain::{Reason, Rejection, Violation};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The command is malformed (`INVALID_ARGUMENT`).
+    #[error("invalid command: {}", .0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<Violation>),
+    /// A business rule refused it (`FAILED_PRECONDITION`).
+    #[error("{reason}: {message}")]
+    Rejected { reason: Reason, message: String },
+    /// The stream kept moving under the command, even after its retries
+    /// (`ABORTED`).
+    #[error("concurrent change of {stream}: expected version {expected}, found {actual}")]
+    Conflict { stream: String, expected: String, actual: String },
+    /// The principal may not send this command (`PERMISSION_DENIED`).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The store failed (mapped like every store error).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored event or snapshot the code cannot read (`INTERNAL`).
+    #[error("cannot read stored data: {0}")]
+    Corrupt(String),
+}
+
+/// A store error, cloneable (the bus may answer one error to a retry).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct StoreError {
+    pub message: String,
+    pub kind: StoreErrorKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreErrorKind {
+    Unavailable,
+    NotFound { stream: String, deleted: bool },
+    Other(std::sync::Arc<eventfold_store::Error>),
+}
+
+impl From<eventfold_store::Error> for Error {
+    fn from(error: eventfold_store::Error) -> Self {
+        use eventfold_store::Error as E;
+        let message = error.to_string();
+        match error {
+            E::WrongExpectedVersion { stream, expected, actual } => Error::Conflict {
+                stream,
+                expected: expected.to_string(),
+                actual: actual.map_or_else(|| "no stream".to_owned(), |v| v.to_string()),
+            },
+            E::Unavailable(_) => Error::Store(StoreError { message, kind: StoreErrorKind::Unavailable }),
+            E::StreamNotFound(stream) => {
+                Error::Store(StoreError { message, kind: StoreErrorKind::NotFound { stream, deleted: false } })
+            }
+            E::StreamDeleted(stream) => {
+                Error::Store(StoreError { message, kind: StoreErrorKind::NotFound { stream, deleted: true } })
+            }
+            other => Error::Store(StoreError { message, kind: StoreErrorKind::Other(std::sync::Arc::new(other)) }),
+        }
+    }
+}
+
+impl From<Rejection> for Error {
+    fn from(rejection: Rejection) -> Self {
+        match rejection {
+            Rejection::Invalid(violations) => Error::Invalid(violations),
+            Rejection::Rule { reason, message } => Error::Rejected { reason, message },
+        }
+    }
+}
+
+impl Error {
+    pub fn rejected(reason: Reason, message: impl Into<String>) -> Self {
+        Error::Rejected { reason, message: message.into() }
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Invalid(_) => "invalid",
+            Error::Rejected { .. } => "rejected",
+            Error::Conflict { .. } => "conflict",
+            Error::PermissionDenied(_) => "permission_denied",
+            Error::Store(StoreError { kind: StoreErrorKind::Unavailable, .. }) => "unavailable",
+            Error::Store(_) => "store",
+            Error::Corrupt(_) => "corrupt",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

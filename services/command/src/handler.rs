@@ -1,0 +1,343 @@
+//! The innermost service of the bus: load the aggregate (latest snapshot
+//! plus later events), decide, append with the expected version, snapshot
+//! every N events.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::SystemTime,
+};
+
+use eventfold_domain::{
+    Aggregate, DomainEvent, Reason,
+    account::{Account, AccountCommand, ReceiveTransfer, RefundTransfer, SendTransfer},
+    inventory::Inventory,
+    order::{Order, OrderStatus},
+    payment::{AuthorizePayment, Payment, PaymentCommand},
+    shipment::Shipment,
+    user::User,
+};
+use eventfold_store::{
+    AppendOutcome, AppendRequest, EventLog, EventMetadata, ExpectedVersion, NewEvent, Snapshot, SnapshotQuery,
+    StreamRead,
+};
+
+use crate::{
+    envelope::{Command, Envelope, Meta, Reply, Write, stream},
+    error::{Error, Result, StoreErrorKind},
+};
+
+/// When aggregates are snapshotted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    /// A snapshot every this many events (0: never).
+    pub every: u64,
+    /// Per aggregate category (`order`, `inventory`, …), overriding `every`.
+    pub per_category: HashMap<String, u64>,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        Self { every: 100, per_category: HashMap::new() }
+    }
+}
+
+impl SnapshotPolicy {
+    fn every(&self, category: &str) -> u64 {
+        self.per_category.get(category).copied().unwrap_or(self.every)
+    }
+}
+
+/// An aggregate as loaded.
+#[derive(Debug)]
+pub struct Loaded<A> {
+    pub state: A,
+    /// Version of the last event folded in; `None`: no event yet.
+    pub version: Option<u64>,
+    /// A snapshot of an older schema was found and ignored: write a new one.
+    pub stale_snapshot: bool,
+}
+
+/// Executes commands against the event log.
+#[derive(Clone)]
+pub struct Handler {
+    log: Arc<dyn EventLog>,
+    snapshots: Arc<SnapshotPolicy>,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handler").field("snapshots", &self.snapshots).finish_non_exhaustive()
+    }
+}
+
+fn not_found_is_empty<T>(result: eventfold_store::Result<T>) -> Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(eventfold_store::Error::StreamNotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Handler {
+    pub fn new(log: Arc<dyn EventLog>, snapshots: SnapshotPolicy) -> Self {
+        Self { log, snapshots: Arc::new(snapshots) }
+    }
+
+    /// The aggregate in `stream_id`: its latest snapshot of the current
+    /// schema version, then every later event.
+    pub async fn load<A: Aggregate>(&self, stream_id: &str) -> Result<Loaded<A>> {
+        let query = SnapshotQuery { stream_id: stream_id.to_owned(), max_version: None, schema_version: None };
+        let snapshot = not_found_is_empty(self.log.load_snapshot(query).await)?.flatten();
+        let (mut state, mut version, stale_snapshot) = match snapshot {
+            Some(s) if s.schema_version == A::SNAPSHOT_VERSION => match serde_json::from_value::<A>(s.state) {
+                Ok(state) => (state, Some(s.version), false),
+                Err(e) => {
+                    tracing::warn!(stream = stream_id, error = %e, "unreadable snapshot ignored");
+                    (A::default(), None, true)
+                }
+            },
+            Some(_) => (A::default(), None, true),
+            None => (A::default(), None, false),
+        };
+        loop {
+            let mut read = StreamRead::forwards(stream_id, 1000);
+            read.from_version = version.map(|v| v + 1);
+            let Some(slice) = not_found_is_empty(self.log.read_stream(read).await)? else { break };
+            for stored in &slice.events {
+                let event = A::Event::from_data(&stored.event_type, stored.schema_version, stored.data.clone())
+                    .map_err(|e| Error::Corrupt(format!("{stream_id} version {}: {e}", stored.version)))?;
+                state = state.evolve(&event);
+                version = Some(stored.version);
+            }
+            if slice.end_of_stream || slice.events.is_empty() {
+                break;
+            }
+        }
+        Ok(Loaded { state, version, stale_snapshot })
+    }
+
+    /// Decide `command` on the aggregate in `stream_id` and append what it
+    /// answers, expecting the version it was decided on.
+    pub async fn execute<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        command: &A::Command,
+        meta: &Meta,
+        request_id: Option<String>,
+    ) -> Result<Write> {
+        let loaded = self.load::<A>(stream_id).await?;
+        let events = loaded.state.decide(command)?;
+        if events.is_empty() {
+            return Ok(Write {
+                stream_id: stream_id.to_owned(),
+                stream_version: loaded.version,
+                global_position: 0,
+                events: Vec::new(),
+                duplicate: false,
+            });
+        }
+        let metadata = EventMetadata {
+            correlation_id: Some(meta.correlation_id.clone()),
+            causation_id: meta.causation_id.clone().or_else(|| meta.request_id.clone()),
+            user_id: meta.principal.clone(),
+            custom: Default::default(),
+        };
+        let new_events = events
+            .iter()
+            .map(|e| {
+                let mut event = NewEvent::new(e.event_type(), e.to_data());
+                event.schema_version = e.schema_version();
+                event.metadata = metadata.clone();
+                event
+            })
+            .collect();
+        let expected = loaded.version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+        let mut request = AppendRequest::new(stream_id, expected, new_events);
+        request.request_id = request_id;
+        let outcome = self.log.append(request).await?;
+        if outcome.duplicate {
+            return first_answer(self.log.as_ref(), outcome).await;
+        }
+        let state = loaded.state.fold(&events);
+        self.snapshot_if_due::<A>(stream_id, loaded.version, outcome.last_version, &state, loaded.stale_snapshot).await;
+        Ok(Write {
+            stream_id: stream_id.to_owned(),
+            stream_version: Some(outcome.last_version),
+            global_position: outcome.last_position(),
+            events: events.iter().map(|e| (e.event_type().to_owned(), e.to_data())).collect(),
+            duplicate: false,
+        })
+    }
+
+    async fn snapshot_if_due<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        before: Option<u64>,
+        after: u64,
+        state: &A,
+        stale: bool,
+    ) {
+        let every = self.snapshots.every(A::CATEGORY);
+        if every == 0 {
+            return;
+        }
+        let count = |version: Option<u64>| version.map_or(0, |v| v + 1) / every;
+        if !stale && count(before) == count(Some(after)) {
+            return;
+        }
+        let snapshot = Snapshot {
+            stream_id: stream_id.to_owned(),
+            version: after,
+            schema_version: A::SNAPSHOT_VERSION,
+            state: serde_json::to_value(state).expect("aggregate states serialize"),
+            created_at: SystemTime::now(),
+        };
+        // A missing snapshot only costs a longer load later.
+        if let Err(e) = self.log.save_snapshot(snapshot).await {
+            tracing::warn!(stream = stream_id, error = %e, "snapshot not saved");
+        }
+    }
+
+    /// Run one command.
+    pub async fn handle(&self, envelope: Envelope) -> Result<Reply> {
+        let Envelope { command, meta } = envelope;
+        let request_id = meta.request_id.clone();
+        let write = match command {
+            Command::Order { order_id, command } => {
+                self.execute::<Order>(&stream::<Order>(&order_id), &command, &meta, request_id).await?
+            }
+            Command::Inventory { product_id, command } => {
+                self.execute::<Inventory>(&stream::<Inventory>(&product_id), &command, &meta, request_id).await?
+            }
+            Command::AuthorizePayment { payment_id, order_id, amount, provider_reference } => {
+                let order = self.load::<Order>(&stream::<Order>(&order_id)).await?.state;
+                let (OrderStatus::Created | OrderStatus::Confirmed, Some(order_total)) = (order.status, order.total)
+                else {
+                    return Err(match order.status {
+                        OrderStatus::New => {
+                            Error::rejected(Reason::OrderNotFound, format!("order {order_id} does not exist"))
+                        }
+                        OrderStatus::Cancelled => {
+                            Error::rejected(Reason::OrderCancelled, format!("order {order_id} is cancelled"))
+                        }
+                        OrderStatus::Shipped => {
+                            Error::rejected(Reason::OrderAlreadyShipped, format!("order {order_id} is shipped"))
+                        }
+                        _ => Error::rejected(Reason::OrderAlreadyPaid, format!("order {order_id} is paid")),
+                    });
+                };
+                let command = PaymentCommand::Authorize(AuthorizePayment {
+                    payment_id: payment_id.clone(),
+                    order_id,
+                    amount,
+                    order_total,
+                    provider_reference,
+                });
+                self.execute::<Payment>(&stream::<Payment>(&payment_id), &command, &meta, request_id).await?
+            }
+            Command::Payment { payment_id, command } => {
+                self.execute::<Payment>(&stream::<Payment>(&payment_id), &command, &meta, request_id).await?
+            }
+            Command::Shipment { shipment_id, command } => {
+                self.execute::<Shipment>(&stream::<Shipment>(&shipment_id), &command, &meta, request_id).await?
+            }
+            Command::Account { account_id, command } => {
+                self.execute::<Account>(&stream::<Account>(&account_id), &command, &meta, request_id).await?
+            }
+            Command::User { user_id, command } => {
+                self.execute::<User>(&stream::<User>(&user_id), &command, &meta, request_id).await?
+            }
+            Command::Transfer { transfer_id, from_account_id, to_account_id, amount } => {
+                return self.transfer(transfer_id, from_account_id, to_account_id, amount, &meta).await;
+            }
+        };
+        Ok(Reply::single(write))
+    }
+
+    /// Debit the source, credit the target; if the target refuses, give the
+    /// source its money back. Every step is idempotent by transfer id, so a
+    /// retry (or a crash between the steps and a retry) completes it.
+    async fn transfer(
+        &self,
+        transfer_id: String,
+        from: String,
+        to: String,
+        amount: eventfold_domain::Money,
+        meta: &Meta,
+    ) -> Result<Reply> {
+        let ids = Envelope::new(
+            Command::Transfer {
+                transfer_id: transfer_id.clone(),
+                from_account_id: from.clone(),
+                to_account_id: to.clone(),
+                amount,
+            },
+            meta.clone(),
+        )
+        .write_request_ids();
+        let (source_id, target_id) = (ids.first().cloned(), ids.get(1).cloned());
+        let send =
+            AccountCommand::Send(SendTransfer { transfer_id: transfer_id.clone(), to_account_id: to.clone(), amount });
+        let source_stream = stream::<Account>(&from);
+        let source = self.execute::<Account>(&source_stream, &send, meta, source_id).await?;
+        let receive = AccountCommand::Receive(ReceiveTransfer {
+            transfer_id: transfer_id.clone(),
+            from_account_id: from.clone(),
+            amount,
+        });
+        match self.execute::<Account>(&stream::<Account>(&to), &receive, meta, target_id).await {
+            Ok(target) => Ok(Reply { writes: vec![source, target] }),
+            Err(refused @ (Error::Rejected { .. } | Error::Invalid(_))) => {
+                let refund = AccountCommand::Refund(RefundTransfer { transfer_id, reason: refused.to_string() });
+                self.execute::<Account>(&source_stream, &refund, meta, None).await?;
+                Err(refused)
+            }
+            Err(Error::Store(e)) if matches!(e.kind, StoreErrorKind::NotFound { .. }) => {
+                let refund = AccountCommand::Refund(RefundTransfer { transfer_id, reason: e.message.clone() });
+                self.execute::<Account>(&source_stream, &refund, meta, None).await?;
+                Err(Error::Store(e))
+            }
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// The write of a request seen before, rebuilt from what it appended then.
+pub(crate) async fn first_answer(log: &dyn EventLog, outcome: AppendOutcome) -> Result<Write> {
+    let count = outcome.positions.len();
+    let mut read = StreamRead::forwards(&outcome.stream_id, count.max(1));
+    read.from_version = Some(outcome.first_version);
+    let slice = log.read_stream(read).await?;
+    let events = slice
+        .events
+        .into_iter()
+        .filter(|e| e.version <= outcome.last_version)
+        .map(|e| (e.event_type, e.data))
+        .collect();
+    Ok(Write {
+        global_position: outcome.last_position(),
+        stream_version: Some(outcome.last_version),
+        stream_id: outcome.stream_id,
+        events,
+        duplicate: true,
+    })
+}
+
+impl tower::Service<Envelope> for Handler {
+    type Response = Reply;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, envelope: Envelope) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.handle(envelope).await })
+    }
+}
