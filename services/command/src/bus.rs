@@ -62,7 +62,7 @@ pub struct BusOptions {
 
 impl Default for BusOptions {
     fn default() -> Self {
-        Self { authorizer: Arc::new(AllowAll), snapshots: SnapshotPolicy::default(), max_attempts: 5 }
+        Self { authorizer: Arc::new(AllowAll), snapshots: SnapshotPolicy::default(), max_attempts: 10 }
     }
 }
 

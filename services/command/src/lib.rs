@@ -82,7 +82,7 @@ impl Default for Config {
             health_interval_secs: 2,
             snapshot_every: 100,
             snapshot_every_by_category: Default::default(),
-            max_attempts: 5,
+            max_attempts: 10,
         }
     }
 }

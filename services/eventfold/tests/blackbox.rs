@@ -135,7 +135,7 @@ impl DevServer {
             }
         };
         let addr = line
-            .strip_prefix("eventfold: EventStoreService listening on ")
+            .strip_prefix("eventfold: EventStoreService and the command services listening on ")
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line of eventfold dev: {line:?}"))
             .to_owned();
@@ -242,6 +242,42 @@ fn append(server: &DevServer, stream: &str, event_id: &str, n: u64) -> Value {
 fn health(server: &DevServer, service: &str) -> String {
     let answer = server.call("grpc.health.v1.Health/Check", &serde_json::json!({ "service": service }));
     answer["status"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn orders_go_through_the_command_services() {
+    let server = DevServer::start();
+    let orders = "eventfold.orders.v1.OrderCommandService";
+    let create = serde_json::json!({
+        "requestId": "bb-create-1",
+        "orderId": "bb-1",
+        "customerId": "c-1",
+        "currency": "EUR",
+        "items": [{ "productId": "sku-1", "quantity": 2, "unitPrice": { "minor": "1250", "currency": "EUR" } }],
+    });
+    let created = server.call(&format!("{orders}/CreateOrder"), &create);
+    assert_eq!(created["total"], serde_json::json!({ "minor": "2500", "currency": "EUR" }), "{created}");
+    assert_eq!(created["result"]["streamId"], "order-bb-1", "{created}");
+    assert_eq!(server.call(&format!("{orders}/CreateOrder"), &create), created, "a retry answers the first answer");
+
+    let confirmed = server.call(&format!("{orders}/ConfirmOrder"), &serde_json::json!({ "orderId": "bb-1" }));
+    assert_eq!(confirmed["result"]["streamVersion"], "1", "{confirmed}");
+
+    let output = server
+        .grpcurl(&["-d", r#"{"orderId": "bb-1"}"#, &server.addr, &format!("{orders}/ConfirmOrder")])
+        .output()
+        .expect("run grpcurl");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("Code: FailedPrecondition"), "{stderr}");
+    assert!(stderr.contains(r#""reason":"ORDER_ALREADY_CONFIRMED""#), "{stderr}");
+
+    let read = server.call(&format!("{SERVICE}/ReadStream"), &serde_json::json!({ "streamId": "order-bb-1" }));
+    let events = read["events"].as_array().unwrap_or_else(|| panic!("no events: {read}"));
+    let types: Vec<&str> = events.iter().filter_map(|e| e["eventType"].as_str()).collect();
+    assert_eq!(types, ["OrderCreated", "OrderConfirmed"], "{read}");
+    assert_eq!(events[0]["schemaVersion"], 2, "{read}");
+    assert_eq!(events[0]["data"]["total"], serde_json::json!({ "minor": 2500, "currency": "EUR" }), "{read}");
+    assert_eq!(events[1]["globalPosition"], confirmed["result"]["globalPosition"], "{read}");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::{
-    error::{Error, Result},
+    error::Result,
     log::EventLog,
     model::{
         AllRead, AllSlice, AppendOutcome, AppendRequest, ListStreams, RecordedEvent, Snapshot, SnapshotQuery,
@@ -61,24 +61,35 @@ impl Upcasters {
     }
 
     /// Brings `event` to the newest version the registry knows, step by
-    /// step. A step that fails names the event: it is a stored fact the
-    /// code cannot read, never something to skip.
-    pub fn upcast(&self, event: &mut RecordedEvent) -> Result<()> {
+    /// step. A body a step cannot read (written by some other client under
+    /// the same type name) stays as stored, at its stored version, and the
+    /// failure is logged: generic reads still deliver it as it is, and code
+    /// that needs the current version refuses it by its version.
+    pub fn upcast(&self, event: &mut RecordedEvent) {
         while let Some(step) = self.steps.get(&(event.event_type.clone(), event.schema_version)) {
-            let data = std::mem::take(&mut event.data);
-            event.data = step(data).map_err(|message| {
-                Error::Internal(format!(
-                    "event {} ({} v{} at position {} of stream {}) cannot be upcast: {message}",
-                    event.event_id, event.event_type, event.schema_version, event.global_position, event.stream_id
-                ))
-            })?;
-            event.schema_version += 1;
+            match step(event.data.clone()) {
+                Ok(data) => {
+                    event.data = data;
+                    event.schema_version += 1;
+                }
+                Err(message) => {
+                    tracing::warn!(
+                        event_id = %event.event_id,
+                        event_type = %event.event_type,
+                        schema_version = event.schema_version,
+                        position = event.global_position,
+                        stream = %event.stream_id,
+                        %message,
+                        "event cannot be upcast; delivered at its stored version"
+                    );
+                    return;
+                }
+            }
         }
-        Ok(())
     }
 
-    fn upcast_all(&self, events: &mut [RecordedEvent]) -> Result<()> {
-        events.iter_mut().try_for_each(|e| self.upcast(e))
+    fn upcast_all(&self, events: &mut [RecordedEvent]) {
+        events.iter_mut().for_each(|e| self.upcast(e));
     }
 }
 
@@ -107,13 +118,13 @@ impl<L: EventLog> EventLog for Upcasting<L> {
 
     async fn read_stream(&self, read: StreamRead) -> Result<StreamSlice> {
         let mut slice = self.inner.read_stream(read).await?;
-        self.upcasters.upcast_all(&mut slice.events)?;
+        self.upcasters.upcast_all(&mut slice.events);
         Ok(slice)
     }
 
     async fn read_all(&self, read: AllRead) -> Result<AllSlice> {
         let mut slice = self.inner.read_all(read).await?;
-        self.upcasters.upcast_all(&mut slice.events)?;
+        self.upcasters.upcast_all(&mut slice.events);
         Ok(slice)
     }
 

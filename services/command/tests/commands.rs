@@ -1,0 +1,649 @@
+//! The command side end to end: the command services and the event store
+//! on one real server (`eventfold_eventstore::run_with`, as `eventfold dev`
+//! wires them) over the in-memory log and PostgreSQL, driven by the
+//! generated clients.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use eventfold_command::{Authorizer, BusOptions, Command, Config, Handler, SnapshotPolicy};
+use eventfold_domain::{Aggregate, inventory::Inventory};
+use eventfold_proto::{
+    accounts::{self as accounts_pb, account_command_service_client::AccountCommandServiceClient},
+    common::{Money, WriteResult},
+    eventstore::{self as store_pb, event_store_service_client::EventStoreServiceClient},
+    inventory::{self as inventory_pb, inventory_command_service_client::InventoryCommandServiceClient},
+    orders::{self as orders_pb, order_command_service_client::OrderCommandServiceClient},
+};
+use eventfold_store::{
+    AppendRequest, EventLog, ExpectedVersion, MemoryEventLog, NewEvent, PostgresConfig, PostgresEventLog, Snapshot,
+    SnapshotQuery, StreamRead, Upcasting,
+};
+use eventfold_tests::TestDatabase;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::oneshot};
+use tonic::{Code, Request, Status, transport::Channel};
+use tonic_types::StatusExt;
+
+// --- harness -------------------------------------------------------------------
+
+struct Backend {
+    /// The log as stored (no upcasting): for fixtures and white-box checks.
+    raw: Arc<dyn EventLog>,
+    _db: Option<TestDatabase>,
+}
+
+async fn memory() -> Backend {
+    Backend { raw: Arc::new(MemoryEventLog::new()), _db: None }
+}
+
+async fn postgres() -> Backend {
+    let db = TestDatabase::create().await;
+    let (mut client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls).await.expect("connect");
+    let driver = tokio::spawn(connection);
+    eventfold_migrations::up(&mut client).await.expect("migrations apply");
+    drop(client);
+    let _ = driver.await;
+    let log = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the event log");
+    Backend { raw: Arc::new(log), _db: Some(db) }
+}
+
+struct Server {
+    orders: OrderCommandServiceClient<Channel>,
+    inventory: InventoryCommandServiceClient<Channel>,
+    accounts: AccountCommandServiceClient<Channel>,
+    store: EventStoreServiceClient<Channel>,
+    /// The upcasting log the services use.
+    log: Arc<dyn EventLog>,
+    backend: Backend,
+    _shutdown: oneshot::Sender<()>,
+}
+
+impl Server {
+    async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, Config::default().bus_options()).await
+    }
+
+    async fn start_with(backend: Backend, options: BusOptions) -> Self {
+        let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(backend.raw.clone(), eventfold_command::upcasters()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr: SocketAddr = listener.local_addr().expect("local addr");
+        let bus = eventfold_command::bus(log.clone(), options);
+        let extra = eventfold_eventstore::Extra {
+            names: eventfold_command::SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
+            add: Box::new(move |router| eventfold_command::add_services(router, bus)),
+        };
+        let (shutdown, stop) = oneshot::channel::<()>();
+        tokio::spawn(eventfold_eventstore::run_with(
+            eventfold_eventstore::Config::default(),
+            log.clone(),
+            listener,
+            async move {
+                let _ = stop.await;
+            },
+            extra,
+        ));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to the server");
+        Server {
+            orders: OrderCommandServiceClient::new(channel.clone()),
+            inventory: InventoryCommandServiceClient::new(channel.clone()),
+            accounts: AccountCommandServiceClient::new(channel.clone()),
+            store: EventStoreServiceClient::new(channel),
+            log,
+            backend,
+            _shutdown: shutdown,
+        }
+    }
+
+    async fn events(&mut self, stream: &str) -> Vec<store_pb::RecordedEvent> {
+        self.store
+            .read_stream(store_pb::ReadStreamRequest { stream_id: stream.to_owned(), ..Default::default() })
+            .await
+            .unwrap_or_else(|s| panic!("read {stream}: {s:?}"))
+            .into_inner()
+            .events
+    }
+
+    async fn head(&self) -> u64 {
+        self.log.last_position().await.expect("last position")
+    }
+}
+
+macro_rules! backends {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Server::start(super::memory().await).await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Server::start(super::postgres().await).await).await;
+                }
+            )*
+        }
+    };
+}
+
+backends!(
+    order_lifecycle_and_rejections,
+    invalid_commands_name_their_fields,
+    retries_with_the_same_request_id_return_the_first_answer,
+    v1_order_created_reads_as_v2_and_drives_the_aggregate,
+    metadata_carries_correlation_causation_and_principal,
+    transfers_are_recorded_on_both_sides_or_refunded,
+    snapshots_are_written_used_and_rewritten_when_stale,
+);
+
+// --- helpers --------------------------------------------------------------------
+
+fn eur(minor: i64) -> Option<Money> {
+    Some(Money { minor, currency: "EUR".into() })
+}
+
+fn create_order(order_id: &str, request_id: &str, items: &[(&str, u32, i64)]) -> orders_pb::CreateOrderRequest {
+    orders_pb::CreateOrderRequest {
+        request_id: request_id.into(),
+        order_id: order_id.into(),
+        customer_id: "c-1".into(),
+        currency: "EUR".into(),
+        items: items
+            .iter()
+            .map(|(p, q, price)| orders_pb::OrderItem {
+                product_id: (*p).into(),
+                quantity: *q,
+                unit_price: eur(*price),
+            })
+            .collect(),
+    }
+}
+
+/// The `ErrorInfo` reason of a status, checking its code and domain.
+#[track_caller]
+fn reason(status: &Status, code: Code) -> String {
+    assert_eq!(status.code(), code, "{status:?}");
+    let info = status.get_details_error_info().unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "eventfold.dev");
+    info.reason
+}
+
+#[track_caller]
+fn rejected<T: std::fmt::Debug>(result: Result<tonic::Response<T>, Status>, expected: &str) {
+    let status = result.expect_err("the command must be refused");
+    assert_eq!(reason(&status, Code::FailedPrecondition), expected, "{status:?}");
+}
+
+fn write(result: Option<WriteResult>) -> WriteResult {
+    result.expect("a write result")
+}
+
+fn json_of(value: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match value.kind.as_ref() {
+        Some(Kind::StringValue(s)) => json!(s),
+        Some(Kind::NumberValue(n)) => json!(n),
+        Some(Kind::BoolValue(b)) => json!(b),
+        Some(Kind::StructValue(s)) => struct_json(s),
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(l.values.iter().map(json_of).collect()),
+        Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
+    }
+}
+
+fn struct_json(s: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), json_of(v))).collect())
+}
+
+// --- cases ----------------------------------------------------------------------
+
+async fn order_lifecycle_and_rejections(mut s: Server) {
+    let created = s.orders.create_order(create_order("o-1", "", &[("sku-1", 2, 1250), ("sku-2", 1, 500)])).await;
+    let created = created.expect("create").into_inner();
+    assert_eq!(created.total, eur(3000), "total computed from the items");
+    let first = write(created.result);
+    assert_eq!((first.stream_id.as_str(), first.stream_version), ("order-o-1", 0));
+    assert!(first.global_position > 0);
+
+    rejected(s.orders.create_order(create_order("o-1", "", &[("sku-1", 1, 1)])).await, "ORDER_ALREADY_EXISTS");
+    let ship = || orders_pb::ShipOrderRequest {
+        order_id: "o-1".into(),
+        carrier: "DHL".into(),
+        tracking_number: "T-1".into(),
+        ..Default::default()
+    };
+    rejected(s.orders.ship_order(ship()).await, "ORDER_NOT_PAID");
+    let pay = |minor| orders_pb::ProcessPaymentRequest {
+        order_id: "o-1".into(),
+        payment_id: "p-1".into(),
+        amount: eur(minor),
+        ..Default::default()
+    };
+    rejected(s.orders.process_payment(pay(3000)).await, "ORDER_NOT_CONFIRMED");
+
+    let confirm = orders_pb::ConfirmOrderRequest { order_id: "o-1".into(), ..Default::default() };
+    let confirmed = write(s.orders.confirm_order(confirm.clone()).await.expect("confirm").into_inner().result);
+    assert_eq!(confirmed.stream_version, 1);
+    assert!(confirmed.global_position > first.global_position);
+    rejected(s.orders.confirm_order(confirm).await, "ORDER_ALREADY_CONFIRMED");
+    rejected(s.orders.process_payment(pay(2999)).await, "PAYMENT_AMOUNT_MISMATCH");
+    s.orders.process_payment(pay(3000)).await.expect("pay");
+    let shipped = write(s.orders.ship_order(ship()).await.expect("ship").into_inner().result);
+    assert_eq!(shipped.stream_version, 3);
+    let cancel = orders_pb::CancelOrderRequest { order_id: "o-1".into(), reason: "late".into(), ..Default::default() };
+    rejected(s.orders.cancel_order(cancel).await, "ORDER_ALREADY_SHIPPED");
+    let missing = orders_pb::ConfirmOrderRequest { order_id: "o-404".into(), ..Default::default() };
+    rejected(s.orders.confirm_order(missing).await, "ORDER_NOT_FOUND");
+
+    let types: Vec<String> = s.events("order-o-1").await.into_iter().map(|e| e.event_type).collect();
+    assert_eq!(types, ["OrderCreated", "OrderConfirmed", "PaymentProcessed", "OrderShipped"]);
+}
+
+async fn invalid_commands_name_their_fields(mut s: Server) {
+    let before = s.head().await;
+    let mut bad = create_order("o 1", "", &[("sku-1", 0, -1)]);
+    bad.currency = "euro".into();
+    let status = s.orders.create_order(bad).await.expect_err("invalid");
+    assert_eq!(reason(&status, Code::InvalidArgument), "INVALID_ARGUMENT");
+    let fields: Vec<String> =
+        status.get_details_bad_request().expect("BadRequest").field_violations.into_iter().map(|v| v.field).collect();
+    assert_eq!(fields, ["currency"], "conversion problems are answered before the bus");
+
+    let bad = create_order("o 1", "", &[("sku-1", 0, -1)]);
+    let status = s.orders.create_order(bad).await.expect_err("invalid");
+    let fields: Vec<String> =
+        status.get_details_bad_request().expect("BadRequest").field_violations.into_iter().map(|v| v.field).collect();
+    assert_eq!(fields, ["order_id", "order_id", "items[0].quantity", "items[0].unit_price.minor"]);
+
+    let status = s.orders.create_order(create_order("o-2", "", &[])).await.expect_err("no items");
+    assert_eq!(reason(&status, Code::InvalidArgument), "INVALID_ARGUMENT");
+    let replenish = inventory_pb::ReplenishStockRequest { product_id: "sku".into(), quantity: 0, ..Default::default() };
+    let status = s.inventory.replenish_stock(replenish).await.expect_err("zero quantity");
+    assert_eq!(status.get_details_bad_request().expect("BadRequest").field_violations[0].field, "quantity");
+    assert_eq!(s.head().await, before, "invalid commands append nothing");
+}
+
+async fn retries_with_the_same_request_id_return_the_first_answer(mut s: Server) {
+    let create = create_order("o-r", "req-create", &[("sku-1", 1, 100)]);
+    let first = s.orders.create_order(create.clone()).await.expect("create").into_inner();
+    let head = s.head().await;
+    let again = s.orders.create_order(create).await.expect("the retry answers").into_inner();
+    assert_eq!(again, first, "identical first answer");
+    assert_eq!(s.head().await, head, "the retry appended nothing");
+
+    let confirm = orders_pb::ConfirmOrderRequest { request_id: "req-confirm".into(), order_id: "o-r".into() };
+    let first = s.orders.confirm_order(confirm.clone()).await.expect("confirm").into_inner();
+    let head = s.head().await;
+    assert_eq!(s.orders.confirm_order(confirm).await.expect("retry").into_inner(), first);
+    assert_eq!(s.head().await, head);
+
+    let register = inventory_pb::RegisterProductRequest {
+        request_id: "req-register".into(),
+        product_id: "sku-r".into(),
+        name: "Widget".into(),
+    };
+    s.inventory.register_product(register).await.expect("register");
+    let replenish = inventory_pb::ReplenishStockRequest {
+        request_id: "req-replenish".into(),
+        product_id: "sku-r".into(),
+        quantity: 5,
+    };
+    let first = s.inventory.replenish_stock(replenish.clone()).await.expect("replenish").into_inner();
+    let head = s.head().await;
+    // Replenishing again would succeed and add stock: the request id says no.
+    assert_eq!(s.inventory.replenish_stock(replenish).await.expect("retry").into_inner(), first);
+    assert_eq!(s.head().await, head);
+    assert_eq!(s.events("inventory-sku-r").await.len(), 2);
+
+    let open = |id: &str| accounts_pb::OpenAccountRequest {
+        request_id: format!("req-open-{id}"),
+        account_id: id.into(),
+        owner_id: "u-1".into(),
+        currency: "EUR".into(),
+    };
+    s.accounts.open_account(open("a-1")).await.expect("open a-1");
+    s.accounts.open_account(open("a-2")).await.expect("open a-2");
+    let deposit = accounts_pb::DepositMoneyRequest {
+        request_id: "req-deposit".into(),
+        account_id: "a-1".into(),
+        transaction_id: "x-1".into(),
+        amount: eur(1000),
+    };
+    let first = s.accounts.deposit_money(deposit.clone()).await.expect("deposit").into_inner();
+    assert_eq!(first.balance, eur(1000));
+    assert_eq!(s.accounts.deposit_money(deposit).await.expect("retry").into_inner(), first);
+    let transfer = accounts_pb::TransferMoneyRequest {
+        request_id: "req-transfer".into(),
+        from_account_id: "a-1".into(),
+        to_account_id: "a-2".into(),
+        transfer_id: "t-1".into(),
+        amount: eur(400),
+    };
+    let first = s.accounts.transfer_money(transfer.clone()).await.expect("transfer").into_inner();
+    let head = s.head().await;
+    assert_eq!(s.accounts.transfer_money(transfer).await.expect("retry").into_inner(), first);
+    assert_eq!(s.head().await, head, "the transfer's retry appended nothing");
+}
+
+async fn v1_order_created_reads_as_v2_and_drives_the_aggregate(mut s: Server) {
+    // A fixture writes OrderCreated as version 1 wrote it: decimal strings,
+    // no currency.
+    let mut v1 = NewEvent::new(
+        "OrderCreated",
+        json!({
+            "order_id": "legacy",
+            "customer_id": "c-9",
+            "items": [{ "product_id": "sku-1", "quantity": 2, "unit_price": "12.50" }],
+            "total": "25.00"
+        }),
+    );
+    v1.schema_version = 1;
+    s.backend.raw.append(AppendRequest::new("order-legacy", ExpectedVersion::NoStream, vec![v1])).await.unwrap();
+
+    let events = s.events("order-legacy").await;
+    assert_eq!(events[0].schema_version, 2, "read back as v2");
+    let data = struct_json(events[0].data.as_ref().expect("data"));
+    assert_eq!(data["currency"], "USD");
+    assert_eq!(data["total"], json!({ "minor": 2500.0, "currency": "USD" }));
+    assert_eq!(data["items"][0]["unit_price"], json!({ "minor": 1250.0, "currency": "USD" }));
+
+    // The Order aggregate folds it: the total it holds decides the payment.
+    s.orders
+        .confirm_order(orders_pb::ConfirmOrderRequest { order_id: "legacy".into(), ..Default::default() })
+        .await
+        .expect("confirm a legacy order");
+    let pay = |minor| orders_pb::ProcessPaymentRequest {
+        order_id: "legacy".into(),
+        payment_id: "p".into(),
+        amount: Some(Money { minor, currency: "USD".into() }),
+        ..Default::default()
+    };
+    rejected(s.orders.process_payment(pay(25)).await, "PAYMENT_AMOUNT_MISMATCH");
+    s.orders.process_payment(pay(2500)).await.expect("pay the upcast total");
+
+    // A v1 body the upcaster cannot read stays v1, and the aggregate
+    // refuses to fold it rather than guess.
+    let mut bad = NewEvent::new("OrderCreated", json!({ "order_id": "bad", "total": 25 }));
+    bad.schema_version = 1;
+    s.backend.raw.append(AppendRequest::new("order-bad", ExpectedVersion::NoStream, vec![bad])).await.unwrap();
+    assert_eq!(s.events("order-bad").await[0].schema_version, 1);
+    let status = s
+        .orders
+        .confirm_order(orders_pb::ConfirmOrderRequest { order_id: "bad".into(), ..Default::default() })
+        .await
+        .expect_err("an unreadable history");
+    assert_eq!(reason(&status, Code::Internal), "CORRUPT_DATA");
+
+    // Stored as written: the chain covers v1.
+    let stored = s.backend.raw.read_stream(StreamRead::forwards("order-legacy", 10)).await.unwrap();
+    assert_eq!(stored.events[0].schema_version, 1);
+    assert!(s.log.verify_stream("order-legacy").await.unwrap().first_broken.is_none());
+}
+
+async fn metadata_carries_correlation_causation_and_principal(mut s: Server) {
+    let mut request = Request::new(create_order("o-m", "req-m", &[("sku-1", 1, 100)]));
+    request.metadata_mut().insert("x-correlation-id", "corr-1".parse().unwrap());
+    request.metadata_mut().insert("x-causation-id", "cause-1".parse().unwrap());
+    request.metadata_mut().insert("x-eventfold-principal", "alice".parse().unwrap());
+    s.orders.create_order(request).await.expect("create");
+    let mut request =
+        Request::new(orders_pb::ConfirmOrderRequest { order_id: "o-m".into(), request_id: "req-c".into() });
+    request.metadata_mut().insert("x-correlation-id", "corr-1".parse().unwrap());
+    s.orders.confirm_order(request).await.expect("confirm");
+    let metadata: Vec<store_pb::EventMetadata> =
+        s.events("order-o-m").await.into_iter().map(|e| e.metadata.expect("metadata")).collect();
+    assert_eq!(
+        (metadata[0].correlation_id.as_str(), metadata[0].causation_id.as_str(), metadata[0].user_id.as_str()),
+        ("corr-1", "cause-1", "alice")
+    );
+    assert_eq!(
+        (metadata[1].correlation_id.as_str(), metadata[1].causation_id.as_str(), metadata[1].user_id.as_str()),
+        ("corr-1", "req-c", ""),
+        "without a causation id the command's request id is the cause"
+    );
+}
+
+async fn transfers_are_recorded_on_both_sides_or_refunded(mut s: Server) {
+    for id in ["a-1", "a-2"] {
+        let open = accounts_pb::OpenAccountRequest {
+            account_id: id.into(),
+            owner_id: "u".into(),
+            currency: "EUR".into(),
+            ..Default::default()
+        };
+        s.accounts.open_account(open).await.expect("open");
+    }
+    let deposit = accounts_pb::DepositMoneyRequest {
+        account_id: "a-1".into(),
+        transaction_id: "x-1".into(),
+        amount: eur(500),
+        ..Default::default()
+    };
+    s.accounts.deposit_money(deposit).await.expect("deposit");
+    let transfer = |id: &str, to: &str, minor| accounts_pb::TransferMoneyRequest {
+        from_account_id: "a-1".into(),
+        to_account_id: to.into(),
+        transfer_id: id.into(),
+        amount: eur(minor),
+        ..Default::default()
+    };
+    let head = s.head().await;
+    rejected(s.accounts.transfer_money(transfer("t-0", "a-2", 501)).await, "INSUFFICIENT_FUNDS");
+    assert_eq!(s.head().await, head, "a refused transfer appends nothing");
+
+    let done = s.accounts.transfer_money(transfer("t-1", "a-2", 200)).await.expect("transfer").into_inner();
+    assert_eq!(write(done.source).stream_id, "account-a-1");
+    assert_eq!(write(done.target).stream_id, "account-a-2");
+    let received = s.events("account-a-2").await.pop().expect("an event");
+    assert_eq!(received.event_type, "TransferReceived");
+
+    // The target does not exist: the source is debited, then refunded.
+    rejected(s.accounts.transfer_money(transfer("t-2", "a-404", 100)).await, "ACCOUNT_NOT_FOUND");
+    let types: Vec<String> = s.events("account-a-1").await.into_iter().map(|e| e.event_type).collect();
+    assert_eq!(types, ["AccountOpened", "MoneyDeposited", "TransferSent", "TransferSent", "TransferRefunded"]);
+    let withdraw = accounts_pb::WithdrawMoneyRequest {
+        account_id: "a-1".into(),
+        transaction_id: "x-2".into(),
+        amount: eur(300),
+        ..Default::default()
+    };
+    let left = s.accounts.withdraw_money(withdraw).await.expect("the refunded money is there").into_inner();
+    assert_eq!(left.balance, eur(0));
+}
+
+async fn snapshots_are_written_used_and_rewritten_when_stale(s: Server) {
+    let backend = s.backend;
+    drop(s.log);
+    let mut options = Config::default().bus_options();
+    options.snapshots = SnapshotPolicy { every: 3, per_category: Default::default() };
+    let mut s = Server::start_with(backend, options).await;
+    let register = inventory_pb::RegisterProductRequest {
+        product_id: "sku-s".into(),
+        name: "Widget".into(),
+        ..Default::default()
+    };
+    s.inventory.register_product(register).await.expect("register");
+    for _ in 0..4 {
+        let replenish =
+            inventory_pb::ReplenishStockRequest { product_id: "sku-s".into(), quantity: 1, ..Default::default() };
+        s.inventory.replenish_stock(replenish).await.expect("replenish");
+    }
+    let query = || SnapshotQuery { stream_id: "inventory-sku-s".into(), max_version: None, schema_version: None };
+    let snapshot = s.log.load_snapshot(query()).await.unwrap().expect("a snapshot after 3 events");
+    assert_eq!((snapshot.version, snapshot.schema_version), (2, Inventory::SNAPSHOT_VERSION));
+    assert_eq!(snapshot.state["available"], 2);
+
+    // The loader starts from the snapshot: one that claims more stock than
+    // the events hold shows through (a white-box check of its use).
+    let mut forged = snapshot.clone();
+    let loaded = Handler::new(s.log.clone(), SnapshotPolicy::default()).load::<Inventory>("inventory-sku-s").await;
+    assert_eq!(loaded.unwrap().state.available, 4);
+    forged.version = 4;
+    forged.state["available"] = json!(1000);
+    s.log.save_snapshot(forged).await.unwrap();
+    let reserve = |order: &str, quantity| inventory_pb::ReserveStockRequest {
+        product_id: "sku-s".into(),
+        order_id: order.into(),
+        quantity,
+        ..Default::default()
+    };
+    s.inventory.reserve_stock(reserve("o-big", 500)).await.expect("the snapshot's stock is used");
+
+    // A snapshot of an older schema is ignored (the events decide) and
+    // rewritten in the current one.
+    let register = inventory_pb::RegisterProductRequest {
+        product_id: "sku-t".into(),
+        name: "Gadget".into(),
+        ..Default::default()
+    };
+    s.inventory.register_product(register).await.expect("register");
+    for _ in 0..4 {
+        let replenish =
+            inventory_pb::ReplenishStockRequest { product_id: "sku-t".into(), quantity: 1, ..Default::default() };
+        s.inventory.replenish_stock(replenish).await.expect("replenish");
+    }
+    let stale = Snapshot {
+        stream_id: "inventory-sku-t".into(),
+        version: 4,
+        schema_version: Inventory::SNAPSHOT_VERSION - 1,
+        state: json!({ "available": 1000 }),
+        created_at: std::time::SystemTime::now(),
+    };
+    s.log.save_snapshot(stale).await.unwrap();
+    let reserve_t = |order: &str, quantity| inventory_pb::ReserveStockRequest {
+        product_id: "sku-t".into(),
+        order_id: order.into(),
+        quantity,
+        ..Default::default()
+    };
+    rejected(s.inventory.reserve_stock(reserve_t("o-more", 5)).await, "INSUFFICIENT_STOCK");
+    s.inventory.reserve_stock(reserve_t("o-ok", 4)).await.expect("the events' stock of 4");
+    let query = || SnapshotQuery { stream_id: "inventory-sku-t".into(), max_version: None, schema_version: None };
+    let rewritten = s.log.load_snapshot(query()).await.unwrap().expect("a snapshot");
+    assert_eq!((rewritten.version, rewritten.schema_version), (5, Inventory::SNAPSHOT_VERSION));
+    assert_eq!(rewritten.state["available"], 0);
+    assert_eq!(rewritten.state["reservations"], json!({ "o-ok": 4 }));
+}
+
+// --- PostgreSQL only --------------------------------------------------------------
+
+/// Refuses every command of the principal `mallory`.
+struct DenyMallory;
+
+impl Authorizer for DenyMallory {
+    fn authorize(&self, principal: Option<&str>, command: &Command) -> Result<(), String> {
+        match principal {
+            Some("mallory") => Err(format!("mallory may not {}", command.name())),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authorization_hook_can_refuse() {
+    let mut options = Config::default().bus_options();
+    options.authorizer = Arc::new(DenyMallory);
+    let mut s = Server::start_with(memory().await, options).await;
+    let mut request = Request::new(create_order("o-a", "", &[("sku-1", 1, 1)]));
+    request.metadata_mut().insert("x-eventfold-principal", "mallory".parse().unwrap());
+    let status = s.orders.create_order(request).await.expect_err("refused");
+    assert_eq!(reason(&status, Code::PermissionDenied), "PERMISSION_DENIED");
+    assert!(status.message().contains("CreateOrder"), "{status:?}");
+    assert_eq!(s.head().await, 0, "nothing appended");
+    let mut request = Request::new(create_order("o-a", "", &[("sku-1", 1, 1)]));
+    request.metadata_mut().insert("x-eventfold-principal", "alice".parse().unwrap());
+    s.orders.create_order(request).await.expect("alice may");
+}
+
+/// 1,000 orders race for the stock of 10 products: nothing is oversold,
+/// every refused order holds nothing, and retries answer the first answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_orders_never_oversell() {
+    const PRODUCTS: usize = 10;
+    const STOCK: u32 = 60;
+    const ORDERS: usize = 1000;
+    let s = Server::start(postgres().await).await;
+    let mut inventory = s.inventory.clone();
+    for p in 0..PRODUCTS {
+        let product_id = format!("sku-{p}");
+        let register = inventory_pb::RegisterProductRequest {
+            product_id: product_id.clone(),
+            name: format!("Product {p}"),
+            ..Default::default()
+        };
+        inventory.register_product(register).await.expect("register");
+        let replenish = inventory_pb::ReplenishStockRequest { product_id, quantity: STOCK, ..Default::default() };
+        inventory.replenish_stock(replenish).await.expect("replenish");
+    }
+
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for o in 0..ORDERS {
+        let (mut orders, mut inventory, semaphore) = (s.orders.clone(), s.inventory.clone(), semaphore.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire().await.expect("semaphore");
+            let order_id = format!("o-{o}");
+            let product = format!("sku-{}", (o * 7) % PRODUCTS);
+            let quantity = 1 + (o % 3) as u32;
+            orders
+                .create_order(create_order(&order_id, &format!("create-{o}"), &[(&product, quantity, 100)]))
+                .await
+                .expect("create");
+            let reserve = inventory_pb::ReserveStockRequest {
+                request_id: format!("reserve-{o}"),
+                product_id: product.clone(),
+                order_id: order_id.clone(),
+                quantity,
+            };
+            let first = inventory.reserve_stock(reserve.clone()).await;
+            if o % 10 == 0 {
+                // A retry answers exactly what the first call answered.
+                let again = inventory.reserve_stock(reserve).await;
+                match (&first, &again) {
+                    (Ok(a), Ok(b)) => assert_eq!(a.get_ref(), b.get_ref(), "retry of reserve-{o}"),
+                    (Err(a), Err(b)) => assert_eq!((a.code(), a.message()), (b.code(), b.message())),
+                    _ => panic!("reserve-{o}: first {first:?}, retry {again:?}"),
+                }
+            }
+            let reserved = match first {
+                Ok(_) => true,
+                Err(status) => {
+                    assert_eq!(reason(&status, Code::FailedPrecondition), "INSUFFICIENT_STOCK");
+                    false
+                }
+            };
+            (order_id, product, quantity, reserved)
+        }));
+    }
+    let mut granted: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
+    let mut refused = Vec::new();
+    for task in tasks {
+        let (order_id, product, quantity, reserved) = task.await.expect("order task");
+        if reserved {
+            granted.entry(product).or_default().insert(order_id, quantity);
+        } else {
+            refused.push((order_id, product));
+        }
+    }
+    assert!(!refused.is_empty(), "the stock was meant to run out");
+
+    let handler = Handler::new(s.log.clone(), SnapshotPolicy::default());
+    for p in 0..PRODUCTS {
+        let product = format!("sku-{p}");
+        let state = handler.load::<Inventory>(&format!("inventory-{product}")).await.expect("load").state;
+        assert_eq!(state.available + state.reserved(), u64::from(STOCK), "{product}: available + reserved = stock");
+        let expected = granted.remove(&product).unwrap_or_default();
+        assert_eq!(state.reservations, expected, "{product}: exactly the granted reservations");
+    }
+    for (order_id, product) in refused {
+        let state = handler.load::<Inventory>(&format!("inventory-{product}")).await.unwrap().state;
+        assert!(!state.reservations.contains_key(&order_id), "{order_id} holds a reservation it was refused");
+    }
+}
