@@ -63,6 +63,21 @@ impl TestDatabase {
         TestDatabase { name, url }
     }
 
+    /// [`TestDatabase::create`] with eventfold's migrations applied.
+    pub async fn migrated() -> TestDatabase {
+        let db = Self::create().await;
+        let (mut client, connection) = tokio_postgres::connect(db.url(), NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to test database {}: {e}", db.name));
+        let conn = tokio::spawn(connection);
+        eventfold_migrations::up(&mut client)
+            .await
+            .unwrap_or_else(|e| panic!("migrations do not apply to test database {}: {e}", db.name));
+        drop(client);
+        let _ = conn.await;
+        db
+    }
+
     /// A libpq-style URL of this database, usable by
     /// `tokio_postgres::connect(url, NoTls)`.
     pub fn url(&self) -> &str {

@@ -129,7 +129,27 @@ impl Handler {
         meta: &Meta,
         request_id: Option<String>,
     ) -> Result<Write> {
+        if A::creates(command) {
+            // Nothing to load for a new aggregate; if it exists after all,
+            // the append says so and the full path below gives the answer.
+            let loaded = Loaded { state: A::default(), version: None, stale_snapshot: false };
+            match self.decide_and_append::<A>(stream_id, command, meta, request_id.clone(), loaded).await {
+                Err(Error::Conflict { .. }) => {}
+                other => return other,
+            }
+        }
         let loaded = self.load::<A>(stream_id).await?;
+        self.decide_and_append::<A>(stream_id, command, meta, request_id, loaded).await
+    }
+
+    async fn decide_and_append<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        command: &A::Command,
+        meta: &Meta,
+        request_id: Option<String>,
+        loaded: Loaded<A>,
+    ) -> Result<Write> {
         let events = loaded.state.decide(command)?;
         if events.is_empty() {
             return Ok(Write {

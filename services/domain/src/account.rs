@@ -223,6 +223,10 @@ impl Aggregate for Account {
     type Command = AccountCommand;
     type Event = AccountEvent;
 
+    fn creates(command: &AccountCommand) -> bool {
+        matches!(command, AccountCommand::Open(_))
+    }
+
     fn validate(command: &AccountCommand) -> Vec<Violation> {
         let mut violations = Vec::new();
         match command {

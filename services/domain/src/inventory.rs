@@ -149,6 +149,10 @@ impl Aggregate for Inventory {
     type Command = InventoryCommand;
     type Event = InventoryEvent;
 
+    fn creates(command: &InventoryCommand) -> bool {
+        matches!(command, InventoryCommand::Register(_))
+    }
+
     fn validate(command: &InventoryCommand) -> Vec<Violation> {
         let mut violations = Vec::new();
         match command {

@@ -48,6 +48,15 @@ pub trait Aggregate: Default + Clone + std::fmt::Debug + Serialize + Deserialize
     /// runs them again.
     fn validate(command: &Self::Command) -> Vec<Violation>;
 
+    /// Whether `command` only makes sense for a new aggregate (it is refused
+    /// by any existing one). The command side then decides it on the empty
+    /// state without loading anything and appends expecting no stream; if
+    /// the stream exists after all, it loads and decides again, which gives
+    /// the proper rejection.
+    fn creates(_command: &Self::Command) -> bool {
+        false
+    }
+
     /// What happens when `command` meets this state: the events to append,
     /// or why not.
     fn decide(&self, command: &Self::Command) -> Result<Vec<Self::Event>, Rejection>;

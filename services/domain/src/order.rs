@@ -201,6 +201,10 @@ impl Aggregate for Order {
     type Command = OrderCommand;
     type Event = OrderEvent;
 
+    fn creates(command: &OrderCommand) -> bool {
+        matches!(command, OrderCommand::Create(_))
+    }
+
     fn validate(command: &OrderCommand) -> Vec<Violation> {
         let mut violations = Vec::new();
         match command {

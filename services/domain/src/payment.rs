@@ -158,6 +158,10 @@ impl Aggregate for Payment {
     type Command = PaymentCommand;
     type Event = PaymentEvent;
 
+    fn creates(command: &PaymentCommand) -> bool {
+        matches!(command, PaymentCommand::Authorize(_) | PaymentCommand::Decline(_))
+    }
+
     fn validate(command: &PaymentCommand) -> Vec<Violation> {
         let mut violations = Vec::new();
         match command {

@@ -57,7 +57,6 @@ reasons! {
     ReservationClosed => "RESERVATION_CLOSED",
     PaymentAlreadyExists => "PAYMENT_ALREADY_EXISTS",
     PaymentNotFound => "PAYMENT_NOT_FOUND",
-    PaymentNotAuthorized => "PAYMENT_NOT_AUTHORIZED",
     PaymentDeclined => "PAYMENT_DECLINED",
     PaymentVoided => "PAYMENT_VOIDED",
     PaymentAlreadyCaptured => "PAYMENT_ALREADY_CAPTURED",

@@ -113,6 +113,10 @@ impl Aggregate for Shipment {
     type Command = ShipmentCommand;
     type Event = ShipmentEvent;
 
+    fn creates(command: &ShipmentCommand) -> bool {
+        matches!(command, ShipmentCommand::Create(_))
+    }
+
     fn validate(command: &ShipmentCommand) -> Vec<Violation> {
         let mut violations = Vec::new();
         match command {

@@ -93,6 +93,10 @@ impl Aggregate for User {
     type Command = UserCommand;
     type Event = UserEvent;
 
+    fn creates(command: &UserCommand) -> bool {
+        matches!(command, UserCommand::Register(_))
+    }
+
     fn validate(command: &UserCommand) -> Vec<Violation> {
         let mut violations = Vec::new();
         match command {

@@ -244,7 +244,7 @@ async fn delete_streams(admin: &Client, streams: &[String]) -> anyhow::Result<()
     Ok(())
 }
 
-async fn connect(url: &str) -> anyhow::Result<Client> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.context("connecting to PostgreSQL")?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -256,7 +256,7 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
 
 /// What the numbers depend on besides eventfold: cores (client and server
 /// share them here) and whether commits wait for the disk.
-async fn machine_line(admin: &Client) -> anyhow::Result<String> {
+pub(crate) async fn machine_line(admin: &Client) -> anyhow::Result<String> {
     let show = async |name: &str| -> anyhow::Result<String> {
         let rows = admin.simple_query(&format!("SHOW {name}")).await.with_context(|| format!("SHOW {name}"))?;
         Ok(rows
@@ -361,10 +361,10 @@ async fn drive(targets: Vec<Target>, batch: usize, window: Window) -> anyhow::Re
 }
 
 /// The appends of one system in one row.
-struct Measurement {
+pub(crate) struct Measurement {
     /// Sorted.
-    latencies: Vec<Duration>,
-    seconds: f64,
+    pub(crate) latencies: Vec<Duration>,
+    pub(crate) seconds: f64,
 }
 
 impl Measurement {
@@ -377,7 +377,7 @@ impl Measurement {
     }
 
     /// Nearest-rank percentile in milliseconds.
-    fn percentile_ms(&self, p: f64) -> f64 {
+    pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
         if self.latencies.is_empty() {
             return f64::NAN;
         }
@@ -401,12 +401,12 @@ impl Measurement {
 }
 
 /// Milliseconds with the precision that matters at that size.
-fn ms(value: f64) -> String {
+pub(crate) fn ms(value: f64) -> String {
     if value < 10.0 { format!("{value:.2}") } else { format!("{value:.1}") }
 }
 
 /// A rate rounded to a whole number, with thousands separators.
-fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, digit) in digits.chars().enumerate() {

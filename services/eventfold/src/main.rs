@@ -2,6 +2,7 @@
 //! configuration and wires storage to servers. No business logic lives here.
 
 mod bench;
+mod commands_bench;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -99,6 +100,8 @@ enum MigrateAction {
 enum Bench {
     /// Append throughput and latency beside raw INSERTs.
     Append(bench::AppendBenchArgs),
+    /// CreateOrder over gRPC at fixed arrival rates beside raw INSERTs.
+    Commands(commands_bench::CommandBenchArgs),
 }
 
 /// The whole configuration, one section per concern.
@@ -253,6 +256,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Migrate { action, .. } => migrate(config.database.require_url()?, action).await,
         Command::Bench { bench: Bench::Append(args) } => bench::append(args).await,
+        Command::Bench { bench: Bench::Commands(args) } => commands_bench::commands(args).await,
     }
 }
 

@@ -30,12 +30,7 @@ async fn memory() -> Backend {
 }
 
 async fn postgres() -> Backend {
-    let db = TestDatabase::create().await;
-    let (mut client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls).await.expect("connect");
-    let driver = tokio::spawn(connection);
-    eventfold_migrations::up(&mut client).await.expect("migrations apply");
-    drop(client);
-    let _ = driver.await;
+    let db = TestDatabase::migrated().await;
     let log = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the event log");
     Backend { log: Arc::new(log), _db: Some(db) }
 }

@@ -10,15 +10,9 @@ use tokio_postgres::NoTls;
 
 /// A migrated database and a PostgreSQL event log on it.
 pub async fn postgres() -> (TestDatabase, Arc<PostgresEventLog>) {
-    let db = TestDatabase::create().await;
-    migrate(db.url()).await;
+    let db = TestDatabase::migrated().await;
     let log = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect");
     (db, Arc::new(log))
-}
-
-pub async fn migrate(url: &str) {
-    let mut client = client(url).await;
-    eventfold_migrations::up(&mut client).await.expect("migrations apply");
 }
 
 pub async fn client(url: &str) -> tokio_postgres::Client {
