@@ -26,6 +26,10 @@ CREATE TABLE eventstore.streams (
     CHECK ((parent_stream_id IS NULL) = (parent_version IS NULL))
 );
 
+-- The foreign key's reverse lookup: without it, removing a stream row scans
+-- the whole table for branches of it.
+CREATE INDEX streams_parent ON eventstore.streams (parent_stream_id) WHERE parent_stream_id IS NOT NULL;
+
 CREATE TABLE eventstore.events (
     global_position bigint PRIMARY KEY DEFAULT nextval('eventstore.global_position_seq'),
     stream_id       text COLLATE "C" NOT NULL,
