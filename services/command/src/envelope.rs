@@ -185,12 +185,19 @@ impl Envelope {
     /// The request id of each write the command makes: the request id
     /// itself, and for a transfer's second write `<request id>/target`.
     pub fn write_request_ids(&self) -> Vec<String> {
-        let Some(id) = &self.meta.request_id else { return Vec::new() };
         match self.command {
-            Command::Transfer { .. } => vec![id.clone(), format!("{id}/target")],
-            _ => vec![id.clone()],
+            Command::Transfer { .. } => {
+                let (source, target) = transfer_request_ids(self.meta.request_id.as_deref());
+                source.into_iter().chain(target).collect()
+            }
+            _ => self.meta.request_id.iter().cloned().collect(),
         }
     }
+}
+
+/// The request ids of a transfer's two writes (source, target).
+pub(crate) fn transfer_request_ids(request_id: Option<&str>) -> (Option<String>, Option<String>) {
+    (request_id.map(str::to_owned), request_id.map(|id| format!("{id}/target")))
 }
 
 /// One stream a command wrote to (or would have, for a no-op).

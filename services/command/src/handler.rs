@@ -26,7 +26,7 @@ use eventfold_store::{
 };
 
 use crate::{
-    envelope::{Command, Envelope, Meta, Reply, Write, stream},
+    envelope::{Command, Envelope, Meta, Reply, Write, stream, transfer_request_ids},
     error::{Error, Result, StoreErrorKind},
 };
 
@@ -289,17 +289,7 @@ impl Handler {
         amount: eventfold_domain::Money,
         meta: &Meta,
     ) -> Result<Reply> {
-        let ids = Envelope::new(
-            Command::Transfer {
-                transfer_id: transfer_id.clone(),
-                from_account_id: from.clone(),
-                to_account_id: to.clone(),
-                amount,
-            },
-            meta.clone(),
-        )
-        .write_request_ids();
-        let (source_id, target_id) = (ids.first().cloned(), ids.get(1).cloned());
+        let (source_id, target_id) = transfer_request_ids(meta.request_id.as_deref());
         let send =
             AccountCommand::Send(SendTransfer { transfer_id: transfer_id.clone(), to_account_id: to.clone(), amount });
         let source_stream = stream::<Account>(&from);

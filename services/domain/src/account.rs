@@ -501,6 +501,13 @@ mod tests {
             .when(withdraw("x-2", 1))
             .then_reject(Reason::AccountClosed);
         Scenario::<Account>::given([opened()]).when(withdraw("x-2", -1)).then_invalid(&["amount.minor"]);
+        Scenario::<Account>::given_no_events().when(withdraw("x-2", 1)).then_reject(Reason::AccountNotFound);
+        Scenario::<Account>::given([opened(), deposited("x-1", 500, 500)])
+            .when(WithdrawMoney { transaction_id: "x-2".into(), amount: Money::new(1, "EUR".parse().unwrap()) })
+            .then_reject(Reason::CurrencyMismatch);
+        Scenario::<Account>::given([opened(), deposited("x-1", 500, 500), withdrawn("x-2", 500, 0)])
+            .when(withdraw("x-2", 500))
+            .then_expect::<AccountEvent>([]);
     }
 
     #[test]
@@ -528,6 +535,26 @@ mod tests {
             .when(ReceiveTransfer { from_account_id: "a-1".into(), ..receive(1) })
             .then_reject(Reason::SameAccountTransfer);
         Scenario::<Account>::given_no_events().when(receive(1)).then_reject(Reason::AccountNotFound);
+        Scenario::<Account>::given_no_events().when(send(1)).then_reject(Reason::AccountNotFound);
+        Scenario::<Account>::given([opened(), AccountClosed { account_id: "a-1".into() }.into()])
+            .when(receive(1))
+            .then_reject(Reason::AccountClosed);
+        Scenario::<Account>::given([opened()])
+            .when(ReceiveTransfer { amount: Money::new(1, "EUR".parse().unwrap()), ..receive(1) })
+            .then_reject(Reason::CurrencyMismatch);
+        Scenario::<Account>::given([
+            opened(),
+            TransferReceived {
+                account_id: "a-1".into(),
+                transfer_id: "t-1".into(),
+                from_account_id: "a-2".into(),
+                amount: usd(200),
+                balance: usd(200),
+            }
+            .into(),
+        ])
+        .when(send(100))
+        .then_reject(Reason::DuplicateTransaction);
         Scenario::<Account>::given([opened()])
             .when(SendTransfer { to_account_id: String::new(), ..send(0) })
             .then_invalid(&["to_account_id", "amount.minor"]);

@@ -407,6 +407,11 @@ mod tests {
             .then_reject(Reason::AmountExceedsCaptured);
         Scenario::<Payment>::given([authorized(1000)]).when(refund(1)).then_reject(Reason::AmountExceedsCaptured);
         Scenario::<Payment>::given_no_events().when(refund(1)).then_reject(Reason::PaymentNotFound);
+        Scenario::<Payment>::given([authorized(1000), voided()]).when(refund(1)).then_reject(Reason::PaymentVoided);
+        Scenario::<Payment>::given([declined()]).when(refund(1)).then_reject(Reason::PaymentDeclined);
+        Scenario::<Payment>::given([authorized(1000), captured(600)])
+            .when(RefundPayment { amount: Money::new(1, "EUR".parse().unwrap()), reason: "r".into() })
+            .then_reject(Reason::CurrencyMismatch);
         Scenario::<Payment>::given([authorized(1000), captured(600)])
             .when(RefundPayment { amount: usd(1), reason: String::new() })
             .then_invalid(&["reason"]);
