@@ -65,6 +65,9 @@ pub struct PostgresConfig {
     pub gap_wait: Duration,
     /// How long a call waits for a pooled connection.
     pub connect_timeout: Duration,
+    /// Least time between two notifications of other processes' live
+    /// subscriptions (their extra wake-up latency, at most).
+    pub notify_interval: Duration,
     /// How long a group-commit call may take before its connection is
     /// dropped and its appends answer `Unavailable` (outcome unknown: retry
     /// with the same request id).
@@ -81,6 +84,7 @@ impl PostgresConfig {
             max_batch_events: 10_000,
             gap_wait: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(5),
+            notify_interval: Duration::from_millis(5),
             append_timeout: Duration::from_secs(30),
         }
     }
@@ -144,7 +148,7 @@ impl PostgresEventLog {
                 config.max_batch_events.max(1),
             )));
         }
-        tasks.push(tokio::spawn(notifier(pg.clone(), config.connect_timeout, committed_rx)));
+        tasks.push(tokio::spawn(notifier(pg.clone(), config.connect_timeout, config.notify_interval, committed_rx)));
         tasks.push(tokio::spawn(listener(pg, config.connect_timeout, appended.clone())));
         Ok(Self { pool, jobs, appended, gap_wait: config.gap_wait, tasks })
     }
@@ -417,10 +421,13 @@ async fn connect_prepared(config: &Config, sql: &str) -> Result<(Client, Stateme
 }
 
 /// Tells other processes about this process's appends: one NOTIFY per
-/// change of the committed head, so a burst of commits makes few.
-async fn notifier(config: Config, connect_timeout: Duration, mut committed: watch::Receiver<u64>) {
+/// change of the committed head, at most one per `interval`.
+async fn notifier(config: Config, connect_timeout: Duration, interval: Duration, mut committed: watch::Receiver<u64>) {
     let mut connection: Option<(Client, Statement)> = None;
     while committed.changed().await.is_ok() {
+        // Commits that land meanwhile share the next notification: at most
+        // one NOTIFY (itself a transaction) per interval, whatever the rate.
+        tokio::time::sleep(interval).await;
         let head = committed.borrow_and_update().to_string();
         if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             let sql = "SELECT pg_notify('eventstore_appended', $1)";
