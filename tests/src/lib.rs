@@ -390,6 +390,32 @@ fn log_tail(log: &Path) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// Runs each case, an `async fn case(server: Server)` of the calling test
+/// file, once on the in-memory log (module `memory`) and once on PostgreSQL
+/// (module `postgres`). The file provides `Server::start(backend)` and the
+/// backends `memory()` and `postgres()`.
+#[macro_export]
+macro_rules! backends {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Server::start(super::memory().await).await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Server::start(super::postgres().await).await).await;
+                }
+            )*
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,28 +108,7 @@ impl Server {
     }
 }
 
-macro_rules! backends {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Server::start(super::memory().await).await).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Server::start(super::postgres().await).await).await;
-                }
-            )*
-        }
-    };
-}
-
-backends!(
+eventfold_tests::backends!(
     order_lifecycle_and_rejections,
     invalid_commands_name_their_fields,
     retries_with_the_same_request_id_return_the_first_answer,

@@ -106,29 +106,7 @@ impl Server {
     }
 }
 
-/// Runs each case against both backends.
-macro_rules! backends {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Server::start(super::memory().await).await).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Server::start(super::postgres().await).await).await;
-                }
-            )*
-        }
-    };
-}
-
-backends!(
+eventfold_tests::backends!(
     append_and_read_round_trip,
     read_all_filters,
     list_streams_pages,
