@@ -54,6 +54,10 @@ pub(crate) struct CommandBenchArgs {
     /// The p99 bound, in milliseconds, of a "sustained" rate.
     #[arg(long, default_value_t = 10.0)]
     p99_bound_ms: f64,
+
+    /// Group-commit writers of the event log; default: the store's default.
+    #[arg(long)]
+    writers: Option<usize>,
 }
 
 /// One system at one rate.
@@ -107,7 +111,10 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
         .context("creating bench_orders_raw")?;
 
     // The command services, in this process, on a loopback port.
-    let store = PostgresEventLog::connect(PostgresConfig::new(args.database_url.clone())).await?;
+    let mut config = PostgresConfig::new(args.database_url.clone());
+    config.writers = args.writers.unwrap_or(config.writers).max(1);
+    let writers = config.writers;
+    let store = PostgresEventLog::connect(config).await?;
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -133,7 +140,8 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
     println!();
     println!(
         "CreateOrder over gRPC, open loop: {}s warm-up, then {}s measured per rate and system; latency from the \
-         scheduled send time. raw: one INSERT of the order per transaction, 16 connections.",
+         scheduled send time. eventfold: {writers} group-commit writers. raw: one INSERT of the order per \
+         transaction, 16 connections.",
         args.warmup_secs, args.duration_secs
     );
     println!();
