@@ -1,6 +1,9 @@
 //! Test harness for eventfold: a throw-away PostgreSQL server per test process
 //! (or the server named by `EVENTFOLD_TEST_DATABASE_URL`), and a fresh, empty
-//! database for each test that asks for one through [`TestDatabase::create`].
+//! database for each test that asks for one through [`TestDatabase::create`];
+//! likewise a throw-away Redis ([`redis`]).
+
+pub mod redis;
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -144,7 +147,7 @@ pub fn server_url() -> String {
 
 /// `eventfold_test_<pid>_<counter>_<random>`: unique within and across
 /// processes sharing a server.
-fn unique_name() -> String {
+pub(crate) fn unique_name() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let counter = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
@@ -322,7 +325,7 @@ pub fn unreachable_database_url() -> String {
 }
 
 /// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

@@ -409,3 +409,26 @@ fn serve_without_database_url_is_a_usage_error() {
     assert!(stderr.contains("database.url"), "{stderr}");
     assert!(output.stdout.is_empty(), "nothing on stdout: {}", String::from_utf8_lossy(&output.stdout));
 }
+
+/// The test-only variables share the `EVENTFOLD_` prefix; setting them must
+/// not make the configuration invalid.
+#[test]
+fn test_only_variables_are_not_configuration() {
+    let test_only: Vec<&str> = eventfold_platform::config::ENV_VARS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| {
+            name.starts_with("EVENTFOLD_TEST_") || ["EVENTFOLD_GRPCURL", "EVENTFOLD_TOOLS_DIR"].contains(name)
+        })
+        .collect();
+    assert!(test_only.len() >= 4, "{test_only:?}");
+    let mut command = eventfold();
+    for name in &test_only {
+        command.env(name, "x");
+    }
+    let output = command.arg("--dump-config").output().expect("run eventfold --dump-config");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "with {test_only:?} set: {stderr}");
+    let dumped = String::from_utf8_lossy(&output.stdout);
+    assert!(dumped.contains("[command]") && dumped.contains("[eventstore]"), "{dumped}");
+}

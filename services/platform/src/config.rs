@@ -30,6 +30,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_COMMAND__SNAPSHOT_EVERY", "a snapshot every this many events of an aggregate (0: never)"),
     ("EVENTFOLD_COMMAND__MAX_ATTEMPTS", "attempts of a command that meets a concurrency conflict"),
     ("EVENTFOLD_TEST_DATABASE_URL", "tests only: use this PostgreSQL server instead of a throw-away one"),
+    ("EVENTFOLD_TEST_REDIS_URL", "tests only: use this Redis server instead of a throw-away one"),
+    ("EVENTFOLD_TOOLS_DIR", "tests only: where tests/run caches the pinned tools"),
     ("EVENTFOLD_GRPCURL", "tests only: the grpcurl binary of the black-box tests"),
 ];
 
@@ -48,7 +50,11 @@ where
         figment = figment.merge(Toml::file(file));
     }
     figment = figment
-        .merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG", "TEST_DATABASE_URL", "GRPCURL"]).split("__"))
+        .merge(
+            Env::prefixed(ENV_PREFIX)
+                .ignore(&["CONFIG", "TEST_DATABASE_URL", "TEST_REDIS_URL", "GRPCURL", "TOOLS_DIR"])
+                .split("__"),
+        )
         .merge(Serialized::defaults(overrides));
     figment.extract().map_err(|e| Error::Config(e.to_string()))
 }

@@ -1,0 +1,171 @@
+//! A throw-away Redis for the tests (or the one named by
+//! `EVENTFOLD_TEST_REDIS_URL`): `redis-server` on a free loopback port, no
+//! persistence, stopped when the test process ends. Tests share the server
+//! and keep apart by key prefix ([`TestRedis::create`]).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, TcpStream},
+    os::unix::process::CommandExt,
+    process::{ChildStdin, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+/// Names a Redis server to use instead of starting a throw-away one, e.g.
+/// `redis://127.0.0.1:6379`.
+pub const REDIS_URL_ENV: &str = "EVENTFOLD_TEST_REDIS_URL";
+const NOT_FOUND: &str =
+    "redis-server not found: install it with `apt-get install -y redis-server` (or set EVENTFOLD_TEST_REDIS_URL)";
+
+/// A key prefix of its own on the shared test Redis.
+#[derive(Debug, Clone)]
+pub struct TestRedis {
+    url: String,
+    prefix: String,
+}
+
+impl TestRedis {
+    /// The shared server (started on first use) and a fresh key prefix.
+    ///
+    /// # Panics
+    ///
+    /// If the server cannot be started or does not answer `PING`.
+    pub fn create() -> TestRedis {
+        TestRedis { url: redis_url(), prefix: format!("{}:", crate::unique_name()) }
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The prefix every key of this test should start with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+/// The server URL: `EVENTFOLD_TEST_REDIS_URL` if set, otherwise this
+/// process's throw-away server, started on first use.
+///
+/// # Panics
+///
+/// If the throw-away server cannot be started (every later call panics with
+/// the same message).
+pub fn redis_url() -> String {
+    static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
+    match SERVER.get_or_init(|| match std::env::var(REDIS_URL_ENV) {
+        Ok(url) if !url.trim().is_empty() => Ok(url.trim().to_owned()),
+        _ => start().map(|(port, watchdog)| {
+            // Never dropped: the server lives until the process ends.
+            std::mem::forget(watchdog);
+            format!("redis://127.0.0.1:{port}")
+        }),
+    }) {
+        Ok(url) => url.clone(),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+fn find_redis_server() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .chain(["/usr/bin".into(), "/usr/local/bin".into(), "/usr/sbin".into()])
+        .map(|dir| dir.join("redis-server"))
+        .find(|path| path.is_file())
+}
+
+/// Starts `redis-server` under a watchdog shell that stops it when its
+/// stdin closes, i.e. when this process ends for any reason.
+fn start() -> Result<(u16, ChildStdin), String> {
+    let server = find_redis_server().ok_or_else(|| NOT_FOUND.to_owned())?;
+    const SCRIPT: &str = r#""$EF_REDIS" --port "$EF_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+  --protected-mode no --loglevel warning >/dev/null 2>&1 &
+pid=$!
+cat >/dev/null 2>&1
+kill "$pid" 2>/dev/null
+wait "$pid" 2>/dev/null"#;
+    let mut last_error = String::new();
+    for _attempt in 0..3 {
+        let port = crate::free_port()?;
+        let mut child = Command::new("sh")
+            .args(["-c", SCRIPT])
+            .env("EF_REDIS", &server)
+            .env("EF_PORT", port.to_string())
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start the test Redis watchdog (sh): {e}"))?;
+        let watchdog = child.stdin.take().ok_or_else(|| "the watchdog has no stdin".to_owned())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ping(port) {
+                Ok(()) => return Ok((port, watchdog)),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    last_error = e;
+                    break;
+                }
+            }
+        }
+        // Dropping the watchdog's stdin stops whatever did start; another
+        // process may have taken the port in between: retry.
+        drop(watchdog);
+    }
+    Err(format!("cannot start the test Redis ({}): {last_error}", server.display()))
+}
+
+/// `PING` over RESP; `+PONG` expected.
+fn ping(port: u16) -> Result<(), String> {
+    let mut stream = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(1))
+        .map_err(|e| format!("connect to 127.0.0.1:{port}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    stream.write_all(b"*1\r\n$4\r\nPING\r\n").map_err(|e| format!("send PING: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).map_err(|e| format!("read PING answer: {e}"))?;
+    if line.trim_end() == "+PONG" { Ok(()) } else { Err(format!("PING answered {line:?}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One RESP command, one line of answer.
+    fn command(url: &str, args: &[&str]) -> String {
+        let addr = url.strip_prefix("redis://").expect("a redis:// URL");
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).expect("send");
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("answer");
+        if let Some(len) = line.strip_prefix('$').and_then(|l| l.trim_end().parse::<usize>().ok()) {
+            let mut value = String::new();
+            reader.read_line(&mut value).expect("bulk value");
+            assert_eq!(value.trim_end().len(), len);
+            return value.trim_end().to_owned();
+        }
+        line.trim_end().to_owned()
+    }
+
+    #[test]
+    fn a_throw_away_redis_answers_and_prefixes_keep_tests_apart() {
+        let a = TestRedis::create();
+        let b = TestRedis::create();
+        assert_eq!(a.url(), b.url(), "one server per process");
+        assert_ne!(a.prefix(), b.prefix());
+        let key = |r: &TestRedis| format!("{}greeting", r.prefix());
+        assert_eq!(command(a.url(), &["SET", &key(&a), "hello"]), "+OK");
+        assert_eq!(command(a.url(), &["GET", &key(&a)]), "hello");
+        assert_eq!(command(b.url(), &["GET", &key(&b)]), "$-1", "b does not see a's key");
+        assert_eq!(command(a.url(), &["CONFIG", "GET", "appendonly"]).chars().next(), Some('*'));
+    }
+}
