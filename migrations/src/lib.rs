@@ -12,6 +12,8 @@ use tokio_postgres::Client;
 pub const FILES: &[(&str, &str)] = &[
     ("0001_event_store.up.sql", include_str!("../0001_event_store.up.sql")),
     ("0001_event_store.down.sql", include_str!("../0001_event_store.down.sql")),
+    ("0002_projections.up.sql", include_str!("../0002_projections.up.sql")),
+    ("0002_projections.down.sql", include_str!("../0002_projections.down.sql")),
 ];
 
 /// Errors of migrating.

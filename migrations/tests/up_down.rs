@@ -20,6 +20,7 @@ async fn up_status_down_up() {
     eventfold_migrations::up(&mut client).await.unwrap();
     assert!(eventfold_migrations::status(&client).await.unwrap().iter().all(|m| m.applied));
     assert!(table_exists(&client, "eventstore.events").await);
+    assert!(table_exists(&client, "projections.checkpoints").await);
     // Applying again is a no-op.
     eventfold_migrations::up(&mut client).await.unwrap();
 
@@ -31,6 +32,9 @@ async fn up_status_down_up() {
     eventfold_migrations::down(&mut client, None).await.unwrap();
     let after = eventfold_migrations::status(&client).await.unwrap();
     assert!(!after.last().unwrap().applied, "down without --to reverts the latest");
+    assert!(after[..after.len() - 1].iter().all(|m| m.applied), "and only the latest");
+    assert!(!table_exists(&client, "projections.checkpoints").await);
+    assert!(table_exists(&client, "eventstore.events").await);
 
     assert!(matches!(
         eventfold_migrations::down(&mut client, Some(9999)).await,

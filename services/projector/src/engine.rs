@@ -1,0 +1,350 @@
+//! The engine: batches of the global log applied in one transaction with
+//! their checkpoint; poison events parked; versions built side by side and
+//! switched atomically.
+
+use std::{sync::Arc, time::Duration};
+
+use bb8::Pool;
+use bb8_postgres::PostgresConnectionManager;
+use eventfold_store::{AllRead, EventFilter, EventLog, RecordedEvent};
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls, Transaction};
+
+use crate::{ApplyError, Error, Projection, Result};
+
+/// How a projector works through the log.
+#[derive(Debug, Clone)]
+pub struct ProjectorOptions {
+    /// Most events applied in one transaction.
+    pub batch_size: usize,
+    /// Attempts of one event before it is parked.
+    pub max_attempts: u32,
+    /// Pause before the second attempt; doubled for each further one.
+    pub retry_backoff: Duration,
+    /// Longest sleep when caught up (appends of this process wake it
+    /// sooner; those of other processes through NOTIFY).
+    pub idle_poll: Duration,
+}
+
+impl Default for ProjectorOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            max_attempts: 3,
+            retry_backoff: Duration::from_millis(10),
+            idle_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Where a projection version stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub name: String,
+    pub version: u32,
+    /// Every event up to here is applied or parked.
+    pub position: u64,
+    pub events_applied: u64,
+    /// Whether the public views show this version.
+    pub active: bool,
+    /// Parked events not yet replayed.
+    pub parked: u64,
+}
+
+/// Every version of every projection in the database.
+pub async fn status(client: &Client) -> Result<Vec<Status>> {
+    let rows = client
+        .query(
+            "SELECT c.name, c.version, c.position, c.events_applied, a.version IS NOT NULL AS active, \
+                    (SELECT count(*) FROM projections.parked p \
+                      WHERE p.name = c.name AND p.version = c.version AND p.replayed_at IS NULL) AS parked \
+               FROM projections.checkpoints c \
+               LEFT JOIN projections.active a ON a.name = c.name AND a.version = c.version \
+              ORDER BY c.name, c.version",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Status {
+            name: r.get(0),
+            version: r.get::<_, i32>(1) as u32,
+            position: r.get::<_, i64>(2) as u64,
+            events_applied: r.get::<_, i64>(3) as u64,
+            active: r.get(4),
+            parked: r.get::<_, i64>(5) as u64,
+        })
+        .collect())
+}
+
+/// Runs one version of one projection.
+pub struct Projector {
+    pool: Pool<PostgresConnectionManager<NoTls>>,
+    log: Arc<dyn EventLog>,
+    projection: Arc<dyn Projection>,
+    version: u32,
+    options: ProjectorOptions,
+}
+
+impl std::fmt::Debug for Projector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projector")
+            .field("projection", &self.projection.name())
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pool_error(e: impl std::fmt::Display) -> Error {
+    Error::Pool(e.to_string())
+}
+
+impl Projector {
+    /// A projector of `projection` at `version`, keeping its read model in
+    /// the database of `database_url` (which holds the migrations).
+    pub async fn new(
+        database_url: &str,
+        log: Arc<dyn EventLog>,
+        projection: Arc<dyn Projection>,
+        version: u32,
+        options: ProjectorOptions,
+    ) -> Result<Self> {
+        let config: tokio_postgres::Config = database_url.parse()?;
+        let pool = Pool::builder()
+            .max_size(2)
+            .connection_timeout(Duration::from_secs(5))
+            .build(PostgresConnectionManager::new(config, NoTls))
+            .await
+            .map_err(pool_error)?;
+        Ok(Self { pool, log, projection, version, options })
+    }
+
+    fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+
+    fn version_param(&self) -> i32 {
+        i32::try_from(self.version).unwrap_or(i32::MAX)
+    }
+
+    /// Creates this version's tables and checkpoint; activates it when no
+    /// version of the projection is active yet.
+    pub async fn prepare(&self) -> Result<()> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        // One preparer at a time per projection.
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&self.name()]).await?;
+        tx.batch_execute(&self.projection.create_sql(self.version)).await?;
+        tx.execute(
+            "INSERT INTO projections.checkpoints (name, version) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&self.name(), &self.version_param()],
+        )
+        .await?;
+        let active = tx.query_opt("SELECT version FROM projections.active WHERE name = $1", &[&self.name()]).await?;
+        if active.is_none() {
+            activate_in(&tx, self.projection.as_ref(), self.version).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Points the public views at this version, atomically.
+    pub async fn activate(&self) -> Result<()> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&self.name()]).await?;
+        activate_in(&tx, self.projection.as_ref(), self.version).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Applies at most one batch. Returns how many events it considered; 0
+    /// means caught up with what was visible.
+    pub async fn step(&self) -> Result<usize> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        // The checkpoint row's lock keeps a second instance of this version
+        // from applying the same batch.
+        let row = tx
+            .query_one(
+                "SELECT position FROM projections.checkpoints WHERE name = $1 AND version = $2 FOR UPDATE",
+                &[&self.name(), &self.version_param()],
+            )
+            .await?;
+        let position = row.get::<_, i64>(0) as u64;
+        let read = AllRead { after: position, max_count: self.options.batch_size, filter: EventFilter::default() };
+        let slice = self.log.read_all(read).await?;
+        if slice.events.is_empty() && slice.next_position <= position {
+            return Ok(0);
+        }
+        let mut applied = 0i64;
+        for event in &slice.events {
+            if self.apply_with_retries(&tx, event).await? {
+                applied += 1;
+            }
+        }
+        tx.execute(
+            "UPDATE projections.checkpoints SET position = $3, events_applied = events_applied + $4, \
+                    updated_at = clock_timestamp() WHERE name = $1 AND version = $2",
+            &[&self.name(), &self.version_param(), &(slice.next_position as i64), &applied],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(slice.events.len().max(1))
+    }
+
+    /// One event in a savepoint, retried; parked (in the same transaction)
+    /// when every attempt fails. Whether it was applied.
+    async fn apply_with_retries(&self, tx: &Transaction<'_>, event: &RecordedEvent) -> Result<bool> {
+        let mut pause = self.options.retry_backoff;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            tx.batch_execute("SAVEPOINT apply_event").await?;
+            match self.projection.apply(tx, self.version, event).await {
+                Ok(()) => {
+                    tx.batch_execute("RELEASE SAVEPOINT apply_event").await?;
+                    return Ok(true);
+                }
+                Err(error) => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT apply_event").await?;
+                    if attempt >= self.options.max_attempts.max(1) {
+                        self.park(tx, event, &error, attempt).await?;
+                        return Ok(false);
+                    }
+                    tracing::debug!(projection = self.name(), position = event.global_position, %error, attempt, "retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+            }
+        }
+    }
+
+    async fn park(&self, tx: &Transaction<'_>, event: &RecordedEvent, error: &ApplyError, attempts: u32) -> Result<()> {
+        tracing::warn!(
+            projection = self.name(),
+            version = self.version,
+            position = event.global_position,
+            event_type = %event.event_type,
+            %error,
+            "event parked"
+        );
+        tx.execute(
+            "INSERT INTO projections.parked (name, version, global_position, event_id, stream_id, event_type, error, \
+                                             attempts) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (name, version, global_position) DO UPDATE \
+                SET error = EXCLUDED.error, attempts = projections.parked.attempts + EXCLUDED.attempts, \
+                    parked_at = clock_timestamp(), replayed_at = NULL",
+            &[
+                &self.name(),
+                &self.version_param(),
+                &(event.global_position as i64),
+                &event.event_id,
+                &event.stream_id,
+                &event.event_type,
+                &error.to_string(),
+                &(attempts as i32),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Applies the parked events of this version again (after a fix), in
+    /// position order; those that apply are marked replayed, the others
+    /// stay parked with their new error. Returns how many applied.
+    pub async fn replay_parked(&self) -> Result<usize> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT 1 FROM projections.checkpoints WHERE name = $1 AND version = $2 FOR UPDATE",
+            &[&self.name(), &self.version_param()],
+        )
+        .await?;
+        let parked = tx
+            .query(
+                "SELECT global_position FROM projections.parked \
+                  WHERE name = $1 AND version = $2 AND replayed_at IS NULL ORDER BY global_position",
+                &[&self.name(), &self.version_param()],
+            )
+            .await?;
+        let mut applied = 0;
+        for row in parked {
+            let position = row.get::<_, i64>(0) as u64;
+            let read = AllRead { after: position - 1, max_count: 1, filter: EventFilter::default() };
+            let Some(event) = self.log.read_all(read).await?.events.into_iter().find(|e| e.global_position == position)
+            else {
+                continue;
+            };
+            if self.apply_with_retries(&tx, &event).await? {
+                tx.execute(
+                    "UPDATE projections.parked SET replayed_at = clock_timestamp() \
+                      WHERE name = $1 AND version = $2 AND global_position = $3",
+                    &[&self.name(), &self.version_param(), &(position as i64)],
+                )
+                .await?;
+                applied += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// The checkpoint: every event up to here is applied or parked.
+    pub async fn position(&self) -> Result<u64> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_one(
+                "SELECT position FROM projections.checkpoints WHERE name = $1 AND version = $2",
+                &[&self.name(), &self.version_param()],
+            )
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Prepares, then follows the log until `shutdown` turns true. Failures
+    /// (PostgreSQL away, …) are logged and retried with backoff: whatever
+    /// was not committed is applied again from the checkpoint.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut wake = self.log.appended();
+        let mut backoff = Duration::from_millis(100);
+        let mut prepared = false;
+        while !*shutdown.borrow() {
+            let result = if prepared { self.step().await } else { self.prepare().await.map(|()| 1) };
+            match result {
+                Ok(0) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        _ = wake.changed() => {}
+                        () = tokio::time::sleep(self.options.idle_poll) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+                Ok(_) => {
+                    prepared = true;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(projection = self.name(), version = self.version, error = %e, "projector failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+async fn activate_in(tx: &Transaction<'_>, projection: &dyn Projection, version: u32) -> Result<()> {
+    tx.batch_execute(&projection.activate_sql(version)).await?;
+    tx.execute(
+        "INSERT INTO projections.active (name, version) VALUES ($1, $2) \
+         ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version, switched_at = clock_timestamp()",
+        &[&projection.name(), &i32::try_from(version).unwrap_or(i32::MAX)],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! The projection engine of eventfold: read models in PostgreSQL (schema
+//! `read`), each kept in step with the global log by a [`Projector`].
+//!
+//! OVERVIEW: a [`Projection`] says which tables a version of it has and how
+//! one event changes them. The [`Projector`] reads the log gap-safely after
+//! its checkpoint, applies a batch in one transaction and moves the
+//! checkpoint (`projections.checkpoints`) in that same transaction: a crash
+//! at any point neither loses nor double-applies an event. An event that
+//! keeps failing is parked (`projections.parked`) and the projection goes
+//! on. Versions build side by side; the public views show the active one.
+
+mod engine;
+mod orders;
+
+pub use crate::{
+    engine::{Projector, ProjectorOptions, Status, status},
+    orders::OrderViews,
+};
+
+use async_trait::async_trait;
+use eventfold_store::RecordedEvent;
+use tokio_postgres::Transaction;
+
+/// Why a projection could not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Event(String),
+}
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(String),
+    #[error(transparent)]
+    Store(#[from] eventfold_store::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A read model: its tables per version and how an event changes them.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// Unique name, e.g. `order_views`.
+    fn name(&self) -> &'static str;
+
+    /// DDL creating the tables of `version` (idempotent).
+    fn create_sql(&self, version: u32) -> String;
+
+    /// DDL pointing the public views at the tables of `version`.
+    fn activate_sql(&self, version: u32) -> String;
+
+    /// Apply one event (in its current schema version) to the tables of
+    /// `version`, inside the engine's transaction. Events the projection
+    /// does not care about are ignored.
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        version: u32,
+        event: &RecordedEvent,
+    ) -> std::result::Result<(), ApplyError>;
+}
