@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands_bench;
+mod projections;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -52,6 +53,14 @@ enum Command {
         #[command(subcommand)]
         action: MigrateAction,
     },
+    /// List projections, or rebuild one beside the version that serves.
+    Projections {
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+        #[command(subcommand)]
+        action: ProjectionsAction,
+    },
     /// Measure against raw PostgreSQL doing the same work.
     Bench {
         #[command(subcommand)]
@@ -94,6 +103,23 @@ enum MigrateAction {
     },
     /// List known migrations and whether they are applied.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectionsAction {
+    /// Every version of every projection: position, lag, parked events.
+    List,
+    /// The versions of one projection.
+    Status {
+        /// Projection name, e.g. order_views.
+        name: String,
+    },
+    /// Build the next version from position 0 while the active one keeps
+    /// serving, then switch to it.
+    Rebuild {
+        /// Projection name, e.g. order_views.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,7 +193,9 @@ fn overrides(command: Option<&Command>) -> Overrides {
             o.command.listen = *listen;
             o.database.url.clone_from(database_url);
         }
-        Some(Command::Migrate { database_url, .. }) => o.database.url.clone_from(database_url),
+        Some(Command::Migrate { database_url, .. } | Command::Projections { database_url, .. }) => {
+            o.database.url.clone_from(database_url);
+        }
         Some(Command::Bench { .. }) | None => {}
     }
     o
@@ -255,6 +283,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate { action, .. } => migrate(config.database.require_url()?, action).await,
+        Command::Projections { action, .. } => projections::run(&config, action).await,
         Command::Bench { bench: Bench::Append(args) } => bench::append(args).await,
         Command::Bench { bench: Bench::Commands(args) } => commands_bench::commands(args).await,
     }

@@ -432,3 +432,63 @@ fn test_only_variables_are_not_configuration() {
     let dumped = String::from_utf8_lossy(&output.stdout);
     assert!(dumped.contains("[command]") && dumped.contains("[eventstore]"), "{dumped}");
 }
+
+/// `eventfold projections rebuild` builds the next version beside the
+/// active one and switches; `list` shows both.
+#[test]
+fn projections_rebuild_and_list() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let db = runtime.block_on(eventfold_tests::TestDatabase::migrated());
+    let url = db.url().to_owned();
+    // Three orders through the command bus: three events to project.
+    runtime.block_on(async {
+        use eventfold_domain::order::{CreateOrder, OrderItem};
+        use tower::ServiceExt;
+        let store =
+            eventfold_store::PostgresEventLog::connect(eventfold_store::PostgresConfig::new(&url)).await.unwrap();
+        let bus = eventfold_command::bus(std::sync::Arc::new(store), eventfold_command::BusOptions::default());
+        for o in 0..3 {
+            let eur = "EUR".parse().unwrap();
+            let items = vec![OrderItem {
+                product_id: "sku".into(),
+                quantity: 1,
+                unit_price: eventfold_domain::Money::new(100, eur),
+            }];
+            let create = CreateOrder { order_id: format!("o-{o}"), customer_id: "c".into(), currency: eur, items };
+            let command = eventfold_command::Command::Order { order_id: format!("o-{o}"), command: create.into() };
+            let envelope = eventfold_command::Envelope::new(command, eventfold_command::Meta::default());
+            bus.clone().oneshot(envelope).await.expect("create an order");
+        }
+    });
+    let projections = |args: &[&str]| {
+        let output = eventfold()
+            .args(["projections", "--database-url", &url])
+            .args(args)
+            .env("EVENTFOLD_LOG__FILTER", "warn")
+            .output()
+            .expect("run eventfold projections");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        );
+        assert!(output.status.success(), "projections {args:?} failed:\n{stdout}\n{stderr}");
+        (stdout, stderr)
+    };
+    let (out, progress) = projections(&["rebuild", "order_views"]);
+    assert!(out.contains("order_views: version 1 built"), "{out}");
+    assert!(progress.contains("order_views v1 ["), "a progress bar on stderr: {progress}");
+    let (out, _) = projections(&["rebuild", "order_views"]);
+    assert!(out.contains("order_views: version 2 built"), "{out}");
+    let (list, _) = projections(&["list"]);
+    let rows: Vec<Vec<&str>> = list.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 2, "{list}");
+    assert_eq!((rows[0][0], rows[0][1], rows[1][1], rows[1][2]), ("order_views", "1", "2", "yes"), "{list}");
+    // position, applied, behind, parked of version 2: all three orders.
+    assert_eq!(&rows[1][3..], ["3", "3", "0", "0"], "{list}");
+    let output = eventfold()
+        .args(["projections", "--database-url", &url, "status", "nope"])
+        .output()
+        .expect("run eventfold projections status");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no projection \"nope\""));
+}

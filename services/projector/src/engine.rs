@@ -190,6 +190,15 @@ impl Projector {
         )
         .await?;
         tx.commit().await?;
+        let version = self.version.to_string();
+        metrics::gauge!("eventfold_projection_position", "projection" => self.name(), "version" => version.clone())
+            .set(slice.next_position as f64);
+        if let Some(last) = slice.events.last() {
+            let behind = std::time::SystemTime::now().duration_since(last.created_at).unwrap_or_default();
+            metrics::gauge!("eventfold_projection_lag_seconds", "projection" => self.name(), "version" => version)
+                .set(behind.as_secs_f64());
+        }
+        metrics::counter!("eventfold_projection_events_total", "projection" => self.name()).increment(applied as u64);
         Ok(slice.events.len().max(1))
     }
 

@@ -1,0 +1,112 @@
+//! `eventfold projections list|status|rebuild`: the operator's view of the
+//! read side.
+
+use std::{
+    io::Write as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use eventfold_projector::{OrderViews, Projection, Projector, ProjectorOptions, Status};
+
+use crate::{Config, ProjectionsAction, bench::connect, postgres};
+
+/// Every projection this binary knows.
+fn known() -> Vec<Arc<dyn Projection>> {
+    vec![Arc::new(OrderViews)]
+}
+
+fn find(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
+    known().into_iter().find(|p| p.name() == name).with_context(|| {
+        let names: Vec<&str> = known().iter().map(|p| p.name()).collect();
+        format!("no projection {name:?}; known: {}", names.join(", "))
+    })
+}
+
+fn print(statuses: &[Status], head: u64) {
+    println!(
+        "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7}",
+        "projection", "version", "active", "position", "applied", "behind", "parked"
+    );
+    for s in statuses {
+        println!(
+            "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7}",
+            s.name,
+            s.version,
+            if s.active { "yes" } else { "" },
+            s.position,
+            s.events_applied,
+            head.saturating_sub(s.position),
+            s.parked
+        );
+    }
+}
+
+pub(crate) async fn run(config: &Config, action: ProjectionsAction) -> anyhow::Result<()> {
+    let url = config.database.require_url()?.to_owned();
+    let client = connect(&url).await?;
+    let log = postgres(config).await?;
+    let head = log.last_position().await?;
+    match action {
+        ProjectionsAction::List => print(&eventfold_projector::status(&client).await?, head),
+        ProjectionsAction::Status { name } => {
+            find(&name)?;
+            let statuses: Vec<Status> =
+                eventfold_projector::status(&client).await?.into_iter().filter(|s| s.name == name).collect();
+            if statuses.is_empty() {
+                println!("{name}: not started yet (no checkpoint)");
+            } else {
+                print(&statuses, head);
+            }
+        }
+        ProjectionsAction::Rebuild { name } => {
+            let projection = find(&name)?;
+            let statuses = eventfold_projector::status(&client).await?;
+            let next = statuses.iter().filter(|s| s.name == name).map(|s| s.version).max().unwrap_or(0) + 1;
+            let projector = Projector::new(&url, log.clone(), projection, next, ProjectorOptions::default()).await?;
+            projector.prepare().await?;
+            let started = Instant::now();
+            let mut last_print = Instant::now() - Duration::from_secs(1);
+            loop {
+                let considered = projector.step().await?;
+                let position = projector.position().await?;
+                let head = log.last_position().await?.max(position);
+                if last_print.elapsed() >= Duration::from_millis(500) || considered == 0 {
+                    last_print = Instant::now();
+                    progress(&name, next, position, head, started.elapsed());
+                }
+                if considered == 0 && position >= head {
+                    break;
+                }
+            }
+            eprintln!();
+            projector.activate().await?;
+            let parked = eventfold_projector::status(&client)
+                .await?
+                .into_iter()
+                .find(|s| s.name == name && s.version == next)
+                .map_or(0, |s| s.parked);
+            println!("{name}: version {next} built in {:.1}s and active", started.elapsed().as_secs_f64());
+            if parked > 0 {
+                bail!("{name} version {next} parked {parked} events: see projections.parked");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `\r`-updated progress bar with rate and ETA, on stderr.
+fn progress(name: &str, version: u32, position: u64, head: u64, elapsed: Duration) {
+    const WIDTH: usize = 30;
+    let done = if head == 0 { 1.0 } else { position as f64 / head as f64 };
+    let filled = ((done * WIDTH as f64) as usize).min(WIDTH);
+    let rate = position as f64 / elapsed.as_secs_f64().max(0.001);
+    let eta = if rate > 0.0 { head.saturating_sub(position) as f64 / rate } else { f64::NAN };
+    eprint!(
+        "\r{name} v{version} [{}{}] {position}/{head} events, {rate:.0}/s, ETA {eta:.0}s   ",
+        "#".repeat(filled),
+        "-".repeat(WIDTH - filled)
+    );
+    let _ = std::io::stderr().flush();
+}
