@@ -8,13 +8,13 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use eventfold_projector::{OrderViews, Projection, Projector, ProjectorOptions, Status};
+use eventfold_projector::{InventoryViews, OrderViews, Projection, Projector, ProjectorOptions, Status};
 
 use crate::{Config, ProjectionsAction, bench::connect, postgres};
 
 /// Every projection this binary knows.
 fn known() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(OrderViews)]
+    vec![Arc::new(OrderViews), Arc::new(InventoryViews)]
 }
 
 fn find(name: &str) -> anyhow::Result<Arc<dyn Projection>> {

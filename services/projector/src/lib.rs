@@ -10,10 +10,12 @@
 //! on. Versions build side by side; the public views show the active one.
 
 mod engine;
+mod inventory;
 mod orders;
 
 pub use crate::{
     engine::{Projector, ProjectorOptions, Status, status},
+    inventory::InventoryViews,
     orders::OrderViews,
 };
 

@@ -106,15 +106,30 @@ fn options() -> ProjectorOptions {
     ProjectorOptions { batch_size: 25, ..ProjectorOptions::default() }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
-    let (db, log, client) = setup().await;
-    let writer = tokio::spawn(write_orders(log.clone(), 0, 160));
+async fn rows_by(client: &tokio_postgres::Client, table: &str, order: &str) -> Vec<String> {
+    client
+        .query(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY {order}"), &[])
+        .await
+        .expect("read the table")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
 
-    // The projector is killed at random points while orders stream in, and
-    // started again, several times.
+/// Kills a projector of version 1 at random points, 8 times, while `writer`
+/// appends; then lets it catch up, and builds version 2 from scratch beside
+/// it. Returns the rows of `tables` (`(name, order by)`) for v1 and v2, and
+/// asserts that both applied every event once and parked none.
+async fn crash_then_rebuild(
+    db: &TestDatabase,
+    log: &Arc<dyn EventLog>,
+    client: &tokio_postgres::Client,
+    projection: Arc<dyn Projection>,
+    writer: tokio::task::JoinHandle<()>,
+    tables: &[(&str, &str)],
+) -> (Vec<Vec<String>>, Vec<Vec<String>>, Projector) {
     for _ in 0..8 {
-        let projector = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options()).await.unwrap();
+        let projector = Projector::new(db.url(), log.clone(), projection.clone(), 1, options()).await.unwrap();
         let (_stop, stop) = watch::channel(false);
         let task = tokio::spawn(projector.run(stop));
         tokio::time::sleep(Duration::from_millis(20 + random(200))).await;
@@ -123,25 +138,48 @@ async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
     }
     writer.await.expect("writer");
     let head = log.last_position().await.unwrap();
-    let reached = status(&client).await.unwrap()[0].position;
+    let mine = |s: &eventfold_projector::Status| s.name == projection.name();
+    let reached = status(client).await.unwrap().into_iter().find(mine).map_or(0, |s| s.position);
     assert!(reached > 0, "the killed projectors made progress before the last start");
-    let projector = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options()).await.unwrap();
+    let projector = Projector::new(db.url(), log.clone(), projection.clone(), 1, options()).await.unwrap();
     let (stop_tx, stop) = watch::channel(false);
     let task = tokio::spawn(projector.run(stop));
-    let probe = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options()).await.unwrap();
+    let probe = Projector::new(db.url(), log.clone(), projection.clone(), 1, options()).await.unwrap();
     wait_until_at(&probe, head).await;
     let _ = stop_tx.send(true);
     task.await.unwrap();
 
-    // Version 2 from scratch, beside version 1 (which keeps serving).
-    let rebuild = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options()).await.unwrap();
+    let rebuild = Projector::new(db.url(), log.clone(), projection.clone(), 2, options()).await.unwrap();
     rebuild.prepare().await.unwrap();
     while rebuild.step().await.unwrap() > 0 {}
-    let survived = rows(&client, "read.order_views_v1").await;
-    let rebuilt = rows(&client, "read.order_views_v2").await;
-    assert_eq!(survived.len(), 160, "one row per order");
+    let applied: Vec<(u32, u64, u64)> = status(client)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(mine)
+        .map(|s| (s.version, s.events_applied, s.parked))
+        .collect();
+    let events = applied[0].1;
+    assert!(events > 0);
+    assert_eq!(applied, [(1, events, 0), (2, events, 0)], "every event applied exactly once, none parked");
+    let mut v1 = Vec::new();
+    let mut v2 = Vec::new();
+    for (table, order) in tables {
+        v1.push(rows_by(client, &format!("{table}_v1"), order).await);
+        v2.push(rows_by(client, &format!("{table}_v2"), order).await);
+    }
+    (v1, v2, rebuild)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
+    let (db, log, client) = setup().await;
+    let writer = tokio::spawn(write_orders(log.clone(), 0, 160));
+    let (survived, rebuilt, rebuild) =
+        crash_then_rebuild(&db, &log, &client, Arc::new(OrderViews), writer, &[("read.order_views", "order_id")]).await;
+    assert_eq!(survived[0].len(), 160, "one row per order");
     assert_eq!(survived, rebuilt, "after the crashes, the read model equals a rebuild, row for row");
-    assert_eq!(rows(&client, "read.order_views").await, survived, "the view shows version 1");
+    assert_eq!(rows(&client, "read.order_views").await, survived[0], "the view shows version 1");
 
     let statuses = client
         .query("SELECT status, count(*) FROM read.order_views GROUP BY 1 ORDER BY 1", &[])
@@ -154,16 +192,87 @@ async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
         statuses,
         [("cancelled".into(), 40), ("confirmed".into(), 40), ("paid".into(), 40), ("shipped".into(), 40)]
     );
-    let applied: Vec<(u32, u64, u64)> =
-        status(&client).await.unwrap().iter().map(|s| (s.version, s.events_applied, s.parked)).collect();
-    let events = applied[0].1;
-    assert_eq!(applied, [(1, events, 0), (2, events, 0)], "every event applied exactly once, none parked");
 
     // The switch is one transaction: the view shows version 2 afterwards.
     rebuild.activate().await.unwrap();
     let versions: Vec<(u32, bool)> = status(&client).await.unwrap().iter().map(|s| (s.version, s.active)).collect();
     assert_eq!(versions, [(1, false), (2, true)]);
-    assert_eq!(rows(&client, "read.order_views").await, rebuilt);
+    assert_eq!(rows(&client, "read.order_views").await, rebuilt[0]);
+}
+
+/// Stock moves through the real command bus: 5 products, reservations of
+/// 60 orders, each later released, consumed or kept.
+async fn write_stock(log: Arc<dyn EventLog>) {
+    use eventfold_domain::inventory::{
+        ConsumeReservation, RegisterProduct, ReleaseReservation, ReplenishStock, ReserveStock,
+    };
+    let bus = eventfold_command::bus(log, eventfold_command::BusOptions::default());
+    let send = |product: usize, command: eventfold_domain::inventory::InventoryCommand| {
+        let bus = bus.clone();
+        async move {
+            let envelope =
+                Envelope::new(Command::Inventory { product_id: format!("sku-{product}"), command }, Meta::default());
+            bus.oneshot(envelope).await
+        }
+    };
+    for p in 0..5 {
+        send(p, RegisterProduct { product_id: format!("sku-{p}"), name: format!("Product {p}") }.into()).await.unwrap();
+        send(p, ReplenishStock { quantity: 40 }.into()).await.unwrap();
+    }
+    for o in 0..60usize {
+        let (p, order_id) = (o % 5, format!("o-{o}"));
+        let reserved = send(p, ReserveStock { order_id: order_id.clone(), quantity: 1 + (o % 4) as u32 }.into()).await;
+        if reserved.is_err() {
+            continue;
+        }
+        match o % 3 {
+            0 => send(p, ReleaseReservation { order_id, reason: "cancelled".into() }.into()).await.unwrap(),
+            1 => send(p, ConsumeReservation { order_id }.into()).await.unwrap(),
+            _ => continue,
+        };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_views_survive_crashes_and_agree_with_the_aggregates() {
+    use eventfold_domain::inventory::Inventory;
+    let (db, log, client) = setup().await;
+    let writer = tokio::spawn(write_stock(log.clone()));
+    let tables = [("read.inventory_views", "product_id"), ("read.inventory_reservations", "product_id, order_id")];
+    let (survived, rebuilt, _) =
+        crash_then_rebuild(&db, &log, &client, Arc::new(eventfold_projector::InventoryViews), writer, &tables).await;
+    assert_eq!(survived, rebuilt, "row for row, both tables");
+
+    let handler = eventfold_command::Handler::new(log.clone(), eventfold_command::SnapshotPolicy::default());
+    for p in 0..5 {
+        let product = format!("sku-{p}");
+        let state = handler.load::<Inventory>(&format!("inventory-{product}")).await.unwrap().state;
+        let row = client
+            .query_one(
+                "SELECT available, reserved, shipped FROM read.inventory_views WHERE product_id = $1",
+                &[&product],
+            )
+            .await
+            .unwrap();
+        let view: (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(
+            view,
+            (state.available as i64, state.reserved() as i64, state.consumed as i64),
+            "{product}: the view agrees with the aggregate"
+        );
+        let held: Vec<(String, i64)> = client
+            .query(
+                "SELECT order_id, quantity FROM read.inventory_reservations WHERE product_id = $1 ORDER BY order_id",
+                &[&product],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let expected: Vec<(String, i64)> = state.reservations.iter().map(|(o, q)| (o.clone(), i64::from(*q))).collect();
+        assert_eq!(held, expected, "{product}: the open reservations");
+    }
 }
 
 /// `OrderViews`, except that it fails on one event until fixed.
