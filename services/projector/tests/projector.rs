@@ -92,16 +92,6 @@ async fn wait_until_at(projector: &Projector, head: u64) {
     panic!("the projector did not reach position {head} within 30 s");
 }
 
-async fn rows(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
-    client
-        .query(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY order_id"), &[])
-        .await
-        .expect("read the view")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 fn options() -> ProjectorOptions {
     ProjectorOptions { batch_size: 25, ..ProjectorOptions::default() }
 }
@@ -179,7 +169,7 @@ async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
         crash_then_rebuild(&db, &log, &client, Arc::new(OrderViews), writer, &[("read.order_views", "order_id")]).await;
     assert_eq!(survived[0].len(), 160, "one row per order");
     assert_eq!(survived, rebuilt, "after the crashes, the read model equals a rebuild, row for row");
-    assert_eq!(rows(&client, "read.order_views").await, survived[0], "the view shows version 1");
+    assert_eq!(rows_by(&client, "read.order_views", "order_id").await, survived[0], "the view shows version 1");
 
     let statuses = client
         .query("SELECT status, count(*) FROM read.order_views GROUP BY 1 ORDER BY 1", &[])
@@ -197,7 +187,7 @@ async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
     rebuild.activate().await.unwrap();
     let versions: Vec<(u32, bool)> = status(&client).await.unwrap().iter().map(|s| (s.version, s.active)).collect();
     assert_eq!(versions, [(1, false), (2, true)]);
-    assert_eq!(rows(&client, "read.order_views").await, rebuilt[0]);
+    assert_eq!(rows_by(&client, "read.order_views", "order_id").await, rebuilt[0]);
 }
 
 /// Stock moves through the real command bus: 5 products, reservations of
