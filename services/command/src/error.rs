@@ -2,6 +2,8 @@
 //! technical failures are different variants: each becomes a different
 //! gRPC code at the edge.
 
+use std::sync::Arc;
+
 use eventfold_domain::{Reason, Rejection, Violation};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -19,47 +21,24 @@ pub enum Error {
     /// The principal may not send this command (`PERMISSION_DENIED`).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
-    /// The store failed (mapped like every store error).
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    /// The store failed (mapped to a status like every store error; shared
+    /// so that the bus can answer one error more than once).
+    #[error("{0}")]
+    Store(Arc<eventfold_store::Error>),
     /// A stored event or snapshot the code cannot read (`INTERNAL`).
     #[error("cannot read stored data: {0}")]
     Corrupt(String),
 }
 
-/// A store error, cloneable (the bus may answer one error to a retry).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct StoreError {
-    pub message: String,
-    pub kind: StoreErrorKind,
-}
-
-#[derive(Debug, Clone)]
-pub enum StoreErrorKind {
-    Unavailable,
-    NotFound { stream: String, deleted: bool },
-    Other(std::sync::Arc<eventfold_store::Error>),
-}
-
 impl From<eventfold_store::Error> for Error {
     fn from(error: eventfold_store::Error) -> Self {
-        use eventfold_store::Error as E;
-        let message = error.to_string();
         match error {
-            E::WrongExpectedVersion { stream, expected, actual } => Error::Conflict {
+            eventfold_store::Error::WrongExpectedVersion { stream, expected, actual } => Error::Conflict {
                 stream,
                 expected: expected.to_string(),
                 actual: actual.map_or_else(|| "no stream".to_owned(), |v| v.to_string()),
             },
-            E::Unavailable(_) => Error::Store(StoreError { message, kind: StoreErrorKind::Unavailable }),
-            E::StreamNotFound(stream) => {
-                Error::Store(StoreError { message, kind: StoreErrorKind::NotFound { stream, deleted: false } })
-            }
-            E::StreamDeleted(stream) => {
-                Error::Store(StoreError { message, kind: StoreErrorKind::NotFound { stream, deleted: true } })
-            }
-            other => Error::Store(StoreError { message, kind: StoreErrorKind::Other(std::sync::Arc::new(other)) }),
+            other => Error::Store(Arc::new(other)),
         }
     }
 }
@@ -74,6 +53,11 @@ impl From<Rejection> for Error {
 }
 
 impl Error {
+    /// The stream a command needed does not exist or was deleted.
+    pub fn is_missing_stream(&self) -> bool {
+        matches!(self, Error::Store(e) if matches!(**e, eventfold_store::Error::StreamNotFound(_) | eventfold_store::Error::StreamDeleted(_)))
+    }
+
     pub fn rejected(reason: Reason, message: impl Into<String>) -> Self {
         Error::Rejected { reason, message: message.into() }
     }
@@ -85,7 +69,7 @@ impl Error {
             Error::Rejected { .. } => "rejected",
             Error::Conflict { .. } => "conflict",
             Error::PermissionDenied(_) => "permission_denied",
-            Error::Store(StoreError { kind: StoreErrorKind::Unavailable, .. }) => "unavailable",
+            Error::Store(e) if matches!(**e, eventfold_store::Error::Unavailable(_)) => "unavailable",
             Error::Store(_) => "store",
             Error::Corrupt(_) => "corrupt",
         }

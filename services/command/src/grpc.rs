@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::{
     bus::Bus,
     envelope::{Command, Envelope, Meta, Reply, Write},
-    error::{Error, StoreErrorKind},
+    error::Error,
 };
 
 /// Metadata key of the authenticated caller, set by the gateway (or a
@@ -54,21 +54,7 @@ pub fn status(error: Error) -> Status {
             &[("stream", stream), ("expected", expected), ("actual", actual)],
         ),
         Error::PermissionDenied(_) => error_info(Code::PermissionDenied, message, "PERMISSION_DENIED", &[]),
-        Error::Store(e) => match e.kind {
-            StoreErrorKind::Unavailable => {
-                error_info(Code::Unavailable, message, "STORAGE_UNAVAILABLE", &[("detail", e.message)])
-            }
-            StoreErrorKind::NotFound { stream, deleted } => error_info(
-                Code::NotFound,
-                message,
-                if deleted { "STREAM_DELETED" } else { "STREAM_NOT_FOUND" },
-                &[("stream", stream)],
-            ),
-            StoreErrorKind::Other(inner) => match std::sync::Arc::try_unwrap(inner) {
-                Ok(inner) => from_store(inner),
-                Err(_) => error_info(Code::Internal, message, "INTERNAL", &[]),
-            },
-        },
+        Error::Store(e) => from_store(&*e),
         Error::Corrupt(_) => {
             tracing::error!(error = %message, "stored data unreadable");
             error_info(Code::Internal, message, "CORRUPT_DATA", &[])

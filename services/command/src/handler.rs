@@ -27,7 +27,7 @@ use eventfold_store::{
 
 use crate::{
     envelope::{Command, Envelope, Meta, Reply, Write, stream, transfer_request_ids},
-    error::{Error, Result, StoreErrorKind},
+    error::{Error, Result},
 };
 
 /// When aggregates are snapshotted.
@@ -306,10 +306,10 @@ impl Handler {
                 self.execute::<Account>(&source_stream, &refund, meta, None).await?;
                 Err(refused)
             }
-            Err(Error::Store(e)) if matches!(e.kind, StoreErrorKind::NotFound { .. }) => {
-                let refund = AccountCommand::Refund(RefundTransfer { transfer_id, reason: e.message.clone() });
+            Err(missing) if missing.is_missing_stream() => {
+                let refund = AccountCommand::Refund(RefundTransfer { transfer_id, reason: missing.to_string() });
                 self.execute::<Account>(&source_stream, &refund, meta, None).await?;
-                Err(Error::Store(e))
+                Err(missing)
             }
             Err(other) => Err(other),
         }

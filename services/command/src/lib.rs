@@ -36,7 +36,7 @@ use tonic::transport::server::Router;
 pub use crate::{
     bus::{AllowAll, Authorizer, Bus, BusOptions, bus},
     envelope::{Command, Envelope, Meta, Reply, Write},
-    error::{Error, Result, StoreError, StoreErrorKind},
+    error::{Error, Result},
     grpc::{
         AccountCommands, CAUSATION_HEADER, CORRELATION_HEADER, InventoryCommands, OrderCommands, PRINCIPAL_HEADER,
         PaymentCommands, ShippingCommands, UserCommands, status,

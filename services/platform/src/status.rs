@@ -3,7 +3,7 @@
 //! `BadRequest` field violations. The one mapping of store errors lives
 //! here so that every service answers the same failure the same way.
 
-use std::collections::HashMap;
+use std::{borrow::Borrow, collections::HashMap};
 
 use eventfold_store::{Error, FieldViolation};
 use tonic::{Code, Status};
@@ -38,8 +38,9 @@ pub fn invalid(violations: Vec<FieldViolation>) -> Status {
     invalid_argument(violations.into_iter().map(|v| (v.field, v.description)))
 }
 
-/// The one mapping of store errors to gRPC statuses.
-pub fn from_store(error: Error) -> Status {
+/// The one mapping of store errors to gRPC statuses (owned or borrowed).
+pub fn from_store(error: impl Borrow<Error>) -> Status {
+    let error = error.borrow();
     let message = error.to_string();
     match error {
         Error::WrongExpectedVersion { stream, expected, actual } => error_info(
@@ -47,22 +48,28 @@ pub fn from_store(error: Error) -> Status {
             message,
             "WRONG_EXPECTED_VERSION",
             &[
-                ("stream", stream),
+                ("stream", stream.clone()),
                 ("expected", expected.to_string()),
                 ("actual", actual.map_or_else(|| "no stream".to_owned(), |v| v.to_string())),
             ],
         ),
-        Error::StreamNotFound(stream) => error_info(Code::NotFound, message, "STREAM_NOT_FOUND", &[("stream", stream)]),
-        Error::StreamDeleted(stream) => error_info(Code::NotFound, message, "STREAM_DELETED", &[("stream", stream)]),
+        Error::StreamNotFound(stream) => {
+            error_info(Code::NotFound, message, "STREAM_NOT_FOUND", &[("stream", stream.clone())])
+        }
+        Error::StreamDeleted(stream) => {
+            error_info(Code::NotFound, message, "STREAM_DELETED", &[("stream", stream.clone())])
+        }
         Error::StreamAlreadyExists(stream) => {
-            error_info(Code::AlreadyExists, message, "STREAM_ALREADY_EXISTS", &[("stream", stream)])
+            error_info(Code::AlreadyExists, message, "STREAM_ALREADY_EXISTS", &[("stream", stream.clone())])
         }
         Error::DuplicateEventId { event_id } => {
-            error_info(Code::AlreadyExists, message, "DUPLICATE_EVENT_ID", &[("event_ids", event_id)])
+            error_info(Code::AlreadyExists, message, "DUPLICATE_EVENT_ID", &[("event_ids", event_id.clone())])
         }
-        Error::InvalidArgument(violations) => invalid(violations),
+        Error::InvalidArgument(violations) => {
+            invalid_argument(violations.iter().map(|v| (v.field.clone(), v.description.clone())))
+        }
         Error::Unavailable(detail) => {
-            error_info(Code::Unavailable, message, "STORAGE_UNAVAILABLE", &[("detail", detail)])
+            error_info(Code::Unavailable, message, "STORAGE_UNAVAILABLE", &[("detail", detail.clone())])
         }
         Error::Internal(_) => {
             tracing::error!(error = %message, "internal error");
