@@ -25,15 +25,17 @@ use crate::{
 /// One step: the body of `from_version` → the body of `from_version + 1`.
 pub type UpcastFn = Arc<dyn Fn(Value) -> std::result::Result<Value, String> + Send + Sync>;
 
-/// The upcasting steps, keyed by (event type, from version).
+/// The upcasting steps, keyed by event type, then from version (looked up
+/// by `&str` on every event read: no allocation per event).
 #[derive(Clone, Default)]
 pub struct Upcasters {
-    steps: HashMap<(String, u32), UpcastFn>,
+    steps: HashMap<String, HashMap<u32, UpcastFn>>,
 }
 
 impl std::fmt::Debug for Upcasters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut keys: Vec<_> = self.steps.keys().collect();
+        let mut keys: Vec<(&String, &u32)> =
+            self.steps.iter().flat_map(|(t, versions)| versions.keys().map(move |v| (t, v))).collect();
         keys.sort();
         f.debug_struct("Upcasters").field("steps", &keys).finish()
     }
@@ -52,7 +54,7 @@ impl Upcasters {
         from_version: u32,
         step: impl Fn(Value) -> std::result::Result<Value, String> + Send + Sync + 'static,
     ) -> &mut Self {
-        self.steps.insert((event_type.into(), from_version), Arc::new(step));
+        self.steps.entry(event_type.into()).or_default().insert(from_version, Arc::new(step));
         self
     }
 
@@ -66,7 +68,8 @@ impl Upcasters {
     /// failure is logged: generic reads still deliver it as it is, and code
     /// that needs the current version refuses it by its version.
     pub fn upcast(&self, event: &mut RecordedEvent) {
-        while let Some(step) = self.steps.get(&(event.event_type.clone(), event.schema_version)) {
+        let Some(versions) = self.steps.get(event.event_type.as_str()) else { return };
+        while let Some(step) = versions.get(&event.schema_version) {
             match step(event.data.clone()) {
                 Ok(data) => {
                     event.data = data;
