@@ -42,6 +42,10 @@ impl Projection for InventoryViews {
         )
     }
 
+    fn tables(&self, v: u32) -> Vec<String> {
+        vec![format!("read.inventory_views_v{v}"), format!("read.inventory_reservations_v{v}")]
+    }
+
     fn activate_sql(&self, v: u32) -> String {
         format!(
             "DROP VIEW IF EXISTS read.inventory_views;

@@ -54,6 +54,9 @@ pub trait Projection: Send + Sync + 'static {
     /// DDL creating the tables of `version` (idempotent).
     fn create_sql(&self, version: u32) -> String;
 
+    /// The tables of `version` (schema-qualified), emptied by a reset.
+    fn tables(&self, version: u32) -> Vec<String>;
+
     /// DDL pointing the public views at the tables of `version`.
     fn activate_sql(&self, version: u32) -> String;
 

@@ -46,6 +46,10 @@ impl Projection for OrderViews {
         )
     }
 
+    fn tables(&self, version: u32) -> Vec<String> {
+        vec![table(version)]
+    }
+
     fn activate_sql(&self, version: u32) -> String {
         format!(
             "DROP VIEW IF EXISTS read.order_views; CREATE VIEW read.order_views AS SELECT * FROM {};",

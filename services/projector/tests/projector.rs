@@ -281,6 +281,10 @@ impl Projection for Flaky {
         OrderViews.create_sql(version)
     }
 
+    fn tables(&self, version: u32) -> Vec<String> {
+        OrderViews.tables(version)
+    }
+
     fn activate_sql(&self, version: u32) -> String {
         OrderViews.activate_sql(version)
     }
