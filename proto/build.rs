@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "eventfold/shipping/v1/shipping.proto",
     "eventfold/accounts/v1/accounts.proto",
     "eventfold/users/v1/users.proto",
+    "eventfold/query/v1/query.proto",
 ];
 
 /// `google/api/http.proto` and `google/api/annotations.proto` declare the

@@ -14,6 +14,8 @@ pub const FILES: &[(&str, &str)] = &[
     ("0001_event_store.down.sql", include_str!("../0001_event_store.down.sql")),
     ("0002_projections.up.sql", include_str!("../0002_projections.up.sql")),
     ("0002_projections.down.sql", include_str!("../0002_projections.down.sql")),
+    ("0003_projection_control.up.sql", include_str!("../0003_projection_control.up.sql")),
+    ("0003_projection_control.down.sql", include_str!("../0003_projection_control.down.sql")),
 ];
 
 /// Errors of migrating.

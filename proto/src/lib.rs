@@ -38,10 +38,11 @@ pub mod eventfold {
         shipping => "eventfold.shipping.v1.rs",
         accounts => "eventfold.accounts.v1.rs",
         users => "eventfold.users.v1.rs",
+        query => "eventfold.query.v1.rs",
     }
 }
 
 pub use eventfold::{
     accounts::v1 as accounts, common::v1 as common, eventstore::v1 as eventstore, inventory::v1 as inventory,
-    orders::v1 as orders, payments::v1 as payments, shipping::v1 as shipping, users::v1 as users,
+    orders::v1 as orders, payments::v1 as payments, query::v1 as query, shipping::v1 as shipping, users::v1 as users,
 };

@@ -120,6 +120,74 @@ wait "$pid" 2>/dev/null"#;
     Err(format!("cannot start the test Redis ({}): {last_error}", server.display()))
 }
 
+/// A Redis server of one test's own, which the test may stop and start
+/// again on the same port (an outage). Always a throw-away `redis-server`,
+/// even when `EVENTFOLD_TEST_REDIS_URL` names a shared one; killed on drop.
+#[derive(Debug)]
+pub struct OwnRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    /// Starts a server on a free loopback port.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is missing or does not answer `PING`.
+    pub fn start() -> OwnRedis {
+        let port = crate::free_port().expect("a free port");
+        let mut redis = OwnRedis { port, child: None };
+        redis.resume();
+        redis
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (its data is gone; the port stays reserved for
+    /// [`OwnRedis::resume`] only by convention).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, empty.
+    ///
+    /// # Panics
+    ///
+    /// If it does not answer `PING` within 10 s.
+    pub fn resume(&mut self) {
+        self.stop();
+        let server = find_redis_server().unwrap_or_else(|| panic!("{NOT_FOUND}"));
+        let child = Command::new(&server)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no", "--loglevel", "warning"])
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", server.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = ping(self.port) {
+            assert!(Instant::now() < deadline, "the test's own Redis on port {} does not answer: {e}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// `PING` over RESP; `+PONG` expected.
 fn ping(port: u16) -> Result<(), String> {
     let mut stream = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(1))

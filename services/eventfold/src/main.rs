@@ -4,6 +4,7 @@
 mod bench;
 mod commands_bench;
 mod projections;
+mod queries_bench;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -33,8 +34,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Everything in one process on the in-memory store, no external service
-    /// (the default command).
+    /// Everything in one process (the default command): on the in-memory
+    /// store with no external service, or, with a database URL, on
+    /// PostgreSQL with the projectors and the query services too.
     Dev {
         /// gRPC listen address.
         #[arg(long)]
@@ -89,6 +91,22 @@ enum Service {
         #[arg(long)]
         database_url: Option<String>,
     },
+    /// The projectors: every read model's active version kept in step with
+    /// the log (cache invalidation too, when a cache is configured).
+    Projector {
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// The query services over the read models.
+    Query {
+        /// gRPC listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +138,19 @@ enum ProjectionsAction {
         /// Projection name, e.g. order_views.
         name: String,
     },
+    /// Stop applying events to a projection (its queries keep answering
+    /// from what it has).
+    Stop { name: String },
+    /// Resume a stopped projection.
+    Start { name: String },
+    /// Empty the active version and apply the log again from position 0 in
+    /// place (its queries see a partial model meanwhile; `rebuild` avoids
+    /// that).
+    Reset { name: String },
+    /// The parked events of a projection's versions, with their errors.
+    Parked { name: String },
+    /// Apply the parked events of the active version again (after a fix).
+    Replay { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +159,10 @@ enum Bench {
     Append(bench::AppendBenchArgs),
     /// CreateOrder over gRPC at fixed arrival rates beside raw INSERTs.
     Commands(commands_bench::CommandBenchArgs),
+    /// GetOrder over gRPC, cached and uncached, beside the raw SELECT.
+    Queries(queries_bench::QueryBenchArgs),
+    /// Append → read-model-visible lag at a fixed rate, and rebuild speed.
+    ProjectionLag(queries_bench::LagBenchArgs),
 }
 
 /// The whole configuration, one section per concern.
@@ -138,6 +173,38 @@ struct Config {
     database: DatabaseConfig,
     eventstore: eventfold_eventstore::Config,
     command: eventfold_command::Config,
+    query: eventfold_query::Config,
+    projector: ProjectorConfig,
+}
+
+/// How the projectors work (`[projector]`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ProjectorConfig {
+    /// Most events in one transaction.
+    batch_size: usize,
+    /// Longest a batch keeps applying before it commits.
+    batch_time_ms: u64,
+    /// Attempts of an event before it is parked.
+    max_attempts: u32,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        let d = eventfold_projector::ProjectorOptions::default();
+        Self { batch_size: d.batch_size, batch_time_ms: d.batch_time.as_millis() as u64, max_attempts: d.max_attempts }
+    }
+}
+
+impl ProjectorConfig {
+    fn options(&self) -> eventfold_projector::ProjectorOptions {
+        eventfold_projector::ProjectorOptions {
+            batch_size: self.batch_size.max(1),
+            batch_time: std::time::Duration::from_millis(self.batch_time_ms),
+            max_attempts: self.max_attempts.max(1),
+            ..eventfold_projector::ProjectorOptions::default()
+        }
+    }
 }
 
 impl Config {
@@ -155,6 +222,8 @@ struct Overrides {
     eventstore: ListenOverrides,
     #[serde(skip_serializing_if = "ListenOverrides::is_empty")]
     command: ListenOverrides,
+    #[serde(skip_serializing_if = "ListenOverrides::is_empty")]
+    query: ListenOverrides,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -193,7 +262,15 @@ fn overrides(command: Option<&Command>) -> Overrides {
             o.command.listen = *listen;
             o.database.url.clone_from(database_url);
         }
-        Some(Command::Migrate { database_url, .. } | Command::Projections { database_url, .. }) => {
+        Some(Command::Serve { service: Service::Query { listen, database_url } }) => {
+            o.query.listen = *listen;
+            o.database.url.clone_from(database_url);
+        }
+        Some(
+            Command::Migrate { database_url, .. }
+            | Command::Projections { database_url, .. }
+            | Command::Serve { service: Service::Projector { database_url } },
+        ) => {
             o.database.url.clone_from(database_url);
         }
         Some(Command::Bench { .. }) | None => {}
@@ -253,6 +330,26 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
+        Command::Dev { .. } if config.database.url.is_some() => {
+            let url = config.database.require_url()?.to_owned();
+            migrate(&url, MigrateAction::Up).await?;
+            let log = postgres(&config).await?;
+            let (query, invalidator) = read_side(&config, &url, log.clone()).await?;
+            let (_stop_projectors, stop) = tokio::sync::watch::channel(false);
+            spawn_projectors(&config, &url, log.clone(), invalidator, stop).await?;
+            let bus = eventfold_command::bus(log.clone(), config.command.bus_options());
+            let extra = eventfold_eventstore::Extra {
+                names: eventfold_command::SERVICE_NAMES
+                    .iter()
+                    .chain(eventfold_query::SERVICE_NAMES)
+                    .map(|s| (*s).to_owned())
+                    .collect(),
+                add: Box::new(move |router| {
+                    eventfold_query::add_services(eventfold_command::add_services(router, bus), query)
+                }),
+            };
+            serve_eventstore(&config, log, "PostgreSQL, with projectors and queries", extra).await
+        }
         Command::Dev { .. } => {
             let log = upcasting(Arc::new(MemoryEventLog::new()));
             let bus = eventfold_command::bus(log.clone(), config.command.bus_options());
@@ -260,7 +357,41 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 names: eventfold_command::SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
                 add: Box::new(move |router| eventfold_command::add_services(router, bus)),
             };
+            println!("eventfold: read models and queries need PostgreSQL: start with --database-url to get them");
             serve_eventstore(&config, log, "in-memory store, nothing is persisted", extra).await
+        }
+        Command::Serve { service: Service::Projector { .. } } => {
+            let url = config.database.require_url()?.to_owned();
+            let log = postgres(&config).await?;
+            let invalidator = match &config.query.cache.url {
+                Some(_) => Some(eventfold_query::Invalidator::new(
+                    eventfold_query::Cache::connect(config.query.cache.clone()).await.map_err(anyhow::Error::msg)?,
+                )),
+                None => None,
+            };
+            let (stop_tx, stop) = tokio::sync::watch::channel(false);
+            let tasks = spawn_projectors(&config, &url, log, invalidator, stop).await?;
+            println!("eventfold: {} projectors running (PostgreSQL)", tasks.len());
+            eventfold_platform::server::shutdown_signal().await;
+            let _ = stop_tx.send(true);
+            for task in tasks {
+                let _ = task.await;
+            }
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Serve { service: Service::Query { .. } } => {
+            let url = config.database.require_url()?.to_owned();
+            let log = postgres(&config).await?;
+            let (query, _) = read_side(&config, &url, log).await?;
+            let listener = bind(config.query.listen).await?;
+            let addr = listener.local_addr()?;
+            println!("eventfold: query services listening on {addr} (PostgreSQL)");
+            tracing::info!(%addr, "serving");
+            eventfold_query::run(config.query.clone(), query, listener, eventfold_platform::server::shutdown_signal())
+                .await?;
+            tracing::info!("stopped");
+            Ok(())
         }
         Command::Serve { service: Service::Eventstore { .. } } => {
             let log = postgres(&config).await?;
@@ -286,7 +417,51 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Projections { action, .. } => projections::run(&config, action).await,
         Command::Bench { bench: Bench::Append(args) } => bench::append(args).await,
         Command::Bench { bench: Bench::Commands(args) } => commands_bench::commands(args).await,
+        Command::Bench { bench: Bench::Queries(args) } => queries_bench::queries(args).await,
+        Command::Bench { bench: Bench::ProjectionLag(args) } => queries_bench::lag(args).await,
     }
+}
+
+/// The query side over `url`, and the invalidator its projectors should
+/// report to when a cache is configured.
+async fn read_side(
+    config: &Config,
+    url: &str,
+    log: Arc<dyn EventLog>,
+) -> anyhow::Result<(Arc<eventfold_query::Query>, Option<Arc<eventfold_query::Invalidator>>)> {
+    let query = eventfold_query::Query::connect(&config.query, url, log).await?;
+    let invalidator = query.cache().map(|cache| eventfold_query::Invalidator::new(cache.clone()));
+    Ok((query, invalidator))
+}
+
+/// One projector per projection, on its active version (version 1 for a
+/// projection never built).
+async fn spawn_projectors(
+    config: &Config,
+    url: &str,
+    log: Arc<dyn EventLog>,
+    invalidator: Option<Arc<eventfold_query::Invalidator>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let client = bench::connect(url).await?;
+    let active: std::collections::HashMap<String, u32> = eventfold_projector::status(&client)
+        .await?
+        .into_iter()
+        .filter(|s| s.active)
+        .map(|s| (s.name, s.version))
+        .collect();
+    let mut tasks = Vec::new();
+    for projection in eventfold_projector::all() {
+        let version = active.get(projection.name()).copied().unwrap_or(1);
+        let mut projector =
+            eventfold_projector::Projector::new(url, log.clone(), projection, version, config.projector.options())
+                .await?;
+        if let Some(invalidator) = &invalidator {
+            projector = projector.with_observer(invalidator.clone());
+        }
+        tasks.push(tokio::spawn(projector.run(stop.clone())));
+    }
+    Ok(tasks)
 }
 
 /// The log as every service reads it: old event versions upcast.

@@ -8,13 +8,13 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use eventfold_projector::{InventoryViews, OrderViews, Projection, Projector, ProjectorOptions, Status};
+use eventfold_projector::{Projection, Projector, ProjectorOptions, Status};
 
 use crate::{Config, ProjectionsAction, bench::connect, postgres};
 
 /// Every projection this binary knows.
 fn known() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(OrderViews), Arc::new(InventoryViews)]
+    eventfold_projector::all()
 }
 
 fn find(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
@@ -45,7 +45,7 @@ fn print(statuses: &[Status], head: u64) {
 
 pub(crate) async fn run(config: &Config, action: ProjectionsAction) -> anyhow::Result<()> {
     let url = config.database.require_url()?.to_owned();
-    let client = connect(&url).await?;
+    let mut client = connect(&url).await?;
     let log = postgres(config).await?;
     let head = log.last_position().await?;
     match action {
@@ -89,7 +89,75 @@ pub(crate) async fn run(config: &Config, action: ProjectionsAction) -> anyhow::R
                 .map_or(0, |s| s.parked);
             println!("{name}: version {next} built in {:.1}s and active", started.elapsed().as_secs_f64());
             if parked > 0 {
-                bail!("{name} version {next} parked {parked} events: see projections.parked");
+                bail!("{name} version {next} parked {parked} events: see `eventfold projections parked {name}`");
+            }
+        }
+        ProjectionsAction::Stop { name } => {
+            find(&name)?;
+            if !eventfold_projector::set_stopped(&client, &name, true).await? {
+                bail!("{name} has no version yet: nothing to stop");
+            }
+            println!("{name}: stopped (its projectors apply nothing until `eventfold projections start {name}`)");
+        }
+        ProjectionsAction::Start { name } => {
+            find(&name)?;
+            if !eventfold_projector::set_stopped(&client, &name, false).await? {
+                bail!("{name} has no version yet: its projector creates one when it first runs");
+            }
+            println!("{name}: started");
+        }
+        ProjectionsAction::Reset { name } => {
+            let projection = find(&name)?;
+            match eventfold_projector::reset(&mut client, projection.as_ref()).await? {
+                Some(version) => println!("{name}: version {version} emptied; its projectors apply the log again"),
+                None => bail!("{name} has no active version: nothing to reset"),
+            }
+        }
+        ProjectionsAction::Parked { name } => {
+            find(&name)?;
+            let rows = client
+                .query(
+                    "SELECT version, global_position, stream_id, event_type, attempts, error, \
+                            replayed_at IS NOT NULL FROM projections.parked WHERE name = $1 \
+                      ORDER BY version, global_position",
+                    &[&name],
+                )
+                .await?;
+            println!(
+                "{:>7} {:>12} {:<28} {:<24} {:>8} {:<8} error",
+                "version", "position", "stream", "type", "attempts", "replayed"
+            );
+            for r in &rows {
+                println!(
+                    "{:>7} {:>12} {:<28} {:<24} {:>8} {:<8} {}",
+                    r.get::<_, i32>(0),
+                    r.get::<_, i64>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3),
+                    r.get::<_, i32>(4),
+                    if r.get::<_, bool>(6) { "yes" } else { "" },
+                    r.get::<_, String>(5)
+                );
+            }
+        }
+        ProjectionsAction::Replay { name } => {
+            let projection = find(&name)?;
+            let Some(active) =
+                eventfold_projector::status(&client).await?.into_iter().find(|s| s.name == name && s.active)
+            else {
+                bail!("{name} has no active version");
+            };
+            let projector =
+                Projector::new(&url, log.clone(), projection, active.version, ProjectorOptions::default()).await?;
+            let applied = projector.replay_parked().await?;
+            let left = eventfold_projector::status(&client)
+                .await?
+                .into_iter()
+                .find(|s| s.name == name && s.version == active.version)
+                .map_or(0, |s| s.parked);
+            println!("{name} v{}: {applied} parked events applied, {left} still parked", active.version);
+            if left > 0 {
+                bail!("{left} events of {name} still fail: see `eventfold projections parked {name}`");
             }
         }
     }

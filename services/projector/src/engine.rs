@@ -17,6 +17,10 @@ use crate::{ApplyError, Error, Projection, Result};
 pub struct ProjectorOptions {
     /// Most events applied in one transaction.
     pub batch_size: usize,
+    /// Longest time one transaction keeps applying: a batch commits after
+    /// `batch_size` events or this long, whichever comes first (and at
+    /// once when the projection has caught up).
+    pub batch_time: Duration,
     /// Attempts of one event before it is parked.
     pub max_attempts: u32,
     /// Pause before the second attempt; doubled for each further one.
@@ -30,6 +34,7 @@ impl Default for ProjectorOptions {
     fn default() -> Self {
         Self {
             batch_size: 500,
+            batch_time: Duration::from_millis(250),
             max_attempts: 3,
             retry_backoff: Duration::from_millis(10),
             idle_poll: Duration::from_millis(500),
@@ -49,6 +54,32 @@ pub struct Status {
     pub active: bool,
     /// Parked events not yet replayed.
     pub parked: u64,
+    /// Stopped versions apply nothing until started again.
+    pub stopped: bool,
+}
+
+/// The channel on which a projector announces each commit (payload
+/// `name:version:position`), so query services wait for a position without
+/// polling.
+pub const COMMIT_CHANNEL: &str = "eventfold_projections";
+
+/// One committed batch of a projector.
+#[derive(Debug)]
+pub struct Commit<'a> {
+    pub projection: &'static str,
+    pub version: u32,
+    /// The checkpoint after the batch.
+    pub position: u64,
+    /// The events the batch applied.
+    pub events: &'a [RecordedEvent],
+}
+
+/// Told about each batch after its transaction committed (e.g. to
+/// invalidate cached query answers). It must not fail the projector: it
+/// keeps what it could not do and does it later.
+#[async_trait::async_trait]
+pub trait CommitObserver: Send + Sync + 'static {
+    async fn committed(&self, commit: Commit<'_>);
 }
 
 /// Every version of every projection in the database.
@@ -57,7 +88,8 @@ pub async fn status(client: &Client) -> Result<Vec<Status>> {
         .query(
             "SELECT c.name, c.version, c.position, c.events_applied, a.version IS NOT NULL AS active, \
                     (SELECT count(*) FROM projections.parked p \
-                      WHERE p.name = c.name AND p.version = c.version AND p.replayed_at IS NULL) AS parked \
+                      WHERE p.name = c.name AND p.version = c.version AND p.replayed_at IS NULL) AS parked, \
+                    c.stopped \
                FROM projections.checkpoints c \
                LEFT JOIN projections.active a ON a.name = c.name AND a.version = c.version \
               ORDER BY c.name, c.version",
@@ -73,8 +105,52 @@ pub async fn status(client: &Client) -> Result<Vec<Status>> {
             events_applied: r.get::<_, i64>(3) as u64,
             active: r.get(4),
             parked: r.get::<_, i64>(5) as u64,
+            stopped: r.get(6),
         })
         .collect())
+}
+
+/// Stops (`true`) or starts every version of projection `name`; running
+/// projectors notice at their next batch. Whether the projection exists.
+pub async fn set_stopped(client: &Client, name: &str, stopped: bool) -> Result<bool> {
+    let changed =
+        client.execute("UPDATE projections.checkpoints SET stopped = $2 WHERE name = $1", &[&name, &stopped]).await?;
+    client.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &name]).await?;
+    Ok(changed > 0)
+}
+
+/// Empties the tables of the active version of `projection` and moves its
+/// checkpoint back to 0, in one transaction: its projectors apply the whole
+/// log again (the public views show the partial model meanwhile; a rebuild
+/// avoids that). Parked events of the version are forgotten. The version
+/// reset, if one is active.
+pub async fn reset(client: &mut Client, projection: &dyn Projection) -> Result<Option<u32>> {
+    let tx = client.transaction().await?;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT c.version FROM projections.checkpoints c \
+               JOIN projections.active a ON a.name = c.name AND a.version = c.version \
+              WHERE c.name = $1 FOR UPDATE OF c",
+            &[&projection.name()],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let version: i32 = row.get(0);
+    let tables = projection.tables(version as u32).join(", ");
+    tx.batch_execute(&format!("TRUNCATE {tables}")).await?;
+    tx.execute(
+        "UPDATE projections.checkpoints SET position = 0, events_applied = 0, updated_at = clock_timestamp() \
+          WHERE name = $1 AND version = $2",
+        &[&projection.name(), &version],
+    )
+    .await?;
+    tx.execute("DELETE FROM projections.parked WHERE name = $1 AND version = $2", &[&projection.name(), &version])
+        .await?;
+    tx.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{}:{version}:0", projection.name())]).await?;
+    tx.commit().await?;
+    Ok(Some(version as u32))
 }
 
 /// Runs one version of one projection.
@@ -84,6 +160,9 @@ pub struct Projector {
     projection: Arc<dyn Projection>,
     version: u32,
     options: ProjectorOptions,
+    observer: Option<Arc<dyn CommitObserver>>,
+    /// When the head of the log was last read for the lag gauge.
+    head_read: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Projector {
@@ -116,7 +195,14 @@ impl Projector {
             .build(PostgresConnectionManager::new(config, NoTls))
             .await
             .map_err(pool_error)?;
-        Ok(Self { pool, log, projection, version, options })
+        Ok(Self { pool, log, projection, version, options, observer: None, head_read: std::sync::Mutex::new(None) })
+    }
+
+    /// Tells `observer` about every committed batch.
+    #[must_use]
+    pub fn with_observer(mut self, observer: Arc<dyn CommitObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     fn name(&self) -> &'static str {
@@ -158,48 +244,94 @@ impl Projector {
         Ok(())
     }
 
-    /// Applies at most one batch. Returns how many events it considered; 0
-    /// means caught up with what was visible.
+    /// Applies at most one batch: `batch_size` events or `batch_time`,
+    /// whichever comes first. Returns how many events it considered; 0
+    /// means caught up with what was visible (or stopped).
     pub async fn step(&self) -> Result<usize> {
+        let started = std::time::Instant::now();
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await?;
         // The checkpoint row's lock keeps a second instance of this version
         // from applying the same batch.
         let row = tx
             .query_one(
-                "SELECT position FROM projections.checkpoints WHERE name = $1 AND version = $2 FOR UPDATE",
+                "SELECT position, stopped FROM projections.checkpoints WHERE name = $1 AND version = $2 FOR UPDATE",
                 &[&self.name(), &self.version_param()],
             )
             .await?;
-        let position = row.get::<_, i64>(0) as u64;
-        let read = AllRead { after: position, max_count: self.options.batch_size, filter: EventFilter::default() };
+        if row.get::<_, bool>(1) {
+            return Ok(0);
+        }
+        let start = row.get::<_, i64>(0) as u64;
+        let read = AllRead { after: start, max_count: self.options.batch_size.max(1), filter: EventFilter::default() };
         let slice = self.log.read_all(read).await?;
-        if slice.events.is_empty() && slice.next_position <= position {
+        let caught_up = slice.events.len() < self.options.batch_size.max(1);
+        if slice.events.is_empty() && slice.next_position <= start {
+            self.record_lag(start, caught_up, None).await;
             return Ok(0);
         }
         let mut applied = 0i64;
+        let mut considered = 0;
         for event in &slice.events {
+            if considered > 0 && started.elapsed() >= self.options.batch_time {
+                break;
+            }
             if self.apply_with_retries(&tx, event).await? {
                 applied += 1;
             }
+            considered += 1;
         }
+        let complete = considered == slice.events.len();
+        let position = if complete { slice.next_position } else { slice.events[considered - 1].global_position };
         tx.execute(
             "UPDATE projections.checkpoints SET position = $3, events_applied = events_applied + $4, \
                     updated_at = clock_timestamp() WHERE name = $1 AND version = $2",
-            &[&self.name(), &self.version_param(), &(slice.next_position as i64), &applied],
+            &[&self.name(), &self.version_param(), &(position as i64), &applied],
+        )
+        .await?;
+        // Delivered at commit, only if it commits.
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&COMMIT_CHANNEL, &format!("{}:{}:{position}", self.name(), self.version)],
         )
         .await?;
         tx.commit().await?;
-        let version = self.version.to_string();
-        metrics::gauge!("eventfold_projection_position", "projection" => self.name(), "version" => version.clone())
-            .set(slice.next_position as f64);
-        if let Some(last) = slice.events.last() {
-            let behind = std::time::SystemTime::now().duration_since(last.created_at).unwrap_or_default();
-            metrics::gauge!("eventfold_projection_lag_seconds", "projection" => self.name(), "version" => version)
-                .set(behind.as_secs_f64());
+        let events = &slice.events[..considered];
+        if let Some(observer) = &self.observer {
+            observer.committed(Commit { projection: self.name(), version: self.version, position, events }).await;
         }
         metrics::counter!("eventfold_projection_events_total", "projection" => self.name()).increment(applied as u64);
-        Ok(slice.events.len().max(1))
+        self.record_lag(position, caught_up && complete, events.last()).await;
+        Ok(considered.max(1))
+    }
+
+    /// Position, lag in positions (head − checkpoint, the head read at most
+    /// once a second) and lag in time (age of the last applied event).
+    async fn record_lag(&self, position: u64, caught_up: bool, last: Option<&RecordedEvent>) {
+        let version = self.version.to_string();
+        let labels = [("projection", self.name().to_owned()), ("version", version)];
+        metrics::gauge!("eventfold_projection_position", &labels).set(position as f64);
+        if let Some(last) = last {
+            let behind = std::time::SystemTime::now().duration_since(last.created_at).unwrap_or_default();
+            metrics::gauge!("eventfold_projection_lag_seconds", &labels).set(behind.as_secs_f64());
+        } else if caught_up {
+            metrics::gauge!("eventfold_projection_lag_seconds", &labels).set(0.0);
+        }
+        if caught_up {
+            metrics::gauge!("eventfold_projection_lag_positions", &labels).set(0.0);
+            return;
+        }
+        let due = {
+            let mut read = self.head_read.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = read.is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+            if due {
+                *read = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due && let Ok(head) = self.log.last_position().await {
+            metrics::gauge!("eventfold_projection_lag_positions", &labels).set(head.saturating_sub(position) as f64);
+        }
     }
 
     /// One event in a savepoint, retried; parked (in the same transaction)

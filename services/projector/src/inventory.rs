@@ -1,5 +1,6 @@
 //! `inventory_views`: per product its name, available, reserved and
-//! shipped stock, and the reservations it holds.
+//! shipped stock, whether it is low on stock, and the reservations it
+//! holds.
 
 use async_trait::async_trait;
 use eventfold_domain::{DomainEvent, inventory::InventoryEvent};
@@ -8,10 +9,25 @@ use tokio_postgres::Transaction;
 
 use crate::{ApplyError, Projection};
 
+/// The low-stock threshold of [`InventoryViews::default`].
+pub const DEFAULT_LOW_STOCK_THRESHOLD: i64 = 10;
+
 /// The inventory read model (`read.inventory_views`,
 /// `read.inventory_reservations`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct InventoryViews;
+#[derive(Debug, Clone, Copy)]
+pub struct InventoryViews {
+    /// A product is low on stock while `available <= low_stock_threshold`.
+    /// Each row keeps the threshold it was registered with (set at
+    /// `ProductRegistered`), so a rebuild with the same threshold equals the
+    /// original; another threshold takes a new version.
+    pub low_stock_threshold: i64,
+}
+
+impl Default for InventoryViews {
+    fn default() -> Self {
+        Self { low_stock_threshold: DEFAULT_LOW_STOCK_THRESHOLD }
+    }
+}
 
 #[async_trait]
 impl Projection for InventoryViews {
@@ -29,9 +45,13 @@ impl Projection for InventoryViews {
                 shipped        bigint NOT NULL,
                 updated_at     timestamptz NOT NULL,
                 stream_version bigint NOT NULL,
-                last_position  bigint NOT NULL
+                last_position  bigint NOT NULL,
+                low_stock_threshold bigint NOT NULL,
+                low_stock      boolean GENERATED ALWAYS AS (available <= low_stock_threshold) STORED
             );
             CREATE INDEX IF NOT EXISTS inventory_views_v{v}_available ON read.inventory_views_v{v} (available);
+            CREATE INDEX IF NOT EXISTS inventory_views_v{v}_low_stock ON read.inventory_views_v{v} (product_id)
+                WHERE low_stock;
             CREATE TABLE IF NOT EXISTS read.inventory_reservations_v{v} (
                 product_id  text COLLATE \"C\" NOT NULL,
                 order_id    text COLLATE \"C\" NOT NULL,
@@ -70,9 +90,10 @@ impl Projection for InventoryViews {
                 tx.execute(
                     &format!(
                         "INSERT INTO {views} (product_id, name, available, reserved, shipped, updated_at, \
-                                              stream_version, last_position) VALUES ($1, $2, 0, 0, 0, $3, $4, $5)"
+                                              stream_version, last_position, low_stock_threshold) \
+                         VALUES ($1, $2, 0, 0, 0, $3, $4, $5, $6)"
                     ),
-                    &[&e.product_id, &e.name, &at, &version, &position],
+                    &[&e.product_id, &e.name, &at, &version, &position, &self.low_stock_threshold],
                 )
                 .await?;
                 return Ok(());

@@ -9,19 +9,43 @@
 //! keeps failing is parked (`projections.parked`) and the projection goes
 //! on. Versions build side by side; the public views show the active one.
 
+mod accounts;
+mod analytics;
 mod engine;
 mod inventory;
 mod orders;
+mod users;
 
 pub use crate::{
-    engine::{Projector, ProjectorOptions, Status, status},
-    inventory::InventoryViews,
+    accounts::AccountViews,
+    analytics::OrderAnalytics,
+    engine::{COMMIT_CHANNEL, Commit, CommitObserver, Projector, ProjectorOptions, Status, reset, set_stopped, status},
+    inventory::{DEFAULT_LOW_STOCK_THRESHOLD, InventoryViews},
     orders::OrderViews,
+    users::UserActivity,
 };
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use eventfold_store::RecordedEvent;
 use tokio_postgres::Transaction;
+
+/// Every projection of eventfold, in its default configuration.
+pub fn all() -> Vec<Arc<dyn Projection>> {
+    vec![
+        Arc::new(OrderViews),
+        Arc::new(InventoryViews::default()),
+        Arc::new(OrderAnalytics),
+        Arc::new(AccountViews),
+        Arc::new(UserActivity),
+    ]
+}
+
+/// The projection of [`all`] named `name`.
+pub fn by_name(name: &str) -> Option<Arc<dyn Projection>> {
+    all().into_iter().find(|p| p.name() == name)
+}
 
 /// Why a projection could not apply an event.
 #[derive(Debug, thiserror::Error)]

@@ -191,7 +191,9 @@ async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
 }
 
 /// Stock moves through the real command bus: 5 products, reservations of
-/// 60 orders, each later released, consumed or kept.
+/// 60 orders, each later released, consumed or kept; then products 2, 3
+/// and 4 are held down to 11, 10 and 9 available (around the low-stock
+/// threshold of 10).
 async fn write_stock(log: Arc<dyn EventLog>) {
     use eventfold_domain::inventory::{
         ConsumeReservation, RegisterProduct, ReleaseReservation, ReplenishStock, ReserveStock,
@@ -221,6 +223,9 @@ async fn write_stock(log: Arc<dyn EventLog>) {
             _ => continue,
         };
     }
+    for (p, quantity) in [(2, 9), (3, 10), (4, 11)] {
+        send(p, ReserveStock { order_id: format!("hold-{p}"), quantity }.into()).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,11 +234,19 @@ async fn inventory_views_survive_crashes_and_agree_with_the_aggregates() {
     let (db, log, client) = setup().await;
     let writer = tokio::spawn(write_stock(log.clone()));
     let tables = [("read.inventory_views", "product_id"), ("read.inventory_reservations", "product_id, order_id")];
-    let (survived, rebuilt, _) =
-        crash_then_rebuild(&db, &log, &client, Arc::new(eventfold_projector::InventoryViews), writer, &tables).await;
+    let (survived, rebuilt, _) = crash_then_rebuild(
+        &db,
+        &log,
+        &client,
+        Arc::new(eventfold_projector::InventoryViews::default()),
+        writer,
+        &tables,
+    )
+    .await;
     assert_eq!(survived, rebuilt, "row for row, both tables");
 
     let handler = eventfold_command::Handler::new(log.clone(), eventfold_command::SnapshotPolicy::default());
+    let mut low = Vec::new();
     for p in 0..5 {
         let product = format!("sku-{p}");
         let state = handler.load::<Inventory>(&format!("inventory-{product}")).await.unwrap().state;
@@ -262,7 +275,35 @@ async fn inventory_views_survive_crashes_and_agree_with_the_aggregates() {
             .collect();
         let expected: Vec<(String, i64)> = state.reservations.iter().map(|(o, q)| (o.clone(), i64::from(*q))).collect();
         assert_eq!(held, expected, "{product}: the open reservations");
+
+        let row = client
+            .query_one(
+                "SELECT low_stock_threshold, low_stock FROM read.inventory_views WHERE product_id = $1",
+                &[&product],
+            )
+            .await
+            .unwrap();
+        let threshold = eventfold_projector::DEFAULT_LOW_STOCK_THRESHOLD;
+        assert_eq!(row.get::<_, i64>(0), threshold, "{product}: the threshold it was registered with");
+        assert_eq!(
+            row.get::<_, bool>(1),
+            (state.available as i64) <= threshold,
+            "{product}: low on stock exactly when at most {threshold} are available ({} are)",
+            state.available
+        );
+        if state.available as i64 <= threshold {
+            low.push(product);
+        }
     }
+    assert_eq!(low, ["sku-3", "sku-4"], "10 and 9 available are low, 11 and more are not");
+    let flagged: Vec<String> = client
+        .query("SELECT product_id FROM read.inventory_views WHERE low_stock ORDER BY product_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(flagged, low, "the low-stock products");
 }
 
 /// `OrderViews`, except that it fails on one event until fixed.
@@ -332,4 +373,36 @@ async fn a_poison_event_is_parked_the_rest_applies_and_a_replay_after_the_fix_ap
     let row = client.query_one("SELECT status FROM read.order_views_v7 WHERE order_id = 'o-3'", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "shipped", "replayed in order");
     assert_eq!(status(&client).await.unwrap()[0].parked, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_start_and_reset_per_projection() {
+    let (db, log, mut client) = setup().await;
+    write_orders(log.clone(), 0, 4).await;
+    let projector = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options()).await.unwrap();
+    projector.prepare().await.unwrap();
+    while projector.step().await.unwrap() > 0 {}
+    let before = rows_by(&client, "read.order_views", "order_id").await;
+    assert_eq!(before.len(), 4);
+
+    assert!(eventfold_projector::set_stopped(&client, "order_views", true).await.unwrap());
+    write_orders(log.clone(), 4, 2).await;
+    let stopped_at = projector.position().await.unwrap();
+    assert_eq!(projector.step().await.unwrap(), 0, "a stopped projection applies nothing");
+    assert_eq!(projector.position().await.unwrap(), stopped_at);
+    assert!(status(&client).await.unwrap()[0].stopped);
+    assert!(!eventfold_projector::set_stopped(&client, "no_such", true).await.unwrap());
+
+    assert!(eventfold_projector::set_stopped(&client, "order_views", false).await.unwrap());
+    while projector.step().await.unwrap() > 0 {}
+    assert_eq!(projector.position().await.unwrap(), log.last_position().await.unwrap(), "started again");
+    let all = rows_by(&client, "read.order_views", "order_id").await;
+    assert_eq!(all.len(), 6);
+
+    assert_eq!(eventfold_projector::reset(&mut client, &OrderViews).await.unwrap(), Some(1));
+    assert_eq!(projector.position().await.unwrap(), 0);
+    assert!(rows_by(&client, "read.order_views", "order_id").await.is_empty(), "emptied");
+    while projector.step().await.unwrap() > 0 {}
+    assert_eq!(rows_by(&client, "read.order_views", "order_id").await, all, "applied again, row for row");
+    assert_eq!(status(&client).await.unwrap()[0].events_applied, log.last_position().await.unwrap());
 }

@@ -1,0 +1,1 @@
+ALTER TABLE projections.checkpoints DROP COLUMN stopped;

@@ -1,0 +1,273 @@
+//! The query side of eventfold: gRPC queries over the read models that the
+//! projector keeps in PostgreSQL (schema `read`).
+//!
+//! OVERVIEW: every query may name a `min_position` (a command's
+//! `WriteResult.global_position`); [`Positions`] follows the projectors'
+//! checkpoints and the query waits for its projection to get there, up to
+//! a deadline. Point queries (an order, a product, an account) go through a
+//! Redis [`Cache`] behind a circuit breaker; the projector's
+//! [`Invalidator`] tombstones what each committed batch changed. Lists read
+//! PostgreSQL with keyset pagination. `GetOrderAt` folds the order's events
+//! from the event store instead.
+
+mod breaker;
+mod cache;
+mod orders;
+mod others;
+mod page;
+mod positions;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bb8::{Pool, PooledConnection};
+use bb8_postgres::PostgresConnectionManager;
+use eventfold_platform::status::error_info;
+use eventfold_proto::query::{
+    account_query_service_server::AccountQueryServiceServer,
+    inventory_query_service_server::InventoryQueryServiceServer, order_query_service_server::OrderQueryServiceServer,
+    user_query_service_server::UserQueryServiceServer,
+};
+use eventfold_store::EventLog;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_postgres::NoTls;
+use tonic::{Code, Status, transport::server::Router};
+
+pub use crate::{
+    breaker::BreakerState,
+    cache::{Cache, CacheConfig, CacheStats, Invalidator, Kind},
+    positions::{Active, Positions},
+};
+
+/// The gRPC services this crate serves, for health and reflection.
+pub const SERVICE_NAMES: &[&str] = &[
+    "eventfold.query.v1.OrderQueryService",
+    "eventfold.query.v1.InventoryQueryService",
+    "eventfold.query.v1.AccountQueryService",
+    "eventfold.query.v1.UserQueryService",
+];
+
+/// Settings of the query services (`[query]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where `eventfold serve query` listens (`eventfold dev` serves the
+    /// queries on the event store's address).
+    pub listen: SocketAddr,
+    /// Seconds to drain calls after a shutdown request.
+    pub shutdown_grace_secs: u64,
+    /// PostgreSQL connections for reads.
+    pub pool_size: u32,
+    /// Longest read-your-writes wait (a shorter call deadline wins).
+    pub max_wait_ms: u64,
+    /// How often projection positions are read besides notifications.
+    pub positions_poll_ms: u64,
+    pub cache: CacheConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50053)),
+            shutdown_grace_secs: 10,
+            pool_size: 8,
+            max_wait_ms: 5000,
+            positions_poll_ms: 1000,
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+/// Errors of starting the query side.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+type Conn<'a> = PooledConnection<'a, PostgresConnectionManager<NoTls>>;
+
+/// What every query service shares.
+pub struct Query {
+    pool: Pool<PostgresConnectionManager<NoTls>>,
+    positions: Positions,
+    cache: Option<Arc<Cache>>,
+    log: Arc<dyn EventLog>,
+    max_wait: Duration,
+}
+
+impl std::fmt::Debug for Query {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Query").field("cache", &self.cache).field("max_wait", &self.max_wait).finish_non_exhaustive()
+    }
+}
+
+impl Query {
+    /// Queries over the read models of `database_url` (migrated), the
+    /// events of `log` (for GetOrderAt) and, if configured, the cache.
+    pub async fn connect(config: &Config, database_url: &str, log: Arc<dyn EventLog>) -> Result<Arc<Self>, Error> {
+        let pg: tokio_postgres::Config = database_url.parse()?;
+        let pool = Pool::builder()
+            .max_size(config.pool_size.max(1))
+            .connection_timeout(Duration::from_secs(5))
+            .build(PostgresConnectionManager::new(pg.clone(), NoTls))
+            .await
+            .map_err(|e| Error::Setup(format!("database pool: {e}")))?;
+        let positions = Positions::spawn(pg, Duration::from_millis(config.positions_poll_ms.max(10)));
+        let cache = match &config.cache.url {
+            Some(_) => Some(Cache::connect(config.cache.clone()).await.map_err(Error::Setup)?),
+            None => None,
+        };
+        let query = Arc::new(Self { pool, positions, cache, log, max_wait: Duration::from_millis(config.max_wait_ms) });
+        if query.cache.is_some() && config.cache.warm_orders > 0 {
+            let warm = query.clone();
+            let count = config.cache.warm_orders;
+            tokio::spawn(async move { warm.warm(count).await });
+        }
+        Ok(query)
+    }
+
+    /// The cache, if configured (its breaker state is observable).
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
+    }
+
+    pub fn positions(&self) -> &Positions {
+        &self.positions
+    }
+
+    async fn conn(&self) -> Result<Conn<'_>, Status> {
+        self.pool.get().await.map_err(|e| {
+            error_info(Code::Unavailable, format!("the read database is unavailable: {e}"), "DATABASE_UNAVAILABLE", &[])
+        })
+    }
+
+    /// Waits until `projection` reflects `min_position` (0: no wait), up to
+    /// the call's deadline or `max_wait`; its active version, if built.
+    async fn ready(
+        &self,
+        projection: &str,
+        min_position: u64,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<Active>, Status> {
+        if min_position == 0 {
+            return Ok(self.positions.get(projection));
+        }
+        let budget = deadline(metadata).map_or(self.max_wait, |d| d.mul_f64(0.9).min(self.max_wait));
+        match self.positions.wait(projection, min_position, budget).await {
+            Ok(active) => Ok(Some(active)),
+            Err(current) => Err(error_info(
+                Code::Unavailable,
+                format!(
+                    "the {projection} read model is at position {} and did not reach min_position {min_position} \
+                     within {budget:?}; retry later",
+                    current.position
+                ),
+                "PROJECTION_BEHIND",
+                &[
+                    ("projection", projection.to_owned()),
+                    ("position", current.position.to_string()),
+                    ("min_position", min_position.to_string()),
+                ],
+            )),
+        }
+    }
+}
+
+/// The `grpc-timeout` of a call, if it has one.
+fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A database failure as a status: a read model not built yet and a lost
+/// connection are UNAVAILABLE (retryable), anything else INTERNAL.
+fn db_status(error: tokio_postgres::Error) -> Status {
+    if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+        return error_info(
+            Code::Unavailable,
+            format!("a read model is not built yet: {error}"),
+            "READ_MODEL_NOT_READY",
+            &[],
+        );
+    }
+    if error.is_closed() || error.code().is_none() {
+        return error_info(
+            Code::Unavailable,
+            format!("the read database is unavailable: {error}"),
+            "DATABASE_UNAVAILABLE",
+            &[],
+        );
+    }
+    let detail =
+        error.as_db_error().map_or_else(|| error.to_string(), |db| format!("{}: {}", db.code().code(), db.message()));
+    tracing::error!(error = %detail, "query failed");
+    error_info(Code::Internal, format!("query failed: {detail}"), "INTERNAL", &[])
+}
+
+/// `INVALID_ARGUMENT` unless `value` is a usable id.
+fn require_id(field: &str, value: &str) -> Result<(), Status> {
+    let why = if value.is_empty() {
+        "is required"
+    } else if value.len() > 200 {
+        "must be at most 200 bytes"
+    } else if value.chars().any(char::is_control) {
+        "must not contain control characters"
+    } else {
+        return Ok(());
+    };
+    Err(eventfold_platform::status::invalid_argument([(field.to_owned(), why.to_owned())]))
+}
+
+fn not_found(what: &str, reason: &str, id: &str) -> Status {
+    error_info(Code::NotFound, format!("{what} {id} does not exist"), reason, &[("id", id.to_owned())])
+}
+
+/// Adds the four query services to `router`.
+pub fn add_services(router: Router, query: Arc<Query>) -> Router {
+    router
+        .add_service(OrderQueryServiceServer::new(orders::OrderQueries::new(query.clone())))
+        .add_service(InventoryQueryServiceServer::new(others::InventoryQueries::new(query.clone())))
+        .add_service(AccountQueryServiceServer::new(others::AccountQueries::new(query.clone())))
+        .add_service(UserQueryServiceServer::new(others::UserQueries::new(query)))
+}
+
+/// Serves the query services on `listener` until `shutdown`; health
+/// follows the read database.
+pub async fn run(
+    config: Config,
+    query: Arc<Query>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), eventfold_platform::Error> {
+    let (reporter, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET])?;
+    let probed = query.clone();
+    let probe = eventfold_platform::server::spawn_health_probe(
+        reporter,
+        SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
+        Duration::from_secs(5),
+        move || {
+            let query = probed.clone();
+            async move { query.conn().await?.simple_query("SELECT 1").await.map(drop).map_err(db_status) }
+        },
+    )
+    .await;
+    let router = add_services(router, query);
+    let result =
+        eventfold_platform::server::serve(router, listener, shutdown, Duration::from_secs(config.shutdown_grace_secs))
+            .await;
+    probe.abort();
+    result
+}

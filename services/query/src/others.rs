@@ -1,0 +1,355 @@
+//! InventoryQueryService, AccountQueryService and UserQueryService.
+
+use std::sync::Arc;
+
+use eventfold_proto::{
+    common::Money,
+    query::{
+        AccountStatus, AccountTransaction, AccountView, Activity, GetAccountRequest, GetAccountResponse,
+        GetInventoryRequest, GetInventoryResponse, GetUserActivityRequest, GetUserActivityResponse, InventoryView,
+        ListAccountTransactionsRequest, ListAccountTransactionsResponse, ListLowStockRequest, ListLowStockResponse,
+        Reservation, TransactionKind, UserProfile, account_query_service_server::AccountQueryService,
+        inventory_query_service_server::InventoryQueryService, user_query_service_server::UserQueryService,
+    },
+};
+use prost::Message;
+use tokio_postgres::Row;
+use tonic::{Request, Response, Status};
+
+use crate::{Kind, Query, db_status, not_found, page, require_id};
+
+const INVENTORY: &str = "inventory_views";
+const ACCOUNTS: &str = "account_views";
+const USERS: &str = "user_activity";
+
+fn money(minor: i64, currency: &str) -> Option<Money> {
+    Some(Money { minor, currency: currency.to_owned() })
+}
+
+const INVENTORY_COLUMNS: &str = "product_id, name, available, reserved, shipped, low_stock, low_stock_threshold, \
+                                 updated_at, stream_version, last_position";
+
+fn inventory(row: &Row) -> InventoryView {
+    InventoryView {
+        product_id: row.get(0),
+        name: row.get(1),
+        available: row.get(2),
+        reserved: row.get(3),
+        shipped: row.get(4),
+        low_stock: row.get(5),
+        low_stock_threshold: row.get(6),
+        reservations: Vec::new(),
+        update_time: Some(row.get::<_, std::time::SystemTime>(7).into()),
+        stream_version: row.get::<_, i64>(8) as u64,
+        last_position: row.get::<_, i64>(9) as u64,
+    }
+}
+
+/// Reads the view of a cached kind: from the cache when it can answer,
+/// otherwise with `load` (then cached).
+async fn cached<T, F, Fut>(
+    query: &Query,
+    kind: Kind,
+    id: &str,
+    min_position: u64,
+    metadata: &tonic::metadata::MetadataMap,
+    last_position: impl Fn(&T) -> u64,
+    load: F,
+) -> Result<Option<T>, Status>
+where
+    T: Message + Default,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Option<T>, Status>>,
+{
+    let active = query.ready(kind.projection(), min_position, metadata).await?;
+    let cache = match (&query.cache, active) {
+        (Some(cache), Some(active)) => Some((cache, active.version)),
+        _ => None,
+    };
+    if let Some((cache, version)) = cache
+        && let Some(bytes) = cache.get(kind, version, id, min_position).await
+        && let Ok(value) = T::decode(bytes)
+    {
+        return Ok(Some(value));
+    }
+    let value = load().await?;
+    if let (Some((cache, version)), Some(value)) = (cache, &value) {
+        cache.fill(kind, version, id, last_position(value), &value.encode_to_vec()).await;
+    }
+    Ok(value)
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct InventoryQueries {
+    query: Arc<Query>,
+}
+
+impl InventoryQueries {
+    pub(crate) fn new(query: Arc<Query>) -> Self {
+        Self { query }
+    }
+}
+
+#[tonic::async_trait]
+impl InventoryQueryService for InventoryQueries {
+    async fn get_inventory(
+        &self,
+        request: Request<GetInventoryRequest>,
+    ) -> Result<Response<GetInventoryResponse>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        require_id("product_id", &r.product_id)?;
+        let query = &self.query;
+        let load = || async {
+            let mut conn = query.conn().await?;
+            // One snapshot for the product and its reservations.
+            let tx = conn.build_transaction().read_only(true).start().await.map_err(db_status)?;
+            let Some(row) = tx
+                .query_opt(
+                    &format!("SELECT {INVENTORY_COLUMNS} FROM read.inventory_views WHERE product_id = $1"),
+                    &[&r.product_id],
+                )
+                .await
+                .map_err(db_status)?
+            else {
+                return Ok(None);
+            };
+            let mut view = inventory(&row);
+            view.reservations = tx
+                .query(
+                    "SELECT order_id, quantity, reserved_at FROM read.inventory_reservations \
+                      WHERE product_id = $1 ORDER BY order_id",
+                    &[&r.product_id],
+                )
+                .await
+                .map_err(db_status)?
+                .iter()
+                .map(|row| Reservation {
+                    order_id: row.get(0),
+                    quantity: row.get(1),
+                    reserve_time: Some(row.get::<_, std::time::SystemTime>(2).into()),
+                })
+                .collect();
+            tx.commit().await.map_err(db_status)?;
+            Ok(Some(view))
+        };
+        let view = cached(query, Kind::Inventory, &r.product_id, r.min_position, &metadata, |v| v.last_position, load)
+            .await?
+            .ok_or_else(|| not_found("product", "PRODUCT_NOT_FOUND", &r.product_id))?;
+        Ok(Response::new(GetInventoryResponse { inventory: Some(view) }))
+    }
+
+    async fn list_low_stock(
+        &self,
+        request: Request<ListLowStockRequest>,
+    ) -> Result<Response<ListLowStockResponse>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        let size = page::size(r.page_size)?;
+        let after: Option<String> = page::cursor("low_stock", &r.page_token)?;
+        self.query.ready(INVENTORY, r.min_position, &metadata).await?;
+        let conn = self.query.conn().await?;
+        let after = after.unwrap_or_default();
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {INVENTORY_COLUMNS} FROM read.inventory_views \
+                      WHERE low_stock AND product_id > $1 ORDER BY product_id LIMIT $2"
+                ),
+                &[&after, &(size + 1)],
+            )
+            .await
+            .map_err(db_status)?;
+        let mut products: Vec<InventoryView> = rows.iter().map(inventory).collect();
+        let next_page_token = if products.len() as i64 > size {
+            products.truncate(size as usize);
+            page::token("low_stock", &products[products.len() - 1].product_id)
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListLowStockResponse { products, next_page_token }))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct AccountQueries {
+    query: Arc<Query>,
+}
+
+impl AccountQueries {
+    pub(crate) fn new(query: Arc<Query>) -> Self {
+        Self { query }
+    }
+}
+
+fn transaction_kind(kind: &str) -> TransactionKind {
+    match kind {
+        "deposit" => TransactionKind::Deposit,
+        "withdrawal" => TransactionKind::Withdrawal,
+        "transfer_sent" => TransactionKind::TransferSent,
+        "transfer_received" => TransactionKind::TransferReceived,
+        "transfer_refunded" => TransactionKind::TransferRefunded,
+        _ => TransactionKind::Unspecified,
+    }
+}
+
+#[tonic::async_trait]
+impl AccountQueryService for AccountQueries {
+    async fn get_account(&self, request: Request<GetAccountRequest>) -> Result<Response<GetAccountResponse>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        require_id("account_id", &r.account_id)?;
+        let query = &self.query;
+        let load = || async {
+            let conn = query.conn().await?;
+            let row = conn
+                .query_opt(
+                    "SELECT account_id, owner_id, currency, balance_minor, status, opened_at, updated_at, \
+                            stream_version, last_position FROM read.accounts WHERE account_id = $1",
+                    &[&r.account_id],
+                )
+                .await
+                .map_err(db_status)?;
+            Ok(row.map(|row| {
+                let currency: String = row.get(2);
+                AccountView {
+                    account_id: row.get(0),
+                    owner_id: row.get(1),
+                    balance: money(row.get(3), &currency),
+                    status: match row.get::<_, &str>(4) {
+                        "open" => AccountStatus::Open,
+                        "closed" => AccountStatus::Closed,
+                        _ => AccountStatus::Unspecified,
+                    } as i32,
+                    open_time: Some(row.get::<_, std::time::SystemTime>(5).into()),
+                    update_time: Some(row.get::<_, std::time::SystemTime>(6).into()),
+                    stream_version: row.get::<_, i64>(7) as u64,
+                    last_position: row.get::<_, i64>(8) as u64,
+                }
+            }))
+        };
+        let account = cached(query, Kind::Account, &r.account_id, r.min_position, &metadata, |v| v.last_position, load)
+            .await?
+            .ok_or_else(|| not_found("account", "ACCOUNT_NOT_FOUND", &r.account_id))?;
+        Ok(Response::new(GetAccountResponse { account: Some(account) }))
+    }
+
+    async fn list_account_transactions(
+        &self,
+        request: Request<ListAccountTransactionsRequest>,
+    ) -> Result<Response<ListAccountTransactionsResponse>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        require_id("account_id", &r.account_id)?;
+        let size = page::size(r.page_size)?;
+        let filters = format!("transactions|{}", r.account_id);
+        let before: Option<i64> = page::cursor(&filters, &r.page_token)?;
+        self.query.ready(ACCOUNTS, r.min_position, &metadata).await?;
+        let conn = self.query.conn().await?;
+        let currency: Option<String> = conn
+            .query_opt("SELECT currency FROM read.accounts WHERE account_id = $1", &[&r.account_id])
+            .await
+            .map_err(db_status)?
+            .map(|row| row.get(0));
+        let Some(currency) = currency else { return Err(not_found("account", "ACCOUNT_NOT_FOUND", &r.account_id)) };
+        let rows = conn
+            .query(
+                "SELECT stream_version, kind, transaction_id, counterparty_account_id, amount_minor, balance_minor, \
+                        reason, occurred_at, global_position FROM read.account_transactions \
+                  WHERE account_id = $1 AND stream_version < $2 ORDER BY stream_version DESC LIMIT $3",
+                &[&r.account_id, &before.unwrap_or(i64::MAX), &(size + 1)],
+            )
+            .await
+            .map_err(db_status)?;
+        let mut transactions: Vec<AccountTransaction> = rows
+            .iter()
+            .map(|row| AccountTransaction {
+                stream_version: row.get::<_, i64>(0) as u64,
+                kind: transaction_kind(row.get(1)) as i32,
+                transaction_id: row.get(2),
+                counterparty_account_id: row.get::<_, Option<String>>(3).unwrap_or_default(),
+                amount: money(row.get(4), &currency),
+                balance: money(row.get(5), &currency),
+                reason: row.get::<_, Option<String>>(6).unwrap_or_default(),
+                time: Some(row.get::<_, std::time::SystemTime>(7).into()),
+                global_position: row.get::<_, i64>(8) as u64,
+            })
+            .collect();
+        let next_page_token = if transactions.len() as i64 > size {
+            transactions.truncate(size as usize);
+            page::token(&filters, &(transactions[transactions.len() - 1].stream_version as i64))
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListAccountTransactionsResponse { transactions, next_page_token }))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct UserQueries {
+    query: Arc<Query>,
+}
+
+impl UserQueries {
+    pub(crate) fn new(query: Arc<Query>) -> Self {
+        Self { query }
+    }
+}
+
+#[tonic::async_trait]
+impl UserQueryService for UserQueries {
+    async fn get_user_activity(
+        &self,
+        request: Request<GetUserActivityRequest>,
+    ) -> Result<Response<GetUserActivityResponse>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        require_id("user_id", &r.user_id)?;
+        let size = page::size(r.page_size)?;
+        let filters = format!("activity|{}", r.user_id);
+        let before: Option<i64> = page::cursor(&filters, &r.page_token)?;
+        self.query.ready(USERS, r.min_position, &metadata).await?;
+        let mut conn = self.query.conn().await?;
+        let tx = conn.build_transaction().read_only(true).start().await.map_err(db_status)?;
+        let user = tx
+            .query_opt(
+                "SELECT user_id, email, display_name, registered_at, logins, actions, last_seen_at \
+                   FROM read.users WHERE user_id = $1",
+                &[&r.user_id],
+            )
+            .await
+            .map_err(db_status)?
+            .map(|row| UserProfile {
+                user_id: row.get(0),
+                email: row.get(1),
+                display_name: row.get(2),
+                register_time: Some(row.get::<_, std::time::SystemTime>(3).into()),
+                logins: row.get(4),
+                actions: row.get(5),
+                last_seen_time: Some(row.get::<_, std::time::SystemTime>(6).into()),
+            });
+        let rows = tx
+            .query(
+                "SELECT global_position, kind, detail, occurred_at FROM read.user_activity \
+                  WHERE user_id = $1 AND global_position < $2 ORDER BY global_position DESC LIMIT $3",
+                &[&r.user_id, &before.unwrap_or(i64::MAX), &(size + 1)],
+            )
+            .await
+            .map_err(db_status)?;
+        tx.commit().await.map_err(db_status)?;
+        let mut activities: Vec<Activity> = rows
+            .iter()
+            .map(|row| Activity {
+                global_position: row.get::<_, i64>(0) as u64,
+                kind: row.get(1),
+                detail: row.get(2),
+                time: Some(row.get::<_, std::time::SystemTime>(3).into()),
+            })
+            .collect();
+        if user.is_none() && activities.is_empty() && before.is_none() {
+            return Err(not_found("user", "USER_NOT_FOUND", &r.user_id));
+        }
+        let next_page_token = if activities.len() as i64 > size {
+            activities.truncate(size as usize);
+            page::token(&filters, &(activities[activities.len() - 1].global_position as i64))
+        } else {
+            String::new()
+        };
+        Ok(Response::new(GetUserActivityResponse { user, activities, next_page_token }))
+    }
+}

@@ -1,0 +1,663 @@
+//! The query side end to end on real PostgreSQL and Redis: the event store,
+//! the command and the query services on one server (as `eventfold dev`
+//! serves them), every projection running with the cache invalidator.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use eventfold_command::{Command, Envelope, Meta};
+use eventfold_domain::{
+    Currency, Money,
+    account::{AccountCommand, DepositMoney, OpenAccount, WithdrawMoney},
+    inventory::{InventoryCommand, RegisterProduct, ReplenishStock, ReserveStock},
+    order::{CancelOrder, OrderCommand},
+    user::{RecordLogin, RegisterUser, UserCommand},
+};
+use eventfold_projector::{Projector, ProjectorOptions};
+use eventfold_proto::{
+    common::Money as MoneyPb,
+    orders::{self as orders_pb, order_command_service_client::OrderCommandServiceClient},
+    query::{
+        self as query_pb, OrderStatus, account_query_service_client::AccountQueryServiceClient,
+        inventory_query_service_client::InventoryQueryServiceClient,
+        order_query_service_client::OrderQueryServiceClient, user_query_service_client::UserQueryServiceClient,
+    },
+};
+use eventfold_query::{BreakerState, CacheConfig, Invalidator, Query};
+use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_tests::{TestDatabase, redis::OwnRedis};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+};
+use tonic::{Code, Request, transport::Channel};
+use tonic_types::StatusExt;
+use tower::ServiceExt;
+
+struct Stack {
+    orders: OrderCommandServiceClient<Channel>,
+    queries: OrderQueryServiceClient<Channel>,
+    channel: Channel,
+    log: Arc<dyn EventLog>,
+    query: Arc<Query>,
+    invalidator: Option<Arc<Invalidator>>,
+    db: TestDatabase,
+    stop_projectors: watch::Sender<bool>,
+    _shutdown: oneshot::Sender<()>,
+}
+
+fn options() -> ProjectorOptions {
+    ProjectorOptions {
+        batch_size: 200,
+        batch_time: Duration::from_millis(50),
+        idle_poll: Duration::from_millis(200),
+        ..ProjectorOptions::default()
+    }
+}
+
+fn cache_config(url: String, prefix: &str) -> CacheConfig {
+    CacheConfig {
+        url: Some(url),
+        key_prefix: prefix.to_owned(),
+        // Generous for a loaded test machine; the breaker still opens on
+        // errors at once.
+        timeout_ms: 500,
+        slow_ms: 400,
+        breaker_cool_down_ms: 300,
+        ..CacheConfig::default()
+    }
+}
+
+async fn stack(cache: Option<CacheConfig>) -> Stack {
+    let db = TestDatabase::migrated().await;
+    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the log");
+    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
+    let config = eventfold_query::Config { cache: cache.unwrap_or_default(), ..eventfold_query::Config::default() };
+    let query = Query::connect(&config, db.url(), log.clone()).await.expect("query side");
+    let invalidator = query.cache().map(|cache| Invalidator::new(cache.clone()));
+    let (stop_projectors, stop) = watch::channel(false);
+    for projection in eventfold_projector::all() {
+        let mut projector = Projector::new(db.url(), log.clone(), projection, 1, options()).await.unwrap();
+        if let Some(invalidator) = &invalidator {
+            projector = projector.with_observer(invalidator.clone());
+        }
+        tokio::spawn(projector.run(stop.clone()));
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let bus = eventfold_command::bus(log.clone(), eventfold_command::Config::default().bus_options());
+    let served = query.clone();
+    let extra = eventfold_eventstore::Extra {
+        names: Vec::new(),
+        add: Box::new(move |router| {
+            eventfold_query::add_services(eventfold_command::add_services(router, bus), served)
+        }),
+    };
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    tokio::spawn(eventfold_eventstore::run_with(
+        eventfold_eventstore::Config::default(),
+        log.clone(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        extra,
+    ));
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    Stack {
+        orders: OrderCommandServiceClient::new(channel.clone()),
+        queries: OrderQueryServiceClient::new(channel.clone()),
+        channel,
+        log,
+        query,
+        invalidator,
+        db,
+        stop_projectors,
+        _shutdown: shutdown,
+    }
+}
+
+fn eur() -> Currency {
+    "EUR".parse().unwrap()
+}
+
+fn create_request(order_id: &str, customer_id: &str, price: i64) -> orders_pb::CreateOrderRequest {
+    orders_pb::CreateOrderRequest {
+        request_id: format!("create-{order_id}"),
+        order_id: order_id.to_owned(),
+        customer_id: customer_id.to_owned(),
+        currency: "EUR".into(),
+        items: vec![orders_pb::OrderItem {
+            product_id: "sku-1".into(),
+            quantity: 2,
+            unit_price: Some(MoneyPb { minor: price, currency: "EUR".into() }),
+        }],
+    }
+}
+
+fn get(order_id: &str, min_position: u64) -> query_pb::GetOrderRequest {
+    query_pb::GetOrderRequest { order_id: order_id.to_owned(), min_position }
+}
+
+impl Stack {
+    async fn create(&self, order_id: &str, customer_id: &str, price: i64) -> u64 {
+        let answer = self.orders.clone().create_order(create_request(order_id, customer_id, price)).await.unwrap();
+        answer.into_inner().result.unwrap().global_position
+    }
+
+    async fn confirm(&self, order_id: &str) -> u64 {
+        let request =
+            orders_pb::ConfirmOrderRequest { request_id: format!("confirm-{order_id}"), order_id: order_id.to_owned() };
+        self.orders.clone().confirm_order(request).await.unwrap().into_inner().result.unwrap().global_position
+    }
+
+    /// Waits until every projection has applied the whole log.
+    async fn settle(&self) {
+        let head = self.log.last_position().await.unwrap();
+        for name in ["order_views", "inventory_views", "order_analytics", "account_views", "user_activity"] {
+            self.query.positions().wait(name, head, Duration::from_secs(30)).await.unwrap_or_else(|at| {
+                panic!("{name} stuck at {} of {head}", at.position);
+            });
+        }
+        if let Some(invalidator) = &self.invalidator {
+            for _ in 0..300 {
+                if invalidator.pending() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    async fn send(&self, command: Command) {
+        let bus = eventfold_command::bus(self.log.clone(), eventfold_command::Config::default().bus_options());
+        bus.oneshot(Envelope::new(command, Meta::default())).await.expect("command");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_answer_position_makes_the_next_query_see_the_write_with_and_without_the_cache() {
+    let redis = OwnRedis::start();
+    for cache in [None, Some(cache_config(redis.url(), "ryw:"))] {
+        let cached = cache.is_some();
+        let stack = stack(cache).await;
+        let mut queries = stack.queries.clone();
+        for n in 0..25 {
+            let id = format!("o-{n}");
+            let position = stack.create(&id, "c-1", 100 + n).await;
+            let order = queries.get_order(get(&id, position)).await.unwrap().into_inner().order.unwrap();
+            assert_eq!(
+                (order.order_id.as_str(), order.status()),
+                (id.as_str(), OrderStatus::Created),
+                "cached: {cached}"
+            );
+            assert_eq!(order.total.unwrap().minor, 2 * (100 + n));
+            assert!(order.last_position >= position);
+            // Cached now (if there is a cache); the next write must not be
+            // hidden by it.
+            queries.get_order(get(&id, 0)).await.unwrap();
+            let position = stack.confirm(&id).await;
+            let order = queries.get_order(get(&id, position)).await.unwrap().into_inner().order.unwrap();
+            assert_eq!(order.status(), OrderStatus::Confirmed, "{id}, cached: {cached}");
+        }
+        if let Some(cache) = stack.query.cache() {
+            assert!(cache.stats().hits > 0, "the cache answered some queries: {:?}", cache.stats());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_not_reached_in_time_answers_unavailable_with_the_current_position() {
+    let stack = stack(None).await;
+    let position = stack.create("o-1", "c-1", 100).await;
+    stack.settle().await;
+    let mut request = Request::new(get("o-1", position + 1_000));
+    request.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let status = stack.queries.clone().get_order(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "the call deadline bounds the wait");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "PROJECTION_BEHIND");
+    assert_eq!(info.metadata["projection"], "order_views");
+    assert_eq!(info.metadata["position"], stack.log.last_position().await.unwrap().to_string());
+    assert_eq!(info.metadata["min_position"], (position + 1_000).to_string());
+
+    let status = stack.queries.clone().get_order(get("nope", 0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.get_details_error_info().unwrap().reason, "ORDER_NOT_FOUND");
+    let status = stack.queries.clone().get_order(get("", 0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_model_answers_its_queries() {
+    let stack = stack(None).await;
+    // Orders: 23 of three customers; every third cancelled.
+    let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for n in 0..23 {
+        let (id, customer) = (format!("o-{n:02}"), format!("c-{}", n % 3));
+        stack.create(&id, &customer, 100).await;
+        if n % 3 == 0 {
+            let cancel = CancelOrder { reason: "changed mind".into() };
+            stack.send(Command::Order { order_id: id.clone(), command: OrderCommand::from(cancel) }).await;
+        }
+        expected.entry(customer).or_default().push(id);
+    }
+    // Stock, accounts and a user.
+    let product = |command: InventoryCommand| Command::Inventory { product_id: "sku-low".into(), command };
+    stack.send(product(RegisterProduct { product_id: "sku-low".into(), name: "Low".into() }.into())).await;
+    stack.send(product(ReplenishStock { quantity: 12 }.into())).await;
+    stack.send(product(ReserveStock { order_id: "o-00".into(), quantity: 5 }.into())).await;
+    let account = |command: AccountCommand| Command::Account { account_id: "a-1".into(), command };
+    stack.send(account(OpenAccount { account_id: "a-1".into(), owner_id: "u-1".into(), currency: eur() }.into())).await;
+    for (n, amount) in [500, 700].into_iter().enumerate() {
+        let deposit = DepositMoney { transaction_id: format!("t-{n}"), amount: Money::new(amount, eur()) };
+        stack.send(account(deposit.into())).await;
+    }
+    stack.send(account(WithdrawMoney { transaction_id: "t-9".into(), amount: Money::new(200, eur()) }.into())).await;
+    let user = |command: UserCommand| Command::User { user_id: "c-1".into(), command };
+    stack
+        .send(user(
+            RegisterUser { user_id: "c-1".into(), email: "c1@example.com".into(), display_name: "C One".into() }.into(),
+        ))
+        .await;
+    stack.send(user(RecordLogin { source: "web".into() }.into())).await;
+    stack.settle().await;
+
+    // ListOrders: a customer's orders, 4 per page, newest first.
+    let mut queries = stack.queries.clone();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let request = query_pb::ListOrdersRequest {
+            page_size: 4,
+            page_token: token.clone(),
+            customer_id: "c-1".into(),
+            ..Default::default()
+        };
+        let page = queries.list_orders(request).await.unwrap().into_inner();
+        assert!(page.orders.len() <= 4);
+        seen.extend(page.orders.iter().map(|o| o.order_id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut newest_first = expected["c-1"].clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first, "every order of c-1 once, newest first");
+    // A token with other filters is refused.
+    let first = queries
+        .list_orders(query_pb::ListOrdersRequest { page_size: 2, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let other = query_pb::ListOrdersRequest {
+        page_size: 2,
+        page_token: first.next_page_token,
+        customer_id: "c-2".into(),
+        ..Default::default()
+    };
+    assert_eq!(queries.list_orders(other).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // By status, and the customer's totals.
+    let cancelled = queries
+        .list_orders_by_status(query_pb::ListOrdersByStatusRequest {
+            status: OrderStatus::Cancelled as i32,
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.orders.len(), 8, "o-00, o-03, …, o-21");
+    assert!(cancelled.orders.iter().all(|o| o.status() == OrderStatus::Cancelled && o.cancel_reason == "changed mind"));
+    let unspecified = query_pb::ListOrdersByStatusRequest::default();
+    assert_eq!(queries.list_orders_by_status(unspecified).await.unwrap_err().code(), Code::InvalidArgument);
+    let customer = queries
+        .get_customer_orders(query_pb::GetCustomerOrdersRequest { customer_id: "c-0".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(customer.orders.len(), expected["c-0"].len());
+    let totals = &customer.totals[0];
+    assert_eq!((totals.currency.as_str(), totals.order_count), ("EUR", expected["c-0"].len() as i64));
+    assert_eq!(totals.cancelled_count, expected["c-0"].len() as i64, "every order of c-0 (n % 3 == 0) was cancelled");
+
+    // Sales of today (UTC).
+    let today = {
+        let days = SystemTimeDays::now();
+        days.to_string()
+    };
+    let sales = queries
+        .get_sales_analytics(query_pb::GetSalesAnalyticsRequest {
+            start_day: today.clone(),
+            end_day: today.clone(),
+            top_products: 5,
+            min_position: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sales.days.len(), 1, "{sales:?}");
+    assert_eq!((sales.days[0].orders_created, sales.days[0].orders_cancelled), (23, 8));
+    let per_status: i64 = sales.statuses.iter().map(|s| s.orders).sum();
+    assert_eq!(per_status, 23);
+    assert_eq!(sales.top_products.len(), 1);
+    assert_eq!(sales.top_products[0].quantity, 2 * 15, "the 15 orders not cancelled, 2 each");
+    let backwards = query_pb::GetSalesAnalyticsRequest {
+        start_day: today.clone(),
+        end_day: "2000-01-01".into(),
+        top_products: 5,
+        min_position: 0,
+    };
+    assert_eq!(queries.get_sales_analytics(backwards).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // Inventory.
+    let mut inventory = InventoryQueryServiceClient::new(stack.channel.clone());
+    let stock = inventory
+        .get_inventory(query_pb::GetInventoryRequest { product_id: "sku-low".into(), min_position: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .inventory
+        .unwrap();
+    assert_eq!((stock.available, stock.reserved, stock.low_stock), (7, 5, true));
+    assert_eq!(stock.reservations.len(), 1);
+    assert_eq!(stock.reservations[0].order_id, "o-00");
+    let low = inventory.list_low_stock(query_pb::ListLowStockRequest::default()).await.unwrap().into_inner();
+    assert_eq!(low.products.iter().map(|p| p.product_id.as_str()).collect::<Vec<_>>(), ["sku-low"]);
+
+    // Accounts.
+    let mut accounts = AccountQueryServiceClient::new(stack.channel.clone());
+    let view = accounts
+        .get_account(query_pb::GetAccountRequest { account_id: "a-1".into(), min_position: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .account
+        .unwrap();
+    assert_eq!(view.balance.unwrap().minor, 1_000);
+    let history = accounts
+        .list_account_transactions(query_pb::ListAccountTransactionsRequest {
+            account_id: "a-1".into(),
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let balances: Vec<i64> = history.transactions.iter().map(|t| t.balance.clone().unwrap().minor).collect();
+    assert_eq!(balances, [1_000, 1_200], "newest first, two per page");
+    let rest = accounts
+        .list_account_transactions(query_pb::ListAccountTransactionsRequest {
+            account_id: "a-1".into(),
+            page_size: 2,
+            page_token: history.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.transactions.len(), 1);
+    assert_eq!(rest.transactions[0].transaction_id, "t-0");
+    assert!(rest.next_page_token.is_empty());
+
+    // A user's timeline: their orders and their own events.
+    let mut users = UserQueryServiceClient::new(stack.channel.clone());
+    let activity = users
+        .get_user_activity(query_pb::GetUserActivityRequest {
+            user_id: "c-1".into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(activity.user.unwrap().logins, 1);
+    let kinds: Vec<&str> = activity.activities.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "order_created").count(), expected["c-1"].len());
+    assert_eq!(&kinds[..2], ["logged_in", "registered"], "newest first");
+    let unknown = query_pb::GetUserActivityRequest { user_id: "nobody".into(), ..Default::default() };
+    assert_eq!(users.get_user_activity(unknown).await.unwrap_err().code(), Code::NotFound);
+}
+
+/// Today's UTC day as `YYYY-MM-DD`, from the civil calendar.
+struct SystemTimeDays(i64);
+
+impl SystemTimeDays {
+    fn now() -> Self {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        Self(secs.div_euclid(86_400))
+    }
+}
+
+impl std::fmt::Display for SystemTimeDays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let z = self.0 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        write!(f, "{y:04}-{m:02}-{d:02}")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_order_at_folds_the_past_and_watch_order_streams_each_change() {
+    let stack = stack(None).await;
+    let mut queries = stack.queries.clone();
+    let mut watch =
+        queries.watch_order(query_pb::WatchOrderRequest { order_id: "o-1".into() }).await.unwrap().into_inner();
+    stack.create("o-1", "c-1", 100).await;
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.order.unwrap().status(), OrderStatus::Created, "the watch waited for the order");
+    let created = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    stack.confirm("o-1").await;
+    let second = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(second.order.unwrap().status(), OrderStatus::Confirmed);
+
+    let at = |time: Option<std::time::SystemTime>, version: Option<u64>| query_pb::GetOrderAtRequest {
+        order_id: "o-1".into(),
+        time: time.map(Into::into),
+        version,
+    };
+    let by_version = queries.get_order_at(at(None, Some(0))).await.unwrap().into_inner().order.unwrap();
+    assert_eq!((by_version.status(), by_version.stream_version), (OrderStatus::Created, 0));
+    let by_time = queries.get_order_at(at(Some(created), None)).await.unwrap().into_inner().order.unwrap();
+    assert_eq!(by_time.status(), OrderStatus::Created, "as of a time between the two events");
+    let now = queries.get_order_at(at(Some(std::time::SystemTime::now()), None)).await.unwrap();
+    assert_eq!(now.into_inner().order.unwrap().status(), OrderStatus::Confirmed);
+    let before = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+    assert_eq!(queries.get_order_at(at(Some(before), None)).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(queries.get_order_at(at(None, None)).await.unwrap_err().code(), Code::InvalidArgument);
+    let missing = query_pb::GetOrderAtRequest { order_id: "nope".into(), time: None, version: Some(0) };
+    assert_eq!(queries.get_order_at(missing).await.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_is_never_undone_by_a_slower_fill() {
+    let redis = OwnRedis::start();
+    let stack = stack(Some(cache_config(redis.url(), "race:"))).await;
+    stack.create("o-1", "c-1", 100).await;
+    stack.settle().await;
+    let cache = stack.query.cache().unwrap().clone();
+    let version = stack.query.positions().get("order_views").unwrap().version;
+    // A slow query read the created order from PostgreSQL …
+    let old = stack.queries.clone().get_order(get("o-1", 0)).await.unwrap().into_inner().order.unwrap();
+    // … then the order changed and the projector invalidated …
+    stack.confirm("o-1").await;
+    stack.settle().await;
+    // … and only then does the slow query fill the cache with what it read.
+    use prost::Message;
+    cache.fill(eventfold_query::Kind::Order, version, "o-1", old.last_position, &old.encode_to_vec()).await;
+    let fresh = stack.queries.clone().get_order(get("o-1", 0)).await.unwrap().into_inner().order.unwrap();
+    assert_eq!(fresh.status(), OrderStatus::Confirmed, "the stale fill was refused");
+    let hits = cache.stats().hits;
+    let again = stack.queries.clone().get_order(get("o-1", 0)).await.unwrap().into_inner().order.unwrap();
+    assert_eq!(again.status(), OrderStatus::Confirmed);
+    assert_eq!(cache.stats().hits, hits + 1, "the fresh value is cached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_falls_back_to_postgres_and_the_cache_recovers() {
+    let mut redis = OwnRedis::start();
+    let stack = stack(Some(cache_config(redis.url(), "outage:"))).await;
+    for n in 0..20 {
+        stack.create(&format!("o-{n}"), "c-1", 100 + n).await;
+    }
+    stack.settle().await;
+    let cache = stack.query.cache().unwrap().clone();
+    let failures = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each order is checked against its expected status: confirmed for the
+    // ones confirmed before the check began.
+    let confirmed = Arc::new(std::sync::Mutex::new(std::collections::HashSet::<String>::new()));
+    let mut load = Vec::new();
+    for worker in 0..2u64 {
+        let (mut queries, failures, answered, stop, confirmed) =
+            (stack.queries.clone(), failures.clone(), answered.clone(), stop.clone(), confirmed.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = worker;
+            while !stop.load(Ordering::SeqCst) {
+                let id = format!("o-{}", n % 20);
+                n += 1;
+                let must_be_confirmed = confirmed.lock().unwrap().contains(&id);
+                match queries.get_order(get(&id, 0)).await {
+                    Ok(answer) => {
+                        let order = answer.into_inner().order.unwrap();
+                        let right = order.order_id == id
+                            && order.total.as_ref().map(|t| t.minor) == Some(2 * (100 + (n - 1) as i64 % 20))
+                            && (!must_be_confirmed || order.status() == OrderStatus::Confirmed);
+                        if !right {
+                            failures.fetch_add(1, Ordering::SeqCst);
+                        }
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(status) => {
+                        eprintln!("query failed: {status:?}");
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cache.stats();
+    assert!(before.hits > 0, "the cache serves before the outage: {before:?}");
+
+    redis.stop();
+    let down_at = answered.load(Ordering::SeqCst);
+    // Writes during the outage: their invalidations cannot reach Redis.
+    for n in 0..5 {
+        let id = format!("o-{n}");
+        let position = stack.confirm(&id).await;
+        stack.query.positions().wait("order_views", position, Duration::from_secs(10)).await.unwrap();
+        confirmed.lock().unwrap().insert(id);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_ne!(cache.breaker_state(), BreakerState::Closed, "Redis is down: the breaker is open (or trying)");
+    assert!(answered.load(Ordering::SeqCst) > down_at + 20, "queries kept answering from PostgreSQL");
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "no query failed or answered wrongly during the outage");
+
+    redis.resume();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cache.breaker_state() != BreakerState::Closed || cache.stats().hits <= before.hits + 20 {
+        assert!(Instant::now() < deadline, "the breaker closed and hits resumed: {:?}", cache.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "no wrong answer before, during or after the outage");
+    assert_eq!(stack.invalidator.as_ref().unwrap().pending(), 0, "the invalidations of the outage were delivered");
+    let _ = stack.stop_projectors.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_switches_under_query_load_without_errors_or_empty_answers() {
+    let redis = OwnRedis::start();
+    let stack = stack(Some(cache_config(redis.url(), "rebuild:"))).await;
+    for n in 0..60 {
+        stack.create(&format!("o-{n}"), &format!("c-{}", n % 4), 100).await;
+    }
+    stack.settle().await;
+    let problems = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for worker in 0..2u64 {
+        let (mut queries, problems, stop, answered) =
+            (stack.queries.clone(), problems.clone(), stop.clone(), answered.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = worker;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let id = format!("o-{}", n % 60);
+                match queries.get_order(get(&id, 0)).await {
+                    Ok(a) => {
+                        let order = a.into_inner().order.unwrap_or_default();
+                        if order.order_id != id || order.items.is_empty() {
+                            problems.lock().unwrap().push(format!("partial order {order:?}"));
+                        }
+                    }
+                    Err(status) => problems.lock().unwrap().push(format!("GetOrder {id}: {status:?}")),
+                }
+                let list = query_pb::ListOrdersRequest { page_size: 10, ..Default::default() };
+                match queries.list_orders(list).await {
+                    Ok(a) if a.get_ref().orders.len() == 10 => {}
+                    Ok(a) => problems.lock().unwrap().push(format!("short page: {}", a.get_ref().orders.len())),
+                    Err(status) => problems.lock().unwrap().push(format!("ListOrders: {status:?}")),
+                }
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    // The rebuild, as `eventfold projections rebuild order_views` does it.
+    let invalidator = stack.invalidator.clone().unwrap();
+    let rebuild =
+        Projector::new(stack.db.url(), stack.log.clone(), Arc::new(eventfold_projector::OrderViews), 2, options())
+            .await
+            .unwrap()
+            .with_observer(invalidator);
+    rebuild.prepare().await.unwrap();
+    while rebuild.step().await.unwrap() > 0 {}
+    let before_switch = answered.load(Ordering::SeqCst);
+    rebuild.activate().await.unwrap();
+    let (_stop_v2, stopped) = watch::channel(false);
+    tokio::spawn(rebuild.run(stopped));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.query.positions().get("order_views").map(|a| a.version) != Some(2) {
+        assert!(Instant::now() < deadline, "the query side follows the switch");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Writes after the switch reach version 2 and its queries.
+    let position = stack.create("o-new", "c-9", 100).await;
+    let order = stack.queries.clone().get_order(get("o-new", position)).await.unwrap().into_inner().order.unwrap();
+    assert_eq!(order.customer_id, "c-9");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for task in load {
+        task.await.unwrap();
+    }
+    let answered = answered.load(Ordering::SeqCst);
+    assert!(before_switch > 0 && answered > before_switch + 5, "queries ran before and after the switch");
+    let problems = problems.lock().unwrap();
+    assert!(problems.is_empty(), "{} problems, e.g. {:?}", problems.len(), problems.first());
+    let _ = stack.stop_projectors.send(true);
+}
