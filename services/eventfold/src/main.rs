@@ -41,6 +41,9 @@ enum Command {
         /// gRPC listen address.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// PostgreSQL URL: store events there and run the read side too.
+        #[arg(long)]
+        database_url: Option<String>,
     },
     /// Run one service on PostgreSQL.
     Serve {
@@ -253,7 +256,10 @@ impl ListenOverrides {
 fn overrides(command: Option<&Command>) -> Overrides {
     let mut o = Overrides::default();
     match command {
-        Some(Command::Dev { listen }) => o.eventstore.listen = *listen,
+        Some(Command::Dev { listen, database_url }) => {
+            o.eventstore.listen = *listen;
+            o.database.url.clone_from(database_url);
+        }
         Some(Command::Serve { service: Service::Eventstore { listen, database_url } }) => {
             o.eventstore.listen = *listen;
             o.database.url.clone_from(database_url);
@@ -313,7 +319,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command.unwrap_or(Command::Dev { listen: None }), config)) {
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Dev { listen: None, database_url: None }), config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(config_error @ eventfold_platform::Error::Config(_)) =
@@ -332,7 +338,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Dev { .. } if config.database.url.is_some() => {
             let url = config.database.require_url()?.to_owned();
-            migrate(&url, MigrateAction::Up).await?;
+            let mut admin = bench::connect(&url).await?;
+            eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
+            drop(admin);
             let log = postgres(&config).await?;
             let (query, invalidator) = read_side(&config, &url, log.clone()).await?;
             let (_stop_projectors, stop) = tokio::sync::watch::channel(false);
@@ -357,7 +365,6 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 names: eventfold_command::SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
                 add: Box::new(move |router| eventfold_command::add_services(router, bus)),
             };
-            println!("eventfold: read models and queries need PostgreSQL: start with --database-url to get them");
             serve_eventstore(&config, log, "in-memory store, nothing is persisted", extra).await
         }
         Command::Serve { service: Service::Projector { .. } } => {
@@ -489,15 +496,25 @@ async fn serve_eventstore(
 ) -> anyhow::Result<()> {
     let listener = bind(config.eventstore.listen).await?;
     let addr = listener.local_addr()?;
-    let commands = !extra.names.is_empty();
-    println!(
-        "eventfold: EventStoreService{} listening on {addr} ({storage})",
-        if commands { " and the command services" } else { "" }
-    );
+    let commands = extra.names.iter().any(|n| n.starts_with("eventfold.orders."));
+    let queries = extra.names.iter().any(|n| n.starts_with("eventfold.query."));
+    let services = match (commands, queries) {
+        (true, true) => " and the command and query services",
+        (true, false) => " and the command services",
+        _ => "",
+    };
+    println!("eventfold: EventStoreService{services} listening on {addr} ({storage})");
     println!("  try: grpcurl -plaintext {addr} list");
     if commands {
         let order = r#"{"order_id":"o-1","customer_id":"c-1","currency":"EUR","items":[{"product_id":"sku-1","quantity":2,"unit_price":{"minor":1250,"currency":"EUR"}}]}"#;
         println!("       grpcurl -plaintext -d '{order}' {addr} eventfold.orders.v1.OrderCommandService/CreateOrder");
+    }
+    if queries {
+        println!(
+            "       grpcurl -plaintext -d '{{\"order_id\":\"o-1\"}}' {addr} eventfold.query.v1.OrderQueryService/GetOrder"
+        );
+    } else if commands {
+        println!("  (read models and queries run with a database: eventfold dev --database-url postgresql://…)");
     }
     tracing::info!(%addr, storage, "serving");
     eventfold_eventstore::run_with(

@@ -104,8 +104,14 @@ struct DevServer {
 
 impl DevServer {
     fn start() -> Self {
+        Self::start_with(&[], "eventfold: EventStoreService and the command services listening on ")
+    }
+
+    /// `eventfold dev` with `args` added; its first line starts `prefix`.
+    fn start_with(args: &[&str], prefix: &str) -> Self {
         let mut child = eventfold()
             .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(args)
             .env("EVENTFOLD_LOG__FILTER", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -135,7 +141,7 @@ impl DevServer {
             }
         };
         let addr = line
-            .strip_prefix("eventfold: EventStoreService and the command services listening on ")
+            .strip_prefix(prefix)
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line of eventfold dev: {line:?}"))
             .to_owned();
@@ -278,6 +284,42 @@ fn orders_go_through_the_command_services() {
     assert_eq!(events[0]["schemaVersion"], 2, "{read}");
     assert_eq!(events[0]["data"]["total"], serde_json::json!({ "minor": 2500, "currency": "EUR" }), "{read}");
     assert_eq!(events[1]["globalPosition"], confirmed["result"]["globalPosition"], "{read}");
+}
+
+/// `eventfold dev --database-url`: the read side runs too; a query with a
+/// command's position sees the command's write.
+#[test]
+fn dev_on_postgres_answers_queries_with_read_your_writes() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let db = runtime.block_on(eventfold_tests::TestDatabase::create());
+    let server = DevServer::start_with(
+        &["--database-url", db.url()],
+        "eventfold: EventStoreService and the command and query services listening on ",
+    );
+    let list = server.run(&[&server.addr, "list"]);
+    for service in ["eventfold.query.v1.OrderQueryService", "eventfold.query.v1.AccountQueryService"] {
+        assert!(list.lines().any(|l| l.trim() == service), "list lacks {service}:\n{list}");
+    }
+    for n in 0..5 {
+        let create = serde_json::json!({
+            "orderId": format!("pg-{n}"),
+            "customerId": "c-1",
+            "currency": "EUR",
+            "items": [{ "productId": "sku-1", "quantity": 1, "unitPrice": { "minor": "100", "currency": "EUR" } }],
+        });
+        let created = server.call("eventfold.orders.v1.OrderCommandService/CreateOrder", &create);
+        let position = created["result"]["globalPosition"].as_str().unwrap_or_else(|| panic!("{created}")).to_owned();
+        let got = server.call(
+            "eventfold.query.v1.OrderQueryService/GetOrder",
+            &serde_json::json!({ "orderId": format!("pg-{n}"), "minPosition": position }),
+        );
+        assert_eq!(got["order"]["status"], "ORDER_STATUS_CREATED", "{got}");
+        assert_eq!(got["order"]["total"]["minor"], "100", "{got}");
+    }
+    let listed = server.call("eventfold.query.v1.OrderQueryService/ListOrders", &serde_json::json!({ "pageSize": 3 }));
+    assert_eq!(listed["orders"].as_array().map(Vec::len), Some(3), "{listed}");
+    assert!(listed["nextPageToken"].as_str().is_some_and(|t| !t.is_empty()), "{listed}");
+    assert_eq!(health(&server, "eventfold.query.v1.OrderQueryService"), "SERVING");
 }
 
 #[test]
