@@ -272,14 +272,19 @@ impl Projector {
         }
         let mut applied = 0i64;
         let mut considered = 0;
-        for event in &slice.events {
-            if considered > 0 && started.elapsed() >= self.options.batch_time {
-                break;
+        if self.apply_set_based(&tx, &slice.events).await? {
+            applied = slice.events.len() as i64;
+            considered = slice.events.len();
+        } else {
+            for event in &slice.events {
+                if considered > 0 && started.elapsed() >= self.options.batch_time {
+                    break;
+                }
+                if self.apply_with_retries(&tx, event).await? {
+                    applied += 1;
+                }
+                considered += 1;
             }
-            if self.apply_with_retries(&tx, event).await? {
-                applied += 1;
-            }
-            considered += 1;
         }
         let complete = considered == slice.events.len();
         let position = if complete { slice.next_position } else { slice.events[considered - 1].global_position };
@@ -331,6 +336,30 @@ impl Projector {
         };
         if due && let Ok(head) = self.log.last_position().await {
             metrics::gauge!("eventfold_projection_lag_positions", &labels).set(head.saturating_sub(position) as f64);
+        }
+    }
+
+    /// The whole batch through [`Projection::apply_batch`], in a savepoint;
+    /// whether it was applied (false: not supported, or failed and undone).
+    async fn apply_set_based(&self, tx: &Transaction<'_>, events: &[RecordedEvent]) -> Result<bool> {
+        if events.is_empty() {
+            return Ok(false);
+        }
+        tx.batch_execute("SAVEPOINT apply_batch").await?;
+        match self.projection.apply_batch(tx, self.version, events).await {
+            Ok(true) => {
+                tx.batch_execute("RELEASE SAVEPOINT apply_batch").await?;
+                Ok(true)
+            }
+            Ok(false) => {
+                tx.batch_execute("RELEASE SAVEPOINT apply_batch").await?;
+                Ok(false)
+            }
+            Err(error) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT apply_batch").await?;
+                tracing::debug!(projection = self.name(), %error, "batch failed; applying event by event");
+                Ok(false)
+            }
         }
     }
 

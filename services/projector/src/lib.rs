@@ -93,4 +93,18 @@ pub trait Projection: Send + Sync + 'static {
         version: u32,
         event: &RecordedEvent,
     ) -> std::result::Result<(), ApplyError>;
+
+    /// Apply a whole batch at once (set-based), with exactly the effect of
+    /// [`Projection::apply`] on each event in order. `Ok(false)`: not
+    /// supported, the engine applies event by event. On an error the
+    /// engine undoes the attempt and goes event by event, so that only the
+    /// failing event is retried and parked.
+    async fn apply_batch(
+        &self,
+        _tx: &Transaction<'_>,
+        _version: u32,
+        _events: &[RecordedEvent],
+    ) -> std::result::Result<bool, ApplyError> {
+        Ok(false)
+    }
 }

@@ -628,16 +628,23 @@ async fn a_rebuild_switches_under_query_load_without_errors_or_empty_answers() {
             }
         }));
     }
-    // The rebuild, as `eventfold projections rebuild order_views` does it.
+    while answered.load(Ordering::SeqCst) < 5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The rebuild, as `eventfold projections rebuild order_views` does it,
+    // in small batches so that it takes a while.
     let invalidator = stack.invalidator.clone().unwrap();
-    let rebuild =
-        Projector::new(stack.db.url(), stack.log.clone(), Arc::new(eventfold_projector::OrderViews), 2, options())
-            .await
-            .unwrap()
-            .with_observer(invalidator);
+    let small = ProjectorOptions { batch_size: 5, ..options() };
+    let projection = Arc::new(eventfold_projector::OrderViews);
+    let rebuild = Projector::new(stack.db.url(), stack.log.clone(), projection, 2, small)
+        .await
+        .unwrap()
+        .with_observer(invalidator);
+    let rebuild_started = answered.load(Ordering::SeqCst);
     rebuild.prepare().await.unwrap();
     while rebuild.step().await.unwrap() > 0 {}
     let before_switch = answered.load(Ordering::SeqCst);
+    assert!(before_switch > rebuild_started, "queries ran while the rebuild built");
     rebuild.activate().await.unwrap();
     let (_stop_v2, stopped) = watch::channel(false);
     tokio::spawn(rebuild.run(stopped));
