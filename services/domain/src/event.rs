@@ -28,6 +28,9 @@ pub trait DomainEvent: Sized {
     /// current schema version (see [`crate::upcast`]).
     fn from_data(event_type: &str, schema_version: u32, data: Value) -> Result<Self, DecodeError>;
 
+    /// [`DomainEvent::from_data`] from a borrowed body (no copy of it).
+    fn from_data_ref(event_type: &str, schema_version: u32, data: &Value) -> Result<Self, DecodeError>;
+
     /// The schema version the code writes for `event_type`.
     fn current_version(event_type: &str) -> Option<u32> {
         Self::TYPES.iter().find(|(t, _)| *t == event_type).map(|(_, v)| *v)
@@ -36,6 +39,21 @@ pub trait DomainEvent: Sized {
     fn schema_version(&self) -> u32 {
         Self::current_version(self.event_type()).expect("every variant is listed in TYPES")
     }
+}
+
+/// `Ok` when `found` is the `current` version of a known `event_type`.
+pub(crate) fn check_version(event_type: &str, found: u32, current: Option<u32>) -> Result<(), DecodeError> {
+    let current = current.ok_or_else(|| DecodeError::UnknownType(event_type.to_owned()))?;
+    if found == current {
+        Ok(())
+    } else {
+        Err(DecodeError::Version { event_type: event_type.to_owned(), found, current })
+    }
+}
+
+/// The decode error of a body of `event_type` that does not fit.
+pub(crate) fn malformed(event_type: &str) -> impl Fn(serde_json::Error) -> DecodeError + '_ {
+    move |e| DecodeError::Data { event_type: event_type.to_owned(), message: e.to_string() }
 }
 
 /// Declares an aggregate's event enum: one variant per event struct, the
@@ -68,21 +86,33 @@ macro_rules! domain_events {
                 schema_version: u32,
                 data: serde_json::Value,
             ) -> Result<Self, $crate::DecodeError> {
-                let current = <Self as $crate::DomainEvent>::current_version(event_type)
-                    .ok_or_else(|| $crate::DecodeError::UnknownType(event_type.to_owned()))?;
-                if schema_version != current {
-                    return Err($crate::DecodeError::Version {
-                        event_type: event_type.to_owned(),
-                        found: schema_version,
-                        current,
-                    });
-                }
-                let malformed = |e: serde_json::Error| $crate::DecodeError::Data {
-                    event_type: event_type.to_owned(),
-                    message: e.to_string(),
-                };
+                $crate::event::check_version(
+                    event_type,
+                    schema_version,
+                    <Self as $crate::DomainEvent>::current_version(event_type),
+                )?;
+                let malformed = $crate::event::malformed(event_type);
                 match event_type {
                     $(stringify!($ty) => serde_json::from_value(data).map(Self::$variant).map_err(malformed),)*
+                    other => Err($crate::DecodeError::UnknownType(other.to_owned())),
+                }
+            }
+
+            fn from_data_ref(
+                event_type: &str,
+                schema_version: u32,
+                data: &serde_json::Value,
+            ) -> Result<Self, $crate::DecodeError> {
+                $crate::event::check_version(
+                    event_type,
+                    schema_version,
+                    <Self as $crate::DomainEvent>::current_version(event_type),
+                )?;
+                let malformed = $crate::event::malformed(event_type);
+                match event_type {
+                    $(stringify!($ty) => <$ty as serde::Deserialize>::deserialize(data)
+                        .map(Self::$variant)
+                        .map_err(malformed),)*
                     other => Err($crate::DecodeError::UnknownType(other.to_owned())),
                 }
             }

@@ -64,7 +64,10 @@ pub(crate) async fn run(config: &Config, action: ProjectionsAction) -> anyhow::R
             let projection = find(&name)?;
             let statuses = eventfold_projector::status(&client).await?;
             let next = statuses.iter().filter(|s| s.name == name).map(|s| s.version).max().unwrap_or(0) + 1;
-            let projector = Projector::new(&url, log.clone(), projection, next, ProjectorOptions::default()).await?;
+            // Large batches: a rebuild is throughput work.
+            let options =
+                ProjectorOptions { batch_size: 2000, batch_time: Duration::from_secs(1), ..config.projector.options() };
+            let projector = Projector::new(&url, log.clone(), projection, next, options).await?;
             projector.prepare().await?;
             let started = Instant::now();
             let mut last_print = Instant::now() - Duration::from_secs(1);

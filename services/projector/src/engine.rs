@@ -163,7 +163,11 @@ pub struct Projector {
     observer: Option<Arc<dyn CommitObserver>>,
     /// When the head of the log was last read for the lag gauge.
     head_read: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The next batch, read while the current one applies: (after, read).
+    prefetch: std::sync::Mutex<Option<Prefetch>>,
 }
+
+type Prefetch = (u64, tokio::task::JoinHandle<eventfold_store::Result<eventfold_store::AllSlice>>);
 
 impl std::fmt::Debug for Projector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -188,14 +192,31 @@ impl Projector {
         version: u32,
         options: ProjectorOptions,
     ) -> Result<Self> {
-        let config: tokio_postgres::Config = database_url.parse()?;
+        let mut config: tokio_postgres::Config = database_url.parse()?;
+        // A read-model commit lost in a server crash is applied again from
+        // the checkpoint it was committed with: waiting for the WAL flush
+        // buys nothing here.
+        let server_options = match config.get_options() {
+            Some(given) => format!("{given} -c synchronous_commit=off"),
+            None => "-c synchronous_commit=off".to_owned(),
+        };
+        config.options(&server_options);
         let pool = Pool::builder()
             .max_size(2)
             .connection_timeout(Duration::from_secs(5))
             .build(PostgresConnectionManager::new(config, NoTls))
             .await
             .map_err(pool_error)?;
-        Ok(Self { pool, log, projection, version, options, observer: None, head_read: std::sync::Mutex::new(None) })
+        Ok(Self {
+            pool,
+            log,
+            projection,
+            version,
+            options,
+            observer: None,
+            head_read: std::sync::Mutex::new(None),
+            prefetch: std::sync::Mutex::new(None),
+        })
     }
 
     /// Tells `observer` about every committed batch.
@@ -263,9 +284,12 @@ impl Projector {
             return Ok(0);
         }
         let start = row.get::<_, i64>(0) as u64;
-        let read = AllRead { after: start, max_count: self.options.batch_size.max(1), filter: EventFilter::default() };
-        let slice = self.log.read_all(read).await?;
+        let slice = self.read_after(start).await?;
         let caught_up = slice.events.len() < self.options.batch_size.max(1);
+        if !caught_up {
+            // More is waiting: read it while this batch applies.
+            self.prefetch_after(slice.next_position);
+        }
         if slice.events.is_empty() && slice.next_position <= start {
             self.record_lag(start, caught_up, None).await;
             return Ok(0);
@@ -308,6 +332,36 @@ impl Projector {
         metrics::counter!("eventfold_projection_events_total", "projection" => self.name()).increment(applied as u64);
         self.record_lag(position, caught_up && complete, events.last()).await;
         Ok(considered.max(1))
+    }
+
+    fn read_request(&self, after: u64) -> AllRead {
+        AllRead { after, max_count: self.options.batch_size.max(1), filter: EventFilter::default() }
+    }
+
+    /// The batch after `position`: the prefetched one if it was read from
+    /// there (a gap-safe read, only earlier), otherwise read now.
+    async fn read_after(&self, position: u64) -> Result<eventfold_store::AllSlice> {
+        let pending = self.prefetch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some((after, read)) = pending {
+            if after == position {
+                if let Ok(slice) = read.await {
+                    return Ok(slice?);
+                }
+            } else {
+                read.abort();
+            }
+        }
+        Ok(self.log.read_all(self.read_request(position)).await?)
+    }
+
+    fn prefetch_after(&self, after: u64) {
+        let (log, read) = (self.log.clone(), self.read_request(after));
+        let handle = tokio::spawn(async move { log.read_all(read).await });
+        if let Some((_, stale)) =
+            self.prefetch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).replace((after, handle))
+        {
+            stale.abort();
+        }
     }
 
     /// Position, lag in positions (head − checkpoint, the head read at most

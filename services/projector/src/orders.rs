@@ -74,7 +74,7 @@ impl Projection for OrderViews {
             if !is_order_event(event) {
                 continue;
             }
-            let e = OrderEvent::from_data(&event.event_type, event.schema_version, event.data.clone())
+            let e = OrderEvent::from_data_ref(&event.event_type, event.schema_version, &event.data)
                 .map_err(|e| ApplyError::Event(e.to_string()))?;
             if !matches!(e, OrderEvent::Created(_)) {
                 to_load.push(order_id(&e).to_owned());
