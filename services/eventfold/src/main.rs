@@ -442,7 +442,7 @@ async fn read_side(
 }
 
 /// One projector per projection, on its active version (version 1 for a
-/// projection never built).
+/// projection never built), following the switch of a rebuild.
 async fn spawn_projectors(
     config: &Config,
     url: &str,
@@ -450,25 +450,21 @@ async fn spawn_projectors(
     invalidator: Option<Arc<eventfold_query::Invalidator>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let client = bench::connect(url).await?;
-    let active: std::collections::HashMap<String, u32> = eventfold_projector::status(&client)
-        .await?
+    let observer = invalidator.map(|i| i as Arc<dyn eventfold_projector::CommitObserver>);
+    Ok(eventfold_projector::all()
         .into_iter()
-        .filter(|s| s.active)
-        .map(|s| (s.name, s.version))
-        .collect();
-    let mut tasks = Vec::new();
-    for projection in eventfold_projector::all() {
-        let version = active.get(projection.name()).copied().unwrap_or(1);
-        let mut projector =
-            eventfold_projector::Projector::new(url, log.clone(), projection, version, config.projector.options())
-                .await?;
-        if let Some(invalidator) = &invalidator {
-            projector = projector.with_observer(invalidator.clone());
-        }
-        tasks.push(tokio::spawn(projector.run(stop.clone())));
-    }
-    Ok(tasks)
+        .map(|projection| {
+            tokio::spawn(eventfold_projector::run_active(
+                url.to_owned(),
+                log.clone(),
+                projection,
+                config.projector.options(),
+                observer.clone(),
+                std::time::Duration::from_secs(1),
+                stop.clone(),
+            ))
+        })
+        .collect())
 }
 
 /// The log as every service reads it: old event versions upcast.

@@ -26,19 +26,20 @@ fn find(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
 
 fn print(statuses: &[Status], head: u64) {
     println!(
-        "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7}",
-        "projection", "version", "active", "position", "applied", "behind", "parked"
+        "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7} {:<8}",
+        "projection", "version", "active", "position", "applied", "behind", "parked", "state"
     );
     for s in statuses {
         println!(
-            "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7}",
+            "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7} {:<8}",
             s.name,
             s.version,
             if s.active { "yes" } else { "" },
             s.position,
             s.events_applied,
             head.saturating_sub(s.position),
-            s.parked
+            s.parked,
+            if s.stopped { "stopped" } else { "running" }
         );
     }
 }

@@ -515,6 +515,13 @@ impl Projector {
         Ok(applied)
     }
 
+    /// The version of this projection that the public views show, if any.
+    pub async fn active_version(&self) -> Result<Option<u32>> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client.query_opt("SELECT version FROM projections.active WHERE name = $1", &[&self.name()]).await?;
+        Ok(row.map(|r| r.get::<_, i32>(0) as u32))
+    }
+
     /// The checkpoint: every event up to here is applied or parked.
     pub async fn position(&self) -> Result<u64> {
         let client = self.pool.get().await.map_err(pool_error)?;
@@ -558,6 +565,80 @@ impl Projector {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+}
+
+/// Runs the active version of `projection` (version 1 if none is active
+/// yet) until `shutdown` turns true. When a rebuild activates another
+/// version, the projector switches to it within `poll`. Failures are logged
+/// and retried.
+pub async fn run_active(
+    database_url: String,
+    log: Arc<dyn EventLog>,
+    projection: Arc<dyn Projection>,
+    options: ProjectorOptions,
+    observer: Option<Arc<dyn CommitObserver>>,
+    poll: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let name = projection.name();
+    let mut backoff = Duration::from_millis(100);
+    while !*shutdown.borrow() {
+        let started = async {
+            let probe = Projector::new(&database_url, log.clone(), projection.clone(), 1, options.clone()).await?;
+            let version = probe.active_version().await?.unwrap_or(1);
+            let mut projector =
+                Projector::new(&database_url, log.clone(), projection.clone(), version, options.clone()).await?;
+            if let Some(observer) = &observer {
+                projector = projector.with_observer(observer.clone());
+            }
+            Ok::<_, Error>((probe, version, projector))
+        }
+        .await;
+        let (probe, version, projector) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                tracing::warn!(projection = name, %error, "projector cannot start; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let (stop_tx, stop) = watch::channel(false);
+        let mut task = tokio::spawn(projector.run(stop));
+        tracing::info!(projection = name, version, "projector running");
+        let mut finished = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep(poll) => {
+                    match probe.active_version().await {
+                        Ok(Some(active)) if active != version => {
+                            tracing::info!(projection = name, from = version, to = active, "active version switched");
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(error) => tracing::debug!(projection = name, %error, "active version unknown"),
+                    }
+                }
+                _ = &mut task => {
+                    finished = true;
+                    break;
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        if !finished {
+            let _ = task.await;
         }
     }
 }

@@ -19,7 +19,10 @@ mod users;
 pub use crate::{
     accounts::AccountViews,
     analytics::OrderAnalytics,
-    engine::{COMMIT_CHANNEL, Commit, CommitObserver, Projector, ProjectorOptions, Status, reset, set_stopped, status},
+    engine::{
+        COMMIT_CHANNEL, Commit, CommitObserver, Projector, ProjectorOptions, Status, reset, run_active, set_stopped,
+        status,
+    },
     inventory::{DEFAULT_LOW_STOCK_THRESHOLD, InventoryViews},
     orders::OrderViews,
     users::UserActivity,

@@ -444,3 +444,37 @@ async fn stop_start_and_reset_per_projection() {
     assert_eq!(rows_by(&client, "read.order_views", "order_id").await, all, "applied again, row for row");
     assert_eq!(status(&client).await.unwrap()[0].events_applied, log.last_position().await.unwrap());
 }
+
+/// The long-running projector follows a rebuild's switch: after the new
+/// version is activated, new events reach it (and not the old one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_projector_follows_the_active_version() {
+    let (db, log, client) = setup().await;
+    let (stop_tx, stop) = watch::channel(false);
+    let running = tokio::spawn(eventfold_projector::run_active(
+        db.url().to_owned(),
+        log.clone(),
+        Arc::new(OrderViews),
+        options(),
+        None,
+        Duration::from_millis(50),
+        stop,
+    ));
+    write_orders(log.clone(), 0, 4).await;
+    let v1 = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options()).await.unwrap();
+    wait_until_at(&v1, log.last_position().await.unwrap()).await;
+
+    let v2 = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options()).await.unwrap();
+    v2.prepare().await.unwrap();
+    while v2.step().await.unwrap() > 0 {}
+    v2.activate().await.unwrap();
+    let switched_at = v1.position().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write_orders(log.clone(), 4, 3).await;
+    wait_until_at(&v2, log.last_position().await.unwrap()).await;
+    assert_eq!(rows_by(&client, "read.order_views", "order_id").await.len(), 7, "the view shows the new orders");
+    assert_eq!(v1.position().await.unwrap(), switched_at, "the old version is no longer applied");
+
+    let _ = stop_tx.send(true);
+    tokio::time::timeout(Duration::from_secs(10), running).await.expect("stops on shutdown").unwrap();
+}
