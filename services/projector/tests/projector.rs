@@ -478,3 +478,78 @@ async fn the_running_projector_follows_the_active_version() {
     let _ = stop_tx.send(true);
     tokio::time::timeout(Duration::from_secs(10), running).await.expect("stops on shutdown").unwrap();
 }
+
+/// Deposits, withdrawals and transfers between 6 accounts through the real
+/// command bus.
+async fn write_money(log: Arc<dyn EventLog>) {
+    use eventfold_domain::account::{
+        AccountCommand, DepositMoney, OpenAccount, ReceiveTransfer, SendTransfer, WithdrawMoney,
+    };
+    let bus = eventfold_command::bus(log, eventfold_command::BusOptions::default());
+    let send = |account: usize, command: AccountCommand| {
+        let bus = bus.clone();
+        async move {
+            let envelope =
+                Envelope::new(Command::Account { account_id: format!("a-{account}"), command }, Meta::default());
+            bus.oneshot(envelope).await
+        }
+    };
+    for a in 0..6 {
+        let open = OpenAccount { account_id: format!("a-{a}"), owner_id: format!("u-{a}"), currency: eur() };
+        send(a, open.into()).await.unwrap();
+        let deposit = DepositMoney { transaction_id: format!("d-{a}"), amount: Money::new(10_000, eur()) };
+        send(a, deposit.into()).await.unwrap();
+    }
+    for t in 0..60usize {
+        let (from, to) = (t % 6, (t + 1 + t % 4) % 6);
+        let amount = Money::new(100 + (t as i64 * 37) % 900, eur());
+        if t % 5 == 0 {
+            let withdraw = WithdrawMoney { transaction_id: format!("w-{t}"), amount };
+            send(from, withdraw.into()).await.unwrap();
+            continue;
+        }
+        let transfer_id = format!("t-{t}");
+        let sent = SendTransfer { transfer_id: transfer_id.clone(), to_account_id: format!("a-{to}"), amount };
+        if send(from, sent.into()).await.is_ok() {
+            let received = ReceiveTransfer { transfer_id, from_account_id: format!("a-{from}"), amount };
+            send(to, received.into()).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_analytics_and_user_activity_survive_crashes() {
+    let (db, log, client) = setup().await;
+    let writer = tokio::spawn(write_orders(log.clone(), 0, 120));
+    let tables = [
+        ("read.order_facts", "order_id"),
+        ("read.customer_orders", "customer_id, currency"),
+        ("read.daily_sales", "day, currency"),
+        ("read.daily_status", "day, status"),
+        ("read.product_sales", "day, product_id, currency"),
+    ];
+    let analytics = Arc::new(eventfold_projector::OrderAnalytics);
+    let (survived, rebuilt, _) = crash_then_rebuild(&db, &log, &client, analytics, writer, &tables).await;
+    assert_eq!(survived[0].len(), 120, "one fact per order");
+    assert_eq!(survived, rebuilt, "row for row, every table");
+
+    // The same log again, for the user timelines.
+    let writer = tokio::spawn(async {});
+    let tables = [("read.user_activity", "user_id, global_position"), ("read.user_orders", "order_id")];
+    let activity = Arc::new(eventfold_projector::UserActivity);
+    let (survived, rebuilt, _) = crash_then_rebuild(&db, &log, &client, activity, writer, &tables).await;
+    assert_eq!(survived[1].len(), 120);
+    assert_eq!(survived, rebuilt);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_views_survive_crashes() {
+    let (db, log, client) = setup().await;
+    let writer = tokio::spawn(write_money(log.clone()));
+    let tables = [("read.accounts", "account_id"), ("read.account_transactions", "account_id, stream_version")];
+    let accounts = Arc::new(eventfold_projector::AccountViews);
+    let (survived, rebuilt, _) = crash_then_rebuild(&db, &log, &client, accounts, writer, &tables).await;
+    assert_eq!(survived[0].len(), 6);
+    assert!(survived[1].len() > 60, "the movements: {}", survived[1].len());
+    assert_eq!(survived, rebuilt);
+}
