@@ -26,12 +26,12 @@ fn find(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
 
 fn print(statuses: &[Status], head: u64) {
     println!(
-        "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7} {:<8}",
+        "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7} {}",
         "projection", "version", "active", "position", "applied", "behind", "parked", "state"
     );
     for s in statuses {
         println!(
-            "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7} {:<8}",
+            "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7} {}",
             s.name,
             s.version,
             if s.active { "yes" } else { "" },

@@ -525,8 +525,18 @@ fn projections_rebuild_and_list() {
     let rows: Vec<Vec<&str>> = list.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(rows.len(), 2, "{list}");
     assert_eq!((rows[0][0], rows[0][1], rows[1][1], rows[1][2]), ("order_views", "1", "2", "yes"), "{list}");
-    // position, applied, behind, parked of version 2: all three orders.
-    assert_eq!(&rows[1][3..], ["3", "3", "0", "0"], "{list}");
+    // position, applied, behind, parked, state of version 2: all three
+    // orders.
+    assert_eq!(&rows[1][3..], ["3", "3", "0", "0", "running"], "{list}");
+    let (out, _) = projections(&["stop", "order_views"]);
+    assert!(out.contains("order_views: stopped"), "{out}");
+    let (list, _) = projections(&["list"]);
+    assert!(list.lines().skip(1).all(|l| l.ends_with("stopped")), "{list}");
+    projections(&["start", "order_views"]);
+    let (list, _) = projections(&["list"]);
+    assert!(list.lines().skip(1).all(|l| l.trim_end().ends_with("running")), "{list}");
+    let (parked, _) = projections(&["parked", "order_views"]);
+    assert_eq!(parked.lines().count(), 1, "a header, no parked event: {parked}");
     let output = eventfold()
         .args(["projections", "--database-url", &url, "status", "nope"])
         .output()
