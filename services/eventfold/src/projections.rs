@@ -26,8 +26,8 @@ fn find(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
 
 fn print(statuses: &[Status], head: u64) {
     println!(
-        "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7} {}",
-        "projection", "version", "active", "position", "applied", "behind", "parked", "state"
+        "{:<24} {:>7} {:>6} {:>12} {:>12} {:>10} {:>7} state",
+        "projection", "version", "active", "position", "applied", "behind", "parked"
     );
     for s in statuses {
         println!(
