@@ -100,6 +100,7 @@ impl Projection for OrderViews {
                 .await?;
             for r in loaded {
                 let row = Row {
+                    stored: true,
                     customer_id: r.get(1),
                     status: r.get(2),
                     currency: r.get(3),
@@ -129,6 +130,7 @@ impl Projection for OrderViews {
                 rows.insert(
                     id.clone(),
                     Row {
+                        stored: false,
                         customer_id: c.customer_id.clone(),
                         status: "created".to_owned(),
                         currency: c.currency.as_str().to_owned(),
@@ -173,13 +175,14 @@ impl Projection for OrderViews {
         }
         touched.sort_unstable();
         touched.dedup();
-        let mut columns = Columns::default();
+        let (mut inserts, mut updates) = (Columns::default(), Columns::default());
         for id in touched {
             if let Some(row) = rows.remove(&id) {
-                columns.push(id, row);
+                if row.stored { updates.push(id, row) } else { inserts.push(id, row) }
             }
         }
-        columns.upsert(tx, &t).await?;
+        inserts.write(tx, &t, false).await?;
+        updates.write(tx, &t, true).await?;
         Ok(true)
     }
 
@@ -282,6 +285,9 @@ fn order_id(event: &OrderEvent) -> &str {
 /// One order view row, as folded in memory.
 #[derive(Debug)]
 struct Row {
+    /// Read from the table (updated) rather than created in this batch
+    /// (inserted).
+    stored: bool,
     customer_id: String,
     status: String,
     currency: String,
@@ -334,43 +340,54 @@ impl Columns {
         self.last_position.push(row.last_position);
     }
 
-    async fn upsert(&self, tx: &Transaction<'_>, table: &str) -> Result<(), ApplyError> {
+    /// One `INSERT` of new rows, or one `UPDATE` of stored ones, from the
+    /// column arrays.
+    async fn write(&self, tx: &Transaction<'_>, table: &str, update: bool) -> Result<(), ApplyError> {
+        const COLUMNS: &str = "order_id, customer_id, status, currency, total_minor, items, payment_id, carrier, \
+                               tracking_number, cancel_reason, created_at, updated_at, stream_version, last_position";
+        const UNNEST: &str = "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::jsonb[], \
+                              $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], \
+                              $12::timestamptz[], $13::int8[], $14::int8[])";
         if self.order_id.is_empty() {
             return Ok(());
         }
-        tx.execute(
-            &format!(
-                "INSERT INTO {table} (order_id, customer_id, status, currency, total_minor, items, payment_id, carrier, \
-                                      tracking_number, cancel_reason, created_at, updated_at, stream_version, \
-                                      last_position) \
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::jsonb[], \
-                                      $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], \
-                                      $12::timestamptz[], $13::int8[], $14::int8[]) \
-                 ON CONFLICT (order_id) DO UPDATE SET customer_id = EXCLUDED.customer_id, status = EXCLUDED.status, \
-                    currency = EXCLUDED.currency, total_minor = EXCLUDED.total_minor, items = EXCLUDED.items, \
-                    payment_id = EXCLUDED.payment_id, carrier = EXCLUDED.carrier, \
-                    tracking_number = EXCLUDED.tracking_number, cancel_reason = EXCLUDED.cancel_reason, \
-                    created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, \
-                    stream_version = EXCLUDED.stream_version, last_position = EXCLUDED.last_position"
-            ),
-            &[
-                &self.order_id,
-                &self.customer_id,
-                &self.status,
-                &self.currency,
-                &self.total_minor,
-                &self.items,
-                &self.payment_id,
-                &self.carrier,
-                &self.tracking_number,
-                &self.cancel_reason,
-                &self.created_at,
-                &self.updated_at,
-                &self.stream_version,
-                &self.last_position,
-            ],
-        )
-        .await?;
-        Ok(())
+        let sql = if update {
+            format!(
+                "UPDATE {table} t SET customer_id = u.customer_id, status = u.status, currency = u.currency, \
+                        total_minor = u.total_minor, items = u.items, payment_id = u.payment_id, \
+                        carrier = u.carrier, tracking_number = u.tracking_number, cancel_reason = u.cancel_reason, \
+                        created_at = u.created_at, updated_at = u.updated_at, stream_version = u.stream_version, \
+                        last_position = u.last_position \
+                   FROM {UNNEST} AS u({COLUMNS}) WHERE t.order_id = u.order_id"
+            )
+        } else {
+            format!("INSERT INTO {table} ({COLUMNS}) SELECT * FROM {UNNEST}")
+        };
+        let changed = tx
+            .execute(
+                &sql,
+                &[
+                    &self.order_id,
+                    &self.customer_id,
+                    &self.status,
+                    &self.currency,
+                    &self.total_minor,
+                    &self.items,
+                    &self.payment_id,
+                    &self.carrier,
+                    &self.tracking_number,
+                    &self.cancel_reason,
+                    &self.created_at,
+                    &self.updated_at,
+                    &self.stream_version,
+                    &self.last_position,
+                ],
+            )
+            .await?;
+        if changed == self.order_id.len() as u64 {
+            Ok(())
+        } else {
+            Err(ApplyError::Event(format!("{changed} of {} order views written to {table}", self.order_id.len())))
+        }
     }
 }
