@@ -60,7 +60,8 @@ pub struct Status {
 
 /// The channel on which a projector announces each commit (payload
 /// `name:version:position`), so query services wait for a position without
-/// polling.
+/// polling. Other changes (a version activated, stopped, reset) send a
+/// payload without a position.
 pub const COMMIT_CHANNEL: &str = "eventfold_projections";
 
 /// One committed batch of a projector.
@@ -148,7 +149,7 @@ pub async fn reset(client: &mut Client, projection: &dyn Projection) -> Result<O
     .await?;
     tx.execute("DELETE FROM projections.parked WHERE name = $1 AND version = $2", &[&projection.name(), &version])
         .await?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{}:{version}:0", projection.name())]).await?;
+    tx.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{}:{version}:reset", projection.name())]).await?;
     tx.commit().await?;
     Ok(Some(version as u32))
 }
@@ -651,5 +652,8 @@ async fn activate_in(tx: &Transaction<'_>, projection: &dyn Projection, version:
         &[&projection.name(), &i32::try_from(version).unwrap_or(i32::MAX)],
     )
     .await?;
+    // Followers re-read the active versions on a payload without position.
+    tx.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{}:{version}:activated", projection.name())])
+        .await?;
     Ok(())
 }

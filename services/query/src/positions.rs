@@ -68,6 +68,64 @@ async fn follow(config: tokio_postgres::Config, poll: Duration, tx: watch::Sende
     }
 }
 
+/// A notification of the commit channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Notice {
+    /// `name:version:position`: a batch committed.
+    Committed { name: String, version: u32, position: u64 },
+    /// Anything else: a version activated, stopped, reset.
+    Changed,
+}
+
+impl Notice {
+    fn parse(payload: &str) -> Notice {
+        let mut parts = payload.rsplitn(3, ':');
+        let (Some(position), Some(version), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+            return Notice::Changed;
+        };
+        match (version.parse(), position.parse()) {
+            (Ok(version), Ok(position)) => Notice::Committed { name: name.to_owned(), version, position },
+            _ => Notice::Changed,
+        }
+    }
+}
+
+/// Moves the positions the notices name; false when the snapshot must be
+/// read again instead (a change, or a projection not known yet).
+fn apply(tx: &watch::Sender<Snapshot>, notices: &[Notice]) -> bool {
+    let mut complete = true;
+    tx.send_if_modified(|current| {
+        let mut next: Option<HashMap<String, Active>> = None;
+        for notice in notices {
+            match notice {
+                Notice::Changed => complete = false,
+                Notice::Committed { name, version, position } => {
+                    let known = next.as_ref().unwrap_or(current).get(name).copied();
+                    match known {
+                        Some(active) if active.version == *version => {
+                            if *position > active.position {
+                                let map = next.get_or_insert_with(|| (**current).clone());
+                                map.insert(name.clone(), Active { version: *version, position: *position });
+                            }
+                        }
+                        // A version being rebuilt beside the active one.
+                        Some(_) => {}
+                        None => complete = false,
+                    }
+                }
+            }
+        }
+        match next {
+            Some(map) => {
+                *current = Arc::new(map);
+                true
+            }
+            None => false,
+        }
+    });
+    complete
+}
+
 async fn read(client: &Client) -> Result<Snapshot, tokio_postgres::Error> {
     let rows = client
         .query(
@@ -97,8 +155,8 @@ async fn listen(config: &tokio_postgres::Config, poll: Duration, tx: &watch::Sen
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
-                Ok(AsyncMessage::Notification(_)) => {
-                    let _ = notify_tx.send(());
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = notify_tx.send(Notice::parse(n.payload()));
                 }
                 Ok(_) => {}
                 Err(e) => return Err(e.to_string()),
@@ -108,24 +166,35 @@ async fn listen(config: &tokio_postgres::Config, poll: Duration, tx: &watch::Sen
     });
     let result = async {
         client.batch_execute(&format!("LISTEN {COMMIT_CHANNEL}")).await.map_err(|e| e.to_string())?;
+        // A read at least every `poll`, whatever the notifications say.
+        let mut every = tokio::time::interval(poll);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut must_read = true;
         loop {
-            let snapshot = read(&client).await.map_err(|e| e.to_string())?;
-            tx.send_if_modified(|current| {
-                let changed = **current != *snapshot;
-                if changed {
-                    *current = snapshot;
-                }
-                changed
-            });
+            if must_read {
+                let snapshot = read(&client).await.map_err(|e| e.to_string())?;
+                tx.send_if_modified(|current| {
+                    let changed = **current != *snapshot;
+                    if changed {
+                        *current = snapshot;
+                    }
+                    changed
+                });
+            }
             tokio::select! {
                 woken = notified.recv() => {
-                    if woken.is_none() {
+                    let Some(first) = woken else {
                         return Err("the listening connection closed".to_owned());
+                    };
+                    // A commit of an active version moves its position
+                    // without a read; anything else is read again.
+                    let mut notices = vec![first];
+                    while let Ok(more) = notified.try_recv() {
+                        notices.push(more);
                     }
-                    // One read answers every notification queued so far.
-                    while notified.try_recv().is_ok() {}
+                    must_read = !apply(tx, &notices);
                 }
-                () = tokio::time::sleep(poll) => {}
+                _ = every.tick() => must_read = true,
                 () = tx.closed() => return Ok(()),
             }
         }
@@ -134,4 +203,29 @@ async fn listen(config: &tokio_postgres::Config, poll: Duration, tx: &watch::Sen
     drop(client);
     driver.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_of_the_active_version_move_it_and_other_notices_ask_for_a_read() {
+        assert_eq!(
+            Notice::parse("order_views:2:41"),
+            Notice::Committed { name: "order_views".into(), version: 2, position: 41 }
+        );
+        assert_eq!(Notice::parse("order_views:2:activated"), Notice::Changed);
+        assert_eq!(Notice::parse("order_views"), Notice::Changed);
+
+        let start: HashMap<String, Active> = [("order_views".to_owned(), Active { version: 2, position: 10 })].into();
+        let (tx, rx) = watch::channel(Arc::new(start));
+        let commit = |v, p| Notice::Committed { name: "order_views".into(), version: v, position: p };
+        assert!(apply(&tx, &[commit(2, 15), commit(2, 12)]));
+        assert_eq!(rx.borrow()["order_views"], Active { version: 2, position: 15 }, "the highest, never back");
+        assert!(apply(&tx, &[commit(3, 99)]), "a version being rebuilt is ignored");
+        assert_eq!(rx.borrow()["order_views"].position, 15);
+        assert!(!apply(&tx, &[commit(2, 16), Notice::Changed]), "a change asks for a read");
+        assert!(!apply(&tx, &[Notice::Committed { name: "new".into(), version: 1, position: 1 }]));
+    }
 }
