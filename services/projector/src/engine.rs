@@ -149,7 +149,8 @@ pub async fn reset(client: &mut Client, projection: &dyn Projection) -> Result<O
     .await?;
     tx.execute("DELETE FROM projections.parked WHERE name = $1 AND version = $2", &[&projection.name(), &version])
         .await?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{}:{version}:reset", projection.name())]).await?;
+    tx.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{}:{version}:reset", projection.name())])
+        .await?;
     tx.commit().await?;
     Ok(Some(version as u32))
 }

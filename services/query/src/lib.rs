@@ -176,6 +176,40 @@ impl Query {
     }
 }
 
+/// Reads the view of a cached kind: from the cache when it can answer,
+/// otherwise with `load` (then cached).
+pub(crate) async fn cached<T, F, Fut>(
+    query: &Query,
+    kind: Kind,
+    id: &str,
+    min_position: u64,
+    metadata: &tonic::metadata::MetadataMap,
+    last_position: impl Fn(&T) -> u64,
+    load: F,
+) -> Result<Option<T>, Status>
+where
+    T: prost::Message + Default,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Option<T>, Status>>,
+{
+    let active = query.ready(kind.projection(), min_position, metadata).await?;
+    let cache = match (&query.cache, active) {
+        (Some(cache), Some(active)) => Some((cache, active.version)),
+        _ => None,
+    };
+    if let Some((cache, version)) = cache
+        && let Some(bytes) = cache.get(kind, version, id, min_position).await
+        && let Ok(value) = T::decode(bytes)
+    {
+        return Ok(Some(value));
+    }
+    let value = load().await?;
+    if let (Some((cache, version)), Some(value)) = (cache, &value) {
+        cache.fill(kind, version, id, last_position(value), &value.encode_to_vec()).await;
+    }
+    Ok(value)
+}
+
 /// The `grpc-timeout` of a call, if it has one.
 fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;

@@ -24,7 +24,7 @@ use prost::Message;
 use tokio_postgres::{Row, types::ToSql};
 use tonic::{Code, Request, Response, Status};
 
-use crate::{Kind, Query, db_status, not_found, page, require_id};
+use crate::{Kind, Query, cached, db_status, not_found, page, require_id};
 
 const ORDERS: &str = "order_views";
 const ANALYTICS: &str = "order_analytics";
@@ -150,22 +150,10 @@ impl Query {
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<OrderView, Status> {
         require_id("order_id", order_id)?;
-        let active = self.ready(ORDERS, min_position, metadata).await?;
-        let cached = match (&self.cache, active) {
-            (Some(cache), Some(active)) => Some((cache, active.version)),
-            _ => None,
-        };
-        if let Some((cache, version)) = cached
-            && let Some(bytes) = cache.get(Kind::Order, version, order_id, min_position).await
-            && let Ok(view) = OrderView::decode(bytes)
-        {
-            return Ok(view);
-        }
-        let view = self.load_order(order_id).await?.ok_or_else(|| not_found("order", "ORDER_NOT_FOUND", order_id))?;
-        if let Some((cache, version)) = cached {
-            cache.fill(Kind::Order, version, order_id, view.last_position, &view.encode_to_vec()).await;
-        }
-        Ok(view)
+        let load = || self.load_order(order_id);
+        cached(self, Kind::Order, order_id, min_position, metadata, |v: &OrderView| v.last_position, load)
+            .await?
+            .ok_or_else(|| not_found("order", "ORDER_NOT_FOUND", order_id))
     }
 
     /// Caches the `count` most recently changed orders.

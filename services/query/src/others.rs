@@ -12,11 +12,10 @@ use eventfold_proto::{
         inventory_query_service_server::InventoryQueryService, user_query_service_server::UserQueryService,
     },
 };
-use prost::Message;
 use tokio_postgres::Row;
 use tonic::{Request, Response, Status};
 
-use crate::{Kind, Query, db_status, not_found, page, require_id};
+use crate::{Kind, Query, cached, db_status, not_found, page, require_id};
 
 const INVENTORY: &str = "inventory_views";
 const ACCOUNTS: &str = "account_views";
@@ -43,40 +42,6 @@ fn inventory(row: &Row) -> InventoryView {
         stream_version: row.get::<_, i64>(8) as u64,
         last_position: row.get::<_, i64>(9) as u64,
     }
-}
-
-/// Reads the view of a cached kind: from the cache when it can answer,
-/// otherwise with `load` (then cached).
-async fn cached<T, F, Fut>(
-    query: &Query,
-    kind: Kind,
-    id: &str,
-    min_position: u64,
-    metadata: &tonic::metadata::MetadataMap,
-    last_position: impl Fn(&T) -> u64,
-    load: F,
-) -> Result<Option<T>, Status>
-where
-    T: Message + Default,
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Option<T>, Status>>,
-{
-    let active = query.ready(kind.projection(), min_position, metadata).await?;
-    let cache = match (&query.cache, active) {
-        (Some(cache), Some(active)) => Some((cache, active.version)),
-        _ => None,
-    };
-    if let Some((cache, version)) = cache
-        && let Some(bytes) = cache.get(kind, version, id, min_position).await
-        && let Ok(value) = T::decode(bytes)
-    {
-        return Ok(Some(value));
-    }
-    let value = load().await?;
-    if let (Some((cache, version)), Some(value)) = (cache, &value) {
-        cache.fill(kind, version, id, last_position(value), &value.encode_to_vec()).await;
-    }
-    Ok(value)
 }
 
 #[derive(Debug, Clone)]
