@@ -3,6 +3,7 @@
 //! database for each test that asks for one through [`TestDatabase::create`];
 //! likewise a throw-away Redis ([`redis`]).
 
+pub mod kafka;
 pub mod redis;
 
 use std::collections::hash_map::RandomState;

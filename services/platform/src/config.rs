@@ -41,6 +41,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_PROJECTOR__MAX_ATTEMPTS", "attempts of an event before the projector parks it"),
     ("EVENTFOLD_TEST_DATABASE_URL", "tests only: use this PostgreSQL server instead of a throw-away one"),
     ("EVENTFOLD_TEST_REDIS_URL", "tests only: use this Redis server instead of a throw-away one"),
+    ("EVENTFOLD_TEST_KAFKA", "tests only: use this Kafka-protocol broker (host:port) where a test needs no own one"),
+    ("EVENTFOLD_KAFKA_BIN", "tests only: the broker binary the tests start (default: the pinned tansu)"),
     ("EVENTFOLD_TOOLS_DIR", "tests only: where tests/run caches the pinned tools"),
     ("EVENTFOLD_GRPCURL", "tests only: the grpcurl binary of the black-box tests"),
 ];
@@ -62,7 +64,15 @@ where
     figment = figment
         .merge(
             Env::prefixed(ENV_PREFIX)
-                .ignore(&["CONFIG", "TEST_DATABASE_URL", "TEST_REDIS_URL", "GRPCURL", "TOOLS_DIR"])
+                .ignore(&[
+                    "CONFIG",
+                    "TEST_DATABASE_URL",
+                    "TEST_REDIS_URL",
+                    "TEST_KAFKA",
+                    "KAFKA_BIN",
+                    "GRPCURL",
+                    "TOOLS_DIR",
+                ])
                 .split("__"),
         )
         .merge(Serialized::defaults(overrides));
