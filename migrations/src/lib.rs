@@ -16,6 +16,8 @@ pub const FILES: &[(&str, &str)] = &[
     ("0002_projections.down.sql", include_str!("../0002_projections.down.sql")),
     ("0003_projection_control.up.sql", include_str!("../0003_projection_control.up.sql")),
     ("0003_projection_control.down.sql", include_str!("../0003_projection_control.down.sql")),
+    ("0004_bus.up.sql", include_str!("../0004_bus.up.sql")),
+    ("0004_bus.down.sql", include_str!("../0004_bus.down.sql")),
 ];
 
 /// Errors of migrating.

@@ -1,0 +1,491 @@
+//! The outbox relay of eventfold: every stored event, in global order, to a
+//! Kafka topic per aggregate type, keyed by stream id.
+//!
+//! OVERVIEW: the relay reads the log gap-safely after its checkpoint
+//! (`bus.relay_checkpoints`), encodes each event (a [`ValueEncoder`]: Avro
+//! in the Confluent wire format), sends each partition's records in one
+//! produce request, and moves the checkpoint only after the broker
+//! acknowledged every record of the batch. A crash or a broker outage in
+//! between re-sends the batch: delivery is at-least-once, and consumers
+//! drop what they have applied (per stream version).
+//!
+//! A key's partition is Kafka's default (murmur2 of the key), so a stream's
+//! events stay in order on one partition and other Kafka clients agree on
+//! where a stream lives.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bb8::Pool;
+use bb8_postgres::PostgresConnectionManager;
+use eventfold_store::{AllRead, EventFilter, EventLog, RecordedEvent};
+use rskafka::{
+    client::{
+        Client, ClientBuilder,
+        partition::{Compression, PartitionClient, UnknownTopicHandling},
+    },
+    record::Record,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+
+/// Where unencodable events go (value: the stored JSON body, header
+/// `error`), so that the relay goes on and nothing is lost.
+pub const UNENCODABLE_TOPIC: &str = "eventfold.unencodable.v1";
+
+/// Settings of the relay (`[relay]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Partitions of the topics the relay creates.
+    pub partitions: i32,
+    /// Replication factor of the topics the relay creates.
+    pub replication_factor: i16,
+    /// Most events per batch.
+    pub batch_size: usize,
+    /// The checkpoint's name (one per relay deployment).
+    pub name: String,
+    /// Longest sleep when caught up (appends of this process wake it
+    /// sooner).
+    pub idle_poll_ms: u64,
+    /// Longest wait for one broker request before it counts as failed.
+    pub request_timeout_ms: u64,
+    /// Longest pause between retries while the broker is unreachable.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            brokers: vec!["127.0.0.1:9092".to_owned()],
+            partitions: 3,
+            replication_factor: 1,
+            batch_size: 1000,
+            name: "relay".to_owned(),
+            idle_poll_ms: 200,
+            request_timeout_ms: 10_000,
+            max_backoff_ms: 5_000,
+        }
+    }
+}
+
+/// Turns an event into its Kafka value; an error routes the event to
+/// [`UNENCODABLE_TOPIC`].
+#[async_trait::async_trait]
+pub trait ValueEncoder: Send + Sync + 'static {
+    /// The topic an event goes to.
+    fn topic(&self, event: &RecordedEvent) -> String;
+
+    /// The record value of `event` on `topic`.
+    async fn encode(&self, topic: &str, event: &RecordedEvent) -> Result<Vec<u8>, String>;
+}
+
+/// Errors of the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(String),
+    #[error(transparent)]
+    Store(#[from] eventfold_store::Error),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn broker_error(e: impl std::fmt::Display) -> Error {
+    Error::Broker(e.to_string())
+}
+
+/// Kafka's murmur2 (the hash of its default partitioner).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition of `key` among `partitions`, as Kafka's default
+/// partitioner chooses it.
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
+}
+
+/// A W3C `traceparent` for an event: the one recorded in its metadata
+/// (`custom.traceparent`), else one whose trace id is the correlation id
+/// (when it is a UUID) and whose span id comes from the event id.
+pub fn traceparent(event: &RecordedEvent) -> Option<String> {
+    if let Some(recorded) = event.metadata.custom.get("traceparent") {
+        return Some(recorded.clone());
+    }
+    let correlation = event.metadata.correlation_id.as_deref()?;
+    let trace: String = correlation.chars().filter(|c| *c != '-').collect();
+    if trace.len() != 32 || !trace.chars().all(|c| c.is_ascii_hexdigit()) || trace.chars().all(|c| c == '0') {
+        return None;
+    }
+    let span: String = event.event_id.as_bytes()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("00-{}-{span}-01", trace.to_ascii_lowercase()))
+}
+
+/// The record of `event` with `value`: key = stream id, headers for the
+/// event's identity, type, versions, position and trace context.
+pub fn record(event: &RecordedEvent, value: Vec<u8>) -> Record {
+    let mut headers = BTreeMap::new();
+    headers.insert("event_id".to_owned(), event.event_id.to_string().into_bytes());
+    headers.insert("event_type".to_owned(), event.event_type.clone().into_bytes());
+    headers.insert("schema_version".to_owned(), event.schema_version.to_string().into_bytes());
+    headers.insert("stream_version".to_owned(), event.version.to_string().into_bytes());
+    headers.insert("global_position".to_owned(), event.global_position.to_string().into_bytes());
+    if let Some(id) = &event.metadata.correlation_id {
+        headers.insert("correlation_id".to_owned(), id.clone().into_bytes());
+    }
+    if let Some(id) = &event.metadata.causation_id {
+        headers.insert("causation_id".to_owned(), id.clone().into_bytes());
+    }
+    if let Some(parent) = traceparent(event) {
+        headers.insert("traceparent".to_owned(), parent.into_bytes());
+    }
+    let timestamp = chrono::DateTime::<chrono::Utc>::from(event.created_at);
+    Record { key: Some(event.stream_id.clone().into_bytes()), value: Some(value), headers, timestamp }
+}
+
+/// See the crate documentation.
+pub struct Relay {
+    pool: Pool<PostgresConnectionManager<NoTls>>,
+    log: Arc<dyn EventLog>,
+    encoder: Arc<dyn ValueEncoder>,
+    config: Config,
+    kafka: tokio::sync::Mutex<Option<Kafka>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A connected client, the topics known to exist and the partition clients.
+struct Kafka {
+    client: Client,
+    topics: HashMap<String, i32>,
+    partitions: HashMap<(String, i32), Arc<PartitionClient>>,
+}
+
+impl Relay {
+    /// A relay from `log` to the brokers of `config`, keeping its checkpoint
+    /// in the database of `database_url` (which holds the migrations).
+    pub async fn new(
+        database_url: &str,
+        log: Arc<dyn EventLog>,
+        encoder: Arc<dyn ValueEncoder>,
+        config: Config,
+    ) -> Result<Self> {
+        let pg: tokio_postgres::Config = database_url.parse()?;
+        let pool = Pool::builder()
+            .max_size(1)
+            .connection_timeout(Duration::from_secs(5))
+            .build(PostgresConnectionManager::new(pg, NoTls))
+            .await
+            .map_err(|e| Error::Pool(e.to_string()))?;
+        Ok(Self { pool, log, encoder, config, kafka: tokio::sync::Mutex::new(None) })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.request_timeout_ms.max(1))
+    }
+
+    /// Every event up to here is on the broker.
+    pub async fn position(&self) -> Result<u64> {
+        let client = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
+        let row = client
+            .query_opt("SELECT position FROM bus.relay_checkpoints WHERE name = $1", &[&self.config.name])
+            .await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn connect(&self) -> Result<Kafka> {
+        let backoff = rskafka::BackoffConfig {
+            init_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(self.config.max_backoff_ms.max(50)),
+            base: 2.0,
+            deadline: Some(self.timeout()),
+        };
+        let build = ClientBuilder::new(self.config.brokers.clone()).backoff_config(backoff).build();
+        let client = tokio::time::timeout(self.timeout(), build)
+            .await
+            .map_err(|_| Error::Broker("no connection to the brokers".to_owned()))?
+            .map_err(broker_error)?;
+        Ok(Kafka { client, topics: HashMap::new(), partitions: HashMap::new() })
+    }
+
+    /// Creates `topic` with the configured partitions unless it exists;
+    /// its partition count.
+    async fn ensure_topic(&self, kafka: &mut Kafka, topic: &str) -> Result<i32> {
+        if let Some(n) = kafka.topics.get(topic) {
+            return Ok(*n);
+        }
+        let listed = tokio::time::timeout(self.timeout(), kafka.client.list_topics())
+            .await
+            .map_err(|_| Error::Broker("list_topics timed out".to_owned()))?
+            .map_err(broker_error)?;
+        let count = match listed.iter().find(|t| t.name == topic) {
+            Some(existing) => existing.partitions.len() as i32,
+            None => {
+                let controller = kafka.client.controller_client().map_err(broker_error)?;
+                let create = controller.create_topic(
+                    topic,
+                    self.config.partitions.max(1),
+                    self.config.replication_factor.max(1),
+                    self.config.request_timeout_ms.min(i32::MAX as u64) as i32,
+                );
+                match tokio::time::timeout(self.timeout(), create).await {
+                    Ok(Ok(())) => tracing::info!(topic, partitions = self.config.partitions, "topic created"),
+                    // Created meanwhile by someone else: fine, counted below.
+                    Ok(Err(e)) => tracing::debug!(topic, error = %e, "create_topic"),
+                    Err(_) => return Err(Error::Broker(format!("creating {topic} timed out"))),
+                }
+                let listed = kafka.client.list_topics().await.map_err(broker_error)?;
+                listed
+                    .iter()
+                    .find(|t| t.name == topic)
+                    .map(|t| t.partitions.len() as i32)
+                    .ok_or_else(|| Error::Broker(format!("topic {topic} does not exist after creating it")))?
+            }
+        };
+        if count < 1 {
+            return Err(Error::Broker(format!("topic {topic} has no partitions")));
+        }
+        kafka.topics.insert(topic.to_owned(), count);
+        Ok(count)
+    }
+
+    async fn partition(&self, kafka: &mut Kafka, topic: &str, partition: i32) -> Result<Arc<PartitionClient>> {
+        let key = (topic.to_owned(), partition);
+        if let Some(client) = kafka.partitions.get(&key) {
+            return Ok(client.clone());
+        }
+        let client = tokio::time::timeout(
+            self.timeout(),
+            kafka.client.partition_client(topic, partition, UnknownTopicHandling::Retry),
+        )
+        .await
+        .map_err(|_| Error::Broker(format!("no leader for {topic}/{partition}")))?
+        .map_err(broker_error)?;
+        let client = Arc::new(client);
+        kafka.partitions.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// Relays at most one batch. Returns how many events it sent; 0 means
+    /// caught up with what was visible.
+    pub async fn step(&self) -> Result<usize> {
+        let position = self.position().await?;
+        let read =
+            AllRead { after: position, max_count: self.config.batch_size.max(1), filter: EventFilter::default() };
+        let slice = self.log.read_all(read).await?;
+        if slice.events.is_empty() {
+            if slice.next_position > position {
+                self.save(slice.next_position, 0).await?;
+            }
+            return Ok(0);
+        }
+        let mut kafka = self.kafka.lock().await;
+        if kafka.is_none() {
+            *kafka = Some(self.connect().await?);
+        }
+        let result = self.send(kafka.as_mut().expect("connected"), &slice.events).await;
+        if result.is_err() {
+            // A fresh connection next time: a broker that hung or went away
+            // leaves the old one in an unknown state.
+            *kafka = None;
+        }
+        drop(kafka);
+        result?;
+        self.save(slice.next_position, slice.events.len() as i64).await?;
+        let head = self.log.last_position().await.unwrap_or(slice.next_position);
+        metrics::gauge!("eventfold_relay_position").set(slice.next_position as f64);
+        metrics::gauge!("eventfold_relay_lag_positions").set(head.saturating_sub(slice.next_position) as f64);
+        metrics::counter!("eventfold_relay_events_total").increment(slice.events.len() as u64);
+        Ok(slice.events.len())
+    }
+
+    /// Encodes and produces `events`; Ok once the broker acknowledged all.
+    async fn send(&self, kafka: &mut Kafka, events: &[RecordedEvent]) -> Result<()> {
+        let mut batches: BTreeMap<(String, i32), Vec<Record>> = BTreeMap::new();
+        for event in events {
+            let topic = self.encoder.topic(event);
+            let (topic, record) = match self.encoder.encode(&topic, event).await {
+                Ok(value) => (topic, record(event, value)),
+                Err(error) => {
+                    tracing::error!(
+                        position = event.global_position,
+                        event_type = %event.event_type,
+                        %error,
+                        "event cannot be encoded; sent to {UNENCODABLE_TOPIC}"
+                    );
+                    metrics::counter!("eventfold_relay_unencodable_total").increment(1);
+                    let mut r = record(event, event.data.to_string().into_bytes());
+                    r.headers.insert("error".to_owned(), error.into_bytes());
+                    r.headers.insert("origin_topic".to_owned(), topic.into_bytes());
+                    (UNENCODABLE_TOPIC.to_owned(), r)
+                }
+            };
+            let partitions = self.ensure_topic(kafka, &topic).await?;
+            let partition = partition_for(event.stream_id.as_bytes(), partitions);
+            batches.entry((topic, partition)).or_default().push(record);
+        }
+        let mut sends = Vec::new();
+        for ((topic, partition), records) in batches {
+            let client = self.partition(kafka, &topic, partition).await?;
+            let timeout = self.timeout();
+            sends.push(async move {
+                let n = records.len();
+                match tokio::time::timeout(timeout, client.produce(records, Compression::NoCompression)).await {
+                    Ok(Ok(offsets)) if offsets.len() == n => Ok(()),
+                    Ok(Ok(offsets)) => Err(Error::Broker(format!(
+                        "{topic}/{partition}: {} of {n} records acknowledged",
+                        offsets.len()
+                    ))),
+                    Ok(Err(e)) => Err(Error::Broker(format!("{topic}/{partition}: {e}"))),
+                    Err(_) => Err(Error::Broker(format!("{topic}/{partition}: produce timed out"))),
+                }
+            });
+        }
+        for result in futures_util::future::join_all(sends).await {
+            result?;
+        }
+        Ok(())
+    }
+
+    async fn save(&self, position: u64, produced: i64) -> Result<()> {
+        let client = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
+        client
+            .execute(
+                "INSERT INTO bus.relay_checkpoints (name, position, produced) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, \
+                    produced = bus.relay_checkpoints.produced + EXCLUDED.produced, updated_at = clock_timestamp()",
+                &[&self.config.name, &(position as i64), &produced],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Relays until `shutdown` turns true; failures (broker or database
+    /// away) are logged and retried with exponential backoff, from the
+    /// checkpoint.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut wake = self.log.appended();
+        let initial = Duration::from_millis(50);
+        let mut backoff = initial;
+        let max = Duration::from_millis(self.config.max_backoff_ms.max(50));
+        let mut failing_since: Option<Instant> = None;
+        while !*shutdown.borrow() {
+            match self.step().await {
+                Ok(0) => {
+                    backoff = initial;
+                    failing_since = None;
+                    tokio::select! {
+                        _ = wake.changed() => {}
+                        () = tokio::time::sleep(Duration::from_millis(self.config.idle_poll_ms)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+                Ok(_) => {
+                    if let Some(since) = failing_since.take() {
+                        tracing::info!(after = ?since.elapsed(), "relay recovered");
+                    }
+                    backoff = initial;
+                }
+                Err(error) => {
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                    }
+                    tracing::warn!(%error, retry_in = ?backoff, "relay failed; retrying from the checkpoint");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(max);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Kafka's own test vectors for Utils.murmur2.
+        assert_eq!(murmur2(b"21"), -973_932_308);
+        assert_eq!(murmur2(b"foobar"), -790_332_482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
+        assert_eq!(murmur2(b"abc"), 479_470_107);
+        for key in [&b"order-1"[..], b"", b"x"] {
+            assert!((0..3).contains(&partition_for(key, 3)));
+        }
+    }
+
+    #[test]
+    fn traceparent_comes_from_metadata_or_the_correlation_id() {
+        let mut event = RecordedEvent {
+            event_id: "0190a6a2-7c4e-7c1d-9a4b-0123456789ab".parse().unwrap(),
+            stream_id: "order-1".into(),
+            version: 0,
+            global_position: 1,
+            event_type: "OrderCreated".into(),
+            schema_version: 2,
+            data: serde_json::json!({}),
+            metadata: eventfold_store::EventMetadata::default(),
+            created_at: std::time::SystemTime::UNIX_EPOCH,
+            hash: [0; 32],
+        };
+        assert_eq!(traceparent(&event), None, "no correlation id");
+        event.metadata.correlation_id = Some("4bf92f35-77b3-4da6-a3ce-929d0e0e4736".into());
+        assert_eq!(traceparent(&event).unwrap(), "00-4bf92f3577b34da6a3ce929d0e0e4736-0190a6a27c4e7c1d-01");
+        event.metadata.correlation_id = Some("not-a-uuid".into());
+        assert_eq!(traceparent(&event), None);
+        event.metadata.custom.insert("traceparent".into(), "00-abc-def-01".into());
+        assert_eq!(traceparent(&event).unwrap(), "00-abc-def-01");
+        let r = record(&event, b"v".to_vec());
+        assert_eq!(r.key.as_deref(), Some(&b"order-1"[..]));
+        assert_eq!(r.headers["event_type"], b"OrderCreated");
+        assert_eq!(r.headers["global_position"], b"1");
+    }
+}
