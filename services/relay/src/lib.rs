@@ -75,15 +75,27 @@ impl Default for Config {
     }
 }
 
-/// Turns an event into its Kafka value; an error routes the event to
-/// [`UNENCODABLE_TOPIC`].
+/// Why an event has no value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The event itself does not fit (unknown type, body not matching its
+    /// schema): it goes to [`UNENCODABLE_TOPIC`] and the relay goes on.
+    #[error("{0}")]
+    Unencodable(String),
+    /// Something the encoder needs is away (e.g. the schema registry): the
+    /// batch is retried.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Turns an event into its Kafka value.
 #[async_trait::async_trait]
 pub trait ValueEncoder: Send + Sync + 'static {
     /// The topic an event goes to.
     fn topic(&self, event: &RecordedEvent) -> String;
 
     /// The record value of `event` on `topic`.
-    async fn encode(&self, topic: &str, event: &RecordedEvent) -> Result<Vec<u8>, String>;
+    async fn encode(&self, topic: &str, event: &RecordedEvent) -> Result<Vec<u8>, EncodeError>;
 }
 
 /// Errors of the relay.
@@ -97,6 +109,8 @@ pub enum Error {
     Store(#[from] eventfold_store::Error),
     #[error("broker: {0}")]
     Broker(String),
+    #[error("encoder: {0}")]
+    Encoder(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -348,7 +362,10 @@ impl Relay {
             let topic = self.encoder.topic(event);
             let (topic, record) = match self.encoder.encode(&topic, event).await {
                 Ok(value) => (topic, record(event, value)),
-                Err(error) => {
+                Err(EncodeError::Unavailable(why)) => {
+                    return Err(Error::Encoder(format!("cannot encode {}: {why}", event.event_type)));
+                }
+                Err(EncodeError::Unencodable(error)) => {
                     tracing::error!(
                         position = event.global_position,
                         event_type = %event.event_type,
