@@ -30,3 +30,13 @@ CREATE TABLE bus.consumer_streams (
     version   bigint NOT NULL,
     PRIMARY KEY (consumer, stream_id)
 );
+
+-- Dead letters applied again (`eventfold dlq replay`), so that a replay
+-- applies each once.
+CREATE TABLE bus.dead_letters_replayed (
+    dlq_topic   text COLLATE "C" NOT NULL,
+    dlq_offset  bigint NOT NULL,
+    consumer    text COLLATE "C" NOT NULL,
+    replayed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (dlq_topic, dlq_offset)
+);
