@@ -31,12 +31,15 @@ CREATE TABLE bus.consumer_streams (
     PRIMARY KEY (consumer, stream_id)
 );
 
--- Dead letters applied again (`eventfold dlq replay`), so that a replay
--- applies each once.
+-- Dead letters applied again (`eventfold dlq replay`), by their origin, so
+-- that a replay applies each once (a consumer that crashed between sending
+-- a dead letter and committing its offset sends it again: the dead-letter
+-- topic may hold it twice).
 CREATE TABLE bus.dead_letters_replayed (
-    dlq_topic   text COLLATE "C" NOT NULL,
-    dlq_offset  bigint NOT NULL,
     consumer    text COLLATE "C" NOT NULL,
+    topic       text COLLATE "C" NOT NULL,
+    partition   integer NOT NULL,
+    msg_offset  bigint NOT NULL,
     replayed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (dlq_topic, dlq_offset)
+    PRIMARY KEY (consumer, topic, partition, msg_offset)
 );

@@ -458,8 +458,8 @@ impl DeadLetter {
     }
 }
 
-/// Every dead letter of `topic` (its `.dlq` topic), with whether it was
-/// replayed, read from the start.
+/// Every dead letter of `topic` (its `.dlq` topic), once per consumer and
+/// origin, with whether it was replayed, read from the start.
 pub async fn dead_letters(config: &ConsumerConfig, database_url: &str, topic: &str) -> Result<Vec<DeadLetter>> {
     let dlq = if topic.ends_with(DLQ_SUFFIX) { topic.to_owned() } else { format!("{topic}{DLQ_SUFFIX}") };
     let timeout = Duration::from_millis(config.request_timeout_ms.max(1));
@@ -474,15 +474,17 @@ pub async fn dead_letters(config: &ConsumerConfig, database_url: &str, topic: &s
     let client = kafka.partition(&dlq, 0, timeout).await?;
     let (pg, connection) = tokio_postgres::connect(database_url, NoTls).await?;
     let driver = tokio::spawn(connection);
-    let replayed: std::collections::HashSet<i64> = pg
-        .query("SELECT dlq_offset FROM bus.dead_letters_replayed WHERE dlq_topic = $1", &[&dlq])
+    let origin = topic.strip_suffix(DLQ_SUFFIX).unwrap_or(topic);
+    let replayed: std::collections::HashSet<(String, i32, i64)> = pg
+        .query("SELECT consumer, partition, msg_offset FROM bus.dead_letters_replayed WHERE topic = $1", &[&origin])
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     drop(pg);
     let _ = driver.await;
     let mut letters = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut offset = 0;
     loop {
         let fetch = client.fetch_records(offset, 1..config.fetch_max_bytes.max(1), 1);
@@ -497,11 +499,15 @@ pub async fn dead_letters(config: &ConsumerConfig, database_url: &str, topic: &s
             }
             offset = r.offset + 1;
             progressed = true;
-            letters.push(DeadLetter {
-                offset: r.offset,
-                replayed: replayed.contains(&r.offset),
-                message: message(&dlq, 0, r.offset, r.record),
-            });
+            let mut letter =
+                DeadLetter { offset: r.offset, replayed: false, message: message(&dlq, 0, r.offset, r.record) };
+            let (_, partition, origin_offset) = letter.origin();
+            let key = (letter.consumer().to_owned(), partition, origin_offset);
+            // Sent twice (a crash before the offset commit): listed once.
+            if seen.insert(key.clone()) {
+                letter.replayed = replayed.contains(&key);
+                letters.push(letter);
+            }
         }
         if offset >= high_watermark || !progressed {
             break;
@@ -536,8 +542,9 @@ pub async fn replay(
         match handler.handle(&tx, &original).await {
             Ok(()) => {
                 tx.execute(
-                    "INSERT INTO bus.dead_letters_replayed (dlq_topic, dlq_offset, consumer) VALUES ($1, $2, $3)",
-                    &[&letter.message.topic, &letter.offset, &consumer],
+                    "INSERT INTO bus.dead_letters_replayed (consumer, topic, partition, msg_offset) \
+                     VALUES ($1, $2, $3, $4)",
+                    &[&consumer, &original.topic, &original.partition, &original.offset],
                 )
                 .await?;
                 tx.commit().await?;
