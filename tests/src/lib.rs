@@ -5,6 +5,7 @@
 
 pub mod kafka;
 pub mod redis;
+pub mod registry;
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};

@@ -2,6 +2,7 @@
 //! configuration and wires storage to servers. No business logic lives here.
 
 mod bench;
+mod bus_cli;
 mod commands_bench;
 mod projections;
 mod queries_bench;
@@ -66,6 +67,19 @@ enum Command {
         #[command(subcommand)]
         action: ProjectionsAction,
     },
+    /// The Avro schemas of the events: generate, register, check.
+    Schemas {
+        #[command(subcommand)]
+        action: bus_cli::SchemasAction,
+    },
+    /// Dead letters of the Kafka consumers.
+    Dlq {
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+        #[command(subcommand)]
+        action: bus_cli::DlqAction,
+    },
     /// Measure against raw PostgreSQL doing the same work.
     Bench {
         #[command(subcommand)]
@@ -97,6 +111,13 @@ enum Service {
     /// The projectors: every read model's active version kept in step with
     /// the log (cache invalidation too, when a cache is configured).
     Projector {
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// The outbox relay: every stored event to Kafka, Avro with the
+    /// registry's schema ids.
+    Relay {
         /// PostgreSQL URL.
         #[arg(long)]
         database_url: Option<String>,
@@ -178,6 +199,16 @@ struct Config {
     command: eventfold_command::Config,
     query: eventfold_query::Config,
     projector: ProjectorConfig,
+    relay: eventfold_relay::Config,
+    registry: RegistryConfig,
+}
+
+/// Where the Schema Registry is (`[registry]`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RegistryConfig {
+    /// e.g. `http://localhost:8081`.
+    url: Option<String>,
 }
 
 /// How the projectors work (`[projector]`).
@@ -275,11 +306,12 @@ fn overrides(command: Option<&Command>) -> Overrides {
         Some(
             Command::Migrate { database_url, .. }
             | Command::Projections { database_url, .. }
-            | Command::Serve { service: Service::Projector { database_url } },
+            | Command::Dlq { database_url, .. }
+            | Command::Serve { service: Service::Projector { database_url } | Service::Relay { database_url } },
         ) => {
             o.database.url.clone_from(database_url);
         }
-        Some(Command::Bench { .. }) | None => {}
+        Some(Command::Bench { .. } | Command::Schemas { .. }) | None => {}
     }
     o
 }
@@ -387,6 +419,29 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             tracing::info!("stopped");
             Ok(())
         }
+        Command::Serve { service: Service::Relay { .. } } => {
+            let url = config.database.require_url()?.to_owned();
+            let Some(registry_url) = config.registry.url.clone() else {
+                return Err(eventfold_platform::Error::Config(
+                    "registry.url is required to relay (EVENTFOLD_REGISTRY__URL)".to_owned(),
+                )
+                .into());
+            };
+            let log = postgres(&config).await?;
+            let encoder = eventfold_relay::AvroEncoder::new(
+                eventfold_schemas::Catalog::load()?,
+                eventfold_schemas::Registry::new(&registry_url)?,
+            );
+            let relay = eventfold_relay::Relay::new(&url, log, Arc::new(encoder), config.relay.clone()).await?;
+            println!("eventfold: relaying to {} (registry {registry_url})", config.relay.brokers.join(","));
+            let (stop_tx, stop) = tokio::sync::watch::channel(false);
+            let running = tokio::spawn(relay.run(stop));
+            eventfold_platform::server::shutdown_signal().await;
+            let _ = stop_tx.send(true);
+            let _ = running.await;
+            tracing::info!("stopped");
+            Ok(())
+        }
         Command::Serve { service: Service::Query { .. } } => {
             let url = config.database.require_url()?.to_owned();
             let log = postgres(&config).await?;
@@ -422,6 +477,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Migrate { action, .. } => migrate(config.database.require_url()?, action).await,
         Command::Projections { action, .. } => projections::run(&config, action).await,
+        Command::Schemas { action } => bus_cli::schemas(config.registry.url.as_deref(), action).await,
+        Command::Dlq { action, .. } => {
+            let consumer =
+                eventfold_bus::ConsumerConfig { brokers: config.relay.brokers.clone(), ..Default::default() };
+            bus_cli::dlq(&consumer, config.database.require_url()?, action).await
+        }
         Command::Bench { bench: Bench::Append(args) } => bench::append(args).await,
         Command::Bench { bench: Bench::Commands(args) } => commands_bench::commands(args).await,
         Command::Bench { bench: Bench::Queries(args) } => queries_bench::queries(args).await,

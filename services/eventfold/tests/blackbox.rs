@@ -545,3 +545,56 @@ fn projections_rebuild_and_list() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no projection \"nope\""));
 }
+
+/// `eventfold schemas check`: removing a field without a default fails,
+/// adding one with a default passes.
+#[test]
+fn schemas_check_fails_on_an_incompatible_change_and_passes_a_compatible_one() {
+    let repo = tempfile::tempdir().expect("a temporary repository");
+    let root = repo.path();
+    let git = |args: &[&str]| {
+        let status = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"])
+            .args(args)
+            .status()
+            .expect("run git");
+        assert!(status.success(), "git {args:?}");
+    };
+    let dir = root.join("schemas/avro/eventfold.orders.v1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let schema = |fields: &str| {
+        format!(
+            r#"{{"type": "record", "name": "OrderShipped", "namespace": "eventfold.orders.v1", "fields": [{fields}]}}"#
+        )
+    };
+    let base = r#"{"name": "order_id", "type": "string"}, {"name": "carrier", "type": "string"}"#;
+    std::fs::write(dir.join("OrderShipped.v1.avsc"), schema(base)).unwrap();
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "schemas"]);
+    let check = || {
+        eventfold()
+            .args(["schemas", "check", "--repo"])
+            .arg(root)
+            .args(["--against", "HEAD"])
+            .output()
+            .expect("run eventfold schemas check")
+    };
+
+    std::fs::write(dir.join("OrderShipped.v1.avsc"), schema(r#"{"name": "order_id", "type": "string"}"#)).unwrap();
+    let removed = check();
+    let stderr = String::from_utf8_lossy(&removed.stderr);
+    assert!(!removed.status.success(), "removing carrier (no default) must fail");
+    assert!(stderr.contains("OrderShipped.v1.avsc"), "names the file: {stderr}");
+
+    let added = format!(r#"{base}, {{"name": "note", "type": "string", "default": ""}}"#);
+    std::fs::write(dir.join("OrderShipped.v1.avsc"), schema(&added)).unwrap();
+    let output = check();
+    assert!(
+        output.status.success(),
+        "adding a field with a default passes: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

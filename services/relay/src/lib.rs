@@ -13,6 +13,10 @@
 //! events stay in order on one partition and other Kafka clients agree on
 //! where a stream lives.
 
+mod avro;
+
+pub use crate::avro::AvroEncoder;
+
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
