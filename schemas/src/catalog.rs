@@ -94,13 +94,39 @@ impl Catalog {
 
     /// The JSON body of an Avro datum, as the store holds it.
     pub fn decode(&self, event_type: &str, version: u32, body: &[u8]) -> Result<Value, Error> {
+        self.decode_inner(event_type, version, None, body)
+    }
+
+    /// [`Catalog::decode`] of a datum written with `writer` (the schema the
+    /// registry holds for the datum's id), resolved to this catalog's
+    /// schema of the event (Avro schema resolution: defaults for fields the
+    /// writer did not have, fields the reader does not know dropped).
+    pub fn decode_written_with(
+        &self,
+        event_type: &str,
+        version: u32,
+        writer: &Schema,
+        body: &[u8],
+    ) -> Result<Value, Error> {
+        self.decode_inner(event_type, version, Some(writer), body)
+    }
+
+    fn decode_inner(
+        &self,
+        event_type: &str,
+        version: u32,
+        writer: Option<&Schema>,
+        body: &[u8],
+    ) -> Result<Value, Error> {
         let entry = self.entry_or_error(event_type, version)?;
         let avro_error = |message: String| Error::Avro { event_type: event_type.to_owned(), version, message };
         let mut reader = body;
-        let value = GenericDatumReader::builder(&entry.schema)
-            .build()
-            .and_then(|datum_reader| datum_reader.read_value(&mut reader))
-            .map_err(|e| avro_error(e.to_string()))?;
+        let value = match writer {
+            None => GenericDatumReader::builder(&entry.schema).build(),
+            Some(writer) => GenericDatumReader::builder(writer).reader_schema(&entry.schema).build(),
+        }
+        .and_then(|datum_reader| datum_reader.read_value(&mut reader))
+        .map_err(|e| avro_error(e.to_string()))?;
         if !reader.is_empty() {
             return Err(avro_error(format!("{} bytes left after the datum", reader.len())));
         }

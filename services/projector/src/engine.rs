@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use bb8::Pool;
 use bb8_postgres::PostgresConnectionManager;
-use eventfold_store::{AllRead, EventFilter, EventLog, RecordedEvent};
+use eventfold_store::{AllRead, EventFilter, EventLog, EventSource, LogSource, RecordedEvent};
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls, Transaction};
 
@@ -165,11 +165,9 @@ pub struct Projector {
     observer: Option<Arc<dyn CommitObserver>>,
     /// When the head of the log was last read for the lag gauge.
     head_read: std::sync::Mutex<Option<std::time::Instant>>,
-    /// The next batch, read while the current one applies: (after, read).
-    prefetch: std::sync::Mutex<Option<Prefetch>>,
+    /// Where the events come from: the log (default) or another source.
+    source: Arc<dyn EventSource>,
 }
-
-type Prefetch = (u64, tokio::task::JoinHandle<eventfold_store::Result<eventfold_store::AllSlice>>);
 
 impl std::fmt::Debug for Projector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -209,6 +207,7 @@ impl Projector {
             .build(PostgresConnectionManager::new(config, NoTls))
             .await
             .map_err(pool_error)?;
+        let source: Arc<dyn EventSource> = Arc::new(LogSource::new(log.clone()));
         Ok(Self {
             pool,
             log,
@@ -217,7 +216,7 @@ impl Projector {
             options,
             observer: None,
             head_read: std::sync::Mutex::new(None),
-            prefetch: std::sync::Mutex::new(None),
+            source,
         })
     }
 
@@ -286,23 +285,18 @@ impl Projector {
             return Ok(0);
         }
         let start = row.get::<_, i64>(0) as u64;
-        let slice = self.read_after(start).await?;
-        let caught_up = slice.events.len() < self.options.batch_size.max(1);
-        if !caught_up {
-            // More is waiting: read it while this batch applies.
-            self.prefetch_after(slice.next_position);
-        }
-        if slice.events.is_empty() && slice.next_position <= start {
-            self.record_lag(start, caught_up, None).await;
-            return Ok(0);
-        }
+        let batch = self.options.batch_size.max(1);
+        let consumer = self.consumer();
+        let pulled = self.source.pull(&tx, &consumer, start, batch).await?;
+        let caught_up = pulled.events.len() < batch;
+        let events = &pulled.events;
         let mut applied = 0i64;
         let mut considered = 0;
-        if self.apply_set_based(&tx, &slice.events).await? {
-            applied = slice.events.len() as i64;
-            considered = slice.events.len();
+        if self.apply_set_based(&tx, events).await? {
+            applied = events.len() as i64;
+            considered = events.len();
         } else {
-            for event in &slice.events {
+            for event in events {
                 if considered > 0 && started.elapsed() >= self.options.batch_time {
                     break;
                 }
@@ -312,8 +306,12 @@ impl Projector {
                 considered += 1;
             }
         }
-        let complete = considered == slice.events.len();
-        let position = if complete { slice.next_position } else { slice.events[considered - 1].global_position };
+        let complete = considered == events.len();
+        let position = self.source.ack(&tx, &consumer, start, &pulled, considered).await?;
+        if considered == 0 && position <= start {
+            self.record_lag(start, caught_up, None).await;
+            return Ok(0);
+        }
         tx.execute(
             "UPDATE projections.checkpoints SET position = $3, events_applied = events_applied + $4, \
                     updated_at = clock_timestamp() WHERE name = $1 AND version = $2",
@@ -327,43 +325,27 @@ impl Projector {
         )
         .await?;
         tx.commit().await?;
-        let events = &slice.events[..considered];
+        let applied_events = &events[..considered];
         if let Some(observer) = &self.observer {
-            observer.committed(Commit { projection: self.name(), version: self.version, position, events }).await;
+            observer
+                .committed(Commit { projection: self.name(), version: self.version, position, events: applied_events })
+                .await;
         }
         metrics::counter!("eventfold_projection_events_total", "projection" => self.name()).increment(applied as u64);
-        self.record_lag(position, caught_up && complete, events.last()).await;
+        self.record_lag(position, caught_up && complete, applied_events.last()).await;
         Ok(considered.max(1))
     }
 
-    fn read_request(&self, after: u64) -> AllRead {
-        AllRead { after, max_count: self.options.batch_size.max(1), filter: EventFilter::default() }
+    /// The name under which the source keeps this version's progress.
+    fn consumer(&self) -> String {
+        format!("projection:{}:v{}", self.name(), self.version)
     }
 
-    /// The batch after `position`: the prefetched one if it was read from
-    /// there (a gap-safe read, only earlier), otherwise read now.
-    async fn read_after(&self, position: u64) -> Result<eventfold_store::AllSlice> {
-        let pending = self.prefetch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some((after, read)) = pending {
-            if after == position {
-                if let Ok(slice) = read.await {
-                    return Ok(slice?);
-                }
-            } else {
-                read.abort();
-            }
-        }
-        Ok(self.log.read_all(self.read_request(position)).await?)
-    }
-
-    fn prefetch_after(&self, after: u64) {
-        let (log, read) = (self.log.clone(), self.read_request(after));
-        let handle = tokio::spawn(async move { log.read_all(read).await });
-        if let Some((_, stale)) =
-            self.prefetch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).replace((after, handle))
-        {
-            stale.abort();
-        }
+    /// Takes events from `source` instead of the log (e.g. Kafka).
+    #[must_use]
+    pub fn with_source(mut self, source: Arc<dyn EventSource>) -> Self {
+        self.source = source;
+        self
     }
 
     /// Position, lag in positions (head − checkpoint, the head read at most
@@ -540,7 +522,7 @@ impl Projector {
     /// (PostgreSQL away, …) are logged and retried with backoff: whatever
     /// was not committed is applied again from the checkpoint.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut wake = self.log.appended();
+        let mut wake = self.source.changed();
         let mut backoff = Duration::from_millis(100);
         let mut prepared = false;
         while !*shutdown.borrow() {

@@ -68,6 +68,8 @@ pub enum Error {
     Pool(String),
     #[error(transparent)]
     Store(#[from] eventfold_store::Error),
+    #[error("event source: {0}")]
+    Source(#[from] eventfold_store::SourceError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

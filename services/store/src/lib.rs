@@ -9,6 +9,7 @@ mod log;
 pub mod memory;
 pub mod model;
 pub mod postgres;
+pub mod source;
 pub mod subscription;
 pub mod upcast;
 
@@ -18,6 +19,7 @@ pub use crate::{
     memory::MemoryEventLog,
     model::*,
     postgres::{PostgresConfig, PostgresEventLog},
+    source::{EventSource, LogSource, Pulled, SourceError},
     subscription::{SubscriptionMessage, SubscriptionOptions, Subscriptions, Target},
     upcast::{Upcasters, Upcasting},
 };
