@@ -9,6 +9,10 @@
 //! consumer moves on. [`dead_letters`] lists them and [`replay`] applies
 //! them again through a handler, once each, after a fix.
 
+mod source;
+
+pub use crate::source::{KafkaSource, KafkaSourceConfig};
+
 use std::{
     collections::BTreeMap,
     sync::Arc,
@@ -129,12 +133,12 @@ fn broker(e: impl std::fmt::Display) -> Error {
 }
 
 /// A connection to the brokers with partition clients by (topic, partition).
-struct Kafka {
+pub(crate) struct Kafka {
     client: Client,
     partitions: BTreeMap<(String, i32), Arc<PartitionClient>>,
 }
 
-async fn connect_kafka(config: &ConsumerConfig) -> Result<Kafka> {
+pub(crate) async fn connect_kafka(config: &ConsumerConfig) -> Result<Kafka> {
     let timeout = Duration::from_millis(config.request_timeout_ms.max(1));
     let backoff = rskafka::BackoffConfig {
         init_backoff: Duration::from_millis(50),
@@ -151,7 +155,12 @@ async fn connect_kafka(config: &ConsumerConfig) -> Result<Kafka> {
 }
 
 impl Kafka {
-    async fn partition(&mut self, topic: &str, partition: i32, timeout: Duration) -> Result<Arc<PartitionClient>> {
+    pub(crate) async fn partition(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        timeout: Duration,
+    ) -> Result<Arc<PartitionClient>> {
         let key = (topic.to_owned(), partition);
         if let Some(client) = self.partitions.get(&key) {
             return Ok(client.clone());
@@ -189,7 +198,7 @@ impl Kafka {
     }
 }
 
-fn message(topic: &str, partition: i32, offset: i64, record: Record) -> Message {
+pub(crate) fn message(topic: &str, partition: i32, offset: i64, record: Record) -> Message {
     Message {
         topic: topic.to_owned(),
         partition,
@@ -358,38 +367,8 @@ impl Consumer {
     }
 
     async fn dead_letter(&self, message: &Message, error: &str, attempts: u32) -> Result<()> {
-        tracing::warn!(
-            consumer = %self.name,
-            topic = %message.topic,
-            partition = message.partition,
-            offset = message.offset,
-            %error,
-            "message dead-lettered"
-        );
-        let dlq = format!("{}{DLQ_SUFFIX}", message.topic);
-        let mut headers = message.headers.clone();
-        headers.insert(headers::ERROR.to_owned(), error.as_bytes().to_vec());
-        headers.insert(headers::TOPIC.to_owned(), message.topic.clone().into_bytes());
-        headers.insert(headers::PARTITION.to_owned(), message.partition.to_string().into_bytes());
-        headers.insert(headers::OFFSET.to_owned(), message.offset.to_string().into_bytes());
-        headers.insert(headers::ATTEMPTS.to_owned(), attempts.to_string().into_bytes());
-        headers.insert(headers::CONSUMER.to_owned(), self.name.clone().into_bytes());
-        let record =
-            Record { key: message.key.clone(), value: message.value.clone(), headers, timestamp: chrono::Utc::now() };
-        {
-            let mut kafka = self.kafka.lock().await;
-            if kafka.is_none() {
-                *kafka = Some(connect_kafka(&self.config).await?);
-            }
-            kafka.as_ref().expect("connected").ensure_topic(&dlq, 1, self.timeout()).await?;
-        }
-        let client = self.client(&dlq, 0).await?;
-        tokio::time::timeout(self.timeout(), client.produce(vec![record], Compression::NoCompression))
-            .await
-            .map_err(|_| Error::Broker(format!("{dlq}: produce timed out")))?
-            .map_err(|e| Error::Broker(format!("{dlq}: {e}")))?;
-        metrics::counter!("eventfold_consumer_dead_letters_total", "consumer" => self.name.clone()).increment(1);
-        Ok(())
+        let mut kafka = self.kafka.lock().await;
+        send_dead_letter(&mut kafka, &self.config, &self.name, message, error, attempts).await
     }
 
     /// Consumes until `shutdown` turns true; failures (broker or database
@@ -428,6 +407,50 @@ impl Consumer {
             }
         }
     }
+}
+
+/// Sends `message` to its topic's dead-letter topic (created with one
+/// partition if missing) with headers saying why and where it came from;
+/// Ok once the broker acknowledged it.
+pub(crate) async fn send_dead_letter(
+    kafka: &mut Option<Kafka>,
+    config: &ConsumerConfig,
+    consumer: &str,
+    message: &Message,
+    error: &str,
+    attempts: u32,
+) -> Result<()> {
+    tracing::warn!(
+        consumer,
+        topic = %message.topic,
+        partition = message.partition,
+        offset = message.offset,
+        %error,
+        "message dead-lettered"
+    );
+    let timeout = Duration::from_millis(config.request_timeout_ms.max(1));
+    let dlq = format!("{}{DLQ_SUFFIX}", message.topic);
+    let mut headers = message.headers.clone();
+    headers.insert(headers::ERROR.to_owned(), error.as_bytes().to_vec());
+    headers.insert(headers::TOPIC.to_owned(), message.topic.clone().into_bytes());
+    headers.insert(headers::PARTITION.to_owned(), message.partition.to_string().into_bytes());
+    headers.insert(headers::OFFSET.to_owned(), message.offset.to_string().into_bytes());
+    headers.insert(headers::ATTEMPTS.to_owned(), attempts.to_string().into_bytes());
+    headers.insert(headers::CONSUMER.to_owned(), consumer.as_bytes().to_vec());
+    let record =
+        Record { key: message.key.clone(), value: message.value.clone(), headers, timestamp: chrono::Utc::now() };
+    if kafka.is_none() {
+        *kafka = Some(connect_kafka(config).await?);
+    }
+    let connected = kafka.as_mut().expect("connected");
+    connected.ensure_topic(&dlq, 1, timeout).await?;
+    let client = connected.partition(&dlq, 0, timeout).await?;
+    tokio::time::timeout(timeout, client.produce(vec![record], Compression::NoCompression))
+        .await
+        .map_err(|_| Error::Broker(format!("{dlq}: produce timed out")))?
+        .map_err(|e| Error::Broker(format!("{dlq}: {e}")))?;
+    metrics::counter!("eventfold_consumer_dead_letters_total", "consumer" => consumer.to_owned()).increment(1);
+    Ok(())
 }
 
 /// A dead letter as [`dead_letters`] lists it.

@@ -309,8 +309,11 @@ impl Projector {
         let complete = considered == events.len();
         let position = self.source.ack(&tx, &consumer, start, &pulled, considered).await?;
         if considered == 0 && position <= start {
+            // Nothing new for the projection; what the source skipped
+            // (duplicates, dead letters) is acknowledged all the same.
+            tx.commit().await?;
             self.record_lag(start, caught_up, None).await;
-            return Ok(0);
+            return Ok(usize::from(pulled.skipped > 0));
         }
         tx.execute(
             "UPDATE projections.checkpoints SET position = $3, events_applied = events_applied + $4, \

@@ -186,6 +186,10 @@ pub fn record(event: &RecordedEvent, value: Vec<u8>) -> Record {
     headers.insert("schema_version".to_owned(), event.schema_version.to_string().into_bytes());
     headers.insert("stream_version".to_owned(), event.version.to_string().into_bytes());
     headers.insert("global_position".to_owned(), event.global_position.to_string().into_bytes());
+    // The record timestamp has milliseconds; consumers rebuilding the event
+    // need the stored microseconds.
+    let micros = event.created_at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    headers.insert("created_at_us".to_owned(), micros.to_string().into_bytes());
     if let Some(id) = &event.metadata.correlation_id {
         headers.insert("correlation_id".to_owned(), id.clone().into_bytes());
     }

@@ -15,6 +15,9 @@ use crate::{AllRead, AllSlice, EventFilter, EventLog, RecordedEvent};
 pub struct Pulled {
     /// New to the consumer, each stream's events in version order.
     pub events: Vec<RecordedEvent>,
+    /// Records the source consumed without an event for the consumer
+    /// (duplicates, dead letters): progress to acknowledge all the same.
+    pub skipped: usize,
     /// What the source keeps to acknowledge the batch.
     pub progress: Box<dyn Any + Send + Sync>,
 }
@@ -124,7 +127,7 @@ impl EventSource for LogSource {
                 stale.abort();
             }
         }
-        Ok(Pulled { events: slice.events, progress: Box::new(slice.next_position) })
+        Ok(Pulled { events: slice.events, skipped: 0, progress: Box::new(slice.next_position) })
     }
 
     async fn ack(

@@ -1,0 +1,379 @@
+//! [`KafkaSource`]: the events of the relay's topics as an
+//! [`EventSource`], for projections (and sagas) fed from Kafka instead of
+//! the store's log.
+//!
+//! A pull locks and reads the consumer's offsets of every partition in the
+//! consumer's transaction, fetches from there, decodes each record (the
+//! writer's schema by the id in the Confluent frame, from the registry,
+//! cached; resolved to the catalog's schema of the event) back into the
+//! stored event, and drops what the consumer already applied: the relay
+//! delivers at least once, so a stream version at or below the last one
+//! applied (`bus.consumer_streams`) is a duplicate. A record that cannot be
+//! decoded goes to the dead-letter topic. The ack stores the offsets and
+//! the stream versions in the same transaction.
+//!
+//! The consumer's checkpoint (every event up to it applied, what
+//! read-your-writes waits on) moves to the relay's checkpoint as read before
+//! the fetches, whenever a pull has read every partition to its end: every
+//! event up to that checkpoint was on the broker before the fetches.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use eventfold_schemas::{Catalog, Registry, Schema};
+use eventfold_store::{EventMetadata, EventSource, Pulled, RecordedEvent, SourceError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_postgres::Transaction;
+
+use crate::{ConsumerConfig, Kafka, Message, connect_kafka, message, send_dead_letter};
+
+/// Settings of a Kafka source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSourceConfig {
+    pub consumer: ConsumerConfig,
+    /// Topics to read; default: every event topic of the catalog.
+    pub topics: Vec<String>,
+    /// The relay whose checkpoint marks what is on the broker.
+    pub relay: String,
+    /// How often an idle consumer looks for new records.
+    pub poll_ms: u64,
+}
+
+impl Default for KafkaSourceConfig {
+    fn default() -> Self {
+        Self {
+            consumer: ConsumerConfig { fetch_wait_ms: 1, ..ConsumerConfig::default() },
+            topics: eventfold_schemas::CATEGORIES.iter().map(|c| c.topic.to_owned()).collect(),
+            relay: "relay".to_owned(),
+            poll_ms: 20,
+        }
+    }
+}
+
+/// One partition's part of a pull.
+#[derive(Debug)]
+struct Fetched {
+    topic: String,
+    partition: i32,
+    /// Offset → index of its event in the pull (None: skipped, i.e. a
+    /// duplicate or a dead letter).
+    records: Vec<(i64, Option<usize>)>,
+    /// The next offset once every record is acknowledged.
+    end: i64,
+    /// Whether `end` is the partition's high watermark.
+    caught_up: bool,
+}
+
+#[derive(Debug)]
+struct Progress {
+    fetched: Vec<Fetched>,
+    relay_position: u64,
+}
+
+/// See the module documentation.
+pub struct KafkaSource {
+    config: KafkaSourceConfig,
+    catalog: Catalog,
+    registry: Registry,
+    kafka: tokio::sync::Mutex<Option<Kafka>>,
+    writers: Mutex<HashMap<u32, Arc<Schema>>>,
+    tick: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> SourceError {
+    SourceError::Unavailable(e.to_string())
+}
+
+impl KafkaSource {
+    /// A source over the brokers and the registry (`registry`).
+    pub fn new(config: KafkaSourceConfig, catalog: Catalog, registry: Registry) -> Arc<Self> {
+        let (tx, tick) = watch::channel(0u64);
+        let poll = Duration::from_millis(config.poll_ms.max(1));
+        let source = Arc::new(Self {
+            config,
+            catalog,
+            registry,
+            kafka: tokio::sync::Mutex::new(None),
+            writers: Mutex::default(),
+            tick,
+        });
+        let weak = Arc::downgrade(&source);
+        tokio::spawn(async move {
+            let mut n = 0;
+            while weak.strong_count() > 0 {
+                tokio::time::sleep(poll).await;
+                n += 1;
+                if tx.send(n).is_err() {
+                    return;
+                }
+            }
+        });
+        source
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.consumer.request_timeout_ms.max(1))
+    }
+
+    /// The writer's schema of registry id `id`.
+    async fn writer(&self, id: u32) -> Result<Arc<Schema>, String> {
+        if let Some(schema) = self.writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id) {
+            return Ok(schema.clone());
+        }
+        let text = self.registry.schema_by_id(id).await.map_err(|e| e.to_string())?;
+        let schema = Arc::new(Schema::parse_str(&text).map_err(|e| format!("schema {id}: {e}"))?);
+        self.writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, schema.clone());
+        Ok(schema)
+    }
+
+    /// The stored event a record carries. Err(reason, retriable).
+    async fn decode(&self, message: &Message) -> Result<RecordedEvent, (String, bool)> {
+        let header = |name: &str| message.header(name).ok_or_else(|| (format!("no {name} header"), false));
+        let number = |name: &str| -> Result<u64, (String, bool)> {
+            header(name)?.parse().map_err(|_| (format!("header {name} is not a number"), false))
+        };
+        let event_type = header("event_type")?.to_owned();
+        let schema_version =
+            u32::try_from(number("schema_version")?).map_err(|_| ("schema_version".to_owned(), false))?;
+        let stream_id = message
+            .key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .ok_or_else(|| ("no UTF-8 key (stream id)".to_owned(), false))?
+            .to_owned();
+        let event_id = header("event_id")?.parse().map_err(|_| ("event_id is not a UUID".to_owned(), false))?;
+        let value = message.value.as_deref().ok_or_else(|| ("no value".to_owned(), false))?;
+        let (id, body) = eventfold_schemas::unwire(value).map_err(|e| (e.to_string(), false))?;
+        // The registry being away is worth a retry; an unknown id is not.
+        let writer = self.writer(id).await.map_err(|e| (e, true))?;
+        let data = self
+            .catalog
+            .decode_written_with(&event_type, schema_version, &writer, body)
+            .map_err(|e| (e.to_string(), false))?;
+        let created_at = match message.header("created_at_us").and_then(|m| m.parse::<u64>().ok()) {
+            Some(micros) => UNIX_EPOCH + Duration::from_micros(micros),
+            None => SystemTime::from(message.timestamp),
+        };
+        let metadata = EventMetadata {
+            correlation_id: message.header("correlation_id").map(str::to_owned),
+            causation_id: message.header("causation_id").map(str::to_owned),
+            ..EventMetadata::default()
+        };
+        Ok(RecordedEvent {
+            event_id,
+            stream_id,
+            version: number("stream_version")?,
+            global_position: number("global_position")?,
+            event_type,
+            schema_version,
+            data,
+            metadata,
+            created_at,
+            hash: [0; 32],
+        })
+    }
+
+    /// The partitions of the configured topics that exist.
+    async fn partitions(&self, kafka: &mut Kafka) -> Result<Vec<(String, i32)>, SourceError> {
+        let listed = tokio::time::timeout(self.timeout(), kafka.client.list_topics())
+            .await
+            .map_err(|_| unavailable("list_topics timed out"))?
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        for topic in &self.config.topics {
+            if let Some(t) = listed.iter().find(|t| &t.name == topic) {
+                // A set: already in order.
+                out.extend(t.partitions.iter().map(|p| (topic.clone(), *p)));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn pull_inner(
+        &self,
+        tx: &Transaction<'_>,
+        consumer: &str,
+        max: usize,
+        kafka: &mut Option<Kafka>,
+    ) -> Result<Pulled, SourceError> {
+        let relay_position: u64 = tx
+            .query_opt("SELECT position FROM bus.relay_checkpoints WHERE name = $1", &[&self.config.relay])
+            .await?
+            .map_or(0, |r| r.get::<_, i64>(0) as u64);
+        if kafka.is_none() {
+            *kafka = Some(connect_kafka(&self.config.consumer).await.map_err(unavailable)?);
+        }
+        let partitions = self.partitions(kafka.as_mut().expect("connected")).await?;
+        let mut fetched = Vec::new();
+        // (global position, partition index, record index, event)
+        let mut decoded: Vec<(u64, usize, usize, RecordedEvent)> = Vec::new();
+        for (topic, partition) in partitions {
+            tx.execute(
+                "INSERT INTO bus.consumer_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, 0) \
+                 ON CONFLICT DO NOTHING",
+                &[&consumer, &topic, &partition],
+            )
+            .await?;
+            let next: i64 = tx
+                .query_one(
+                    "SELECT next_offset FROM bus.consumer_offsets \
+                      WHERE consumer = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
+                    &[&consumer, &topic, &partition],
+                )
+                .await?
+                .get(0);
+            let budget = max.saturating_sub(decoded.len());
+            if budget == 0 {
+                fetched.push(Fetched { topic, partition, records: Vec::new(), end: next, caught_up: false });
+                continue;
+            }
+            let client = kafka
+                .as_mut()
+                .expect("connected")
+                .partition(&topic, partition, self.timeout())
+                .await
+                .map_err(unavailable)?;
+            let fetch = client.fetch_records(
+                next,
+                1..self.config.consumer.fetch_max_bytes.max(1),
+                self.config.consumer.fetch_wait_ms.max(1),
+            );
+            let (records, high_watermark) = tokio::time::timeout(self.timeout(), fetch)
+                .await
+                .map_err(|_| unavailable(format!("{topic}/{partition}: fetch timed out")))?
+                .map_err(|e| unavailable(format!("{topic}/{partition}: {e}")))?;
+            let index = fetched.len();
+            let mut part = Fetched { topic: topic.clone(), partition, records: Vec::new(), end: next, caught_up: true };
+            for record in records.into_iter().filter(|r| r.offset >= next) {
+                if part.records.len() >= budget {
+                    part.caught_up = false;
+                    break;
+                }
+                let offset = record.offset;
+                let message = message(&topic, partition, offset, record.record);
+                match self.decode(&message).await {
+                    Ok(event) => {
+                        decoded.push((event.global_position, index, part.records.len(), event));
+                        part.records.push((offset, Some(usize::MAX)));
+                    }
+                    Err((reason, true)) => return Err(unavailable(reason)),
+                    Err((reason, false)) => {
+                        send_dead_letter(kafka, &self.config.consumer, consumer, &message, &reason, 1)
+                            .await
+                            .map_err(unavailable)?;
+                        part.records.push((offset, None));
+                    }
+                }
+                part.end = offset + 1;
+            }
+            part.caught_up &= part.end >= high_watermark;
+            fetched.push(part);
+        }
+        // Drop what the consumer applied before (at-least-once delivery).
+        let streams: Vec<String> = decoded.iter().map(|d| d.3.stream_id.clone()).collect();
+        let mut applied: HashMap<String, i64> = tx
+            .query(
+                "SELECT stream_id, version FROM bus.consumer_streams WHERE consumer = $1 AND stream_id = ANY($2)",
+                &[&consumer, &streams],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        decoded.sort_by_key(|d| d.0);
+        let mut events = Vec::new();
+        for (_, part, record, event) in decoded {
+            let seen = applied.get(&event.stream_id).copied().unwrap_or(-1);
+            if (event.version as i64) <= seen {
+                fetched[part].records[record].1 = None;
+                continue;
+            }
+            applied.insert(event.stream_id.clone(), event.version as i64);
+            fetched[part].records[record].1 = Some(events.len());
+            events.push(event);
+        }
+        let skipped = fetched.iter().map(|f| f.records.iter().filter(|(_, i)| i.is_none()).count()).sum();
+        Ok(Pulled { events, skipped, progress: Box::new(Progress { fetched, relay_position }) })
+    }
+}
+
+#[async_trait::async_trait]
+impl EventSource for KafkaSource {
+    async fn pull(
+        &self,
+        tx: &Transaction<'_>,
+        consumer: &str,
+        _position: u64,
+        max: usize,
+    ) -> Result<Pulled, SourceError> {
+        let mut kafka = self.kafka.lock().await;
+        let result = self.pull_inner(tx, consumer, max, &mut kafka).await;
+        if result.is_err() {
+            // A fresh connection next time.
+            *kafka = None;
+        }
+        result
+    }
+
+    async fn ack(
+        &self,
+        tx: &Transaction<'_>,
+        consumer: &str,
+        position: u64,
+        pulled: &Pulled,
+        applied: usize,
+    ) -> Result<u64, SourceError> {
+        let Some(progress) = pulled.progress.downcast_ref::<Progress>() else {
+            return Err(unavailable("a pull of another source"));
+        };
+        let complete = applied >= pulled.events.len();
+        let mut all_caught_up = complete;
+        for part in &progress.fetched {
+            // Up to the first record whose event was not applied.
+            let next = part
+                .records
+                .iter()
+                .find(|(_, index)| index.is_some_and(|i| i >= applied))
+                .map_or(part.end, |(offset, _)| *offset);
+            all_caught_up &= part.caught_up && next == part.end;
+            tx.execute(
+                "UPDATE bus.consumer_offsets SET next_offset = $4, updated_at = clock_timestamp() \
+                  WHERE consumer = $1 AND topic = $2 AND partition = $3",
+                &[&consumer, &part.topic, &part.partition, &next],
+            )
+            .await?;
+        }
+        let mut versions: BTreeMap<&str, i64> = BTreeMap::new();
+        for event in &pulled.events[..applied.min(pulled.events.len())] {
+            let v = versions.entry(event.stream_id.as_str()).or_insert(-1);
+            *v = (*v).max(event.version as i64);
+        }
+        if !versions.is_empty() {
+            let (streams, versions): (Vec<&str>, Vec<i64>) = versions.into_iter().unzip();
+            tx.execute(
+                "INSERT INTO bus.consumer_streams (consumer, stream_id, version) \
+                 SELECT $1, s, v FROM unnest($2::text[], $3::int8[]) AS u(s, v) \
+                 ON CONFLICT (consumer, stream_id) DO UPDATE \
+                    SET version = greatest(bus.consumer_streams.version, EXCLUDED.version)",
+                &[&consumer, &streams, &versions],
+            )
+            .await?;
+        }
+        Ok(if all_caught_up { position.max(progress.relay_position) } else { position })
+    }
+
+    fn changed(&self) -> watch::Receiver<u64> {
+        self.tick.clone()
+    }
+}

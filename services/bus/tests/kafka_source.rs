@@ -1,0 +1,230 @@
+//! Read models fed from Kafka equal the ones fed from the store: the relay
+//! and the Kafka-fed projector are both killed at random points while
+//! orders stream in (the relay re-sends, the projector re-reads), against
+//! tansu, PostgreSQL and the Schema Registry stand-in.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use eventfold_bus::{ConsumerConfig, KafkaSource, KafkaSourceConfig, dead_letters};
+use eventfold_command::{Command, Envelope, Meta};
+use eventfold_domain::{
+    Currency, Money,
+    order::{CancelOrder, ConfirmOrder, CreateOrder, OrderCommand, OrderItem, ProcessPayment},
+};
+use eventfold_projector::{OrderViews, Projection, Projector, ProjectorOptions};
+use eventfold_relay::{AvroEncoder, Relay};
+use eventfold_schemas::{Catalog, Registry};
+use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_tests::{TestDatabase, kafka::Broker, registry::RegistryStandIn};
+use rskafka::{
+    client::{
+        ClientBuilder,
+        partition::{Compression, UnknownTopicHandling},
+    },
+    record::Record,
+};
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+use tower::ServiceExt;
+
+fn eur() -> Currency {
+    "EUR".parse().unwrap()
+}
+
+async fn write_orders(log: Arc<dyn EventLog>, count: usize) {
+    let bus = eventfold_command::bus(log, eventfold_command::BusOptions::default());
+    for o in 0..count {
+        let order_id = format!("o-{o}");
+        let send = |command: OrderCommand| {
+            let envelope = Envelope::new(Command::Order { order_id: order_id.clone(), command }, Meta::default());
+            bus.clone().oneshot(envelope)
+        };
+        let price = Money::new(100 + o as i64, eur());
+        let items = vec![OrderItem { product_id: format!("sku-{}", o % 4), quantity: 2, unit_price: price }];
+        let create =
+            CreateOrder { order_id: order_id.clone(), customer_id: format!("c-{}", o % 3), currency: eur(), items };
+        send(create.into()).await.unwrap();
+        match o % 3 {
+            0 => {
+                send(CancelOrder { reason: "changed mind".into() }.into()).await.unwrap();
+            }
+            1 => {
+                send(ConfirmOrder.into()).await.unwrap();
+                let payment =
+                    ProcessPayment { payment_id: format!("p-{o}"), amount: Money::new(price.minor * 2, eur()) };
+                send(payment.into()).await.unwrap();
+            }
+            _ => {
+                send(ConfirmOrder.into()).await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
+async fn rows(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    client
+        .query(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY order_id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashes() {
+    let db = TestDatabase::migrated().await;
+    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
+    let broker = Broker::start();
+    let registry = RegistryStandIn::start().await;
+    Registry::new(registry.url())
+        .unwrap()
+        .register_catalog(&Catalog::load().unwrap(), eventfold_proto::FILE_DESCRIPTOR_SET)
+        .await
+        .unwrap();
+    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+
+    let relay_config = eventfold_relay::Config {
+        brokers: vec![broker.bootstrap()],
+        batch_size: 40,
+        request_timeout_ms: 2_000,
+        max_backoff_ms: 300,
+        ..eventfold_relay::Config::default()
+    };
+    let relay = || async {
+        let encoder = AvroEncoder::new(Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
+        Relay::new(db.url(), log.clone(), Arc::new(encoder), relay_config.clone()).await.unwrap()
+    };
+    let source_config = KafkaSourceConfig {
+        consumer: ConsumerConfig {
+            brokers: vec![broker.bootstrap()],
+            fetch_wait_ms: 1,
+            request_timeout_ms: 2_000,
+            ..ConsumerConfig::default()
+        },
+        ..KafkaSourceConfig::default()
+    };
+    let source =
+        KafkaSource::new(source_config.clone(), Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
+    let options =
+        ProjectorOptions { batch_size: 30, idle_poll: Duration::from_millis(20), ..ProjectorOptions::default() };
+    let kafka_fed = || async {
+        Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options.clone())
+            .await
+            .unwrap()
+            .with_source(source.clone())
+    };
+
+    // Orders stream in while the relay and the Kafka-fed projector are
+    // killed at random points.
+    let writer = tokio::spawn(write_orders(log.clone(), 90));
+    for round in 0..8u64 {
+        let (_stop, stop) = watch::channel(false);
+        let relaying = tokio::spawn(relay().await.run(stop.clone()));
+        let projecting = tokio::spawn(kafka_fed().await.run(stop));
+        tokio::time::sleep(Duration::from_millis(60 + (round * 41) % 170)).await;
+        relaying.abort();
+        tokio::time::sleep(Duration::from_millis((round * 13) % 40)).await;
+        projecting.abort();
+        let _ = relaying.await;
+        let _ = projecting.await;
+    }
+    writer.await.unwrap();
+
+    // Then both run to the end; beside them, the same projection from the
+    // store.
+    let (stop_tx, stop) = watch::channel(false);
+    let relaying = tokio::spawn(relay().await.run(stop.clone()));
+    let projecting = tokio::spawn(kafka_fed().await.run(stop));
+    let from_store = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options.clone()).await.unwrap();
+    from_store.prepare().await.unwrap();
+    while from_store.step().await.unwrap() > 0 {}
+    let head = log.last_position().await.unwrap();
+    let probe = kafka_fed().await;
+    for _ in 0..600 {
+        if probe.position().await.unwrap() >= head {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(probe.position().await.unwrap(), head, "the Kafka-fed checkpoint reached the head");
+    let _ = stop_tx.send(true);
+    relaying.await.unwrap();
+    projecting.await.unwrap();
+
+    let via_store = rows(&client, &OrderViews.tables(1)[0]).await;
+    let via_kafka = rows(&client, &OrderViews.tables(2)[0]).await;
+    assert_eq!(via_store.len(), 90);
+    assert_eq!(via_kafka, via_store, "row for row");
+    let parked: i64 = client.query_one("SELECT count(*) FROM projections.parked", &[]).await.unwrap().get(0);
+    assert_eq!(parked, 0, "no event was applied twice (a duplicate would have been parked)");
+
+    // The relay loses its checkpoint and sends the whole log again: every
+    // event arrives a second time, and the projection drops all of them.
+    client.execute("UPDATE bus.relay_checkpoints SET position = 0", &[]).await.unwrap();
+    let again = relay().await;
+    while again.position().await.unwrap() < head {
+        again.step().await.unwrap();
+    }
+    let projector = kafka_fed().await;
+    while projector.step().await.unwrap() > 0 {}
+    assert_eq!(rows(&client, &OrderViews.tables(2)[0]).await, via_store, "the second delivery changed nothing");
+    let parked: i64 = client.query_one("SELECT count(*) FROM projections.parked", &[]).await.unwrap().get(0);
+    assert_eq!(parked, 0, "and applied nothing twice");
+
+    // A record that cannot be decoded goes to the dead-letter topic with
+    // its origin; the projection goes on.
+    let kafka = ClientBuilder::new(vec![broker.bootstrap()]).build().await.unwrap();
+    let topic = "eventfold.orders.v1";
+    let partition = kafka.partition_client(topic, 0, UnknownTopicHandling::Retry).await.unwrap();
+    let headers = BTreeMap::from([
+        ("event_id".to_owned(), b"0190a6a2-7c4e-7c1d-9a4b-0123456789ab".to_vec()),
+        ("event_type".to_owned(), b"OrderCreated".to_vec()),
+        ("schema_version".to_owned(), b"2".to_vec()),
+        ("stream_version".to_owned(), b"0".to_vec()),
+        ("global_position".to_owned(), b"999999".to_vec()),
+    ]);
+    let garbage = Record {
+        key: Some(b"order-garbage".to_vec()),
+        value: Some(b"\x07not avro".to_vec()),
+        headers,
+        timestamp: chrono::Utc::now(),
+    };
+    let offsets = partition.produce(vec![garbage], Compression::NoCompression).await.unwrap();
+    write_orders_after(&log).await;
+    let after = log.last_position().await.unwrap();
+    let relay = relay().await;
+    while relay.position().await.unwrap() < after {
+        relay.step().await.unwrap();
+    }
+    let projector = kafka_fed().await;
+    for _ in 0..200 {
+        projector.step().await.unwrap();
+        if projector.position().await.unwrap() >= after {
+            break;
+        }
+    }
+    assert_eq!(projector.position().await.unwrap(), after, "the projection went past the poison record");
+    let letters = dead_letters(&source_config.consumer, db.url(), topic).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].origin(), (topic.to_owned(), 0, offsets[0]));
+    assert_eq!(letters[0].consumer(), "projection:order_views:v2");
+    assert!(
+        letters[0].error().contains("wire format") || letters[0].error().contains("magic"),
+        "{}",
+        letters[0].error()
+    );
+    assert_eq!(rows(&client, &OrderViews.tables(2)[0]).await.len(), 91);
+}
+
+/// One more order after the poison record.
+async fn write_orders_after(log: &Arc<dyn EventLog>) {
+    let bus = eventfold_command::bus(log.clone(), eventfold_command::BusOptions::default());
+    let items = vec![OrderItem { product_id: "sku-9".into(), quantity: 1, unit_price: Money::new(500, eur()) }];
+    let create = CreateOrder { order_id: "late".into(), customer_id: "c-9".into(), currency: eur(), items };
+    let envelope = Envelope::new(Command::Order { order_id: "late".into(), command: create.into() }, Meta::default());
+    bus.oneshot(envelope).await.unwrap();
+}
