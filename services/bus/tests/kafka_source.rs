@@ -228,3 +228,92 @@ async fn write_orders_after(log: &Arc<dyn EventLog>) {
     let envelope = Envelope::new(Command::Order { order_id: "late".into(), command: create.into() }, Meta::default());
     bus.oneshot(envelope).await.unwrap();
 }
+
+/// Under load, the broker is unreachable for 10 s (SIGSTOP, then SIGCONT:
+/// memory storage keeps its data): the relay and the Kafka-fed projector
+/// recover by themselves, and afterwards the read model equals the one fed
+/// from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_and_kafka_fed_projection_recover_from_a_broker_outage() {
+    let db = TestDatabase::migrated().await;
+    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
+    let broker = Broker::start();
+    let registry = RegistryStandIn::start().await;
+    Registry::new(registry.url())
+        .unwrap()
+        .register_catalog(&Catalog::load().unwrap(), eventfold_proto::FILE_DESCRIPTOR_SET)
+        .await
+        .unwrap();
+    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let relay_config = eventfold_relay::Config {
+        brokers: vec![broker.bootstrap()],
+        request_timeout_ms: 1_000,
+        max_backoff_ms: 500,
+        ..eventfold_relay::Config::default()
+    };
+    let encoder = AvroEncoder::new(Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
+    let relay = Relay::new(db.url(), log.clone(), Arc::new(encoder), relay_config).await.unwrap();
+    let source_config = KafkaSourceConfig {
+        consumer: ConsumerConfig {
+            brokers: vec![broker.bootstrap()],
+            request_timeout_ms: 1_000,
+            max_backoff_ms: 500,
+            ..ConsumerConfig::default()
+        },
+        ..KafkaSourceConfig::default()
+    };
+    let source = KafkaSource::new(source_config, Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
+    let options =
+        ProjectorOptions { batch_size: 100, idle_poll: Duration::from_millis(20), ..ProjectorOptions::default() };
+    let projector = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options.clone())
+        .await
+        .unwrap()
+        .with_source(source);
+    let (stop_tx, stop) = watch::channel(false);
+    let relaying = tokio::spawn(relay.run(stop.clone()));
+    let projecting = tokio::spawn(projector.run(stop));
+
+    // ~15 s of orders; the broker is frozen for 10 s of them.
+    let writer = tokio::spawn(write_orders_paced(log.clone(), 150, Duration::from_millis(100)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.pause();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    broker.resume();
+    writer.await.unwrap();
+
+    let head = log.last_position().await.unwrap();
+    let probe = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options.clone()).await.unwrap();
+    for _ in 0..600 {
+        if probe.position().await.unwrap() >= head {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(probe.position().await.unwrap(), head, "caught up without help; broker log:\n{}", broker.log());
+    let _ = stop_tx.send(true);
+    relaying.await.unwrap();
+    projecting.await.unwrap();
+
+    let from_store = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options).await.unwrap();
+    from_store.prepare().await.unwrap();
+    while from_store.step().await.unwrap() > 0 {}
+    let via_store = rows(&client, &OrderViews.tables(1)[0]).await;
+    assert_eq!(via_store.len(), 150);
+    assert_eq!(rows(&client, &OrderViews.tables(2)[0]).await, via_store, "nothing missing, nothing applied twice");
+    let parked: i64 = client.query_one("SELECT count(*) FROM projections.parked", &[]).await.unwrap().get(0);
+    assert_eq!(parked, 0);
+}
+
+async fn write_orders_paced(log: Arc<dyn EventLog>, count: usize, pause: Duration) {
+    let bus = eventfold_command::bus(log, eventfold_command::BusOptions::default());
+    for o in 0..count {
+        let order_id = format!("p-{o}");
+        let items = vec![OrderItem { product_id: "sku".into(), quantity: 1, unit_price: Money::new(100, eur()) }];
+        let create = CreateOrder { order_id: order_id.clone(), customer_id: "c".into(), currency: eur(), items };
+        let envelope = Envelope::new(Command::Order { order_id, command: create.into() }, Meta::default());
+        bus.clone().oneshot(envelope).await.unwrap();
+        tokio::time::sleep(pause).await;
+    }
+}
