@@ -221,12 +221,27 @@ struct ProjectorConfig {
     batch_time_ms: u64,
     /// Attempts of an event before it is parked.
     max_attempts: u32,
+    /// Where the events come from: `log` (the store, the default) or
+    /// `kafka` (the relay's topics; needs relay.brokers and registry.url).
+    source: SourceKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SourceKind {
+    Log,
+    Kafka,
 }
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
         let d = eventfold_projector::ProjectorOptions::default();
-        Self { batch_size: d.batch_size, batch_time_ms: d.batch_time.as_millis() as u64, max_attempts: d.max_attempts }
+        Self {
+            batch_size: d.batch_size,
+            batch_time_ms: d.batch_time.as_millis() as u64,
+            max_attempts: d.max_attempts,
+            source: SourceKind::Log,
+        }
     }
 }
 
@@ -512,6 +527,29 @@ async fn spawn_projectors(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let observer = invalidator.map(|i| i as Arc<dyn eventfold_projector::CommitObserver>);
+    let source: Option<Arc<dyn eventfold_store::EventSource>> = match config.projector.source {
+        SourceKind::Log => None,
+        SourceKind::Kafka => {
+            let Some(registry_url) = &config.registry.url else {
+                return Err(eventfold_platform::Error::Config(
+                    "projector.source = \"kafka\" needs registry.url (EVENTFOLD_REGISTRY__URL)".to_owned(),
+                )
+                .into());
+            };
+            let source_config = eventfold_bus::KafkaSourceConfig {
+                consumer: eventfold_bus::ConsumerConfig {
+                    brokers: config.relay.brokers.clone(),
+                    fetch_wait_ms: 1,
+                    ..Default::default()
+                },
+                relay: config.relay.name.clone(),
+                ..Default::default()
+            };
+            let catalog = eventfold_schemas::Catalog::load()?;
+            let registry = eventfold_schemas::Registry::new(registry_url)?;
+            Some(eventfold_bus::KafkaSource::new(source_config, catalog, registry))
+        }
+    };
     Ok(eventfold_projector::all()
         .into_iter()
         .map(|projection| {
@@ -520,7 +558,7 @@ async fn spawn_projectors(
                 log.clone(),
                 projection,
                 config.projector.options(),
-                observer.clone(),
+                eventfold_projector::Attach { observer: observer.clone(), source: source.clone() },
                 std::time::Duration::from_secs(1),
                 stop.clone(),
             ))

@@ -39,6 +39,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_PROJECTOR__BATCH_SIZE", "most events a projector applies in one transaction"),
     ("EVENTFOLD_PROJECTOR__BATCH_TIME_MS", "longest a projector batch keeps applying before it commits"),
     ("EVENTFOLD_PROJECTOR__MAX_ATTEMPTS", "attempts of an event before the projector parks it"),
+    ("EVENTFOLD_PROJECTOR__SOURCE", "where projectors read events: log (default) or kafka"),
     ("EVENTFOLD_RELAY__BROKERS", "Kafka bootstrap brokers of the relay and the consumers, e.g. [\"kafka:9092\"]"),
     ("EVENTFOLD_RELAY__PARTITIONS", "partitions of the topics the relay creates"),
     ("EVENTFOLD_RELAY__BATCH_SIZE", "most events the relay sends per batch"),

@@ -556,8 +556,27 @@ impl Projector {
     }
 }
 
+/// What [`run_active`] gives each projector it starts.
+#[derive(Clone, Default)]
+pub struct Attach {
+    /// Told about each commit.
+    pub observer: Option<Arc<dyn CommitObserver>>,
+    /// Where the events come from (default: the log).
+    pub source: Option<Arc<dyn EventSource>>,
+}
+
+impl std::fmt::Debug for Attach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attach")
+            .field("observer", &self.observer.is_some())
+            .field("source", &self.source.is_some())
+            .finish()
+    }
+}
+
 /// Runs the active version of `projection` (version 1 if none is active
-/// yet) until `shutdown` turns true. When a rebuild activates another
+/// yet), from the attached source (default: the log), until `shutdown`
+/// turns true. When a rebuild activates another
 /// version, the projector switches to it within `poll`. Failures are logged
 /// and retried.
 pub async fn run_active(
@@ -565,10 +584,11 @@ pub async fn run_active(
     log: Arc<dyn EventLog>,
     projection: Arc<dyn Projection>,
     options: ProjectorOptions,
-    observer: Option<Arc<dyn CommitObserver>>,
+    attach: Attach,
     poll: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Attach { observer, source } = attach;
     let name = projection.name();
     let mut backoff = Duration::from_millis(100);
     while !*shutdown.borrow() {
@@ -579,6 +599,9 @@ pub async fn run_active(
                 Projector::new(&database_url, log.clone(), projection.clone(), version, options.clone()).await?;
             if let Some(observer) = &observer {
                 projector = projector.with_observer(observer.clone());
+            }
+            if let Some(source) = &source {
+                projector = projector.with_source(source.clone());
             }
             Ok::<_, Error>((probe, version, projector))
         }

@@ -456,7 +456,7 @@ async fn the_running_projector_follows_the_active_version() {
         log.clone(),
         Arc::new(OrderViews),
         options(),
-        None,
+        eventfold_projector::Attach::default(),
         Duration::from_millis(50),
         stop,
     ));
