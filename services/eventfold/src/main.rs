@@ -2,6 +2,7 @@
 //! configuration and wires storage to servers. No business logic lives here.
 
 mod bench;
+mod bus_bench;
 mod bus_cli;
 mod commands_bench;
 mod projections;
@@ -187,6 +188,9 @@ enum Bench {
     Queries(queries_bench::QueryBenchArgs),
     /// Append → read-model-visible lag at a fixed rate, and rebuild speed.
     ProjectionLag(queries_bench::LagBenchArgs),
+    /// Relay throughput and append → Kafka → read model lag, beside the
+    /// raw broker.
+    Relay(bus_bench::RelayBenchArgs),
 }
 
 /// The whole configuration, one section per concern.
@@ -502,6 +506,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Bench { bench: Bench::Commands(args) } => commands_bench::commands(args).await,
         Command::Bench { bench: Bench::Queries(args) } => queries_bench::queries(args).await,
         Command::Bench { bench: Bench::ProjectionLag(args) } => queries_bench::lag(args).await,
+        Command::Bench { bench: Bench::Relay(args) } => bus_bench::relay(args).await,
     }
 }
 

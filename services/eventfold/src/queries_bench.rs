@@ -413,7 +413,7 @@ pub(crate) async fn lag(args: LagBenchArgs) -> anyhow::Result<()> {
 
 /// Starts `call(i)` at `rate` per second for `duration_secs`; each returns
 /// its own lag.
-async fn open_loop_lag<F, Fut>(rate: u32, duration_secs: u64, call: F) -> anyhow::Result<Measurement>
+pub(crate) async fn open_loop_lag<F, Fut>(rate: u32, duration_secs: u64, call: F) -> anyhow::Result<Measurement>
 where
     F: Fn(usize) -> Fut,
     Fut: Future<Output = anyhow::Result<Duration>> + Send + 'static,
