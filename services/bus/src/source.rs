@@ -126,13 +126,18 @@ impl KafkaSource {
         Duration::from_millis(self.config.consumer.request_timeout_ms.max(1))
     }
 
-    /// The writer's schema of registry id `id`.
-    async fn writer(&self, id: u32) -> Result<Arc<Schema>, String> {
+    /// The writer's schema of registry id `id`. Err(reason, retriable): the
+    /// registry being away is worth a retry; an id it does not know (40403)
+    /// or a schema that does not parse is not.
+    async fn writer(&self, id: u32) -> Result<Arc<Schema>, (String, bool)> {
         if let Some(schema) = self.writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id) {
             return Ok(schema.clone());
         }
-        let text = self.registry.schema_by_id(id).await.map_err(|e| e.to_string())?;
-        let schema = Arc::new(Schema::parse_str(&text).map_err(|e| format!("schema {id}: {e}"))?);
+        let text = self.registry.schema_by_id(id).await.map_err(|e| {
+            let retriable = !matches!(e.registry_code(), Some(40403 | 404));
+            (format!("schema id {id}: {e}"), retriable)
+        })?;
+        let schema = Arc::new(Schema::parse_str(&text).map_err(|e| (format!("schema {id}: {e}"), false))?);
         self.writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, schema.clone());
         Ok(schema)
     }
@@ -155,8 +160,7 @@ impl KafkaSource {
         let event_id = header("event_id")?.parse().map_err(|_| ("event_id is not a UUID".to_owned(), false))?;
         let value = message.value.as_deref().ok_or_else(|| ("no value".to_owned(), false))?;
         let (id, body) = eventfold_schemas::unwire(value).map_err(|e| (e.to_string(), false))?;
-        // The registry being away is worth a retry; an unknown id is not.
-        let writer = self.writer(id).await.map_err(|e| (e, true))?;
+        let writer = self.writer(id).await?;
         let data = self
             .catalog
             .decode_written_with(&event_type, schema_version, &writer, body)

@@ -193,7 +193,11 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
         headers,
         timestamp: chrono::Utc::now(),
     };
-    let offsets = partition.produce(vec![garbage], Compression::NoCompression).await.unwrap();
+    // And one in the wire format whose schema id the registry never gave.
+    let mut unknown_id = garbage.clone();
+    unknown_id.value = Some(eventfold_schemas::wire(424_242, b"\x00"));
+    unknown_id.headers.insert("event_id".to_owned(), b"0190a6a2-7c4e-7c1d-9a4b-0123456789ac".to_vec());
+    let offsets = partition.produce(vec![garbage, unknown_id], Compression::NoCompression).await.unwrap();
     write_orders_after(&log).await;
     let after = log.last_position().await.unwrap();
     let relay = relay().await;
@@ -209,8 +213,10 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
     }
     assert_eq!(projector.position().await.unwrap(), after, "the projection went past the poison record");
     let letters = dead_letters(&source_config.consumer, db.url(), topic).await.unwrap();
-    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters.len(), 2, "{letters:?}");
     assert_eq!(letters[0].origin(), (topic.to_owned(), 0, offsets[0]));
+    assert_eq!(letters[1].origin(), (topic.to_owned(), 0, offsets[1]));
+    assert!(letters[1].error().contains("424242"), "an unknown schema id: {}", letters[1].error());
     assert_eq!(letters[0].consumer(), "projection:order_views:v2");
     assert!(
         letters[0].error().contains("wire format") || letters[0].error().contains("magic"),
