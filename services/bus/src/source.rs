@@ -204,6 +204,46 @@ impl KafkaSource {
         Ok(out)
     }
 
+    /// The records of one partition from `next`, at most `max`, fetching
+    /// again while the broker answers fewer than there are: (next, records,
+    /// whether they reach the high watermark).
+    async fn fetch_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        client: Arc<rskafka::client::partition::PartitionClient>,
+        next: i64,
+        max: usize,
+    ) -> Result<(i64, Vec<rskafka::record::RecordAndOffset>, bool), SourceError> {
+        let mut out = Vec::new();
+        let mut end = next;
+        loop {
+            let fetch = client.fetch_records(
+                end,
+                1..self.config.consumer.fetch_max_bytes.max(1),
+                self.config.consumer.fetch_wait_ms.max(1),
+            );
+            let (records, high_watermark) = tokio::time::timeout(self.timeout(), fetch)
+                .await
+                .map_err(|_| unavailable(format!("{topic}/{partition}: fetch timed out")))?
+                .map_err(|e| unavailable(format!("{topic}/{partition}: {e}")))?;
+            let from = end;
+            let mut full = false;
+            for record in records.into_iter().filter(|r| r.offset >= from) {
+                if out.len() >= max {
+                    full = true;
+                    break;
+                }
+                end = record.offset + 1;
+                out.push(record);
+            }
+            let caught_up = !full && end >= high_watermark;
+            if caught_up || full || end == from {
+                return Ok((next, out, caught_up));
+            }
+        }
+    }
+
     async fn pull_inner(
         &self,
         tx: &Transaction<'_>,
@@ -219,51 +259,44 @@ impl KafkaSource {
             *kafka = Some(connect_kafka(&self.config.consumer).await.map_err(unavailable)?);
         }
         let partitions = self.partitions(kafka.as_mut().expect("connected")).await?;
+        let (topics, numbers): (Vec<&str>, Vec<i32>) = partitions.iter().map(|(t, p)| (t.as_str(), *p)).unzip();
+        tx.execute(
+            "INSERT INTO bus.consumer_offsets (consumer, topic, partition, next_offset) \
+             SELECT $1, t, p, 0 FROM unnest($2::text[], $3::int4[]) AS u(t, p) ON CONFLICT DO NOTHING",
+            &[&consumer, &topics, &numbers],
+        )
+        .await?;
+        // The row locks keep a second instance of this consumer off the
+        // partitions until this batch commits.
+        let offsets: HashMap<(String, i32), i64> = tx
+            .query(
+                "SELECT topic, partition, next_offset FROM bus.consumer_offsets WHERE consumer = $1 \
+                  ORDER BY topic, partition FOR UPDATE",
+                &[&consumer],
+            )
+            .await?
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect();
+        let mut clients = Vec::with_capacity(partitions.len());
+        for (topic, partition) in &partitions {
+            let connected = kafka.as_mut().expect("connected");
+            clients.push(connected.partition(topic, *partition, self.timeout()).await.map_err(unavailable)?);
+        }
+        // Every partition at once: a pull takes one round trip, not one per
+        // partition.
+        let fetches = partitions.iter().zip(clients).map(|((topic, partition), client)| {
+            let next = offsets.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
+            self.fetch_partition(topic, *partition, client, next, max.max(1))
+        });
+        let answers = futures_util::future::try_join_all(fetches).await?;
         let mut fetched = Vec::new();
         // (global position, partition index, record index, event)
         let mut decoded: Vec<(u64, usize, usize, RecordedEvent)> = Vec::new();
-        for (topic, partition) in partitions {
-            tx.execute(
-                "INSERT INTO bus.consumer_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, 0) \
-                 ON CONFLICT DO NOTHING",
-                &[&consumer, &topic, &partition],
-            )
-            .await?;
-            let next: i64 = tx
-                .query_one(
-                    "SELECT next_offset FROM bus.consumer_offsets \
-                      WHERE consumer = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
-                    &[&consumer, &topic, &partition],
-                )
-                .await?
-                .get(0);
-            let budget = max.saturating_sub(decoded.len());
-            if budget == 0 {
-                fetched.push(Fetched { topic, partition, records: Vec::new(), end: next, caught_up: false });
-                continue;
-            }
-            let client = kafka
-                .as_mut()
-                .expect("connected")
-                .partition(&topic, partition, self.timeout())
-                .await
-                .map_err(unavailable)?;
-            let fetch = client.fetch_records(
-                next,
-                1..self.config.consumer.fetch_max_bytes.max(1),
-                self.config.consumer.fetch_wait_ms.max(1),
-            );
-            let (records, high_watermark) = tokio::time::timeout(self.timeout(), fetch)
-                .await
-                .map_err(|_| unavailable(format!("{topic}/{partition}: fetch timed out")))?
-                .map_err(|e| unavailable(format!("{topic}/{partition}: {e}")))?;
+        for ((topic, partition), (next, records, caught_up)) in partitions.into_iter().zip(answers) {
             let index = fetched.len();
-            let mut part = Fetched { topic: topic.clone(), partition, records: Vec::new(), end: next, caught_up: true };
-            for record in records.into_iter().filter(|r| r.offset >= next) {
-                if part.records.len() >= budget {
-                    part.caught_up = false;
-                    break;
-                }
+            let mut part = Fetched { topic: topic.clone(), partition, records: Vec::new(), end: next, caught_up };
+            for record in records {
                 let offset = record.offset;
                 let message = message(&topic, partition, offset, record.record);
                 match self.decode(&message).await {
@@ -281,7 +314,6 @@ impl KafkaSource {
                 }
                 part.end = offset + 1;
             }
-            part.caught_up &= part.end >= high_watermark;
             fetched.push(part);
         }
         // Drop what the consumer applied before (at-least-once delivery).

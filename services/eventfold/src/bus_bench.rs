@@ -339,8 +339,33 @@ async fn lag(
             }
         })
     };
+    // Records wait up to the relay's linger and go in one request, as the
+    // relay sends them.
+    let linger = Duration::from_millis(eventfold_relay::Config::default().linger_ms);
+    let (queue, mut queued) = tokio::sync::mpsc::unbounded_channel::<(Record, tokio::sync::oneshot::Sender<i64>)>();
+    let batcher = {
+        let client = raw_client.clone();
+        tokio::spawn(async move {
+            while let Some(first) = queued.recv().await {
+                tokio::time::sleep(linger).await;
+                let mut batch = vec![first];
+                while let Ok(more) = queued.try_recv() {
+                    batch.push(more);
+                }
+                let (records, replies): (Vec<Record>, Vec<_>) = batch.into_iter().unzip();
+                match client.produce(records, Compression::NoCompression).await {
+                    Ok(offsets) => {
+                        for (offset, reply) in offsets.into_iter().zip(replies) {
+                            let _ = reply.send(offset);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "raw produce failed"),
+                }
+            }
+        })
+    };
     let raw = crate::queries_bench::open_loop_lag(args.rate, args.duration_secs, |_| {
-        let (client, fetched) = (raw_client.clone(), fetched.clone());
+        let (queue, fetched) = (queue.clone(), fetched.clone());
         async move {
             let record = Record {
                 key: Some(b"raw".to_vec()),
@@ -348,8 +373,9 @@ async fn lag(
                 headers: BTreeMap::new(),
                 timestamp: chrono::Utc::now(),
             };
-            let offsets = client.produce(vec![record], Compression::NoCompression).await?;
-            let offset = offsets.first().copied().unwrap_or(0);
+            let (reply, offset) = tokio::sync::oneshot::channel();
+            queue.send((record, reply)).map_err(|_| anyhow::anyhow!("the raw producer stopped"))?;
+            let offset = offset.await.context("the raw produce failed")?;
             let acked = Instant::now();
             let mut seen = fetched.subscribe();
             tokio::time::timeout(Duration::from_secs(30), seen.wait_for(|o| *o >= offset))
@@ -359,6 +385,7 @@ async fn lag(
         }
     })
     .await;
+    batcher.abort();
     poller.abort();
     Ok((ours, raw))
 }

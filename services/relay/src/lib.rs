@@ -58,6 +58,10 @@ pub struct Config {
     /// Longest sleep when caught up (appends of this process wake it
     /// sooner).
     pub idle_poll_ms: u64,
+    /// After being woken by new events, how long to let more arrive so
+    /// that they go in one produce request per partition (Kafka's
+    /// `linger.ms`): fewer, larger requests for a few ms of latency.
+    pub linger_ms: u64,
     /// Longest wait for one broker request before it counts as failed.
     pub request_timeout_ms: u64,
     /// Longest pause between retries while the broker is unreachable.
@@ -73,6 +77,7 @@ impl Default for Config {
             batch_size: 1000,
             name: "relay".to_owned(),
             idle_poll_ms: 200,
+            linger_ms: 5,
             request_timeout_ms: 10_000,
             max_backoff_ms: 5_000,
         }
@@ -442,7 +447,9 @@ impl Relay {
                     backoff = initial;
                     failing_since = None;
                     tokio::select! {
-                        _ = wake.changed() => {}
+                        _ = wake.changed() => {
+                            tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
+                        }
                         () = tokio::time::sleep(Duration::from_millis(self.config.idle_poll_ms)) => {}
                         _ = shutdown.changed() => {}
                     }
