@@ -13,9 +13,10 @@
 //! the stream versions in the same transaction.
 //!
 //! The consumer's checkpoint (every event up to it applied, what
-//! read-your-writes waits on) moves to the relay's checkpoint as read before
-//! the fetches, whenever a pull has read every partition to its end: every
-//! event up to that checkpoint was on the broker before the fetches.
+//! read-your-writes waits on) moves per pull to the lowest of: the relay's
+//! checkpoint as read before the fetches (for the partitions read to their
+//! end) and, for each partition that is not, the highest position applied
+//! from it (see [`KafkaSource::ack`]'s comment).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -373,8 +374,14 @@ impl EventSource for KafkaSource {
         let Some(progress) = pulled.progress.downcast_ref::<Progress>() else {
             return Err(unavailable("a pull of another source"));
         };
-        let complete = applied >= pulled.events.len();
-        let mut all_caught_up = complete;
+        // The new checkpoint: every event up to it applied. Events up to the
+        // relay's checkpoint were all on the broker before the fetches, so a
+        // partition read to its end holds none unapplied. In a partition
+        // that is not, first deliveries come in position order (the relay
+        // reads gap-safely and sends in order; a re-send only repeats), so
+        // every event up to the highest position applied from it is
+        // applied; one that applied nothing here holds the checkpoint.
+        let mut bound = Some(progress.relay_position);
         for part in &progress.fetched {
             // Up to the first record whose event was not applied.
             let next = part
@@ -382,7 +389,18 @@ impl EventSource for KafkaSource {
                 .iter()
                 .find(|(_, index)| index.is_some_and(|i| i >= applied))
                 .map_or(part.end, |(offset, _)| *offset);
-            all_caught_up &= part.caught_up && next == part.end;
+            if !(part.caught_up && next == part.end) {
+                let highest = part
+                    .records
+                    .iter()
+                    .filter_map(|(_, index)| index.filter(|i| *i < applied))
+                    .map(|i| pulled.events[i].global_position)
+                    .max();
+                bound = match (bound, highest) {
+                    (Some(b), Some(h)) => Some(b.min(h)),
+                    _ => None,
+                };
+            }
             tx.execute(
                 "UPDATE bus.consumer_offsets SET next_offset = $4, updated_at = clock_timestamp() \
                   WHERE consumer = $1 AND topic = $2 AND partition = $3",
@@ -406,7 +424,7 @@ impl EventSource for KafkaSource {
             )
             .await?;
         }
-        Ok(if all_caught_up { position.max(progress.relay_position) } else { position })
+        Ok(bound.map_or(position, |b| position.max(b)))
     }
 
     fn changed(&self) -> watch::Receiver<u64> {

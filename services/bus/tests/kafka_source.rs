@@ -323,3 +323,80 @@ async fn write_orders_paced(log: Arc<dyn EventLog>, count: usize, pause: Duratio
         tokio::time::sleep(pause).await;
     }
 }
+
+/// The Kafka-fed checkpoint moves while partitions still lag, and never
+/// past an event that is not applied: after every small batch, every event
+/// up to the checkpoint is in the read model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_fed_checkpoint_never_passes_an_unapplied_event() {
+    let db = TestDatabase::migrated().await;
+    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
+    let broker = Broker::start();
+    let registry = RegistryStandIn::start().await;
+    Registry::new(registry.url())
+        .unwrap()
+        .register_catalog(&Catalog::load().unwrap(), eventfold_proto::FILE_DESCRIPTOR_SET)
+        .await
+        .unwrap();
+    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    write_orders(log.clone(), 45).await;
+    let relay_config = eventfold_relay::Config {
+        brokers: vec![broker.bootstrap()],
+        batch_size: 7,
+        ..eventfold_relay::Config::default()
+    };
+    let encoder = AvroEncoder::new(Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
+    let relay = Relay::new(db.url(), log.clone(), Arc::new(encoder), relay_config).await.unwrap();
+    let head = log.last_position().await.unwrap();
+    while relay.position().await.unwrap() < head {
+        relay.step().await.unwrap();
+    }
+    let source_config = KafkaSourceConfig {
+        consumer: ConsumerConfig { brokers: vec![broker.bootstrap()], ..ConsumerConfig::default() },
+        ..KafkaSourceConfig::default()
+    };
+    let source = KafkaSource::new(source_config, Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
+    // At most 2 records per partition and pull: partitions lag for many
+    // pulls.
+    let options = ProjectorOptions { batch_size: 2, ..ProjectorOptions::default() };
+    let projector =
+        Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options).await.unwrap().with_source(source);
+    projector.prepare().await.unwrap();
+    let events: Vec<(u64, String, i64)> = client
+        .query("SELECT global_position, stream_id, version FROM eventstore.events ORDER BY global_position", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i64>(0) as u64, r.get(1), r.get(2)))
+        .collect();
+    let mut moves_before_the_end = 0;
+    let mut last = 0;
+    for _ in 0..500 {
+        projector.step().await.unwrap();
+        let position = projector.position().await.unwrap();
+        let applied: std::collections::HashMap<String, i64> = client
+            .query("SELECT order_id, stream_version FROM read.order_views_v2", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (format!("order-{}", r.get::<_, String>(0)), r.get(1)))
+            .collect();
+        for (event_position, stream, version) in events.iter().filter(|(p, _, _)| *p <= position) {
+            assert!(
+                applied.get(stream).is_some_and(|v| v >= version),
+                "checkpoint {position} passed {stream} v{version} (position {event_position}), not applied"
+            );
+        }
+        if position > last && position < head {
+            moves_before_the_end += 1;
+        }
+        last = position;
+        if position >= head {
+            break;
+        }
+    }
+    assert_eq!(last, head, "the checkpoint reached the head");
+    assert!(moves_before_the_end >= 3, "it moved while partitions lagged ({moves_before_the_end} times)");
+}
