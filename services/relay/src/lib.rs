@@ -18,21 +18,16 @@ mod avro;
 pub use crate::avro::AvroEncoder;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use bb8::Pool;
 use bb8_postgres::PostgresConnectionManager;
+use eventfold_bus::Kafka;
 use eventfold_store::{AllRead, EventFilter, EventLog, RecordedEvent};
-use rskafka::{
-    client::{
-        Client, ClientBuilder,
-        partition::{Compression, PartitionClient, UnknownTopicHandling},
-    },
-    record::Record,
-};
+use rskafka::{client::partition::Compression, record::Record};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_postgres::NoTls;
@@ -124,8 +119,12 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn broker_error(e: impl std::fmt::Display) -> Error {
-    Error::Broker(e.to_string())
+/// A broker error of the shared connection, as the relay's.
+fn from_bus(e: eventfold_bus::Error) -> Error {
+    match e {
+        eventfold_bus::Error::Broker(message) => Error::Broker(message),
+        other => Error::Broker(other.to_string()),
+    }
 }
 
 /// Kafka's murmur2 (the hash of its default partitioner).
@@ -223,13 +222,6 @@ impl std::fmt::Debug for Relay {
     }
 }
 
-/// A connected client, the topics known to exist and the partition clients.
-struct Kafka {
-    client: Client,
-    topics: HashMap<String, i32>,
-    partitions: HashMap<(String, i32), Arc<PartitionClient>>,
-}
-
 impl Relay {
     /// A relay from `log` to the brokers of `config`, keeping its checkpoint
     /// in the database of `database_url` (which holds the migrations).
@@ -263,76 +255,8 @@ impl Relay {
     }
 
     async fn connect(&self) -> Result<Kafka> {
-        let backoff = rskafka::BackoffConfig {
-            init_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(self.config.max_backoff_ms.max(50)),
-            base: 2.0,
-            deadline: Some(self.timeout()),
-        };
-        let build = ClientBuilder::new(self.config.brokers.clone()).backoff_config(backoff).build();
-        let client = tokio::time::timeout(self.timeout(), build)
-            .await
-            .map_err(|_| Error::Broker("no connection to the brokers".to_owned()))?
-            .map_err(broker_error)?;
-        Ok(Kafka { client, topics: HashMap::new(), partitions: HashMap::new() })
-    }
-
-    /// Creates `topic` with the configured partitions unless it exists;
-    /// its partition count.
-    async fn ensure_topic(&self, kafka: &mut Kafka, topic: &str) -> Result<i32> {
-        if let Some(n) = kafka.topics.get(topic) {
-            return Ok(*n);
-        }
-        let listed = tokio::time::timeout(self.timeout(), kafka.client.list_topics())
-            .await
-            .map_err(|_| Error::Broker("list_topics timed out".to_owned()))?
-            .map_err(broker_error)?;
-        let count = match listed.iter().find(|t| t.name == topic) {
-            Some(existing) => existing.partitions.len() as i32,
-            None => {
-                let controller = kafka.client.controller_client().map_err(broker_error)?;
-                let create = controller.create_topic(
-                    topic,
-                    self.config.partitions.max(1),
-                    self.config.replication_factor.max(1),
-                    self.config.request_timeout_ms.min(i32::MAX as u64) as i32,
-                );
-                match tokio::time::timeout(self.timeout(), create).await {
-                    Ok(Ok(())) => tracing::info!(topic, partitions = self.config.partitions, "topic created"),
-                    // Created meanwhile by someone else: fine, counted below.
-                    Ok(Err(e)) => tracing::debug!(topic, error = %e, "create_topic"),
-                    Err(_) => return Err(Error::Broker(format!("creating {topic} timed out"))),
-                }
-                let listed = kafka.client.list_topics().await.map_err(broker_error)?;
-                listed
-                    .iter()
-                    .find(|t| t.name == topic)
-                    .map(|t| t.partitions.len() as i32)
-                    .ok_or_else(|| Error::Broker(format!("topic {topic} does not exist after creating it")))?
-            }
-        };
-        if count < 1 {
-            return Err(Error::Broker(format!("topic {topic} has no partitions")));
-        }
-        kafka.topics.insert(topic.to_owned(), count);
-        Ok(count)
-    }
-
-    async fn partition(&self, kafka: &mut Kafka, topic: &str, partition: i32) -> Result<Arc<PartitionClient>> {
-        let key = (topic.to_owned(), partition);
-        if let Some(client) = kafka.partitions.get(&key) {
-            return Ok(client.clone());
-        }
-        let client = tokio::time::timeout(
-            self.timeout(),
-            kafka.client.partition_client(topic, partition, UnknownTopicHandling::Retry),
-        )
-        .await
-        .map_err(|_| Error::Broker(format!("no leader for {topic}/{partition}")))?
-        .map_err(broker_error)?;
-        let client = Arc::new(client);
-        kafka.partitions.insert(key, client.clone());
-        Ok(client)
+        let max_backoff = Duration::from_millis(self.config.max_backoff_ms);
+        Kafka::connect(&self.config.brokers, self.timeout(), max_backoff).await.map_err(from_bus)
     }
 
     /// Relays at most one batch. Returns how many events it sent; 0 means
@@ -392,13 +316,14 @@ impl Relay {
                     (UNENCODABLE_TOPIC.to_owned(), r)
                 }
             };
-            let partitions = self.ensure_topic(kafka, &topic).await?;
+            let (count, replication) = (self.config.partitions, self.config.replication_factor);
+            let partitions = kafka.ensure_topic(&topic, count, replication, self.timeout()).await.map_err(from_bus)?;
             let partition = partition_for(event.stream_id.as_bytes(), partitions);
             batches.entry((topic, partition)).or_default().push(record);
         }
         let mut sends = Vec::new();
         for ((topic, partition), records) in batches {
-            let client = self.partition(kafka, &topic, partition).await?;
+            let client = kafka.partition(&topic, partition, self.timeout()).await.map_err(from_bus)?;
             let timeout = self.timeout();
             sends.push(async move {
                 let n = records.len();
