@@ -62,18 +62,17 @@ async fn write_orders(log: Arc<dyn EventLog>, count: usize) {
     }
 }
 
-async fn rows(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
-    client
-        .query(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY order_id"), &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+/// PostgreSQL with the migrations and the log, a broker, and the registry
+/// stand-in holding the whole catalog.
+struct Bed {
+    db: TestDatabase,
+    log: Arc<dyn EventLog>,
+    broker: Broker,
+    registry: RegistryStandIn,
+    client: tokio_postgres::Client,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashes() {
+async fn bed() -> Bed {
     let db = TestDatabase::migrated().await;
     let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap();
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
@@ -86,6 +85,22 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
         .unwrap();
     let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
     tokio::spawn(connection);
+    Bed { db, log, broker, registry, client }
+}
+
+async fn rows(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    client
+        .query(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY order_id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashes() {
+    let Bed { db, log, broker, registry, client } = bed().await;
 
     let relay_config = eventfold_relay::Config {
         brokers: vec![broker.bootstrap()],
@@ -198,7 +213,7 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
     unknown_id.value = Some(eventfold_schemas::wire(424_242, b"\x00"));
     unknown_id.headers.insert("event_id".to_owned(), b"0190a6a2-7c4e-7c1d-9a4b-0123456789ac".to_vec());
     let offsets = partition.produce(vec![garbage, unknown_id], Compression::NoCompression).await.unwrap();
-    write_orders_after(&log).await;
+    create_orders(&log, "late", 1, Duration::ZERO).await;
     let after = log.last_position().await.unwrap();
     let relay = relay().await;
     while relay.position().await.unwrap() < after {
@@ -226,33 +241,13 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
     assert_eq!(rows(&client, &OrderViews.tables(2)[0]).await.len(), 91);
 }
 
-/// One more order after the poison record.
-async fn write_orders_after(log: &Arc<dyn EventLog>) {
-    let bus = eventfold_command::bus(log.clone(), eventfold_command::BusOptions::default());
-    let items = vec![OrderItem { product_id: "sku-9".into(), quantity: 1, unit_price: Money::new(500, eur()) }];
-    let create = CreateOrder { order_id: "late".into(), customer_id: "c-9".into(), currency: eur(), items };
-    let envelope = Envelope::new(Command::Order { order_id: "late".into(), command: create.into() }, Meta::default());
-    bus.oneshot(envelope).await.unwrap();
-}
-
 /// Under load, the broker is unreachable for 10 s (SIGSTOP, then SIGCONT:
 /// memory storage keeps its data): the relay and the Kafka-fed projector
 /// recover by themselves, and afterwards the read model equals the one fed
 /// from the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_and_kafka_fed_projection_recover_from_a_broker_outage() {
-    let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap();
-    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-    let broker = Broker::start();
-    let registry = RegistryStandIn::start().await;
-    Registry::new(registry.url())
-        .unwrap()
-        .register_catalog(&Catalog::load().unwrap(), eventfold_proto::FILE_DESCRIPTOR_SET)
-        .await
-        .unwrap();
-    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let Bed { db, log, broker, registry, client } = bed().await;
     let relay_config = eventfold_relay::Config {
         brokers: vec![broker.bootstrap()],
         request_timeout_ms: 1_000,
@@ -282,7 +277,10 @@ async fn relay_and_kafka_fed_projection_recover_from_a_broker_outage() {
     let projecting = tokio::spawn(projector.run(stop));
 
     // ~15 s of orders; the broker is frozen for 10 s of them.
-    let writer = tokio::spawn(write_orders_paced(log.clone(), 150, Duration::from_millis(100)));
+    let writer = {
+        let log = log.clone();
+        tokio::spawn(async move { create_orders(&log, "p", 150, Duration::from_millis(100)).await })
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.pause();
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -312,10 +310,11 @@ async fn relay_and_kafka_fed_projection_recover_from_a_broker_outage() {
     assert_eq!(parked, 0);
 }
 
-async fn write_orders_paced(log: Arc<dyn EventLog>, count: usize, pause: Duration) {
-    let bus = eventfold_command::bus(log, eventfold_command::BusOptions::default());
+/// Orders `{prefix}-{n}` of one item each, `pause` apart.
+async fn create_orders(log: &Arc<dyn EventLog>, prefix: &str, count: usize, pause: Duration) {
+    let bus = eventfold_command::bus(log.clone(), eventfold_command::BusOptions::default());
     for o in 0..count {
-        let order_id = format!("p-{o}");
+        let order_id = format!("{prefix}-{o}");
         let items = vec![OrderItem { product_id: "sku".into(), quantity: 1, unit_price: Money::new(100, eur()) }];
         let create = CreateOrder { order_id: order_id.clone(), customer_id: "c".into(), currency: eur(), items };
         let envelope = Envelope::new(Command::Order { order_id, command: create.into() }, Meta::default());
@@ -329,18 +328,7 @@ async fn write_orders_paced(log: Arc<dyn EventLog>, count: usize, pause: Duratio
 /// up to the checkpoint is in the read model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kafka_fed_checkpoint_never_passes_an_unapplied_event() {
-    let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap();
-    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-    let broker = Broker::start();
-    let registry = RegistryStandIn::start().await;
-    Registry::new(registry.url())
-        .unwrap()
-        .register_catalog(&Catalog::load().unwrap(), eventfold_proto::FILE_DESCRIPTOR_SET)
-        .await
-        .unwrap();
-    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let Bed { db, log, broker, registry, client } = bed().await;
     write_orders(log.clone(), 45).await;
     let relay_config = eventfold_relay::Config {
         brokers: vec![broker.bootstrap()],
