@@ -421,6 +421,22 @@ macro_rules! backends {
     };
 }
 
+/// Every row of `table` as its JSON text, in `order_by` order: two tables
+/// compare row for row by comparing these.
+///
+/// # Panics
+///
+/// If the query fails.
+pub async fn table_rows(client: &tokio_postgres::Client, table: &str, order_by: &str) -> Vec<String> {
+    client
+        .query(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY {order_by}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("read {table}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

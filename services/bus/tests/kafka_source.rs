@@ -89,13 +89,7 @@ async fn bed() -> Bed {
 }
 
 async fn rows(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
-    client
-        .query(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY order_id"), &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    eventfold_tests::table_rows(client, table, "order_id").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

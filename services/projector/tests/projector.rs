@@ -96,16 +96,6 @@ fn options() -> ProjectorOptions {
     ProjectorOptions { batch_size: 25, ..ProjectorOptions::default() }
 }
 
-async fn rows_by(client: &tokio_postgres::Client, table: &str, order: &str) -> Vec<String> {
-    client
-        .query(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY {order}"), &[])
-        .await
-        .expect("read the table")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Kills a projector of version 1 at random points, 8 times, while `writer`
 /// appends; then lets it catch up, and builds version 2 from scratch beside
 /// it. Returns the rows of `tables` (`(name, order by)`) for v1 and v2, and
@@ -155,8 +145,8 @@ async fn crash_then_rebuild(
     let mut v1 = Vec::new();
     let mut v2 = Vec::new();
     for (table, order) in tables {
-        v1.push(rows_by(client, &format!("{table}_v1"), order).await);
-        v2.push(rows_by(client, &format!("{table}_v2"), order).await);
+        v1.push(eventfold_tests::table_rows(client, &format!("{table}_v1"), order).await);
+        v2.push(eventfold_tests::table_rows(client, &format!("{table}_v2"), order).await);
     }
     (v1, v2, rebuild)
 }
@@ -169,7 +159,11 @@ async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
         crash_then_rebuild(&db, &log, &client, Arc::new(OrderViews), writer, &[("read.order_views", "order_id")]).await;
     assert_eq!(survived[0].len(), 160, "one row per order");
     assert_eq!(survived, rebuilt, "after the crashes, the read model equals a rebuild, row for row");
-    assert_eq!(rows_by(&client, "read.order_views", "order_id").await, survived[0], "the view shows version 1");
+    assert_eq!(
+        eventfold_tests::table_rows(&client, "read.order_views", "order_id").await,
+        survived[0],
+        "the view shows version 1"
+    );
 
     let statuses = client
         .query("SELECT status, count(*) FROM read.order_views GROUP BY 1 ORDER BY 1", &[])
@@ -187,7 +181,7 @@ async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
     let by_event = Projector::new(db.url(), log.clone(), Arc::new(EventByEvent), 9, options()).await.unwrap();
     by_event.prepare().await.unwrap();
     while by_event.step().await.unwrap() > 0 {}
-    assert_eq!(rows_by(&client, "read.order_views_v9", "order_id").await, survived[0]);
+    assert_eq!(eventfold_tests::table_rows(&client, "read.order_views_v9", "order_id").await, survived[0]);
 
     // The switch is one transaction: the view shows version 2 afterwards.
     rebuild.activate().await.unwrap();
@@ -199,7 +193,7 @@ async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
         .map(|s| (s.version, s.active))
         .collect();
     assert_eq!(versions, [(1, false), (2, true)]);
-    assert_eq!(rows_by(&client, "read.order_views", "order_id").await, rebuilt[0]);
+    assert_eq!(eventfold_tests::table_rows(&client, "read.order_views", "order_id").await, rebuilt[0]);
 }
 
 /// Stock moves through the real command bus: 5 products, reservations of
@@ -420,7 +414,7 @@ async fn stop_start_and_reset_per_projection() {
     let projector = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options()).await.unwrap();
     projector.prepare().await.unwrap();
     while projector.step().await.unwrap() > 0 {}
-    let before = rows_by(&client, "read.order_views", "order_id").await;
+    let before = eventfold_tests::table_rows(&client, "read.order_views", "order_id").await;
     assert_eq!(before.len(), 4);
 
     assert!(eventfold_projector::set_stopped(&client, "order_views", true).await.unwrap());
@@ -434,14 +428,18 @@ async fn stop_start_and_reset_per_projection() {
     assert!(eventfold_projector::set_stopped(&client, "order_views", false).await.unwrap());
     while projector.step().await.unwrap() > 0 {}
     assert_eq!(projector.position().await.unwrap(), log.last_position().await.unwrap(), "started again");
-    let all = rows_by(&client, "read.order_views", "order_id").await;
+    let all = eventfold_tests::table_rows(&client, "read.order_views", "order_id").await;
     assert_eq!(all.len(), 6);
 
     assert_eq!(eventfold_projector::reset(&mut client, &OrderViews).await.unwrap(), Some(1));
     assert_eq!(projector.position().await.unwrap(), 0);
-    assert!(rows_by(&client, "read.order_views", "order_id").await.is_empty(), "emptied");
+    assert!(eventfold_tests::table_rows(&client, "read.order_views", "order_id").await.is_empty(), "emptied");
     while projector.step().await.unwrap() > 0 {}
-    assert_eq!(rows_by(&client, "read.order_views", "order_id").await, all, "applied again, row for row");
+    assert_eq!(
+        eventfold_tests::table_rows(&client, "read.order_views", "order_id").await,
+        all,
+        "applied again, row for row"
+    );
     assert_eq!(status(&client).await.unwrap()[0].events_applied, log.last_position().await.unwrap());
 }
 
@@ -472,7 +470,11 @@ async fn the_running_projector_follows_the_active_version() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     write_orders(log.clone(), 4, 3).await;
     wait_until_at(&v2, log.last_position().await.unwrap()).await;
-    assert_eq!(rows_by(&client, "read.order_views", "order_id").await.len(), 7, "the view shows the new orders");
+    assert_eq!(
+        eventfold_tests::table_rows(&client, "read.order_views", "order_id").await.len(),
+        7,
+        "the view shows the new orders"
+    );
     assert_eq!(v1.position().await.unwrap(), switched_at, "the old version is no longer applied");
 
     let _ = stop_tx.send(true);

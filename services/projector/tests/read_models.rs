@@ -80,16 +80,6 @@ async fn all_events(log: &Arc<dyn EventLog>) -> Vec<RecordedEvent> {
     }
 }
 
-async fn rows_by(client: &Client, table: &str, order: &str) -> Vec<String> {
-    client
-        .query(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY {order}"), &[])
-        .await
-        .expect("read the table")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Builds versions 1 (which becomes active) and 2 of `projection` from
 /// scratch to the head, in batches of 25. Asserts that both applied the
 /// same events and parked none, that each of `tables` (`(name, order by)`)
@@ -128,11 +118,11 @@ async fn build_twice(
     assert!(applied > 0);
     assert_eq!(statuses, [(1, applied, true), (2, applied, false)], "both versions applied the same events");
     for (table, order) in tables {
-        let v1 = rows_by(client, &format!("{table}_v1"), order).await;
-        let v2 = rows_by(client, &format!("{table}_v2"), order).await;
+        let v1 = eventfold_tests::table_rows(client, &format!("{table}_v1"), order).await;
+        let v2 = eventfold_tests::table_rows(client, &format!("{table}_v2"), order).await;
         assert!(!v1.is_empty(), "{table} has rows");
         assert_eq!(v1, v2, "{table}: the rebuild equals the original row for row");
-        assert_eq!(rows_by(client, table, order).await, v1, "{table}: the view shows version 1");
+        assert_eq!(eventfold_tests::table_rows(client, table, order).await, v1, "{table}: the view shows version 1");
     }
 }
 
@@ -712,8 +702,8 @@ async fn user_activity_is_each_users_timeline_including_orders() {
     build_twice(&db, &log, &client, Arc::new(UserActivity), &tables).await;
     // The helper read.user_orders has no view: compare its versions directly.
     assert_eq!(
-        rows_by(&client, "read.user_orders_v1", "order_id").await,
-        rows_by(&client, "read.user_orders_v2", "order_id").await
+        eventfold_tests::table_rows(&client, "read.user_orders_v1", "order_id").await,
+        eventfold_tests::table_rows(&client, "read.user_orders_v2", "order_id").await
     );
     let orders: Vec<(String, String)> = client
         .query("SELECT order_id, user_id FROM read.user_orders_v1 ORDER BY order_id", &[])
