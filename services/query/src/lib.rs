@@ -265,6 +265,11 @@ fn require_id(field: &str, value: &str) -> Result<(), Status> {
     Err(eventfold_platform::status::invalid_argument([(field.to_owned(), why.to_owned())]))
 }
 
+/// An amount of a read model row as the proto `Money`.
+fn money(minor: i64, currency: &str) -> Option<eventfold_proto::common::Money> {
+    Some(eventfold_proto::common::Money { minor, currency: currency.to_owned() })
+}
+
 fn not_found(what: &str, reason: &str, id: &str) -> Status {
     error_info(Code::NotFound, format!("{what} {id} does not exist"), reason, &[("id", id.to_owned())])
 }

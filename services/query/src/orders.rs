@@ -24,7 +24,7 @@ use prost::Message;
 use tokio_postgres::{Row, types::ToSql};
 use tonic::{Code, Request, Response, Status};
 
-use crate::{Kind, Query, cached, db_status, not_found, page, require_id};
+use crate::{Kind, Query, cached, db_status, money, not_found, page, require_id};
 
 const ORDERS: &str = "order_views";
 const ANALYTICS: &str = "order_analytics";
@@ -33,10 +33,6 @@ const COLUMNS: &str = "order_id, customer_id, status, currency, total_minor, ite
 
 fn timestamp(t: SystemTime) -> Option<prost_types::Timestamp> {
     Some(t.into())
-}
-
-fn money(minor: i64, currency: &str) -> Option<Money> {
-    Some(Money { minor, currency: currency.to_owned() })
 }
 
 fn status_name(status: OrderStatus) -> Option<&'static str> {

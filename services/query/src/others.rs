@@ -2,28 +2,21 @@
 
 use std::sync::Arc;
 
-use eventfold_proto::{
-    common::Money,
-    query::{
-        AccountStatus, AccountTransaction, AccountView, Activity, GetAccountRequest, GetAccountResponse,
-        GetInventoryRequest, GetInventoryResponse, GetUserActivityRequest, GetUserActivityResponse, InventoryView,
-        ListAccountTransactionsRequest, ListAccountTransactionsResponse, ListLowStockRequest, ListLowStockResponse,
-        Reservation, TransactionKind, UserProfile, account_query_service_server::AccountQueryService,
-        inventory_query_service_server::InventoryQueryService, user_query_service_server::UserQueryService,
-    },
+use eventfold_proto::query::{
+    AccountStatus, AccountTransaction, AccountView, Activity, GetAccountRequest, GetAccountResponse,
+    GetInventoryRequest, GetInventoryResponse, GetUserActivityRequest, GetUserActivityResponse, InventoryView,
+    ListAccountTransactionsRequest, ListAccountTransactionsResponse, ListLowStockRequest, ListLowStockResponse,
+    Reservation, TransactionKind, UserProfile, account_query_service_server::AccountQueryService,
+    inventory_query_service_server::InventoryQueryService, user_query_service_server::UserQueryService,
 };
 use tokio_postgres::Row;
 use tonic::{Request, Response, Status};
 
-use crate::{Kind, Query, cached, db_status, not_found, page, require_id};
+use crate::{Kind, Query, cached, db_status, money, not_found, page, require_id};
 
 const INVENTORY: &str = "inventory_views";
 const ACCOUNTS: &str = "account_views";
 const USERS: &str = "user_activity";
-
-fn money(minor: i64, currency: &str) -> Option<Money> {
-    Some(Money { minor, currency: currency.to_owned() })
-}
 
 const INVENTORY_COLUMNS: &str = "product_id, name, available, reserved, shipped, low_stock, low_stock_threshold, \
                                  updated_at, stream_version, last_position";
