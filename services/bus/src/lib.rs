@@ -11,7 +11,7 @@
 
 mod source;
 
-pub use crate::source::{KafkaSource, KafkaSourceConfig};
+pub use crate::source::{DecodeError, Decoder, KafkaSource, KafkaSourceConfig};
 
 use std::{
     collections::BTreeMap,

@@ -76,96 +76,80 @@ struct Progress {
     relay_position: u64,
 }
 
-/// See the module documentation.
-pub struct KafkaSource {
-    config: KafkaSourceConfig,
+/// Turns the relay's records back into stored events: the writer's schema
+/// by the id in the Confluent frame (from the registry, cached), resolved
+/// to the catalog's schema of the event; the rest from the key and headers.
+pub struct Decoder {
     catalog: Catalog,
     registry: Registry,
-    kafka: tokio::sync::Mutex<Option<Kafka>>,
     writers: Mutex<HashMap<u32, Arc<Schema>>>,
-    tick: watch::Receiver<u64>,
 }
 
-impl std::fmt::Debug for KafkaSource {
+impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSource").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Decoder").field("registry", &self.registry.url()).finish_non_exhaustive()
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> SourceError {
-    SourceError::Unavailable(e.to_string())
+/// Why a record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct DecodeError {
+    pub reason: String,
+    /// Worth another attempt (the registry is away); otherwise the record
+    /// itself is at fault (not in the wire format, an id the registry does
+    /// not know, a body that does not match its schema).
+    pub retriable: bool,
 }
 
-impl KafkaSource {
-    /// A source over the brokers and the registry (`registry`).
-    pub fn new(config: KafkaSourceConfig, catalog: Catalog, registry: Registry) -> Arc<Self> {
-        let (tx, tick) = watch::channel(0u64);
-        let poll = Duration::from_millis(config.poll_ms.max(1));
-        let source = Arc::new(Self {
-            config,
-            catalog,
-            registry,
-            kafka: tokio::sync::Mutex::new(None),
-            writers: Mutex::default(),
-            tick,
-        });
-        let weak = Arc::downgrade(&source);
-        tokio::spawn(async move {
-            let mut n = 0;
-            while weak.strong_count() > 0 {
-                tokio::time::sleep(poll).await;
-                n += 1;
-                if tx.send(n).is_err() {
-                    return;
-                }
-            }
-        });
-        source
+fn undecodable(reason: impl Into<String>) -> DecodeError {
+    DecodeError { reason: reason.into(), retriable: false }
+}
+
+impl Decoder {
+    pub fn new(catalog: Catalog, registry: Registry) -> Self {
+        Self { catalog, registry, writers: Mutex::default() }
     }
 
-    fn timeout(&self) -> Duration {
-        Duration::from_millis(self.config.consumer.request_timeout_ms.max(1))
-    }
-
-    /// The writer's schema of registry id `id`. Err(reason, retriable): the
-    /// registry being away is worth a retry; an id it does not know (40403)
-    /// or a schema that does not parse is not.
-    async fn writer(&self, id: u32) -> Result<Arc<Schema>, (String, bool)> {
+    /// The writer's schema of registry id `id`. The registry being away is
+    /// worth a retry; an id it does not know (40403) or a schema that does
+    /// not parse is not.
+    async fn writer(&self, id: u32) -> Result<Arc<Schema>, DecodeError> {
         if let Some(schema) = self.writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id) {
             return Ok(schema.clone());
         }
-        let text = self.registry.schema_by_id(id).await.map_err(|e| {
-            let retriable = !matches!(e.registry_code(), Some(40403 | 404));
-            (format!("schema id {id}: {e}"), retriable)
+        let text = self.registry.schema_by_id(id).await.map_err(|e| DecodeError {
+            reason: format!("schema id {id}: {e}"),
+            retriable: !matches!(e.registry_code(), Some(40403 | 404)),
         })?;
-        let schema = Arc::new(Schema::parse_str(&text).map_err(|e| (format!("schema {id}: {e}"), false))?);
+        let schema = Arc::new(Schema::parse_str(&text).map_err(|e| undecodable(format!("schema {id}: {e}")))?);
         self.writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, schema.clone());
         Ok(schema)
     }
 
-    /// The stored event a record carries. Err(reason, retriable).
-    async fn decode(&self, message: &Message) -> Result<RecordedEvent, (String, bool)> {
-        let header = |name: &str| message.header(name).ok_or_else(|| (format!("no {name} header"), false));
-        let number = |name: &str| -> Result<u64, (String, bool)> {
-            header(name)?.parse().map_err(|_| (format!("header {name} is not a number"), false))
+    /// The stored event a record carries.
+    pub async fn decode(&self, message: &Message) -> Result<RecordedEvent, DecodeError> {
+        let header = |name: &str| message.header(name).ok_or_else(|| undecodable(format!("no {name} header")));
+        let number = |name: &str| -> Result<u64, DecodeError> {
+            header(name)?.parse().map_err(|_| undecodable(format!("header {name} is not a number")))
         };
         let event_type = header("event_type")?.to_owned();
         let schema_version =
-            u32::try_from(number("schema_version")?).map_err(|_| ("schema_version".to_owned(), false))?;
+            u32::try_from(number("schema_version")?).map_err(|_| undecodable("schema_version out of range"))?;
         let stream_id = message
             .key
             .as_deref()
             .and_then(|k| std::str::from_utf8(k).ok())
-            .ok_or_else(|| ("no UTF-8 key (stream id)".to_owned(), false))?
+            .ok_or_else(|| undecodable("no UTF-8 key (stream id)"))?
             .to_owned();
-        let event_id = header("event_id")?.parse().map_err(|_| ("event_id is not a UUID".to_owned(), false))?;
-        let value = message.value.as_deref().ok_or_else(|| ("no value".to_owned(), false))?;
-        let (id, body) = eventfold_schemas::unwire(value).map_err(|e| (e.to_string(), false))?;
+        let event_id = header("event_id")?.parse().map_err(|_| undecodable("event_id is not a UUID"))?;
+        let value = message.value.as_deref().ok_or_else(|| undecodable("no value"))?;
+        let (id, body) = eventfold_schemas::unwire(value).map_err(|e| undecodable(e.to_string()))?;
         let writer = self.writer(id).await?;
         let data = self
             .catalog
             .decode_written_with(&event_type, schema_version, &writer, body)
-            .map_err(|e| (e.to_string(), false))?;
+            .map_err(|e| undecodable(e.to_string()))?;
         let created_at = match message.header("created_at_us").and_then(|m| m.parse::<u64>().ok()) {
             Some(micros) => UNIX_EPOCH + Duration::from_micros(micros),
             None => SystemTime::from(message.timestamp),
@@ -187,6 +171,54 @@ impl KafkaSource {
             created_at,
             hash: [0; 32],
         })
+    }
+}
+
+/// See the module documentation.
+pub struct KafkaSource {
+    config: KafkaSourceConfig,
+    decoder: Decoder,
+    kafka: tokio::sync::Mutex<Option<Kafka>>,
+    tick: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> SourceError {
+    SourceError::Unavailable(e.to_string())
+}
+
+impl KafkaSource {
+    /// A source over the brokers and the registry (`registry`).
+    pub fn new(config: KafkaSourceConfig, catalog: Catalog, registry: Registry) -> Arc<Self> {
+        let (tx, tick) = watch::channel(0u64);
+        let poll = Duration::from_millis(config.poll_ms.max(1));
+        let source = Arc::new(Self {
+            config,
+            decoder: Decoder::new(catalog, registry),
+            kafka: tokio::sync::Mutex::new(None),
+            tick,
+        });
+        let weak = Arc::downgrade(&source);
+        tokio::spawn(async move {
+            let mut n = 0;
+            while weak.strong_count() > 0 {
+                tokio::time::sleep(poll).await;
+                n += 1;
+                if tx.send(n).is_err() {
+                    return;
+                }
+            }
+        });
+        source
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.consumer.request_timeout_ms.max(1))
     }
 
     /// The partitions of the configured topics that exist.
@@ -300,14 +332,14 @@ impl KafkaSource {
             for record in records {
                 let offset = record.offset;
                 let message = message(&topic, partition, offset, record.record);
-                match self.decode(&message).await {
+                match self.decoder.decode(&message).await {
                     Ok(event) => {
                         decoded.push((event.global_position, index, part.records.len(), event));
                         part.records.push((offset, Some(usize::MAX)));
                     }
-                    Err((reason, true)) => return Err(unavailable(reason)),
-                    Err((reason, false)) => {
-                        send_dead_letter(kafka, &self.config.consumer, consumer, &message, &reason, 1)
+                    Err(e) if e.retriable => return Err(unavailable(e.reason)),
+                    Err(e) => {
+                        send_dead_letter(kafka, &self.config.consumer, consumer, &message, &e.reason, 1)
                             .await
                             .map_err(unavailable)?;
                         part.records.push((offset, None));

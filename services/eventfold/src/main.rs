@@ -500,7 +500,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Dlq { action, .. } => {
             let consumer =
                 eventfold_bus::ConsumerConfig { brokers: config.relay.brokers.clone(), ..Default::default() };
-            bus_cli::dlq(&consumer, config.database.require_url()?, action).await
+            bus_cli::dlq(&consumer, config.database.require_url()?, config.registry.url.as_deref(), action).await
         }
         Command::Bench { bench: Bench::Append(args) } => bench::append(args).await,
         Command::Bench { bench: Bench::Commands(args) } => commands_bench::commands(args).await,
