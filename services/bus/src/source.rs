@@ -21,7 +21,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use eventfold_schemas::{Catalog, Registry, Schema};
@@ -64,6 +64,8 @@ struct Fetched {
     /// Offset → index of its event in the pull (None: skipped, i.e. a
     /// duplicate or a dead letter).
     records: Vec<(i64, Option<usize>)>,
+    /// The offset the pull read from.
+    start: i64,
     /// The next offset once every record is acknowledged.
     end: i64,
     /// Whether `end` is the partition's high watermark.
@@ -179,8 +181,14 @@ pub struct KafkaSource {
     config: KafkaSourceConfig,
     decoder: Decoder,
     kafka: tokio::sync::Mutex<Option<Kafka>>,
+    /// The partitions of the configured topics, once all exist (see
+    /// [`KafkaSource::partitions`]).
+    listing: Mutex<Option<(Instant, Vec<(String, i32)>)>>,
     tick: watch::Receiver<u64>,
 }
+
+/// How long a complete list of the configured topics' partitions is kept.
+const LISTING_TTL: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,6 +209,7 @@ impl KafkaSource {
             config,
             decoder: Decoder::new(catalog, registry),
             kafka: tokio::sync::Mutex::new(None),
+            listing: Mutex::default(),
             tick,
         });
         let weak = Arc::downgrade(&source);
@@ -221,8 +230,19 @@ impl KafkaSource {
         Duration::from_millis(self.config.consumer.request_timeout_ms.max(1))
     }
 
-    /// The partitions of the configured topics that exist.
+    /// The partitions of the configured topics that exist. Listed again on
+    /// each pull until every configured topic exists: the list is read
+    /// after the relay's checkpoint, so it holds every topic with an event
+    /// up to that checkpoint (the relay creates a topic before producing to
+    /// it). Once all exist that cannot change, and the list is kept for
+    /// [`LISTING_TTL`] (more partitions for a topic take a restart of the
+    /// relay, which keeps its partition counts, anyway).
     async fn partitions(&self, kafka: &mut Kafka) -> Result<Vec<(String, i32)>, SourceError> {
+        if let Some((at, partitions)) = &*self.listing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+            && at.elapsed() < LISTING_TTL
+        {
+            return Ok(partitions.clone());
+        }
         let listed = tokio::time::timeout(self.timeout(), kafka.client.list_topics())
             .await
             .map_err(|_| unavailable("list_topics timed out"))?
@@ -233,6 +253,11 @@ impl KafkaSource {
                 // A set: already in order.
                 out.extend(t.partitions.iter().map(|p| (topic.clone(), *p)));
             }
+        }
+        let complete = self.config.topics.iter().all(|topic| listed.iter().any(|t| &t.name == topic));
+        if complete {
+            *self.listing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some((Instant::now(), out.clone()));
         }
         Ok(out)
     }
@@ -328,7 +353,8 @@ impl KafkaSource {
         let mut decoded: Vec<(u64, usize, usize, RecordedEvent)> = Vec::new();
         for ((topic, partition), (next, records, caught_up)) in partitions.into_iter().zip(answers) {
             let index = fetched.len();
-            let mut part = Fetched { topic: topic.clone(), partition, records: Vec::new(), end: next, caught_up };
+            let mut part =
+                Fetched { topic: topic.clone(), partition, records: Vec::new(), start: next, end: next, caught_up };
             for record in records {
                 let offset = record.offset;
                 let message = message(&topic, partition, offset, record.record);
@@ -389,8 +415,9 @@ impl EventSource for KafkaSource {
         let mut kafka = self.kafka.lock().await;
         let result = self.pull_inner(tx, consumer, max, &mut kafka).await;
         if result.is_err() {
-            // A fresh connection next time.
+            // A fresh connection (and listing) next time.
             *kafka = None;
+            *self.listing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         }
         result
     }
@@ -414,6 +441,8 @@ impl EventSource for KafkaSource {
         // every event up to the highest position applied from it is
         // applied; one that applied nothing here holds the checkpoint.
         let mut bound = Some(progress.relay_position);
+        // (topic, partition, next offset) of the partitions that moved.
+        let mut moved = Vec::new();
         for part in &progress.fetched {
             // Up to the first record whose event was not applied.
             let next = part
@@ -433,10 +462,19 @@ impl EventSource for KafkaSource {
                     _ => None,
                 };
             }
+            if next != part.start {
+                moved.push((part.topic.as_str(), part.partition, next));
+            }
+        }
+        if !moved.is_empty() {
+            let topics: Vec<&str> = moved.iter().map(|m| m.0).collect();
+            let partitions: Vec<i32> = moved.iter().map(|m| m.1).collect();
+            let offsets: Vec<i64> = moved.iter().map(|m| m.2).collect();
             tx.execute(
-                "UPDATE bus.consumer_offsets SET next_offset = $4, updated_at = clock_timestamp() \
-                  WHERE consumer = $1 AND topic = $2 AND partition = $3",
-                &[&consumer, &part.topic, &part.partition, &next],
+                "UPDATE bus.consumer_offsets o SET next_offset = u.n, updated_at = clock_timestamp() \
+                   FROM unnest($2::text[], $3::int4[], $4::int8[]) AS u(t, p, n) \
+                  WHERE o.consumer = $1 AND o.topic = u.t AND o.partition = u.p",
+                &[&consumer, &topics, &partitions, &offsets],
             )
             .await?;
         }

@@ -196,11 +196,7 @@ impl Projector {
         // A read-model commit lost in a server crash is applied again from
         // the checkpoint it was committed with: waiting for the WAL flush
         // buys nothing here.
-        let server_options = match config.get_options() {
-            Some(given) => format!("{given} -c synchronous_commit=off"),
-            None => "-c synchronous_commit=off".to_owned(),
-        };
-        config.options(&server_options);
+        eventfold_store::postgres::without_flush_wait(&mut config);
         let pool = Pool::builder()
             .max_size(2)
             .connection_timeout(Duration::from_secs(5))

@@ -19,7 +19,10 @@ pub use crate::avro::AvroEncoder;
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -207,6 +210,15 @@ pub fn record(event: &RecordedEvent, value: Vec<u8>) -> Record {
     Record { key: Some(event.stream_id.clone().into_bytes()), value: Some(value), headers, timestamp }
 }
 
+/// What a relay has sent since it was made (see [`Relay::stats`]).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Batches acknowledged: one produce request per partition each.
+    pub batches: AtomicU64,
+    /// Events acknowledged.
+    pub events: AtomicU64,
+}
+
 /// See the crate documentation.
 pub struct Relay {
     pool: Pool<PostgresConnectionManager<NoTls>>,
@@ -214,6 +226,7 @@ pub struct Relay {
     encoder: Arc<dyn ValueEncoder>,
     config: Config,
     kafka: tokio::sync::Mutex<Option<Kafka>>,
+    stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -231,14 +244,23 @@ impl Relay {
         encoder: Arc<dyn ValueEncoder>,
         config: Config,
     ) -> Result<Self> {
-        let pg: tokio_postgres::Config = database_url.parse()?;
+        let mut pg: tokio_postgres::Config = database_url.parse()?;
+        // A checkpoint lost in a server crash only makes the relay send
+        // that batch again (consumers drop what they applied): its commit
+        // need not wait for the WAL flush.
+        eventfold_store::postgres::without_flush_wait(&mut pg);
         let pool = Pool::builder()
             .max_size(1)
             .connection_timeout(Duration::from_secs(5))
             .build(PostgresConnectionManager::new(pg, NoTls))
             .await
             .map_err(|e| Error::Pool(e.to_string()))?;
-        Ok(Self { pool, log, encoder, config, kafka: tokio::sync::Mutex::new(None) })
+        Ok(Self { pool, log, encoder, config, kafka: tokio::sync::Mutex::new(None), stats: Arc::default() })
+    }
+
+    /// What this relay has sent, readable while it runs.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 
     fn timeout(&self) -> Duration {
@@ -285,6 +307,8 @@ impl Relay {
         drop(kafka);
         result?;
         self.save(slice.next_position, slice.events.len() as i64).await?;
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.events.fetch_add(slice.events.len() as u64, Ordering::Relaxed);
         let head = self.log.last_position().await.unwrap_or(slice.next_position);
         metrics::gauge!("eventfold_relay_position").set(slice.next_position as f64);
         metrics::gauge!("eventfold_relay_lag_positions").set(head.saturating_sub(slice.next_position) as f64);

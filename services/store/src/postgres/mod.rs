@@ -46,6 +46,18 @@ use crate::{
     },
 };
 
+/// Makes the sessions of `config` commit without waiting for the WAL flush
+/// (`synchronous_commit = off`), keeping any server options it has. For
+/// writers whose lost commit is simply done again: a consumer's batch
+/// re-applied from its checkpoint, a relay batch re-sent.
+pub fn without_flush_wait(config: &mut tokio_postgres::Config) {
+    let options = match config.get_options() {
+        Some(given) => format!("{given} -c synchronous_commit=off"),
+        None => "-c synchronous_commit=off".to_owned(),
+    };
+    config.options(&options);
+}
+
 /// Settings of the PostgreSQL adapter.
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
