@@ -357,7 +357,11 @@ async fn drive(targets: Vec<Target>, batch: usize, window: Window) -> anyhow::Re
         latencies.extend(task.context("bench task panicked")??);
     }
     latencies.sort_unstable();
-    Ok(Measurement { latencies, seconds: (window.until - window.measure_from).as_secs_f64() })
+    Ok(Measurement {
+        latencies,
+        seconds: (window.until - window.measure_from).as_secs_f64(),
+        worst_per_second: Vec::new(),
+    })
 }
 
 /// The appends of one system in one row.
@@ -365,6 +369,9 @@ pub(crate) struct Measurement {
     /// Sorted.
     pub(crate) latencies: Vec<Duration>,
     pub(crate) seconds: f64,
+    /// Open-loop runs: the slowest latency of each second's sends, in
+    /// order (where in the run the tail came from).
+    pub(crate) worst_per_second: Vec<Duration>,
 }
 
 impl Measurement {
@@ -475,7 +482,11 @@ mod tests {
 
     #[test]
     fn percentiles_are_nearest_rank() {
-        let m = Measurement { latencies: (1..=100).map(Duration::from_millis).collect(), seconds: 1.0 };
+        let m = Measurement {
+            latencies: (1..=100).map(Duration::from_millis).collect(),
+            seconds: 1.0,
+            worst_per_second: Vec::new(),
+        };
         assert_eq!(m.percentile_ms(50.0), 50.0);
         assert_eq!(m.percentile_ms(99.0), 99.0);
         assert_eq!(m.percentile_ms(100.0), 100.0);

@@ -178,7 +178,7 @@ pub(crate) async fn relay(args: RelayBenchArgs) -> anyhow::Result<()> {
     let raw_secs = started.elapsed().as_secs_f64();
 
     // Lag: append → relay → Kafka → Kafka-fed projection checkpoint.
-    let (ours, raw) = lag(&args, &log, &tag, &partitions[0]).await?;
+    let LagRuns { ours, raw, relay_batches, raw_window } = lag(&args, &log, &tag, &partitions[0]).await?;
 
     println!("{machine}");
     println!();
@@ -196,27 +196,41 @@ pub(crate) async fn relay(args: RelayBenchArgs) -> anyhow::Result<()> {
     println!();
     println!(
         "Append → read model via Kafka at {}/s for {}s (eventfold: CreateOrder, relay, Kafka, Kafka-fed order views \
-         checkpoint; raw: produce one record, until a polling consumer fetched it).",
-        args.rate, args.duration_secs
+         checkpoint; raw: produce one record, until a polling consumer fetched it). The relay sent {relay_batches} \
+         batches; the raw producer sent as many, one per {:.1} ms, timed from the broker's acknowledgement.",
+        args.rate,
+        args.duration_secs,
+        raw_window.as_secs_f64() * 1000.0
     );
     println!();
-    println!("| system | done | p50 ms | p99 ms | max ms | p99 ÷ raw |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    let raw_p99 = raw.as_ref().map_or(f64::NAN, |r| r.percentile_ms(99.0));
+    println!("| system | done | p50 ms | p99 ms | max ms | p50 ÷ raw | p99 ÷ raw |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let raw_p = |p: f64| raw.as_ref().map_or(f64::NAN, |r| r.percentile_ms(p));
+    let (raw_p50, raw_p99) = (raw_p(50.0), raw_p(99.0));
     let row = |name: &str, m: &Measurement| {
         println!(
-            "| {name} | {} | {} | {} | {} | {:.2}x |",
+            "| {name} | {} | {} | {} | {} | {:.2}x | {:.2}x |",
             m.latencies.len(),
             ms(m.percentile_ms(50.0)),
             ms(m.percentile_ms(99.0)),
             ms(m.latencies.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)),
+            m.percentile_ms(50.0) / raw_p50,
             m.percentile_ms(99.0) / raw_p99
         );
     };
     row("eventfold", &ours);
     match &raw {
         Ok(raw) => row("raw", raw),
-        Err(e) => println!("| raw | failed: {e:#} | | | | |"),
+        Err(e) => println!("| raw | failed: {e:#} | | | | | |"),
+    }
+    println!();
+    println!("Slowest of each second's sends, ms (where the tail came from):");
+    let seconds = |m: &Measurement| {
+        m.worst_per_second.iter().map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).collect::<Vec<_>>().join(" ")
+    };
+    println!("- eventfold: {}", seconds(&ours));
+    if let Ok(raw) = &raw {
+        println!("- raw: {}", seconds(raw));
     }
     client.controller_client()?.delete_topic(&raw_topic, 5_000).await.ok();
     Ok(())
@@ -228,7 +242,7 @@ async fn lag(
     log: &Arc<dyn EventLog>,
     tag: &str,
     raw_partition: &rskafka::client::partition::PartitionClient,
-) -> anyhow::Result<(Measurement, anyhow::Result<Measurement>)> {
+) -> anyhow::Result<LagRuns> {
     use eventfold_projector::{OrderViews, Projector, ProjectorOptions};
     let encoder = eventfold_relay::AvroEncoder::new(
         eventfold_schemas::Catalog::load()?,
@@ -255,7 +269,7 @@ async fn lag(
             ..Default::default()
         },
         relay: relay_name,
-        poll_ms: 2,
+        poll_ms: SOURCE_POLL.as_millis() as u64,
         ..Default::default()
     };
     let source = eventfold_bus::KafkaSource::new(
@@ -274,6 +288,7 @@ async fn lag(
         .with_source(source);
     let (_listening, checkpoint) = checkpoint_watch(&args.database_url, version).await?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let relay_stats = relay.stats();
     let relaying = tokio::spawn(relay.run(stop.clone()));
     let projecting = tokio::spawn(projector.run(stop));
     let mut caught_up = checkpoint.subscribe();
@@ -282,6 +297,7 @@ async fn lag(
         .context("the Kafka-fed projection did not catch up with the log within 300 s")??;
 
     let bus = eventfold_command::bus(log.clone(), eventfold_command::Config::default().bus_options());
+    let batches_before = relay_stats.batches.load(std::sync::atomic::Ordering::Relaxed);
     let ours = crate::queries_bench::open_loop_lag(args.rate, args.duration_secs, |i| {
         let (bus, checkpoint, tag) = (bus.clone(), checkpoint.clone(), tag.to_owned());
         async move {
@@ -303,78 +319,76 @@ async fn lag(
         }
     })
     .await?;
+    let relay_batches = relay_stats.batches.load(std::sync::atomic::Ordering::Relaxed) - batches_before;
     let _ = stop_tx.send(true);
     let _ = relaying.await;
     let _ = projecting.await;
 
-    // raw: produce one record, fetch it with a polling consumer. The
-    // poller starts at a marker record's offset (from the produce answer).
-    // A topic of its own with one partition, holding only these records.
+    // raw: produce one record, fetch it with a polling consumer. As the
+    // relay did, records are spread over 3 partitions and go in one
+    // request per partition, in as many batches as the relay sent (the
+    // broker's cost grows with the batches a partition holds): each waits
+    // the relay's mean interval between batches. The consumer starts at a
+    // marker record's offset (from the produce answer) of each partition.
+    // A topic of its own, holding only these records.
     let producer = Arc::new(ClientBuilder::new(vec![args.broker.clone()]).build().await?);
     let raw_topic = format!("{}.lag", raw_partition.topic());
-    producer.controller_client()?.create_topic(&raw_topic, 1, 1, 5_000).await?;
-    let raw_client = Arc::new(producer.partition_client(&raw_topic, 0, UnknownTopicHandling::Retry).await?);
-    let marker =
-        Record { key: None, value: Some(vec![0; 64]), headers: BTreeMap::new(), timestamp: chrono::Utc::now() };
-    let start_offset = raw_client.produce(vec![marker], Compression::NoCompression).await?[0];
-    let fetched = Arc::new(tokio::sync::watch::channel(start_offset).0);
-    let poller = {
-        let fetched = fetched.clone();
-        let client = raw_client.clone();
-        tokio::spawn(async move {
-            let mut offset = start_offset + 1;
-            loop {
-                match client.fetch_records(offset, 1..1_000_000, 1).await {
-                    Ok((records, _)) => {
-                        if let Some(last) = records.iter().map(|r| r.offset).max().filter(|last| *last >= offset) {
-                            offset = last + 1;
-                            fetched.send_replace(last);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "raw fetch failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
+    producer.controller_client()?.create_topic(&raw_topic, RAW_PARTITIONS as i32, 1, 5_000).await?;
+    let mut clients = Vec::new();
+    let mut fetched = Vec::new();
+    let mut from = Vec::new();
+    for partition in 0..RAW_PARTITIONS {
+        let client =
+            Arc::new(producer.partition_client(&raw_topic, partition as i32, UnknownTopicHandling::Retry).await?);
+        let marker =
+            Record { key: None, value: Some(vec![0; 64]), headers: BTreeMap::new(), timestamp: chrono::Utc::now() };
+        let start_offset = client.produce(vec![marker], Compression::NoCompression).await?[0];
+        clients.push(client);
+        fetched.push(Arc::new(tokio::sync::watch::channel(start_offset).0));
+        from.push(start_offset + 1);
+    }
+    let poller = tokio::spawn(poll(clients.clone(), from, fetched.clone(), SOURCE_POLL));
+    let window = Duration::from_secs(args.duration_secs) / u32::try_from(relay_batches.max(1)).unwrap_or(u32::MAX);
+    let linger = window.max(Duration::from_millis(eventfold_relay::Config::default().linger_ms));
+    type Queued = (usize, Record, tokio::sync::oneshot::Sender<i64>);
+    let (queue, mut queued) = tokio::sync::mpsc::unbounded_channel::<Queued>();
+    let batcher = tokio::spawn(async move {
+        while let Some(first) = queued.recv().await {
+            tokio::time::sleep(linger).await;
+            let mut batches: Vec<(Vec<Record>, Vec<tokio::sync::oneshot::Sender<i64>>)> =
+                (0..RAW_PARTITIONS).map(|_| Default::default()).collect();
+            let mut next = Some(first);
+            while let Some((partition, record, reply)) = next {
+                batches[partition].0.push(record);
+                batches[partition].1.push(reply);
+                next = queued.try_recv().ok();
             }
-        })
-    };
-    // Records wait up to the relay's linger and go in one request, as the
-    // relay sends them.
-    let linger = Duration::from_millis(eventfold_relay::Config::default().linger_ms);
-    let (queue, mut queued) = tokio::sync::mpsc::unbounded_channel::<(Record, tokio::sync::oneshot::Sender<i64>)>();
-    let batcher = {
-        let client = raw_client.clone();
-        tokio::spawn(async move {
-            while let Some(first) = queued.recv().await {
-                tokio::time::sleep(linger).await;
-                let mut batch = vec![first];
-                while let Ok(more) = queued.try_recv() {
-                    batch.push(more);
-                }
-                let (records, replies): (Vec<Record>, Vec<_>) = batch.into_iter().unzip();
-                match client.produce(records, Compression::NoCompression).await {
-                    Ok(offsets) => {
-                        for (offset, reply) in offsets.into_iter().zip(replies) {
-                            let _ = reply.send(offset);
+            let sends = batches.into_iter().zip(&clients).filter(|((records, _), _)| !records.is_empty()).map(
+                |((records, replies), client)| async move {
+                    match client.produce(records, Compression::NoCompression).await {
+                        Ok(offsets) => {
+                            for (offset, reply) in offsets.into_iter().zip(replies) {
+                                let _ = reply.send(offset);
+                            }
                         }
+                        Err(e) => tracing::warn!(error = %e, "raw produce failed"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "raw produce failed"),
-                }
-            }
-        })
-    };
-    let raw = crate::queries_bench::open_loop_lag(args.rate, args.duration_secs, |_| {
-        let (queue, fetched) = (queue.clone(), fetched.clone());
+                },
+            );
+            futures_util::future::join_all(sends).await;
+        }
+    });
+    let raw = crate::queries_bench::open_loop_lag(args.rate, args.duration_secs, |i| {
+        let (queue, fetched) = (queue.clone(), fetched[i % RAW_PARTITIONS].clone());
         async move {
             let record = Record {
-                key: Some(b"raw".to_vec()),
+                key: Some(format!("raw-{i}").into_bytes()),
                 value: Some(vec![0; 64]),
                 headers: BTreeMap::new(),
                 timestamp: chrono::Utc::now(),
             };
             let (reply, offset) = tokio::sync::oneshot::channel();
-            queue.send((record, reply)).map_err(|_| anyhow::anyhow!("the raw producer stopped"))?;
+            queue.send((i % RAW_PARTITIONS, record, reply)).map_err(|_| anyhow::anyhow!("the raw producer stopped"))?;
             let offset = offset.await.context("the raw produce failed")?;
             let acked = Instant::now();
             let mut seen = fetched.subscribe();
@@ -387,7 +401,55 @@ async fn lag(
     .await;
     batcher.abort();
     poller.abort();
-    Ok((ours, raw))
+    Ok(LagRuns { ours, raw, relay_batches, raw_window: linger })
+}
+
+/// The two lag runs, and how the raw one batched.
+struct LagRuns {
+    ours: Measurement,
+    raw: anyhow::Result<Measurement>,
+    /// Batches the relay sent during ours.
+    relay_batches: u64,
+    /// The raw producer's batching window.
+    raw_window: Duration,
+}
+
+/// How often the lag run's Kafka source (and the raw consumer) look for
+/// new records when idle.
+const SOURCE_POLL: Duration = Duration::from_millis(2);
+
+/// Partitions of the raw lag run's topic: as many as the relay's topics.
+const RAW_PARTITIONS: usize = 3;
+
+/// The raw consumer, polling as the Kafka source does: every partition at
+/// once, again at once while records come, else after `pause`; publishes
+/// the last offset fetched per partition.
+async fn poll(
+    clients: Vec<Arc<rskafka::client::partition::PartitionClient>>,
+    mut offsets: Vec<i64>,
+    fetched: Vec<Arc<tokio::sync::watch::Sender<i64>>>,
+    pause: Duration,
+) {
+    loop {
+        let fetches =
+            clients.iter().zip(&offsets).map(|(client, offset)| client.fetch_records(*offset, 1..1_000_000, 1));
+        let mut progressed = false;
+        for (i, answer) in futures_util::future::join_all(fetches).await.into_iter().enumerate() {
+            match answer {
+                Ok((records, _)) => {
+                    if let Some(last) = records.iter().map(|r| r.offset).max().filter(|last| *last >= offsets[i]) {
+                        offsets[i] = last + 1;
+                        fetched[i].send_replace(last);
+                        progressed = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "raw fetch failed; retrying"),
+            }
+        }
+        if !progressed {
+            tokio::time::sleep(pause).await;
+        }
+    }
 }
 
 /// The checkpoint of order_views `version`, from the commit notifications.

@@ -227,8 +227,7 @@ pub(crate) async fn dlq(
                 };
                 let decoder = Decoder::new(Catalog::load()?, Registry::new(&registry_url)?);
                 let handler = ProjectionReplay { consumer: consumer.clone(), projection, version, decoder };
-                let (applied, still) =
-                    eventfold_bus::replay(config, database_url, &topic, &consumer, &handler).await?;
+                let (applied, still) = eventfold_bus::replay(config, database_url, &topic, &consumer, &handler).await?;
                 println!("{consumer}: {applied} dead letters applied, {still} still failing");
                 failing += still;
             }

@@ -281,7 +281,7 @@ where
     latencies.sort_unstable();
     Ok(Run {
         rate,
-        measurement: Measurement { latencies, seconds: duration.as_secs_f64() },
+        measurement: Measurement { latencies, seconds: duration.as_secs_f64(), worst_per_second: Vec::new() },
         errors: errors.load(Ordering::Relaxed),
         scheduled: scheduled_in_window,
     })

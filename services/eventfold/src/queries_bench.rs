@@ -158,7 +158,7 @@ where
         latencies.push(t.elapsed());
     }
     latencies.sort_unstable();
-    Ok(Measurement { latencies, seconds: started.elapsed().as_secs_f64() })
+    Ok(Measurement { latencies, seconds: started.elapsed().as_secs_f64(), worst_per_second: Vec::new() })
 }
 
 fn row(name: &str, m: &Measurement, raw: &Measurement) -> String {
@@ -428,12 +428,22 @@ where
             break;
         }
         tokio::time::sleep_until(at.into()).await;
-        tasks.spawn(call(i));
+        let f = call(i);
+        tasks.spawn(async move { f.await.map(|d| (i, d)) });
     }
     let mut latencies = Vec::new();
+    let mut timeline = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        latencies.push(done??);
+        let (i, d) = done??;
+        timeline.push((i, d));
+        latencies.push(d);
     }
+    // In send order: the slowest of each second's sends.
+    timeline.sort_unstable();
+    let worst_per_second = timeline
+        .chunks(rate.max(1) as usize)
+        .map(|second| second.iter().map(|(_, d)| *d).max().unwrap_or_default())
+        .collect();
     latencies.sort_unstable();
-    Ok(Measurement { latencies, seconds: duration_secs as f64 })
+    Ok(Measurement { latencies, seconds: duration_secs as f64, worst_per_second })
 }

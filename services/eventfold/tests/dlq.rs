@@ -140,7 +140,11 @@ async fn a_dead_letter_replays_once_after_its_schema_is_registered() {
 
     let out = dlq(&db, &broker, &["replay", TOPIC, "--registry-url", &stand_in.url()]).await;
     assert!(out.status.success(), "replay after the fix:\n{}", text(&out));
-    assert!(text(&out).contains("projection:order_views:v1: 1 dead letters applied, 0 still failing"), "{}", text(&out));
+    assert!(
+        text(&out).contains("projection:order_views:v1: 1 dead letters applied, 0 still failing"),
+        "{}",
+        text(&out)
+    );
     let row = client
         .query_one(
             "SELECT customer_id, total_minor, stream_version FROM read.order_views_v1 WHERE order_id = 'late-1'",
