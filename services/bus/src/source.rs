@@ -183,9 +183,12 @@ pub struct KafkaSource {
     kafka: tokio::sync::Mutex<Option<Kafka>>,
     /// The partitions of the configured topics, once all exist (see
     /// [`KafkaSource::partitions`]).
-    listing: Mutex<Option<(Instant, Vec<(String, i32)>)>>,
+    listing: Mutex<Option<(Instant, Partitions)>>,
     tick: watch::Receiver<u64>,
 }
+
+/// (topic, partition) pairs.
+type Partitions = Vec<(String, i32)>;
 
 /// How long a complete list of the configured topics' partitions is kept.
 const LISTING_TTL: Duration = Duration::from_secs(30);
@@ -237,7 +240,7 @@ impl KafkaSource {
     /// it). Once all exist that cannot change, and the list is kept for
     /// [`LISTING_TTL`] (more partitions for a topic take a restart of the
     /// relay, which keeps its partition counts, anyway).
-    async fn partitions(&self, kafka: &mut Kafka) -> Result<Vec<(String, i32)>, SourceError> {
+    async fn partitions(&self, kafka: &mut Kafka) -> Result<Partitions, SourceError> {
         if let Some((at, partitions)) = &*self.listing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
             && at.elapsed() < LISTING_TTL
         {
