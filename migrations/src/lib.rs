@@ -18,6 +18,8 @@ pub const FILES: &[(&str, &str)] = &[
     ("0003_projection_control.down.sql", include_str!("../0003_projection_control.down.sql")),
     ("0004_bus.up.sql", include_str!("../0004_bus.up.sql")),
     ("0004_bus.down.sql", include_str!("../0004_bus.down.sql")),
+    ("0005_consumer_events.up.sql", include_str!("../0005_consumer_events.up.sql")),
+    ("0005_consumer_events.down.sql", include_str!("../0005_consumer_events.down.sql")),
 ];
 
 /// Errors of migrating.

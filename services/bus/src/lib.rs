@@ -2,7 +2,10 @@
 //! groups: a [`Consumer`] owns a configured set of partitions and keeps its
 //! offsets in PostgreSQL (`bus.consumer_offsets`), committed in the same
 //! transaction as whatever its [`MessageHandler`] writes. A crash therefore
-//! neither loses nor double-applies a message's effect.
+//! neither loses nor double-applies a message's effect. The relay delivers
+//! at least once, so the same event may also come again at a later offset:
+//! the consumer remembers the event ids it handled (`bus.consumer_events`,
+//! in the same transaction, for `dedupe_retention_hours`) and drops those.
 //!
 //! A message that keeps failing is sent to the dead-letter topic
 //! `<topic>.dlq`, with headers saying why and where it came from, and the
@@ -63,6 +66,9 @@ pub struct ConsumerConfig {
     pub request_timeout_ms: u64,
     /// Longest pause between retries while the broker or database is away.
     pub max_backoff_ms: u64,
+    /// How long a generic consumer remembers the event ids it handled, to
+    /// drop an event the relay sends again (at-least-once).
+    pub dedupe_retention_hours: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -75,6 +81,7 @@ impl Default for ConsumerConfig {
             fetch_wait_ms: 100,
             request_timeout_ms: 10_000,
             max_backoff_ms: 5_000,
+            dedupe_retention_hours: 7 * 24,
         }
     }
 }
@@ -95,6 +102,12 @@ impl Message {
     /// A header as text, if present and UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The id of the event the message carries (its `event_id` header, as
+    /// the relay writes it), if it has one.
+    pub fn event_id(&self) -> Option<uuid::Uuid> {
+        self.header("event_id").and_then(|id| id.parse().ok())
     }
 }
 
@@ -254,6 +267,8 @@ pub struct Consumer {
     pool: Pool<PostgresConnectionManager<NoTls>>,
     handler: Arc<dyn MessageHandler>,
     kafka: tokio::sync::Mutex<Option<Kafka>>,
+    /// When the handled event ids past their retention were last deleted.
+    pruned: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -279,7 +294,15 @@ impl Consumer {
             .build(PostgresConnectionManager::new(pg, NoTls))
             .await
             .map_err(|e| Error::Pool(e.to_string()))?;
-        Ok(Self { name: name.into(), assignments, config, pool, handler, kafka: tokio::sync::Mutex::new(None) })
+        Ok(Self {
+            name: name.into(),
+            assignments,
+            config,
+            pool,
+            handler,
+            kafka: tokio::sync::Mutex::new(None),
+            pruned: std::sync::Mutex::new(None),
+        })
     }
 
     fn timeout(&self) -> Duration {
@@ -301,6 +324,7 @@ impl Consumer {
     /// One fetch and its messages for every assigned partition. Returns
     /// how many messages it applied or dead-lettered.
     pub async fn step(&self) -> Result<usize> {
+        self.prune().await?;
         let mut total = 0;
         for (topic, partition) in &self.assignments {
             match self.step_partition(topic, *partition).await {
@@ -313,6 +337,28 @@ impl Consumer {
             }
         }
         Ok(total)
+    }
+
+    /// Deletes the handled event ids past their retention, at most every
+    /// ten minutes.
+    async fn prune(&self) -> Result<()> {
+        {
+            let mut pruned = self.pruned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if pruned.is_some_and(|at| at.elapsed() < Duration::from_secs(600)) {
+                return Ok(());
+            }
+            *pruned = Some(Instant::now());
+        }
+        let client = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
+        let hours = i32::try_from(self.config.dedupe_retention_hours).unwrap_or(i32::MAX);
+        client
+            .execute(
+                "DELETE FROM bus.consumer_events \
+                  WHERE consumer = $1 AND seen_at < clock_timestamp() - make_interval(hours => $2)",
+                &[&self.name, &hours],
+            )
+            .await?;
+        Ok(())
     }
 
     async fn client(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>> {
@@ -348,18 +394,44 @@ impl Consumer {
             .await
             .map_err(|_| Error::Broker(format!("{topic}/{partition}: fetch timed out")))?
             .map_err(|e| Error::Broker(format!("{topic}/{partition}: {e}")))?;
+        // The broker may answer from the start of a batch.
+        let messages: Vec<Message> = records
+            .into_iter()
+            .filter(|r| r.offset >= next)
+            .map(|r| message(topic, partition, r.offset, r.record))
+            .collect();
+        // The events handled before (a re-send of the relay) are dropped;
+        // the rest are marked handled in this transaction.
+        let ids: Vec<uuid::Uuid> = messages.iter().filter_map(Message::event_id).collect();
+        let mut fresh: std::collections::HashSet<uuid::Uuid> = if ids.is_empty() {
+            std::collections::HashSet::new()
+        } else {
+            tx.query(
+                "INSERT INTO bus.consumer_events (consumer, event_id) SELECT $1, unnest($2::uuid[]) \
+                 ON CONFLICT DO NOTHING RETURNING event_id",
+                &[&self.name, &ids],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        };
         let mut last = None;
         let mut handled = 0;
-        for record in records {
-            // The broker may answer from the start of a batch.
-            if record.offset < next {
-                continue;
+        let mut duplicates = 0;
+        for message in &messages {
+            // Without an event id (another producer), offsets alone count.
+            if message.event_id().is_none_or(|id| fresh.remove(&id)) {
+                self.apply(&tx, message).await?;
+            } else {
+                duplicates += 1;
             }
-            let offset = record.offset;
-            let message = message(topic, partition, offset, record.record);
-            self.apply(&tx, &message).await?;
-            last = Some(offset);
+            last = Some(message.offset);
             handled += 1;
+        }
+        if duplicates > 0 {
+            metrics::counter!("eventfold_consumer_duplicates_total", "consumer" => self.name.clone())
+                .increment(duplicates);
         }
         if let Some(last) = last {
             tx.execute(

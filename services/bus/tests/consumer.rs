@@ -189,6 +189,51 @@ async fn crashes_apply_each_message_once_and_a_poison_message_is_dead_lettered_t
     assert!(dead_letters(&config(&broker), db.url(), "t").await.unwrap()[0].replayed);
 }
 
+/// The relay sends events again after a crash (at-least-once): the same
+/// event id at a later offset, even in the same fetch, is handled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_sent_again_at_a_later_offset_is_handled_once() {
+    let broker = Broker::start();
+    let (db, client) = setup().await;
+    let kafka = ClientBuilder::new(vec![broker.bootstrap()]).build().await.unwrap();
+    kafka.controller_client().unwrap().create_topic("r", 1, 1, 5_000).await.unwrap();
+    let partition = kafka.partition_client("r", 0, UnknownTopicHandling::Retry).await.unwrap();
+    let event = |n: u32| Record {
+        key: Some(b"order-1".to_vec()),
+        value: Some(format!("e-{n}").into_bytes()),
+        headers: BTreeMap::from([("event_id".to_owned(), format!("0190a6a2-7c4e-7c1d-9a4b-{n:012}").into_bytes())]),
+        timestamp: chrono::Utc::now(),
+    };
+    // 0, 1, 2, then 1 and 2 again (a re-sent batch), in one request.
+    let first: Vec<Record> = [0, 1, 2, 1, 2].into_iter().map(event).collect();
+    partition.produce(first, Compression::NoCompression).await.unwrap();
+    let copier = Arc::new(Copier { fixed: AtomicBool::new(true) });
+    let consumer =
+        Consumer::new("once", vec![("r".to_owned(), 0)], db.url(), copier.clone(), config(&broker)).await.unwrap();
+    assert_eq!(consumer.step().await.unwrap(), 5, "all five messages go past");
+    // Later fetches: 2 once more, then a new one.
+    partition.produce(vec![event(2)], Compression::NoCompression).await.unwrap();
+    partition.produce(vec![event(3)], Compression::NoCompression).await.unwrap();
+    for _ in 0..50 {
+        consumer.step().await.unwrap();
+        if consumer.offset("r", 0).await.unwrap() == 7 {
+            break;
+        }
+    }
+    assert_eq!(consumer.offset("r", 0).await.unwrap(), 7);
+    let values: Vec<String> = client
+        .query("SELECT value FROM copies ORDER BY msg_offset", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(values, ["e-0", "e-1", "e-2", "e-3"], "each event once, at its first offset");
+    let remembered: i64 =
+        client.query_one("SELECT count(*) FROM bus.consumer_events WHERE consumer = 'once'", &[]).await.unwrap().get(0);
+    assert_eq!(remembered, 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_recovers_from_a_broker_outage_by_itself() {
     let broker = Broker::start();
