@@ -1,0 +1,21 @@
+//! Saga orchestration for eventfold: the order fulfilment saga (reserve
+//! inventory → authorize payment → create a shipping label → confirm the
+//! order, compensated in reverse) and the money transfer saga (withdraw →
+//! deposit, refunding the source on failure).
+//!
+//! OVERVIEW: [`model`] is each saga as a pure state machine (which step
+//! next, retries with backoff and jitter, compensation in reverse, stable
+//! idempotency keys per saga and step); [`ports`] is the payment provider
+//! and the carrier behind traits, with sandbox adapters whose failures are
+//! chosen by their input (`tok_decline`, `tok_timeout`, `tok_flaky`,
+//! `fail_label`).
+
+pub mod model;
+pub mod ports;
+
+pub use crate::{
+    model::{Next, Outcome, RetryPolicy, SagaState, SagaType, Status, Step},
+    ports::{
+        Authorization, Carrier, Label, PaymentProvider, PortError, SandboxCarrier, SandboxConfig, SandboxPayments,
+    },
+};
