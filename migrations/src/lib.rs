@@ -20,6 +20,8 @@ pub const FILES: &[(&str, &str)] = &[
     ("0004_bus.down.sql", include_str!("../0004_bus.down.sql")),
     ("0005_consumer_events.up.sql", include_str!("../0005_consumer_events.up.sql")),
     ("0005_consumer_events.down.sql", include_str!("../0005_consumer_events.down.sql")),
+    ("0006_sagas.up.sql", include_str!("../0006_sagas.up.sql")),
+    ("0006_sagas.down.sql", include_str!("../0006_sagas.down.sql")),
 ];
 
 /// Errors of migrating.

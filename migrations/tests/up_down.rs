@@ -33,8 +33,9 @@ async fn up_status_down_up() {
     let after = eventfold_migrations::status(&client).await.unwrap();
     assert!(!after.last().unwrap().applied, "down without --to reverts the latest");
     assert!(after[..after.len() - 1].iter().all(|m| m.applied), "and only the latest");
-    assert!(!table_exists(&client, "bus.consumer_events").await, "the latest migration (0005) is reverted");
-    assert!(table_exists(&client, "bus.relay_checkpoints").await, "0004 and before stay");
+    assert!(!table_exists(&client, "saga.saga_instances").await, "the latest migration (0006) is reverted");
+    assert!(table_exists(&client, "bus.consumer_events").await, "0005 and before stay");
+    assert!(table_exists(&client, "bus.relay_checkpoints").await);
     assert!(table_exists(&client, "projections.checkpoints").await);
     assert!(table_exists(&client, "eventstore.events").await);
 

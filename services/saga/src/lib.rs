@@ -8,10 +8,12 @@
 //! idempotency keys per saga and step); [`ports`] is the payment provider
 //! and the carrier behind traits, with sandbox adapters whose failures are
 //! chosen by their input (`tok_decline`, `tok_timeout`, `tok_flaky`,
-//! `fail_label`).
+//! `fail_label`); [`store`] keeps saga instances in PostgreSQL, saved with
+//! the version they were read at and found again by due time.
 
 pub mod model;
 pub mod ports;
+pub mod store;
 
 pub use crate::{
     model::{Next, Outcome, RetryPolicy, SagaState, SagaType, Status, Step},

@@ -1,0 +1,194 @@
+//! Saga instances in PostgreSQL (`saga.saga_instances`, migration 0006):
+//! started once per (type, correlation), saved after every step with the
+//! version they were read at, and found again by due time, so that any
+//! number of orchestrators share the work and a restart resumes each saga
+//! where it stood.
+
+use std::time::SystemTime;
+
+use serde_json::Value;
+use tokio_postgres::{GenericClient, Row};
+
+use crate::model::{SagaState, SagaType, Step};
+
+/// Errors of the saga store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    /// Someone else saved the saga since it was read.
+    #[error("saga {saga_id} changed since version {expected}")]
+    Conflict { saga_id: String, expected: i64 },
+    #[error("saga {saga_id}: stored state unreadable: {message}")]
+    Corrupt { saga_id: String, message: String },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A saga as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaRecord {
+    pub saga_id: String,
+    /// What it is about: the order id, the transfer id.
+    pub correlation_id: String,
+    pub state: SagaState,
+    /// The saga's own data (items, payment token, what each step answered).
+    pub data: Value,
+    /// When the current step is due.
+    pub due_at: SystemTime,
+    /// When the current step times out.
+    pub deadline_at: Option<SystemTime>,
+    /// Bumped by every save.
+    pub version: i64,
+}
+
+/// How one step attempt ended, for the saga's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepLog {
+    pub step: Step,
+    /// `DONE`, `REJECTED`, `TRANSIENT` or `TIMED_OUT`.
+    pub outcome: String,
+    pub detail: Option<String>,
+    pub started_at: SystemTime,
+    pub ended_at: SystemTime,
+}
+
+const COLUMNS: &str = "saga_id, correlation_id, state, data, due_at, deadline_at, version";
+
+fn record(row: &Row) -> Result<SagaRecord> {
+    let saga_id: String = row.get("saga_id");
+    let state: Value = row.get("state");
+    let state = serde_json::from_value(state)
+        .map_err(|e| StoreError::Corrupt { saga_id: saga_id.clone(), message: e.to_string() })?;
+    Ok(SagaRecord {
+        correlation_id: row.get("correlation_id"),
+        state,
+        data: row.get("data"),
+        due_at: row.get("due_at"),
+        deadline_at: row.get("deadline_at"),
+        version: row.get("version"),
+        saga_id,
+    })
+}
+
+fn state_json(record: &SagaRecord) -> Result<Value> {
+    serde_json::to_value(&record.state)
+        .map_err(|e| StoreError::Corrupt { saga_id: record.saga_id.clone(), message: e.to_string() })
+}
+
+/// Stores a new saga unless one of its type already exists for its
+/// correlation id: whether it was started now.
+pub async fn start(client: &impl GenericClient, record: &SagaRecord) -> Result<bool> {
+    let saga_type = record.state.saga_type.as_str();
+    let step = record.state.step.map(Step::as_str);
+    let inserted = client
+        .execute(
+            "INSERT INTO saga.saga_instances (saga_id, saga_type, correlation_id, status, current_step, state, data, \
+                                              due_at, deadline_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+            &[
+                &record.saga_id,
+                &saga_type,
+                &record.correlation_id,
+                &record.state.status.as_str(),
+                &step,
+                &state_json(record)?,
+                &record.data,
+                &record.due_at,
+                &record.deadline_at,
+            ],
+        )
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// The saga `saga_id`, if it exists.
+pub async fn load(client: &impl GenericClient, saga_id: &str) -> Result<Option<SagaRecord>> {
+    let sql = format!("SELECT {COLUMNS} FROM saga.saga_instances WHERE saga_id = $1");
+    client.query_opt(&sql, &[&saga_id]).await?.as_ref().map(record).transpose()
+}
+
+/// The saga of `saga_type` for `correlation_id`, if it exists.
+pub async fn find(
+    client: &impl GenericClient,
+    saga_type: SagaType,
+    correlation_id: &str,
+) -> Result<Option<SagaRecord>> {
+    let sql = format!("SELECT {COLUMNS} FROM saga.saga_instances WHERE saga_type = $1 AND correlation_id = $2");
+    client.query_opt(&sql, &[&saga_type.as_str(), &correlation_id]).await?.as_ref().map(record).transpose()
+}
+
+/// Saves `record` (read at `record.version`) with the attempts of `log`,
+/// and bumps its version. A save by someone else since is a
+/// [`StoreError::Conflict`] and changes nothing.
+pub async fn save(client: &impl GenericClient, record: &mut SagaRecord, log: &[StepLog]) -> Result<()> {
+    let step = record.state.step.map(Step::as_str);
+    let updated = client
+        .execute(
+            "UPDATE saga.saga_instances SET status = $3, current_step = $4, state = $5, data = $6, due_at = $7, \
+                    deadline_at = $8, version = version + 1, updated_at = clock_timestamp() \
+              WHERE saga_id = $1 AND version = $2",
+            &[
+                &record.saga_id,
+                &record.version,
+                &record.state.status.as_str(),
+                &step,
+                &state_json(record)?,
+                &record.data,
+                &record.due_at,
+                &record.deadline_at,
+            ],
+        )
+        .await?;
+    if updated != 1 {
+        return Err(StoreError::Conflict { saga_id: record.saga_id.clone(), expected: record.version });
+    }
+    for entry in log {
+        client
+            .execute(
+                "INSERT INTO saga.saga_steps (saga_id, seq, step, outcome, detail, started_at, ended_at) \
+                 SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, $4, $5, $6 FROM saga.saga_steps WHERE saga_id = $1",
+                &[
+                    &record.saga_id,
+                    &entry.step.as_str(),
+                    &entry.outcome,
+                    &entry.detail,
+                    &entry.started_at,
+                    &entry.ended_at,
+                ],
+            )
+            .await?;
+    }
+    record.version += 1;
+    Ok(())
+}
+
+/// The unfinished sagas due by `now`, earliest first, at most `limit`,
+/// locked for the calling transaction (others skip them: several
+/// orchestrators share the work without running a saga twice at once).
+pub async fn due(client: &impl GenericClient, now: SystemTime, limit: i64) -> Result<Vec<SagaRecord>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM saga.saga_instances \
+          WHERE status IN ('RUNNING', 'COMPENSATING') AND (due_at <= $1 OR deadline_at <= $1) \
+          ORDER BY least(due_at, coalesce(deadline_at, due_at)) LIMIT $2 FOR UPDATE SKIP LOCKED"
+    );
+    client.query(&sql, &[&now, &limit]).await?.iter().map(record).collect()
+}
+
+/// The history of saga `saga_id`, in order.
+pub async fn steps(client: &impl GenericClient, saga_id: &str) -> Result<Vec<StepLog>> {
+    let rows = client
+        .query(
+            "SELECT step, outcome, detail, started_at, ended_at FROM saga.saga_steps WHERE saga_id = $1 ORDER BY seq",
+            &[&saga_id],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let name: String = r.get(0);
+            let step = crate::model::step_named(&name)
+                .ok_or_else(|| StoreError::Corrupt { saga_id: saga_id.to_owned(), message: format!("step {name}") })?;
+            Ok(StepLog { step, outcome: r.get(1), detail: r.get(2), started_at: r.get(3), ended_at: r.get(4) })
+        })
+        .collect()
+}
