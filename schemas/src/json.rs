@@ -249,6 +249,12 @@ pub(crate) fn to_json(value: Avro, path: &str) -> Result<Json, ShapeError> {
         Avro::Record(fields) => {
             let mut out = Map::new();
             for (name, v) in fields {
+                // A field with explicit presence (`["null", T]`) that is
+                // null was absent: the body leaves it out, as the domain
+                // and proto3 JSON do.
+                if matches!(&v, Avro::Union(_, inner) if matches!(**inner, Avro::Null)) {
+                    continue;
+                }
                 let value = to_json(v, &join(path, &name))?;
                 out.insert(name, value);
             }

@@ -53,7 +53,10 @@ fn generation_is_stable() {
     // Proto field order, Money defined once then referenced by full name.
     let json: serde_json::Value = serde_json::from_str(text).unwrap();
     let fields: Vec<&str> = json["fields"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
-    assert_eq!(fields, ["order_id", "customer_id", "currency", "items", "total"]);
+    assert_eq!(fields, ["order_id", "customer_id", "currency", "items", "total", "payment_token", "carrier"]);
+    // proto3 `optional`: a union with null, defaulting to null.
+    assert_eq!(json["fields"][5]["type"], serde_json::json!(["null", "string"]));
+    assert_eq!(json["fields"][5]["default"], serde_json::Value::Null);
     assert_eq!(json["fields"][3]["type"]["items"]["fields"][2]["type"]["name"], "Money");
     assert_eq!(json["fields"][3]["type"]["items"]["fields"][2]["type"]["namespace"], "eventfold.common.v1");
     assert_eq!(json["fields"][4]["type"], "eventfold.common.v1.Money");

@@ -41,8 +41,14 @@ async fn write_orders(log: Arc<dyn EventLog>, count: usize) {
         };
         let price = Money::new(100 + o as i64, eur());
         let items = vec![OrderItem { product_id: format!("sku-{}", o % 4), quantity: 2, unit_price: price }];
-        let create =
-            CreateOrder { order_id: order_id.clone(), customer_id: format!("c-{}", o % 3), currency: eur(), items };
+        let create = CreateOrder {
+            order_id: order_id.clone(),
+            customer_id: format!("c-{}", o % 3),
+            currency: eur(),
+            items,
+            payment_token: None,
+            carrier: None,
+        };
         send(create.into()).await.unwrap();
         match o % 3 {
             0 => {
@@ -310,7 +316,14 @@ async fn create_orders(log: &Arc<dyn EventLog>, prefix: &str, count: usize, paus
     for o in 0..count {
         let order_id = format!("{prefix}-{o}");
         let items = vec![OrderItem { product_id: "sku".into(), quantity: 1, unit_price: Money::new(100, eur()) }];
-        let create = CreateOrder { order_id: order_id.clone(), customer_id: "c".into(), currency: eur(), items };
+        let create = CreateOrder {
+            order_id: order_id.clone(),
+            customer_id: "c".into(),
+            currency: eur(),
+            items,
+            payment_token: None,
+            carrier: None,
+        };
         let envelope = Envelope::new(Command::Order { order_id, command: create.into() }, Meta::default());
         bus.clone().oneshot(envelope).await.unwrap();
         tokio::time::sleep(pause).await;

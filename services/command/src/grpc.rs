@@ -162,7 +162,15 @@ impl OrderCommandService for OrderCommands {
             })
             .collect();
         edge.finish()?;
-        let create = order::CreateOrder { order_id: r.order_id.clone(), customer_id: r.customer_id, currency, items };
+        let given = |text: String| (!text.is_empty()).then_some(text);
+        let create = order::CreateOrder {
+            order_id: r.order_id.clone(),
+            customer_id: r.customer_id,
+            currency,
+            items,
+            payment_token: given(r.payment_token),
+            carrier: given(r.carrier),
+        };
         let reply = send(&self.bus, meta, Command::Order { order_id: r.order_id, command: create.into() }).await?;
         Ok(Response::new(orders_pb::CreateOrderResponse {
             result: result(reply.first()),

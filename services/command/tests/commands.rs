@@ -138,6 +138,8 @@ fn create_order(order_id: &str, request_id: &str, items: &[(&str, u32, i64)]) ->
                 unit_price: eur(*price),
             })
             .collect(),
+        payment_token: String::new(),
+        carrier: String::new(),
     }
 }
 

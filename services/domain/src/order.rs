@@ -41,6 +41,11 @@ pub struct CreateOrder {
     pub customer_id: String,
     pub currency: Currency,
     pub items: Vec<OrderItem>,
+    /// The payment provider's token of the customer's payment method (e.g.
+    /// `tok_visa`), for the fulfilment saga's authorization.
+    pub payment_token: Option<String>,
+    /// The carrier to ship with (e.g. `DHL`), for the saga's label.
+    pub carrier: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +87,11 @@ pub struct OrderCreated {
     pub currency: Currency,
     pub items: Vec<OrderItem>,
     pub total: Money,
+    /// Absent in orders placed without one (and in every v1 event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +226,12 @@ impl Aggregate for Order {
                 } else if let Err(v) = order_total(c.currency, &c.items) {
                     violations.extend(v);
                 }
+                if let Some(token) = &c.payment_token {
+                    check_id("payment_token", token, &mut violations);
+                }
+                if let Some(carrier) = &c.carrier {
+                    check_id("carrier", carrier, &mut violations);
+                }
             }
             OrderCommand::Confirm(ConfirmOrder) => {}
             OrderCommand::ProcessPayment(c) => {
@@ -248,6 +264,8 @@ impl Aggregate for Order {
                     currency: c.currency,
                     items: c.items.clone(),
                     total,
+                    payment_token: c.payment_token.clone(),
+                    carrier: c.carrier.clone(),
                 }
                 .into()
             }
@@ -334,6 +352,8 @@ mod tests {
             customer_id: "c-1".into(),
             currency: "USD".parse().unwrap(),
             items: vec![item("sku-1", 2, 1250), item("sku-2", 1, 500)],
+            payment_token: Some("tok_visa".into()),
+            carrier: Some("DHL".into()),
         }
     }
 
@@ -344,6 +364,8 @@ mod tests {
             currency: "USD".parse().unwrap(),
             items: create().items,
             total: usd(3000),
+            payment_token: Some("tok_visa".into()),
+            carrier: Some("DHL".into()),
         }
         .into()
     }
@@ -384,6 +406,21 @@ mod tests {
     #[test]
     fn create_twice_is_rejected() {
         Scenario::<Order>::given([created()]).when(create()).then_reject(Reason::OrderAlreadyExists);
+    }
+
+    #[test]
+    fn checkout_details_are_optional_but_must_be_well_formed() {
+        let without = CreateOrder { payment_token: None, carrier: None, ..create() };
+        let OrderEvent::Created(event) = Order::default().decide(&OrderCommand::Create(without)).unwrap().remove(0)
+        else {
+            panic!("not OrderCreated")
+        };
+        assert_eq!((&event.payment_token, &event.carrier), (&None, &None));
+        let json = serde_json::to_value(&event).unwrap();
+        assert!(json.get("payment_token").is_none() && json.get("carrier").is_none(), "absent, not null: {json}");
+        Scenario::<Order>::given_no_events()
+            .when(CreateOrder { payment_token: Some("tok visa".into()), carrier: Some(String::new()), ..create() })
+            .then_invalid(&["payment_token", "carrier"]);
     }
 
     #[test]

@@ -127,6 +127,8 @@ mod tests {
                 currency: LEGACY_ORDER_CURRENCY.parse().unwrap(),
                 items: vec![OrderItem { product_id: "sku-1".into(), quantity: 2, unit_price: usd(1250) }],
                 total: usd(2500),
+                payment_token: None,
+                carrier: None,
             }
             .into()
         );

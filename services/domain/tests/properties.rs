@@ -104,7 +104,7 @@ proptest! {
             (Just(items), proptest::collection::vec(order_command(total), 0..12))
         }),
     ) {
-        let create = CreateOrder { order_id: "o".into(), customer_id: "c".into(), currency: usd(), items: items.clone() };
+        let create = CreateOrder { order_id: "o".into(), customer_id: "c".into(), currency: usd(), items: items.clone(), payment_token: None, carrier: None };
         let (state, history) = run::<Order>(std::iter::once(create.into()).chain(commands), |state, history| {
             if let Some(OrderEvent::Created(created)) = history.first() {
                 let sum: i64 = created.items.iter().map(|i| i.unit_price.minor * i64::from(i.quantity)).sum();

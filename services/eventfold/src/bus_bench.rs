@@ -71,6 +71,8 @@ fn order_created(tag: &str, i: usize) -> anyhow::Result<NewEvent> {
         customer_id: format!("customer-{}", i % 1000),
         currency: eur(),
         items: vec![OrderItem { product_id: format!("sku-{}", i % 50), quantity: 2, unit_price: price }],
+        payment_token: None,
+        carrier: None,
     };
     let body = serde_json::json!({
         "order_id": created.order_id,
@@ -303,7 +305,14 @@ async fn lag(
         async move {
             let order_id = format!("{tag}-lag-{i}");
             let items = vec![OrderItem { product_id: "sku".into(), quantity: 1, unit_price: Money::new(100, eur()) }];
-            let create = CreateOrder { order_id: order_id.clone(), customer_id: "c".into(), currency: eur(), items };
+            let create = CreateOrder {
+                order_id: order_id.clone(),
+                customer_id: "c".into(),
+                currency: eur(),
+                items,
+                payment_token: None,
+                carrier: None,
+            };
             let envelope = eventfold_command::Envelope::new(
                 eventfold_command::Command::Order { order_id, command: create.into() },
                 eventfold_command::Meta::default(),

@@ -235,6 +235,8 @@ fn create_order(session: &str, rate: u32, i: usize) -> CreateOrderRequest {
             OrderItem { product_id: format!("sku-{}", i % 50), quantity: 1 + (i % 3) as u32, unit_price: money(1250) },
             OrderItem { product_id: format!("sku-{}", (i + 7) % 50), quantity: 1, unit_price: money(499) },
         ],
+        payment_token: String::new(),
+        carrier: String::new(),
     }
 }
 

@@ -85,6 +85,8 @@ async fn create_orders(log: Arc<dyn EventLog>, tag: &str, count: usize) -> anyho
                     quantity: 2,
                     unit_price: Money::new(1250, eur),
                 }],
+                payment_token: None,
+                carrier: None,
             };
             async move {
                 bus.oneshot(Envelope::new(Command::Order { order_id, command: create.into() }, Meta::default())).await
@@ -274,6 +276,8 @@ pub(crate) async fn lag(args: LagBenchArgs) -> anyhow::Result<()> {
                 customer_id: "c".into(),
                 currency: eur,
                 items: vec![OrderItem { product_id: "sku".into(), quantity: 1, unit_price: Money::new(100, eur) }],
+                payment_token: None,
+                carrier: None,
             };
             let written = bus
                 .oneshot(Envelope::new(Command::Order { order_id, command: create.into() }, Meta::default()))

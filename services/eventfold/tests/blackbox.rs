@@ -497,7 +497,14 @@ fn projections_rebuild_and_list() {
                 quantity: 1,
                 unit_price: eventfold_domain::Money::new(100, eur),
             }];
-            let create = CreateOrder { order_id: format!("o-{o}"), customer_id: "c".into(), currency: eur, items };
+            let create = CreateOrder {
+                order_id: format!("o-{o}"),
+                customer_id: "c".into(),
+                currency: eur,
+                items,
+                payment_token: None,
+                carrier: None,
+            };
             let command = eventfold_command::Command::Order { order_id: format!("o-{o}"), command: create.into() };
             let envelope = eventfold_command::Envelope::new(command, eventfold_command::Meta::default());
             bus.clone().oneshot(envelope).await.expect("create an order");

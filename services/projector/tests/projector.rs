@@ -63,8 +63,15 @@ async fn write_orders(log: Arc<dyn EventLog>, from: usize, count: usize) {
             vec![OrderItem { product_id: format!("sku-{}", o % 7), quantity: 1 + (o % 3) as u32, unit_price: price }];
         let total = Money::new(price.minor * i64::from(1 + (o % 3) as u32), eur());
         send(
-            CreateOrder { order_id: order_id.clone(), customer_id: format!("c-{}", o % 5), currency: eur(), items }
-                .into(),
+            CreateOrder {
+                order_id: order_id.clone(),
+                customer_id: format!("c-{}", o % 5),
+                currency: eur(),
+                items,
+                payment_token: None,
+                carrier: None,
+            }
+            .into(),
         )
         .await;
         if o % 4 == 0 {

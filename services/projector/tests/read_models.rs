@@ -208,6 +208,8 @@ async fn write_orders(bus: &Bus) -> Vec<SentOrder> {
             customer_id: sent.customer.clone(),
             currency,
             items: sent.items.clone(),
+            payment_token: None,
+            carrier: None,
         };
         accepted(bus, order(&sent.id, create)).await;
         orders.push(sent);
@@ -629,7 +631,17 @@ async fn user_activity_is_each_users_timeline_including_orders() {
     let eur = currency("EUR");
     let create = |id: &str, customer: &str| {
         let items = vec![OrderItem { product_id: "sku-1".into(), quantity: 2, unit_price: Money::new(500, eur) }];
-        order(id, CreateOrder { order_id: id.into(), customer_id: customer.into(), currency: eur, items })
+        order(
+            id,
+            CreateOrder {
+                order_id: id.into(),
+                customer_id: customer.into(),
+                currency: eur,
+                items,
+                payment_token: None,
+                carrier: None,
+            },
+        )
     };
     let pay = |id: &str| order(id, ProcessPayment { payment_id: format!("p-{id}"), amount: Money::new(1000, eur) });
     enum Step {
@@ -787,8 +799,15 @@ async fn events_that_do_not_fit_the_model_are_parked_not_ignored() {
     append_raw(&log, "order-x", vec![o::OrderEvent::from(o::OrderConfirmed { order_id: "x".into() })]).await;
     // Paid without being confirmed.
     let items = vec![OrderItem { product_id: "sku-1".into(), quantity: 1, unit_price: money(700) }];
-    let created =
-        o::OrderCreated { order_id: "y".into(), customer_id: "u-1".into(), currency: eur, items, total: money(700) };
+    let created = o::OrderCreated {
+        order_id: "y".into(),
+        customer_id: "u-1".into(),
+        currency: eur,
+        items,
+        total: money(700),
+        payment_token: None,
+        carrier: None,
+    };
     let paid = o::PaymentProcessed { order_id: "y".into(), payment_id: "p-y".into(), amount: money(700) };
     append_raw(&log, "order-y", vec![o::OrderEvent::from(created), paid.into()]).await;
     // A withdrawal whose balance does not follow from the one before.

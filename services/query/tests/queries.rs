@@ -139,6 +139,8 @@ fn create_request(order_id: &str, customer_id: &str, price: i64) -> orders_pb::C
             quantity: 2,
             unit_price: Some(MoneyPb { minor: price, currency: "EUR".into() }),
         }],
+        payment_token: String::new(),
+        carrier: String::new(),
     }
 }
 

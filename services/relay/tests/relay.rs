@@ -73,8 +73,15 @@ async fn write_orders(log: Arc<dyn EventLog>, from: usize, count: usize, pause: 
         let items =
             vec![OrderItem { product_id: format!("sku-{}", o % 5), quantity: 1, unit_price: Money::new(250, eur()) }];
         send(
-            CreateOrder { order_id: order_id.clone(), customer_id: format!("c-{}", o % 3), currency: eur(), items }
-                .into(),
+            CreateOrder {
+                order_id: order_id.clone(),
+                customer_id: format!("c-{}", o % 3),
+                currency: eur(),
+                items,
+                payment_token: None,
+                carrier: None,
+            }
+            .into(),
         )
         .await
         .unwrap();

@@ -4,8 +4,9 @@
 //! restart resumes from the last persisted state.
 //!
 //! A forward step that fails for good (a decline, a business rule) has no
-//! effect to undo. One that timed out, or kept failing in a way worth a
-//! retry, may have had its effect (the provider may have authorized before
+//! effect to undo, unless it is made of several commands of which some
+//! may have succeeded (reserving each product of an order). One that timed
+//! out, or kept failing in a way worth a retry, may have had its effect (the provider may have authorized before
 //! the answer was lost), so its compensation runs too: compensations are
 //! idempotent, and undoing what did not happen is a no-op.
 
@@ -126,6 +127,13 @@ impl Step {
             Step::Withdraw => Some(Step::RefundSource),
             _ => None,
         }
+    }
+
+    /// Whether a rejection may leave part of the step's effect in place:
+    /// reserving an order's products is one command per product, and the
+    /// second may be refused after the first reserved.
+    pub fn partial_when_rejected(self) -> bool {
+        matches!(self, Step::ReserveInventory)
     }
 
     /// The idempotency key of this step of saga `saga_id`: the same for
@@ -273,7 +281,12 @@ impl SagaState {
                     None => self.finish(Status::Completed),
                 }
             }
-            (Status::Running, Outcome::Rejected { reason }) => self.compensate(reason),
+            (Status::Running, Outcome::Rejected { reason }) => {
+                if step.partial_when_rejected() {
+                    self.effects.push(step);
+                }
+                self.compensate(reason)
+            }
             (Status::Running, Outcome::TimedOut) => {
                 self.effects.push(step);
                 self.compensate(format!("{}_TIMED_OUT", step.as_str()))
@@ -435,6 +448,14 @@ mod tests {
         assert_eq!(state.status, Status::Completed);
         assert_eq!(state.step, None);
         assert!(!state.compensated());
+    }
+
+    #[test]
+    fn scarce_stock_releases_what_was_reserved_and_cancels() {
+        let (ran, state) = run(SagaType::OrderFulfilment, &[rejected("INSUFFICIENT_STOCK"), Done, Done]);
+        assert_eq!(ran, [ReserveInventory, ReleaseInventory, CancelOrder], "other products may be reserved");
+        assert_eq!(state.reason.as_deref(), Some("INSUFFICIENT_STOCK"));
+        assert!(state.compensated());
     }
 
     #[test]
