@@ -9,15 +9,25 @@
 //! and the carrier behind traits, with sandbox adapters whose failures are
 //! chosen by their input (`tok_decline`, `tok_timeout`, `tok_flaky`,
 //! `fail_label`); [`store`] keeps saga instances in PostgreSQL, saved with
-//! the version they were read at and found again by due time.
+//! the version they were read at and found again by due time; [`intake`]
+//! starts a fulfilment saga for every `OrderCreated` with a payment token
+//! (a projection, so it runs on the log or on Kafka); [`steps`] is what
+//! each step sends to the command side and the ports; [`orchestrator`]
+//! runs the due steps, with their deadlines on record.
 
+pub mod intake;
 pub mod model;
+pub mod orchestrator;
 pub mod ports;
+pub mod steps;
 pub mod store;
 
 pub use crate::{
+    intake::SagaIntake,
     model::{Next, Outcome, RetryPolicy, SagaState, SagaType, Status, Step},
+    orchestrator::{Orchestrator, OrchestratorConfig},
     ports::{
         Authorization, Carrier, Label, PaymentProvider, PortError, SandboxCarrier, SandboxConfig, SandboxPayments,
     },
+    steps::{CommandSender, Fulfilment, FulfilmentData},
 };

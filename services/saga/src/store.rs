@@ -175,6 +175,16 @@ pub async fn due(client: &impl GenericClient, now: SystemTime, limit: i64) -> Re
     client.query(&sql, &[&now, &limit]).await?.iter().map(record).collect()
 }
 
+/// Saga `saga_id` if it is unfinished and nobody else holds it, locked for
+/// the calling transaction.
+pub async fn claim(client: &impl GenericClient, saga_id: &str) -> Result<Option<SagaRecord>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM saga.saga_instances \
+          WHERE saga_id = $1 AND status IN ('RUNNING', 'COMPENSATING') FOR UPDATE SKIP LOCKED"
+    );
+    client.query_opt(&sql, &[&saga_id]).await?.as_ref().map(record).transpose()
+}
+
 /// The history of saga `saga_id`, in order.
 pub async fn steps(client: &impl GenericClient, saga_id: &str) -> Result<Vec<StepLog>> {
     let rows = client

@@ -1,0 +1,226 @@
+//! The orchestrator: runs the due steps of the stored sagas.
+//!
+//! Each saga is claimed in a transaction of its own (`FOR UPDATE SKIP
+//! LOCKED`: orchestrators share the work, and no saga runs twice at once).
+//! A step's deadline is stored before the step runs, so a restart keeps
+//! it; the row lock is held while the step runs and its outcome is saved in
+//! the same transaction. An orchestrator that dies mid-step lets go of the
+//! lock with its connection, and the next one runs the step again with the
+//! same idempotency key (or times it out, past its deadline).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use bb8::Pool;
+use bb8_postgres::PostgresConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+
+use crate::{
+    model::{Next, Outcome, RetryPolicy, SagaType, Status, jitter},
+    steps::{Fulfilment, FulfilmentData},
+    store::{self, SagaRecord, StepLog, StoreError},
+};
+
+/// Settings of the orchestrator (`[saga]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrchestratorConfig {
+    /// Longest a step may take before it counts as timed out.
+    pub step_timeout_ms: u64,
+    /// Sagas run at once (each holds a database connection meanwhile).
+    pub concurrency: usize,
+    /// Longest pause between looks for due sagas.
+    pub poll_ms: u64,
+    pub retry: RetryPolicy,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        Self { step_timeout_ms: 5_000, concurrency: 8, poll_ms: 100, retry: RetryPolicy::default() }
+    }
+}
+
+/// Errors of the orchestrator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("saga {saga_id}: {message}")]
+    Data { saga_id: String, message: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// See the module documentation.
+pub struct Orchestrator {
+    pool: Pool<PostgresConnectionManager<NoTls>>,
+    fulfilment: Arc<Fulfilment>,
+    config: OrchestratorConfig,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn outcome_name(outcome: &Outcome) -> (&'static str, Option<String>) {
+    match outcome {
+        Outcome::Done => ("DONE", None),
+        Outcome::Rejected { reason } => ("REJECTED", Some(reason.clone())),
+        Outcome::Transient { error } => ("TRANSIENT", Some(error.clone())),
+        Outcome::TimedOut => ("TIMED_OUT", None),
+    }
+}
+
+impl Orchestrator {
+    /// An orchestrator over the sagas of the database of `database_url`
+    /// (which holds the migrations).
+    pub async fn new(database_url: &str, fulfilment: Fulfilment, config: OrchestratorConfig) -> Result<Self> {
+        let pg: tokio_postgres::Config = database_url.parse()?;
+        let pool = Pool::builder()
+            .max_size(u32::try_from(config.concurrency.max(1) + 1).unwrap_or(u32::MAX))
+            .connection_timeout(Duration::from_secs(5))
+            .build(PostgresConnectionManager::new(pg, NoTls))
+            .await
+            .map_err(|e| Error::Pool(e.to_string()))?;
+        Ok(Self { pool, fulfilment: Arc::new(fulfilment), config })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.step_timeout_ms.max(1))
+    }
+
+    /// Runs one step of up to `concurrency` due sagas, at once; how many
+    /// steps ran.
+    pub async fn tick(&self) -> Result<usize> {
+        let runs = (0..self.config.concurrency.max(1)).map(|_| self.run_one());
+        let mut ran = 0;
+        for result in futures_util::future::join_all(runs).await {
+            ran += usize::from(result?);
+        }
+        Ok(ran)
+    }
+
+    /// Claims one due saga and runs its current step; whether one ran.
+    async fn run_one(&self) -> Result<bool> {
+        let mut client = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
+        let now = SystemTime::now();
+        let tx = client.transaction().await?;
+        let Some(mut record) = store::due(&tx, now, 1).await?.pop() else {
+            return Ok(false);
+        };
+        if record.deadline_at.is_none() {
+            // The deadline is on record before the step runs: a restart
+            // keeps it.
+            record.deadline_at = Some(now + self.timeout());
+            store::save(&tx, &mut record, &[]).await?;
+            tx.commit().await?;
+            let tx = client.transaction().await?;
+            let Some(claimed) = store::claim(&tx, &record.saga_id).await? else {
+                return Ok(false);
+            };
+            return self.step(tx, claimed).await.map(|()| true);
+        }
+        self.step(tx, record).await.map(|()| true)
+    }
+
+    /// Runs the current step of `record` (locked by `tx`) and saves how it
+    /// ended.
+    async fn step(&self, tx: tokio_postgres::Transaction<'_>, mut record: SagaRecord) -> Result<()> {
+        let Some(step) = record.state.step else {
+            return Ok(());
+        };
+        let first_run = record.state.effects.is_empty() && record.state.status == Status::Running;
+        let deadline = record.deadline_at.unwrap_or_else(|| SystemTime::now() + self.timeout());
+        let started_at = SystemTime::now();
+        let started = Instant::now();
+        let saga_id = record.saga_id.clone();
+        let data_error = |message: String| Error::Data { saga_id: saga_id.clone(), message };
+        let outcome = match record.state.saga_type {
+            SagaType::OrderFulfilment => {
+                let mut data: FulfilmentData =
+                    serde_json::from_value(record.data.clone()).map_err(|e| data_error(e.to_string()))?;
+                let outcome = match deadline.duration_since(started_at) {
+                    Err(_) => Outcome::TimedOut,
+                    Ok(left) => {
+                        let reason = record.state.reason.clone();
+                        let run = self.fulfilment.run(&record.saga_id, step, reason.as_deref(), &mut data);
+                        tokio::time::timeout(left, run).await.unwrap_or(Outcome::TimedOut)
+                    }
+                };
+                record.data = serde_json::to_value(&data).map_err(|e| data_error(e.to_string()))?;
+                outcome
+            }
+            // Nothing starts these yet (no intake), so none is stored.
+            SagaType::MoneyTransfer => return Err(data_error("no runner for MONEY_TRANSFER sagas".to_owned())),
+        };
+        metrics::histogram!("eventfold_saga_step_seconds", "step" => step.as_str()).record(started.elapsed());
+        let (name, detail) = outcome_name(&outcome);
+        if matches!(outcome, Outcome::Transient { .. } | Outcome::TimedOut) {
+            metrics::counter!("eventfold_saga_retries_total", "step" => step.as_str()).increment(1);
+        }
+        let attempt = jitter(&record.saga_id, step, record.state.failures + 1);
+        let next = record.state.on_outcome(outcome, &self.config.retry, attempt);
+        let now = SystemTime::now();
+        record.deadline_at = None;
+        record.due_at = match &next {
+            Next::RetryAfter(_, pause) => now + *pause,
+            Next::Run(_) | Next::Finished(_) => now,
+        };
+        let log = StepLog { step, outcome: name.to_owned(), detail, started_at, ended_at: now };
+        store::save(&tx, &mut record, &[log]).await?;
+        tx.commit().await?;
+        let saga_type = record.state.saga_type.as_str();
+        if first_run {
+            metrics::counter!("eventfold_sagas_started_total", "type" => saga_type).increment(1);
+        }
+        if let Next::Finished(status) = next {
+            let outcome = match status {
+                Status::Completed => "completed",
+                _ if record.state.compensated() => "compensated",
+                _ => "failed",
+            };
+            metrics::counter!("eventfold_sagas_finished_total", "type" => saga_type, "outcome" => outcome).increment(1);
+            tracing::info!(saga = %record.saga_id, outcome, reason = ?record.state.reason, "saga finished");
+        }
+        Ok(())
+    }
+
+    /// Runs due sagas until `shutdown` turns true, looking again at once
+    /// while there is work, else after `poll_ms` or when `wake` changes;
+    /// failures (PostgreSQL away) are logged and retried with backoff.
+    pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
+        let poll = Duration::from_millis(self.config.poll_ms.max(1));
+        let mut backoff = Duration::from_millis(100);
+        while !*shutdown.borrow() {
+            match self.tick().await {
+                Ok(0) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        () = tokio::time::sleep(poll) => {}
+                        _ = wake.changed() => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+                Ok(_) => backoff = Duration::from_millis(100),
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "orchestrator failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! What each step does: commands to the command side and calls to the
+//! payment provider and the carrier, every one with the step's idempotency
+//! key, and the translation of their answers into an [`Outcome`].
+//!
+//! Compensations accept "nothing to undo" as done (a release of a
+//! reservation that was never made, a void of an authorization that never
+//! happened): they also run for steps whose answer was lost.
+
+use std::sync::Arc;
+
+use eventfold_command::{Command, Envelope, Meta};
+use eventfold_domain::{
+    Money,
+    inventory::{ReleaseReservation, ReserveStock},
+    order::{CancelOrder, ConfirmOrder},
+    payment::{DeclinePayment, VoidPayment},
+    shipment::{CancelShipment, CreateShipment},
+};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+
+use crate::{
+    model::{Outcome, Step},
+    ports::{Carrier, PaymentProvider, PortError},
+};
+
+/// Why the command side did not take a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandFailure {
+    /// A business rule (or validation) refused it: the reason code.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Worth a retry: a conflict that outlived the bus's own retries, the
+    /// store away.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// The command side, as the sagas use it.
+#[async_trait::async_trait]
+pub trait CommandSender: Send + Sync + 'static {
+    /// Sends `command` with `request_id` (AIP-155: the same id again gets
+    /// the first answer and appends nothing).
+    async fn send(&self, command: Command, request_id: String, correlation_id: &str) -> Result<(), CommandFailure>;
+}
+
+#[async_trait::async_trait]
+impl CommandSender for eventfold_command::Bus {
+    async fn send(&self, command: Command, request_id: String, correlation_id: &str) -> Result<(), CommandFailure> {
+        let meta = Meta {
+            request_id: Some(request_id),
+            principal: Some("saga-orchestrator".to_owned()),
+            correlation_id: correlation_id.to_owned(),
+            causation_id: None,
+        };
+        match self.clone().oneshot(Envelope::new(command, meta)).await {
+            Ok(_) => Ok(()),
+            Err(eventfold_command::Error::Rejected { reason, .. }) => {
+                Err(CommandFailure::Refused(reason.as_str().into()))
+            }
+            Err(eventfold_command::Error::Invalid(violations)) => Err(CommandFailure::Refused(format!(
+                "INVALID_COMMAND: {}",
+                violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ")
+            ))),
+            Err(eventfold_command::Error::PermissionDenied(why)) => {
+                Err(CommandFailure::Refused(format!("PERMISSION_DENIED: {why}")))
+            }
+            Err(other) => Err(CommandFailure::Transient(other.to_string())),
+        }
+    }
+}
+
+/// One product line of an order to fulfil.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub product_id: String,
+    pub quantity: u32,
+}
+
+/// The order fulfilment saga's data (`saga_instances.data`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FulfilmentData {
+    pub order_id: String,
+    pub customer_id: String,
+    pub lines: Vec<Line>,
+    pub total: Money,
+    pub payment_token: String,
+    pub carrier: String,
+    /// The provider's authorization, once authorized.
+    #[serde(default)]
+    pub authorization_id: Option<String>,
+    /// The carrier's tracking number, once labelled.
+    #[serde(default)]
+    pub tracking_number: Option<String>,
+}
+
+impl FulfilmentData {
+    pub fn payment_id(&self) -> String {
+        format!("pay-{}", self.order_id)
+    }
+
+    pub fn shipment_id(&self) -> String {
+        format!("shp-{}", self.order_id)
+    }
+}
+
+/// Runs the steps of the order fulfilment saga.
+pub struct Fulfilment {
+    pub commands: Arc<dyn CommandSender>,
+    pub payments: Arc<dyn PaymentProvider>,
+    pub carrier: Arc<dyn Carrier>,
+}
+
+impl std::fmt::Debug for Fulfilment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fulfilment").finish_non_exhaustive()
+    }
+}
+
+/// The outcome of a command: done, or how it failed; `undone` lists the
+/// reason codes that mean the effect is already there.
+fn command_outcome(result: Result<(), CommandFailure>, already: &[&str]) -> Option<Outcome> {
+    match result {
+        Ok(()) => None,
+        Err(CommandFailure::Refused(reason)) if already.contains(&reason.as_str()) => None,
+        Err(CommandFailure::Refused(reason)) => Some(Outcome::Rejected { reason }),
+        Err(CommandFailure::Transient(error)) => Some(Outcome::Transient { error }),
+    }
+}
+
+fn port_outcome(error: PortError) -> Outcome {
+    match error {
+        PortError::Refused { reason } => Outcome::Rejected { reason },
+        PortError::Unavailable(error) => Outcome::Transient { error },
+    }
+}
+
+macro_rules! attempt {
+    ($outcome:expr) => {
+        if let Some(failed) = $outcome {
+            return failed;
+        }
+    };
+}
+
+impl Fulfilment {
+    /// Runs `step` of saga `saga_id` (its reason: why it compensates) and
+    /// how it ended; `data` takes what the step learned.
+    pub async fn run(&self, saga_id: &str, step: Step, reason: Option<&str>, data: &mut FulfilmentData) -> Outcome {
+        let key = step.request_id(saga_id);
+        let order = data.order_id.clone();
+        let send = |command: Command, request_id: String| {
+            let commands = self.commands.clone();
+            let order = order.clone();
+            async move { commands.send(command, request_id, &order).await }
+        };
+        let reason = reason.unwrap_or("SAGA_FAILED").to_owned();
+        match step {
+            Step::ReserveInventory => {
+                for line in &data.lines {
+                    let command = Command::Inventory {
+                        product_id: line.product_id.clone(),
+                        command: ReserveStock { order_id: order.clone(), quantity: line.quantity }.into(),
+                    };
+                    attempt!(command_outcome(
+                        send(command, format!("{key}:{}", line.product_id)).await,
+                        &["RESERVATION_EXISTS"]
+                    ));
+                }
+            }
+            Step::AuthorizePayment => match self.payments.authorize(&key, &data.payment_token, data.total).await {
+                Ok(authorization) => {
+                    let command = Command::AuthorizePayment {
+                        payment_id: data.payment_id(),
+                        order_id: order.clone(),
+                        amount: authorization.amount,
+                        provider_reference: authorization.id.clone(),
+                    };
+                    data.authorization_id = Some(authorization.id);
+                    attempt!(command_outcome(send(command, key).await, &["PAYMENT_ALREADY_EXISTS"]));
+                }
+                Err(PortError::Refused { reason }) => {
+                    // The decline on record (the payment's stream), then
+                    // the saga compensates.
+                    let command = Command::Payment {
+                        payment_id: data.payment_id(),
+                        command: DeclinePayment {
+                            payment_id: data.payment_id(),
+                            order_id: order.clone(),
+                            amount: data.total,
+                            reason: reason.clone(),
+                        }
+                        .into(),
+                    };
+                    attempt!(command_outcome(
+                        send(command, format!("{key}:decline")).await,
+                        &["PAYMENT_ALREADY_EXISTS"]
+                    ));
+                    return Outcome::Rejected { reason };
+                }
+                Err(error) => return port_outcome(error),
+            },
+            Step::CreateShippingLabel => match self.carrier.create_label(&key, &order, &data.carrier).await {
+                Ok(label) => {
+                    let command = Command::Shipment {
+                        shipment_id: data.shipment_id(),
+                        command: CreateShipment {
+                            shipment_id: data.shipment_id(),
+                            order_id: order.clone(),
+                            carrier: label.carrier,
+                            tracking_number: label.tracking_number.clone(),
+                        }
+                        .into(),
+                    };
+                    data.tracking_number = Some(label.tracking_number);
+                    attempt!(command_outcome(send(command, key).await, &["SHIPMENT_ALREADY_EXISTS"]));
+                }
+                Err(error) => return port_outcome(error),
+            },
+            Step::ConfirmOrder => {
+                let command = Command::Order { order_id: order.clone(), command: ConfirmOrder.into() };
+                attempt!(command_outcome(send(command, key).await, &["ORDER_ALREADY_CONFIRMED"]));
+            }
+            Step::CancelShippingLabel => {
+                if let Err(error) = self.carrier.cancel_label(&Step::CreateShippingLabel.request_id(saga_id)).await {
+                    return port_outcome(error);
+                }
+                let command = Command::Shipment {
+                    shipment_id: data.shipment_id(),
+                    command: CancelShipment { reason: reason.clone() }.into(),
+                };
+                attempt!(command_outcome(send(command, key).await, &["SHIPMENT_NOT_FOUND", "SHIPMENT_CANCELLED"]));
+            }
+            Step::VoidAuthorization => {
+                if let Err(error) = self.payments.void(&Step::AuthorizePayment.request_id(saga_id)).await {
+                    return port_outcome(error);
+                }
+                let command = Command::Payment {
+                    payment_id: data.payment_id(),
+                    command: VoidPayment { reason: reason.clone() }.into(),
+                };
+                attempt!(command_outcome(send(command, key).await, &["PAYMENT_NOT_FOUND", "PAYMENT_VOIDED"]));
+            }
+            Step::ReleaseInventory => {
+                for line in &data.lines {
+                    let command = Command::Inventory {
+                        product_id: line.product_id.clone(),
+                        command: ReleaseReservation { order_id: order.clone(), reason: reason.clone() }.into(),
+                    };
+                    attempt!(command_outcome(
+                        send(command, format!("{key}:{}", line.product_id)).await,
+                        &["RESERVATION_NOT_FOUND", "RESERVATION_CLOSED", "PRODUCT_NOT_FOUND"]
+                    ));
+                }
+            }
+            Step::CancelOrder => {
+                let command =
+                    Command::Order { order_id: order.clone(), command: CancelOrder { reason: reason.clone() }.into() };
+                attempt!(command_outcome(send(command, key).await, &["ORDER_CANCELLED"]));
+            }
+            Step::Withdraw | Step::Deposit | Step::RefundSource => {
+                return Outcome::Rejected { reason: format!("{} is not a fulfilment step", step.as_str()) };
+            }
+        }
+        Outcome::Done
+    }
+}
