@@ -29,6 +29,7 @@ fn eur() -> Currency {
 
 struct Bed {
     db: TestDatabase,
+    log: Arc<dyn EventLog>,
     bus: eventfold_command::Bus,
     payments: Arc<SandboxPayments>,
     carrier: Arc<SandboxCarrier>,
@@ -36,6 +37,15 @@ struct Bed {
     views: Vec<Projector>,
     orchestrator: Orchestrator,
     client: tokio_postgres::Client,
+}
+
+fn config() -> OrchestratorConfig {
+    OrchestratorConfig {
+        step_timeout_ms: 400,
+        concurrency: 4,
+        poll_ms: 5,
+        retry: RetryPolicy { max_attempts: 4, base_ms: 10, max_delay_ms: 50 },
+    }
 }
 
 async fn bed() -> Bed {
@@ -66,7 +76,7 @@ async fn bed() -> Bed {
     let orchestrator = Orchestrator::new(db.url(), fulfilment, config).await.unwrap();
     let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
     tokio::spawn(connection);
-    let bed = Bed { db, bus, payments, carrier, intake, views, orchestrator, client };
+    let bed = Bed { db, log, bus, payments, carrier, intake, views, orchestrator, client };
     for product in ["sku-a", "sku-b"] {
         bed.send(Command::Inventory {
             product_id: product.into(),
@@ -79,6 +89,20 @@ async fn bed() -> Bed {
     bed
 }
 
+/// Counts of `event_type` per `key` (a JSON field of the body).
+async fn per(client: &tokio_postgres::Client, event_type: &str, key: &str) -> BTreeMap<String, i64> {
+    client
+        .query(
+            "SELECT data->>$2, count(*) FROM eventstore.events WHERE event_type = $1 GROUP BY 1",
+            &[&event_type, &key],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 impl Bed {
     async fn send(&self, command: Command) {
         self.bus.clone().oneshot(Envelope::new(command, Meta::default())).await.unwrap();
@@ -89,6 +113,10 @@ impl Bed {
             OrderItem { product_id: "sku-a".into(), quantity: 2, unit_price: Money::new(500, eur()) },
             OrderItem { product_id: "sku-b".into(), quantity: 1, unit_price: Money::new(250, eur()) },
         ];
+        self.order_of(order_id, token, carrier, items).await;
+    }
+
+    async fn order_of(&self, order_id: &str, token: &str, carrier: &str, items: Vec<OrderItem>) {
         let create = CreateOrder {
             order_id: order_id.into(),
             customer_id: "c-1".into(),
@@ -252,4 +280,260 @@ async fn a_flaky_provider_is_retried_and_authorizes_once() {
         .get(0);
     assert_eq!(payments, 1, "one PaymentAuthorized event");
     drop(bed.db);
+}
+
+/// Statuses of every saga.
+async fn statuses(client: &tokio_postgres::Client) -> BTreeMap<String, String> {
+    client
+        .query("SELECT correlation_id, status FROM saga.saga_instances", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The orchestrator as a background task, and its stop switch.
+fn spawn_orchestrator(orchestrator: Orchestrator) -> (tokio::task::JoinHandle<()>, tokio::sync::watch::Sender<bool>) {
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    // Nothing wakes it early: it polls.
+    let (_wake, wake) = tokio::sync::watch::channel(0u64);
+    (tokio::spawn(orchestrator.run(wake, stop)), stop_tx)
+}
+
+async fn projector(bed: &Bed, projection: Arc<dyn Projection>) -> Projector {
+    let options = ProjectorOptions { idle_poll: Duration::from_millis(5), ..ProjectorOptions::default() };
+    Projector::new(bed.db.url(), bed.log.clone(), projection, 1, options).await.unwrap()
+}
+
+/// The orchestrator is killed at random points, repeatedly, while orders
+/// come in, and started again: every saga finishes exactly once, with no
+/// double reservation, authorization or label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_finish_exactly_once_across_orchestrator_crashes() {
+    let bed = bed().await;
+    bed.send(Command::Inventory { product_id: "sku-a".into(), command: ReplenishStock { quantity: 100 }.into() }).await;
+    let (stop_all, stop) = tokio::sync::watch::channel(false);
+    let mut background = Vec::new();
+    let projections: [Arc<dyn Projection>; 3] =
+        [Arc::new(SagaIntake), Arc::new(OrderViews), Arc::new(InventoryViews::default())];
+    for projection in projections {
+        background.push(tokio::spawn(projector(&bed, projection).await.run(stop.clone())));
+    }
+    let tokens = ["tok_visa", "tok_flaky", "tok_decline", "tok_visa", "tok_visa"];
+    let carriers = ["DHL", "flaky_label", "DHL", "fail_label", "DHL"];
+    let orders = 30;
+    let writer = {
+        let bus = bed.bus.clone();
+        tokio::spawn(async move {
+            for o in 0..orders {
+                let items =
+                    vec![OrderItem { product_id: "sku-a".into(), quantity: 1, unit_price: Money::new(100, eur()) }];
+                let create = CreateOrder {
+                    order_id: format!("k-{o}"),
+                    customer_id: "c".into(),
+                    currency: eur(),
+                    items,
+                    payment_token: Some(tokens[o % 5].into()),
+                    carrier: Some(carriers[o % 5].into()),
+                };
+                let command = Command::Order { order_id: format!("k-{o}"), command: create.into() };
+                bus.clone().oneshot(Envelope::new(command, Meta::default())).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(7)).await;
+            }
+        })
+    };
+    let fulfilment = || Fulfilment {
+        commands: Arc::new(bed.bus.clone()),
+        payments: bed.payments.clone(),
+        carrier: bed.carrier.clone(),
+    };
+    for round in 0..10u64 {
+        let orchestrator = Orchestrator::new(bed.db.url(), fulfilment(), config()).await.unwrap();
+        let (task, _stop) = spawn_orchestrator(orchestrator);
+        tokio::time::sleep(Duration::from_millis(20 + (round * 37) % 90)).await;
+        task.abort();
+        let _ = task.await;
+    }
+    writer.await.unwrap();
+    let ran: i64 = bed.client.query_one("SELECT count(*) FROM saga.saga_steps", &[]).await.unwrap().get(0);
+    assert!(ran > 0, "the killed orchestrators ran steps");
+    // Then it runs to the end.
+    let orchestrator = Orchestrator::new(bed.db.url(), fulfilment(), config()).await.unwrap();
+    let (task, stop_orchestrator) = spawn_orchestrator(orchestrator);
+    let mut finished = BTreeMap::new();
+    for _ in 0..1_500 {
+        finished = statuses(&bed.client).await;
+        if finished.len() == orders && finished.values().all(|s| s == "COMPLETED" || s == "FAILED") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(finished.len(), orders, "one saga per order");
+    assert!(finished.values().all(|s| s == "COMPLETED" || s == "FAILED"), "{finished:?}");
+    let _ = stop_orchestrator.send(true);
+    task.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop_all.send(true);
+    for task in background {
+        task.await.unwrap();
+    }
+
+    for (o, status) in (0..orders).map(|o| (o, &finished[&format!("k-{o}")])) {
+        let expected =
+            if tokens[o % 5] == "tok_decline" || carriers[o % 5] == "fail_label" { "FAILED" } else { "COMPLETED" };
+        assert_eq!(status, expected, "order k-{o}");
+    }
+    let at_most_once = |counts: BTreeMap<String, i64>, what: &str| {
+        assert!(counts.values().all(|n| *n == 1), "{what} more than once: {counts:?}");
+        counts.len()
+    };
+    let reserved = at_most_once(per(&bed.client, "InventoryReserved", "order_id").await, "reserved");
+    let authorized = at_most_once(per(&bed.client, "PaymentAuthorized", "order_id").await, "authorized");
+    let labelled = at_most_once(per(&bed.client, "ShipmentCreated", "order_id").await, "labelled");
+    at_most_once(per(&bed.client, "OrderConfirmed", "order_id").await, "confirmed");
+    at_most_once(per(&bed.client, "OrderCancelled", "order_id").await, "cancelled");
+    assert_eq!(reserved, orders, "every order reserved once");
+    assert_eq!(authorized, orders - orders / 5, "all but the declined ones authorized once");
+    assert_eq!(labelled, orders - 2 * (orders / 5), "labels for all but the declined and the carrier failures");
+    let mut by_key = BTreeMap::new();
+    for a in bed.payments.authorizations() {
+        *by_key.entry(a.key).or_insert(0) += 1;
+    }
+    assert_eq!(by_key.len(), authorized, "one provider authorization per authorized order");
+    // The completed orders hold their unit; the failed ones hold nothing.
+    let completed = finished.values().filter(|s| *s == "COMPLETED").count() as i64;
+    assert_eq!(bed.stock().await["sku-a"], (110 - completed, completed));
+}
+
+/// 200 orders at once on 5 products with scarce stock: afterwards, for
+/// every product, stock = available + reserved + shipped, the confirmed
+/// orders hold exactly their lines and every cancelled order holds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sagas_on_scarce_stock_keep_the_stock_whole() {
+    let bed = bed().await;
+    let products = ["p-0", "p-1", "p-2", "p-3", "p-4"];
+    for product in products {
+        bed.send(Command::Inventory {
+            product_id: product.into(),
+            command: RegisterProduct { product_id: product.into(), name: product.into() }.into(),
+        })
+        .await;
+        bed.send(Command::Inventory { product_id: product.into(), command: ReplenishStock { quantity: 60 }.into() })
+            .await;
+    }
+    let (stop_all, stop) = tokio::sync::watch::channel(false);
+    let mut background = Vec::new();
+    let projections: [Arc<dyn Projection>; 3] =
+        [Arc::new(SagaIntake), Arc::new(OrderViews), Arc::new(InventoryViews::default())];
+    for projection in projections {
+        background.push(tokio::spawn(projector(&bed, projection).await.run(stop.clone())));
+    }
+    let config = OrchestratorConfig { concurrency: 8, ..config() };
+    let fulfilment = Fulfilment {
+        commands: Arc::new(bed.bus.clone()),
+        payments: bed.payments.clone(),
+        carrier: bed.carrier.clone(),
+    };
+    let (task, stop_orchestrator) =
+        spawn_orchestrator(Orchestrator::new(bed.db.url(), fulfilment, config).await.unwrap());
+
+    // Each order: two products, 1 to 3 units each (about 400 units asked of
+    // 300); one in ten is declined.
+    let orders = 200;
+    let lines = |o: usize| {
+        vec![
+            OrderItem {
+                product_id: products[o % 5].into(),
+                quantity: 1 + (o % 3) as u32,
+                unit_price: Money::new(100, eur()),
+            },
+            OrderItem {
+                product_id: products[(o + 2) % 5].into(),
+                quantity: 1 + (o / 5 % 2) as u32,
+                unit_price: Money::new(100, eur()),
+            },
+        ]
+    };
+    let creates = (0..orders).map(|o| {
+        let bus = bed.bus.clone();
+        let create = CreateOrder {
+            order_id: format!("c-{o}"),
+            customer_id: "c".into(),
+            currency: eur(),
+            items: lines(o),
+            payment_token: Some(if o % 10 == 7 { "tok_decline" } else { "tok_visa" }.into()),
+            carrier: Some("DHL".into()),
+        };
+        async move {
+            let command = Command::Order { order_id: format!("c-{o}"), command: create.into() };
+            bus.oneshot(Envelope::new(command, Meta::default())).await.unwrap();
+        }
+    });
+    futures_util::future::join_all(creates).await;
+
+    let mut finished = BTreeMap::new();
+    for _ in 0..3_000 {
+        finished = statuses(&bed.client).await;
+        if finished.len() == orders && finished.values().all(|s| s == "COMPLETED" || s == "FAILED") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(finished.len(), orders);
+    assert!(finished.values().all(|s| s == "COMPLETED" || s == "FAILED"), "{finished:?}");
+    let _ = stop_orchestrator.send(true);
+    task.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop_all.send(true);
+    for task in background {
+        task.await.unwrap();
+    }
+
+    let completed: Vec<usize> = (0..orders).filter(|o| finished[&format!("c-{o}")] == "COMPLETED").collect();
+    assert!(completed.len() > 50 && completed.len() < orders - 20, "scarce stock failed some: {}", completed.len());
+    // What the confirmed orders hold, per product.
+    let mut held: BTreeMap<String, i64> = BTreeMap::new();
+    for o in &completed {
+        for line in lines(*o) {
+            *held.entry(line.product_id).or_default() += i64::from(line.quantity);
+        }
+    }
+    let rows = bed
+        .client
+        .query(
+            "SELECT product_id, available, reserved, shipped FROM read.inventory_views WHERE product_id LIKE 'p-%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 5);
+    for row in rows {
+        let (product, available, reserved, shipped): (String, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(available + reserved + shipped, 60, "{product}: stock = available + reserved + shipped");
+        assert_eq!(
+            reserved,
+            held.get(&product).copied().unwrap_or(0),
+            "{product}: reserved = what confirmed orders hold"
+        );
+    }
+    let holding_cancelled: i64 = bed
+        .client
+        .query_one(
+            "SELECT count(*) FROM read.inventory_reservations r JOIN read.order_views o USING (order_id) \
+              WHERE o.status = 'cancelled'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holding_cancelled, 0, "every cancelled order holds nothing");
+    let cancelled: i64 = bed
+        .client
+        .query_one("SELECT count(*) FROM read.order_views WHERE status = 'cancelled' AND order_id LIKE 'c-%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cancelled as usize, orders - completed.len(), "every failed saga cancelled its order");
 }
