@@ -17,6 +17,7 @@ const PROTOS: &[&str] = &[
     "eventfold/accounts/v1/accounts.proto",
     "eventfold/users/v1/users.proto",
     "eventfold/query/v1/query.proto",
+    "eventfold/sagas/v1/sagas.proto",
 ];
 
 /// `google/api/http.proto` and `google/api/annotations.proto` declare the

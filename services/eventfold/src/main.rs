@@ -205,6 +205,27 @@ struct Config {
     projector: ProjectorConfig,
     relay: eventfold_relay::Config,
     registry: RegistryConfig,
+    saga: SagaConfig,
+}
+
+/// The sagas (`[saga]`): the intake runs with the projectors, the
+/// orchestrator against the sandbox payment provider and carrier.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct SagaConfig {
+    enabled: bool,
+    orchestrator: eventfold_saga::OrchestratorConfig,
+    sandbox: eventfold_saga::SandboxConfig,
+}
+
+impl Default for SagaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            orchestrator: eventfold_saga::OrchestratorConfig::default(),
+            sandbox: eventfold_saga::SandboxConfig::default(),
+        }
+    }
 }
 
 /// Where the Schema Registry is (`[registry]`).
@@ -395,16 +416,27 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let log = postgres(&config).await?;
             let (query, invalidator) = read_side(&config, &url, log.clone()).await?;
             let (_stop_projectors, stop) = tokio::sync::watch::channel(false);
-            spawn_projectors(&config, &url, log.clone(), invalidator, stop).await?;
+            spawn_projectors(&config, &url, log.clone(), invalidator, stop.clone()).await?;
             let bus = eventfold_command::bus(log.clone(), config.command.bus_options());
+            let sagas = if config.saga.enabled {
+                spawn_orchestrator(&config, &url, bus.clone(), stop.clone()).await?;
+                Some(eventfold_saga::grpc::Sagas::connect(&url).await?)
+            } else {
+                None
+            };
             let extra = eventfold_eventstore::Extra {
                 names: eventfold_command::SERVICE_NAMES
                     .iter()
                     .chain(eventfold_query::SERVICE_NAMES)
+                    .chain(if sagas.is_some() { eventfold_saga::grpc::SERVICE_NAMES } else { &[] })
                     .map(|s| (*s).to_owned())
                     .collect(),
                 add: Box::new(move |router| {
-                    eventfold_query::add_services(eventfold_command::add_services(router, bus), query)
+                    let router = eventfold_query::add_services(eventfold_command::add_services(router, bus), query);
+                    match sagas {
+                        Some(sagas) => eventfold_saga::grpc::add_services(router, sagas),
+                        None => router,
+                    }
                 }),
             };
             serve_eventstore(&config, log, "PostgreSQL, with projectors and queries", extra).await
@@ -555,7 +587,11 @@ async fn spawn_projectors(
             Some(eventfold_bus::KafkaSource::new(source_config, catalog, registry))
         }
     };
-    Ok(eventfold_projector::all()
+    let mut projections = eventfold_projector::all();
+    if config.saga.enabled {
+        projections.push(Arc::new(eventfold_saga::SagaIntake));
+    }
+    Ok(projections
         .into_iter()
         .map(|projection| {
             tokio::spawn(eventfold_projector::run_active(
@@ -569,6 +605,26 @@ async fn spawn_projectors(
             ))
         })
         .collect())
+}
+
+/// The saga orchestrator over `url`, sending commands through `bus`, with
+/// the sandbox payment provider and carrier.
+async fn spawn_orchestrator(
+    config: &Config,
+    url: &str,
+    bus: eventfold_command::Bus,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let sandbox = config.saga.sandbox.clone();
+    let fulfilment = eventfold_saga::Fulfilment {
+        commands: Arc::new(bus),
+        payments: Arc::new(eventfold_saga::SandboxPayments::new(sandbox.clone())),
+        carrier: Arc::new(eventfold_saga::SandboxCarrier::new(sandbox)),
+    };
+    let orchestrator = eventfold_saga::Orchestrator::new(url, fulfilment, config.saga.orchestrator.clone()).await?;
+    // It polls (saga.orchestrator.poll_ms); nothing wakes it sooner.
+    let (_, wake) = tokio::sync::watch::channel(0u64);
+    Ok(tokio::spawn(orchestrator.run(wake, stop)))
 }
 
 /// The log as every service reads it: old event versions upcast.

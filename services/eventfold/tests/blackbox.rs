@@ -109,10 +109,16 @@ impl DevServer {
 
     /// `eventfold dev` with `args` added; its first line starts `prefix`.
     fn start_with(args: &[&str], prefix: &str) -> Self {
+        Self::start_env(args, &[], prefix)
+    }
+
+    /// [`DevServer::start_with`] with environment variables `env` too.
+    fn start_env(args: &[&str], env: &[(&str, &str)], prefix: &str) -> Self {
         let mut child = eventfold()
             .args(["dev", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("EVENTFOLD_LOG__FILTER", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -288,6 +294,83 @@ fn orders_go_through_the_command_services() {
 
 /// `eventfold dev --database-url`: the read side runs too; a query with a
 /// command's position sees the command's write.
+/// CreateOrder with a payment token on `eventfold dev` (PostgreSQL) starts
+/// the fulfilment saga; WatchSaga streams its steps until it completed.
+#[test]
+fn watch_saga_streams_the_steps_of_a_saga_started_by_create_order() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let db = runtime.block_on(eventfold_tests::TestDatabase::create());
+    // Slow sandbox calls, so that the steps are seen one by one.
+    let server = DevServer::start_env(
+        &["--database-url", db.url()],
+        &[("EVENTFOLD_SAGA__SANDBOX__LATENCY_MS", "300")],
+        "eventfold: EventStoreService and the command and query services listening on ",
+    );
+    let list = server.run(&[&server.addr, "list"]);
+    assert!(list.lines().any(|l| l.trim() == "eventfold.sagas.v1.SagaService"), "{list}");
+    let inventory = "eventfold.inventory.v1.InventoryCommandService";
+    server.call(&format!("{inventory}/RegisterProduct"), &serde_json::json!({"productId": "sku-w", "name": "Kettle"}));
+    server.call(&format!("{inventory}/ReplenishStock"), &serde_json::json!({"productId": "sku-w", "quantity": 5}));
+    let create = serde_json::json!({
+        "orderId": "w-1", "customerId": "c-1", "currency": "EUR", "paymentToken": "tok_visa", "carrier": "DHL",
+        "items": [{ "productId": "sku-w", "quantity": 2, "unitPrice": { "minor": "1500", "currency": "EUR" } }],
+    });
+    server.call("eventfold.orders.v1.OrderCommandService/CreateOrder", &create);
+
+    // The intake starts the saga shortly after the order: watch as soon as
+    // it exists.
+    let watch = serde_json::json!({"sagaId": "fulfil-w-1"}).to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let Output { status, stdout, stderr } = server
+            .grpcurl(&["-d", &watch, &server.addr, "eventfold.sagas.v1.SagaService/WatchSaga"])
+            .output()
+            .expect("run grpcurl");
+        if status.success() {
+            break String::from_utf8_lossy(&stdout).into_owned();
+        }
+        let stderr = String::from_utf8_lossy(&stderr);
+        assert!(stderr.contains("NotFound"), "WatchSaga failed other than NOT_FOUND: {stderr}");
+        assert!(Instant::now() < deadline, "the saga was not started within 20 s");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let messages: Vec<Value> =
+        serde_json::Deserializer::from_str(&out).into_iter::<Value>().map(|m| m.expect("JSON message")).collect();
+    assert!(messages.len() >= 2, "the changes are streamed one by one: {out}");
+    let last = &messages.last().unwrap()["saga"];
+    assert_eq!(last["status"], "SAGA_STATUS_COMPLETED", "the stream ends with the finished saga: {out}");
+    let steps: Vec<&str> = last["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["RESERVE_INVENTORY", "AUTHORIZE_PAYMENT", "CREATE_SHIPPING_LABEL", "CONFIRM_ORDER"]);
+    let versions: Vec<i64> =
+        messages.iter().map(|m| m["saga"]["version"].as_str().map_or(0, |v| v.parse().unwrap())).collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "each message a newer state: {versions:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m["saga"]["currentStep"] == "CREATE_SHIPPING_LABEL"
+                || m["saga"]["currentStep"] == "AUTHORIZE_PAYMENT"),
+        "a step in progress was seen: {out}"
+    );
+
+    let got = server.call("eventfold.sagas.v1.SagaService/GetSaga", &serde_json::json!({"sagaId": "fulfil-w-1"}));
+    assert_eq!(got["saga"]["correlationId"], "w-1");
+    let listed = server.call(
+        "eventfold.sagas.v1.SagaService/ListSagas",
+        &serde_json::json!({"type": "SAGA_TYPE_ORDER_FULFILMENT", "status": "SAGA_STATUS_COMPLETED"}),
+    );
+    assert_eq!(listed["sagas"].as_array().map(Vec::len), Some(1), "{listed}");
+    // An operator cannot abort what finished.
+    let Output { status, stderr, .. } = server
+        .grpcurl(&["-d", &watch, &server.addr, "eventfold.sagas.v1.SagaService/AbortSaga"])
+        .output()
+        .expect("run grpcurl");
+    assert!(!status.success());
+    let stderr = String::from_utf8_lossy(&stderr);
+    assert!(stderr.contains("FailedPrecondition") && stderr.contains("SAGA_NOT_RUNNING"), "{stderr}");
+    let order = server.call("eventfold.query.v1.OrderQueryService/GetOrder", &serde_json::json!({"orderId": "w-1"}));
+    assert_eq!(order["order"]["status"], "ORDER_STATUS_CONFIRMED", "{order}");
+}
+
 #[test]
 fn dev_on_postgres_answers_queries_with_read_your_writes() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

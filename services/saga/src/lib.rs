@@ -13,8 +13,10 @@
 //! starts a fulfilment saga for every `OrderCreated` with a payment token
 //! (a projection, so it runs on the log or on Kafka); [`steps`] is what
 //! each step sends to the command side and the ports; [`orchestrator`]
-//! runs the due steps, with their deadlines on record.
+//! runs the due steps, with their deadlines on record; [`grpc`] is the
+//! `SagaService`.
 
+pub mod grpc;
 pub mod intake;
 pub mod model;
 pub mod orchestrator;

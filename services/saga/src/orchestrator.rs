@@ -205,9 +205,15 @@ impl Orchestrator {
             match self.tick().await {
                 Ok(0) => {
                     backoff = Duration::from_millis(100);
+                    // A wake sender that is gone leaves the poll.
+                    let woken = async {
+                        if wake.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
                     tokio::select! {
                         () = tokio::time::sleep(poll) => {}
-                        _ = wake.changed() => {}
+                        () = woken => {}
                         _ = shutdown.changed() => {}
                     }
                 }

@@ -185,6 +185,40 @@ pub async fn claim(client: &impl GenericClient, saga_id: &str) -> Result<Option<
     client.query_opt(&sql, &[&saga_id]).await?.as_ref().map(record).transpose()
 }
 
+/// Saga `saga_id` locked for the calling transaction, waiting for whoever
+/// holds it (an operator's change).
+pub async fn lock(client: &impl GenericClient, saga_id: &str) -> Result<Option<SagaRecord>> {
+    let sql = format!("SELECT {COLUMNS} FROM saga.saga_instances WHERE saga_id = $1 FOR UPDATE");
+    client.query_opt(&sql, &[&saga_id]).await?.as_ref().map(record).transpose()
+}
+
+/// Where a page of [`list`] starts: after this (created_at, saga_id).
+pub type Cursor = (SystemTime, String);
+
+/// Sagas newest first, optionally of one type and status, after `after`;
+/// each with its creation time (the next page's cursor).
+pub async fn list(
+    client: &impl GenericClient,
+    saga_type: Option<SagaType>,
+    status: Option<crate::model::Status>,
+    after: Option<&Cursor>,
+    limit: i64,
+) -> Result<Vec<(SagaRecord, SystemTime)>> {
+    let sql = format!(
+        "SELECT {COLUMNS}, created_at FROM saga.saga_instances \
+          WHERE ($1::text IS NULL OR saga_type = $1) AND ($2::text IS NULL OR status = $2) \
+            AND ($3::timestamptz IS NULL OR (created_at, saga_id) < ($3, $4)) \
+          ORDER BY created_at DESC, saga_id DESC LIMIT $5"
+    );
+    let (at, id) = match after {
+        Some((at, id)) => (Some(*at), Some(id.as_str())),
+        None => (None, None),
+    };
+    let rows =
+        client.query(&sql, &[&saga_type.map(SagaType::as_str), &status.map(|s| s.as_str()), &at, &id, &limit]).await?;
+    rows.iter().map(|r| Ok((record(r)?, r.get("created_at")))).collect()
+}
+
 /// The history of saga `saga_id`, in order.
 pub async fn steps(client: &impl GenericClient, saga_id: &str) -> Result<Vec<StepLog>> {
     let rows = client

@@ -1,0 +1,318 @@
+//! `eventfold.sagas.v1.SagaService`: the stored sagas over gRPC, and the
+//! operators' retry and abort.
+
+use std::{pin::Pin, time::Duration};
+
+use bb8::Pool;
+use bb8_postgres::PostgresConnectionManager;
+use eventfold_platform::status::{error_info, invalid_argument};
+use eventfold_proto::sagas::{
+    self as pb,
+    saga_service_server::{SagaService, SagaServiceServer},
+};
+use tokio_postgres::NoTls;
+use tonic::{Code, Request, Response, Status, transport::server::Router};
+
+use crate::{
+    model::{SagaType, Status as SagaStatus},
+    store::{self, SagaRecord, StoreError},
+};
+
+/// The gRPC names of the saga service, as health and reflection know them.
+pub const SERVICE_NAMES: &[&str] = &["eventfold.sagas.v1.SagaService"];
+
+const DEFAULT_PAGE: i32 = 50;
+const MAX_PAGE: i32 = 500;
+
+/// How often a watch looks at its saga.
+const WATCH_POLL: Duration = Duration::from_millis(25);
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct Sagas {
+    pool: Pool<PostgresConnectionManager<NoTls>>,
+}
+
+impl std::fmt::Debug for Sagas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sagas").finish_non_exhaustive()
+    }
+}
+
+impl Sagas {
+    /// The service over the sagas of the database of `database_url`.
+    pub async fn connect(database_url: &str) -> Result<Sagas, crate::orchestrator::Error> {
+        let pg: tokio_postgres::Config = database_url.parse()?;
+        let pool = Pool::builder()
+            .max_size(4)
+            .connection_timeout(Duration::from_secs(5))
+            .build(PostgresConnectionManager::new(pg, NoTls))
+            .await
+            .map_err(|e| crate::orchestrator::Error::Pool(e.to_string()))?;
+        Ok(Sagas { pool })
+    }
+}
+
+/// Adds the saga service to `router`.
+pub fn add_services(router: Router, sagas: Sagas) -> Router {
+    router.add_service(SagaServiceServer::new(sagas))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Status {
+    error_info(Code::Unavailable, format!("saga store: {e}"), "STORE_UNAVAILABLE", &[])
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Database(db) => unavailable(db),
+        StoreError::Conflict { saga_id, .. } => {
+            error_info(Code::Aborted, "the saga changed meanwhile; try again", "SAGA_CHANGED", &[("saga_id", saga_id)])
+        }
+        StoreError::Corrupt { saga_id, message } => {
+            error_info(Code::Internal, message, "SAGA_CORRUPT", &[("saga_id", saga_id)])
+        }
+    }
+}
+
+fn not_found(saga_id: &str) -> Status {
+    error_info(Code::NotFound, format!("no saga {saga_id}"), "SAGA_NOT_FOUND", &[("saga_id", saga_id.to_owned())])
+}
+
+fn require_id(saga_id: &str) -> Result<(), Status> {
+    if saga_id.is_empty() || saga_id.len() > 200 {
+        return Err(invalid_argument([("saga_id".to_owned(), "must be 1 to 200 bytes".to_owned())]));
+    }
+    Ok(())
+}
+
+fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
+    t.into()
+}
+
+fn type_pb(t: SagaType) -> pb::SagaType {
+    match t {
+        SagaType::OrderFulfilment => pb::SagaType::OrderFulfilment,
+        SagaType::MoneyTransfer => pb::SagaType::MoneyTransfer,
+    }
+}
+
+fn status_pb(s: SagaStatus) -> pb::SagaStatus {
+    match s {
+        SagaStatus::Running => pb::SagaStatus::Running,
+        SagaStatus::Compensating => pb::SagaStatus::Compensating,
+        SagaStatus::Completed => pb::SagaStatus::Completed,
+        SagaStatus::Failed => pb::SagaStatus::Failed,
+    }
+}
+
+/// The proto form of `record` with `steps`.
+fn saga_pb(record: &SagaRecord, steps: Vec<store::StepLog>) -> pb::Saga {
+    let state = &record.state;
+    pb::Saga {
+        saga_id: record.saga_id.clone(),
+        r#type: type_pb(state.saga_type).into(),
+        correlation_id: record.correlation_id.clone(),
+        status: status_pb(state.status).into(),
+        current_step: state.step.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        failures: state.failures,
+        reason: state.reason.clone().unwrap_or_default(),
+        compensated: state.compensated(),
+        compensation_errors: state.compensation_errors.clone(),
+        steps: steps
+            .into_iter()
+            .map(|s| pb::SagaStep {
+                step: s.step.as_str().to_owned(),
+                outcome: s.outcome,
+                detail: s.detail.unwrap_or_default(),
+                started_at: Some(timestamp(s.started_at)),
+                ended_at: Some(timestamp(s.ended_at)),
+            })
+            .collect(),
+        due_at: (!state.status.is_final()).then(|| timestamp(record.due_at)),
+        deadline_at: record.deadline_at.map(timestamp),
+        version: record.version,
+    }
+}
+
+/// An opaque page token: the cursor and the filters it belongs to.
+fn page_token(cursor: &store::Cursor, filters: &str) -> String {
+    let micros = cursor.0.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    hex::encode(format!("{micros}|{filters}|{}", cursor.1))
+}
+
+fn parse_token(token: &str, filters: &str) -> Result<store::Cursor, Status> {
+    let bad =
+        || invalid_argument([("page_token".to_owned(), "not a token of this list with these filters".to_owned())]);
+    let text = String::from_utf8(hex::decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
+    let mut parts = text.splitn(3, '|');
+    let (Some(micros), Some(given), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    if given != filters {
+        return Err(bad());
+    }
+    let micros: u64 = micros.parse().map_err(|_| bad())?;
+    Ok((std::time::UNIX_EPOCH + Duration::from_micros(micros), id.to_owned()))
+}
+
+impl Sagas {
+    async fn client(&self) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>, Status> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    async fn saga(&self, saga_id: &str) -> Result<pb::Saga, Status> {
+        let client = self.client().await?;
+        let record = store::load(&*client, saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
+        let steps = store::steps(&*client, saga_id).await.map_err(store_status)?;
+        Ok(saga_pb(&record, steps))
+    }
+
+    /// Applies an operator's change to saga `saga_id` under its lock.
+    async fn change(
+        &self,
+        saga_id: &str,
+        change: impl FnOnce(&mut SagaRecord) -> Result<(), Status>,
+    ) -> Result<pb::Saga, Status> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        let mut record = store::lock(&tx, saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
+        change(&mut record)?;
+        record.due_at = std::time::SystemTime::now();
+        record.deadline_at = None;
+        store::save(&tx, &mut record, &[]).await.map_err(store_status)?;
+        tx.commit().await.map_err(unavailable)?;
+        drop(client);
+        self.saga(saga_id).await
+    }
+}
+
+type WatchStream = Pin<Box<dyn futures_util::Stream<Item = Result<pb::WatchSagaResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SagaService for Sagas {
+    async fn get_saga(&self, request: Request<pb::GetSagaRequest>) -> Result<Response<pb::GetSagaResponse>, Status> {
+        let r = request.into_inner();
+        require_id(&r.saga_id)?;
+        Ok(Response::new(pb::GetSagaResponse { saga: Some(self.saga(&r.saga_id).await?) }))
+    }
+
+    async fn list_sagas(
+        &self,
+        request: Request<pb::ListSagasRequest>,
+    ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        let r = request.into_inner();
+        let saga_type = match pb::SagaType::try_from(r.r#type) {
+            Ok(pb::SagaType::Unspecified) => None,
+            Ok(pb::SagaType::OrderFulfilment) => Some(SagaType::OrderFulfilment),
+            Ok(pb::SagaType::MoneyTransfer) => Some(SagaType::MoneyTransfer),
+            Err(_) => return Err(invalid_argument([("type".to_owned(), "unknown saga type".to_owned())])),
+        };
+        let status = match pb::SagaStatus::try_from(r.status) {
+            Ok(pb::SagaStatus::Unspecified) => None,
+            Ok(pb::SagaStatus::Running) => Some(SagaStatus::Running),
+            Ok(pb::SagaStatus::Compensating) => Some(SagaStatus::Compensating),
+            Ok(pb::SagaStatus::Completed) => Some(SagaStatus::Completed),
+            Ok(pb::SagaStatus::Failed) => Some(SagaStatus::Failed),
+            Err(_) => return Err(invalid_argument([("status".to_owned(), "unknown saga status".to_owned())])),
+        };
+        if r.page_size < 0 || r.page_size > MAX_PAGE {
+            return Err(invalid_argument([("page_size".to_owned(), format!("must be 0 to {MAX_PAGE}"))]));
+        }
+        let size = if r.page_size == 0 { DEFAULT_PAGE } else { r.page_size };
+        let filters = format!("{}:{}", r.r#type, r.status);
+        let after = if r.page_token.is_empty() { None } else { Some(parse_token(&r.page_token, &filters)?) };
+        let client = self.client().await?;
+        let mut rows = store::list(&*client, saga_type, status, after.as_ref(), i64::from(size) + 1)
+            .await
+            .map_err(store_status)?;
+        let more = rows.len() > size as usize;
+        rows.truncate(size as usize);
+        let next_page_token = match rows.last() {
+            Some((record, created_at)) if more => page_token(&(*created_at, record.saga_id.clone()), &filters),
+            _ => String::new(),
+        };
+        let sagas = rows.iter().map(|(record, _)| saga_pb(record, Vec::new())).collect();
+        Ok(Response::new(pb::ListSagasResponse { sagas, next_page_token }))
+    }
+
+    type WatchSagaStream = WatchStream;
+
+    async fn watch_saga(&self, request: Request<pb::WatchSagaRequest>) -> Result<Response<WatchStream>, Status> {
+        let r = request.into_inner();
+        require_id(&r.saga_id)?;
+        let first = self.saga(&r.saga_id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(pb::WatchSagaResponse { saga: Some(last.clone()) })).await.is_err() {
+                return;
+            }
+            let finished = |s: &pb::Saga| {
+                matches!(pb::SagaStatus::try_from(s.status), Ok(pb::SagaStatus::Completed | pb::SagaStatus::Failed))
+            };
+            while !finished(&last) {
+                tokio::select! {
+                    () = tokio::time::sleep(WATCH_POLL) => {}
+                    () = tx.closed() => return,
+                }
+                match service.saga(&r.saga_id).await {
+                    Ok(now) if now.version != last.version => {
+                        if tx.send(Ok(pb::WatchSagaResponse { saga: Some(now.clone()) })).await.is_err() {
+                            return;
+                        }
+                        last = now;
+                    }
+                    Ok(_) => {}
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn retry_saga(
+        &self,
+        request: Request<pb::RetrySagaRequest>,
+    ) -> Result<Response<pb::RetrySagaResponse>, Status> {
+        let r = request.into_inner();
+        require_id(&r.saga_id)?;
+        let saga = self
+            .change(&r.saga_id, |record| {
+                record.state.retry().map(drop).ok_or_else(|| {
+                    error_info(
+                        Code::FailedPrecondition,
+                        format!("saga {} has no refused compensation to retry", record.saga_id),
+                        "SAGA_NOT_RETRYABLE",
+                        &[("saga_id", record.saga_id.clone()), ("status", record.state.status.as_str().to_owned())],
+                    )
+                })
+            })
+            .await?;
+        Ok(Response::new(pb::RetrySagaResponse { saga: Some(saga) }))
+    }
+
+    async fn abort_saga(
+        &self,
+        request: Request<pb::AbortSagaRequest>,
+    ) -> Result<Response<pb::AbortSagaResponse>, Status> {
+        let r = request.into_inner();
+        require_id(&r.saga_id)?;
+        let saga = self
+            .change(&r.saga_id, |record| {
+                record.state.abort().map(drop).ok_or_else(|| {
+                    error_info(
+                        Code::FailedPrecondition,
+                        format!("saga {} is not running", record.saga_id),
+                        "SAGA_NOT_RUNNING",
+                        &[("saga_id", record.saga_id.clone()), ("status", record.state.status.as_str().to_owned())],
+                    )
+                })
+            })
+            .await?;
+        Ok(Response::new(pb::AbortSagaResponse { saga: Some(saga) }))
+    }
+}
