@@ -1,7 +1,10 @@
 //! The order fulfilment saga end to end on a real PostgreSQL: CreateOrder
 //! through the command bus, the intake projection starting the saga, the
 //! orchestrator running it against the sandbox payment provider and
-//! carrier, and the read models showing the result.
+//! carrier, and the read models showing the result. Every test runs twice:
+//! with the intake on the store's log (`log::`) and on Kafka (`kafka::`:
+//! the relay to a tansu broker, Avro with the Schema Registry stand-in's
+//! ids, the intake on the Kafka source).
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -27,7 +30,58 @@ fn eur() -> Currency {
     "EUR".parse().unwrap()
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Log,
+    Kafka,
+}
+
+/// The relay, the broker and the registry of a Kafka bed.
+struct Bus {
+    source: Arc<dyn eventfold_store::EventSource>,
+    _broker: eventfold_tests::kafka::Broker,
+    _registry: eventfold_tests::registry::RegistryStandIn,
+    _relay: tokio::sync::watch::Sender<bool>,
+}
+
+async fn kafka_bus(db: &TestDatabase, log: &Arc<dyn EventLog>) -> Bus {
+    use eventfold_schemas::{Catalog, Registry};
+    let broker = eventfold_tests::kafka::Broker::start();
+    let registry = eventfold_tests::registry::RegistryStandIn::start().await;
+    Registry::new(registry.url())
+        .unwrap()
+        .register_catalog(&Catalog::load().unwrap(), eventfold_proto::FILE_DESCRIPTOR_SET)
+        .await
+        .unwrap();
+    let relay_config = eventfold_relay::Config {
+        brokers: vec![broker.bootstrap()],
+        idle_poll_ms: 5,
+        linger_ms: 1,
+        ..eventfold_relay::Config::default()
+    };
+    let encoder = eventfold_relay::AvroEncoder::new(Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
+    let relay = eventfold_relay::Relay::new(db.url(), log.clone(), Arc::new(encoder), relay_config).await.unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(relay.run(stop));
+    let source_config = eventfold_bus::KafkaSourceConfig {
+        consumer: eventfold_bus::ConsumerConfig {
+            brokers: vec![broker.bootstrap()],
+            fetch_wait_ms: 1,
+            ..Default::default()
+        },
+        poll_ms: 5,
+        ..Default::default()
+    };
+    let source = eventfold_bus::KafkaSource::new(
+        source_config,
+        Catalog::load().unwrap(),
+        Registry::new(registry.url()).unwrap(),
+    );
+    Bus { source, _broker: broker, _registry: registry, _relay: stop_tx }
+}
+
 struct Bed {
+    kafka: Option<Bus>,
     db: TestDatabase,
     log: Arc<dyn EventLog>,
     bus: eventfold_command::Bus,
@@ -48,15 +102,22 @@ fn config() -> OrchestratorConfig {
     }
 }
 
-async fn bed() -> Bed {
+async fn bed(source: Source) -> Bed {
     let db = TestDatabase::migrated().await;
     let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap();
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
+    let kafka = match source {
+        Source::Log => None,
+        Source::Kafka => Some(kafka_bus(&db, &log).await),
+    };
     let bus = eventfold_command::bus(log.clone(), eventfold_command::BusOptions::default());
     let payments = Arc::new(SandboxPayments::new(SandboxConfig { latency_ms: 1 }));
     let carrier = Arc::new(SandboxCarrier::new(SandboxConfig { latency_ms: 1 }));
     let options = ProjectorOptions { idle_poll: Duration::from_millis(5), ..ProjectorOptions::default() };
-    let intake = Projector::new(db.url(), log.clone(), Arc::new(SagaIntake), 1, options.clone()).await.unwrap();
+    let mut intake = Projector::new(db.url(), log.clone(), Arc::new(SagaIntake), 1, options.clone()).await.unwrap();
+    if let Some(bus) = &kafka {
+        intake = intake.with_source(bus.source.clone());
+    }
     intake.prepare().await.unwrap();
     let mut views = Vec::new();
     for projection in [Arc::new(OrderViews) as Arc<dyn Projection>, Arc::new(InventoryViews::default())] {
@@ -76,7 +137,7 @@ async fn bed() -> Bed {
     let orchestrator = Orchestrator::new(db.url(), fulfilment, config).await.unwrap();
     let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
     tokio::spawn(connection);
-    let bed = Bed { db, log, bus, payments, carrier, intake, views, orchestrator, client };
+    let bed = Bed { kafka, db, log, bus, payments, carrier, intake, views, orchestrator, client };
     for product in ["sku-a", "sku-b"] {
         bed.send(Command::Inventory {
             product_id: product.into(),
@@ -181,9 +242,8 @@ impl Bed {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_happy_path_reserves_authorizes_labels_and_confirms() {
-    let bed = bed().await;
+async fn the_happy_path_reserves_authorizes_labels_and_confirms(source: Source) {
+    let bed = bed(source).await;
     bed.order("o-1", "tok_visa", "DHL").await;
     let saga = bed.finish("o-1").await;
     assert_eq!(saga.state.status, Status::Completed);
@@ -201,9 +261,8 @@ async fn the_happy_path_reserves_authorizes_labels_and_confirms() {
     assert_eq!(saga.data["authorization_id"], authorizations[0].authorization.id.as_str());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_declined_payment_releases_the_inventory_and_cancels_the_order() {
-    let bed = bed().await;
+async fn a_declined_payment_releases_the_inventory_and_cancels_the_order(source: Source) {
+    let bed = bed(source).await;
     bed.order("o-2", "tok_decline", "DHL").await;
     let saga = bed.finish("o-2").await;
     assert_eq!(saga.state.status, Status::Failed);
@@ -216,9 +275,8 @@ async fn a_declined_payment_releases_the_inventory_and_cancels_the_order() {
     assert!(bed.carrier.labels().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_carrier_failure_voids_the_authorization_releases_and_cancels() {
-    let bed = bed().await;
+async fn a_carrier_failure_voids_the_authorization_releases_and_cancels(source: Source) {
+    let bed = bed(source).await;
     bed.order("o-3", "tok_visa", "fail_label").await;
     let saga = bed.finish("o-3").await;
     assert!(saga.state.compensated(), "{:?}", saga.state);
@@ -243,9 +301,8 @@ async fn a_carrier_failure_voids_the_authorization_releases_and_cancels() {
     assert_eq!((stock["sku-a"], stock["sku-b"]), ((10, 0), (10, 0)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_provider_that_never_answers_times_out_and_the_saga_compensates() {
-    let bed = bed().await;
+async fn a_provider_that_never_answers_times_out_and_the_saga_compensates(source: Source) {
+    let bed = bed(source).await;
     bed.order("o-4", "tok_timeout", "DHL").await;
     let saga = bed.finish("o-4").await;
     assert_eq!(saga.state.status, Status::Failed);
@@ -259,9 +316,8 @@ async fn a_provider_that_never_answers_times_out_and_the_saga_compensates() {
     assert_eq!((stock["sku-a"], stock["sku-b"]), ((10, 0), (10, 0)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flaky_provider_is_retried_and_authorizes_once() {
-    let bed = bed().await;
+async fn a_flaky_provider_is_retried_and_authorizes_once(source: Source) {
+    let bed = bed(source).await;
     bed.order("o-5", "tok_flaky", "flaky_label").await;
     let saga = bed.finish("o-5").await;
     assert_eq!(saga.state.status, Status::Completed, "{:?}", saga.state);
@@ -301,17 +357,22 @@ fn spawn_orchestrator(orchestrator: Orchestrator) -> (tokio::task::JoinHandle<()
     (tokio::spawn(orchestrator.run(wake, stop)), stop_tx)
 }
 
+/// A projector of `projection`; the intake reads the bed's source.
 async fn projector(bed: &Bed, projection: Arc<dyn Projection>) -> Projector {
     let options = ProjectorOptions { idle_poll: Duration::from_millis(5), ..ProjectorOptions::default() };
-    Projector::new(bed.db.url(), bed.log.clone(), projection, 1, options).await.unwrap()
+    let intake = projection.name() == SagaIntake.name();
+    let projector = Projector::new(bed.db.url(), bed.log.clone(), projection, 1, options).await.unwrap();
+    match &bed.kafka {
+        Some(bus) if intake => projector.with_source(bus.source.clone()),
+        _ => projector,
+    }
 }
 
 /// The orchestrator is killed at random points, repeatedly, while orders
 /// come in, and started again: every saga finishes exactly once, with no
 /// double reservation, authorization or label.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sagas_finish_exactly_once_across_orchestrator_crashes() {
-    let bed = bed().await;
+async fn sagas_finish_exactly_once_across_orchestrator_crashes(source: Source) {
+    let bed = bed(source).await;
     bed.send(Command::Inventory { product_id: "sku-a".into(), command: ReplenishStock { quantity: 100 }.into() }).await;
     let (stop_all, stop) = tokio::sync::watch::channel(false);
     let mut background = Vec::new();
@@ -409,9 +470,8 @@ async fn sagas_finish_exactly_once_across_orchestrator_crashes() {
 /// 200 orders at once on 5 products with scarce stock: afterwards, for
 /// every product, stock = available + reserved + shipped, the confirmed
 /// orders hold exactly their lines and every cancelled order holds nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_sagas_on_scarce_stock_keep_the_stock_whole() {
-    let bed = bed().await;
+async fn concurrent_sagas_on_scarce_stock_keep_the_stock_whole(source: Source) {
+    let bed = bed(source).await;
     let products = ["p-0", "p-1", "p-2", "p-3", "p-4"];
     for product in products {
         bed.send(Command::Inventory {
@@ -537,3 +597,35 @@ async fn concurrent_sagas_on_scarce_stock_keep_the_stock_whole() {
         .get(0);
     assert_eq!(cancelled as usize, orders - completed.len(), "every failed saga cancelled its order");
 }
+
+/// Each scenario on the store's log and on Kafka.
+macro_rules! on_both_sources {
+    ($($name:ident),* $(,)?) => {
+        mod log {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Source::Log).await;
+                }
+            )*
+        }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Source::Kafka).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_sources!(
+    the_happy_path_reserves_authorizes_labels_and_confirms,
+    a_declined_payment_releases_the_inventory_and_cancels_the_order,
+    a_carrier_failure_voids_the_authorization_releases_and_cancels,
+    a_provider_that_never_answers_times_out_and_the_saga_compensates,
+    a_flaky_provider_is_retried_and_authorizes_once,
+    sagas_finish_exactly_once_across_orchestrator_crashes,
+    concurrent_sagas_on_scarce_stock_keep_the_stock_whole,
+);
