@@ -151,6 +151,12 @@ fn samples() -> Vec<(&'static str, u32, Value)> {
         amount: money(12_000),
         balance: money(38_000),
     })));
+    add(of(AccountEvent::from(TransferRequested {
+        account_id: "acc-alice".into(),
+        transfer_id: "trf-0001".into(),
+        to_account_id: "acc-bob".into(),
+        amount: money(8_000),
+    })));
     add(of(AccountEvent::from(TransferSent {
         account_id: "acc-alice".into(),
         transfer_id: "trf-0001".into(),

@@ -91,6 +91,7 @@ impl Command {
                 A::Open(_) => "OpenAccount",
                 A::Deposit(_) => "DepositMoney",
                 A::Withdraw(_) => "WithdrawMoney",
+                A::Request(_) => "RequestTransfer",
                 A::Send(_) => "SendTransfer",
                 A::Receive(_) => "ReceiveTransfer",
                 A::Refund(_) => "RefundTransfer",

@@ -522,6 +522,21 @@ impl AccountCommandService for AccountCommands {
         }))
     }
 
+    async fn request_transfer(
+        &self,
+        request: Request<accounts_pb::RequestTransferRequest>,
+    ) -> Result<Response<accounts_pb::RequestTransferResponse>, Status> {
+        let meta = meta(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        let mut edge = Edge::default();
+        let amount = edge.money("amount", r.amount);
+        edge.finish()?;
+        let command =
+            account::RequestTransfer { transfer_id: r.transfer_id, to_account_id: r.to_account_id, amount }.into();
+        let reply = account(&self.bus, meta, r.from_account_id, command).await?;
+        Ok(Response::new(accounts_pb::RequestTransferResponse { result: result(reply.first()) }))
+    }
+
     async fn close_account(
         &self,
         request: Request<accounts_pb::CloseAccountRequest>,

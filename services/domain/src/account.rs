@@ -33,6 +33,16 @@ pub struct WithdrawMoney {
     pub amount: Money,
 }
 
+/// Ask for a transfer from this account, carried out by the money
+/// transfer saga (withdraw, deposit, refund when the deposit is refused).
+/// Moves no money itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestTransfer {
+    pub transfer_id: String,
+    pub to_account_id: String,
+    pub amount: Money,
+}
+
 /// Debit the source side of a transfer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendTransfer {
@@ -64,6 +74,7 @@ command_enum! {
         Open(OpenAccount),
         Deposit(DepositMoney),
         Withdraw(WithdrawMoney),
+        Request(RequestTransfer),
         Send(SendTransfer),
         Receive(ReceiveTransfer),
         Refund(RefundTransfer),
@@ -92,6 +103,14 @@ pub struct MoneyWithdrawn {
     pub transaction_id: String,
     pub amount: Money,
     pub balance: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRequested {
+    pub account_id: String,
+    pub transfer_id: String,
+    pub to_account_id: String,
+    pub amount: Money,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +150,7 @@ domain_events! {
         Opened(AccountOpened) = 1,
         Deposited(MoneyDeposited) = 1,
         Withdrawn(MoneyWithdrawn) = 1,
+        TransferRequested(TransferRequested) = 1,
         TransferSent(TransferSent) = 1,
         TransferReceived(TransferReceived) = 1,
         TransferRefunded(TransferRefunded) = 1,
@@ -146,6 +166,8 @@ pub enum Movement {
     TransferOut(i64),
     TransferIn(i64),
     Refund(i64),
+    /// A transfer asked for (under `request:<transfer id>`).
+    Request(i64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -239,10 +261,11 @@ impl Aggregate for Account {
                 check_id("transaction_id", transaction_id, &mut violations);
                 check_amount(amount, &mut violations);
             }
-            AccountCommand::Send(c) => {
-                check_id("transfer_id", &c.transfer_id, &mut violations);
-                check_id("to_account_id", &c.to_account_id, &mut violations);
-                check_amount(&c.amount, &mut violations);
+            AccountCommand::Request(RequestTransfer { transfer_id, to_account_id, amount })
+            | AccountCommand::Send(SendTransfer { transfer_id, to_account_id, amount }) => {
+                check_id("transfer_id", transfer_id, &mut violations);
+                check_id("to_account_id", to_account_id, &mut violations);
+                check_amount(amount, &mut violations);
             }
             AccountCommand::Receive(c) => {
                 check_id("transfer_id", &c.transfer_id, &mut violations);
@@ -286,6 +309,22 @@ impl Aggregate for Account {
                 let balance = Self::debit(balance, c.amount)?;
                 MoneyWithdrawn { account_id, transaction_id: c.transaction_id.clone(), amount: c.amount, balance }
                     .into()
+            }
+            AccountCommand::Request(c) => {
+                self.open_balance(c.amount)?;
+                if c.to_account_id == self.id {
+                    return Err(Rejection::rule(Reason::SameAccountTransfer, "source and target are the same account"));
+                }
+                if self.repeated(&format!("request:{}", c.transfer_id), Movement::Request(c.amount.minor))? {
+                    return Ok(vec![]);
+                }
+                TransferRequested {
+                    account_id,
+                    transfer_id: c.transfer_id.clone(),
+                    to_account_id: c.to_account_id.clone(),
+                    amount: c.amount,
+                }
+                .into()
             }
             AccountCommand::Send(c) => {
                 let balance = self.open_balance(c.amount)?;
@@ -375,6 +414,9 @@ impl Aggregate for Account {
                 self.balance = Some(e.balance);
                 self.movements.insert(e.transaction_id.clone(), Movement::Withdrawal(e.amount.minor));
             }
+            AccountEvent::TransferRequested(e) => {
+                self.movements.insert(format!("request:{}", e.transfer_id), Movement::Request(e.amount.minor));
+            }
             AccountEvent::TransferSent(e) => {
                 self.balance = Some(e.balance);
                 self.movements.insert(e.transfer_id.clone(), Movement::TransferOut(e.amount.minor));
@@ -400,6 +442,31 @@ mod tests {
 
     fn usd(minor: i64) -> Money {
         Money::new(minor, "USD".parse().unwrap())
+    }
+
+    #[test]
+    fn a_transfer_request_moves_no_money_and_is_recorded_once() {
+        let opened: AccountEvent =
+            AccountOpened { account_id: "a".into(), owner_id: "u".into(), currency: "USD".parse().unwrap() }.into();
+        let request = RequestTransfer { transfer_id: "t-1".into(), to_account_id: "b".into(), amount: usd(500) };
+        let account = Account::default().evolve(&opened);
+        let events = account.decide(&request.clone().into()).unwrap();
+        assert_eq!(
+            events,
+            [AccountEvent::from(TransferRequested {
+                account_id: "a".into(),
+                transfer_id: "t-1".into(),
+                to_account_id: "b".into(),
+                amount: usd(500),
+            })]
+        );
+        let account = account.evolve(&events[0]);
+        assert_eq!(account.balance, Some(usd(0)), "nothing moved (even with nothing to send)");
+        assert_eq!(account.decide(&request.clone().into()).unwrap(), [], "the same request again: nothing");
+        let other = RequestTransfer { amount: usd(600), ..request.clone() };
+        assert_eq!(account.decide(&other.into()).unwrap_err().reason(), Some(Reason::DuplicateTransaction));
+        let to_self = RequestTransfer { to_account_id: "a".into(), transfer_id: "t-2".into(), ..request };
+        assert_eq!(account.decide(&to_self.into()).unwrap_err().reason(), Some(Reason::SameAccountTransfer));
     }
 
     fn opened() -> AccountEvent {

@@ -217,7 +217,7 @@ proptest! {
                 AccountEvent::TransferRefunded(d) => d.amount.minor,
                 AccountEvent::Withdrawn(w) => -w.amount.minor,
                 AccountEvent::TransferSent(w) => -w.amount.minor,
-                AccountEvent::Opened(_) | AccountEvent::Closed(_) => 0,
+                AccountEvent::Opened(_) | AccountEvent::Closed(_) | AccountEvent::TransferRequested(_) => 0,
             }).sum();
             let balance = state.balance.map_or(0, |b| b.minor);
             assert!(balance >= 0, "overdrawn: {balance}");

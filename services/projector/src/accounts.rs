@@ -148,6 +148,19 @@ async fn apply_account_event(
                 )))
             };
         }
+        AccountEvent::TransferRequested(e) => {
+            // No money moves (the transfer saga moves it later): only the
+            // row's version and position keep step with the stream.
+            tx.execute(
+                &format!(
+                    "UPDATE {accounts} SET updated_at = $2, stream_version = $3, last_position = $4 \
+                      WHERE account_id = $1"
+                ),
+                &[&e.account_id, &at, &version, &position],
+            )
+            .await?;
+            return Ok(());
+        }
         AccountEvent::Deposited(e) => Movement {
             account_id: &e.account_id,
             kind: "deposit",
