@@ -1,15 +1,17 @@
 //! The sagas' intake: a projection (run by the projection engine, on the
 //! store's log or on Kafka) whose "read model" is `saga.saga_instances`.
 //! Every `OrderCreated` with a payment token starts an order fulfilment
-//! saga in the engine's transaction, beside its checkpoint: a crash
-//! neither loses a start nor starts a saga twice (one saga per order).
-//! Orders placed without a payment token are not fulfilled automatically.
+//! saga, and every `TransferRequested` a money transfer saga, in the
+//! engine's transaction, beside its checkpoint: a crash neither loses a
+//! start nor starts a saga twice (one saga per order or transfer). Orders
+//! placed without a payment token are not fulfilled automatically.
 
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use eventfold_domain::{
     DomainEvent,
+    account::{AccountEvent, TransferRequested},
     order::{OrderCreated, OrderEvent},
 };
 use eventfold_projector::{ApplyError, Projection};
@@ -18,7 +20,7 @@ use tokio_postgres::Transaction;
 
 use crate::{
     model::{SagaState, SagaType},
-    steps::{FulfilmentData, Line},
+    steps::{FulfilmentData, Line, TransferData},
     store::{self, SagaRecord},
 };
 
@@ -59,6 +61,51 @@ pub fn fulfilment_for(created: &OrderCreated, now: SystemTime) -> Option<SagaRec
     })
 }
 
+/// The transfer saga of a transfer: its id is the transfer's.
+pub fn transfer_saga_id(transfer_id: &str) -> String {
+    format!("transfer-{transfer_id}")
+}
+
+/// The saga a transfer request starts.
+pub fn transfer_for(requested: &TransferRequested, now: SystemTime) -> Option<SagaRecord> {
+    let data = TransferData {
+        transfer_id: requested.transfer_id.clone(),
+        from_account_id: requested.account_id.clone(),
+        to_account_id: requested.to_account_id.clone(),
+        amount: requested.amount,
+    };
+    let (state, _) = SagaState::start(SagaType::MoneyTransfer);
+    Some(SagaRecord {
+        saga_id: transfer_saga_id(&requested.transfer_id),
+        correlation_id: requested.transfer_id.clone(),
+        state,
+        data: serde_json::to_value(&data).ok()?,
+        due_at: now,
+        deadline_at: None,
+        version: 0,
+    })
+}
+
+/// The saga `event` starts, if any.
+fn saga_for(event: &RecordedEvent) -> Result<Option<SagaRecord>, ApplyError> {
+    let decode = |e: eventfold_domain::DecodeError| ApplyError::Event(e.to_string());
+    Ok(match event.event_type.as_str() {
+        "OrderCreated" => {
+            match OrderEvent::from_data_ref(&event.event_type, event.schema_version, &event.data).map_err(decode)? {
+                OrderEvent::Created(created) => fulfilment_for(&created, SystemTime::now()),
+                _ => None,
+            }
+        }
+        "TransferRequested" => {
+            match AccountEvent::from_data_ref(&event.event_type, event.schema_version, &event.data).map_err(decode)? {
+                AccountEvent::TransferRequested(requested) => transfer_for(&requested, SystemTime::now()),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
+}
+
 #[async_trait]
 impl Projection for SagaIntake {
     fn name(&self) -> &'static str {
@@ -80,16 +127,7 @@ impl Projection for SagaIntake {
     }
 
     async fn apply(&self, tx: &Transaction<'_>, _version: u32, event: &RecordedEvent) -> Result<(), ApplyError> {
-        if event.event_type != "OrderCreated" {
-            return Ok(());
-        }
-        let OrderEvent::Created(created) =
-            OrderEvent::from_data_ref(&event.event_type, event.schema_version, &event.data)
-                .map_err(|e| ApplyError::Event(e.to_string()))?
-        else {
-            return Ok(());
-        };
-        let Some(record) = fulfilment_for(&created, SystemTime::now()) else {
+        let Some(record) = saga_for(event)? else {
             return Ok(());
         };
         let started = store::start(tx, &record).await.map_err(|e| match e {

@@ -21,7 +21,7 @@ use tokio_postgres::NoTls;
 
 use crate::{
     model::{Next, Outcome, RetryPolicy, SagaType, Status, jitter},
-    steps::{Fulfilment, FulfilmentData},
+    steps::{Fulfilment, FulfilmentData, Transfer, TransferData},
     store::{self, SagaRecord, StepLog, StoreError},
 };
 
@@ -63,6 +63,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Orchestrator {
     pool: Pool<PostgresConnectionManager<NoTls>>,
     fulfilment: Arc<Fulfilment>,
+    transfer: Transfer,
     config: OrchestratorConfig,
 }
 
@@ -83,7 +84,8 @@ fn outcome_name(outcome: &Outcome) -> (&'static str, Option<String>) {
 
 impl Orchestrator {
     /// An orchestrator over the sagas of the database of `database_url`
-    /// (which holds the migrations).
+    /// (which holds the migrations); transfers use the fulfilment's command
+    /// side.
     pub async fn new(database_url: &str, fulfilment: Fulfilment, config: OrchestratorConfig) -> Result<Self> {
         let pg: tokio_postgres::Config = database_url.parse()?;
         let pool = Pool::builder()
@@ -92,7 +94,8 @@ impl Orchestrator {
             .build(PostgresConnectionManager::new(pg, NoTls))
             .await
             .map_err(|e| Error::Pool(e.to_string()))?;
-        Ok(Self { pool, fulfilment: Arc::new(fulfilment), config })
+        let transfer = Transfer { commands: fulfilment.commands.clone() };
+        Ok(Self { pool, fulfilment: Arc::new(fulfilment), transfer, config })
     }
 
     fn timeout(&self) -> Duration {
@@ -145,14 +148,15 @@ impl Orchestrator {
         let started = Instant::now();
         let saga_id = record.saga_id.clone();
         let data_error = |message: String| Error::Data { saga_id: saga_id.clone(), message };
+        let left = deadline.duration_since(started_at).ok();
+        let reason = record.state.reason.clone();
         let outcome = match record.state.saga_type {
             SagaType::OrderFulfilment => {
                 let mut data: FulfilmentData =
                     serde_json::from_value(record.data.clone()).map_err(|e| data_error(e.to_string()))?;
-                let outcome = match deadline.duration_since(started_at) {
-                    Err(_) => Outcome::TimedOut,
-                    Ok(left) => {
-                        let reason = record.state.reason.clone();
+                let outcome = match left {
+                    None => Outcome::TimedOut,
+                    Some(left) => {
                         let run = self.fulfilment.run(&record.saga_id, step, reason.as_deref(), &mut data);
                         tokio::time::timeout(left, run).await.unwrap_or(Outcome::TimedOut)
                     }
@@ -160,8 +164,17 @@ impl Orchestrator {
                 record.data = serde_json::to_value(&data).map_err(|e| data_error(e.to_string()))?;
                 outcome
             }
-            // Nothing starts these yet (no intake), so none is stored.
-            SagaType::MoneyTransfer => return Err(data_error("no runner for MONEY_TRANSFER sagas".to_owned())),
+            SagaType::MoneyTransfer => {
+                let data: TransferData =
+                    serde_json::from_value(record.data.clone()).map_err(|e| data_error(e.to_string()))?;
+                match left {
+                    None => Outcome::TimedOut,
+                    Some(left) => {
+                        let run = self.transfer.run(&record.saga_id, step, reason.as_deref(), &data);
+                        tokio::time::timeout(left, run).await.unwrap_or(Outcome::TimedOut)
+                    }
+                }
+            }
         };
         metrics::histogram!("eventfold_saga_step_seconds", "step" => step.as_str()).record(started.elapsed());
         let (name, detail) = outcome_name(&outcome);

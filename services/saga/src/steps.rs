@@ -11,6 +11,7 @@ use std::sync::Arc;
 use eventfold_command::{Command, Envelope, Meta};
 use eventfold_domain::{
     Money,
+    account::{ReceiveTransfer, RefundTransfer, SendTransfer},
     inventory::{ReleaseReservation, ReserveStock},
     order::{CancelOrder, ConfirmOrder},
     payment::{DeclinePayment, VoidPayment},
@@ -263,5 +264,71 @@ impl Fulfilment {
             }
         }
         Outcome::Done
+    }
+}
+
+/// The money transfer saga's data (`saga_instances.data`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferData {
+    pub transfer_id: String,
+    pub from_account_id: String,
+    pub to_account_id: String,
+    pub amount: Money,
+}
+
+/// Runs the steps of the money transfer saga: the source's side (sent,
+/// refunded) and the target's (received), each once per transfer id.
+pub struct Transfer {
+    pub commands: Arc<dyn CommandSender>,
+}
+
+impl std::fmt::Debug for Transfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transfer").finish_non_exhaustive()
+    }
+}
+
+impl Transfer {
+    /// Runs `step` of saga `saga_id` (its reason: why it compensates).
+    pub async fn run(&self, saga_id: &str, step: Step, reason: Option<&str>, data: &TransferData) -> Outcome {
+        let key = step.request_id(saga_id);
+        let (account_id, command, already): (&str, eventfold_domain::account::AccountCommand, &[&str]) = match step {
+            Step::Withdraw => (
+                &data.from_account_id,
+                SendTransfer {
+                    transfer_id: data.transfer_id.clone(),
+                    to_account_id: data.to_account_id.clone(),
+                    amount: data.amount,
+                }
+                .into(),
+                &[],
+            ),
+            Step::Deposit => (
+                &data.to_account_id,
+                ReceiveTransfer {
+                    transfer_id: data.transfer_id.clone(),
+                    from_account_id: data.from_account_id.clone(),
+                    amount: data.amount,
+                }
+                .into(),
+                &[],
+            ),
+            // Nothing was sent: nothing to refund.
+            Step::RefundSource => (
+                &data.from_account_id,
+                RefundTransfer {
+                    transfer_id: data.transfer_id.clone(),
+                    reason: reason.unwrap_or("TRANSFER_FAILED").to_owned(),
+                }
+                .into(),
+                &["TRANSFER_NOT_FOUND"],
+            ),
+            other => return Outcome::Rejected { reason: format!("{} is not a transfer step", other.as_str()) },
+        };
+        let command = Command::Account { account_id: account_id.to_owned(), command };
+        match command_outcome(self.commands.send(command, key, &data.transfer_id).await, already) {
+            Some(failed) => failed,
+            None => Outcome::Done,
+        }
     }
 }

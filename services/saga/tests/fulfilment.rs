@@ -4,7 +4,8 @@
 //! carrier, and the read models showing the result. Every test runs twice:
 //! with the intake on the store's log (`log::`) and on Kafka (`kafka::`:
 //! the relay to a tansu broker, Avro with the Schema Registry stand-in's
-//! ids, the intake on the Kafka source).
+//! ids, the intake on the Kafka source). The money transfer saga is here
+//! too.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -192,14 +193,17 @@ impl Bed {
     /// Intake, orchestrator and read models in turn until the saga of
     /// `order_id` finished and the read models caught up.
     async fn finish(&self, order_id: &str) -> SagaRecord {
-        let saga_id = fulfilment_saga_id(order_id);
+        self.finish_saga(&fulfilment_saga_id(order_id)).await
+    }
+
+    async fn finish_saga(&self, saga_id: &str) -> SagaRecord {
         for _ in 0..1_000 {
             while self.intake.step().await.unwrap() > 0 {}
             self.orchestrator.tick().await.unwrap();
             for view in &self.views {
                 while view.step().await.unwrap() > 0 {}
             }
-            if let Some(record) = store::load(&self.client, &saga_id).await.unwrap()
+            if let Some(record) = store::load(&self.client, saga_id).await.unwrap()
                 && record.state.status.is_final()
             {
                 for view in &self.views {
@@ -598,6 +602,79 @@ async fn concurrent_sagas_on_scarce_stock_keep_the_stock_whole(source: Source) {
     assert_eq!(cancelled as usize, orders - completed.len(), "every failed saga cancelled its order");
 }
 
+async fn balance(bed: &Bed, account: &str) -> i64 {
+    bed.client
+        .query_one("SELECT balance_minor FROM read.accounts WHERE account_id = $1", &[&account])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Accounts a (1,000) and b (empty), then a transfer of `amount` from a to
+/// b; the finished saga.
+async fn transfer(bed: &Bed, close_target: bool, amount: i64) -> SagaRecord {
+    use eventfold_domain::account::{CloseAccount, DepositMoney, OpenAccount, RequestTransfer};
+    for id in ["a", "b"] {
+        let open = OpenAccount { account_id: id.into(), owner_id: "u".into(), currency: eur() };
+        bed.send(Command::Account { account_id: id.into(), command: open.into() }).await;
+    }
+    let deposit = DepositMoney { transaction_id: "d-1".into(), amount: Money::new(1_000, eur()) };
+    bed.send(Command::Account { account_id: "a".into(), command: deposit.into() }).await;
+    if close_target {
+        bed.send(Command::Account { account_id: "b".into(), command: CloseAccount.into() }).await;
+    }
+    let request =
+        RequestTransfer { transfer_id: "t-1".into(), to_account_id: "b".into(), amount: Money::new(amount, eur()) };
+    bed.send(Command::Account { account_id: "a".into(), command: request.into() }).await;
+    bed.finish_saga(&eventfold_saga::intake::transfer_saga_id("t-1")).await
+}
+
+async fn a_transfer_withdraws_then_deposits(source: Source) {
+    let bed = bed_with_accounts(source).await;
+    let saga = transfer(&bed, false, 300).await;
+    assert_eq!(saga.state.status, Status::Completed, "{:?}", saga.state);
+    let steps: Vec<Step> = store::steps(&bed.client, &saga.saga_id).await.unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(steps, [Step::Withdraw, Step::Deposit]);
+    assert_eq!((balance(&bed, "a").await, balance(&bed, "b").await), (700, 300));
+}
+
+async fn a_transfer_without_the_funds_fails_and_moves_nothing(source: Source) {
+    let bed = bed_with_accounts(source).await;
+    let saga = transfer(&bed, false, 5_000).await;
+    assert_eq!(saga.state.status, Status::Failed);
+    assert_eq!(saga.state.reason.as_deref(), Some("INSUFFICIENT_FUNDS"));
+    let steps: Vec<Step> = store::steps(&bed.client, &saga.saga_id).await.unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(steps, [Step::Withdraw], "nothing withdrawn, nothing to refund");
+    assert_eq!((balance(&bed, "a").await, balance(&bed, "b").await), (1_000, 0));
+}
+
+async fn a_transfer_the_target_refuses_is_refunded(source: Source) {
+    let bed = bed_with_accounts(source).await;
+    let saga = transfer(&bed, true, 300).await;
+    assert!(saga.state.compensated(), "{:?}", saga.state);
+    assert_eq!(saga.state.reason.as_deref(), Some("ACCOUNT_CLOSED"));
+    let steps: Vec<Step> = store::steps(&bed.client, &saga.saga_id).await.unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(steps, [Step::Withdraw, Step::Deposit, Step::RefundSource]);
+    assert_eq!(balance(&bed, "a").await, 1_000, "refunded");
+    let refunds: i64 = bed
+        .client
+        .query_one("SELECT count(*) FROM eventstore.events WHERE event_type = 'TransferRefunded'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(refunds, 1);
+}
+
+/// A bed whose read models include the account views.
+async fn bed_with_accounts(source: Source) -> Bed {
+    let mut bed = bed(source).await;
+    let accounts = projector(&bed, Arc::new(eventfold_projector::AccountViews)).await;
+    accounts.prepare().await.unwrap();
+    accounts.activate().await.unwrap();
+    bed.views.push(accounts);
+    bed
+}
+
 /// Each scenario on the store's log and on Kafka.
 macro_rules! on_both_sources {
     ($($name:ident),* $(,)?) => {
@@ -628,4 +705,7 @@ on_both_sources!(
     a_flaky_provider_is_retried_and_authorizes_once,
     sagas_finish_exactly_once_across_orchestrator_crashes,
     concurrent_sagas_on_scarce_stock_keep_the_stock_whole,
+    a_transfer_withdraws_then_deposits,
+    a_transfer_without_the_funds_fails_and_moves_nothing,
+    a_transfer_the_target_refuses_is_refunded,
 );
