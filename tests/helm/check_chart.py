@@ -22,7 +22,7 @@ PREFIX = "rel-eventfold"
 DB = {"database": {"url": "postgresql://eventfold@pg:5432/eventfold"}}
 BROKERS = ["kafka-0.kafka:9092", "kafka-1.kafka:9092"]
 BUS = {**DB, "kafka": {"brokers": BROKERS}, "redis": {"url": "redis://redis:6379"}}
-SERVERS = {"eventstore": 50051, "command": 50052, "query": 50053}
+SERVERS = {"eventstore": 50051, "command": 50052, "query": 50053, "saga": 50054}
 
 failures = []
 
@@ -139,8 +139,8 @@ def check_full(docs):
         pdb = find(docs, "PodDisruptionBudget", name)
         check(pdb and pdb["spec"]["selector"]["matchLabels"].items() <= pods.items(), f"{component}: PDB")
         hpa = find(docs, "HorizontalPodAutoscaler", name)
-        if component == "eventstore":
-            check(hpa is None and deployment["spec"]["replicas"] == 2, "eventstore: 2 replicas, no autoscaler")
+        if component in ("eventstore", "saga"):
+            check(hpa is None and deployment["spec"]["replicas"] == 2, f"{component}: 2 replicas, no autoscaler")
         else:
             check(hpa and hpa["spec"]["scaleTargetRef"]["name"] == name, f"{component}: autoscaled")
             check("replicas" not in deployment["spec"], f"{component}: replicas left to the autoscaler")

@@ -123,6 +123,16 @@ enum Service {
         #[arg(long)]
         database_url: Option<String>,
     },
+    /// The saga orchestrator (sandbox payment provider and carrier) and
+    /// the SagaService; the sagas' intake runs with the projectors.
+    Saga {
+        /// gRPC listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
     /// The query services over the read models.
     Query {
         /// gRPC listen address.
@@ -214,6 +224,9 @@ struct Config {
 #[serde(deny_unknown_fields, default)]
 struct SagaConfig {
     enabled: bool,
+    /// Where `eventfold serve saga` listens (`eventfold dev` serves the
+    /// sagas on the event store's address).
+    listen: SocketAddr,
     orchestrator: eventfold_saga::OrchestratorConfig,
     sandbox: eventfold_saga::SandboxConfig,
 }
@@ -222,6 +235,7 @@ impl Default for SagaConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 50054)),
             orchestrator: eventfold_saga::OrchestratorConfig::default(),
             sandbox: eventfold_saga::SandboxConfig::default(),
         }
@@ -298,6 +312,8 @@ struct Overrides {
     command: ListenOverrides,
     #[serde(skip_serializing_if = "ListenOverrides::is_empty")]
     query: ListenOverrides,
+    #[serde(skip_serializing_if = "ListenOverrides::is_empty")]
+    saga: ListenOverrides,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -341,6 +357,10 @@ fn overrides(command: Option<&Command>) -> Overrides {
         }
         Some(Command::Serve { service: Service::Query { listen, database_url } }) => {
             o.query.listen = *listen;
+            o.database.url.clone_from(database_url);
+        }
+        Some(Command::Serve { service: Service::Saga { listen, database_url } }) => {
+            o.saga.listen = *listen;
             o.database.url.clone_from(database_url);
         }
         Some(
@@ -503,6 +523,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             tracing::info!(%addr, "serving");
             eventfold_query::run(config.query.clone(), query, listener, eventfold_platform::server::shutdown_signal())
                 .await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Serve { service: Service::Saga { .. } } => {
+            let url = config.database.require_url()?.to_owned();
+            let log = postgres(&config).await?;
+            let bus = eventfold_command::bus(log, config.command.bus_options());
+            let (stop_tx, stop) = tokio::sync::watch::channel(false);
+            let orchestrator = spawn_orchestrator(&config, &url, bus, stop).await?;
+            let sagas = eventfold_saga::grpc::Sagas::connect(&url).await?;
+            let listener = bind(config.saga.listen).await?;
+            let addr = listener.local_addr()?;
+            println!("eventfold: saga orchestrator and SagaService listening on {addr} (PostgreSQL)");
+            tracing::info!(%addr, "serving");
+            let grace = std::time::Duration::from_secs(config.eventstore.shutdown_grace_secs);
+            eventfold_saga::grpc::run(sagas, listener, eventfold_platform::server::shutdown_signal(), grace).await?;
+            let _ = stop_tx.send(true);
+            let _ = orchestrator.await;
             tracing::info!("stopped");
             Ok(())
         }

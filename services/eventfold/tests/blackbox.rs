@@ -114,8 +114,13 @@ impl DevServer {
 
     /// [`DevServer::start_with`] with environment variables `env` too.
     fn start_env(args: &[&str], env: &[(&str, &str)], prefix: &str) -> Self {
+        Self::start_command(&["dev", "--listen", "127.0.0.1:0"], args, env, prefix)
+    }
+
+    /// `eventfold COMMAND ARGS` (a server); its first line starts `prefix`.
+    fn start_command(command: &[&str], args: &[&str], env: &[(&str, &str)], prefix: &str) -> Self {
         let mut child = eventfold()
-            .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(command)
             .args(args)
             .env("EVENTFOLD_LOG__FILTER", "info")
             .envs(env.iter().copied())
@@ -369,6 +374,36 @@ fn watch_saga_streams_the_steps_of_a_saga_started_by_create_order() {
     assert!(stderr.contains("FailedPrecondition") && stderr.contains("SAGA_NOT_RUNNING"), "{stderr}");
     let order = server.call("eventfold.query.v1.OrderQueryService/GetOrder", &serde_json::json!({"orderId": "w-1"}));
     assert_eq!(order["order"]["status"], "ORDER_STATUS_CONFIRMED", "{order}");
+}
+
+/// `eventfold serve saga`: the orchestrator and SagaService as a process of
+/// their own, with health and reflection.
+#[test]
+fn serve_saga_answers_with_health_and_reflection() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let db = runtime.block_on(eventfold_tests::TestDatabase::migrated());
+    let server = DevServer::start_command(
+        &["serve", "saga", "--listen", "127.0.0.1:0"],
+        &["--database-url", db.url()],
+        &[],
+        "eventfold: saga orchestrator and SagaService listening on ",
+    );
+    let list = server.run(&[&server.addr, "list"]);
+    assert!(list.lines().any(|l| l.trim() == "eventfold.sagas.v1.SagaService"), "{list}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&server, "eventfold.sagas.v1.SagaService") != "SERVING" {
+        assert!(Instant::now() < deadline, "SagaService did not become SERVING");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let listed = server.call("eventfold.sagas.v1.SagaService/ListSagas", &serde_json::json!({}));
+    assert!(listed.get("sagas").is_none(), "no sagas yet: {listed}");
+    let Output { status, stderr, .. } = server
+        .grpcurl(&["-d", r#"{"sagaId": "nope"}"#, &server.addr, "eventfold.sagas.v1.SagaService/GetSaga"])
+        .output()
+        .expect("run grpcurl");
+    assert!(!status.success());
+    let stderr = String::from_utf8_lossy(&stderr);
+    assert!(stderr.contains("NotFound") && stderr.contains("SAGA_NOT_FOUND"), "{stderr}");
 }
 
 #[test]

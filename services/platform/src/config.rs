@@ -44,6 +44,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_RELAY__PARTITIONS", "partitions of the topics the relay creates"),
     ("EVENTFOLD_RELAY__BATCH_SIZE", "most events the relay sends per batch"),
     ("EVENTFOLD_REGISTRY__URL", "Schema Registry URL, e.g. http://schema-registry:8081"),
+    ("EVENTFOLD_SAGA__LISTEN", "gRPC listen address of `eventfold serve saga`"),
     ("EVENTFOLD_SAGA__ENABLED", "whether the sagas run (intake with the projectors, orchestrator on PostgreSQL)"),
     ("EVENTFOLD_SAGA__ORCHESTRATOR__STEP_TIMEOUT_MS", "longest a saga step may take before it times out"),
     ("EVENTFOLD_SAGA__ORCHESTRATOR__CONCURRENCY", "sagas the orchestrator runs at once"),

@@ -58,6 +58,38 @@ pub fn add_services(router: Router, sagas: Sagas) -> Router {
     router.add_service(SagaServiceServer::new(sagas))
 }
 
+/// Serves the saga service on `listener` until `shutdown` (with health,
+/// following the saga store, and reflection); calls drain for `grace`.
+pub async fn run(
+    sagas: Sagas,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<(), eventfold_platform::Error> {
+    let (reporter, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET])?;
+    let probed = sagas.clone();
+    let probe = eventfold_platform::server::spawn_health_probe(
+        reporter,
+        SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
+        Duration::from_secs(5),
+        move || {
+            let sagas = probed.clone();
+            async move {
+                let client = sagas.pool.get().await.map_err(|e| e.to_string())?;
+                client
+                    .simple_query("SELECT 1 FROM saga.saga_instances LIMIT 1")
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+    let result = eventfold_platform::server::serve(add_services(router, sagas), listener, shutdown, grace).await;
+    probe.abort();
+    result
+}
+
 fn unavailable(e: impl std::fmt::Display) -> Status {
     error_info(Code::Unavailable, format!("saga store: {e}"), "STORE_UNAVAILABLE", &[])
 }
