@@ -36,13 +36,24 @@ pub fn fulfilment_saga_id(order_id: &str) -> String {
     format!("fulfil-{order_id}")
 }
 
+/// One line per product, quantities summed: a product is reserved (and
+/// released) with one command per order.
+fn lines(created: &OrderCreated) -> Vec<Line> {
+    let mut by_product: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+    for item in &created.items {
+        let quantity = by_product.entry(item.product_id.as_str()).or_default();
+        *quantity = quantity.saturating_add(item.quantity);
+    }
+    by_product.into_iter().map(|(product_id, quantity)| Line { product_id: product_id.to_owned(), quantity }).collect()
+}
+
 /// The saga an order starts, if it gives a payment token.
 pub fn fulfilment_for(created: &OrderCreated, now: SystemTime) -> Option<SagaRecord> {
     let payment_token = created.payment_token.clone()?;
     let data = FulfilmentData {
         order_id: created.order_id.clone(),
         customer_id: created.customer_id.clone(),
-        lines: created.items.iter().map(|i| Line { product_id: i.product_id.clone(), quantity: i.quantity }).collect(),
+        lines: lines(created),
         total: created.total,
         payment_token,
         carrier: created.carrier.clone().unwrap_or_else(|| "DHL".to_owned()),
@@ -138,5 +149,44 @@ impl Projection for SagaIntake {
             tx.execute("SELECT pg_notify($1, $2)", &[&SAGA_CHANNEL, &record.saga_id]).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use eventfold_domain::{
+        Money,
+        order::{OrderCreated, OrderItem},
+    };
+
+    use super::*;
+
+    #[test]
+    fn an_order_with_a_payment_token_starts_a_saga_with_one_line_per_product() {
+        let eur = "EUR".parse().unwrap();
+        let item = |product: &str, quantity| OrderItem {
+            product_id: product.into(),
+            quantity,
+            unit_price: Money::new(100, eur),
+        };
+        let mut created = OrderCreated {
+            order_id: "o-1".into(),
+            customer_id: "c".into(),
+            currency: eur,
+            items: vec![item("b", 1), item("a", 2), item("b", 3)],
+            total: Money::new(600, eur),
+            payment_token: Some("tok_visa".into()),
+            carrier: None,
+        };
+        let record = fulfilment_for(&created, SystemTime::now()).unwrap();
+        assert_eq!(record.saga_id, "fulfil-o-1");
+        let data: FulfilmentData = serde_json::from_value(record.data).unwrap();
+        assert_eq!(
+            data.lines,
+            [Line { product_id: "a".into(), quantity: 2 }, Line { product_id: "b".into(), quantity: 4 }]
+        );
+        assert_eq!(data.carrier, "DHL", "the default carrier");
+        created.payment_token = None;
+        assert!(fulfilment_for(&created, SystemTime::now()).is_none(), "no token, no saga");
     }
 }

@@ -142,18 +142,20 @@ impl Orchestrator {
         let Some(step) = record.state.step else {
             return Ok(());
         };
-        let first_run = record.state.effects.is_empty() && record.state.status == Status::Running;
+        let first_run = record.state.effects.is_empty()
+            && record.state.status == Status::Running
+            && record.state.failures == 0
+            && Some(step) == record.state.saga_type.forward().first().copied();
         let deadline = record.deadline_at.unwrap_or_else(|| SystemTime::now() + self.timeout());
         let started_at = SystemTime::now();
         let started = Instant::now();
-        let saga_id = record.saga_id.clone();
-        let data_error = |message: String| Error::Data { saga_id: saga_id.clone(), message };
         let left = deadline.duration_since(started_at).ok();
         let reason = record.state.reason.clone();
         let outcome = match record.state.saga_type {
             SagaType::OrderFulfilment => {
-                let mut data: FulfilmentData =
-                    serde_json::from_value(record.data.clone()).map_err(|e| data_error(e.to_string()))?;
+                let Some(mut data) = Self::data::<FulfilmentData>(&record) else {
+                    return self.park(tx, record).await;
+                };
                 let outcome = match left {
                     None => Outcome::TimedOut,
                     Some(left) => {
@@ -161,12 +163,14 @@ impl Orchestrator {
                         tokio::time::timeout(left, run).await.unwrap_or(Outcome::TimedOut)
                     }
                 };
-                record.data = serde_json::to_value(&data).map_err(|e| data_error(e.to_string()))?;
+                record.data = serde_json::to_value(&data)
+                    .map_err(|e| Error::Data { saga_id: record.saga_id.clone(), message: e.to_string() })?;
                 outcome
             }
             SagaType::MoneyTransfer => {
-                let data: TransferData =
-                    serde_json::from_value(record.data.clone()).map_err(|e| data_error(e.to_string()))?;
+                let Some(data) = Self::data::<TransferData>(&record) else {
+                    return self.park(tx, record).await;
+                };
                 match left {
                     None => Outcome::TimedOut,
                     Some(left) => {
@@ -205,6 +209,35 @@ impl Orchestrator {
             metrics::counter!("eventfold_sagas_finished_total", "type" => saga_type, "outcome" => outcome).increment(1);
             tracing::info!(saga = %record.saga_id, outcome, reason = ?record.state.reason, "saga finished");
         }
+        Ok(())
+    }
+
+    /// The saga's data, if it can be read.
+    fn data<T: serde::de::DeserializeOwned>(record: &SagaRecord) -> Option<T> {
+        match serde_json::from_value(record.data.clone()) {
+            Ok(data) => Some(data),
+            Err(error) => {
+                tracing::error!(saga = %record.saga_id, %error, "saga data unreadable; parked for an hour");
+                None
+            }
+        }
+    }
+
+    /// Puts a saga that cannot run aside (due again in an hour), so it
+    /// holds up no other: an operator sees it in ListSagas.
+    async fn park(&self, tx: tokio_postgres::Transaction<'_>, mut record: SagaRecord) -> Result<()> {
+        metrics::counter!("eventfold_saga_parked_total").increment(1);
+        record.due_at = SystemTime::now() + Duration::from_secs(3600);
+        record.deadline_at = None;
+        let log = StepLog {
+            step: record.state.step.unwrap_or(crate::model::Step::CancelOrder),
+            outcome: "PARKED".to_owned(),
+            detail: Some("the saga's data cannot be read".to_owned()),
+            started_at: SystemTime::now(),
+            ended_at: SystemTime::now(),
+        };
+        store::save(&tx, &mut record, &[log]).await?;
+        tx.commit().await?;
         Ok(())
     }
 

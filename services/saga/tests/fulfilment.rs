@@ -722,3 +722,28 @@ on_both_sources!(
     a_transfer_without_the_funds_fails_and_moves_nothing,
     a_transfer_the_target_refuses_is_refunded,
 );
+
+/// A saga whose data cannot be read is put aside for an hour, with a
+/// PARKED entry in its history; the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_with_unreadable_data_is_parked_and_holds_up_no_other() {
+    let bed = bed(Source::Log).await;
+    let (state, _) = eventfold_saga::SagaState::start(eventfold_saga::SagaType::OrderFulfilment);
+    let now = std::time::SystemTime::now();
+    let broken = SagaRecord {
+        saga_id: "broken".into(),
+        correlation_id: "o-broken".into(),
+        state,
+        data: serde_json::json!({"not": "fulfilment data"}),
+        due_at: now,
+        deadline_at: None,
+        version: 0,
+    };
+    assert!(store::start(&bed.client, &broken).await.unwrap());
+    bed.order("o-6", "tok_visa", "DHL").await;
+    assert_eq!(bed.finish("o-6").await.state.status, Status::Completed);
+    let parked = store::load(&bed.client, "broken").await.unwrap().unwrap();
+    assert!(parked.due_at > now + Duration::from_secs(3000), "due again in an hour");
+    let history = store::steps(&bed.client, "broken").await.unwrap();
+    assert_eq!(history.last().map(|s| s.outcome.as_str()), Some("PARKED"));
+}
