@@ -3,6 +3,7 @@
 //! bootstrap with health, reflection and graceful shutdown.
 
 pub mod config;
+pub mod page;
 pub mod server;
 pub mod status;
 pub mod telemetry;

@@ -14,7 +14,6 @@ mod breaker;
 mod cache;
 mod orders;
 mod others;
-mod page;
 mod positions;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -32,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_postgres::NoTls;
 use tonic::{Code, Status, transport::server::Router};
+
+pub(crate) use eventfold_platform::page;
 
 pub use crate::{
     breaker::BreakerState,

@@ -5,7 +5,10 @@ use std::{pin::Pin, time::Duration};
 
 use bb8::Pool;
 use bb8_postgres::PostgresConnectionManager;
-use eventfold_platform::status::{error_info, invalid_argument};
+use eventfold_platform::{
+    page,
+    status::{error_info, invalid_argument},
+};
 use eventfold_proto::sagas::{
     self as pb,
     saga_service_server::{SagaService, SagaServiceServer},
@@ -20,9 +23,6 @@ use crate::{
 
 /// The gRPC names of the saga service, as health and reflection know them.
 pub const SERVICE_NAMES: &[&str] = &["eventfold.sagas.v1.SagaService"];
-
-const DEFAULT_PAGE: i32 = 50;
-const MAX_PAGE: i32 = 500;
 
 /// How often a watch looks at its saga.
 const WATCH_POLL: Duration = Duration::from_millis(25);
@@ -166,25 +166,16 @@ fn saga_pb(record: &SagaRecord, steps: Vec<store::StepLog>) -> pb::Saga {
     }
 }
 
-/// An opaque page token: the cursor and the filters it belongs to.
-fn page_token(cursor: &store::Cursor, filters: &str) -> String {
-    let micros = cursor.0.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
-    hex::encode(format!("{micros}|{filters}|{}", cursor.1))
+/// A page cursor: (created_at in microseconds, saga id) of the last saga.
+type PageCursor = (i64, String);
+
+fn to_cursor(created_at: std::time::SystemTime, saga_id: &str) -> PageCursor {
+    let micros = created_at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    (i64::try_from(micros).unwrap_or(i64::MAX), saga_id.to_owned())
 }
 
-fn parse_token(token: &str, filters: &str) -> Result<store::Cursor, Status> {
-    let bad =
-        || invalid_argument([("page_token".to_owned(), "not a token of this list with these filters".to_owned())]);
-    let text = String::from_utf8(hex::decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
-    let mut parts = text.splitn(3, '|');
-    let (Some(micros), Some(given), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(bad());
-    };
-    if given != filters {
-        return Err(bad());
-    }
-    let micros: u64 = micros.parse().map_err(|_| bad())?;
-    Ok((std::time::UNIX_EPOCH + Duration::from_micros(micros), id.to_owned()))
+fn from_cursor((micros, saga_id): PageCursor) -> store::Cursor {
+    (std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0)), saga_id)
 }
 
 impl Sagas {
@@ -247,20 +238,16 @@ impl SagaService for Sagas {
             Ok(pb::SagaStatus::Failed) => Some(SagaStatus::Failed),
             Err(_) => return Err(invalid_argument([("status".to_owned(), "unknown saga status".to_owned())])),
         };
-        if r.page_size < 0 || r.page_size > MAX_PAGE {
-            return Err(invalid_argument([("page_size".to_owned(), format!("must be 0 to {MAX_PAGE}"))]));
-        }
-        let size = if r.page_size == 0 { DEFAULT_PAGE } else { r.page_size };
-        let filters = format!("{}:{}", r.r#type, r.status);
-        let after = if r.page_token.is_empty() { None } else { Some(parse_token(&r.page_token, &filters)?) };
+        let size = page::size(r.page_size)?;
+        let filters = format!("type={}&status={}", r.r#type, r.status);
+        let after = page::cursor::<PageCursor>(&filters, &r.page_token)?.map(from_cursor);
         let client = self.client().await?;
-        let mut rows = store::list(&*client, saga_type, status, after.as_ref(), i64::from(size) + 1)
-            .await
-            .map_err(store_status)?;
-        let more = rows.len() > size as usize;
-        rows.truncate(size as usize);
+        let mut rows =
+            store::list(&*client, saga_type, status, after.as_ref(), size + 1).await.map_err(store_status)?;
+        let more = rows.len() as i64 > size;
+        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
         let next_page_token = match rows.last() {
-            Some((record, created_at)) if more => page_token(&(*created_at, record.saga_id.clone()), &filters),
+            Some((record, created_at)) if more => page::token(&filters, &to_cursor(*created_at, &record.saga_id)),
             _ => String::new(),
         };
         let sagas = rows.iter().map(|(record, _)| saga_pb(record, Vec::new())).collect();

@@ -8,17 +8,16 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 
 /// Items per page when the request does not say.
-pub(crate) const DEFAULT_PAGE_SIZE: i32 = 50;
+pub const DEFAULT_PAGE_SIZE: i32 = 50;
 /// The most items per page; larger requests are lowered to it (AIP-158).
-pub(crate) const MAX_PAGE_SIZE: i32 = 500;
+pub const MAX_PAGE_SIZE: i32 = 500;
 
 /// The page size to use for `requested`.
-pub(crate) fn size(requested: i32) -> Result<i64, Status> {
+pub fn size(requested: i32) -> Result<i64, Status> {
     match requested {
-        n if n < 0 => Err(eventfold_platform::status::invalid_argument([(
-            "page_size".to_owned(),
-            "must not be negative".to_owned(),
-        )])),
+        n if n < 0 => {
+            Err(crate::status::invalid_argument([("page_size".to_owned(), "must not be negative".to_owned())]))
+        }
         0 => Ok(i64::from(DEFAULT_PAGE_SIZE)),
         n => Ok(i64::from(n.min(MAX_PAGE_SIZE))),
     }
@@ -30,17 +29,17 @@ fn fingerprint(filters: &str) -> String {
 }
 
 /// The token that continues after `cursor` for requests with `filters`.
-pub(crate) fn token<C: Serialize>(filters: &str, cursor: &C) -> String {
+pub fn token<C: Serialize>(filters: &str, cursor: &C) -> String {
     let body = serde_json::json!({ "f": fingerprint(filters), "c": cursor });
     URL_SAFE_NO_PAD.encode(body.to_string())
 }
 
 /// The cursor of `token` (None for the first page).
-pub(crate) fn cursor<C: DeserializeOwned>(filters: &str, token: &str) -> Result<Option<C>, Status> {
+pub fn cursor<C: DeserializeOwned>(filters: &str, token: &str) -> Result<Option<C>, Status> {
     if token.is_empty() {
         return Ok(None);
     }
-    let invalid = |why: &str| eventfold_platform::status::invalid_argument([("page_token".to_owned(), why.to_owned())]);
+    let invalid = |why: &str| crate::status::invalid_argument([("page_token".to_owned(), why.to_owned())]);
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid("is not a token this service issued"))?;
     let body: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|_| invalid("is not a token this service issued"))?;
