@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_postgres::NoTls;
 
 use crate::{
-    model::{Next, Outcome, RetryPolicy, SagaType, Status, jitter},
+    model::{Next, Outcome, RetryPolicy, SagaType, Status, Step, jitter},
     steps::{Fulfilment, FulfilmentData, Transfer, TransferData},
     store::{self, SagaRecord, StepLog, StoreError},
 };
@@ -154,7 +154,7 @@ impl Orchestrator {
         let outcome = match record.state.saga_type {
             SagaType::OrderFulfilment => {
                 let Some(mut data) = Self::data::<FulfilmentData>(&record) else {
-                    return self.park(tx, record).await;
+                    return self.park(tx, record, step).await;
                 };
                 let outcome = match left {
                     None => Outcome::TimedOut,
@@ -169,7 +169,7 @@ impl Orchestrator {
             }
             SagaType::MoneyTransfer => {
                 let Some(data) = Self::data::<TransferData>(&record) else {
-                    return self.park(tx, record).await;
+                    return self.park(tx, record, step).await;
                 };
                 match left {
                     None => Outcome::TimedOut,
@@ -225,12 +225,12 @@ impl Orchestrator {
 
     /// Puts a saga that cannot run aside (due again in an hour), so it
     /// holds up no other: an operator sees it in ListSagas.
-    async fn park(&self, tx: tokio_postgres::Transaction<'_>, mut record: SagaRecord) -> Result<()> {
+    async fn park(&self, tx: tokio_postgres::Transaction<'_>, mut record: SagaRecord, step: Step) -> Result<()> {
         metrics::counter!("eventfold_saga_parked_total").increment(1);
         record.due_at = SystemTime::now() + Duration::from_secs(3600);
         record.deadline_at = None;
         let log = StepLog {
-            step: record.state.step.unwrap_or(crate::model::Step::CancelOrder),
+            step,
             outcome: "PARKED".to_owned(),
             detail: Some("the saga's data cannot be read".to_owned()),
             started_at: SystemTime::now(),
