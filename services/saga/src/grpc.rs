@@ -42,14 +42,7 @@ impl std::fmt::Debug for Sagas {
 impl Sagas {
     /// The service over the sagas of the database of `database_url`.
     pub async fn connect(database_url: &str) -> Result<Sagas, crate::orchestrator::Error> {
-        let pg: tokio_postgres::Config = database_url.parse()?;
-        let pool = Pool::builder()
-            .max_size(4)
-            .connection_timeout(Duration::from_secs(5))
-            .build(PostgresConnectionManager::new(pg, NoTls))
-            .await
-            .map_err(|e| crate::orchestrator::Error::Pool(e.to_string()))?;
-        Ok(Sagas { pool })
+        Ok(Sagas { pool: crate::orchestrator::pool(database_url, 4).await? })
     }
 }
 
@@ -184,10 +177,19 @@ impl Sagas {
     }
 
     async fn saga(&self, saga_id: &str) -> Result<pb::Saga, Status> {
+        Ok(self.saga_if_changed(saga_id, None).await?.expect("no version given: always answered"))
+    }
+
+    /// Saga `saga_id` with its history, unless it is still at `version`
+    /// (then the history is not read).
+    async fn saga_if_changed(&self, saga_id: &str, version: Option<i64>) -> Result<Option<pb::Saga>, Status> {
         let client = self.client().await?;
         let record = store::load(&*client, saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
+        if Some(record.version) == version {
+            return Ok(None);
+        }
         let steps = store::steps(&*client, saga_id).await.map_err(store_status)?;
-        Ok(saga_pb(&record, steps))
+        Ok(Some(saga_pb(&record, steps)))
     }
 
     /// Applies an operator's change to saga `saga_id` under its lock.
@@ -275,14 +277,15 @@ impl SagaService for Sagas {
                     () = tokio::time::sleep(WATCH_POLL) => {}
                     () = tx.closed() => return,
                 }
-                match service.saga(&r.saga_id).await {
-                    Ok(now) if now.version != last.version => {
+                // The step history only when the saga changed.
+                match service.saga_if_changed(&r.saga_id, Some(last.version)).await {
+                    Ok(Some(now)) => {
                         if tx.send(Ok(pb::WatchSagaResponse { saga: Some(now.clone()) })).await.is_err() {
                             return;
                         }
                         last = now;
                     }
-                    Ok(_) => {}
+                    Ok(None) => {}
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
                         return;

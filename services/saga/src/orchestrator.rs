@@ -59,6 +59,17 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A pool of `size` connections to the database of `database_url`.
+pub(crate) async fn pool(database_url: &str, size: u32) -> Result<Pool<PostgresConnectionManager<NoTls>>> {
+    let pg: tokio_postgres::Config = database_url.parse()?;
+    Pool::builder()
+        .max_size(size)
+        .connection_timeout(Duration::from_secs(5))
+        .build(PostgresConnectionManager::new(pg, NoTls))
+        .await
+        .map_err(|e| Error::Pool(e.to_string()))
+}
+
 /// See the module documentation.
 pub struct Orchestrator {
     pool: Pool<PostgresConnectionManager<NoTls>>,
@@ -87,13 +98,7 @@ impl Orchestrator {
     /// (which holds the migrations); transfers use the fulfilment's command
     /// side.
     pub async fn new(database_url: &str, fulfilment: Fulfilment, config: OrchestratorConfig) -> Result<Self> {
-        let pg: tokio_postgres::Config = database_url.parse()?;
-        let pool = Pool::builder()
-            .max_size(u32::try_from(config.concurrency.max(1) + 1).unwrap_or(u32::MAX))
-            .connection_timeout(Duration::from_secs(5))
-            .build(PostgresConnectionManager::new(pg, NoTls))
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
+        let pool = pool(database_url, u32::try_from(config.concurrency.max(1) + 1).unwrap_or(u32::MAX)).await?;
         let transfer = Transfer { commands: fulfilment.commands.clone() };
         Ok(Self { pool, fulfilment: Arc::new(fulfilment), transfer, config })
     }
