@@ -4,7 +4,7 @@
 
 use eventfold_domain::{
     DomainEvent, account::AccountEvent, inventory::InventoryEvent, order::OrderEvent, payment::PaymentEvent,
-    shipment::ShipmentEvent, user::UserEvent,
+    saga::SagaEvent, shipment::ShipmentEvent, user::UserEvent,
 };
 
 /// An aggregate category and its topic.
@@ -26,6 +26,8 @@ pub const CATEGORIES: &[Category] = &[
     Category { prefix: "shipment", topic: "eventfold.shipping.v1", types: ShipmentEvent::TYPES },
     Category { prefix: "account", topic: "eventfold.accounts.v1", types: AccountEvent::TYPES },
     Category { prefix: "user", topic: "eventfold.users.v1", types: UserEvent::TYPES },
+    // Not an aggregate: the sagas' lifecycle events.
+    Category { prefix: "saga", topic: "eventfold.sagas.v1", types: SagaEvent::TYPES },
 ];
 
 /// An event type the domain writes, with its current schema version and

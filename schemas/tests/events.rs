@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use eventfold_domain::{
-    Currency, DomainEvent, Money, account::*, inventory::*, order::*, payment::*, shipment::*, user::*,
+    Currency, DomainEvent, Money, account::*, inventory::*, order::*, payment::*, saga::*, shipment::*,
+    user::*,
 };
 use eventfold_schemas::{Catalog, Error, Schema, event_types};
 use prost::Message as _;
@@ -189,6 +190,35 @@ fn samples() -> Vec<(&'static str, u32, Value)> {
         user_id: "user-alice".into(),
         action: "viewed_product".into(),
         subject: String::new(),
+    })));
+    let saga_id = || "fulfil-ord-20240611-0001".to_owned();
+    add(of(SagaEvent::from(SagaStarted {
+        saga_id: saga_id(),
+        saga_type: "ORDER_FULFILMENT".into(),
+        correlation_id: "ord-20240611-0001".into(),
+    })));
+    add(of(SagaEvent::from(SagaStepEnded {
+        saga_id: saga_id(),
+        step: "AUTHORIZE_PAYMENT".into(),
+        outcome: "TRANSIENT".into(),
+        attempt: 2,
+        detail: Some("provider unavailable".into()),
+    })));
+    // A step that succeeded has no detail.
+    add(of(SagaEvent::from(SagaStepEnded {
+        saga_id: saga_id(),
+        step: "RESERVE_INVENTORY".into(),
+        outcome: "DONE".into(),
+        attempt: 1,
+        detail: None,
+    })));
+    add(of(SagaEvent::from(SagaCompensating { saga_id: saga_id(), reason: "PAYMENT_DECLINED".into() })));
+    add(of(SagaEvent::from(SagaCompleted { saga_id: saga_id() })));
+    add(of(SagaEvent::from(SagaFailed {
+        saga_id: saga_id(),
+        reason: "CREATE_SHIPPING_LABEL_TIMED_OUT".into(),
+        compensated: false,
+        compensation_errors: vec!["VOID_AUTHORIZATION: AUTHORIZATION_CAPTURED".into()],
     })));
     out
 }

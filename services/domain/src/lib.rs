@@ -18,6 +18,7 @@ mod money;
 pub mod order;
 pub mod payment;
 mod rejection;
+pub mod saga;
 pub mod shipment;
 pub mod testing;
 pub mod upcast;

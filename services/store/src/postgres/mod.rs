@@ -469,13 +469,58 @@ async fn notifier(config: Config, connect_timeout: Duration, interval: Duration,
     }
 }
 
+/// Appends `request` inside the caller's transaction on `client` (a
+/// connection to the event store's database), so that the events are
+/// stored if and only if the caller's own writes commit: e.g. a saga's
+/// lifecycle events beside its saved state. Nothing is appended until the
+/// caller commits; then the caller should wake other processes' readers
+/// with [`notify_appended`] (readers poll anyway). Same checks and answers
+/// as [`EventLog::append`].
+pub async fn append_in(client: &impl tokio_postgres::GenericClient, request: &AppendRequest) -> Result<AppendOutcome> {
+    request.validate()?;
+    let contents: Vec<Vec<u8>> = request
+        .events
+        .iter()
+        .map(|e| hash::content_digest(&e.event_id, &e.event_type, e.schema_version, &e.data, &e.metadata).to_vec())
+        .collect();
+    let rows = run_appends(client, APPEND_SQL, &[(request, &contents)], false).await.map_err(db_error)?;
+    let row = rows.first().ok_or_else(|| Error::Internal("append_batch answered no row".to_owned()))?;
+    outcome_from_row(request, row)
+}
+
+/// Wakes the live readers of every process after a commit that appended
+/// up to `position` through [`append_in`].
+pub async fn notify_appended(client: &impl tokio_postgres::GenericClient, position: u64) -> Result<()> {
+    client
+        .execute("SELECT pg_notify('eventstore_appended', $1)", &[&position.to_string()])
+        .await
+        .map(drop)
+        .map_err(db_error)
+}
+
 async fn run_batch(
     client: &Client,
     statement: &Statement,
     batch: &[Job],
     check_event_ids: bool,
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
-    let events: usize = batch.iter().map(|j| j.request.events.len()).sum();
+    let appends: Vec<(&AppendRequest, &[Vec<u8>])> =
+        batch.iter().map(|job| (&job.request, job.contents.as_slice())).collect();
+    run_appends(client, statement, &appends, check_event_ids).await
+}
+
+/// One `append_batch` call for `batch` (each request with the content
+/// digests of its events).
+async fn run_appends<S>(
+    client: &impl tokio_postgres::GenericClient,
+    statement: &S,
+    batch: &[(&AppendRequest, &[Vec<u8>])],
+    check_event_ids: bool,
+) -> Result<Vec<Row>, tokio_postgres::Error>
+where
+    S: tokio_postgres::ToStatement + ?Sized + Sync + Send,
+{
+    let events: usize = batch.iter().map(|(r, _)| r.events.len()).sum();
     let mut streams = Vec::with_capacity(batch.len());
     let mut expected = Vec::with_capacity(batch.len());
     let mut request_ids = Vec::with_capacity(batch.len());
@@ -486,8 +531,7 @@ async fn run_batch(
     let mut data: Vec<&Value> = Vec::with_capacity(events);
     let mut metadata: Vec<Value> = Vec::with_capacity(events);
     let mut contents: Vec<&[u8]> = Vec::with_capacity(events);
-    for job in batch {
-        let r = &job.request;
+    for (r, job_contents) in batch {
         streams.push(r.stream_id.as_str());
         expected.push(match r.expected {
             ExpectedVersion::Any => -1i64,
@@ -497,7 +541,7 @@ async fn run_batch(
         });
         request_ids.push(r.request_id.as_deref().unwrap_or(""));
         counts.push(r.events.len() as i32);
-        for (event, content) in r.events.iter().zip(&job.contents) {
+        for (event, content) in r.events.iter().zip(job_contents.iter()) {
             ids.push(event.event_id);
             types.push(&event.event_type);
             schema.push(event.schema_version as i32);
