@@ -568,6 +568,40 @@ async fn rolled_back_positions_do_not_stall_readers() {
     assert!(matches!(log.stream_info("rb-c").await, Err(Error::StreamNotFound(_))), "C left nothing behind");
 }
 
+/// A reader that holds a transaction id of its own around each read (a
+/// projector locking its checkpoint row did) is older than the bound its
+/// read takes for a gap. Were every read to take a new bound, a rolled-back
+/// position would stall it for good; the log keeps a gap's first bound, so
+/// the next read passes the hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_position_is_passed_by_a_reader_holding_a_transaction_id() {
+    let (db, log) = common::postgres().await;
+    let (w_id, w) = append_one(log.as_ref(), "hole-w").await;
+    let mut raw = common::client(db.url()).await;
+    let tx = raw.transaction().await.unwrap();
+    let (_, hole) = raw_append(&tx, "hole-c", "RolledBack").await;
+    let (after_id, after) = append_one(log.as_ref(), "hole-d").await;
+    tx.rollback().await.unwrap();
+    assert!(w.last_position() < hole && hole < after.last_position());
+
+    let mut reader = common::client(db.url()).await;
+    let mut read = Vec::new();
+    let mut next = 0;
+    for _ in 0..20 {
+        let held = reader.transaction().await.unwrap();
+        held.query_one("SELECT pg_current_xact_id()", &[]).await.unwrap();
+        let slice =
+            log.read_all(AllRead { after: next, max_count: 100, filter: EventFilter::default() }).await.unwrap();
+        held.commit().await.unwrap();
+        read.extend(slice.events.iter().map(|e| e.event_id));
+        next = slice.next_position;
+        if next >= after.last_position() {
+            break;
+        }
+    }
+    assert_eq!(read, vec![w_id, after_id], "stalled at position {next}, the hole is at {hole}");
+}
+
 // ---------------------------------------------------------------------------
 // 3. Tampering.
 

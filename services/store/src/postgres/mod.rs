@@ -35,7 +35,7 @@ use tokio::{
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
 use uuid::Uuid;
 
-use self::xid::{PendingGap, XidSnapshot};
+use self::xid::{GapBook, PendingGap, XidSnapshot};
 use crate::{
     error::{Error, Result},
     hash,
@@ -116,6 +116,7 @@ pub struct PostgresEventLog {
     jobs: mpsc::Sender<Job>,
     appended: watch::Sender<u64>,
     gap_wait: Duration,
+    gaps: std::sync::Mutex<GapBook>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -162,7 +163,7 @@ impl PostgresEventLog {
         }
         tasks.push(tokio::spawn(notifier(pg.clone(), config.connect_timeout, config.notify_interval, committed_rx)));
         tasks.push(tokio::spawn(listener(pg, config.connect_timeout, appended.clone())));
-        Ok(Self { pool, jobs, appended, gap_wait: config.gap_wait, tasks })
+        Ok(Self { pool, jobs, appended, gap_wait: config.gap_wait, gaps: std::sync::Mutex::default(), tasks })
     }
 
     async fn conn(&self) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>> {
@@ -720,7 +721,7 @@ impl EventLog for PostgresEventLog {
         let types: Option<&Vec<String>> = (!read.filter.event_types.is_empty()).then_some(&read.filter.event_types);
         let after = read.after as i64;
         let deadline = Instant::now() + self.gap_wait;
-        let mut pending: Option<PendingGap> = None;
+        let gaps = || self.gaps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             let rows = client.query(SCAN_SQL, &[&after, &prefixes, &types, &(scan as i64)]).await.map_err(db_error)?;
             let Some(first) = rows.first() else {
@@ -730,10 +731,7 @@ impl EventLog for PostgresEventLog {
             let snapshot = XidSnapshot::parse(&snapshot_text)
                 .ok_or_else(|| Error::Internal(format!("unparsable snapshot {snapshot_text}")))?;
             let max_seen = rows.last().map_or(0, |r| r.get::<_, i64>("global_position") as u64);
-            let resolved_upto = match &pending {
-                Some(gap) if gap.resolved_by(&snapshot) => gap.upto,
-                _ => 0,
-            };
+            let resolved_upto = gaps().final_upto(&snapshot);
 
             let mut position = read.after;
             let mut events = Vec::new();
@@ -763,14 +761,14 @@ impl EventLog for PostgresEventLog {
                 // what is safe; the caller continues from `position`.
                 return Ok(AllSlice { events, next_position: position, end_of_log: false });
             }
-            if pending.is_none() {
+            if !gaps().covers(position + 1) {
                 // A transaction id of our own, taken after the scan's
                 // snapshot, bounds every transaction that may hold a
-                // missing position (see `xid`). Only gaps cost an id.
+                // missing position (see `xid`). Only new gaps cost an id.
                 let bound: String =
                     client.query_one("SELECT pg_current_xact_id()::text", &[]).await.map_err(db_error)?.get(0);
                 let bound = bound.parse().map_err(|_| Error::Internal(format!("unparsable transaction id {bound}")))?;
-                pending = Some(PendingGap { upto: max_seen, bound });
+                gaps().add(PendingGap { upto: max_seen, bound });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }

@@ -14,6 +14,13 @@
 //! snapshot's `xmin` is at least N, every transaction that could hold p has
 //! finished, and a read under that snapshot shows every committed event up
 //! to r: whatever is still missing below r never comes.
+//!
+//! A gap is a property of the log, not of one reader, so the bounds are
+//! kept in one [`GapBook`] per log and outlive a read: each missing
+//! position is bounded once, by the first read that meets it. Taking a new
+//! bound on every read instead would never resolve a permanent hole (a
+//! rolled-back append) while transactions keep overlapping, e.g. readers
+//! that hold a transaction id of their own around the read.
 
 /// A parsed `pg_snapshot` (`xmin:xmax:xip,...`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +56,45 @@ impl PendingGap {
     }
 }
 
+/// The gaps of one log: the position up to which every missing position is
+/// known final, and the pending bounds of the later ones.
+#[derive(Debug, Default)]
+pub(crate) struct GapBook {
+    final_upto: u64,
+    pending: Vec<PendingGap>,
+}
+
+/// Pending gaps kept at most; a read past them bounds its gap anew.
+const MAX_PENDING: usize = 64;
+
+impl GapBook {
+    /// Up to where missing positions are final under `now`, taking in the
+    /// gaps that `now` resolves.
+    pub(crate) fn final_upto(&mut self, now: &XidSnapshot) -> u64 {
+        let resolved = self.pending.iter().filter(|g| g.resolved_by(now)).map(|g| g.upto).max();
+        if let Some(upto) = resolved {
+            self.final_upto = self.final_upto.max(upto);
+        }
+        let final_upto = self.final_upto;
+        self.pending.retain(|g| !g.resolved_by(now) && g.upto > final_upto);
+        self.final_upto
+    }
+
+    /// Whether missing position `position` already has a bound.
+    pub(crate) fn covers(&self, position: u64) -> bool {
+        position <= self.final_upto || self.pending.iter().any(|g| g.upto >= position)
+    }
+
+    /// Records a new bound.
+    pub(crate) fn add(&mut self, gap: PendingGap) {
+        if self.pending.len() >= MAX_PENDING {
+            // The bound of the latest gap is the one that resolves last.
+            self.pending.remove(0);
+        }
+        self.pending.push(gap);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +114,25 @@ mod tests {
         assert!(!gap.resolved_by(&XidSnapshot::parse("19:19:").unwrap()));
         assert!(gap.resolved_by(&XidSnapshot::parse("20:25:21").unwrap()));
         assert!(gap.resolved_by(&XidSnapshot::parse("26:26:").unwrap()));
+    }
+
+    #[test]
+    fn a_gap_book_keeps_the_first_bound_of_a_gap_until_it_resolves() {
+        let mut book = GapBook::default();
+        let busy = XidSnapshot::parse("15:30:15").unwrap();
+        assert_eq!(book.final_upto(&busy), 0);
+        assert!(!book.covers(10));
+        book.add(PendingGap { upto: 40, bound: 20 });
+        assert!(book.covers(10) && book.covers(40) && !book.covers(41));
+        // Later reads meet the same hole: it keeps its first bound, and a
+        // later gap gets its own.
+        book.add(PendingGap { upto: 60, bound: 35 });
+        assert_eq!(book.final_upto(&busy), 0);
+        assert_eq!(book.final_upto(&XidSnapshot::parse("25:30:25").unwrap()), 40);
+        assert!(book.covers(40) && book.covers(55));
+        // Final is final: an older snapshot cannot take it back.
+        assert_eq!(book.final_upto(&busy), 40);
+        assert_eq!(book.final_upto(&XidSnapshot::parse("36:40:").unwrap()), 60);
+        assert!(!book.covers(61));
     }
 }
