@@ -5,8 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use eventfold_domain::{
-    Currency, DomainEvent, Money, account::*, inventory::*, order::*, payment::*, saga::*, shipment::*,
-    user::*,
+    Currency, DomainEvent, Money, account::*, inventory::*, order::*, payment::*, saga::*, shipment::*, user::*,
 };
 use eventfold_schemas::{Catalog, Error, Schema, event_types};
 use prost::Message as _;

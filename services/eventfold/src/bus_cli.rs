@@ -149,9 +149,11 @@ impl ProjectionReplay {
     async fn apply(&self, tx: &Transaction<'_>, message: &Message) -> Result<(), HandleError> {
         let event = self.decoder.decode(message).await.map_err(|e| HandleError::Message(e.reason))?;
         let version = i32::try_from(self.version).map_err(|_| HandleError::Message("version out of range".into()))?;
+        // Not while a projector of the version applies a batch.
+        eventfold_projector::lock_checkpoint(tx, self.projection.name(), version).await?;
         let held = tx
             .query_opt(
-                "SELECT 1 FROM projections.checkpoints WHERE name = $1 AND version = $2 FOR UPDATE",
+                "SELECT 1 FROM projections.checkpoints WHERE name = $1 AND version = $2",
                 &[&self.projection.name(), &version],
             )
             .await?;

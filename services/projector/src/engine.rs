@@ -120,6 +120,16 @@ pub async fn set_stopped(client: &Client, name: &str, stopped: bool) -> Result<b
     Ok(changed > 0)
 }
 
+/// Takes the checkpoint of `version` of projection `name` for the
+/// transaction `tx`: one projector applies a batch at a time. An advisory
+/// lock, not the row's: a row lock would give the transaction an id before
+/// it reads the log, and the gap-safe reads of every process (its own
+/// included) wait for older transaction ids to finish.
+pub async fn lock_checkpoint(tx: &Transaction<'_>, name: &str, version: i32) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1), $2)", &[&name, &version]).await?;
+    Ok(())
+}
+
 /// Empties the tables of the active version of `projection` and moves its
 /// checkpoint back to 0, in one transaction: its projectors apply the whole
 /// log again (the public views show the partial model meanwhile; a rebuild
@@ -127,18 +137,26 @@ pub async fn set_stopped(client: &Client, name: &str, stopped: bool) -> Result<b
 /// reset, if one is active.
 pub async fn reset(client: &mut Client, projection: &dyn Projection) -> Result<Option<u32>> {
     let tx = client.transaction().await?;
-    let Some(row) = tx
-        .query_opt(
-            "SELECT c.version FROM projections.checkpoints c \
-               JOIN projections.active a ON a.name = c.name AND a.version = c.version \
-              WHERE c.name = $1 FOR UPDATE OF c",
-            &[&projection.name()],
-        )
-        .await?
-    else {
+    let active = "SELECT c.version FROM projections.checkpoints c \
+                    JOIN projections.active a ON a.name = c.name AND a.version = c.version \
+                   WHERE c.name = $1";
+    let Some(row) = tx.query_opt(active, &[&projection.name()]).await? else {
         return Ok(None);
     };
-    let version: i32 = row.get(0);
+    let mut version: i32 = row.get(0);
+    // The checkpoint's lock first, as a projector takes it, then the
+    // version again under it (an activation may have come between).
+    loop {
+        lock_checkpoint(&tx, projection.name(), version).await?;
+        let Some(row) = tx.query_opt(&format!("{active} FOR UPDATE OF c"), &[&projection.name()]).await? else {
+            return Ok(None);
+        };
+        let now: i32 = row.get(0);
+        if now == version {
+            break;
+        }
+        version = now;
+    }
     let tables = projection.tables(version as u32).join(", ");
     tx.batch_execute(&format!("TRUNCATE {tables}")).await?;
     tx.execute(
@@ -269,11 +287,12 @@ impl Projector {
         let started = std::time::Instant::now();
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await?;
-        // The checkpoint row's lock keeps a second instance of this version
+        // The checkpoint's lock keeps a second instance of this version
         // from applying the same batch.
+        lock_checkpoint(&tx, self.name(), self.version_param()).await?;
         let row = tx
             .query_one(
-                "SELECT position, stopped FROM projections.checkpoints WHERE name = $1 AND version = $2 FOR UPDATE",
+                "SELECT position, stopped FROM projections.checkpoints WHERE name = $1 AND version = $2",
                 &[&self.name(), &self.version_param()],
             )
             .await?;
@@ -464,11 +483,7 @@ impl Projector {
     pub async fn replay_parked(&self) -> Result<usize> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT 1 FROM projections.checkpoints WHERE name = $1 AND version = $2 FOR UPDATE",
-            &[&self.name(), &self.version_param()],
-        )
-        .await?;
+        lock_checkpoint(&tx, self.name(), self.version_param()).await?;
         let parked = tx
             .query(
                 "SELECT global_position FROM projections.parked \

@@ -20,8 +20,8 @@ pub use crate::{
     accounts::AccountViews,
     analytics::OrderAnalytics,
     engine::{
-        Attach, COMMIT_CHANNEL, Commit, CommitObserver, Projector, ProjectorOptions, Status, reset, run_active,
-        set_stopped, status,
+        Attach, COMMIT_CHANNEL, Commit, CommitObserver, Projector, ProjectorOptions, Status, lock_checkpoint, reset,
+        run_active, set_stopped, status,
     },
     inventory::{DEFAULT_LOW_STOCK_THRESHOLD, InventoryViews},
     orders::OrderViews,
