@@ -104,8 +104,8 @@ fn options() -> ProjectorOptions {
 }
 
 /// Kills a projector of version 1 at random points, 8 times, while `writer`
-/// appends; then lets it catch up, and builds version 2 from scratch beside
-/// it. Returns the rows of `tables` (`(name, order by)`) for v1 and v2, and
+/// appends; then lets two of them catch up, and builds version 2 from
+/// scratch beside them. Returns the rows of `tables` (`(name, order by)`) for v1 and v2, and
 /// asserts that both applied every event once and parked none.
 async fn crash_then_rebuild(
     db: &TestDatabase,
@@ -128,13 +128,20 @@ async fn crash_then_rebuild(
     let mine = |s: &eventfold_projector::Status| s.name == projection.name();
     let reached = status(client).await.unwrap().into_iter().find(mine).map_or(0, |s| s.position);
     assert!(reached > 0, "the killed projectors made progress before the last start");
-    let projector = Projector::new(db.url(), log.clone(), projection.clone(), 1, options()).await.unwrap();
+    // Two instances of the version catch up at once: the checkpoint's lock
+    // lets one apply each batch (events_applied counts a double apply).
     let (stop_tx, stop) = watch::channel(false);
-    let task = tokio::spawn(projector.run(stop));
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let projector = Projector::new(db.url(), log.clone(), projection.clone(), 1, options()).await.unwrap();
+        tasks.push(tokio::spawn(projector.run(stop.clone())));
+    }
     let probe = Projector::new(db.url(), log.clone(), projection.clone(), 1, options()).await.unwrap();
     wait_until_at(&probe, head).await;
     let _ = stop_tx.send(true);
-    task.await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
 
     let rebuild = Projector::new(db.url(), log.clone(), projection.clone(), 2, options()).await.unwrap();
     rebuild.prepare().await.unwrap();
