@@ -3,8 +3,6 @@
 
 use std::{pin::Pin, time::Duration};
 
-use bb8::Pool;
-use bb8_postgres::PostgresConnectionManager;
 use eventfold_platform::{
     page,
     status::{error_info, invalid_argument},
@@ -13,11 +11,11 @@ use eventfold_proto::sagas::{
     self as pb,
     saga_service_server::{SagaService, SagaServiceServer},
 };
-use tokio_postgres::NoTls;
 use tonic::{Code, Request, Response, Status, transport::server::Router};
 
 use crate::{
     model::{SagaType, Status as SagaStatus},
+    repo::Repository,
     store::{self, SagaRecord, StoreError},
 };
 
@@ -30,7 +28,7 @@ const WATCH_POLL: Duration = Duration::from_millis(25);
 /// See the module documentation.
 #[derive(Clone)]
 pub struct Sagas {
-    pool: Pool<PostgresConnectionManager<NoTls>>,
+    sagas: Repository,
 }
 
 impl std::fmt::Debug for Sagas {
@@ -41,8 +39,14 @@ impl std::fmt::Debug for Sagas {
 
 impl Sagas {
     /// The service over the sagas of the database of `database_url`.
-    pub async fn connect(database_url: &str) -> Result<Sagas, crate::orchestrator::Error> {
-        Ok(Sagas { pool: crate::orchestrator::pool(database_url, 4).await? })
+    pub async fn connect(database_url: &str) -> Result<Sagas, StoreError> {
+        // An operator's change holds its saga only while it is saved.
+        Ok(Sagas::new(Repository::postgres(database_url, 4).await?))
+    }
+
+    /// The service over the sagas of `sagas`.
+    pub fn new(sagas: Repository) -> Sagas {
+        Sagas { sagas }
     }
 }
 
@@ -67,14 +71,7 @@ pub async fn run(
         Duration::from_secs(5),
         move || {
             let sagas = probed.clone();
-            async move {
-                let client = sagas.pool.get().await.map_err(|e| e.to_string())?;
-                client
-                    .simple_query("SELECT 1 FROM saga.saga_instances LIMIT 1")
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            }
+            async move { sagas.sagas.check().await.map_err(|e| e.to_string()) }
         },
     )
     .await;
@@ -90,6 +87,8 @@ fn unavailable(e: impl std::fmt::Display) -> Status {
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Database(db) => unavailable(db),
+        StoreError::Pool(e) => unavailable(e),
+        StoreError::Log(e) => eventfold_platform::status::from_store(e),
         StoreError::Conflict { saga_id, .. } => {
             error_info(Code::Aborted, "the saga changed meanwhile; try again", "SAGA_CHANGED", &[("saga_id", saga_id)])
         }
@@ -172,10 +171,6 @@ fn from_cursor((micros, saga_id): PageCursor) -> store::Cursor {
 }
 
 impl Sagas {
-    async fn client(&self) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>, Status> {
-        self.pool.get().await.map_err(unavailable)
-    }
-
     async fn saga(&self, saga_id: &str) -> Result<pb::Saga, Status> {
         Ok(self.saga_if_changed(saga_id, None).await?.expect("no version given: always answered"))
     }
@@ -183,12 +178,11 @@ impl Sagas {
     /// Saga `saga_id` with its history, unless it is still at `version`
     /// (then the history is not read).
     async fn saga_if_changed(&self, saga_id: &str, version: Option<i64>) -> Result<Option<pb::Saga>, Status> {
-        let client = self.client().await?;
-        let record = store::load(&*client, saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
+        let record = self.sagas.load(saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
         if Some(record.version) == version {
             return Ok(None);
         }
-        let steps = store::steps(&*client, saga_id).await.map_err(store_status)?;
+        let steps = self.sagas.steps(saga_id).await.map_err(store_status)?;
         Ok(Some(saga_pb(&record, steps)))
     }
 
@@ -198,15 +192,12 @@ impl Sagas {
         saga_id: &str,
         change: impl FnOnce(&mut SagaRecord) -> Result<(), Status>,
     ) -> Result<pb::Saga, Status> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(unavailable)?;
-        let mut record = store::lock(&tx, saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
-        change(&mut record)?;
-        record.due_at = std::time::SystemTime::now();
-        record.deadline_at = None;
-        store::save(&tx, &mut record, &[]).await.map_err(store_status)?;
-        tx.commit().await.map_err(unavailable)?;
-        drop(client);
+        let mut claim = self.sagas.lock(saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
+        change(&mut claim.record)?;
+        claim.record.due_at = std::time::SystemTime::now();
+        claim.record.deadline_at = None;
+        claim.save(None).await.map_err(store_status)?;
+        claim.release().await.map_err(store_status)?;
         self.saga(saga_id).await
     }
 }
@@ -243,9 +234,7 @@ impl SagaService for Sagas {
         let size = page::size(r.page_size)?;
         let filters = format!("type={}&status={}", r.r#type, r.status);
         let after = page::cursor::<PageCursor>(&filters, &r.page_token)?.map(from_cursor);
-        let client = self.client().await?;
-        let mut rows =
-            store::list(&*client, saga_type, status, after.as_ref(), size + 1).await.map_err(store_status)?;
+        let mut rows = self.sagas.list(saga_type, status, after.as_ref(), size + 1).await.map_err(store_status)?;
         let more = rows.len() as i64 > size;
         rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
         let next_page_token = match rows.last() {

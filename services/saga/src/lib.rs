@@ -16,11 +16,13 @@
 //! runs the due steps, with their deadlines on record; [`grpc`] is the
 //! `SagaService`.
 
+pub mod events;
 pub mod grpc;
 pub mod intake;
 pub mod model;
 pub mod orchestrator;
 pub mod ports;
+pub mod repo;
 pub mod steps;
 pub mod store;
 
@@ -31,5 +33,6 @@ pub use crate::{
     ports::{
         Authorization, Carrier, Label, PaymentProvider, PortError, SandboxCarrier, SandboxConfig, SandboxPayments,
     },
+    repo::{Claim, MemorySagas, Repository},
     steps::{CommandSender, Fulfilment, FulfilmentData},
 };

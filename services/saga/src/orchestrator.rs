@@ -1,28 +1,27 @@
 //! The orchestrator: runs the due steps of the stored sagas.
 //!
-//! Each saga is claimed in a transaction of its own (`FOR UPDATE SKIP
-//! LOCKED`: orchestrators share the work, and no saga runs twice at once).
-//! A step's deadline is stored before the step runs, so a restart keeps
-//! it; the row lock is held while the step runs and its outcome is saved in
-//! the same transaction. An orchestrator that dies mid-step lets go of the
-//! lock with its connection, and the next one runs the step again with the
-//! same idempotency key (or times it out, past its deadline).
+//! Each saga is claimed (in PostgreSQL with a session advisory lock:
+//! orchestrators share the work, and no saga runs twice at once; see
+//! [`crate::repo`]). A step's deadline is saved before the step runs, so a
+//! restart keeps it, and its outcome is saved, with the lifecycle events,
+//! in one short transaction once it ends. An orchestrator that dies
+//! mid-step lets go of the saga with its connection, and the next one runs
+//! the step again with the same idempotency key (or times it out, past its
+//! deadline).
 
 use std::{
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
-use bb8::Pool;
-use bb8_postgres::PostgresConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tokio_postgres::NoTls;
 
 use crate::{
     model::{Next, Outcome, RetryPolicy, SagaType, Status, Step, jitter},
+    repo::{Claim, Repository},
     steps::{Fulfilment, FulfilmentData, Transfer, TransferData},
-    store::{self, SagaRecord, StepLog, StoreError},
+    store::{SagaRecord, StepLog, StoreError},
 };
 
 /// Settings of the orchestrator (`[saga]`).
@@ -47,10 +46,6 @@ impl Default for OrchestratorConfig {
 /// Errors of the orchestrator.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("database: {0}")]
-    Database(#[from] tokio_postgres::Error),
-    #[error("database pool: {0}")]
-    Pool(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("saga {saga_id}: {message}")]
@@ -59,20 +54,9 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A pool of `size` connections to the database of `database_url`.
-pub(crate) async fn pool(database_url: &str, size: u32) -> Result<Pool<PostgresConnectionManager<NoTls>>> {
-    let pg: tokio_postgres::Config = database_url.parse()?;
-    Pool::builder()
-        .max_size(size)
-        .connection_timeout(Duration::from_secs(5))
-        .build(PostgresConnectionManager::new(pg, NoTls))
-        .await
-        .map_err(|e| Error::Pool(e.to_string()))
-}
-
 /// See the module documentation.
 pub struct Orchestrator {
-    pool: Pool<PostgresConnectionManager<NoTls>>,
+    sagas: Repository,
     fulfilment: Arc<Fulfilment>,
     transfer: Transfer,
     config: OrchestratorConfig,
@@ -98,9 +82,14 @@ impl Orchestrator {
     /// (which holds the migrations); transfers use the fulfilment's command
     /// side.
     pub async fn new(database_url: &str, fulfilment: Fulfilment, config: OrchestratorConfig) -> Result<Self> {
-        let pool = pool(database_url, u32::try_from(config.concurrency.max(1) + 1).unwrap_or(u32::MAX)).await?;
+        let size = u32::try_from(config.concurrency.max(1) + 1).unwrap_or(u32::MAX);
+        Ok(Self::over(Repository::postgres(database_url, size).await?, fulfilment, config))
+    }
+
+    /// An orchestrator over the sagas of `sagas`.
+    pub fn over(sagas: Repository, fulfilment: Fulfilment, config: OrchestratorConfig) -> Self {
         let transfer = Transfer { commands: fulfilment.commands.clone() };
-        Ok(Self { pool, fulfilment: Arc::new(fulfilment), transfer, config })
+        Self { sagas, fulfilment: Arc::new(fulfilment), transfer, config }
     }
 
     fn timeout(&self) -> Duration {
@@ -120,30 +109,22 @@ impl Orchestrator {
 
     /// Claims one due saga and runs its current step; whether one ran.
     async fn run_one(&self) -> Result<bool> {
-        let mut client = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
         let now = SystemTime::now();
-        let tx = client.transaction().await?;
-        let Some(mut record) = store::due(&tx, now, 1).await?.pop() else {
+        let Some(mut claim) = self.sagas.claim_due(now).await? else {
             return Ok(false);
         };
-        if record.deadline_at.is_none() {
+        if claim.record.deadline_at.is_none() {
             // The deadline is on record before the step runs: a restart
             // keeps it.
-            record.deadline_at = Some(now + self.timeout());
-            store::save(&tx, &mut record, &[]).await?;
-            tx.commit().await?;
-            let tx = client.transaction().await?;
-            let Some(claimed) = store::claim(&tx, &record.saga_id).await? else {
-                return Ok(false);
-            };
-            return self.step(tx, claimed).await.map(|()| true);
+            claim.record.deadline_at = Some(now + self.timeout());
+            claim.save(None).await?;
         }
-        self.step(tx, record).await.map(|()| true)
+        self.step(claim).await.map(|()| true)
     }
 
-    /// Runs the current step of `record` (locked by `tx`) and saves how it
-    /// ended.
-    async fn step(&self, tx: tokio_postgres::Transaction<'_>, mut record: SagaRecord) -> Result<()> {
+    /// Runs the current step of the held saga and saves how it ended.
+    async fn step(&self, mut claim: Claim) -> Result<()> {
+        let record = &mut claim.record;
         let Some(step) = record.state.step else {
             return Ok(());
         };
@@ -158,8 +139,8 @@ impl Orchestrator {
         let reason = record.state.reason.clone();
         let outcome = match record.state.saga_type {
             SagaType::OrderFulfilment => {
-                let Some(mut data) = Self::data::<FulfilmentData>(&record) else {
-                    return self.park(tx, record, step).await;
+                let Some(mut data) = Self::data::<FulfilmentData>(record) else {
+                    return self.park(claim, step).await;
                 };
                 let outcome = match left {
                     None => Outcome::TimedOut,
@@ -173,8 +154,8 @@ impl Orchestrator {
                 outcome
             }
             SagaType::MoneyTransfer => {
-                let Some(data) = Self::data::<TransferData>(&record) else {
-                    return self.park(tx, record, step).await;
+                let Some(data) = Self::data::<TransferData>(record) else {
+                    return self.park(claim, step).await;
                 };
                 match left {
                     None => Outcome::TimedOut,
@@ -190,8 +171,8 @@ impl Orchestrator {
         if matches!(outcome, Outcome::Transient { .. } | Outcome::TimedOut) {
             metrics::counter!("eventfold_saga_retries_total", "step" => step.as_str()).increment(1);
         }
-        let attempt = jitter(&record.saga_id, step, record.state.failures + 1);
-        let next = record.state.on_outcome(outcome, &self.config.retry, attempt);
+        let attempt = record.state.failures + 1;
+        let next = record.state.on_outcome(outcome, &self.config.retry, jitter(&record.saga_id, step, attempt));
         let now = SystemTime::now();
         record.deadline_at = None;
         record.due_at = match &next {
@@ -199,8 +180,9 @@ impl Orchestrator {
             Next::Run(_) | Next::Finished(_) => now,
         };
         let log = StepLog { step, outcome: name.to_owned(), detail, started_at, ended_at: now };
-        store::save(&tx, &mut record, &[log]).await?;
-        tx.commit().await?;
+        claim.save(Some((log, attempt))).await?;
+        let record = claim.record.clone();
+        claim.release().await?;
         let saga_type = record.state.saga_type.as_str();
         if first_run {
             metrics::counter!("eventfold_sagas_started_total", "type" => saga_type).increment(1);
@@ -230,10 +212,10 @@ impl Orchestrator {
 
     /// Puts a saga that cannot run aside (due again in an hour), so it
     /// holds up no other: an operator sees it in ListSagas.
-    async fn park(&self, tx: tokio_postgres::Transaction<'_>, mut record: SagaRecord, step: Step) -> Result<()> {
+    async fn park(&self, mut claim: Claim, step: Step) -> Result<()> {
         metrics::counter!("eventfold_saga_parked_total").increment(1);
-        record.due_at = SystemTime::now() + Duration::from_secs(3600);
-        record.deadline_at = None;
+        claim.record.due_at = SystemTime::now() + Duration::from_secs(3600);
+        claim.record.deadline_at = None;
         let log = StepLog {
             step,
             outcome: "PARKED".to_owned(),
@@ -241,8 +223,9 @@ impl Orchestrator {
             started_at: SystemTime::now(),
             ended_at: SystemTime::now(),
         };
-        store::save(&tx, &mut record, &[log]).await?;
-        tx.commit().await?;
+        let attempt = claim.record.state.failures + 1;
+        claim.save(Some((log, attempt))).await?;
+        claim.release().await?;
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 
 use std::time::SystemTime;
 
+use eventfold_domain::saga::SagaEvent;
 use serde_json::Value;
 use tokio_postgres::{GenericClient, Row};
 
@@ -21,6 +22,11 @@ pub enum StoreError {
     Conflict { saga_id: String, expected: i64 },
     #[error("saga {saga_id}: stored state unreadable: {message}")]
     Corrupt { saga_id: String, message: String },
+    #[error("database pool: {0}")]
+    Pool(String),
+    /// The lifecycle events could not be appended (nothing was saved).
+    #[error("saga events: {0}")]
+    Log(#[from] eventfold_store::Error),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -40,6 +46,14 @@ pub struct SagaRecord {
     pub deadline_at: Option<SystemTime>,
     /// Bumped by every save.
     pub version: i64,
+}
+
+impl SagaRecord {
+    /// Whether its current step is to run by `now`: it is unfinished and
+    /// due, or past its deadline (it timed out while nobody ran it).
+    pub fn is_due(&self, now: SystemTime) -> bool {
+        !self.state.status.is_final() && (self.due_at <= now || self.deadline_at.is_some_and(|d| d <= now))
+    }
 }
 
 /// How one step attempt ended, for the saga's history.
@@ -118,10 +132,18 @@ pub async fn find(
     client.query_opt(&sql, &[&saga_type.as_str(), &correlation_id]).await?.as_ref().map(record).transpose()
 }
 
-/// Saves `record` (read at `record.version`) with the attempts of `log`,
-/// and bumps its version. A save by someone else since is a
-/// [`StoreError::Conflict`] and changes nothing.
-pub async fn save(client: &impl GenericClient, record: &mut SagaRecord, log: &[StepLog]) -> Result<()> {
+/// Saves `record` (read at `record.version`) with the attempts of `log`
+/// and appends its lifecycle `events` to the event store, in the caller's
+/// transaction, and bumps its version; the global position of the last
+/// event appended, if any (the caller wakes readers with it after the
+/// commit). A save by someone else since is a [`StoreError::Conflict`] and
+/// changes nothing.
+pub async fn save(
+    client: &impl GenericClient,
+    record: &mut SagaRecord,
+    log: &[StepLog],
+    events: &[SagaEvent],
+) -> Result<Option<u64>> {
     let step = record.state.step.map(Step::as_str);
     let updated = client
         .execute(
@@ -159,37 +181,54 @@ pub async fn save(client: &impl GenericClient, record: &mut SagaRecord, log: &[S
             )
             .await?;
     }
+    let position = if events.is_empty() {
+        None
+    } else {
+        let outcome =
+            eventfold_store::postgres::append_in(client, &crate::events::append_request(record, events)).await?;
+        Some(outcome.last_position())
+    };
     record.version += 1;
-    Ok(())
+    Ok(position)
 }
 
-/// The unfinished sagas due by `now`, earliest first, at most `limit`,
-/// locked for the calling transaction (others skip them: several
-/// orchestrators share the work without running a saga twice at once).
+/// The unfinished sagas due by `now`, earliest first, at most `limit`
+/// (the candidates of a claim: see [`try_hold`]).
 pub async fn due(client: &impl GenericClient, now: SystemTime, limit: i64) -> Result<Vec<SagaRecord>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM saga.saga_instances \
           WHERE status IN ('RUNNING', 'COMPENSATING') AND (due_at <= $1 OR deadline_at <= $1) \
-          ORDER BY least(due_at, coalesce(deadline_at, due_at)) LIMIT $2 FOR UPDATE SKIP LOCKED"
+          ORDER BY least(due_at, coalesce(deadline_at, due_at)) LIMIT $2"
     );
     client.query(&sql, &[&now, &limit]).await?.iter().map(record).collect()
 }
 
-/// Saga `saga_id` if it is unfinished and nobody else holds it, locked for
-/// the calling transaction.
-pub async fn claim(client: &impl GenericClient, saga_id: &str) -> Result<Option<SagaRecord>> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM saga.saga_instances \
-          WHERE saga_id = $1 AND status IN ('RUNNING', 'COMPENSATING') FOR UPDATE SKIP LOCKED"
-    );
-    client.query_opt(&sql, &[&saga_id]).await?.as_ref().map(record).transpose()
+/// The advisory lock class of sagas (the two-key form, whose keys never
+/// meet the one-key form's); the second key is the hash of the saga id. A
+/// hash collision makes two sagas wait for each other, nothing worse.
+const LOCK_CLASS: i32 = 0x5a6a;
+
+/// Takes saga `saga_id` for the session of `client` unless another session
+/// holds it: whether it did. Several orchestrators share the work this way
+/// without running a saga twice at once; a session that ends (its process
+/// crashed) lets go of what it held. A session lock, unlike a row lock,
+/// needs no open transaction while the step runs.
+pub async fn try_hold(client: &impl GenericClient, saga_id: &str) -> Result<bool> {
+    let row = client.query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LOCK_CLASS, &saga_id]).await?;
+    Ok(row.get(0))
 }
 
-/// Saga `saga_id` locked for the calling transaction, waiting for whoever
+/// Takes saga `saga_id` for the session of `client`, waiting for whoever
 /// holds it (an operator's change).
-pub async fn lock(client: &impl GenericClient, saga_id: &str) -> Result<Option<SagaRecord>> {
-    let sql = format!("SELECT {COLUMNS} FROM saga.saga_instances WHERE saga_id = $1 FOR UPDATE");
-    client.query_opt(&sql, &[&saga_id]).await?.as_ref().map(record).transpose()
+pub async fn hold(client: &impl GenericClient, saga_id: &str) -> Result<()> {
+    client.execute("SELECT pg_advisory_lock($1, hashtext($2))", &[&LOCK_CLASS, &saga_id]).await?;
+    Ok(())
+}
+
+/// Lets go of every saga the session of `client` holds.
+pub async fn let_go(client: &impl GenericClient) -> Result<()> {
+    client.batch_execute("SELECT pg_advisory_unlock_all()").await?;
+    Ok(())
 }
 
 /// Where a page of [`list`] starts: after this (created_at, saga_id).

@@ -232,6 +232,31 @@ impl Bed {
             .collect()
     }
 
+    /// The lifecycle events of saga `saga_id` in the event store, by type;
+    /// on a Kafka bed, once the relay has put all of them on the broker.
+    async fn lifecycle(&self, saga_id: &str) -> Vec<String> {
+        let read = eventfold_store::StreamRead::forwards(format!("saga-{saga_id}"), 1_000);
+        let events = self.log.read_stream(read).await.unwrap().events;
+        if self.kafka.is_some() {
+            let last = events.last().expect("a saga has lifecycle events").global_position as i64;
+            let mut relayed = 0;
+            for _ in 0..2_000 {
+                relayed = self
+                    .client
+                    .query_opt("SELECT position FROM bus.relay_checkpoints WHERE name = 'relay'", &[])
+                    .await
+                    .unwrap()
+                    .map_or(0, |r| r.get::<_, i64>(0));
+                if relayed >= last {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(relayed >= last, "the relay put the saga's events on eventfold.sagas.v1 ({relayed} < {last})");
+        }
+        events.into_iter().map(|e| e.event_type).collect()
+    }
+
     /// Both products back at their full stock, nothing reserved.
     async fn assert_nothing_reserved(&self) {
         let stock = self.stock().await;
@@ -265,6 +290,8 @@ async fn the_happy_path_reserves_authorizes_labels_and_confirms(source: Source) 
     assert!(!authorizations[0].voided);
     assert_eq!(bed.carrier.labels().len(), 1);
     assert_eq!(saga.data["authorization_id"], authorizations[0].authorization.id.as_str());
+    let ended = "SagaStepEnded";
+    assert_eq!(bed.lifecycle(&saga.saga_id).await, ["SagaStarted", ended, ended, ended, ended, "SagaCompleted"]);
 }
 
 async fn a_declined_payment_releases_the_inventory_and_cancels_the_order(source: Source) {
@@ -278,6 +305,16 @@ async fn a_declined_payment_releases_the_inventory_and_cancels_the_order(source:
     bed.assert_nothing_reserved().await;
     assert!(bed.payments.authorizations().is_empty());
     assert!(bed.carrier.labels().is_empty());
+    let ended = "SagaStepEnded";
+    assert_eq!(
+        bed.lifecycle(&saga.saga_id).await,
+        ["SagaStarted", ended, ended, "SagaCompensating", ended, ended, "SagaFailed"],
+        "reserve, declined authorization; release, cancel"
+    );
+    let read = eventfold_store::StreamRead::forwards(format!("saga-{}", saga.saga_id), 100);
+    let failed = bed.log.read_stream(read).await.unwrap().events.pop().unwrap();
+    assert_eq!(failed.data["reason"], "PAYMENT_DECLINED");
+    assert_eq!(failed.data["compensated"], true);
 }
 
 async fn a_carrier_failure_voids_the_authorization_releases_and_cancels(source: Source) {
@@ -448,13 +485,18 @@ async fn sagas_finish_exactly_once_across_orchestrator_crashes(source: Source) {
         payments: bed.payments.clone(),
         carrier: bed.carrier.clone(),
     };
+    // The kills, not the steps, are what is slow here: no step is to time
+    // out because its orchestrators keep dying.
+    let config = || OrchestratorConfig { step_timeout_ms: 60_000, ..config() };
     // At least ten kills, and on until the orders are all written and the
-    // killed orchestrators have run a step per order.
+    // killed orchestrators have run a step per order. The orchestrators
+    // live a little longer each round, so that a loaded machine (where a
+    // claim and its save take longer) still sees steps end between kills.
     let mut round = 0u64;
     loop {
         let orchestrator = Orchestrator::new(bed.db.url(), fulfilment(), config()).await.unwrap();
         let (task, _stop) = spawn_orchestrator(orchestrator);
-        tokio::time::sleep(Duration::from_millis(20 + (round * 37) % 90)).await;
+        tokio::time::sleep(Duration::from_millis(20 + (round * 37) % 90 + 2 * round)).await;
         task.abort();
         let _ = task.await;
         round += 1;
@@ -501,6 +543,29 @@ async fn sagas_finish_exactly_once_across_orchestrator_crashes(source: Source) {
     // The completed orders hold their unit; the failed ones hold nothing.
     let completed = finished.values().filter(|s| *s == "COMPLETED").count() as i64;
     assert_eq!(bed.stock().await["sku-a"], (110 - completed, completed));
+    // A lifecycle event is saved with its state or not at all, kills or
+    // not: each saga recorded one start, one end, and one SagaStepEnded
+    // per saved attempt.
+    let lifecycle = bed
+        .client
+        .query(
+            "SELECT i.saga_id, \
+                    count(*) FILTER (WHERE e.event_type = 'SagaStarted'), \
+                    count(*) FILTER (WHERE e.event_type IN ('SagaCompleted', 'SagaFailed')), \
+                    count(*) FILTER (WHERE e.event_type = 'SagaStepEnded'), \
+                    (SELECT count(*) FROM saga.saga_steps s WHERE s.saga_id = i.saga_id) \
+               FROM saga.saga_instances i LEFT JOIN eventstore.events e ON e.stream_id = 'saga-' || i.saga_id \
+              GROUP BY i.saga_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(lifecycle.len(), orders);
+    for row in lifecycle {
+        let counts: [i64; 4] = [row.get(1), row.get(2), row.get(3), row.get(4)];
+        assert_eq!(counts[..2], [1, 1], "saga {}: starts and ends", row.get::<_, String>(0));
+        assert_eq!(counts[2], counts[3], "saga {}: one SagaStepEnded per saved attempt", row.get::<_, String>(0));
+    }
 }
 
 /// 200 orders at once on 5 products with scarce stock: afterwards, for
@@ -649,6 +714,8 @@ async fn a_transfer_withdraws_then_deposits(source: Source) {
     let steps: Vec<Step> = store::steps(&bed.client, &saga.saga_id).await.unwrap().iter().map(|s| s.step).collect();
     assert_eq!(steps, [Step::Withdraw, Step::Deposit]);
     assert_eq!((balance(&bed, "a").await, balance(&bed, "b").await), (700, 300));
+    let ended = "SagaStepEnded";
+    assert_eq!(bed.lifecycle(&saga.saga_id).await, ["SagaStarted", ended, ended, "SagaCompleted"]);
 }
 
 async fn a_transfer_without_the_funds_fails_and_moves_nothing(source: Source) {

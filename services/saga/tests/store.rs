@@ -1,13 +1,17 @@
 //! Saga instances on a real PostgreSQL: started once per correlation,
-//! saved with optimistic versions, found by due time and deadline with
-//! skip-locked sharing, and their step history.
+//! saved with optimistic versions, found by due time and deadline, and
+//! their step history; claims that share the due sagas without overlap
+//! and save the state with the lifecycle events, in PostgreSQL and in
+//! memory.
 
 use std::time::{Duration, SystemTime};
 
 use eventfold_saga::{
+    MemorySagas, Repository,
     model::{Outcome, RetryPolicy, SagaState, SagaType, Status, Step},
     store::{self, SagaRecord, StepLog, StoreError},
 };
+use eventfold_store::{EventLog, MemoryEventLog};
 use eventfold_tests::TestDatabase;
 use tokio_postgres::NoTls;
 
@@ -56,7 +60,7 @@ async fn a_saga_starts_once_and_saves_with_its_version() {
         started_at: now,
         ended_at: now + Duration::from_millis(3),
     };
-    store::save(&client, &mut saga, std::slice::from_ref(&log)).await.unwrap();
+    store::save(&client, &mut saga, std::slice::from_ref(&log), &[]).await.unwrap();
     assert_eq!(saga.version, 1);
     let loaded = store::load(&client, "s-1").await.unwrap().unwrap();
     assert_eq!(loaded.state.step, Some(Step::AuthorizePayment));
@@ -66,7 +70,7 @@ async fn a_saga_starts_once_and_saves_with_its_version() {
     // changes nothing.
     let mut racing = stale;
     racing.state.on_outcome(Outcome::Rejected { reason: "X".into() }, &RetryPolicy::default(), 0.5);
-    assert!(matches!(store::save(&client, &mut racing, &[]).await, Err(StoreError::Conflict { expected: 0, .. })));
+    assert!(matches!(store::save(&client, &mut racing, &[], &[]).await, Err(StoreError::Conflict { expected: 0, .. })));
     let after = store::load(&client, "s-1").await.unwrap().unwrap();
     assert_eq!(after.state.status, Status::Running);
     assert_eq!(after.version, 1);
@@ -75,7 +79,7 @@ async fn a_saga_starts_once_and_saves_with_its_version() {
     second.step = Step::AuthorizePayment;
     second.outcome = "TRANSIENT".into();
     second.detail = Some("provider unavailable".into());
-    store::save(&client, &mut saga, std::slice::from_ref(&second)).await.unwrap();
+    store::save(&client, &mut saga, std::slice::from_ref(&second), &[]).await.unwrap();
     let history = store::steps(&client, "s-1").await.unwrap();
     assert_eq!(history.iter().map(|s| s.step).collect::<Vec<_>>(), [Step::ReserveInventory, Step::AuthorizePayment]);
     assert_eq!(history[1].detail.as_deref(), Some("provider unavailable"));
@@ -84,8 +88,8 @@ async fn a_saga_starts_once_and_saves_with_its_version() {
 #[tokio::test]
 async fn due_sagas_come_by_due_time_or_deadline_and_are_shared_without_overlap() {
     let db = TestDatabase::migrated().await;
-    let mut first = connect(&db).await;
-    let mut second = connect(&db).await;
+    let first = connect(&db).await;
+    let second = connect(&db).await;
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
     store::start(&first, &new_saga("later", "o-later", now + hour)).await.unwrap();
@@ -100,15 +104,139 @@ async fn due_sagas_come_by_due_time_or_deadline_and_are_shared_without_overlap()
     done.state.step = None;
     store::start(&first, &done).await.unwrap();
 
-    let tx = first.transaction().await.unwrap();
-    let ids: Vec<String> = store::due(&tx, now, 2).await.unwrap().into_iter().map(|r| r.saga_id).collect();
+    let ids: Vec<String> = store::due(&first, now, 2).await.unwrap().into_iter().map(|r| r.saga_id).collect();
     assert_eq!(ids, ["due-1", "due-2"], "earliest first, finished and not-yet-due ones left out");
-    // A second orchestrator meanwhile skips the locked ones.
-    let other = second.transaction().await.unwrap();
-    let ids: Vec<String> = store::due(&other, now, 10).await.unwrap().into_iter().map(|r| r.saga_id).collect();
-    assert_eq!(ids, ["deadline"]);
-    other.rollback().await.unwrap();
-    tx.rollback().await.unwrap();
     let ids: Vec<String> = store::due(&second, now, 10).await.unwrap().into_iter().map(|r| r.saga_id).collect();
-    assert_eq!(ids, ["due-1", "due-2", "deadline"], "released at rollback");
+    assert_eq!(ids, ["due-1", "due-2", "deadline"]);
+
+    // Two orchestrators' claims share them: each due saga goes to one.
+    let one = Repository::postgres(db.url(), 4).await.unwrap();
+    let other = Repository::postgres(db.url(), 4).await.unwrap();
+    let a = one.claim_due(now).await.unwrap().expect("due-1");
+    let b = other.claim_due(now).await.unwrap().expect("due-2");
+    let c = other.claim_due(now).await.unwrap().expect("deadline");
+    let held = [&a, &b, &c].map(|c| c.record.saga_id.clone());
+    assert_eq!(held, ["due-1", "due-2", "deadline"]);
+    assert!(one.claim_due(now).await.unwrap().is_none(), "all held");
+    assert!(other.claim("due-1").await.unwrap().is_none(), "held by the other orchestrator");
+    assert!(one.claim("done").await.unwrap().is_none(), "finished sagas are not claimed");
+    a.release().await.unwrap();
+    assert_eq!(other.claim_due(now).await.unwrap().expect("let go").record.saga_id, "due-1");
+    // A claim dropped (its task aborted) lets go in the background.
+    drop(b);
+    let again = loop {
+        if let Some(claim) = one.claim("due-2").await.unwrap() {
+            break claim;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(again.record.version, 0);
+    drop(c);
+}
+
+/// The lifecycle event types stored in stream `stream`, in order.
+async fn event_types(client: &tokio_postgres::Client, stream: &str) -> Vec<String> {
+    let rows = client
+        .query("SELECT event_type FROM eventstore.events WHERE stream_id = $1 ORDER BY version", &[&stream])
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+fn ended(step: Step, outcome: &str) -> (StepLog, u32) {
+    let now = SystemTime::now();
+    (StepLog { step, outcome: outcome.into(), detail: None, started_at: now, ended_at: now }, 1)
+}
+
+#[tokio::test]
+async fn a_claim_saves_state_and_lifecycle_events_together_or_neither() {
+    let db = TestDatabase::migrated().await;
+    let client = connect(&db).await;
+    let now = SystemTime::now();
+    store::start(&client, &new_saga("s-1", "o-1", now)).await.unwrap();
+    let sagas = Repository::postgres(db.url(), 3).await.unwrap();
+
+    let mut claim = sagas.claim_due(now).await.unwrap().expect("due");
+    // Someone saves the saga behind the claim's back (no orchestrator
+    // does: they hold it first): the claim's save changes nothing, not
+    // even the event log.
+    let mut behind = store::load(&client, "s-1").await.unwrap().unwrap();
+    store::save(&client, &mut behind, &[], &[]).await.unwrap();
+    claim.record.state.on_outcome(Outcome::Done, &RetryPolicy::default(), 0.5);
+    let refused = claim.save(Some(ended(Step::ReserveInventory, "DONE"))).await;
+    assert!(matches!(refused, Err(StoreError::Conflict { expected: 0, .. })), "{refused:?}");
+    assert!(event_types(&client, "saga-s-1").await.is_empty(), "no event without its state");
+    assert!(store::steps(&client, "s-1").await.unwrap().is_empty());
+    assert_eq!(store::load(&client, "s-1").await.unwrap().unwrap().version, 1);
+    claim.release().await.unwrap();
+
+    let mut claim = sagas.claim("s-1").await.unwrap().expect("let go");
+    claim.record.state.on_outcome(Outcome::Done, &RetryPolicy::default(), 0.5);
+    claim.save(Some(ended(Step::ReserveInventory, "DONE"))).await.unwrap();
+    // Saved is saved: the state and its events are there before the claim
+    // lets go.
+    assert_eq!(event_types(&client, "saga-s-1").await, ["SagaStepEnded"]);
+    assert_eq!(store::steps(&client, "s-1").await.unwrap().len(), 1);
+    claim.record.state.on_outcome(
+        Outcome::Rejected { reason: "PAYMENT_DECLINED".into() },
+        &RetryPolicy::default(),
+        0.5,
+    );
+    claim.save(Some(ended(Step::AuthorizePayment, "REJECTED"))).await.unwrap();
+    claim.release().await.unwrap();
+    assert_eq!(event_types(&client, "saga-s-1").await, ["SagaStepEnded", "SagaStepEnded", "SagaCompensating"]);
+    let stored = store::load(&client, "s-1").await.unwrap().unwrap();
+    assert_eq!((stored.version, stored.state.status), (3, Status::Compensating));
+    let correlation: Option<String> = client
+        .query_one(
+            "SELECT metadata->>'correlation_id' FROM eventstore.events WHERE stream_id = 'saga-s-1' LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(correlation.as_deref(), Some("o-1"));
+
+    // A new saga's first save records its start.
+    store::start(&client, &new_saga("s-2", "o-2", now)).await.unwrap();
+    let mut claim = sagas.claim("s-2").await.unwrap().expect("due");
+    claim.save(None).await.unwrap();
+    claim.release().await.unwrap();
+    assert_eq!(event_types(&client, "saga-s-2").await, ["SagaStarted"]);
+}
+
+#[tokio::test]
+async fn memory_sagas_start_once_are_held_by_one_claim_and_write_their_events() {
+    let log: std::sync::Arc<dyn EventLog> = std::sync::Arc::new(MemoryEventLog::new());
+    let memory = MemorySagas::new(log.clone());
+    let now = SystemTime::now();
+    assert!(memory.start(&new_saga("s-1", "o-1", now)));
+    assert!(!memory.start(&new_saga("s-2", "o-1", now)), "one saga per order");
+    let mut later = new_saga("s-3", "o-3", now + Duration::from_secs(3600));
+    later.correlation_id = "o-3".into();
+    assert!(memory.start(&later));
+    let sagas = Repository::Memory(memory);
+
+    let mut claim = sagas.claim_due(now).await.unwrap().expect("due");
+    assert_eq!(claim.record.saga_id, "s-1");
+    assert!(sagas.claim_due(now).await.unwrap().is_none(), "s-1 is held and s-3 not due");
+    claim.record.state.on_outcome(Outcome::Rejected { reason: "OUT_OF_STOCK".into() }, &RetryPolicy::default(), 0.5);
+    claim.save(Some(ended(Step::ReserveInventory, "REJECTED"))).await.unwrap();
+    claim.release().await.unwrap();
+    let stored = sagas.load("s-1").await.unwrap().unwrap();
+    assert_eq!((stored.version, stored.state.status), (1, Status::Compensating));
+    assert_eq!(sagas.steps("s-1").await.unwrap().len(), 1);
+    let events = log
+        .read_stream(eventfold_store::StreamRead::forwards("saga-s-1", 100))
+        .await
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect::<Vec<_>>();
+    assert_eq!(events, ["SagaStarted", "SagaStepEnded", "SagaCompensating"]);
+    let listed = sagas.list(None, None, None, 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let compensating = sagas.list(None, Some(Status::Compensating), None, 10).await.unwrap();
+    assert_eq!(compensating.iter().map(|(r, _)| r.saga_id.as_str()).collect::<Vec<_>>(), ["s-1"]);
 }
