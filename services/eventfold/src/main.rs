@@ -36,9 +36,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Everything in one process (the default command): on the in-memory
-    /// store with no external service, or, with a database URL, on
-    /// PostgreSQL with the projectors and the query services too.
+    /// Everything in one process (the default command): the store, the
+    /// command services and the sagas on the in-memory store with no
+    /// external service, or, with a database URL, on PostgreSQL with the
+    /// projectors and the query services too.
     Dev {
         /// gRPC listen address.
         #[arg(long)]
@@ -464,9 +465,36 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Dev { .. } => {
             let log = upcasting(Arc::new(MemoryEventLog::new()));
             let bus = eventfold_command::bus(log.clone(), config.command.bus_options());
+            // The sagas live in memory beside the log: their intake reads the
+            // log from its start, the orchestrator is woken by every start.
+            let (_stop_sagas, stop) = tokio::sync::watch::channel(false);
+            let sagas = if config.saga.enabled {
+                let memory = eventfold_saga::MemorySagas::new(log.clone());
+                tokio::spawn(eventfold_saga::intake::run_in_memory(log.clone(), memory.clone(), stop.clone()));
+                let repository = eventfold_saga::Repository::Memory(memory.clone());
+                let orchestrator = eventfold_saga::Orchestrator::over(
+                    repository.clone(),
+                    fulfilment(&config, bus.clone()),
+                    config.saga.orchestrator.clone(),
+                );
+                tokio::spawn(orchestrator.run(memory.started(), stop));
+                Some(eventfold_saga::grpc::Sagas::new(repository))
+            } else {
+                None
+            };
             let extra = eventfold_eventstore::Extra {
-                names: eventfold_command::SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
-                add: Box::new(move |router| eventfold_command::add_services(router, bus)),
+                names: eventfold_command::SERVICE_NAMES
+                    .iter()
+                    .chain(if sagas.is_some() { eventfold_saga::grpc::SERVICE_NAMES } else { &[] })
+                    .map(|s| (*s).to_owned())
+                    .collect(),
+                add: Box::new(move |router| {
+                    let router = eventfold_command::add_services(router, bus);
+                    match sagas {
+                        Some(sagas) => eventfold_saga::grpc::add_services(router, sagas),
+                        None => router,
+                    }
+                }),
             };
             serve_eventstore(&config, log, "in-memory store, nothing is persisted", extra).await
         }
@@ -653,16 +681,22 @@ async fn spawn_orchestrator(
     bus: eventfold_command::Bus,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let sandbox = config.saga.sandbox.clone();
-    let fulfilment = eventfold_saga::Fulfilment {
-        commands: Arc::new(bus),
-        payments: Arc::new(eventfold_saga::SandboxPayments::new(sandbox.clone())),
-        carrier: Arc::new(eventfold_saga::SandboxCarrier::new(sandbox)),
-    };
-    let orchestrator = eventfold_saga::Orchestrator::new(url, fulfilment, config.saga.orchestrator.clone()).await?;
+    let orchestrator =
+        eventfold_saga::Orchestrator::new(url, fulfilment(config, bus), config.saga.orchestrator.clone()).await?;
     // It polls (saga.orchestrator.poll_ms); nothing wakes it sooner.
     let (_, wake) = tokio::sync::watch::channel(0u64);
     Ok(tokio::spawn(orchestrator.run(wake, stop)))
+}
+
+/// The fulfilment saga's steps: commands through `bus`, the sandbox
+/// payment provider and carrier.
+fn fulfilment(config: &Config, bus: eventfold_command::Bus) -> eventfold_saga::Fulfilment {
+    let sandbox = config.saga.sandbox.clone();
+    eventfold_saga::Fulfilment {
+        commands: Arc::new(bus),
+        payments: Arc::new(eventfold_saga::SandboxPayments::new(sandbox.clone())),
+        carrier: Arc::new(eventfold_saga::SandboxCarrier::new(sandbox)),
+    }
 }
 
 /// The log as every service reads it: old event versions upcast.

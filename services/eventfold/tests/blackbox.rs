@@ -311,6 +311,33 @@ fn watch_saga_streams_the_steps_of_a_saga_started_by_create_order() {
         &[("EVENTFOLD_SAGA__SANDBOX__LATENCY_MS", "300")],
         "eventfold: EventStoreService and the command and query services listening on ",
     );
+    watch_a_fulfilment_saga(&server);
+    let order = server.call("eventfold.query.v1.OrderQueryService/GetOrder", &serde_json::json!({"orderId": "w-1"}));
+    assert_eq!(order["order"]["status"], "ORDER_STATUS_CONFIRMED", "{order}");
+}
+
+/// The same on the embedded default, plain `eventfold dev` (in memory, no
+/// PostgreSQL): the sagas run there too.
+#[test]
+fn watch_saga_streams_the_steps_of_a_saga_on_the_in_memory_dev_server() {
+    let server = DevServer::start_env(
+        &[],
+        &[("EVENTFOLD_SAGA__SANDBOX__LATENCY_MS", "300")],
+        "eventfold: EventStoreService and the command services listening on ",
+    );
+    watch_a_fulfilment_saga(&server);
+    // No read side in memory: the order's own stream shows it confirmed.
+    let read = serde_json::json!({"streamId": "order-w-1"});
+    let order = server.call("eventfold.eventstore.v1.EventStoreService/ReadStream", &read);
+    let types: Vec<&str> =
+        order["events"].as_array().unwrap().iter().map(|e| e["eventType"].as_str().unwrap()).collect();
+    assert_eq!(types.last(), Some(&"OrderConfirmed"), "{order}");
+}
+
+/// CreateOrder with a payment token on `server`; WatchSaga streams the
+/// saga's steps until it completed, and its lifecycle events are in the
+/// event store.
+fn watch_a_fulfilment_saga(server: &DevServer) {
     let list = server.run(&[&server.addr, "list"]);
     assert!(list.lines().any(|l| l.trim() == "eventfold.sagas.v1.SagaService"), "{list}");
     let inventory = "eventfold.inventory.v1.InventoryCommandService";
@@ -372,8 +399,14 @@ fn watch_saga_streams_the_steps_of_a_saga_started_by_create_order() {
     assert!(!status.success());
     let stderr = String::from_utf8_lossy(&stderr);
     assert!(stderr.contains("FailedPrecondition") && stderr.contains("SAGA_NOT_RUNNING"), "{stderr}");
-    let order = server.call("eventfold.query.v1.OrderQueryService/GetOrder", &serde_json::json!({"orderId": "w-1"}));
-    assert_eq!(order["order"]["status"], "ORDER_STATUS_CONFIRMED", "{order}");
+    let lifecycle = server.call(
+        "eventfold.eventstore.v1.EventStoreService/ReadStream",
+        &serde_json::json!({"streamId": "saga-fulfil-w-1"}),
+    );
+    let types: Vec<&str> =
+        lifecycle["events"].as_array().unwrap().iter().map(|e| e["eventType"].as_str().unwrap()).collect();
+    let ended = "SagaStepEnded";
+    assert_eq!(types, ["SagaStarted", ended, ended, ended, ended, "SagaCompleted"], "{lifecycle}");
 }
 
 /// `eventfold serve saga`: the orchestrator and SagaService as a process of

@@ -5,8 +5,14 @@
 //! engine's transaction, beside its checkpoint: a crash neither loses a
 //! start nor starts a saga twice (one saga per order or transfer). Orders
 //! placed without a payment token are not fulfilled automatically.
+//!
+//! The embedded `eventfold dev` (in-memory log, no PostgreSQL) runs
+//! [`run_in_memory`] instead: the same starts, into [`MemorySagas`].
 
-use std::time::SystemTime;
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use async_trait::async_trait;
 use eventfold_domain::{
@@ -15,11 +21,13 @@ use eventfold_domain::{
     order::{OrderCreated, OrderEvent},
 };
 use eventfold_projector::{ApplyError, Projection};
-use eventfold_store::RecordedEvent;
+use eventfold_store::{AllRead, EventFilter, EventLog, RecordedEvent};
+use tokio::sync::watch;
 use tokio_postgres::Transaction;
 
 use crate::{
     model::{SagaState, SagaType},
+    repo::MemorySagas,
     steps::{FulfilmentData, Line, TransferData},
     store::{self, SagaRecord},
 };
@@ -149,6 +157,56 @@ impl Projection for SagaIntake {
             tx.execute("SELECT pg_notify($1, $2)", &[&SAGA_CHANNEL, &record.saga_id]).await?;
         }
         Ok(())
+    }
+}
+
+/// Starts the sagas of the events of `log` (from its beginning) in `sagas`
+/// until `shutdown` turns true: the intake of the embedded `eventfold dev`,
+/// whose log and sagas live and die with the process. An event that
+/// cannot be read starts nothing and is logged.
+pub async fn run_in_memory(log: Arc<dyn EventLog>, sagas: Arc<MemorySagas>, mut shutdown: watch::Receiver<bool>) {
+    let filter = EventFilter {
+        stream_prefixes: Vec::new(),
+        event_types: vec!["OrderCreated".to_owned(), "TransferRequested".to_owned()],
+    };
+    let mut appended = log.appended();
+    let mut position = 0;
+    while !*shutdown.borrow() {
+        // Seen before the read: an append after it wakes the wait below.
+        appended.borrow_and_update();
+        let read = AllRead { after: position, max_count: 500, filter: filter.clone() };
+        match log.read_all(read).await {
+            Ok(slice) => {
+                for event in &slice.events {
+                    match saga_for(event) {
+                        Ok(Some(record)) => {
+                            sagas.start(&record);
+                        }
+                        Ok(None) => {}
+                        Err(error) => tracing::error!(
+                            position = event.global_position,
+                            stream = %event.stream_id,
+                            %error,
+                            "event starts no saga: it cannot be read"
+                        ),
+                    }
+                }
+                position = slice.next_position;
+                if slice.end_of_log {
+                    tokio::select! {
+                        _ = appended.changed() => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "saga intake could not read the log; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
     }
 }
 
