@@ -193,9 +193,13 @@ pub async fn run_in_memory(log: Arc<dyn EventLog>, sagas: Arc<MemorySagas>, mut 
                 }
                 position = slice.next_position;
                 if slice.end_of_log {
-                    tokio::select! {
-                        _ = appended.changed() => {}
-                        _ = shutdown.changed() => {}
+                    // Either sender gone: the process is shutting down.
+                    let gone = tokio::select! {
+                        changed = appended.changed() => changed.is_err(),
+                        changed = shutdown.changed() => changed.is_err(),
+                    };
+                    if gone {
+                        return;
                     }
                 }
             }
@@ -203,7 +207,7 @@ pub async fn run_in_memory(log: Arc<dyn EventLog>, sagas: Arc<MemorySagas>, mut 
                 tracing::warn!(%error, "saga intake could not read the log; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    _ = shutdown.changed() => {}
+                    changed = shutdown.changed() => if changed.is_err() { return },
                 }
             }
         }

@@ -229,9 +229,10 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Runs due sagas until `shutdown` turns true, looking again at once
-    /// while there is work, else after `poll_ms` or when `wake` changes;
-    /// failures (PostgreSQL away) are logged and retried with backoff.
+    /// Runs due sagas until `shutdown` turns true (or its sender is gone),
+    /// looking again at once while there is work, else after `poll_ms` or
+    /// when `wake` changes; failures (PostgreSQL away) are logged and
+    /// retried with backoff.
     pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
         let poll = Duration::from_millis(self.config.poll_ms.max(1));
         let mut backoff = Duration::from_millis(100);
@@ -248,7 +249,9 @@ impl Orchestrator {
                     tokio::select! {
                         () = tokio::time::sleep(poll) => {}
                         () = woken => {}
-                        _ = shutdown.changed() => {}
+                        // The switch gone: nobody can stop it any more but
+                        // by shutting down.
+                        changed = shutdown.changed() => if changed.is_err() { return },
                     }
                 }
                 Ok(_) => backoff = Duration::from_millis(100),
@@ -256,7 +259,7 @@ impl Orchestrator {
                     tracing::warn!(%error, retry_in = ?backoff, "orchestrator failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
+                        changed = shutdown.changed() => if changed.is_err() { return },
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
