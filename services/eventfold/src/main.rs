@@ -441,7 +441,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let bus = eventfold_command::bus(log.clone(), config.command.bus_options());
             let sagas = if config.saga.enabled {
                 spawn_orchestrator(&config, &url, bus.clone(), stop.clone()).await?;
-                Some(eventfold_saga::grpc::Sagas::connect(&url).await?)
+                Some(eventfold_saga::grpc::Sagas::connect(&url).await?.with_changes(log.appended()))
             } else {
                 None
             };
@@ -478,7 +478,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     config.saga.orchestrator.clone(),
                 );
                 tokio::spawn(orchestrator.run(memory.started(), stop));
-                Some(eventfold_saga::grpc::Sagas::new(repository))
+                Some(eventfold_saga::grpc::Sagas::new(repository).with_changes(log.appended()))
             } else {
                 None
             };
@@ -557,10 +557,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Serve { service: Service::Saga { .. } } => {
             let url = config.database.require_url()?.to_owned();
             let log = postgres(&config).await?;
+            let changes = log.appended();
             let bus = eventfold_command::bus(log, config.command.bus_options());
             let (stop_tx, stop) = tokio::sync::watch::channel(false);
             let orchestrator = spawn_orchestrator(&config, &url, bus, stop).await?;
-            let sagas = eventfold_saga::grpc::Sagas::connect(&url).await?;
+            let sagas = eventfold_saga::grpc::Sagas::connect(&url).await?.with_changes(changes);
             let listener = bind(config.saga.listen).await?;
             let addr = listener.local_addr()?;
             println!("eventfold: saga orchestrator and SagaService listening on {addr} (PostgreSQL)");

@@ -22,13 +22,19 @@ use crate::{
 /// The gRPC names of the saga service, as health and reflection know them.
 pub const SERVICE_NAMES: &[&str] = &["eventfold.sagas.v1.SagaService"];
 
-/// How often a watch looks at its saga.
+/// How often a watch looks at its saga at most.
 const WATCH_POLL: Duration = Duration::from_millis(25);
+
+/// How often a watch woken by the event log (see [`Sagas::with_changes`])
+/// looks at its saga all the same: a save that appends no lifecycle event
+/// (an operator's retry back to RUNNING) wakes nobody.
+const WATCH_FALLBACK: Duration = Duration::from_secs(1);
 
 /// See the module documentation.
 #[derive(Clone)]
 pub struct Sagas {
     sagas: Repository,
+    changes: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl std::fmt::Debug for Sagas {
@@ -46,7 +52,16 @@ impl Sagas {
 
     /// The service over the sagas of `sagas`.
     pub fn new(sagas: Repository) -> Sagas {
-        Sagas { sagas }
+        Sagas { sagas, changes: None }
+    }
+
+    /// Watches look at their saga when `changes` moves (the event log's
+    /// last position: every save with lifecycle events appends), not on
+    /// every poll.
+    #[must_use]
+    pub fn with_changes(mut self, changes: tokio::sync::watch::Receiver<u64>) -> Sagas {
+        self.changes = Some(changes);
+        self
     }
 }
 
@@ -253,6 +268,7 @@ impl SagaService for Sagas {
         let first = self.saga(&r.saga_id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let service = self.clone();
+        let mut changes = self.changes.clone();
         tokio::spawn(async move {
             let mut last = first;
             if tx.send(Ok(pb::WatchSagaResponse { saga: Some(last.clone()) })).await.is_err() {
@@ -265,6 +281,14 @@ impl SagaService for Sagas {
                 tokio::select! {
                     () = tokio::time::sleep(WATCH_POLL) => {}
                     () = tx.closed() => return,
+                }
+                if let Some(changes) = &mut changes {
+                    tokio::select! {
+                        // A log that is gone leaves the fallback.
+                        Ok(()) = changes.changed() => {}
+                        () = tokio::time::sleep(WATCH_FALLBACK) => {}
+                        () = tx.closed() => return,
+                    }
                 }
                 // The step history only when the saga changed.
                 match service.saga_if_changed(&r.saga_id, Some(last.version)).await {
