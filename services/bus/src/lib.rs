@@ -371,19 +371,20 @@ impl Consumer {
 
     async fn step_partition(&self, topic: &str, partition: i32) -> Result<usize> {
         let mut conn = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
-        let tx = conn.transaction().await?;
-        tx.execute(
+        // Before the transaction: an insert gives it a transaction id.
+        conn.execute(
             "INSERT INTO bus.consumer_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, 0) \
              ON CONFLICT DO NOTHING",
             &[&self.name, &topic, &partition],
         )
         .await?;
-        // The row lock keeps a second instance of this consumer off the
-        // partition until this batch commits.
+        let tx = conn.transaction().await?;
+        // A second instance of this consumer keeps off the partition until
+        // this batch commits.
+        lock_offsets(&tx, &self.name, Some((topic, partition))).await?;
         let next: i64 = tx
             .query_one(
-                "SELECT next_offset FROM bus.consumer_offsets WHERE consumer = $1 AND topic = $2 AND partition = $3 \
-                 FOR UPDATE",
+                "SELECT next_offset FROM bus.consumer_offsets WHERE consumer = $1 AND topic = $2 AND partition = $3",
                 &[&self.name, &topic, &partition],
             )
             .await?
@@ -514,6 +515,21 @@ impl Consumer {
             }
         }
     }
+}
+
+/// Takes the offsets of consumer `consumer` on `partition` (a topic and
+/// partition; `None`: all of the consumer's) for the transaction `tx`. An
+/// advisory lock, not the rows': a row lock would give the transaction an
+/// id while it waits on the broker, and the gap-safe reads of the event
+/// log wait for older transaction ids to finish.
+pub(crate) async fn lock_offsets(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    partition: Option<(&str, i32)>,
+) -> Result<(), tokio_postgres::Error> {
+    let key = partition.map_or_else(String::new, |(topic, partition)| format!("{topic}/{partition}"));
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))", &[&consumer, &key]).await?;
+    Ok(())
 }
 
 /// Sends `message` to its topic's dead-letter topic (created with one

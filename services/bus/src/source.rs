@@ -327,12 +327,13 @@ impl KafkaSource {
             &[&consumer, &topics, &numbers],
         )
         .await?;
-        // The row locks keep a second instance of this consumer off the
-        // partitions until this batch commits.
+        // A second instance of this consumer keeps off the partitions until
+        // this batch commits.
+        crate::lock_offsets(tx, consumer, None).await?;
         let offsets: HashMap<(String, i32), i64> = tx
             .query(
                 "SELECT topic, partition, next_offset FROM bus.consumer_offsets WHERE consumer = $1 \
-                  ORDER BY topic, partition FOR UPDATE",
+                  ORDER BY topic, partition",
                 &[&consumer],
             )
             .await?

@@ -146,14 +146,22 @@ async fn crashes_apply_each_message_once_and_a_poison_message_is_dead_lettered_t
             }
         })
     };
+    // Two instances at a time: the offsets' lock lets one consume a
+    // partition's batch (a second copy would break the primary key, fail
+    // and end as a dead letter).
     for round in 0..6u64 {
-        let consumer =
-            Consumer::new("copier", assignments.clone(), db.url(), copier.clone(), config(&broker)).await.unwrap();
         let (_stop, stop) = watch::channel(false);
-        let task = tokio::spawn(consumer.run(stop));
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let consumer =
+                Consumer::new("copier", assignments.clone(), db.url(), copier.clone(), config(&broker)).await.unwrap();
+            tasks.push(tokio::spawn(consumer.run(stop.clone())));
+        }
         tokio::time::sleep(Duration::from_millis(30 + round * 17)).await;
-        task.abort();
-        let _ = task.await;
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
     }
     producing.await.unwrap();
     let consumer =
