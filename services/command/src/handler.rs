@@ -30,6 +30,19 @@ use crate::{
     error::{Error, Result},
 };
 
+/// `events` as the event store takes them, each with `metadata`.
+pub fn new_events<E: DomainEvent>(events: &[E], metadata: &EventMetadata) -> Vec<NewEvent> {
+    events
+        .iter()
+        .map(|e| {
+            let mut event = NewEvent::new(e.event_type(), e.to_data());
+            event.schema_version = e.schema_version();
+            event.metadata = metadata.clone();
+            event
+        })
+        .collect()
+}
+
 /// When aggregates are snapshotted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotPolicy {
@@ -166,15 +179,7 @@ impl Handler {
             user_id: meta.principal.clone(),
             custom: Default::default(),
         };
-        let new_events = events
-            .iter()
-            .map(|e| {
-                let mut event = NewEvent::new(e.event_type(), e.to_data());
-                event.schema_version = e.schema_version();
-                event.metadata = metadata.clone();
-                event
-            })
-            .collect();
+        let new_events = new_events(&events, &metadata);
         let expected = loaded.version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
         let mut request = AppendRequest::new(stream_id, expected, new_events);
         request.request_id = request_id;

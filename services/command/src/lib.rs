@@ -41,7 +41,7 @@ pub use crate::{
         AccountCommands, CAUSATION_HEADER, CORRELATION_HEADER, InventoryCommands, OrderCommands, PRINCIPAL_HEADER,
         PaymentCommands, ShippingCommands, UserCommands, status,
     },
-    handler::{Handler, Loaded, SnapshotPolicy},
+    handler::{Handler, Loaded, SnapshotPolicy, new_events},
 };
 
 /// The gRPC names of the command services, as health and reflection know them.

@@ -4,11 +4,8 @@
 //! same transaction as the saved state, so the events and the state never
 //! part.
 
-use eventfold_domain::{
-    DomainEvent,
-    saga::{SagaCompensating, SagaCompleted, SagaEvent, SagaFailed, SagaStarted, SagaStepEnded},
-};
-use eventfold_store::{AppendRequest, EventMetadata, ExpectedVersion, NewEvent};
+use eventfold_domain::saga::{SagaCompensating, SagaCompleted, SagaEvent, SagaFailed, SagaStarted, SagaStepEnded};
+use eventfold_store::{AppendRequest, EventMetadata, ExpectedVersion};
 
 use crate::{
     model::{SagaState, Status},
@@ -70,21 +67,15 @@ pub fn lifecycle(
 /// so nobody appends to the stream meanwhile.
 pub fn append_request(record: &SagaRecord, events: &[SagaEvent]) -> AppendRequest {
     let metadata = EventMetadata { correlation_id: Some(record.correlation_id.clone()), ..EventMetadata::default() };
-    let events = events
-        .iter()
-        .map(|event| {
-            let mut new = NewEvent::new(event.event_type(), event.to_data());
-            new.schema_version = event.schema_version();
-            new.metadata = metadata.clone();
-            new
-        })
-        .collect();
+    let events = eventfold_command::new_events(events, &metadata);
     AppendRequest::new(eventfold_domain::saga::stream_id(&record.saga_id), ExpectedVersion::Any, events)
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::SystemTime;
+
+    use eventfold_domain::DomainEvent;
 
     use super::*;
     use crate::model::{Outcome, RetryPolicy, SagaType, Step};
