@@ -22,6 +22,8 @@ pub const FILES: &[(&str, &str)] = &[
     ("0005_consumer_events.down.sql", include_str!("../0005_consumer_events.down.sql")),
     ("0006_sagas.up.sql", include_str!("../0006_sagas.up.sql")),
     ("0006_sagas.down.sql", include_str!("../0006_sagas.down.sql")),
+    ("0007_hardening.up.sql", include_str!("../0007_hardening.up.sql")),
+    ("0007_hardening.down.sql", include_str!("../0007_hardening.down.sql")),
 ];
 
 /// Errors of migrating.

@@ -211,8 +211,17 @@ impl Middleware for Validate {
         S::Future: Send,
     {
         let mut violations = envelope.command.validate();
-        if let Some(id) = &envelope.meta.request_id {
-            eventfold_domain::check_id("request_id", id, &mut violations);
+        let meta = &envelope.meta;
+        let ids = [
+            ("request_id", meta.request_id.as_deref()),
+            (crate::grpc::PRINCIPAL_HEADER, meta.principal.as_deref()),
+            (crate::grpc::CORRELATION_HEADER, Some(meta.correlation_id.as_str())),
+            (crate::grpc::CAUSATION_HEADER, meta.causation_id.as_deref()),
+        ];
+        for (field, id) in ids {
+            if let Some(id) = id {
+                eventfold_domain::check_id(field, id, &mut violations);
+            }
         }
         if !violations.is_empty() {
             return Err(Error::Invalid(violations));
@@ -230,7 +239,7 @@ impl Middleware for Idempotency {
         S: Service<Envelope, Response = Reply, Error = Error> + Clone + Send + 'static,
         S::Future: Send,
     {
-        let ids = envelope.write_request_ids();
+        let keys = envelope.write_request_keys();
         let result = next.oneshot(envelope).await;
         // Appends with a known request id already answer the first answer;
         // what remains is a repeat whose decision now fails or is a no-op.
@@ -239,12 +248,13 @@ impl Middleware for Idempotency {
             Ok(reply) => reply.changed_nothing(),
             Err(_) => false,
         };
-        if ids.is_empty() || !repeat_suspected {
+        if keys.is_empty() || !repeat_suspected {
             return result;
         }
-        let mut writes = Vec::with_capacity(ids.len());
-        for id in &ids {
-            match self.0.find_request(id).await? {
+        let mut writes = Vec::with_capacity(keys.len());
+        for key in &keys {
+            // The id used before for another command: refused, not answered.
+            match self.0.find_request(key).await? {
                 Some(outcome) => writes.push(first_answer(self.0.as_ref(), outcome).await?),
                 None => return result,
             }

@@ -5,7 +5,9 @@ use eventfold_domain::{
     Aggregate, Money, Violation, account::AccountCommand, check_id, inventory::InventoryCommand, order::OrderCommand,
     payment::PaymentCommand, shipment::ShipmentCommand, user::UserCommand,
 };
+use eventfold_store::RequestKey;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 /// A command addressed to one aggregate instance (or, for a transfer, two).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +108,18 @@ impl Command {
         }
     }
 
+    /// The service the command belongs to (the scope of its request ids).
+    pub fn service(&self) -> &'static str {
+        match self {
+            Command::Order { .. } => "orders",
+            Command::Inventory { .. } => "inventory",
+            Command::AuthorizePayment { .. } | Command::Payment { .. } => "payments",
+            Command::Shipment { .. } => "shipping",
+            Command::Account { .. } | Command::Transfer { .. } => "accounts",
+            Command::User { .. } => "users",
+        }
+    }
+
     /// Checks of the command alone, before anything is loaded.
     pub fn validate(&self) -> Vec<Violation> {
         use eventfold_domain::{account::Account, inventory::Inventory, order::Order, payment::Payment};
@@ -183,16 +197,30 @@ impl Envelope {
         Self { command, meta }
     }
 
-    /// The request id of each write the command makes: the request id
-    /// itself, and for a transfer's second write `<request id>/target`.
-    pub fn write_request_ids(&self) -> Vec<String> {
-        match self.command {
+    /// The AIP-155 key of each write the command makes: the request id
+    /// itself, and for a transfer's second write `<request id>/target`,
+    /// each scoped to the command's service and principal and bound to the
+    /// command's fingerprint, so that the id reused for another command is
+    /// refused instead of answered with the first command's result.
+    pub fn write_request_keys(&self) -> Vec<RequestKey> {
+        let ids = match self.command {
             Command::Transfer { .. } => {
                 let (source, target) = transfer_request_ids(self.meta.request_id.as_deref());
                 source.into_iter().chain(target).collect()
             }
-            _ => self.meta.request_id.iter().cloned().collect(),
+            _ => self.meta.request_id.iter().cloned().collect::<Vec<_>>(),
+        };
+        if ids.is_empty() {
+            return Vec::new();
         }
+        // The principal is hashed: any header value gives a bounded scope,
+        // and the scope shows no caller's name.
+        let principal = Sha256::digest(self.meta.principal.as_deref().unwrap_or("").as_bytes());
+        let scope = format!("command/{}/{}", self.command.service(), hex::encode(&principal[..16]));
+        // `Debug` of a command is its full content (no maps, no floats):
+        // equal for a retry, different for any other command.
+        let fingerprint: [u8; 32] = Sha256::digest(format!("{:?}", self.command).as_bytes()).into();
+        ids.into_iter().map(|request_id| RequestKey { scope: scope.clone(), request_id, fingerprint }).collect()
     }
 }
 

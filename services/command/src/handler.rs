@@ -8,7 +8,6 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::SystemTime,
 };
 
 use eventfold_domain::{
@@ -21,12 +20,12 @@ use eventfold_domain::{
     user::User,
 };
 use eventfold_store::{
-    AppendOutcome, AppendRequest, EventLog, EventMetadata, ExpectedVersion, NewEvent, Snapshot, SnapshotQuery,
-    StreamRead,
+    AppendOutcome, AppendRequest, EventLog, EventMetadata, ExpectedVersion, NewEvent, RequestKey, Snapshot,
+    SnapshotNamespace, SnapshotQuery, StreamRead,
 };
 
 use crate::{
-    envelope::{Command, Envelope, Meta, Reply, Write, stream, transfer_request_ids},
+    envelope::{Command, Envelope, Meta, Reply, Write, stream},
     error::{Error, Result},
 };
 
@@ -102,12 +101,23 @@ impl Handler {
 
     /// The aggregate in `stream_id`: its latest snapshot of the current
     /// schema version, then every later event.
+    ///
+    /// Only the command side's own snapshots are loaded (never a client's,
+    /// see [`SnapshotNamespace`]), and one is used only while the stream's
+    /// hash chain still has, at the snapshot's version, the link recorded
+    /// with it; otherwise, or when it cannot be read, it is ignored (and
+    /// replaced on the next write) and the aggregate folds from its events.
     pub async fn load<A: Aggregate>(&self, stream_id: &str) -> Result<Loaded<A>> {
-        let query = SnapshotQuery { stream_id: stream_id.to_owned(), max_version: None, schema_version: None };
+        let query = SnapshotQuery {
+            stream_id: stream_id.to_owned(),
+            namespace: SnapshotNamespace::Aggregate,
+            max_version: None,
+            schema_version: None,
+        };
         let snapshot = not_found_is_empty(self.log.load_snapshot(query).await)?.flatten();
-        let (mut state, mut version, stale_snapshot) = match snapshot {
+        let (mut state, mut version, mut stale_snapshot) = match snapshot {
             Some(s) if s.schema_version == A::SNAPSHOT_VERSION => match serde_json::from_value::<A>(s.state) {
-                Ok(state) => (state, Some(s.version), false),
+                Ok(state) => (state, Some((s.version, s.head_hash)), false),
                 Err(e) => {
                     tracing::warn!(stream = stream_id, error = %e, "unreadable snapshot ignored");
                     (A::default(), None, true)
@@ -116,9 +126,27 @@ impl Handler {
             Some(_) => (A::default(), None, true),
             None => (A::default(), None, false),
         };
+        if let Some((at, head)) = version {
+            // The snapshot's own event comes first: its link must match.
+            let mut read = StreamRead::forwards(stream_id, 1);
+            read.from_version = Some(at);
+            let slice = not_found_is_empty(self.log.read_stream(read).await)?;
+            let linked =
+                slice.and_then(|s| s.events.into_iter().next()).is_some_and(|e| e.version == at && e.hash == head);
+            if !linked {
+                tracing::warn!(
+                    stream = stream_id,
+                    version = at,
+                    "snapshot does not match the stream's hash chain: ignored"
+                );
+                (state, stale_snapshot) = (A::default(), true);
+                version = None;
+            }
+        }
+        let mut version = version.map(|(at, _)| at);
         loop {
             let mut read = StreamRead::forwards(stream_id, 1000);
-            read.from_version = version.map(|v| v + 1);
+            read.from_version = version.map(|v| v.saturating_add(1));
             let Some(slice) = not_found_is_empty(self.log.read_stream(read).await)? else { break };
             for stored in &slice.events {
                 let event = A::Event::from_data(&stored.event_type, stored.schema_version, stored.data.clone())
@@ -140,19 +168,19 @@ impl Handler {
         stream_id: &str,
         command: &A::Command,
         meta: &Meta,
-        request_id: Option<String>,
+        request: Option<RequestKey>,
     ) -> Result<Write> {
         if A::creates(command) {
             // Nothing to load for a new aggregate; if it exists after all,
             // the append says so and the full path below gives the answer.
             let loaded = Loaded { state: A::default(), version: None, stale_snapshot: false };
-            match self.decide_and_append::<A>(stream_id, command, meta, request_id.clone(), loaded).await {
+            match self.decide_and_append::<A>(stream_id, command, meta, request.clone(), loaded).await {
                 Err(Error::Conflict { .. }) => {}
                 other => return other,
             }
         }
         let loaded = self.load::<A>(stream_id).await?;
-        self.decide_and_append::<A>(stream_id, command, meta, request_id, loaded).await
+        self.decide_and_append::<A>(stream_id, command, meta, request, loaded).await
     }
 
     async fn decide_and_append<A: Aggregate>(
@@ -160,7 +188,7 @@ impl Handler {
         stream_id: &str,
         command: &A::Command,
         meta: &Meta,
-        request_id: Option<String>,
+        key: Option<RequestKey>,
         loaded: Loaded<A>,
     ) -> Result<Write> {
         let events = loaded.state.decide(command)?;
@@ -182,7 +210,11 @@ impl Handler {
         let new_events = new_events(&events, &metadata);
         let expected = loaded.version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
         let mut request = AppendRequest::new(stream_id, expected, new_events);
-        request.request_id = request_id;
+        if let Some(key) = key {
+            request.request_id = Some(key.request_id);
+            request.request_scope = Some(key.scope);
+            request.fingerprint = Some(key.fingerprint);
+        }
         let outcome = self.log.append(request).await?;
         if outcome.duplicate {
             return first_answer(self.log.as_ref(), outcome).await;
@@ -214,13 +246,15 @@ impl Handler {
         if !stale && count(before) == count(Some(after)) {
             return;
         }
-        let snapshot = Snapshot {
-            stream_id: stream_id.to_owned(),
-            version: after,
-            schema_version: A::SNAPSHOT_VERSION,
-            state: serde_json::to_value(state).expect("aggregate states serialize"),
-            created_at: SystemTime::now(),
+        let state = match serde_json::to_value(state) {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(stream = stream_id, error = %e, "snapshot not saved: the state does not serialize");
+                return;
+            }
         };
+        let mut snapshot = Snapshot::new(stream_id, SnapshotNamespace::Aggregate, after, state);
+        snapshot.schema_version = A::SNAPSHOT_VERSION;
         // A missing snapshot only costs a longer load later.
         if let Err(e) = self.log.save_snapshot(snapshot).await {
             tracing::warn!(stream = stream_id, error = %e, "snapshot not saved");
@@ -229,8 +263,9 @@ impl Handler {
 
     /// Run one command.
     pub async fn handle(&self, envelope: Envelope) -> Result<Reply> {
+        let keys = envelope.write_request_keys();
         let Envelope { command, meta } = envelope;
-        let request_id = meta.request_id.clone();
+        let request_id = keys.first().cloned();
         let write = match command {
             Command::Order { order_id, command } => {
                 self.execute::<Order>(&stream::<Order>(&order_id), &command, &meta, request_id).await?
@@ -277,7 +312,9 @@ impl Handler {
                 self.execute::<User>(&stream::<User>(&user_id), &command, &meta, request_id).await?
             }
             Command::Transfer { transfer_id, from_account_id, to_account_id, amount } => {
-                return self.transfer(transfer_id, from_account_id, to_account_id, amount, &meta).await;
+                let mut keys = keys.into_iter();
+                let keys = (keys.next(), keys.next());
+                return self.transfer(transfer_id, from_account_id, to_account_id, amount, &meta, keys).await;
             }
         };
         Ok(Reply::single(write))
@@ -293,8 +330,8 @@ impl Handler {
         to: String,
         amount: eventfold_domain::Money,
         meta: &Meta,
+        (source_id, target_id): (Option<RequestKey>, Option<RequestKey>),
     ) -> Result<Reply> {
-        let (source_id, target_id) = transfer_request_ids(meta.request_id.as_deref());
         let send =
             AccountCommand::Send(SendTransfer { transfer_id: transfer_id.clone(), to_account_id: to.clone(), amount });
         let source_stream = stream::<Account>(&from);

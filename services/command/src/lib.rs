@@ -20,6 +20,7 @@ mod handler;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use eventfold_platform::server::Router;
 use eventfold_proto::{
     accounts::account_command_service_server::AccountCommandServiceServer,
     inventory::inventory_command_service_server::InventoryCommandServiceServer,
@@ -31,7 +32,6 @@ use eventfold_proto::{
 use eventfold_store::{EventLog, Upcasters};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tonic::transport::server::Router;
 
 pub use crate::{
     bus::{AllowAll, Authorizer, Bus, BusOptions, bus},

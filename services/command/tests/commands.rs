@@ -16,7 +16,7 @@ use eventfold_proto::{
 };
 use eventfold_store::{
     AppendRequest, EventLog, ExpectedVersion, MemoryEventLog, NewEvent, PostgresConfig, PostgresEventLog, Snapshot,
-    SnapshotQuery, StreamRead, Upcasting,
+    SnapshotNamespace, SnapshotQuery, StreamRead, Upcasting,
 };
 use eventfold_tests::TestDatabase;
 use serde_json::json;
@@ -116,6 +116,8 @@ eventfold_tests::backends!(
     metadata_carries_correlation_causation_and_principal,
     transfers_are_recorded_on_both_sides_or_refunded,
     snapshots_are_written_used_and_rewritten_when_stale,
+    forged_client_snapshots_never_reach_the_command_side,
+    a_request_id_reused_for_another_command_is_refused,
 );
 
 // --- helpers --------------------------------------------------------------------
@@ -451,7 +453,12 @@ async fn snapshots_are_written_used_and_rewritten_when_stale(s: Server) {
             inventory_pb::ReplenishStockRequest { product_id: "sku-s".into(), quantity: 1, ..Default::default() };
         s.inventory.replenish_stock(replenish).await.expect("replenish");
     }
-    let query = || SnapshotQuery { stream_id: "inventory-sku-s".into(), max_version: None, schema_version: None };
+    let query = || SnapshotQuery {
+        stream_id: "inventory-sku-s".into(),
+        namespace: SnapshotNamespace::Aggregate,
+        max_version: None,
+        schema_version: None,
+    };
     let snapshot = s.log.load_snapshot(query()).await.unwrap().expect("a snapshot after 3 events");
     assert_eq!((snapshot.version, snapshot.schema_version), (2, Inventory::SNAPSHOT_VERSION));
     assert_eq!(snapshot.state["available"], 2);
@@ -472,7 +479,7 @@ async fn snapshots_are_written_used_and_rewritten_when_stale(s: Server) {
     };
     s.inventory.reserve_stock(reserve("o-big", 500)).await.expect("the snapshot's stock is used");
 
-    // A snapshot of an older schema is ignored (the events decide) and
+    // A snapshot of another schema version is ignored (the events decide) and
     // rewritten in the current one.
     let register = inventory_pb::RegisterProductRequest {
         product_id: "sku-t".into(),
@@ -485,13 +492,8 @@ async fn snapshots_are_written_used_and_rewritten_when_stale(s: Server) {
             inventory_pb::ReplenishStockRequest { product_id: "sku-t".into(), quantity: 1, ..Default::default() };
         s.inventory.replenish_stock(replenish).await.expect("replenish");
     }
-    let stale = Snapshot {
-        stream_id: "inventory-sku-t".into(),
-        version: 4,
-        schema_version: Inventory::SNAPSHOT_VERSION - 1,
-        state: json!({ "available": 1000 }),
-        created_at: std::time::SystemTime::now(),
-    };
+    let mut stale = Snapshot::new("inventory-sku-t", SnapshotNamespace::Aggregate, 4, json!({ "available": 1000 }));
+    stale.schema_version = Inventory::SNAPSHOT_VERSION + 1;
     s.log.save_snapshot(stale).await.unwrap();
     let reserve_t = |order: &str, quantity| inventory_pb::ReserveStockRequest {
         product_id: "sku-t".into(),
@@ -501,11 +503,95 @@ async fn snapshots_are_written_used_and_rewritten_when_stale(s: Server) {
     };
     rejected(s.inventory.reserve_stock(reserve_t("o-more", 5)).await, "INSUFFICIENT_STOCK");
     s.inventory.reserve_stock(reserve_t("o-ok", 4)).await.expect("the events' stock of 4");
-    let query = || SnapshotQuery { stream_id: "inventory-sku-t".into(), max_version: None, schema_version: None };
+    let query = || SnapshotQuery {
+        stream_id: "inventory-sku-t".into(),
+        namespace: SnapshotNamespace::Aggregate,
+        max_version: None,
+        schema_version: None,
+    };
     let rewritten = s.log.load_snapshot(query()).await.unwrap().expect("a snapshot");
     assert_eq!((rewritten.version, rewritten.schema_version), (5, Inventory::SNAPSHOT_VERSION));
     assert_eq!(rewritten.state["available"], 0);
     assert_eq!(rewritten.state["reservations"], json!({ "o-ok": 4 }));
+}
+
+fn struct_of(json: serde_json::Value) -> prost_types::Struct {
+    use prost_types::{Struct, Value, value::Kind};
+    fn value(json: serde_json::Value) -> Value {
+        let kind = match json {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
+            serde_json::Value::String(s) => Kind::StringValue(s),
+            serde_json::Value::Array(items) => {
+                Kind::ListValue(prost_types::ListValue { values: items.into_iter().map(value).collect() })
+            }
+            object @ serde_json::Value::Object(_) => Kind::StructValue(struct_of(object)),
+        };
+        Value { kind: Some(kind) }
+    }
+    match json {
+        serde_json::Value::Object(map) => Struct { fields: map.into_iter().map(|(k, v)| (k, value(v))).collect() },
+        other => panic!("not an object: {other}"),
+    }
+}
+
+/// Issue 13: `SaveSnapshot` through the public API with a forged balance
+/// let a withdrawal pass on an account that never received a deposit, and
+/// `"balance": null` panicked the handler. Client snapshots now live apart:
+/// the command side never folds them.
+async fn forged_client_snapshots_never_reach_the_command_side(mut s: Server) {
+    let open = accounts_pb::OpenAccountRequest {
+        request_id: "req-open-forged".into(),
+        account_id: "acct-forged".into(),
+        owner_id: "u-1".into(),
+        currency: "EUR".into(),
+    };
+    s.accounts.open_account(open).await.expect("open");
+    let withdraw = |n: u32| accounts_pb::WithdrawMoneyRequest {
+        request_id: format!("req-withdraw-{n}"),
+        account_id: "acct-forged".into(),
+        transaction_id: format!("w-{n}"),
+        amount: eur(1_000),
+    };
+    for (n, balance) in [(1, json!({ "minor": 100_000_000_000i64, "currency": "EUR" })), (2, json!(null))] {
+        let state = json!({ "opened": true, "closed": false, "balance": balance, "account_id": "acct-forged" });
+        let save = store_pb::SaveSnapshotRequest {
+            stream_id: "account-acct-forged".into(),
+            version: 0,
+            schema_version: 1,
+            state: Some(struct_of(state)),
+        };
+        s.store.save_snapshot(save).await.expect("a client may store its own snapshot");
+        rejected(s.accounts.withdraw_money(withdraw(n)).await, "INSUFFICIENT_FUNDS");
+    }
+    assert_eq!(s.events("account-acct-forged").await.len(), 1, "only the opening is stored");
+    let verify = store_pb::VerifyStreamRequest { stream_id: "account-acct-forged".into() };
+    assert!(s.store.verify_stream(verify).await.expect("verify").into_inner().valid);
+}
+
+/// AIP-155 per service and principal: a request id used for one command
+/// answers only that command; used for another it is refused
+/// (`ALREADY_EXISTS`, `REQUEST_ID_REUSED`) and changes nothing, instead of
+/// answering with the first command's result (or `NOT_FOUND`).
+async fn a_request_id_reused_for_another_command_is_refused(mut s: Server) {
+    let first = s.orders.create_order(create_order("o-r1", "req-r", &[("sku-1", 1, 100)])).await.expect("create");
+    let head = s.head().await;
+    let refused = |result: Result<tonic::Response<orders_pb::CreateOrderResponse>, Status>| {
+        let status = result.expect_err("a reused request id must be refused");
+        assert_eq!(reason(&status, Code::AlreadyExists), "REQUEST_ID_REUSED", "{status:?}");
+    };
+    refused(s.orders.create_order(create_order("o-r2", "req-r", &[("sku-1", 1, 100)])).await);
+    refused(s.orders.create_order(create_order("o-r1", "req-r", &[("sku-2", 5, 100)])).await);
+    assert_eq!(s.head().await, head, "nothing was appended");
+    assert!(s.log.stream_info("order-o-r2").await.is_err(), "no order o-r2 was made");
+    let again = s.orders.create_order(create_order("o-r1", "req-r", &[("sku-1", 1, 100)])).await.expect("repeat");
+    assert_eq!(write(again.into_inner().result), write(first.into_inner().result));
+    // Another principal has request ids of its own.
+    let mut other = Request::new(create_order("o-r3", "req-r", &[("sku-1", 1, 100)]));
+    other.metadata_mut().insert("x-eventfold-principal", "bob".parse().unwrap());
+    let created = s.orders.create_order(other).await.expect("another principal's own id");
+    assert_eq!(write(created.into_inner().result).stream_id, "order-o-r3");
 }
 
 // --- PostgreSQL only --------------------------------------------------------------

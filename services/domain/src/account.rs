@@ -197,7 +197,9 @@ impl Account {
         if self.closed {
             return Err(Rejection::rule(Reason::AccountClosed, "the account is closed"));
         }
-        Ok(self.balance.expect("an open account has a balance"))
+        // Every open account has a balance; a state without one (which no
+        // event sequence makes) is refused rather than trusted.
+        self.balance.ok_or_else(|| Rejection::rule(Reason::AccountNotFound, "the account has no balance"))
     }
 
     /// The balance of an open account in the amount's currency.

@@ -79,13 +79,14 @@ pub fn stream_id<A: Aggregate>(id: &str) -> String {
     format!("{}-{id}", A::CATEGORY)
 }
 
-/// Checks shared by the commands: an identifier is 1 to 128 printable
-/// characters without spaces.
+/// Checks shared by the commands: an identifier is 1 to 128 bytes of
+/// visible ASCII (no spaces, no control characters, nothing that displays
+/// as something else), the same rule as the event store's ids.
 pub fn check_id(field: &str, value: &str, violations: &mut Vec<Violation>) {
     if value.is_empty() || value.len() > 128 {
         violations.push(Violation::new(field, "must be 1 to 128 bytes"));
-    } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        violations.push(Violation::new(field, "must not contain whitespace or control characters"));
+    } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        violations.push(Violation::new(field, "must be visible ASCII (no spaces or control characters)"));
     }
 }
 

@@ -35,6 +35,8 @@ fn value_to_json(value: prost_types::Value, field: &str, violations: &mut Vec<Fi
                 violations.push(FieldViolation::new(field, "numbers must be finite"));
                 Value::Null
             } else if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
+                // Exact: a whole number within ±2^53 converts without loss.
+                #[allow(clippy::cast_possible_truncation)]
                 Value::Number(Number::from(n as i64))
             } else {
                 Number::from_f64(n).map_or(Value::Null, Value::Number)
@@ -72,16 +74,6 @@ fn json_to_value(value: &Value) -> prost_types::Value {
 
 pub(crate) fn timestamp(time: SystemTime) -> Timestamp {
     Timestamp::from(time)
-}
-
-pub(crate) fn system_time(ts: Timestamp, field: &str, violations: &mut Vec<FieldViolation>) -> Option<SystemTime> {
-    match SystemTime::try_from(ts) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            violations.push(FieldViolation::new(field, format!("not a valid timestamp: {e}")));
-            None
-        }
-    }
 }
 
 fn non_empty(s: String) -> Option<String> {

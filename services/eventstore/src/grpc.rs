@@ -5,11 +5,12 @@
 
 use std::{pin::Pin, sync::Arc};
 
+use eventfold_platform::input::system_time;
 use eventfold_proto::eventstore::{self as pb, event_store_service_server::EventStoreService};
 use eventfold_store::{
     AllRead, AppendRequest, Direction, Error, EventFilter, EventLog, ExpectedVersion, FieldViolation, ListStreams,
-    MAX_READ_COUNT, NewEvent, Snapshot, SnapshotQuery, StreamRead, SubscriptionMessage, Subscriptions, Target,
-    check_stream_id, now_micros,
+    MAX_READ_COUNT, NewEvent, Snapshot, SnapshotNamespace, SnapshotQuery, StreamRead, SubscriptionMessage,
+    Subscriptions, Target, check_stream_id,
 };
 use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
@@ -19,7 +20,7 @@ use uuid::Uuid;
 
 use crate::convert::{
     decode_page_token, encode_page_token, event_to_proto, metadata_from_proto, snapshot_to_proto, stream_to_proto,
-    struct_to_json, system_time,
+    struct_to_json,
 };
 
 pub use eventfold_platform::status::ERROR_DOMAIN;
@@ -55,23 +56,17 @@ fn stream_id(field: &str, id: &str) -> Result<(), Status> {
 fn read_count(requested: u32) -> usize {
     match requested {
         0 => DEFAULT_READ_COUNT,
-        n => (n as usize).min(MAX_READ_COUNT),
+        n => usize::try_from(n).unwrap_or(MAX_READ_COUNT).min(MAX_READ_COUNT),
     }
 }
 
+/// The filter of a request, checked against its bounds
+/// ([`EventFilter::validate`]: at most 100 entries of 1 to 256 bytes each).
 fn filter_from_proto(filter: Option<pb::EventFilter>, violations: &mut Vec<FieldViolation>) -> EventFilter {
     let filter = filter.unwrap_or_default();
-    for (i, p) in filter.stream_prefixes.iter().enumerate() {
-        if p.is_empty() {
-            violations.push(FieldViolation::new(format!("filter.stream_prefixes[{i}]"), "must not be empty"));
-        }
-    }
-    for (i, t) in filter.event_types.iter().enumerate() {
-        if t.is_empty() {
-            violations.push(FieldViolation::new(format!("filter.event_types[{i}]"), "must not be empty"));
-        }
-    }
-    EventFilter { stream_prefixes: filter.stream_prefixes, event_types: filter.event_types }
+    let filter = EventFilter { stream_prefixes: filter.stream_prefixes, event_types: filter.event_types };
+    filter.validate("filter", violations);
+    filter
 }
 
 type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send + 'static>>;
@@ -121,6 +116,8 @@ impl EventStoreService for EventStoreGrpc {
             expected,
             events,
             request_id: (!request.request_id.is_empty()).then_some(request.request_id),
+            request_scope: None,
+            fingerprint: None,
         };
         if let Err(Error::InvalidArgument(more)) = append.validate() {
             violations.extend(more.into_iter().filter(|v| !v.description.contains("nil UUID")));
@@ -192,13 +189,15 @@ impl EventStoreService for EventStoreGrpc {
         match r.point {
             Some(pb::read_stream_at_request::Point::Version(v)) => read.max_version = Some(v),
             Some(pb::read_stream_at_request::Point::Time(t)) => {
-                // "At or before this time": the exclusive end is the next microsecond.
-                read.end_time =
-                    system_time(t, "time", &mut violations).map(|t| t + std::time::Duration::from_micros(1));
+                // "At or before this time": the exclusive end is the next
+                // microsecond (still within 9999: the range check allows it).
+                read.end_time = system_time(t, "time", &mut violations)
+                    .and_then(|t| t.checked_add(std::time::Duration::from_micros(1)));
             }
             None => {}
         }
         check(violations)?;
+        read.validate().map_err(status)?;
         let point_version = read.max_version;
         let slice = self.log.read_stream(read.clone()).await.map_err(status)?;
         let version_at = match (point_version, read.end_time) {
@@ -226,11 +225,9 @@ impl EventStoreService for EventStoreGrpc {
         let mut violations = Vec::new();
         let filter = filter_from_proto(r.filter, &mut violations);
         check(violations)?;
-        let slice = self
-            .log
-            .read_all(AllRead { after: r.from_position, max_count: read_count(r.max_count), filter })
-            .await
-            .map_err(status)?;
+        let read = AllRead { after: r.from_position, max_count: read_count(r.max_count), filter };
+        read.validate().map_err(status)?;
+        let slice = self.log.read_all(read).await.map_err(status)?;
         Ok(Response::new(pb::ReadAllResponse {
             events: slice.events.iter().map(event_to_proto).collect(),
             next_position: slice.next_position,
@@ -270,6 +267,7 @@ impl EventStoreService for EventStoreGrpc {
             0 => DEFAULT_CHECKPOINT_INTERVAL,
             n => u64::from(n),
         };
+        target.validate().map_err(status)?;
         let messages = ReceiverStream::new(self.subscriptions.subscribe(target, interval)).map(|item| {
             item.map_err(status).map(|message| pb::SubscribeResponse {
                 message: Some(match message {
@@ -305,7 +303,7 @@ impl EventStoreService for EventStoreGrpc {
                 0
             }
             0 => DEFAULT_PAGE_SIZE,
-            n => (n as usize).min(MAX_PAGE_SIZE),
+            n => usize::try_from(n).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE),
         };
         let after = if r.page_token.is_empty() {
             None
@@ -405,17 +403,11 @@ impl EventStoreService for EventStoreGrpc {
             }
         };
         check(violations)?;
-        let saved = self
-            .log
-            .save_snapshot(Snapshot {
-                stream_id: r.stream_id,
-                version: r.version,
-                schema_version: r.schema_version.max(1),
-                state,
-                created_at: now_micros(),
-            })
-            .await
-            .map_err(status)?;
+        // Client snapshots live apart from the command side's own, which
+        // never loads them (see `SnapshotNamespace`).
+        let mut snapshot = Snapshot::new(r.stream_id, SnapshotNamespace::Client, r.version, state);
+        snapshot.schema_version = r.schema_version.max(1);
+        let saved = self.log.save_snapshot(snapshot).await.map_err(status)?;
         Ok(Response::new(pb::SaveSnapshotResponse { snapshot: Some(snapshot_to_proto(&saved)) }))
     }
 
@@ -429,6 +421,7 @@ impl EventStoreService for EventStoreGrpc {
             .log
             .load_snapshot(SnapshotQuery {
                 stream_id: r.stream_id.clone(),
+                namespace: SnapshotNamespace::Client,
                 max_version: r.max_version,
                 schema_version: (r.schema_version != 0).then_some(r.schema_version),
             })

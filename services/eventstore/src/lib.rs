@@ -13,11 +13,11 @@ mod grpc;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use eventfold_platform::server::Router;
 use eventfold_proto::eventstore::event_store_service_server::EventStoreServiceServer;
 use eventfold_store::{EventLog, SubscriptionOptions, Subscriptions};
 use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::server::Router;
 
 pub use crate::grpc::{ERROR_DOMAIN, EventStoreGrpc};
 
@@ -94,7 +94,9 @@ pub async fn run_with(
     )
     .await;
 
-    let router = (extra.add)(router.add_service(EventStoreServiceServer::new(service)));
+    let router = (extra.add)(router.add_service(
+        EventStoreServiceServer::new(service).max_encoding_message_size(eventfold_platform::server::MAX_RESPONSE_BYTES),
+    ));
     let result = eventfold_platform::server::serve(
         router,
         listener,

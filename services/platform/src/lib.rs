@@ -3,6 +3,8 @@
 //! bootstrap with health, reflection and graceful shutdown.
 
 pub mod config;
+pub mod guard;
+pub mod input;
 pub mod page;
 pub mod server;
 pub mod status;

@@ -7,13 +7,38 @@ use std::{future::Future, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Server, server::Router};
+use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::layer::util::{Identity, Stack};
+use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::{Error, Result};
+use crate::{
+    Error, Result,
+    guard::{PanicToStatus, PeerLimitLayer},
+};
+
+/// Most calls (streams included) open at once on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 200;
+/// Most calls (streams included) open at once from one peer address.
+pub const MAX_CALLS_PER_PEER: usize = 1000;
+/// Largest encoded response message; read pages are capped well below it
+/// (`eventfold_store::MAX_PAGE_BYTES`).
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// HTTP/2 pings on an idle connection, and how long an answer may take
+/// before the connection is closed: a peer that vanished (or stopped
+/// reading and answering) does not hold its streams and buffers forever.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The layers of every server: panics caught, calls per peer capped.
+pub type Layers = Stack<PeerLimitLayer, Stack<CatchPanicLayer<PanicToStatus>, Identity>>;
+/// A router of an eventfold server (see [`router`]).
+pub type Router = tonic::transport::server::Router<Layers>;
 
 /// A router with health and reflection for the given descriptor sets; add
-/// the service's own servers to it.
+/// the service's own servers to it. Every server made here has the same
+/// limits: keepalive pings, streams per connection and calls per peer
+/// capped, pending resets bounded, handler panics answered `INTERNAL`.
 pub fn router(descriptor_sets: &[&'static [u8]]) -> Result<(HealthReporter, Router)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let configure = || {
@@ -27,7 +52,18 @@ pub fn router(descriptor_sets: &[&'static [u8]]) -> Result<(HealthReporter, Rout
     };
     let v1 = configure().build_v1().map_err(|e| Error::Reflection(e.to_string()))?;
     let v1alpha = configure().build_v1alpha().map_err(|e| Error::Reflection(e.to_string()))?;
-    let router = Server::builder().add_service(health).add_service(v1).add_service(v1alpha);
+    let router = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_pending_accept_reset_streams(Some(50))
+        .http2_max_header_list_size(64 * 1024)
+        .layer(crate::guard::catch_panic())
+        .layer(PeerLimitLayer::new(MAX_CALLS_PER_PEER))
+        .add_service(health)
+        .add_service(v1)
+        .add_service(v1alpha);
     Ok((reporter, router))
 }
 

@@ -38,6 +38,28 @@ pub fn invalid(violations: Vec<FieldViolation>) -> Status {
     invalid_argument(violations.into_iter().map(|v| (v.field, v.description)))
 }
 
+/// `UNAVAILABLE` for a dependency failure: the client learns only that it
+/// may retry; the failure itself (driver text, addresses, SQL) goes to the
+/// log under an error id that the answer carries.
+pub fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Status {
+    let id = uuid::Uuid::now_v7().to_string();
+    tracing::warn!(error_id = %id, error = %error, "{what} unavailable");
+    error_info(
+        Code::Unavailable,
+        format!("{what} is unavailable, retry later (error id {id})"),
+        "STORAGE_UNAVAILABLE",
+        &[("error_id", id)],
+    )
+}
+
+/// `INTERNAL` with a generic message; the failure goes to the log under an
+/// error id that the answer carries.
+pub fn internal(error: &dyn std::fmt::Display) -> Status {
+    let id = uuid::Uuid::now_v7().to_string();
+    tracing::error!(error_id = %id, error = %error, "internal error");
+    error_info(Code::Internal, format!("internal error (error id {id})"), "INTERNAL", &[("error_id", id)])
+}
+
 /// The one mapping of store errors to gRPC statuses (owned or borrowed).
 pub fn from_store(error: impl Borrow<Error>) -> Status {
     let error = error.borrow();
@@ -65,15 +87,13 @@ pub fn from_store(error: impl Borrow<Error>) -> Status {
         Error::DuplicateEventId { event_id } => {
             error_info(Code::AlreadyExists, message, "DUPLICATE_EVENT_ID", &[("event_ids", event_id.clone())])
         }
+        Error::RequestIdReused { request_id } => {
+            error_info(Code::AlreadyExists, message, "REQUEST_ID_REUSED", &[("request_id", request_id.clone())])
+        }
         Error::InvalidArgument(violations) => {
             invalid_argument(violations.iter().map(|v| (v.field.clone(), v.description.clone())))
         }
-        Error::Unavailable(detail) => {
-            error_info(Code::Unavailable, message, "STORAGE_UNAVAILABLE", &[("detail", detail.clone())])
-        }
-        Error::Internal(_) => {
-            tracing::error!(error = %message, "internal error");
-            error_info(Code::Internal, message, "INTERNAL", &[])
-        }
+        Error::Unavailable(detail) => unavailable("the event store", detail),
+        Error::Internal(detail) => internal(detail),
     }
 }

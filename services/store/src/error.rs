@@ -27,6 +27,10 @@ pub enum Error {
     StreamAlreadyExists(String),
     #[error("event id {event_id} is already stored")]
     DuplicateEventId { event_id: String },
+    /// AIP-155: the request id was used before, in the same scope, for a
+    /// different request; answering the first request's result would lie.
+    #[error("request id {request_id} was already used for a different request")]
+    RequestIdReused { request_id: String },
     #[error("invalid argument: {}", describe(.0))]
     InvalidArgument(Vec<FieldViolation>),
     #[error("storage unavailable: {0}")]

@@ -5,8 +5,8 @@ use crate::{
     error::Result,
     hash::ChainVerifier,
     model::{
-        AllRead, AllSlice, AppendOutcome, AppendRequest, ListStreams, Snapshot, SnapshotQuery, StreamInfo, StreamPage,
-        StreamRead, StreamSlice, VerifyReport,
+        AllRead, AllSlice, AppendOutcome, AppendRequest, ListStreams, RequestKey, Snapshot, SnapshotQuery, StreamInfo,
+        StreamPage, StreamRead, StreamSlice, VerifyReport,
     },
 };
 
@@ -52,9 +52,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// The latest snapshot matching the query.
     async fn load_snapshot(&self, query: SnapshotQuery) -> Result<Option<Snapshot>>;
 
-    /// The first answer of an append made with `request_id` (AIP-155), as
-    /// a duplicate; `None` if no append with it succeeded.
-    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>>;
+    /// The first answer of an append made with `key`'s request id in its
+    /// scope (AIP-155), as a duplicate; `None` if no append with it
+    /// succeeded (or it expired); `RequestIdReused` if it was made for a
+    /// request with another fingerprint.
+    async fn find_request(&self, key: &RequestKey) -> Result<Option<AppendOutcome>>;
 
     /// Changes whenever the log may have grown (the value is a position hint).
     /// Live subscriptions wake on it instead of polling.

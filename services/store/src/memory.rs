@@ -3,8 +3,9 @@
 //! process.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -15,8 +16,9 @@ use crate::{
     hash::{self, GENESIS},
     log::EventLog,
     model::{
-        AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, ListStreams, RecordedEvent, Snapshot,
-        SnapshotQuery, StreamInfo, StreamPage, StreamRead, StreamSlice, check_stream_id, now_micros, to_micros,
+        AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, ListStreams, MAX_PAGE_BYTES, RecordedEvent,
+        RequestKey, Snapshot, SnapshotNamespace, SnapshotQuery, StreamInfo, StreamPage, StreamRead, StreamSlice,
+        check_stream_id, check_version, now_micros, to_micros,
     },
 };
 
@@ -27,13 +29,25 @@ struct StreamState {
     own: Vec<usize>,
 }
 
+/// The first answer to a request id, with what identifies its request.
+#[derive(Debug)]
+struct Answered {
+    fingerprint: [u8; 32],
+    outcome: AppendOutcome,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     events: Vec<RecordedEvent>,
+    /// [`RecordedEvent::size`] of each event of `events`, computed once.
+    sizes: Vec<usize>,
     event_ids: HashSet<uuid::Uuid>,
     streams: BTreeMap<String, StreamState>,
-    snapshots: BTreeMap<(String, u64), Snapshot>,
-    requests: HashMap<String, AppendOutcome>,
+    snapshots: BTreeMap<(String, SnapshotNamespace, u64), Snapshot>,
+    /// By (scope, request id).
+    requests: HashMap<(String, String), Answered>,
+    /// Request keys in the order they were answered, for expiry.
+    request_times: VecDeque<(Instant, (String, String))>,
 }
 
 /// An event log held in memory.
@@ -41,7 +55,11 @@ struct Inner {
 pub struct MemoryEventLog {
     inner: Mutex<Inner>,
     appended: watch::Sender<u64>,
+    request_retention: Duration,
 }
+
+/// How long request ids are remembered by default (AIP-155 retries).
+pub const DEFAULT_REQUEST_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Default for MemoryEventLog {
     fn default() -> Self {
@@ -51,7 +69,12 @@ impl Default for MemoryEventLog {
 
 impl MemoryEventLog {
     pub fn new() -> Self {
-        Self { inner: Mutex::new(Inner::default()), appended: watch::channel(0).0 }
+        Self::with_request_retention(DEFAULT_REQUEST_RETENTION)
+    }
+
+    /// A log that forgets request ids `retention` after their first answer.
+    pub fn with_request_retention(retention: Duration) -> Self {
+        Self { inner: Mutex::new(Inner::default()), appended: watch::channel(0).0, request_retention: retention }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -62,12 +85,41 @@ impl MemoryEventLog {
 }
 
 impl Inner {
+    /// The first answer of `key`'s request id, if it is the same request.
+    fn answered(&self, key: &RequestKey) -> Result<Option<AppendOutcome>> {
+        match self.requests.get(&(key.scope.clone(), key.request_id.clone())) {
+            None => Ok(None),
+            Some(first) if key.matches(Some(&first.fingerprint)) => {
+                Ok(Some(AppendOutcome { duplicate: true, ..first.outcome.clone() }))
+            }
+            Some(_) => Err(Error::RequestIdReused { request_id: key.request_id.clone() }),
+        }
+    }
+
+    fn forget_requests_before(&mut self, horizon: Instant) {
+        while let Some((at, _)) = self.request_times.front()
+            && *at < horizon
+        {
+            if let Some((_, key)) = self.request_times.pop_front() {
+                self.requests.remove(&key);
+            }
+        }
+    }
+
     fn live_stream(&self, stream_id: &str) -> Result<&StreamState> {
         match self.streams.get(stream_id) {
             None => Err(Error::StreamNotFound(stream_id.to_owned())),
             Some(s) if s.info.deleted_at.is_some() => Err(Error::StreamDeleted(stream_id.to_owned())),
             Some(s) => Ok(s),
         }
+    }
+
+    fn size_of(&self, event: &RecordedEvent) -> usize {
+        usize::try_from(event.global_position)
+            .ok()
+            .and_then(|p| p.checked_sub(1))
+            .and_then(|i| self.sizes.get(i).copied())
+            .unwrap_or_else(|| event.size())
     }
 
     /// The stream's events in version order, shared history first.
@@ -89,11 +141,15 @@ impl Inner {
 impl EventLog for MemoryEventLog {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {
         request.validate()?;
+        let key = request.request_key();
         let mut inner = self.lock();
-        if let Some(id) = &request.request_id
-            && let Some(first) = inner.requests.get(id)
+        if let Some(horizon) = Instant::now().checked_sub(self.request_retention) {
+            inner.forget_requests_before(horizon);
+        }
+        if let Some(key) = &key
+            && let Some(first) = inner.answered(key)?
         {
-            return Ok(AppendOutcome { duplicate: true, ..first.clone() });
+            return Ok(first);
         }
         let state = inner.streams.get(&request.stream_id);
         if state.is_some_and(|s| s.info.deleted_at.is_some()) {
@@ -170,12 +226,15 @@ impl EventLog for MemoryEventLog {
         state.info.head_hash = Some(prev);
         for event in &recorded {
             inner.event_ids.insert(event.event_id);
+            inner.sizes.push(event.size());
         }
         inner.events.extend(recorded);
         let outcome =
             AppendOutcome { stream_id: request.stream_id, first_version, last_version, positions, duplicate: false };
-        if let Some(id) = request.request_id {
-            inner.requests.insert(id, outcome.clone());
+        if let Some(key) = key {
+            let id = (key.scope, key.request_id);
+            inner.request_times.push_back((Instant::now(), id.clone()));
+            inner.requests.insert(id, Answered { fingerprint: key.fingerprint, outcome: outcome.clone() });
         }
         let head = inner.events.len() as u64;
         drop(inner);
@@ -184,7 +243,7 @@ impl EventLog for MemoryEventLog {
     }
 
     async fn read_stream(&self, read: StreamRead) -> Result<StreamSlice> {
-        check_stream_id("stream_id", &read.stream_id)?;
+        read.validate()?;
         let inner = self.lock();
         let state = inner.live_stream(&read.stream_id)?;
         let stream_version = state.info.version;
@@ -194,8 +253,10 @@ impl EventLog for MemoryEventLog {
         }
         let mut events = Vec::new();
         let mut end_of_stream = true;
+        let mut bytes = 0usize;
         for event in history.into_iter().filter(|e| read.admits(e.version, e.created_at)) {
-            if events.len() == read.max_count {
+            bytes = bytes.saturating_add(inner.size_of(event));
+            if events.len() == read.max_count || (!events.is_empty() && bytes > MAX_PAGE_BYTES) {
                 end_of_stream = false;
                 break;
             }
@@ -205,18 +266,25 @@ impl EventLog for MemoryEventLog {
     }
 
     async fn read_all(&self, read: AllRead) -> Result<AllSlice> {
+        read.validate()?;
         let inner = self.lock();
         let start = usize::try_from(read.after).unwrap_or(usize::MAX).min(inner.events.len());
         let mut events = Vec::new();
         let mut next_position = read.after;
-        for event in &inner.events[start..] {
+        let mut bytes = 0usize;
+        for (event, size) in inner.events[start..].iter().zip(&inner.sizes[start..]) {
             if events.len() == read.max_count {
                 break;
             }
-            next_position = event.global_position;
-            if read.filter.matches(&event.stream_id, &event.event_type) {
+            let matched = read.filter.matches(&event.stream_id, &event.event_type);
+            if matched {
+                bytes = bytes.saturating_add(*size);
+                if !events.is_empty() && bytes > MAX_PAGE_BYTES {
+                    break;
+                }
                 events.push(event.clone());
             }
+            next_position = event.global_position;
         }
         let end_of_log = next_position >= inner.events.len() as u64;
         Ok(AllSlice { events, next_position: next_position.max(read.after), end_of_log })
@@ -253,6 +321,7 @@ impl EventLog for MemoryEventLog {
 
     async fn delete_stream(&self, stream_id: &str, expected_version: Option<u64>) -> Result<StreamInfo> {
         check_stream_id("stream_id", stream_id)?;
+        check_version("expected_version", expected_version)?;
         let mut inner = self.lock();
         let state = inner.live_stream(stream_id)?;
         if let Some(expected) = expected_version
@@ -264,8 +333,10 @@ impl EventLog for MemoryEventLog {
                 actual: state.info.version,
             });
         }
-        let state = inner.streams.get_mut(stream_id).expect("checked above");
         let now = now_micros();
+        let Some(state) = inner.streams.get_mut(stream_id) else {
+            return Err(Error::StreamNotFound(stream_id.to_owned()));
+        };
         state.info.deleted_at = Some(now);
         state.info.updated_at = now;
         Ok(state.info.clone())
@@ -274,6 +345,7 @@ impl EventLog for MemoryEventLog {
     async fn branch_stream(&self, source: &str, at_version: u64, branch: &str) -> Result<StreamInfo> {
         check_stream_id("source_stream_id", source)?;
         check_stream_id("branch_stream_id", branch)?;
+        check_version("at_version", Some(at_version))?;
         let mut inner = self.lock();
         let state = inner.live_stream(source)?;
         if state.info.version.is_none_or(|v| at_version > v) {
@@ -303,36 +375,45 @@ impl EventLog for MemoryEventLog {
     }
 
     async fn save_snapshot(&self, mut snapshot: Snapshot) -> Result<Snapshot> {
-        check_stream_id("stream_id", &snapshot.stream_id)?;
+        snapshot.validate()?;
         let mut inner = self.lock();
         let state = inner.live_stream(&snapshot.stream_id)?;
-        if state.info.version.is_none_or(|v| snapshot.version > v) {
+        let head = match state.info.version {
+            Some(v) if snapshot.version <= v => {
+                inner.history(&snapshot.stream_id, Some(snapshot.version)).last().map(|e| e.hash)
+            }
+            _ => None,
+        };
+        let Some(head) = head else {
             return Err(Error::invalid(
                 "version",
                 format!("stream {} has no version {}", snapshot.stream_id, snapshot.version),
             ));
-        }
+        };
+        snapshot.head_hash = head;
         snapshot.created_at = now_micros();
-        inner.snapshots.insert((snapshot.stream_id.clone(), snapshot.version), snapshot.clone());
+        let key = (snapshot.stream_id.clone(), snapshot.namespace, snapshot.version);
+        inner.snapshots.insert(key, snapshot.clone());
         Ok(snapshot)
     }
 
     async fn load_snapshot(&self, query: SnapshotQuery) -> Result<Option<Snapshot>> {
-        check_stream_id("stream_id", &query.stream_id)?;
+        query.validate()?;
         let inner = self.lock();
         inner.live_stream(&query.stream_id)?;
         let upper = query.max_version.unwrap_or(u64::MAX);
+        let (id, namespace) = (query.stream_id.clone(), query.namespace);
         Ok(inner
             .snapshots
-            .range((query.stream_id.clone(), 0)..=(query.stream_id.clone(), upper))
+            .range((id.clone(), namespace, 0)..=(id, namespace, upper))
             .rev()
             .map(|(_, s)| s)
             .find(|s| query.schema_version.is_none_or(|v| s.schema_version == v))
             .cloned())
     }
 
-    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>> {
-        Ok(self.lock().requests.get(request_id).map(|first| AppendOutcome { duplicate: true, ..first.clone() }))
+    async fn find_request(&self, key: &RequestKey) -> Result<Option<AppendOutcome>> {
+        self.lock().answered(key)
     }
 
     fn appended(&self) -> watch::Receiver<u64> {

@@ -4,20 +4,58 @@
 //! One live tail per log reads the global log gap-safely when the log signals
 //! an append and fans the new events out over a bounded broadcast channel.
 //! Each subscriber catches up with its own reads, then follows the broadcast.
-//! A subscriber that falls so far behind that the broadcast overwrote events
-//! it had not taken yet is told so (`FellBehind`) and catches up again from
-//! its own position with reads: it never stalls writers, the tail or other
+//! A subscriber never waits while it holds a place in the broadcast: when its
+//! own buffer is full (its reader is slow or paused), or when the broadcast
+//! overwrote events it had not taken yet, it is told so (`FellBehind`), lets
+//! go of the broadcast, waits for its reader, and catches up again from its
+//! own position with reads. It never stalls writers, the tail or other
 //! subscribers, and never loses or repeats an event.
+//!
+//! # Memory
+//!
+//! Bytes are [`RecordedEvent::size`] (canonical data and metadata; the
+//! in-memory form of an event is larger by a factor that depends on the shape
+//! of its JSON). With the defaults, whatever a client does:
+//!
+//! - **Per subscriber**: at most [`SubscriptionOptions::subscriber_buffer_bytes`]
+//!   (4 MiB) of events queued for its reader, and at most
+//!   [`SubscriptionOptions::subscriber_buffer`] (256) messages. While it
+//!   waits for its reader it holds no live batch; catching up, it holds the
+//!   rest of one read page, at most
+//!   [`MAX_PAGE_BYTES`](crate::model::MAX_PAGE_BYTES) (4 MiB, the adapters'
+//!   page bound). So 8 MiB per subscriber at worst, 4 MiB for one that waits
+//!   while live. An event larger than the buffer bound is queued alone.
+//! - **Shared ring**: at most [`SubscriptionOptions::live_capacity`] (64)
+//!   batches of at most [`LIVE_BATCH_BYTES`] (1 MiB) each, or of one larger
+//!   event: 64 MiB at worst, whatever the number of subscribers. A batch is
+//!   freed as soon as every live subscriber has taken it, and live
+//!   subscribers take batches without waiting for their readers, so the ring
+//!   is normally nearly empty. The tail holds one read page (4 MiB) while it
+//!   publishes it.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::{
     error::{Error, Result},
     log::EventLog,
-    model::{AllRead, EventFilter, RecordedEvent, StreamRead},
+    model::{AllRead, EventFilter, MAX_EVENT_BYTES, RecordedEvent, StreamRead, check_bigint, validate_stream_id},
 };
+
+/// Most bytes of events in one batch of the live broadcast (a batch holds at
+/// least one event, so one larger event makes a batch of its own).
+pub const LIVE_BATCH_BYTES: usize = MAX_EVENT_BYTES;
+
+/// Default of [`SubscriptionOptions::subscriber_buffer_bytes`].
+pub const DEFAULT_SUBSCRIBER_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Where a subscription starts and what it follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +66,29 @@ pub enum Target {
     /// One stream, after version `after_version` (`None`: from its first
     /// event).
     Stream { stream_id: String, after_version: Option<u64> },
+}
+
+impl Target {
+    /// Check the target; every violation is reported, not only the first.
+    /// Positions and versions must fit a PostgreSQL `bigint`.
+    pub fn validate(&self) -> Result<()> {
+        let mut violations = Vec::new();
+        match self {
+            Self::All { after, filter } => {
+                if let Some(position) = after {
+                    check_bigint("from_position", *position, &mut violations);
+                }
+                filter.validate("filter", &mut violations);
+            }
+            Self::Stream { stream_id, after_version } => {
+                validate_stream_id("stream_id", stream_id, &mut violations);
+                if let Some(version) = after_version {
+                    check_bigint("from_version", *version, &mut violations);
+                }
+            }
+        }
+        if violations.is_empty() { Ok(()) } else { Err(Error::InvalidArgument(violations)) }
+    }
 }
 
 /// What a subscriber receives.
@@ -51,27 +112,52 @@ pub enum SubscriptionMessage {
 pub struct SubscriptionOptions {
     /// Events per catch-up read.
     pub page_size: usize,
-    /// Batches the live broadcast holds for slow subscribers.
+    /// Batches the live broadcast holds for slow subscribers; each is at
+    /// most [`LIVE_BATCH_BYTES`] (or one larger event), which bounds the
+    /// ring's bytes.
     pub live_capacity: usize,
-    /// Messages buffered per subscriber before it applies back-pressure to
-    /// its own task.
+    /// Messages buffered per subscriber before its reader must take some.
     pub subscriber_buffer: usize,
+    /// Bytes of events ([`RecordedEvent::size`]) buffered per subscriber
+    /// before its reader must take some; one event larger than this is
+    /// buffered alone.
+    pub subscriber_buffer_bytes: usize,
     /// How often the tail looks even without a wake-up.
     pub poll_interval: Duration,
 }
 
 impl Default for SubscriptionOptions {
     fn default() -> Self {
-        Self { page_size: 500, live_capacity: 1024, subscriber_buffer: 256, poll_interval: Duration::from_millis(500) }
+        Self {
+            page_size: 500,
+            live_capacity: 64,
+            subscriber_buffer: 256,
+            subscriber_buffer_bytes: DEFAULT_SUBSCRIBER_BUFFER_BYTES,
+            poll_interval: Duration::from_millis(500),
+        }
     }
 }
+
+/// An event of the live broadcast with its size, computed once by the tail
+/// (it costs a serialization) rather than once per subscriber.
+#[derive(Debug)]
+struct LiveEvent {
+    event: RecordedEvent,
+    size: usize,
+}
+
+type LiveBatch = Arc<Vec<LiveEvent>>;
+
+/// What a subscriber's channel carries.
+type Item = Result<SubscriptionMessage>;
 
 /// Subscriptions over one log: owns the live tail.
 pub struct Subscriptions {
     log: Arc<dyn EventLog>,
-    live: broadcast::Sender<Arc<Vec<RecordedEvent>>>,
+    live: broadcast::Sender<LiveBatch>,
     head: watch::Receiver<u64>,
     options: SubscriptionOptions,
+    buffered: Arc<AtomicUsize>,
     tail: tokio::task::JoinHandle<()>,
 }
 
@@ -93,7 +179,7 @@ impl Subscriptions {
         let (live, _) = broadcast::channel(options.live_capacity.max(1));
         let (head_tx, head) = watch::channel(0);
         let tail = tokio::spawn(run_tail(log.clone(), live.clone(), head_tx, options.clone()));
-        Self { log, live, head, options, tail }
+        Self { log, live, head, options, buffered: Arc::new(AtomicUsize::new(0)), tail }
     }
 
     /// The position up to which the live tail has read.
@@ -101,21 +187,42 @@ impl Subscriptions {
         *self.head.borrow()
     }
 
+    /// Bytes of events ([`RecordedEvent::size`]) queued in the buffers of the
+    /// running subscriptions and not taken by their readers yet, as of each
+    /// subscription's last send (an upper bound: a reader may have taken more
+    /// since). Each subscription counts for at most
+    /// [`SubscriptionOptions::subscriber_buffer_bytes`].
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered.load(Ordering::Relaxed)
+    }
+
     /// Start a subscription. It runs until the receiver is dropped; an error
-    /// ends it.
+    /// ends it. An invalid target is answered with its error as the only item.
     pub fn subscribe(&self, target: Target, checkpoint_interval: u64) -> mpsc::Receiver<Result<SubscriptionMessage>> {
         let (tx, rx) = mpsc::channel(self.options.subscriber_buffer.max(1));
-        let subscriber = Subscriber {
+        if let Err(e) = target.validate() {
+            // A new channel has room for one message; dropping the sender
+            // then ends the stream after it.
+            let _ = tx.try_send(Err(e));
+            return rx;
+        }
+        let mut subscriber = Subscriber {
             log: self.log.clone(),
             live: self.live.clone(),
             head: self.head.clone(),
             page_size: self.options.page_size.max(1),
             checkpoint_interval: checkpoint_interval.max(1),
-            tx,
+            buffer: Buffer {
+                tx,
+                charges: VecDeque::new(),
+                bytes: 0,
+                budget: self.options.subscriber_buffer_bytes.max(1),
+                gauge: self.buffered.clone(),
+            },
         };
         tokio::spawn(async move {
-            if let Err(e) = subscriber.run(target).await {
-                let _ = subscriber.tx.send(Err(e)).await;
+            if let Err(e) = subscriber.run(&target).await {
+                let _ = subscriber.buffer.send(0, Err(e)).await;
             }
         });
         rx
@@ -124,7 +231,7 @@ impl Subscriptions {
 
 async fn run_tail(
     log: Arc<dyn EventLog>,
-    live: broadcast::Sender<Arc<Vec<RecordedEvent>>>,
+    live: broadcast::Sender<LiveBatch>,
     head: watch::Sender<u64>,
     options: SubscriptionOptions,
 ) {
@@ -151,10 +258,12 @@ async fn run_tail(
                     position = slice.next_position;
                     // The head moves before the batch is published: a
                     // subscriber that reads the head after subscribing either
-                    // receives the batch or catches up past it.
+                    // receives the batch or catches up past it. For the same
+                    // reason a batch nobody listens to now can be skipped
+                    // (sizing it costs a serialization per event).
                     head.send_replace(position);
-                    if !slice.events.is_empty() {
-                        let _ = live.send(Arc::new(slice.events));
+                    if live.receiver_count() > 0 {
+                        publish(&live, slice.events);
                     }
                 }
                 if !slice.end_of_log {
@@ -178,13 +287,136 @@ async fn run_tail(
     }
 }
 
+/// Send `events` in batches of at most [`LIVE_BATCH_BYTES`] (or one larger
+/// event), so that the ring's capacity in batches bounds its bytes.
+fn publish(live: &broadcast::Sender<LiveBatch>, events: Vec<RecordedEvent>) {
+    let mut batch = Vec::new();
+    let mut bytes = 0usize;
+    for event in events {
+        let size = event.size();
+        if !batch.is_empty() && bytes.saturating_add(size) > LIVE_BATCH_BYTES {
+            let _ = live.send(Arc::new(std::mem::take(&mut batch)));
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(size);
+        batch.push(LiveEvent { event, size });
+    }
+    if !batch.is_empty() {
+        let _ = live.send(Arc::new(batch));
+    }
+}
+
+/// The sending side of one subscriber's channel, bounded in bytes as well as
+/// in messages.
+///
+/// The channel counts messages; the bytes are counted here, without help from
+/// the receiver (whose type callers use directly). This is the channel's only
+/// sender and it holds no send permit between its own calls, so
+/// `max_capacity - capacity` is exactly the number of messages the reader has
+/// not taken yet: the older entries of `charges` are the ones it took.
+struct Buffer {
+    tx: mpsc::Sender<Item>,
+    /// What each message not known to be taken counts, oldest first.
+    charges: VecDeque<usize>,
+    /// Sum of `charges`; never above `budget`.
+    bytes: usize,
+    /// At least 1.
+    budget: usize,
+    /// The sum of `bytes` over every subscriber.
+    gauge: Arc<AtomicUsize>,
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Buffer {
+    /// What an event of `size` bytes counts: at least 1, so that a buffer of
+    /// empty events is bounded too, and at most the budget, so that one
+    /// event larger than the budget still fits an empty buffer.
+    fn charge(&self, size: usize) -> usize {
+        size.max(1).min(self.budget)
+    }
+
+    /// Forget the messages the reader has taken.
+    fn reconcile(&mut self) {
+        let queued = self.tx.max_capacity().saturating_sub(self.tx.capacity());
+        while self.charges.len() > queued {
+            let Some(charge) = self.charges.pop_front() else { break };
+            self.bytes = self.bytes.saturating_sub(charge);
+            self.gauge.fetch_sub(charge, Ordering::Relaxed);
+        }
+    }
+
+    fn record(&mut self, charge: usize) {
+        self.charges.push_back(charge);
+        self.bytes = self.bytes.saturating_add(charge);
+        self.gauge.fetch_add(charge, Ordering::Relaxed);
+    }
+
+    /// Queue the message `item` makes if there is room for `charge` more
+    /// bytes and one more message now; `item` is only called then.
+    fn try_send(&mut self, charge: usize, item: impl FnOnce() -> Item) -> Result<(), Stop> {
+        self.reconcile();
+        if self.bytes.saturating_add(charge) > self.budget {
+            return Err(Stop::Blocked(charge));
+        }
+        match self.tx.try_reserve() {
+            Ok(permit) => permit.send(item()),
+            Err(mpsc::error::TrySendError::Full(())) => return Err(Stop::Blocked(charge)),
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(Stop::Gone),
+        }
+        self.record(charge);
+        Ok(())
+    }
+
+    /// Queue `item`, waiting for the reader to make room.
+    async fn send(&mut self, charge: usize, item: Item) -> Result<(), Gone> {
+        self.wait_for_space(charge).await?;
+        // Immediate: only the reader acted since, and it only makes room.
+        let permit = self.tx.reserve().await.map_err(|_| Gone)?;
+        permit.send(item);
+        self.record(charge);
+        Ok(())
+    }
+
+    /// Wait until `charge` more bytes and one more message fit.
+    async fn wait_for_space(&mut self, charge: usize) -> Result<(), Gone> {
+        self.reconcile();
+        let free = self.tx.capacity();
+        // How many of the oldest messages the reader must take first.
+        let mut excess = self.bytes.saturating_add(charge).saturating_sub(self.budget);
+        let mut to_take = 0usize;
+        for queued in &self.charges {
+            if excess == 0 {
+                break;
+            }
+            excess = excess.saturating_sub(*queued);
+            to_take += 1;
+        }
+        if to_take == 0 && free > 0 {
+            return Ok(());
+        }
+        // Slots free up only as the reader takes messages: once `free +
+        // to_take` slots are free, it has taken the `to_take` oldest ones.
+        // The permits go straight back (dropped) and the slots are counted
+        // again.
+        let wanted = free.saturating_add(to_take).clamp(1, self.tx.max_capacity());
+        drop(self.tx.reserve_many(wanted).await.map_err(|_| Gone)?);
+        self.reconcile();
+        Ok(())
+    }
+}
+
 struct Subscriber {
     log: Arc<dyn EventLog>,
-    live: broadcast::Sender<Arc<Vec<RecordedEvent>>>,
+    live: broadcast::Sender<LiveBatch>,
     head: watch::Receiver<u64>,
     page_size: usize,
     checkpoint_interval: u64,
-    tx: mpsc::Sender<Result<SubscriptionMessage>>,
+    buffer: Buffer,
 }
 
 /// Where a subscriber is.
@@ -201,65 +433,127 @@ struct Cursor {
 /// The receiver went away: stop quietly.
 struct Gone;
 
+/// Why a subscriber stopped delivering.
+enum Stop {
+    /// The receiver went away.
+    Gone,
+    /// No room for a message of this charge without waiting, and the
+    /// subscriber must not wait where it is.
+    Blocked(usize),
+    /// The log failed: the subscription ends with this error.
+    Log(Error),
+}
+
+impl From<Gone> for Stop {
+    fn from(_: Gone) -> Self {
+        Self::Gone
+    }
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Self::Log(e)
+    }
+}
+
 impl Subscriber {
-    async fn send(&self, message: SubscriptionMessage) -> Result<(), Gone> {
-        self.tx.send(Ok(message)).await.map_err(|_| Gone)
+    /// Queue `item`: waiting for room if `wait`, else refusing with
+    /// [`Stop::Blocked`].
+    async fn offer(&mut self, wait: bool, charge: usize, item: Item) -> Result<(), Stop> {
+        if wait { Ok(self.buffer.send(charge, item).await?) } else { self.buffer.try_send(charge, || item) }
     }
 
-    async fn run(&self, target: Target) -> Result<()> {
+    async fn run(&mut self, target: &Target) -> Result<()> {
         let mut cursor = Cursor { position: 0, version: None, since_checkpoint: 0 };
-        match &target {
+        match target {
             Target::All { after: Some(p), .. } => cursor.position = *p,
             Target::All { after: None, .. } => cursor.position = self.log.last_position().await?,
             Target::Stream { after_version, .. } => cursor.version = *after_version,
         }
         loop {
-            let mut live = self.live.subscribe();
-            let live_head = *self.head.borrow();
-            match self.catch_up(&target, &mut cursor, live_head).await {
-                Ok(()) => {}
-                Err(CatchUpError::Gone) => return Ok(()),
-                Err(CatchUpError::Log(e)) => return Err(e),
+            // History first, without a place in the broadcast: a reader that
+            // does not read holds up this task and its own page only.
+            match self.catch_up(target, &mut cursor, None).await {
+                Ok(()) | Err(Stop::Blocked(_)) => {}
+                Err(Stop::Gone) => return Ok(()),
+                Err(Stop::Log(e)) => return Err(e),
             }
-            cursor.position = cursor.position.max(live_head);
-            if self.send(SubscriptionMessage::CaughtUp(cursor.position)).await.is_err() {
-                return Ok(());
-            }
-            cursor.since_checkpoint = 0;
-            loop {
-                match live.recv().await {
-                    Ok(batch) => {
-                        if self.deliver(&target, &mut cursor, &batch).await.is_err() {
-                            return Ok(());
-                        }
+            let (stop, was_live) = self.join_and_follow(target, &mut cursor).await;
+            // The broadcast receiver is dropped by now: waiting here holds
+            // nothing of the ring.
+            match stop {
+                Stop::Gone => return Ok(()),
+                Stop::Log(e) => return Err(e),
+                Stop::Blocked(charge) => {
+                    if self.buffer.wait_for_space(charge).await.is_err() {
+                        return Ok(());
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if self.send(SubscriptionMessage::FellBehind(cursor.position)).await.is_err() {
-                            return Ok(());
-                        }
-                        break;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(Error::Unavailable("the live tail stopped".to_owned()));
+                    if was_live
+                        && self.buffer.send(0, Ok(SubscriptionMessage::FellBehind(cursor.position))).await.is_err()
+                    {
+                        return Ok(());
                     }
                 }
             }
         }
     }
 
-    /// Deliver history until the cursor has passed `live_head`.
-    async fn catch_up(&self, target: &Target, cursor: &mut Cursor, live_head: u64) -> Result<(), CatchUpError> {
+    /// Join the broadcast, deliver what remains of the history and follow
+    /// the broadcast until something stops it; whether `CaughtUp` was sent.
+    async fn join_and_follow(&mut self, target: &Target, cursor: &mut Cursor) -> (Stop, bool) {
+        let mut live = self.live.subscribe();
+        let live_head = *self.head.borrow();
+        if let Err(stop) = self.catch_up(target, cursor, Some(live_head)).await {
+            return (stop, false);
+        }
+        cursor.position = cursor.position.max(live_head);
+        let caught_up = SubscriptionMessage::CaughtUp(cursor.position);
+        if let Err(stop) = self.buffer.try_send(0, || Ok(caught_up)) {
+            return (stop, false);
+        }
+        cursor.since_checkpoint = 0;
+        loop {
+            match live.recv().await {
+                Ok(batch) => {
+                    if let Err(stop) = self.deliver(target, cursor, &batch) {
+                        return (stop, true);
+                    }
+                }
+                // Catch up from the cursor like a full buffer does.
+                Err(broadcast::error::RecvError::Lagged(_)) => return (Stop::Blocked(0), true),
+                Err(broadcast::error::RecvError::Closed) => {
+                    return (Stop::Log(Error::Unavailable("the live tail stopped".to_owned())), true);
+                }
+            }
+        }
+    }
+
+    /// Deliver history: with `live_head` `None`, waiting for room, until the
+    /// end of the log (or stream); with `Some`, while holding a place in the
+    /// broadcast, so without waiting, until the cursor has passed it.
+    async fn catch_up(&mut self, target: &Target, cursor: &mut Cursor, live_head: Option<u64>) -> Result<(), Stop> {
+        let wait = live_head.is_none();
         match target {
             Target::All { filter, .. } => loop {
                 let read = AllRead { after: cursor.position, max_count: self.page_size, filter: filter.clone() };
                 let slice = self.log.read_all(read).await?;
                 let considered = slice.next_position.saturating_sub(cursor.position);
                 for event in slice.events {
-                    self.send(SubscriptionMessage::Event(event)).await?;
+                    let position = event.global_position;
+                    let charge = self.buffer.charge(event.size());
+                    if let Err(stop) = self.offer(wait, charge, Ok(SubscriptionMessage::Event(event))).await {
+                        // The read is gap-safe up to this event: everything
+                        // before it was delivered or filtered out.
+                        let before = position.saturating_sub(1).max(cursor.position);
+                        cursor.since_checkpoint =
+                            cursor.since_checkpoint.saturating_add(before.saturating_sub(cursor.position));
+                        cursor.position = before;
+                        return Err(stop);
+                    }
                 }
-                cursor.position = slice.next_position;
-                self.count(cursor, considered).await?;
-                if cursor.position >= live_head && slice.end_of_log {
+                cursor.position = slice.next_position.max(cursor.position);
+                self.count(cursor, considered, wait).await?;
+                if slice.end_of_log && live_head.is_none_or(|head| cursor.position >= head) {
                     return Ok(());
                 }
                 if considered == 0 {
@@ -269,15 +563,17 @@ impl Subscriber {
             },
             Target::Stream { stream_id, .. } => loop {
                 let mut read = StreamRead::forwards(stream_id.clone(), self.page_size);
-                read.from_version = cursor.version.map(|v| v + 1);
+                read.from_version = cursor.version.map(|v| v.saturating_add(1));
                 let slice = match self.log.read_stream(read).await {
                     // A stream that does not exist yet is followed until it does.
                     Err(Error::StreamNotFound(_)) => return Ok(()),
                     other => other?,
                 };
                 for event in slice.events {
-                    cursor.version = Some(event.version);
-                    self.send(SubscriptionMessage::Event(event)).await?;
+                    let version = event.version;
+                    let charge = self.buffer.charge(event.size());
+                    self.offer(wait, charge, Ok(SubscriptionMessage::Event(event))).await?;
+                    cursor.version = Some(version);
                 }
                 if slice.end_of_stream {
                     return Ok(());
@@ -286,54 +582,46 @@ impl Subscriber {
         }
     }
 
-    async fn deliver(&self, target: &Target, cursor: &mut Cursor, batch: &[RecordedEvent]) -> Result<(), Gone> {
-        for event in batch {
+    /// Deliver a live batch without waiting (the batch and the place in the
+    /// broadcast are shared with every subscriber); on [`Stop::Blocked`] the
+    /// cursor stays before the event that did not fit.
+    fn deliver(&mut self, target: &Target, cursor: &mut Cursor, batch: &[LiveEvent]) -> Result<(), Stop> {
+        for live in batch {
+            let event = &live.event;
             if event.global_position <= cursor.position {
                 continue;
             }
-            cursor.position = event.global_position;
             let wanted = match target {
                 Target::All { filter, .. } => filter.matches(&event.stream_id, &event.event_type),
                 Target::Stream { stream_id, .. } => {
-                    let next = cursor.version.map_or(0, |v| v + 1);
-                    let wanted = &event.stream_id == stream_id && event.version >= next;
-                    if wanted {
-                        cursor.version = Some(event.version);
-                    }
-                    wanted
+                    let next = cursor.version.map_or(0, |v| v.saturating_add(1));
+                    &event.stream_id == stream_id && event.version >= next
                 }
             };
             if wanted {
-                self.send(SubscriptionMessage::Event(event.clone())).await?;
+                let charge = self.buffer.charge(live.size);
+                self.buffer.try_send(charge, || Ok(SubscriptionMessage::Event(event.clone())))?;
+                if matches!(target, Target::Stream { .. }) {
+                    cursor.version = Some(event.version);
+                }
             }
-            self.count(cursor, 1).await?;
+            cursor.position = event.global_position;
+            cursor.since_checkpoint = cursor.since_checkpoint.saturating_add(1);
+            if cursor.since_checkpoint >= self.checkpoint_interval {
+                let checkpoint = SubscriptionMessage::Checkpoint(cursor.position);
+                self.buffer.try_send(0, || Ok(checkpoint))?;
+                cursor.since_checkpoint = 0;
+            }
         }
         Ok(())
     }
 
-    async fn count(&self, cursor: &mut Cursor, considered: u64) -> Result<(), Gone> {
-        cursor.since_checkpoint += considered;
+    async fn count(&mut self, cursor: &mut Cursor, considered: u64, wait: bool) -> Result<(), Stop> {
+        cursor.since_checkpoint = cursor.since_checkpoint.saturating_add(considered);
         if cursor.since_checkpoint >= self.checkpoint_interval {
+            self.offer(wait, 0, Ok(SubscriptionMessage::Checkpoint(cursor.position))).await?;
             cursor.since_checkpoint = 0;
-            self.send(SubscriptionMessage::Checkpoint(cursor.position)).await?;
         }
         Ok(())
-    }
-}
-
-enum CatchUpError {
-    Gone,
-    Log(Error),
-}
-
-impl From<Gone> for CatchUpError {
-    fn from(_: Gone) -> Self {
-        Self::Gone
-    }
-}
-
-impl From<Error> for CatchUpError {
-    fn from(e: Error) -> Self {
-        Self::Log(e)
     }
 }

@@ -17,8 +17,8 @@ use crate::{
     error::Result,
     log::EventLog,
     model::{
-        AllRead, AllSlice, AppendOutcome, AppendRequest, ListStreams, RecordedEvent, Snapshot, SnapshotQuery,
-        StreamInfo, StreamPage, StreamRead, StreamSlice, VerifyReport,
+        AllRead, AllSlice, AppendOutcome, AppendRequest, ListStreams, RecordedEvent, RequestKey, Snapshot,
+        SnapshotQuery, StreamInfo, StreamPage, StreamRead, StreamSlice, VerifyReport,
     },
 };
 
@@ -159,8 +159,8 @@ impl<L: EventLog> EventLog for Upcasting<L> {
         self.inner.load_snapshot(query).await
     }
 
-    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>> {
-        self.inner.find_request(request_id).await
+    async fn find_request(&self, key: &RequestKey) -> Result<Option<AppendOutcome>> {
+        self.inner.find_request(key).await
     }
 
     fn appended(&self) -> watch::Receiver<u64> {
@@ -219,8 +219,8 @@ impl<L: EventLog + ?Sized> EventLog for Arc<L> {
         (**self).load_snapshot(query).await
     }
 
-    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>> {
-        (**self).find_request(request_id).await
+    async fn find_request(&self, key: &RequestKey) -> Result<Option<AppendOutcome>> {
+        (**self).find_request(key).await
     }
 
     fn appended(&self) -> watch::Receiver<u64> {

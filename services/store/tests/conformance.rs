@@ -3,12 +3,15 @@
 
 mod common;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use eventfold_store::{
     AllRead, AppendRequest, Direction, Error, EventFilter, EventLog, EventMetadata, ExpectedVersion, ListStreams,
-    MemoryEventLog, NewEvent, Snapshot, SnapshotQuery, StreamRead, SubscriptionMessage, SubscriptionOptions,
-    Subscriptions, Target, now_micros,
+    MAX_PAGE_BYTES, MemoryEventLog, NewEvent, RequestKey, Snapshot, SnapshotNamespace, SnapshotQuery, StreamRead,
+    SubscriptionMessage, SubscriptionOptions, Subscriptions, Target, now_micros,
 };
 use serde_json::json;
 
@@ -103,17 +106,20 @@ pub async fn request_ids_make_appends_idempotent(log: Arc<dyn EventLog>) {
     let slice = log.read_stream(StreamRead::forwards("idem", 100)).await.unwrap();
     assert_eq!(slice.events.len(), 2, "the retry appended nothing");
     // The first answer can be looked up without appending.
-    let found = log.find_request("req-1").await.unwrap().expect("the request is remembered");
+    let key = request.request_key().unwrap();
+    let found = log.find_request(&key).await.unwrap().expect("the request is remembered");
     assert_eq!(found, second);
     assert_eq!(found.stream_id, "idem");
-    assert_eq!(log.find_request("req-never").await.unwrap(), None);
+    let never = RequestKey { request_id: "req-never".into(), ..key };
+    assert_eq!(log.find_request(&never).await.unwrap(), None);
 }
 
 pub async fn failed_requests_are_not_remembered(log: Arc<dyn EventLog>) {
     let mut request = append("idem2", ExpectedVersion::StreamExists, vec![event("E", 0)]);
     request.request_id = Some("req-2".into());
     assert!(log.append(request.clone()).await.is_err());
-    assert_eq!(log.find_request("req-2").await.unwrap(), None, "a failed append leaves no answer");
+    let key = request.request_key().unwrap();
+    assert_eq!(log.find_request(&key).await.unwrap(), None, "a failed append leaves no answer");
     request.expected = ExpectedVersion::Any;
     let outcome = log.append(request).await.unwrap();
     assert!(!outcome.duplicate);
@@ -295,23 +301,238 @@ pub async fn branches_share_history_then_diverge(log: Arc<dyn EventLog>) {
 
 pub async fn snapshots_are_saved_and_loaded(log: Arc<dyn EventLog>) {
     fill(log.as_ref(), "snap", 10).await;
-    let save = |version, schema_version| Snapshot {
-        stream_id: "snap".into(),
-        version,
-        schema_version,
-        state: json!({ "at": version }),
-        created_at: now_micros(),
+    let save = |version, schema_version| {
+        let mut snapshot = Snapshot::new("snap", SnapshotNamespace::Client, version, json!({ "at": version }));
+        snapshot.schema_version = schema_version;
+        snapshot
     };
     log.save_snapshot(save(3, 1)).await.unwrap();
     log.save_snapshot(save(7, 1)).await.unwrap();
     log.save_snapshot(save(8, 2)).await.unwrap();
-    let query = |max_version, schema_version| SnapshotQuery { stream_id: "snap".into(), max_version, schema_version };
+    let query = |max_version, schema_version| SnapshotQuery {
+        stream_id: "snap".into(),
+        namespace: SnapshotNamespace::Client,
+        max_version,
+        schema_version,
+    };
     assert_eq!(log.load_snapshot(query(None, None)).await.unwrap().unwrap().version, 8);
     assert_eq!(log.load_snapshot(query(None, Some(1))).await.unwrap().unwrap().version, 7);
     assert_eq!(log.load_snapshot(query(Some(6), None)).await.unwrap().unwrap().state, json!({ "at": 3 }));
     assert!(log.load_snapshot(query(Some(2), None)).await.unwrap().is_none());
     assert!(log.load_snapshot(query(None, Some(3))).await.unwrap().is_none());
     assert!(matches!(log.save_snapshot(save(10, 1)).await, Err(Error::InvalidArgument(_))));
+}
+
+fn violation_fields(result: Result<impl std::fmt::Debug, Error>) -> Vec<String> {
+    match result {
+        Err(Error::InvalidArgument(violations)) => violations.into_iter().map(|v| v.field).collect(),
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+}
+
+/// Versions and positions beyond a PostgreSQL `bigint` are refused by
+/// every adapter alike, and change nothing (issue 13: `u64 as i64` casts
+/// turned them negative and skipped the checks on PostgreSQL).
+pub async fn out_of_range_versions_and_positions_are_refused(log: Arc<dyn EventLog>) {
+    let first = log.append(append("big", ExpectedVersion::NoStream, vec![event("E", 0)])).await.unwrap();
+    for huge in [u64::MAX, 1 << 63, (1 << 63) + 1] {
+        let fields =
+            violation_fields(log.append(append("big", ExpectedVersion::Exact(huge), vec![event("E", 1)])).await);
+        assert_eq!(fields, ["expected_version"], "expected version {huge}");
+        for direction in [Direction::Forwards, Direction::Backwards] {
+            let mut read = StreamRead::forwards("big", 10);
+            read.direction = direction;
+            read.from_version = Some(huge);
+            assert_eq!(violation_fields(log.read_stream(read).await), ["from_version"]);
+        }
+        let mut read = StreamRead::forwards("big", 10);
+        read.max_version = Some(huge);
+        assert_eq!(violation_fields(log.read_stream(read).await), ["max_version"]);
+        let read = AllRead { after: huge, max_count: 10, filter: EventFilter::default() };
+        assert_eq!(violation_fields(log.read_all(read).await), ["from_position"]);
+        let query = SnapshotQuery {
+            stream_id: "big".into(),
+            namespace: SnapshotNamespace::Client,
+            max_version: Some(huge),
+            schema_version: None,
+        };
+        assert_eq!(violation_fields(log.load_snapshot(query).await), ["max_version"]);
+        let snapshot = Snapshot::new("big", SnapshotNamespace::Client, huge, json!({}));
+        assert_eq!(violation_fields(log.save_snapshot(snapshot).await), ["version"]);
+        assert_eq!(violation_fields(log.delete_stream("big", Some(huge)).await), ["expected_version"]);
+        assert_eq!(violation_fields(log.branch_stream("big", huge, "big-branch").await), ["at_version"]);
+    }
+    let slice = log.read_stream(StreamRead::forwards("big", 10)).await.unwrap();
+    assert_eq!(slice.events.len(), 1, "nothing was appended");
+    assert_eq!(slice.events[0].global_position, first.positions[0]);
+    assert!(matches!(log.stream_info("big-branch").await, Err(Error::StreamNotFound(_))));
+    assert!(log.stream_info("big").await.unwrap().deleted_at.is_none());
+}
+
+/// Times outside the years 0001 to 9999 are refused, not sent to the
+/// database (which answered "timestamp out of range") or wrapped.
+pub async fn times_outside_the_years_1_to_9999_are_refused(log: Arc<dyn EventLog>) {
+    fill(log.as_ref(), "when", 2).await;
+    let year_10000 = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+    let before_year_1 = UNIX_EPOCH - Duration::from_secs(62_135_596_801);
+    for (start, end, field) in [
+        (Some(year_10000), None, "start_time"),
+        (None, Some(year_10000), "end_time"),
+        (Some(before_year_1), None, "start_time"),
+    ] {
+        let mut read = StreamRead::forwards("when", 10);
+        read.start_time = start;
+        read.end_time = end;
+        assert_eq!(violation_fields(log.read_stream(read).await), [field]);
+    }
+    // The last second of 9999 is still a time.
+    let mut read = StreamRead::forwards("when", 10);
+    read.end_time = Some(UNIX_EPOCH + Duration::from_secs(253_402_300_799));
+    assert_eq!(log.read_stream(read).await.unwrap().events.len(), 2);
+}
+
+/// Lists, ids and metadata have documented bounds.
+pub async fn unbounded_input_is_refused(log: Arc<dyn EventLog>) {
+    let prefixes: Vec<String> = (0..101).map(|i| format!("p{i}-")).collect();
+    let read =
+        AllRead { after: 0, max_count: 1, filter: EventFilter { stream_prefixes: prefixes, event_types: vec![] } };
+    assert_eq!(violation_fields(log.read_all(read).await), ["filter.stream_prefixes"]);
+    let read = AllRead {
+        after: 0,
+        max_count: 1,
+        filter: EventFilter { stream_prefixes: vec![], event_types: vec!["T".repeat(257), String::new()] },
+    };
+    assert_eq!(violation_fields(log.read_all(read).await), ["filter.event_types[0]", "filter.event_types[1]"]);
+
+    let with_metadata = |metadata: EventMetadata| {
+        let mut e = event("E", 0);
+        e.metadata = metadata;
+        append("meta", ExpectedVersion::Any, vec![e])
+    };
+    let cases = [
+        (
+            EventMetadata { correlation_id: Some("c".repeat(12_000)), ..Default::default() },
+            "events[0].metadata.correlation_id",
+        ),
+        (
+            EventMetadata { causation_id: Some("has space".into()), ..Default::default() },
+            "events[0].metadata.causation_id",
+        ),
+        (EventMetadata { user_id: Some("caf\u{e9}".into()), ..Default::default() }, "events[0].metadata.user_id"),
+        (
+            EventMetadata { custom: [("k".to_owned(), "line\nbreak".to_owned())].into(), ..Default::default() },
+            "events[0].metadata.custom[k]",
+        ),
+        (
+            EventMetadata { custom: [("big".to_owned(), "x".repeat(3 * 1024 * 1024))].into(), ..Default::default() },
+            "events[0].data",
+        ),
+    ];
+    for (metadata, field) in cases {
+        assert_eq!(violation_fields(log.append(with_metadata(metadata)).await), [field]);
+    }
+    let mut request = append("meta", ExpectedVersion::Any, vec![event("E", 0)]);
+    request.request_id = Some("id with\tcontrol".into());
+    assert_eq!(violation_fields(log.append(request).await), ["request_id"]);
+    assert!(matches!(log.stream_info("meta").await, Err(Error::StreamNotFound(_))), "nothing was stored");
+}
+
+/// AIP-155 per scope: a request id answers only the request it was first
+/// used for; used for another request it is refused, never answered with
+/// the first request's result, and another scope has ids of its own.
+pub async fn request_ids_are_bound_to_their_request_and_scope(log: Arc<dyn EventLog>) {
+    let request = |stream: &str, n: u64| {
+        let mut r = append(stream, ExpectedVersion::Any, vec![event("E", n)]);
+        r.request_id = Some("req-shared".into());
+        r
+    };
+    let a = log.append(request("ra", 0)).await.unwrap();
+    // The same id on another stream is another scope: a real append.
+    let b = log.append(request("rb", 0)).await.unwrap();
+    assert!(!b.duplicate);
+    assert_eq!(b.stream_id, "rb");
+    assert_eq!(log.read_stream(StreamRead::forwards("rb", 10)).await.unwrap().events.len(), 1);
+    // The same id and stream with another payload: refused, nothing stored.
+    match log.append(request("ra", 1)).await {
+        Err(Error::RequestIdReused { request_id }) => assert_eq!(request_id, "req-shared"),
+        other => panic!("expected REQUEST_ID_REUSED, got {other:?}"),
+    }
+    assert_eq!(log.read_stream(StreamRead::forwards("ra", 10)).await.unwrap().events.len(), 1);
+    // A true repeat gets the first answer.
+    let again = log.append(request("ra", 0)).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!((again.stream_id.as_str(), &again.positions), ("ra", &a.positions));
+
+    // A caller's own scope (the command side's: service and principal)
+    // spans streams: the answer names the stream the id was used on.
+    let scoped = |stream: &str, fingerprint: u8| {
+        let mut r = append(stream, ExpectedVersion::Any, vec![event("E", 0)]);
+        r.request_id = Some("cmd-1".into());
+        r.request_scope = Some("command/orders/alice".into());
+        r.fingerprint = Some([fingerprint; 32]);
+        r
+    };
+    let first = log.append(scoped("rc", 1)).await.unwrap();
+    let repeat = log.append(scoped("rd", 1)).await.unwrap();
+    assert!(repeat.duplicate);
+    assert_eq!((repeat.stream_id.as_str(), &repeat.positions), ("rc", &first.positions));
+    assert!(matches!(log.stream_info("rd").await, Err(Error::StreamNotFound(_))), "no stream made for a repeat");
+    assert!(matches!(log.append(scoped("rd", 2)).await, Err(Error::RequestIdReused { .. })));
+    let key = scoped("rd", 2).request_key().unwrap();
+    assert!(matches!(log.find_request(&key).await, Err(Error::RequestIdReused { .. })));
+    let key = scoped("rd", 1).request_key().unwrap();
+    assert_eq!(log.find_request(&key).await.unwrap().map(|o| o.stream_id), Some("rc".to_owned()));
+}
+
+/// A read page carries at most `MAX_PAGE_BYTES` of payload (and at least
+/// one event); a filtered read returns only what matches and still moves on.
+pub async fn read_pages_are_capped_in_bytes(log: Arc<dyn EventLog>) {
+    let payload = "x".repeat(600 * 1024);
+    let per_page = MAX_PAGE_BYTES / (600 * 1024 + 64);
+    let events: Vec<NewEvent> = (0..10).map(|n| NewEvent::new("Big", json!({ "n": n, "blob": payload }))).collect();
+    let outcome = log.append(append("heavy", ExpectedVersion::NoStream, events)).await.unwrap();
+    let slice = log.read_stream(StreamRead::forwards("heavy", 100)).await.unwrap();
+    assert_eq!(slice.events.len(), per_page, "a page holds what fits in {MAX_PAGE_BYTES} bytes");
+    assert!(!slice.end_of_stream);
+    let mut rest = StreamRead::forwards("heavy", 100);
+    rest.from_version = Some(u64::try_from(per_page).unwrap());
+    let slice = log.read_stream(rest).await.unwrap();
+    assert_eq!(slice.events.len(), 10 - per_page);
+    assert!(slice.end_of_stream);
+
+    let before = outcome.positions[0] - 1;
+    let all = |filter: EventFilter| AllRead { after: before, max_count: 100, filter };
+    let page = log.read_all(all(EventFilter::default())).await.unwrap();
+    assert_eq!(page.events.len(), per_page);
+    assert!(!page.end_of_log);
+    assert_eq!(page.next_position, outcome.positions[per_page - 1]);
+    let nothing = EventFilter { stream_prefixes: vec![], event_types: vec!["NoSuchType".into()] };
+    let page = log.read_all(all(nothing)).await.unwrap();
+    assert!(page.events.is_empty());
+    assert_eq!(page.next_position, *outcome.positions.last().unwrap(), "unmatched rows are passed");
+    let matching = EventFilter { stream_prefixes: vec!["heav".into()], event_types: vec![] };
+    assert_eq!(log.read_all(all(matching)).await.unwrap().events.len(), per_page);
+}
+
+/// A snapshot carries the stream's own link at its version, whatever the
+/// caller passed, and the namespaces are apart.
+pub async fn snapshots_record_the_chain_link_and_keep_namespaces_apart(log: Arc<dyn EventLog>) {
+    fill(log.as_ref(), "snapped", 3).await;
+    let mut forged = Snapshot::new("snapped", SnapshotNamespace::Client, 1, json!({ "balance": 1_000_000 }));
+    forged.head_hash = [7; 32];
+    let saved = log.save_snapshot(forged).await.unwrap();
+    let events = log.read_stream(StreamRead::forwards("snapped", 10)).await.unwrap().events;
+    assert_eq!(saved.head_hash, events[1].hash);
+    let query =
+        |namespace| SnapshotQuery { stream_id: "snapped".into(), namespace, max_version: None, schema_version: None };
+    let loaded = log.load_snapshot(query(SnapshotNamespace::Client)).await.unwrap().unwrap();
+    assert_eq!(loaded.head_hash, events[1].hash);
+    assert_eq!(log.load_snapshot(query(SnapshotNamespace::Aggregate)).await.unwrap(), None);
+    let own = Snapshot::new("snapped", SnapshotNamespace::Aggregate, 2, json!({ "own": true }));
+    log.save_snapshot(own).await.unwrap();
+    let loaded = log.load_snapshot(query(SnapshotNamespace::Aggregate)).await.unwrap().unwrap();
+    assert_eq!((loaded.version, loaded.head_hash), (2, events[2].hash));
+    assert_eq!(log.load_snapshot(query(SnapshotNamespace::Client)).await.unwrap().unwrap().version, 1);
 }
 
 pub async fn verify_accepts_an_intact_chain(log: Arc<dyn EventLog>) {
@@ -502,6 +723,12 @@ macro_rules! conformance {
                 racing_writers_never_share_a_version,
                 subscriptions_catch_up_then_go_live,
                 slow_subscribers_fall_behind_and_recover,
+                out_of_range_versions_and_positions_are_refused,
+                times_outside_the_years_1_to_9999_are_refused,
+                unbounded_input_is_refused,
+                request_ids_are_bound_to_their_request_and_scope,
+                read_pages_are_capped_in_bytes,
+                snapshots_record_the_chain_link_and_keep_namespaces_apart,
             );
         }
     };

@@ -888,10 +888,17 @@ async fn assert_round_trip(log: &dyn EventLog, stream: &str, payloads: Vec<Value
         .map(|(i, data)| {
             let mut e = NewEvent::new("Tricky", data);
             e.metadata = EventMetadata {
-                correlation_id: Some(format!("corr \"{i}\" ✓")),
-                causation_id: Some("causé\\by\n".into()),
-                user_id: Some("🦀 user".into()),
-                custom: [("zeta".to_owned(), "ω".to_owned()), ("alpha".to_owned(), "\u{1}\t\"".to_owned())].into(),
+                // Ids are visible ASCII (quotes and backslashes included:
+                // JSON escapes them); custom values may be any text but
+                // control characters.
+                correlation_id: Some(format!("corr-\"{i}\"-/")),
+                causation_id: Some("caused\\by".into()),
+                user_id: Some("user@example.org".into()),
+                custom: [
+                    ("zeta".to_owned(), "ω 🦀 ✓".to_owned()),
+                    ("alpha".to_owned(), "caus\u{e9} \"q\" \\".to_owned()),
+                ]
+                .into(),
             };
             e
         })

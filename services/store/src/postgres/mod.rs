@@ -42,7 +42,8 @@ use crate::{
     log::EventLog,
     model::{
         AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, EventMetadata, ExpectedVersion, ListStreams,
-        RecordedEvent, Snapshot, SnapshotQuery, StreamInfo, StreamPage, StreamRead, StreamSlice, check_stream_id,
+        MAX_PAGE_BYTES, RecordedEvent, RequestKey, Snapshot, SnapshotQuery, StreamInfo, StreamPage, StreamRead,
+        StreamSlice, bigint, check_stream_id, check_version, from_bigint,
     },
 };
 
@@ -84,6 +85,9 @@ pub struct PostgresConfig {
     /// dropped and its appends answer `Unavailable` (outcome unknown: retry
     /// with the same request id).
     pub append_timeout: Duration,
+    /// How long request ids (AIP-155) are remembered; older ones are
+    /// pruned about every `retention / 100` (at least a minute).
+    pub request_retention: Duration,
 }
 
 impl PostgresConfig {
@@ -98,6 +102,7 @@ impl PostgresConfig {
             connect_timeout: Duration::from_secs(5),
             notify_interval: Duration::from_millis(5),
             append_timeout: Duration::from_secs(30),
+            request_retention: crate::memory::DEFAULT_REQUEST_RETENTION,
         }
     }
 }
@@ -107,6 +112,7 @@ type Reply = oneshot::Sender<Result<AppendOutcome>>;
 struct Job {
     request: AppendRequest,
     contents: Vec<Vec<u8>>,
+    key: Option<RequestKey>,
     reply: Reply,
 }
 
@@ -163,6 +169,7 @@ impl PostgresEventLog {
         }
         tasks.push(tokio::spawn(notifier(pg.clone(), config.connect_timeout, config.notify_interval, committed_rx)));
         tasks.push(tokio::spawn(listener(pg, config.connect_timeout, appended.clone())));
+        tasks.push(tokio::spawn(prune_requests(pool.clone(), config.request_retention)));
         Ok(Self { pool, jobs, appended, gap_wait: config.gap_wait, gaps: std::sync::Mutex::default(), tasks })
     }
 
@@ -177,15 +184,15 @@ impl PostgresEventLog {
         if info.deleted_at.is_some() {
             return Err(Error::StreamDeleted(stream_id.to_owned()));
         }
-        let own_start = info.parent.as_ref().map_or(0, |(_, at)| *at as i64 + 1);
+        let own_start = info.parent.as_ref().map_or(0, |(_, at)| bigint(*at).saturating_add(1));
         let mut segments = vec![(stream_id.to_owned(), own_start, i64::MAX)];
         let mut parent = info.parent.clone();
         while let Some((id, at)) = parent {
             let row = fetch_stream(client, &id)
                 .await?
                 .ok_or_else(|| Error::Internal(format!("branch parent {id} of {stream_id} is missing")))?;
-            let start = row.parent.as_ref().map_or(0, |(_, p)| *p as i64 + 1);
-            segments.insert(0, (id, start, at as i64));
+            let start = row.parent.as_ref().map_or(0, |(_, p)| bigint(*p).saturating_add(1));
+            segments.insert(0, (id, start, bigint(at)));
             parent = row.parent;
         }
         Ok((info, segments))
@@ -217,12 +224,12 @@ fn stream_from_row(row: &Row) -> Result<StreamInfo> {
     Ok(StreamInfo {
         stream_id: row.get("stream_id"),
         version: u64::try_from(version).ok(),
-        first_position: row.get::<_, Option<i64>>("first_position").map(|p| p as u64),
-        last_position: row.get::<_, Option<i64>>("last_position").map(|p| p as u64),
+        first_position: row.get::<_, Option<i64>>("first_position").map(from_bigint),
+        last_position: row.get::<_, Option<i64>>("last_position").map(from_bigint),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
         deleted_at: row.get("deleted_at"),
-        parent: parent.zip(parent_version.map(|v| v as u64)),
+        parent: parent.zip(parent_version.map(from_bigint)),
         head_hash: head.map(|h| to_hash(&h)).transpose()?,
     })
 }
@@ -234,27 +241,39 @@ fn to_hash(bytes: &[u8]) -> Result<[u8; 32]> {
 const EVENT_COLUMNS: &str = "e.global_position, e.stream_id, e.version, e.event_id, e.event_type, \
                              e.schema_version, e.data, e.metadata, e.created_at, e.hash";
 
-fn event_from_row(row: &Row) -> Result<RecordedEvent> {
+/// The columns of a paged read's outer query, but its payloads.
+const PAGED_COLUMNS: &str =
+    "x.global_position, x.stream_id, x.version, x.event_id, x.event_type, x.schema_version, x.created_at, x.hash";
+
+/// What an event weighs against [`MAX_PAGE_BYTES`]: its payload and
+/// metadata as sent (jsonb travels as JSON text).
+const EVENT_SIZE: &str = "(octet_length(e.data::text) + octet_length(e.metadata::text))";
+
+/// The event of `row`; `None` when the row came without its payload (it
+/// lies beyond the page's byte budget).
+fn event_from_row(row: &Row) -> Result<Option<RecordedEvent>> {
     let position: i64 = row.get("global_position");
     let unreadable = |what: &str, e: tokio_postgres::Error| {
         Error::Internal(format!("stored {what} of the event at position {position} cannot be read: {e}"))
     };
+    let data: Option<Value> = row.try_get("data").map_err(|e| unreadable("data", e))?;
+    let Some(data) = data else { return Ok(None) };
     let metadata: Value = row.try_get("metadata").map_err(|e| unreadable("metadata", e))?;
     let metadata: EventMetadata = serde_json::from_value(metadata)
         .map_err(|e| Error::Internal(format!("stored metadata is not eventfold metadata: {e}")))?;
     let hash: Vec<u8> = row.get("hash");
-    Ok(RecordedEvent {
+    Ok(Some(RecordedEvent {
         event_id: row.get("event_id"),
         stream_id: row.get("stream_id"),
-        version: row.get::<_, i64>("version") as u64,
-        global_position: row.get::<_, i64>("global_position") as u64,
+        version: from_bigint(row.get("version")),
+        global_position: from_bigint(position),
         event_type: row.get("event_type"),
-        schema_version: row.get::<_, i32>("schema_version") as u32,
-        data: row.try_get("data").map_err(|e| unreadable("data", e))?,
+        schema_version: u32::try_from(row.get::<_, i32>("schema_version")).unwrap_or(0),
+        data,
         metadata,
         created_at: row.get("created_at"),
         hash: to_hash(&hash)?,
-    })
+    }))
 }
 
 fn db_error(error: tokio_postgres::Error) -> Error {
@@ -289,8 +308,8 @@ fn is_retryable(error: &tokio_postgres::Error) -> bool {
     error.as_db_error().is_some_and(|db| matches!(db.code().code(), "40001" | "40P01" | "23505"))
 }
 
-const APPEND_SQL: &str = "SELECT idx, status, first_version, last_version, actual_version, positions \
-                          FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+const APPEND_SQL: &str = "SELECT idx, status, first_version, last_version, actual_version, positions, stored_stream \
+                          FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 
 #[derive(Debug, Clone, Copy)]
 struct Timeouts {
@@ -484,7 +503,8 @@ pub async fn append_in(client: &impl tokio_postgres::GenericClient, request: &Ap
         .iter()
         .map(|e| hash::content_digest(&e.event_id, &e.event_type, e.schema_version, &e.data, &e.metadata).to_vec())
         .collect();
-    let rows = run_appends(client, APPEND_SQL, &[(request, &contents)], false).await.map_err(db_error)?;
+    let key = request.request_key();
+    let rows = run_appends(client, APPEND_SQL, &[(request, &contents, key.as_ref())], false).await.map_err(db_error)?;
     let row = rows.first().ok_or_else(|| Error::Internal("append_batch answered no row".to_owned()))?;
     outcome_from_row(request, row)
 }
@@ -505,26 +525,32 @@ async fn run_batch(
     batch: &[Job],
     check_event_ids: bool,
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
-    let appends: Vec<(&AppendRequest, &[Vec<u8>])> =
-        batch.iter().map(|job| (&job.request, job.contents.as_slice())).collect();
+    let appends: Vec<Appending<'_>> =
+        batch.iter().map(|job| (&job.request, job.contents.as_slice(), job.key.as_ref())).collect();
     run_appends(client, statement, &appends, check_event_ids).await
 }
 
+/// An append as `append_batch` takes it: the request, the content digests
+/// of its events, its request key.
+type Appending<'a> = (&'a AppendRequest, &'a [Vec<u8>], Option<&'a RequestKey>);
+
 /// One `append_batch` call for `batch` (each request with the content
-/// digests of its events).
+/// digests of its events and its request key).
 async fn run_appends<S>(
     client: &impl tokio_postgres::GenericClient,
     statement: &S,
-    batch: &[(&AppendRequest, &[Vec<u8>])],
+    batch: &[Appending<'_>],
     check_event_ids: bool,
 ) -> Result<Vec<Row>, tokio_postgres::Error>
 where
     S: tokio_postgres::ToStatement + ?Sized + Sync + Send,
 {
-    let events: usize = batch.iter().map(|(r, _)| r.events.len()).sum();
+    let events: usize = batch.iter().map(|(r, _, _)| r.events.len()).sum();
     let mut streams = Vec::with_capacity(batch.len());
     let mut expected = Vec::with_capacity(batch.len());
     let mut request_ids = Vec::with_capacity(batch.len());
+    let mut scopes: Vec<Option<&str>> = Vec::with_capacity(batch.len());
+    let mut fingerprints: Vec<Option<&[u8]>> = Vec::with_capacity(batch.len());
     let mut counts = Vec::with_capacity(batch.len());
     let mut ids: Vec<Uuid> = Vec::with_capacity(events);
     let mut types: Vec<&str> = Vec::with_capacity(events);
@@ -532,20 +558,23 @@ where
     let mut data: Vec<&Value> = Vec::with_capacity(events);
     let mut metadata: Vec<Value> = Vec::with_capacity(events);
     let mut contents: Vec<&[u8]> = Vec::with_capacity(events);
-    for (r, job_contents) in batch {
+    for (r, job_contents, key) in batch {
         streams.push(r.stream_id.as_str());
         expected.push(match r.expected {
             ExpectedVersion::Any => -1i64,
             ExpectedVersion::NoStream => -2,
             ExpectedVersion::StreamExists => -3,
-            ExpectedVersion::Exact(v) => v as i64,
+            // Validated to fit (`AppendRequest::validate`): never negative.
+            ExpectedVersion::Exact(v) => bigint(v),
         });
-        request_ids.push(r.request_id.as_deref().unwrap_or(""));
-        counts.push(r.events.len() as i32);
+        request_ids.push(key.map_or("", |k| k.request_id.as_str()));
+        scopes.push(key.map(|k| k.scope.as_str()));
+        fingerprints.push(key.map(|k| k.fingerprint.as_slice()));
+        counts.push(i32::try_from(r.events.len()).unwrap_or(i32::MAX));
         for (event, content) in r.events.iter().zip(job_contents.iter()) {
             ids.push(event.event_id);
             types.push(&event.event_type);
-            schema.push(event.schema_version as i32);
+            schema.push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
             data.push(&event.data);
             metadata.push(event.metadata.to_json());
             contents.push(content);
@@ -566,6 +595,8 @@ where
                 &metadata,
                 &contents,
                 &check_event_ids,
+                &scopes,
+                &fingerprints,
             ],
         )
         .await?;
@@ -579,12 +610,13 @@ fn outcome_from_row(request: &AppendRequest, row: &Row) -> Result<AppendOutcome>
     let positions: Option<Vec<i64>> = row.get("positions");
     match status {
         "ok" | "duplicate" => Ok(AppendOutcome {
-            stream_id: request.stream_id.clone(),
-            first_version: first.unwrap_or_default() as u64,
-            last_version: last.unwrap_or_default() as u64,
-            positions: positions.unwrap_or_default().into_iter().map(|p| p as u64).collect(),
+            stream_id: row.get::<_, Option<String>>("stored_stream").unwrap_or_else(|| request.stream_id.clone()),
+            first_version: first.map_or(0, from_bigint),
+            last_version: last.map_or(0, from_bigint),
+            positions: positions.unwrap_or_default().into_iter().map(from_bigint).collect(),
             duplicate: status == "duplicate",
         }),
+        "request_reused" => Err(Error::RequestIdReused { request_id: request.request_id.clone().unwrap_or_default() }),
         "wrong_version" => Err(Error::WrongExpectedVersion {
             stream: request.stream_id.clone(),
             expected: request.expected,
@@ -641,6 +673,39 @@ async fn listen(config: &Config, connect_timeout: Duration, appended: &watch::Se
     driver.await.unwrap_or(Ok(())).map_err(|e| e.to_string())
 }
 
+/// Forgets request ids older than `retention`, in small batches so that no
+/// long transaction holds up appends; runs about every `retention / 100`
+/// (at least every minute, at most every hour).
+async fn prune_requests(pool: Pool<PostgresConnectionManager<NoTls>>, retention: Duration) {
+    let every = (retention / 100).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+    let retention_secs = retention.as_secs_f64();
+    loop {
+        tokio::time::sleep(every).await;
+        loop {
+            let pruned = match pool.get().await {
+                Ok(client) => client
+                    .execute(
+                        "DELETE FROM eventstore.append_requests WHERE ctid = ANY (ARRAY( \
+                           SELECT ctid FROM eventstore.append_requests \
+                           WHERE created_at < clock_timestamp() - make_interval(secs => $1) LIMIT 1000))",
+                        &[&retention_secs],
+                    )
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match pruned {
+                Ok(n) if n >= 1000 => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "request ids not pruned; trying again later");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 fn like_prefix(prefix: &str) -> String {
     let mut out = String::with_capacity(prefix.len() + 1);
     for c in prefix.chars() {
@@ -653,14 +718,27 @@ fn like_prefix(prefix: &str) -> String {
     out
 }
 
-const SCAN_SQL: &str = "SELECT pg_current_snapshot()::text AS snap, x.* FROM ( \
-        SELECT e.global_position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, \
-               e.created_at, e.hash, \
-               (($2::text[] IS NULL OR e.stream_id LIKE ANY ($2)) \
-                AND ($3::text[] IS NULL OR e.event_type = ANY ($3))) AS matched, \
-               e.data, e.metadata \
-        FROM eventstore.events e WHERE e.global_position > $1 \
-        ORDER BY e.global_position LIMIT $4) x";
+/// A scan of the global log after `$1` (at most `$4` rows) that carries
+/// payloads only for rows the filter (`$2` prefixes, `$3` types) matches,
+/// and only up to `$5` bytes of them (the first matching row always): the
+/// rows beyond come without data and end the page. Sizes are computed only
+/// for matching rows.
+const SCAN_SQL: &str = "SELECT pg_current_snapshot()::text AS snap, \
+        x.global_position, x.stream_id, x.version, x.event_id, x.event_type, x.schema_version, x.created_at, \
+        x.hash, x.matched, \
+        CASE WHEN x.matched AND (x.run <= $5 OR x.run = x.size) THEN x.data END AS data, \
+        CASE WHEN x.matched AND (x.run <= $5 OR x.run = x.size) THEN x.metadata END AS metadata \
+      FROM (SELECT y.*, sum(y.size) OVER (ORDER BY y.global_position ROWS UNBOUNDED PRECEDING) AS run \
+            FROM (SELECT e.global_position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, \
+                         e.created_at, e.hash, e.data, e.metadata, m.matched, \
+                         CASE WHEN m.matched THEN octet_length(e.data::text) + octet_length(e.metadata::text) \
+                              ELSE 0 END AS size \
+                  FROM eventstore.events e, \
+                       LATERAL (SELECT ($2::text[] IS NULL OR e.stream_id LIKE ANY ($2)) \
+                                   AND ($3::text[] IS NULL OR e.event_type = ANY ($3)) AS matched) m \
+                  WHERE e.global_position > $1 \
+                  ORDER BY e.global_position LIMIT $4) y) x \
+      ORDER BY x.global_position";
 
 #[async_trait]
 impl EventLog for PostgresEventLog {
@@ -673,84 +751,125 @@ impl EventLog for PostgresEventLog {
             .collect();
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { request, contents, reply })
+            .send(Job { key: request.request_key(), request, contents, reply })
             .await
             .map_err(|_| Error::Unavailable("the event log is shutting down".to_owned()))?;
         answer.await.map_err(|_| Error::Unavailable("the append writer stopped".to_owned()))?
     }
 
     async fn read_stream(&self, read: StreamRead) -> Result<StreamSlice> {
-        check_stream_id("stream_id", &read.stream_id)?;
+        read.validate()?;
         let client = self.conn().await?;
         let (info, segments) = self.segments(&client, &read.stream_id).await?;
         let ids: Vec<&str> = segments.iter().map(|s| s.0.as_str()).collect();
         let lows: Vec<i64> = segments.iter().map(|s| s.1).collect();
         let highs: Vec<i64> = segments.iter().map(|s| s.2).collect();
+        // Versions were validated to fit a bigint (`StreamRead::validate`).
         let (lo, hi, order) = match read.direction {
-            Direction::Forwards => (read.from_version.map_or(0, |v| v as i64), i64::MAX, "ASC"),
-            Direction::Backwards => (0, read.from_version.map_or(i64::MAX, |v| v as i64), "DESC"),
+            Direction::Forwards => (read.from_version.map_or(0, bigint), i64::MAX, "ASC"),
+            Direction::Backwards => (0, read.from_version.map_or(i64::MAX, bigint), "DESC"),
         };
-        let hi = read.max_version.map_or(hi, |m| hi.min(m as i64));
-        let limit = read.max_count.min(crate::model::MAX_READ_COUNT) as i64;
+        let hi = read.max_version.map_or(hi, |m| hi.min(bigint(m)));
+        let limit = read.max_count.clamp(1, crate::model::MAX_READ_COUNT);
+        let page_bytes = i64::try_from(MAX_PAGE_BYTES).unwrap_or(i64::MAX);
+        // Payloads only up to the page's byte budget (the first event always):
+        // the rows beyond it come without data, and the page ends before them.
         let rows = client
             .query(
                 &format!(
-                    "SELECT {EVENT_COLUMNS} FROM eventstore.events e \
-                     JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS s (id, lo, hi) \
-                       ON e.stream_id = s.id AND e.version BETWEEN s.lo AND s.hi \
-                     WHERE e.version BETWEEN $4 AND $5 \
-                       AND ($6::timestamptz IS NULL OR e.created_at >= $6) \
-                       AND ($7::timestamptz IS NULL OR e.created_at < $7) \
-                     ORDER BY e.version {order} LIMIT $8"
+                    "SELECT {PAGED_COLUMNS}, \
+                            CASE WHEN x.run <= $9 OR x.run = x.size THEN x.data END AS data, \
+                            CASE WHEN x.run <= $9 OR x.run = x.size THEN x.metadata END AS metadata \
+                     FROM (SELECT y.*, sum(y.size) OVER (ORDER BY y.version {order} ROWS UNBOUNDED PRECEDING) AS run \
+                           FROM (SELECT {EVENT_COLUMNS}, {EVENT_SIZE} AS size FROM eventstore.events e \
+                                 JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS s (id, lo, hi) \
+                                   ON e.stream_id = s.id AND e.version BETWEEN s.lo AND s.hi \
+                                 WHERE e.version BETWEEN $4 AND $5 \
+                                   AND ($6::timestamptz IS NULL OR e.created_at >= $6) \
+                                   AND ($7::timestamptz IS NULL OR e.created_at < $7) \
+                                 ORDER BY e.version {order} LIMIT $8) y) x \
+                     ORDER BY x.version {order}"
                 ),
-                &[&ids, &lows, &highs, &lo, &hi, &read.start_time, &read.end_time, &(limit + 1)],
+                &[
+                    &ids,
+                    &lows,
+                    &highs,
+                    &lo,
+                    &hi,
+                    &read.start_time,
+                    &read.end_time,
+                    &i64::try_from(limit + 1).unwrap_or(i64::MAX),
+                    &page_bytes,
+                ],
             )
             .await
             .map_err(db_error)?;
-        let end_of_stream = rows.len() as i64 <= limit;
-        let events = rows.iter().take(limit as usize).map(event_from_row).collect::<Result<_>>()?;
+        let mut events = Vec::with_capacity(rows.len().min(limit));
+        for row in rows.iter().take(limit) {
+            match event_from_row(row)? {
+                Some(event) => events.push(event),
+                None => break,
+            }
+        }
+        let end_of_stream = events.len() == rows.len();
         Ok(StreamSlice { events, stream_version: info.version, end_of_stream })
     }
 
     async fn read_all(&self, read: AllRead) -> Result<AllSlice> {
+        read.validate()?;
         let client = self.conn().await?;
         let max_count = read.max_count.clamp(1, crate::model::MAX_READ_COUNT);
-        let scan = if read.filter.is_empty() { max_count } else { (max_count * 8).clamp(1000, 20_000) };
+        let scan = if read.filter.is_empty() { max_count } else { max_count.saturating_mul(8).clamp(1000, 20_000) };
+        let scan_rows = i64::try_from(scan).unwrap_or(i64::MAX);
+        let page_bytes = i64::try_from(MAX_PAGE_BYTES).unwrap_or(i64::MAX);
         let prefixes: Option<Vec<String>> = (!read.filter.stream_prefixes.is_empty())
             .then(|| read.filter.stream_prefixes.iter().map(|p| like_prefix(p)).collect());
         let types: Option<&Vec<String>> = (!read.filter.event_types.is_empty()).then_some(&read.filter.event_types);
-        let after = read.after as i64;
+        // Validated to fit a bigint (`AllRead::validate`).
+        let after = bigint(read.after);
         let deadline = Instant::now() + self.gap_wait;
         let gaps = || self.gaps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
-            let rows = client.query(SCAN_SQL, &[&after, &prefixes, &types, &(scan as i64)]).await.map_err(db_error)?;
+            let rows = client
+                .query(SCAN_SQL, &[&after, &prefixes, &types, &scan_rows, &page_bytes])
+                .await
+                .map_err(db_error)?;
             let Some(first) = rows.first() else {
                 return Ok(AllSlice { events: Vec::new(), next_position: read.after, end_of_log: true });
             };
             let snapshot_text: String = first.get("snap");
             let snapshot = XidSnapshot::parse(&snapshot_text)
                 .ok_or_else(|| Error::Internal(format!("unparsable snapshot {snapshot_text}")))?;
-            let max_seen = rows.last().map_or(0, |r| r.get::<_, i64>("global_position") as u64);
+            let max_seen = rows.last().map_or(0, |r| from_bigint(r.get("global_position")));
             let resolved_upto = gaps().final_upto(&snapshot);
 
             let mut position = read.after;
             let mut events = Vec::new();
             let mut blocked = false;
+            let mut full = false;
             let mut matched = 0;
             for row in &rows {
-                let at = row.get::<_, i64>("global_position") as u64;
-                if at != position + 1 && at > resolved_upto {
+                let at = from_bigint(row.get("global_position"));
+                if at != position.saturating_add(1) && at > resolved_upto {
                     blocked = true;
                     break;
                 }
-                position = at;
                 if row.get::<_, bool>("matched") {
-                    events.push(event_from_row(row)?);
-                    matched += 1;
-                    if matched == max_count {
+                    let Some(event) = event_from_row(row)? else {
+                        // Beyond the page's byte budget: the page ends here.
+                        full = true;
                         break;
-                    }
+                    };
+                    events.push(event);
+                    matched += 1;
                 }
+                position = at;
+                if matched == max_count {
+                    break;
+                }
+            }
+            if full {
+                return Ok(AllSlice { events, next_position: position, end_of_log: false });
             }
             if !blocked {
                 let end_of_log = rows.len() < scan && matched < max_count;
@@ -761,7 +880,7 @@ impl EventLog for PostgresEventLog {
                 // what is safe; the caller continues from `position`.
                 return Ok(AllSlice { events, next_position: position, end_of_log: false });
             }
-            if !gaps().covers(position + 1) {
+            if !gaps().covers(position.saturating_add(1)) {
                 // A transaction id of our own, taken after the scan's
                 // snapshot, bounds every transaction that may hold a
                 // missing position (see `xid`). Only new gaps cost an id.
@@ -780,7 +899,7 @@ impl EventLog for PostgresEventLog {
             .query_one("SELECT coalesce(max(global_position), 0) FROM eventstore.events", &[])
             .await
             .map_err(db_error)?;
-        Ok(row.get::<_, i64>(0) as u64)
+        Ok(from_bigint(row.get(0)))
     }
 
     async fn stream_info(&self, stream_id: &str) -> Result<StreamInfo> {
@@ -820,6 +939,7 @@ impl EventLog for PostgresEventLog {
 
     async fn delete_stream(&self, stream_id: &str, expected_version: Option<u64>) -> Result<StreamInfo> {
         check_stream_id("stream_id", stream_id)?;
+        check_version("expected_version", expected_version)?;
         let mut client = self.conn().await?;
         let tx = client.transaction().await.map_err(db_error)?;
         let row = tx
@@ -864,6 +984,7 @@ impl EventLog for PostgresEventLog {
     async fn branch_stream(&self, source: &str, at_version: u64, branch: &str) -> Result<StreamInfo> {
         check_stream_id("source_stream_id", source)?;
         check_stream_id("branch_stream_id", branch)?;
+        check_version("at_version", Some(at_version))?;
         let mut client = self.conn().await?;
         let (info, segments) = self.segments(&client, source).await?;
         if info.version.is_none_or(|v| at_version > v) {
@@ -874,13 +995,13 @@ impl EventLog for PostgresEventLog {
         }
         let (holder, _, _) = segments
             .iter()
-            .find(|(_, lo, hi)| (*lo..=*hi).contains(&(at_version as i64)))
+            .find(|(_, lo, hi)| (*lo..=*hi).contains(&bigint(at_version)))
             .ok_or_else(|| Error::Internal(format!("no segment of {source} holds version {at_version}")))?;
         let tx = client.transaction().await.map_err(db_error)?;
         let head: Vec<u8> = tx
             .query_one(
                 "SELECT hash FROM eventstore.events WHERE stream_id = $1 AND version = $2",
-                &[holder, &(at_version as i64)],
+                &[holder, &bigint(at_version)],
             )
             .await
             .map_err(db_error)?
@@ -891,7 +1012,7 @@ impl EventLog for PostgresEventLog {
                     "INSERT INTO eventstore.streams (stream_id, version, head_hash, parent_stream_id, parent_version) \
                      VALUES ($1, $2, $3, $4, $2) ON CONFLICT (stream_id) DO NOTHING RETURNING {STREAM_COLUMNS}"
                 ),
-                &[&branch, &(at_version as i64), &head, &source],
+                &[&branch, &bigint(at_version), &head, &source],
             )
             .await
             .map_err(db_error)?;
@@ -902,24 +1023,37 @@ impl EventLog for PostgresEventLog {
         stream_from_row(&row)
     }
 
-    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<Snapshot> {
-        check_stream_id("stream_id", &snapshot.stream_id)?;
-        let info = self.stream_info(&snapshot.stream_id).await?;
-        if info.version.is_none_or(|v| snapshot.version > v) {
+    async fn save_snapshot(&self, mut snapshot: Snapshot) -> Result<Snapshot> {
+        snapshot.validate()?;
+        // The link is the stream's own, read here: what a caller passes is
+        // ignored (a branch's shared history included, through `read_stream`).
+        let mut at = StreamRead::forwards(&snapshot.stream_id, 1);
+        at.from_version = Some(snapshot.version);
+        let head = self.read_stream(at).await?.events.into_iter().next().filter(|e| e.version == snapshot.version);
+        let Some(head) = head else {
             return Err(Error::invalid(
                 "version",
                 format!("stream {} has no version {}", snapshot.stream_id, snapshot.version),
             ));
-        }
+        };
+        snapshot.head_hash = head.hash;
         let client = self.conn().await?;
         let row = client
             .query_one(
-                "INSERT INTO eventstore.snapshots (stream_id, version, schema_version, state) \
-                 VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (stream_id, version) DO UPDATE \
-                   SET schema_version = EXCLUDED.schema_version, state = EXCLUDED.state, created_at = clock_timestamp() \
+                "INSERT INTO eventstore.snapshots (stream_id, namespace, version, schema_version, state, head_hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (stream_id, namespace, version) DO UPDATE \
+                   SET schema_version = EXCLUDED.schema_version, state = EXCLUDED.state, \
+                       head_hash = EXCLUDED.head_hash, created_at = clock_timestamp() \
                  RETURNING created_at",
-                &[&snapshot.stream_id, &(snapshot.version as i64), &(snapshot.schema_version as i32), &snapshot.state],
+                &[
+                    &snapshot.stream_id,
+                    &snapshot.namespace.as_str(),
+                    &bigint(snapshot.version),
+                    &i32::try_from(snapshot.schema_version).unwrap_or(i32::MAX),
+                    &snapshot.state,
+                    &snapshot.head_hash.as_slice(),
+                ],
             )
             .await
             .map_err(db_error)?;
@@ -927,38 +1061,54 @@ impl EventLog for PostgresEventLog {
     }
 
     async fn load_snapshot(&self, query: SnapshotQuery) -> Result<Option<Snapshot>> {
+        query.validate()?;
         self.stream_info(&query.stream_id).await?;
         let client = self.conn().await?;
         let row = client
             .query_opt(
-                "SELECT version, schema_version, state, created_at FROM eventstore.snapshots \
-                 WHERE stream_id = $1 AND ($2::bigint IS NULL OR version <= $2) \
-                   AND ($3::integer IS NULL OR schema_version = $3) \
+                "SELECT version, schema_version, state, created_at, head_hash FROM eventstore.snapshots \
+                 WHERE stream_id = $1 AND namespace = $2 AND ($3::bigint IS NULL OR version <= $3) \
+                   AND ($4::integer IS NULL OR schema_version = $4) \
                  ORDER BY version DESC LIMIT 1",
-                &[&query.stream_id, &query.max_version.map(|v| v as i64), &query.schema_version.map(|v| v as i32)],
+                &[
+                    &query.stream_id,
+                    &query.namespace.as_str(),
+                    &query.max_version.map(bigint),
+                    &query.schema_version.map(|v| i32::try_from(v).unwrap_or(i32::MAX)),
+                ],
             )
             .await
             .map_err(db_error)?;
-        Ok(row.map(|r| Snapshot {
+        let Some(r) = row else { return Ok(None) };
+        // A snapshot saved before links were recorded has none: it matches
+        // no chain, and readers that check links ignore it.
+        let head: Option<Vec<u8>> = r.get(4);
+        Ok(Some(Snapshot {
             stream_id: query.stream_id.clone(),
-            version: r.get::<_, i64>(0) as u64,
-            schema_version: r.get::<_, i32>(1) as u32,
+            namespace: query.namespace,
+            version: from_bigint(r.get(0)),
+            schema_version: u32::try_from(r.get::<_, i32>(1)).unwrap_or(0),
             state: r.get(2),
             created_at: r.get(3),
+            head_hash: head.and_then(|h| to_hash(&h).ok()).unwrap_or([0; 32]),
         }))
     }
 
-    async fn find_request(&self, request_id: &str) -> Result<Option<AppendOutcome>> {
+    async fn find_request(&self, key: &RequestKey) -> Result<Option<AppendOutcome>> {
         let client = self.conn().await?;
         let row = client
             .query_opt(
-                "SELECT stream_id, result FROM eventstore.append_requests \
-                 WHERE request_id = $1 AND result IS NOT NULL",
-                &[&request_id],
+                "SELECT stream_id, result, fingerprint FROM eventstore.append_requests \
+                 WHERE scope = $1 AND request_id = $2 AND result IS NOT NULL",
+                &[&key.scope, &key.request_id],
             )
             .await
             .map_err(db_error)?;
         let Some(row) = row else { return Ok(None) };
+        let fingerprint: Option<Vec<u8>> = row.get("fingerprint");
+        if !key.matches(fingerprint.as_deref()) {
+            return Err(Error::RequestIdReused { request_id: key.request_id.clone() });
+        }
         let result: Value = row.get("result");
         let number =
             |v: &Value| v.as_u64().ok_or_else(|| Error::Internal(format!("malformed request result {result}")));
