@@ -1,0 +1,240 @@
+//! The harness of the tests that run the `eventfold` binary as a user
+//! would: `eventfold dev` (or `serve X`) as a child process on a free port,
+//! grpcurl against it, and a guard that kills it when the test ends.
+
+// Each test binary uses a different part of the harness.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_eventfold");
+pub const SERVICE: &str = "eventfold.eventstore.v1.EventStoreService";
+pub const GRPCURL_VERSION: &str = "1.8.6";
+
+/// The grpcurl binary: `EVENTFOLD_GRPCURL`, else the copy `tests/run`
+/// installs.
+pub fn grpcurl() -> PathBuf {
+    if let Some(path) = std::env::var_os("EVENTFOLD_GRPCURL").filter(|p| !p.is_empty()) {
+        return path.into();
+    }
+    let tools = std::env::var_os("EVENTFOLD_TOOLS_DIR")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/eventfold/tools")));
+    if let Some(tools) = tools {
+        let path = tools.join(format!("grpcurl-{GRPCURL_VERSION}")).join("grpcurl");
+        if path.is_file() {
+            return path;
+        }
+    }
+    panic!("grpcurl not found: run tests/run (it installs the pinned grpcurl) or set EVENTFOLD_GRPCURL");
+}
+
+/// `eventfold` with no `EVENTFOLD_*` configuration from the test's
+/// environment.
+pub fn eventfold() -> Command {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("EVENTFOLD_") {
+            command.env_remove(key);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// Reads a pipe to its end on a thread, into a shared buffer.
+pub fn drain(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buffer = Arc::new(Mutex::new(String::new()));
+    let sink = buffer.clone();
+    thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    buffer
+}
+
+/// Waits for a child to exit, for at most `timeout`.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped (a failed assertion must not leave
+/// it running).
+pub struct Guard {
+    pub child: Child,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `eventfold dev` on a free loopback port.
+pub struct DevServer {
+    pub process: Guard,
+    pub addr: String,
+}
+
+impl DevServer {
+    pub fn start() -> Self {
+        Self::start_with(&[], "eventfold: EventStoreService and the command services listening on ")
+    }
+
+    /// `eventfold dev` with `args` added; its first line starts `prefix`.
+    pub fn start_with(args: &[&str], prefix: &str) -> Self {
+        Self::start_env(args, &[], prefix)
+    }
+
+    /// [`DevServer::start_with`] with environment variables `env` too.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)], prefix: &str) -> Self {
+        Self::start_command(&["dev", "--listen", "127.0.0.1:0"], args, env, prefix)
+    }
+
+    /// `eventfold COMMAND ARGS` (a server); its first line starts `prefix`.
+    pub fn start_command(command: &[&str], args: &[&str], env: &[(&str, &str)], prefix: &str) -> Self {
+        let mut child = eventfold()
+            .args(command)
+            .args(args)
+            .env("EVENTFOLD_LOG__FILTER", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let stderr = drain(child.stderr.take().expect("stderr"));
+        let stdout = child.stdout.take().expect("stdout");
+        let mut process = Guard { child, stderr };
+
+        // The first stdout line names the address; keep draining the rest.
+        let (line_tx, line_rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = line_tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = match line_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let status = process.child.try_wait().ok().flatten();
+                panic!(
+                    "eventfold dev printed no address within 30 s (exit: {status:?}); stderr:\n{}",
+                    process.stderr.lock().unwrap()
+                );
+            }
+        };
+        let addr = line
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line of eventfold dev: {line:?}"))
+            .to_owned();
+        assert!(
+            addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+            "the printed address is the bound one: {line:?}"
+        );
+        DevServer { process, addr }
+    }
+
+    /// grpcurl against this server.
+    pub fn grpcurl(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(grpcurl());
+        command.arg("-plaintext").args(args).stdin(Stdio::null());
+        command
+    }
+
+    /// Runs grpcurl to completion; panics unless it succeeds.
+    pub fn run(&self, args: &[&str]) -> String {
+        let mut command = self.grpcurl(args);
+        let Output { status, stdout, stderr } = command.output().expect("run grpcurl");
+        let stdout = String::from_utf8_lossy(&stdout).into_owned();
+        assert!(
+            status.success(),
+            "grpcurl {args:?} failed ({status}):\n{stdout}\n{}",
+            String::from_utf8_lossy(&stderr)
+        );
+        stdout
+    }
+
+    /// Calls `method` (`Service/Method`) with a JSON request; the JSON answer.
+    pub fn call(&self, method: &str, request: &Value) -> Value {
+        let request = request.to_string();
+        let out = self.run(&["-d", &request, &self.addr, method]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("grpcurl output of {method} is not JSON ({e}):\n{out}"))
+    }
+
+    pub fn subscribe(&self, request: &Value) -> Subscriber {
+        let request = request.to_string();
+        let mut child = self
+            .grpcurl(&["-d", &request, &self.addr, &format!("{SERVICE}/Subscribe")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn grpcurl Subscribe");
+        let stdout = drain(child.stdout.take().expect("stdout"));
+        let stderr = drain(child.stderr.take().expect("stderr"));
+        Subscriber { process: Guard { child, stderr }, stdout }
+    }
+}
+
+/// A running `grpcurl ... Subscribe`.
+pub struct Subscriber {
+    pub process: Guard,
+    pub stdout: Arc<Mutex<String>>,
+}
+
+impl Subscriber {
+    /// The complete JSON messages printed so far.
+    pub fn messages(&self) -> Vec<Value> {
+        let out = self.stdout.lock().unwrap().clone();
+        serde_json::Deserializer::from_str(&out).into_iter::<Value>().map_while(Result::ok).collect()
+    }
+
+    /// Waits until the messages satisfy `done`; returns them.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let messages = self.messages();
+            if done(&messages) {
+                return messages;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "subscription: no {what} within 10 s; stdout:\n{}\nstderr:\n{}",
+                    self.stdout.lock().unwrap(),
+                    self.process.stderr.lock().unwrap()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
