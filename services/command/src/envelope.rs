@@ -174,7 +174,7 @@ impl Command {
 }
 
 /// Who sent a command and why.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
     /// AIP-155: a retry with the same id gets the first answer.
     pub request_id: Option<String>,
@@ -184,6 +184,18 @@ pub struct Meta {
     pub correlation_id: String,
     /// The message (command or event) that caused this command.
     pub causation_id: Option<String>,
+}
+
+impl Default for Meta {
+    /// No request id or principal, a fresh correlation id.
+    fn default() -> Self {
+        Self {
+            request_id: None,
+            principal: None,
+            correlation_id: uuid::Uuid::now_v7().to_string(),
+            causation_id: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -143,7 +143,7 @@ fn memory_stays_bounded_under_large_reads_and_stalled_subscribers() {
                     assert!(page.events.is_empty(), "reader {i}: nothing matches");
                     let read = pb::ReadAllRequest { from_position: 0, max_count: 10_000, filter: None };
                     let page = client.read_all(read).await.expect("unfiltered read").into_inner();
-                    let bytes: usize = page.events.iter().map(|e| prost::Message::encoded_len(e)).sum();
+                    let bytes: usize = page.events.iter().map(prost::Message::encoded_len).sum();
                     assert!(bytes <= 8 * 1024 * 1024, "reader {i}: a page of {bytes} bytes");
                     assert!(!page.events.is_empty() && !page.end_of_log, "reader {i}: a capped page, more to come");
                 }
@@ -203,15 +203,15 @@ fn requests_that_used_to_panic_are_answered_and_the_connection_lives() {
         };
         store.append(append).await.expect("append");
         for seconds in [i64::MAX, i64::MIN, 253_402_300_800] {
-            let time = Some(Timestamp { seconds, nanos: 0 });
+            let time = Timestamp { seconds, nanos: 0 };
             let at = pb::ReadStreamAtRequest {
                 stream_id: "t-1".into(),
-                point: Some(pb::read_stream_at_request::Point::Time(time.unwrap())),
+                point: Some(pb::read_stream_at_request::Point::Time(time)),
                 ..Default::default()
             };
             let status = store.read_stream_at(at).await.expect_err("out of range");
             assert_eq!(status.code(), Code::InvalidArgument, "ReadStreamAt at {seconds}: {status:?}");
-            let at = GetOrderAtRequest { order_id: "o-1".into(), time, ..Default::default() };
+            let at = GetOrderAtRequest { order_id: "o-1".into(), time: Some(time), ..Default::default() };
             let status = orders.get_order_at(at).await.expect_err("out of range");
             assert_eq!(status.code(), Code::InvalidArgument, "GetOrderAt at {seconds}: {status:?}");
         }

@@ -191,7 +191,8 @@ impl Cache {
     /// background: Redis being away at start only opens the breaker.
     pub async fn connect(config: CacheConfig) -> Result<Arc<Self>, String> {
         let url = config.url.clone().ok_or_else(|| "no cache URL".to_owned())?;
-        let redis_config = Config::from_url(&url).map_err(|e| format!("cache URL {url}: {e}"))?;
+        // The URL may hold a password: it appears in no error or log line.
+        let redis_config = Config::from_url(&url).map_err(|e| format!("cache URL: {e}"))?;
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
         let client = Builder::from_config(redis_config)
             .with_connection_config(|c| {
@@ -205,7 +206,7 @@ impl Cache {
             .map_err(|e| format!("cache client: {e}"))?;
         let _connection = client.connect();
         if tokio::time::timeout(Duration::from_secs(2), client.wait_for_connect()).await.is_err() {
-            tracing::warn!(%url, "Redis does not answer yet; queries go to PostgreSQL until it does");
+            tracing::warn!("Redis does not answer yet; queries go to PostgreSQL until it does");
         }
         let breaker = Breaker::new(config.breaker_failures, Duration::from_millis(config.breaker_cool_down_ms));
         metrics::gauge!("eventfold_cache_breaker_state").set(0.0);

@@ -8,29 +8,64 @@
 //! Redis [`Cache`] behind a circuit breaker; the projector's
 //! [`Invalidator`] tombstones what each committed batch changed. Lists read
 //! PostgreSQL with keyset pagination. `GetOrderAt` folds the order's events
-//! from the event store instead.
+//! from the event store instead. `WatchOrder` clients of the same order
+//! share one channel, fed by one follower for all watched orders that
+//! re-reads, in one statement, only the watched orders changed since the
+//! position it last read at (see `watchers`).
+//!
+//! HOSTILE INPUT: the bounds every request is held to (beyond the proto
+//! comments), each refused with `INVALID_ARGUMENT` and a `BadRequest`
+//! violation naming the field:
+//!
+//! - ids (`order_id`, `customer_id`, `product_id`, `account_id`,
+//!   `user_id`): 1 to 128 bytes of visible ASCII;
+//! - positions and versions (`min_position`, `version`): at most
+//!   `i64::MAX` (PostgreSQL `bigint`);
+//! - times (`time`, `create_time_start`, ...): within the years 0001 to
+//!   9999 with valid nanos;
+//! - `page_token`: at most 1024 bytes, and only as this service issued it;
+//!   `page_size` is lowered to 500.
+//!
+//! A client address holds at most `max_watchers_per_peer` (default 100)
+//! open `WatchOrder` streams; more are `RESOURCE_EXHAUSTED` with the
+//! ErrorInfo reason `TOO_MANY_WATCHERS`.
+//!
+//! Database and Redis failures never reach a client as text: `UNAVAILABLE`
+//! and `INTERNAL` answers carry a generic message and an `error_id`
+//! (ErrorInfo metadata) that the log line with the real error repeats.
 
 mod breaker;
 mod cache;
 mod orders;
 mod others;
 mod positions;
+mod watchers;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::hash_map::RandomState,
+    hash::{BuildHasher, Hasher},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use bb8::{Pool, PooledConnection};
 use bb8_postgres::PostgresConnectionManager;
-use eventfold_platform::status::error_info;
+use eventfold_platform::server::Router;
+use eventfold_platform::status::{self, error_info};
 use eventfold_proto::query::{
-    account_query_service_server::AccountQueryServiceServer,
+    OrderView, account_query_service_server::AccountQueryServiceServer,
     inventory_query_service_server::InventoryQueryServiceServer, order_query_service_server::OrderQueryServiceServer,
     user_query_service_server::UserQueryServiceServer,
 };
-use eventfold_store::EventLog;
+use eventfold_store::{EventLog, check_bigint, check_id};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_postgres::NoTls;
-use tonic::{Code, Status, transport::server::Router};
+use tonic::{Code, Status};
 
 pub(crate) use eventfold_platform::page;
 
@@ -63,6 +98,8 @@ pub struct Config {
     pub max_wait_ms: u64,
     /// How often projection positions are read besides notifications.
     pub positions_poll_ms: u64,
+    /// Most `WatchOrder` streams one client address may hold open at once.
+    pub max_watchers_per_peer: u32,
     pub cache: CacheConfig,
 }
 
@@ -74,6 +111,7 @@ impl Default for Config {
             pool_size: 8,
             max_wait_ms: 5000,
             positions_poll_ms: 1000,
+            max_watchers_per_peer: 100,
             cache: CacheConfig::default(),
         }
     }
@@ -97,6 +135,8 @@ pub struct Query {
     cache: Option<Arc<Cache>>,
     log: Arc<dyn EventLog>,
     max_wait: Duration,
+    /// The WatchOrder clients, by order id.
+    watchers: Arc<watchers::Watchers<Result<OrderView, Status>>>,
 }
 
 impl std::fmt::Debug for Query {
@@ -121,7 +161,9 @@ impl Query {
             Some(_) => Some(Cache::connect(config.cache.clone()).await.map_err(Error::Setup)?),
             None => None,
         };
-        let query = Arc::new(Self { pool, positions, cache, log, max_wait: Duration::from_millis(config.max_wait_ms) });
+        let watchers = watchers::Watchers::new(usize::try_from(config.max_watchers_per_peer).unwrap_or(usize::MAX));
+        let max_wait = Duration::from_millis(config.max_wait_ms);
+        let query = Arc::new(Self { pool, positions, cache, log, max_wait, watchers });
         if query.cache.is_some() && config.cache.warm_orders > 0 {
             let warm = query.clone();
             let count = config.cache.warm_orders;
@@ -140,9 +182,7 @@ impl Query {
     }
 
     async fn conn(&self) -> Result<Conn<'_>, Status> {
-        self.pool.get().await.map_err(|e| {
-            error_info(Code::Unavailable, format!("the read database is unavailable: {e}"), "DATABASE_UNAVAILABLE", &[])
-        })
+        self.pool.get().await.map_err(|e| status::unavailable(READ_DATABASE, &e))
     }
 
     /// Waits until `projection` reflects `min_position` (0: no wait), up to
@@ -153,10 +193,17 @@ impl Query {
         min_position: u64,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Option<Active>, Status> {
+        let mut violations = Vec::new();
+        check_bigint("min_position", min_position, &mut violations);
+        if !violations.is_empty() {
+            return Err(status::invalid(violations));
+        }
         if min_position == 0 {
             return Ok(self.positions.get(projection));
         }
-        let budget = deadline(metadata).map_or(self.max_wait, |d| d.mul_f64(0.9).min(self.max_wait));
+        // 90 % of the deadline, in integers: a huge `grpc-timeout` cannot
+        // overflow (as `Duration::mul_f64` would, with a panic).
+        let budget = deadline(metadata).map_or(self.max_wait, |d| d.saturating_sub(d / 10).min(self.max_wait));
         match self.positions.wait(projection, min_position, budget).await {
             Ok(active) => Ok(Some(active)),
             Err(current) => Err(error_info(
@@ -217,8 +264,8 @@ fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
@@ -227,43 +274,81 @@ fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     })
 }
 
-/// A database failure as a status: a read model not built yet and a lost
-/// connection are UNAVAILABLE (retryable), anything else INTERNAL.
-fn db_status(error: tokio_postgres::Error) -> Status {
-    if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
-        return error_info(
-            Code::Unavailable,
-            format!("a read model is not built yet: {error}"),
-            "READ_MODEL_NOT_READY",
-            &[],
-        );
-    }
-    if error.is_closed() || error.code().is_none() {
-        return error_info(
-            Code::Unavailable,
-            format!("the read database is unavailable: {error}"),
-            "DATABASE_UNAVAILABLE",
-            &[],
-        );
-    }
-    let detail =
-        error.as_db_error().map_or_else(|| error.to_string(), |db| format!("{}: {}", db.code().code(), db.message()));
-    tracing::error!(error = %detail, "query failed");
-    error_info(Code::Internal, format!("query failed: {detail}"), "INTERNAL", &[])
+/// What an UNAVAILABLE answer says is unavailable when the read database
+/// cannot be reached (see [`status::unavailable`]).
+const READ_DATABASE: &str = "the read model's database";
+
+/// A short id that ties an answer to the log line of its cause: a hash of
+/// the time, a counter and a per-process random key (unique enough to find
+/// one line in the logs).
+fn error_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    hasher.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    format!("{:016x}", hasher.finish())
 }
 
-/// `INVALID_ARGUMENT` unless `value` is a usable id.
+/// A database failure as a status: a read model not built yet, a lost
+/// connection and a server that sheds load or shuts down are UNAVAILABLE
+/// (retryable), anything else INTERNAL; the driver's text only in the log.
+fn db_status(error: tokio_postgres::Error) -> Status {
+    use tokio_postgres::error::SqlState;
+    if error.code() == Some(&SqlState::UNDEFINED_TABLE) {
+        // Its own reason (not the shared helper's STORAGE_UNAVAILABLE): the
+        // database answers, the projection has not created its table yet.
+        let id = error_id();
+        tracing::warn!(error_id = %id, %error, "a read model is not built yet");
+        return error_info(
+            Code::Unavailable,
+            format!("a read model is not built yet, retry later (error id {id})"),
+            "READ_MODEL_NOT_READY",
+            &[("error_id", id)],
+        );
+    }
+    // Classes 08 (connection), 53 (insufficient resources), 57P (operator
+    // intervention: shutdown, crash recovery).
+    let transient = error.code().is_none_or(|code| {
+        let code = code.code();
+        code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+    });
+    if error.is_closed() || transient {
+        return status::unavailable(READ_DATABASE, &error);
+    }
+    status::internal(&error)
+}
+
+/// `INVALID_ARGUMENT` unless `value` is a usable id: 1 to 128 bytes of
+/// visible ASCII.
 fn require_id(field: &str, value: &str) -> Result<(), Status> {
-    let why = if value.is_empty() {
-        "is required"
-    } else if value.len() > 200 {
-        "must be at most 200 bytes"
-    } else if value.chars().any(char::is_control) {
-        "must not contain control characters"
-    } else {
-        return Ok(());
-    };
-    Err(eventfold_platform::status::invalid_argument([(field.to_owned(), why.to_owned())]))
+    let mut violations = Vec::new();
+    check_id(field, value, &mut violations);
+    if violations.is_empty() { Ok(()) } else { Err(status::invalid(violations)) }
+}
+
+/// The longest page token accepted: tokens this service issues are far
+/// shorter, longer ones are not worth decoding.
+const MAX_PAGE_TOKEN_BYTES: usize = 1024;
+
+/// [`page::cursor`] of a token of bounded length.
+fn cursor<C: serde::de::DeserializeOwned>(filters: &str, token: &str) -> Result<Option<C>, Status> {
+    if token.len() > MAX_PAGE_TOKEN_BYTES {
+        return Err(eventfold_platform::status::invalid_argument([(
+            "page_token".to_owned(),
+            format!("must be at most {MAX_PAGE_TOKEN_BYTES} bytes"),
+        )]));
+    }
+    page::cursor(filters, token)
+}
+
+/// Whether a page read with `LIMIT size + 1` found more than `size` rows.
+fn has_more(rows: usize, size: i64) -> bool {
+    usize::try_from(size).is_ok_and(|size| rows > size)
+}
+
+/// `size` (from [`page::size`]: 1 to 500) as a length.
+fn page_len(size: i64) -> usize {
+    usize::try_from(size).unwrap_or(0)
 }
 
 /// An amount of a read model row as the proto `Money`.

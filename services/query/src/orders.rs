@@ -1,12 +1,18 @@
 //! OrderQueryService: order views (cached), lists, customer totals, sales
 //! analytics, the order as of a time or version, and WatchOrder.
 
-use std::{pin::Pin, sync::Arc, time::SystemTime};
+use std::{
+    collections::{HashMap, HashSet},
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use eventfold_domain::{
     Aggregate, DomainEvent,
     order::{Order, OrderEvent, OrderItem, OrderStatus as DomainStatus},
 };
+use eventfold_platform::status::invalid;
 use eventfold_proto::{
     common::Money,
     orders as order_pb,
@@ -18,13 +24,13 @@ use eventfold_proto::{
         order_query_service_server::OrderQueryService,
     },
 };
-use eventfold_store::StreamRead;
+use eventfold_store::{MAX_TIME_SECS, StreamRead, bigint, check_bigint, from_bigint};
 use futures_util::Stream;
 use prost::Message;
 use tokio_postgres::{Row, types::ToSql};
 use tonic::{Code, Request, Response, Status};
 
-use crate::{Kind, Query, cached, db_status, money, not_found, page, require_id};
+use crate::{Active, Kind, Query, cached, cursor, db_status, has_more, money, not_found, page, page_len, require_id};
 
 const ORDERS: &str = "order_views";
 const ANALYTICS: &str = "order_analytics";
@@ -70,8 +76,10 @@ fn items(domain: &[OrderItem]) -> Vec<order_pb::OrderItem> {
 
 fn view(row: &Row) -> Result<OrderView, Status> {
     let stored: serde_json::Value = row.get(5);
-    let domain: Vec<OrderItem> = serde_json::from_value(stored)
-        .map_err(|e| Status::internal(format!("order {} has unreadable items: {e}", row.get::<_, String>(0))))?;
+    let domain: Vec<OrderItem> = serde_json::from_value(stored).map_err(|e| {
+        let cause = format!("order {} has unreadable items: {e}", row.get::<_, String>(0));
+        eventfold_platform::status::internal(&cause)
+    })?;
     let currency: String = row.get(3);
     Ok(OrderView {
         order_id: row.get(0),
@@ -85,25 +93,45 @@ fn view(row: &Row) -> Result<OrderView, Status> {
         cancel_reason: row.get::<_, Option<String>>(9).unwrap_or_default(),
         create_time: timestamp(row.get(10)),
         update_time: timestamp(row.get(11)),
-        stream_version: row.get::<_, i64>(12) as u64,
-        last_position: row.get::<_, i64>(13) as u64,
+        stream_version: from_bigint(row.get(12)),
+        last_position: from_bigint(row.get(13)),
     })
 }
 
+/// The time of request field `field`, if set: refused unless within the
+/// years 0001 to 9999 (PostgreSQL and `SystemTime` arithmetic take those).
 fn time_arg(field: &str, t: Option<prost_types::Timestamp>) -> Result<Option<SystemTime>, Status> {
-    t.map(|t| {
-        SystemTime::try_from(t).map_err(|_| {
-            eventfold_platform::status::invalid_argument([(field.to_owned(), "is not a valid time".to_owned())])
-        })
-    })
-    .transpose()
+    let Some(t) = t else { return Ok(None) };
+    let mut violations = Vec::new();
+    match eventfold_platform::input::system_time(t, field, &mut violations) {
+        Some(time) if violations.is_empty() => Ok(Some(time)),
+        _ => Err(invalid(violations)),
+    }
+}
+
+/// The latest time a request may name: 9999-12-31T23:59:59.999999999Z.
+fn latest_time() -> SystemTime {
+    UNIX_EPOCH.checked_add(Duration::new(MAX_TIME_SECS.unsigned_abs(), 999_999_999)).unwrap_or(UNIX_EPOCH)
 }
 
 /// Keyset cursor of order lists: (created_at in µs since the epoch, id).
 type OrderCursor = (i64, String);
 
+/// µs since the epoch (negative before it), saturating.
 fn micros(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, |m| -m),
+    }
+}
+
+/// The time `micros` µs from the epoch, if within the years 0001 to 9999:
+/// a cursor from a page token (which a client can forge) goes through the
+/// same check as a request time.
+fn from_micros(micros: i64) -> Option<SystemTime> {
+    let seconds = micros.div_euclid(1_000_000);
+    let nanos = i32::try_from(micros.rem_euclid(1_000_000).checked_mul(1000)?).ok()?;
+    eventfold_platform::input::system_time(prost_types::Timestamp { seconds, nanos }, "page_token", &mut Vec::new())
 }
 
 /// Filters of an order list, newest first.
@@ -201,7 +229,7 @@ impl Query {
     ) -> Result<(Vec<OrderView>, String), Status> {
         let size = page::size(page_size)?;
         let fingerprint = filter.fingerprint();
-        let after: Option<OrderCursor> = page::cursor(&fingerprint, page_token)?;
+        let after: Option<OrderCursor> = cursor(&fingerprint, page_token)?;
         let mut conditions = Vec::new();
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut push = |condition: &str, value: Box<dyn ToSql + Sync + Send>| {
@@ -221,7 +249,12 @@ impl Query {
             push("created_at < $", Box::new(until));
         }
         if let Some((at, id)) = after {
-            let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(at.max(0) as u64);
+            let at = from_micros(at).ok_or_else(|| {
+                eventfold_platform::status::invalid_argument([(
+                    "page_token".to_owned(),
+                    "is not a token this service issued".to_owned(),
+                )])
+            })?;
             params.push(Box::new(at));
             params.push(Box::new(id));
             let n = params.len();
@@ -238,13 +271,14 @@ impl Query {
         let conn = self.conn().await?;
         let rows = conn.query(&sql, &refs).await.map_err(db_status)?;
         let mut orders = rows.iter().map(view).collect::<Result<Vec<_>, _>>()?;
-        let next = if orders.len() as i64 > size {
-            orders.truncate(size as usize);
-            let last = &orders[orders.len() - 1];
-            let at = last.create_time.and_then(|t| SystemTime::try_from(t).ok()).map_or(0, micros);
-            page::token(&fingerprint, &(at, last.order_id.clone()))
-        } else {
-            String::new()
+        let more = has_more(orders.len(), size);
+        orders.truncate(page_len(size));
+        let next = match orders.last() {
+            Some(last) if more => {
+                let at = last.create_time.and_then(|t| SystemTime::try_from(t).ok()).map_or(0, micros);
+                page::token(&fingerprint, &(at, last.order_id.clone()))
+            }
+            _ => String::new(),
         };
         Ok((orders, next))
     }
@@ -269,12 +303,8 @@ fn view_at(events: &[eventfold_store::RecordedEvent]) -> Result<Option<OrderView
         .iter()
         .map(|e| {
             OrderEvent::from_data(&e.event_type, e.schema_version, e.data.clone()).map_err(|error| {
-                eventfold_platform::status::error_info(
-                    Code::Internal,
-                    format!("event {} of {} cannot be read: {error}", e.version, e.stream_id),
-                    "CORRUPT_DATA",
-                    &[("stream", e.stream_id.clone())],
-                )
+                let cause = format!("event {} of {} cannot be read: {error}", e.version, e.stream_id);
+                eventfold_platform::status::internal(&cause)
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -319,6 +349,9 @@ impl OrderQueryService for OrderQueries {
         let status = OrderStatus::try_from(r.status).map_err(|_| {
             eventfold_platform::status::invalid_argument([("status".to_owned(), "is not an OrderStatus".to_owned())])
         })?;
+        if !r.customer_id.is_empty() {
+            require_id("customer_id", &r.customer_id)?;
+        }
         let filter = OrderFilter {
             customer_id: (!r.customer_id.is_empty()).then(|| r.customer_id.clone()),
             status: status_name(status),
@@ -483,6 +516,13 @@ impl OrderQueryService for OrderQueries {
         let r = request.into_inner();
         require_id("order_id", &r.order_id)?;
         let time = time_arg("time", r.time)?;
+        if let Some(version) = r.version {
+            let mut violations = Vec::new();
+            check_bigint("version", version, &mut violations);
+            if !violations.is_empty() {
+                return Err(invalid(violations));
+            }
+        }
         if time.is_none() && r.version.is_none() {
             return Err(eventfold_platform::status::invalid_argument([(
                 "time".to_owned(),
@@ -490,14 +530,16 @@ impl OrderQueryService for OrderQueries {
             )]));
         }
         let mut read = StreamRead::forwards(format!("order-{}", r.order_id), 10_000);
-        // "At" a time includes the events recorded at that instant.
-        read.end_time = time.map(|t| t + std::time::Duration::from_micros(1));
+        // "At" a time includes the events recorded at that instant; the
+        // latest time there is includes everything anyway.
+        read.end_time = time.map(|t| t.checked_add(Duration::from_micros(1)).map_or(t, |end| end.min(latest_time())));
         read.max_version = if time.is_none() { r.version } else { None };
         let slice = match self.query.log.read_stream(read).await {
             Ok(slice) => slice,
             Err(eventfold_store::Error::StreamNotFound(_) | eventfold_store::Error::StreamDeleted(_)) => {
                 return Err(not_found("order", "ORDER_NOT_FOUND", &r.order_id));
             }
+            // Unavailable and internal failures: a generic answer, the detail logged.
             Err(e) => return Err(eventfold_platform::status::from_store(e)),
         };
         let order = view_at(&slice.events)?.ok_or_else(|| {
@@ -514,42 +556,102 @@ impl OrderQueryService for OrderQueries {
     type WatchOrderStream = WatchStream;
 
     async fn watch_order(&self, request: Request<WatchOrderRequest>) -> Result<Response<WatchStream>, Status> {
+        let peer = request.remote_addr().map(|addr| addr.ip());
         let r = request.into_inner();
         require_id("order_id", &r.order_id)?;
-        let query = self.query.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut changes = query.positions.changes();
-            let mut sent: Option<u64> = None;
-            let mut seen: Option<u64> = None;
-            loop {
-                let at = changes.borrow_and_update().get(ORDERS).map(|a| a.position);
-                if at.is_none() || at != seen {
-                    seen = at;
-                    match query.load_order(&r.order_id).await {
-                        Ok(Some(order)) if sent != Some(order.last_position) => {
-                            sent = Some(order.last_position);
-                            if tx.send(Ok(WatchOrderResponse { order: Some(order) })).await.is_err() {
-                                return;
+        let (subscription, start) = self.query.watchers.subscribe(&r.order_id, peer)?;
+        if start {
+            tokio::spawn(follow_orders(self.query.clone()));
+        }
+        let stream = subscription.into_stream(|order: Result<OrderView, Status>| {
+            let end = order.is_err();
+            (order.map(|order| WatchOrderResponse { order: Some(order) }), end)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The one follower of every watched order: when the order views move (or
+/// an order comes to be watched), it reads in one statement the watched
+/// orders changed since the position it last read at, and hands each
+/// changed one to its watchers. Ends when nothing is watched.
+async fn follow_orders(query: Arc<Query>) {
+    let watchers = query.watchers.clone();
+    let mut changes = query.positions.changes();
+    // The projection's position when the last read began: rows changed
+    // after it have a later `last_position`.
+    let mut read_at: Option<Active> = None;
+    let mut known: HashSet<String> = HashSet::new();
+    let mut sent: HashMap<String, u64> = HashMap::new();
+    let mut retry = false;
+    loop {
+        if watchers.stop_if_idle() {
+            return;
+        }
+        let ids = watchers.ids();
+        let watched: HashSet<&String> = ids.iter().collect();
+        known.retain(|id| watched.contains(id));
+        sent.retain(|id, _| watched.contains(id));
+        let now = changes.borrow_and_update().get(ORDERS).copied();
+        let fresh: Vec<String> = ids.iter().filter(|id| !known.contains(*id)).cloned().collect();
+        if retry || now != read_at || !fresh.is_empty() {
+            // A new version (a rebuild switched) or a reset: read them all.
+            let everything = match (read_at, now) {
+                (Some(at), Some(now)) => now.version != at.version || now.position < at.position,
+                _ => true,
+            };
+            let (since, fresh) =
+                if everything { (-1, ids.clone()) } else { (read_at.map_or(-1, |a| bigint(a.position)), fresh) };
+            match query.changed_orders(&ids, since, &fresh).await {
+                Ok(rows) => {
+                    read_at = now;
+                    known = ids.iter().cloned().collect();
+                    // Without positions (not followed yet), poll.
+                    retry = now.is_none();
+                    for row in &rows {
+                        let order_id: String = row.get(0);
+                        let order = view(row);
+                        if let Ok(order) = &order {
+                            if sent.get(&order_id) == Some(&order.last_position) {
+                                continue;
                             }
+                            sent.insert(order_id.clone(), order.last_position);
+                        } else {
+                            sent.remove(&order_id);
                         }
-                        Ok(_) => {}
-                        Err(status) if status.code() == Code::Unavailable => {}
-                        Err(status) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
+                        watchers.update(&order_id, |current| {
+                            *current = Some(order);
+                            true
+                        });
                     }
                 }
-                tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { return },
-                    () = tx.closed() => return,
-                    // A read the database could not answer is tried again.
-                    () = tokio::time::sleep(std::time::Duration::from_secs(1)), if seen.is_none() => {}
-                }
+                // Logged with its error id; watchers wait for the retry.
+                Err(_) => retry = true,
             }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        }
+        tokio::select! {
+            // A follower that is gone disables this branch; the others remain.
+            Ok(()) = changes.changed() => {}
+            () = watchers.woken() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+        }
+    }
+}
+
+impl Query {
+    /// The rows of the orders of `ids` changed after position `since`, and
+    /// those of `fresh` (a subset of `ids`) whatever their position.
+    async fn changed_orders(&self, ids: &[String], since: i64, fresh: &[String]) -> Result<Vec<Row>, Status> {
+        let conn = self.conn().await?;
+        conn.query(
+            &format!(
+                "SELECT {COLUMNS} FROM read.order_views \
+                  WHERE order_id = ANY($1) AND (last_position > $2 OR order_id = ANY($3))"
+            ),
+            &[&ids, &since, &fresh],
+        )
+        .await
+        .map_err(db_status)
     }
 }
 

@@ -12,7 +12,9 @@ use eventfold_proto::query::{
 use tokio_postgres::Row;
 use tonic::{Request, Response, Status};
 
-use crate::{Kind, Query, cached, db_status, money, not_found, page, require_id};
+use eventfold_store::{bigint, from_bigint};
+
+use crate::{Kind, Query, cached, cursor, db_status, has_more, money, not_found, page, page_len, require_id};
 
 const INVENTORY: &str = "inventory_views";
 const ACCOUNTS: &str = "account_views";
@@ -32,8 +34,8 @@ fn inventory(row: &Row) -> InventoryView {
         low_stock_threshold: row.get(6),
         reservations: Vec::new(),
         update_time: Some(row.get::<_, std::time::SystemTime>(7).into()),
-        stream_version: row.get::<_, i64>(8) as u64,
-        last_position: row.get::<_, i64>(9) as u64,
+        stream_version: from_bigint(row.get(8)),
+        last_position: from_bigint(row.get(9)),
     }
 }
 
@@ -102,7 +104,7 @@ impl InventoryQueryService for InventoryQueries {
     ) -> Result<Response<ListLowStockResponse>, Status> {
         let (metadata, _, r) = request.into_parts();
         let size = page::size(r.page_size)?;
-        let after: Option<String> = page::cursor("low_stock", &r.page_token)?;
+        let after: Option<String> = cursor("low_stock", &r.page_token)?;
         self.query.ready(INVENTORY, r.min_position, &metadata).await?;
         let conn = self.query.conn().await?;
         let after = after.unwrap_or_default();
@@ -117,11 +119,11 @@ impl InventoryQueryService for InventoryQueries {
             .await
             .map_err(db_status)?;
         let mut products: Vec<InventoryView> = rows.iter().map(inventory).collect();
-        let next_page_token = if products.len() as i64 > size {
-            products.truncate(size as usize);
-            page::token("low_stock", &products[products.len() - 1].product_id)
-        } else {
-            String::new()
+        let more = has_more(products.len(), size);
+        products.truncate(page_len(size));
+        let next_page_token = match products.last() {
+            Some(last) if more => page::token("low_stock", &last.product_id),
+            _ => String::new(),
         };
         Ok(Response::new(ListLowStockResponse { products, next_page_token }))
     }
@@ -178,8 +180,8 @@ impl AccountQueryService for AccountQueries {
                     } as i32,
                     open_time: Some(row.get::<_, std::time::SystemTime>(5).into()),
                     update_time: Some(row.get::<_, std::time::SystemTime>(6).into()),
-                    stream_version: row.get::<_, i64>(7) as u64,
-                    last_position: row.get::<_, i64>(8) as u64,
+                    stream_version: from_bigint(row.get(7)),
+                    last_position: from_bigint(row.get(8)),
                 }
             }))
         };
@@ -197,7 +199,7 @@ impl AccountQueryService for AccountQueries {
         require_id("account_id", &r.account_id)?;
         let size = page::size(r.page_size)?;
         let filters = format!("transactions|{}", r.account_id);
-        let before: Option<i64> = page::cursor(&filters, &r.page_token)?;
+        let before: Option<i64> = cursor(&filters, &r.page_token)?;
         self.query.ready(ACCOUNTS, r.min_position, &metadata).await?;
         let conn = self.query.conn().await?;
         let currency: Option<String> = conn
@@ -218,7 +220,7 @@ impl AccountQueryService for AccountQueries {
         let mut transactions: Vec<AccountTransaction> = rows
             .iter()
             .map(|row| AccountTransaction {
-                stream_version: row.get::<_, i64>(0) as u64,
+                stream_version: from_bigint(row.get(0)),
                 kind: transaction_kind(row.get(1)) as i32,
                 transaction_id: row.get(2),
                 counterparty_account_id: row.get::<_, Option<String>>(3).unwrap_or_default(),
@@ -226,14 +228,14 @@ impl AccountQueryService for AccountQueries {
                 balance: money(row.get(5), &currency),
                 reason: row.get::<_, Option<String>>(6).unwrap_or_default(),
                 time: Some(row.get::<_, std::time::SystemTime>(7).into()),
-                global_position: row.get::<_, i64>(8) as u64,
+                global_position: from_bigint(row.get(8)),
             })
             .collect();
-        let next_page_token = if transactions.len() as i64 > size {
-            transactions.truncate(size as usize);
-            page::token(&filters, &(transactions[transactions.len() - 1].stream_version as i64))
-        } else {
-            String::new()
+        let more = has_more(transactions.len(), size);
+        transactions.truncate(page_len(size));
+        let next_page_token = match transactions.last() {
+            Some(last) if more => page::token(&filters, &bigint(last.stream_version)),
+            _ => String::new(),
         };
         Ok(Response::new(ListAccountTransactionsResponse { transactions, next_page_token }))
     }
@@ -260,7 +262,7 @@ impl UserQueryService for UserQueries {
         require_id("user_id", &r.user_id)?;
         let size = page::size(r.page_size)?;
         let filters = format!("activity|{}", r.user_id);
-        let before: Option<i64> = page::cursor(&filters, &r.page_token)?;
+        let before: Option<i64> = cursor(&filters, &r.page_token)?;
         self.query.ready(USERS, r.min_position, &metadata).await?;
         let mut conn = self.query.conn().await?;
         let tx = conn.build_transaction().read_only(true).start().await.map_err(db_status)?;
@@ -293,7 +295,7 @@ impl UserQueryService for UserQueries {
         let mut activities: Vec<Activity> = rows
             .iter()
             .map(|row| Activity {
-                global_position: row.get::<_, i64>(0) as u64,
+                global_position: from_bigint(row.get(0)),
                 kind: row.get(1),
                 detail: row.get(2),
                 time: Some(row.get::<_, std::time::SystemTime>(3).into()),
@@ -302,11 +304,11 @@ impl UserQueryService for UserQueries {
         if user.is_none() && activities.is_empty() && before.is_none() {
             return Err(not_found("user", "USER_NOT_FOUND", &r.user_id));
         }
-        let next_page_token = if activities.len() as i64 > size {
-            activities.truncate(size as usize);
-            page::token(&filters, &(activities[activities.len() - 1].global_position as i64))
-        } else {
-            String::new()
+        let more = has_more(activities.len(), size);
+        activities.truncate(page_len(size));
+        let next_page_token = match activities.last() {
+            Some(last) if more => page::token(&filters, &bigint(last.global_position)),
+            _ => String::new(),
         };
         Ok(Response::new(GetUserActivityResponse { user, activities, next_page_token }))
     }

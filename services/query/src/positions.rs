@@ -137,7 +137,8 @@ async fn read(client: &Client) -> Result<Snapshot, tokio_postgres::Error> {
     Ok(Arc::new(
         rows.iter()
             .map(|r| {
-                let active = Active { version: r.get::<_, i32>(1) as u32, position: r.get::<_, i64>(2) as u64 };
+                let version = u32::try_from(r.get::<_, i32>(1)).unwrap_or(0);
+                let active = Active { version, position: eventfold_store::from_bigint(r.get(2)) };
                 (r.get::<_, String>(0), active)
             })
             .collect(),

@@ -76,10 +76,13 @@ fn cache_config(url: String, prefix: &str) -> CacheConfig {
 }
 
 async fn stack(cache: Option<CacheConfig>) -> Stack {
+    stack_with(eventfold_query::Config { cache: cache.unwrap_or_default(), ..eventfold_query::Config::default() }).await
+}
+
+async fn stack_with(config: eventfold_query::Config) -> Stack {
     let db = TestDatabase::migrated().await;
     let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-    let config = eventfold_query::Config { cache: cache.unwrap_or_default(), ..eventfold_query::Config::default() };
     let query = Query::connect(&config, db.url(), log.clone()).await.expect("query side");
     let invalidator = query.cache().map(|cache| Invalidator::new(cache.clone()));
     let (stop_projectors, stop) = watch::channel(false);
@@ -180,7 +183,7 @@ impl Stack {
 
     async fn send(&self, command: Command) {
         let bus = eventfold_command::bus(self.log.clone(), eventfold_command::Config::default().bus_options());
-        bus.oneshot(Envelope::new(command, Meta::default())).await.expect("command");
+        bus.oneshot(Envelope::new(command, test_meta())).await.expect("command");
     }
 }
 
@@ -669,4 +672,198 @@ async fn a_rebuild_switches_under_query_load_without_errors_or_empty_answers() {
     let problems = problems.lock().unwrap();
     assert!(problems.is_empty(), "{} problems, e.g. {:?}", problems.len(), problems.first());
     let _ = stack.stop_projectors.send(true);
+}
+
+/// The fields of the `BadRequest` violations of `status`.
+fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// Asserts `status` is INVALID_ARGUMENT naming exactly `field`.
+fn assert_invalid(status: &tonic::Status, field: &str) {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(bad_fields(status), [field], "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_times_positions_ids_and_tokens_are_invalid_arguments_never_panics_or_internal_errors() {
+    let stack = stack(None).await;
+    let mut queries = stack.queries.clone();
+    stack.create("o-1", "c-1", 100).await;
+    stack.settle().await;
+    let at = |seconds: i64, nanos: i32| query_pb::GetOrderAtRequest {
+        order_id: "o-1".into(),
+        time: Some(prost_types::Timestamp { seconds, nanos }),
+        version: None,
+    };
+
+    // Beyond what a SystemTime can take, beyond the year 9999, beyond
+    // PostgreSQL's range, before the year 1, and nanos out of range.
+    for (seconds, nanos) in [
+        (i64::MAX, 999_999_999),
+        (i64::MAX, 0),
+        (i64::MIN, 0),
+        (253_402_300_800, 0),
+        (10_000_000_000_000, 0),
+        (-62_135_596_801, 0),
+        (0, -1),
+    ] {
+        let status = queries.get_order_at(at(seconds, nanos)).await.unwrap_err();
+        assert_invalid(&status, "time");
+    }
+    // The last instant of 9999 is a time like any other.
+    let latest = queries.get_order_at(at(253_402_300_799, 999_999_999)).await.unwrap().into_inner();
+    assert_eq!(latest.order.unwrap().status(), OrderStatus::Created);
+    let all_time = query_pb::ListOrdersRequest {
+        create_time_start: Some(prost_types::Timestamp { seconds: -62_135_596_800, nanos: 0 }),
+        create_time_end: Some(prost_types::Timestamp { seconds: 253_402_300_799, nanos: 999_999_999 }),
+        ..Default::default()
+    };
+    assert_eq!(queries.list_orders(all_time).await.unwrap().into_inner().orders.len(), 1);
+    let far = query_pb::ListOrdersRequest {
+        create_time_end: Some(prost_types::Timestamp { seconds: i64::MAX, nanos: 0 }),
+        ..Default::default()
+    };
+    assert_invalid(&queries.list_orders(far).await.unwrap_err(), "create_time_end");
+    let by_status = query_pb::ListOrdersByStatusRequest {
+        status: OrderStatus::Created as i32,
+        start_time: Some(prost_types::Timestamp { seconds: i64::MIN, nanos: 0 }),
+        ..Default::default()
+    };
+    assert_invalid(&queries.list_orders_by_status(by_status).await.unwrap_err(), "start_time");
+
+    // Positions and versions beyond a bigint.
+    let beyond = u64::try_from(i64::MAX).unwrap() + 1;
+    for min_position in [beyond, u64::MAX] {
+        let mut request = Request::new(get("o-1", min_position));
+        // The old code waited for the position; the answer must be at once.
+        request.set_timeout(Duration::from_secs(3));
+        assert_invalid(&queries.get_order(request).await.unwrap_err(), "min_position");
+        let list = query_pb::ListOrdersRequest { min_position, ..Default::default() };
+        assert_invalid(&queries.list_orders(list).await.unwrap_err(), "min_position");
+    }
+    let version = query_pb::GetOrderAtRequest { order_id: "o-1".into(), time: None, version: Some(u64::MAX) };
+    assert_invalid(&queries.get_order_at(version).await.unwrap_err(), "version");
+
+    // Ids: visible ASCII, at most 128 bytes.
+    for id in ["o 1".to_owned(), "o\u{7f}".to_owned(), "é".to_owned(), "x".repeat(129)] {
+        assert_invalid(&queries.get_order(get(&id, 0)).await.unwrap_err(), "order_id");
+    }
+    assert!(queries.get_order(get(&"x".repeat(128), 0)).await.unwrap_err().code() == Code::NotFound);
+
+    // A forged page token whose cursor time is out of range, and one too long.
+    let forged = eventfold_platform::page::token("orders|None|None|None|None", &(i64::MAX, "o-1".to_owned()));
+    let list = query_pb::ListOrdersRequest { page_token: forged, ..Default::default() };
+    assert_invalid(&queries.list_orders(list).await.unwrap_err(), "page_token");
+    let list = query_pb::ListOrdersRequest { page_token: "a".repeat(2000), ..Default::default() };
+    assert_invalid(&queries.list_orders(list).await.unwrap_err(), "page_token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_order_is_shared_by_its_watchers_and_capped_per_peer() {
+    let stack = stack_with(eventfold_query::Config { max_watchers_per_peer: 3, ..Default::default() }).await;
+    let watch = |id: &str| {
+        let mut queries = stack.queries.clone();
+        let request = query_pb::WatchOrderRequest { order_id: id.to_owned() };
+        async move { queries.watch_order(request).await.map(tonic::Response::into_inner) }
+    };
+    let mut first = watch("o-1").await.unwrap();
+    let mut second = watch("o-1").await.unwrap();
+    let third = watch("o-2").await.unwrap();
+    let refused = watch("o-3").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(refused.get_details_error_info().expect("ErrorInfo").reason, "TOO_MANY_WATCHERS");
+
+    // Both watchers of o-1 see each change.
+    stack.create("o-1", "c-1", 100).await;
+    for stream in [&mut first, &mut second] {
+        let order = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        assert_eq!(order.order.unwrap().status(), OrderStatus::Created);
+    }
+    stack.confirm("o-1").await;
+    for stream in [&mut first, &mut second] {
+        let order = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        assert_eq!(order.order.unwrap().status(), OrderStatus::Confirmed);
+    }
+
+    // A closed watch frees its slot.
+    drop(third);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut again = loop {
+        match watch("o-3").await {
+            Ok(stream) => break stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(Instant::now() < deadline, "the closed watch was let go");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    stack.create("o-3", "c-1", 100).await;
+    let order = tokio::time::timeout(Duration::from_secs(10), again.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(order.order.unwrap().order_id, "o-3");
+}
+
+/// Texts that must never reach a client: the driver's, the pool's, the
+/// database's address.
+fn assert_no_driver_text(status: &tonic::Status, port: u16) {
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    let id = info.metadata.get("error_id").expect("an error id to find the log line by");
+    assert!(!id.is_empty() && status.message().contains(id.as_str()), "{status:?}");
+    let port = port.to_string();
+    let leaks = ["sqlstate", "postgres", "connection", "127.0.0.1", "bb8", "db error", "timed out", &port];
+    for text in std::iter::once(status.message()).chain(info.metadata.values().map(String::as_str)) {
+        let text = text.to_lowercase();
+        for leak in leaks {
+            assert!(!text.contains(leak), "{leak:?} reached the client: {status:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_answers_unavailable_with_an_error_id_and_no_driver_text() {
+    let url = eventfold_tests::unreachable_database_url();
+    let port: u16 = url.rsplit(':').next().and_then(|p| p.split('/').next()).unwrap().parse().unwrap();
+    let log = PostgresEventLog::connect(PostgresConfig {
+        connect_timeout: Duration::from_secs(1),
+        ..PostgresConfig::new(url.clone())
+    })
+    .await
+    .expect("connecting is lazy");
+    let config = eventfold_query::Config::default();
+    let query = Query::connect(&config, &url, Arc::new(log)).await.expect("the pool connects lazily");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(eventfold_query::run(config, query, listener, async move {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let (mut a, mut b, mut c) = (
+        OrderQueryServiceClient::new(channel.clone()),
+        OrderQueryServiceClient::new(channel.clone()),
+        OrderQueryServiceClient::new(channel.clone()),
+    );
+    let mut accounts = AccountQueryServiceClient::new(channel);
+    let at = query_pb::GetOrderAtRequest { order_id: "o-1".into(), time: None, version: Some(0) };
+    let (order, list, history, account) = tokio::join!(
+        a.get_order(get("o-1", 0)),
+        b.list_orders(query_pb::ListOrdersRequest::default()),
+        c.get_order_at(at),
+        accounts.get_account(query_pb::GetAccountRequest { account_id: "a-1".into(), min_position: 0 }),
+    );
+    let statuses = [order.unwrap_err(), list.unwrap_err(), history.unwrap_err(), account.unwrap_err()];
+    for status in &statuses {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_no_driver_text(status, port);
+    }
+}
+
+/// Metadata of a command sent straight to the bus: a correlation id is
+/// required (1 to 128 bytes of visible ASCII), like any caller's.
+fn test_meta() -> Meta {
+    Meta { correlation_id: "test".to_owned(), ..Meta::default() }
 }

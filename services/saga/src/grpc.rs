@@ -1,22 +1,48 @@
 //! `eventfold.sagas.v1.SagaService`: the stored sagas over gRPC, and the
 //! operators' retry and abort.
+//!
+//! HOSTILE INPUT: beyond the proto comments, requests are held to these
+//! bounds, each refused with `INVALID_ARGUMENT` and a `BadRequest`
+//! violation naming the field: `saga_id` is 1 to 137 bytes of visible
+//! ASCII (a 128-byte order or transfer id with its `fulfil-`/`transfer-`
+//! prefix); `page_token` at most 1024 bytes, only as this service issued
+//! it; `page_size` is lowered to 500. A client address holds at most
+//! [`DEFAULT_MAX_WATCHERS_PER_PEER`] open `WatchSaga` streams (see
+//! [`Sagas::with_max_watchers_per_peer`]); more are `RESOURCE_EXHAUSTED`
+//! with the ErrorInfo reason `TOO_MANY_WATCHERS`.
+//!
+//! Watchers of the same saga share one channel; one follower for all
+//! watched sagas reads, in one statement per wake-up, the versions of the
+//! watched sagas and reads a saga (with its history) only when its version
+//! moved.
+//!
+//! Database failures never reach a client as text: `UNAVAILABLE` and
+//! `INTERNAL` answers carry a generic message and an `error_id` (ErrorInfo
+//! metadata) that the log line with the real error repeats.
 
-use std::{pin::Pin, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
+use eventfold_platform::server::Router;
 use eventfold_platform::{
     page,
-    status::{error_info, invalid_argument},
+    status::{self, error_info, invalid_argument},
 };
 use eventfold_proto::sagas::{
     self as pb,
     saga_service_server::{SagaService, SagaServiceServer},
 };
-use tonic::{Code, Request, Response, Status, transport::server::Router};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     model::{SagaType, Status as SagaStatus},
     repo::Repository,
     store::{self, SagaRecord, StoreError},
+    watchers::Watchers,
 };
 
 /// The gRPC names of the saga service, as health and reflection know them.
@@ -30,11 +56,25 @@ const WATCH_POLL: Duration = Duration::from_millis(25);
 /// (an operator's retry back to RUNNING) wakes nobody.
 const WATCH_FALLBACK: Duration = Duration::from_secs(1);
 
+/// Open `WatchSaga` streams one client address may hold unless
+/// [`Sagas::with_max_watchers_per_peer`] says otherwise.
+pub const DEFAULT_MAX_WATCHERS_PER_PEER: usize = 100;
+
+/// Longest saga id: a 128-byte order or transfer id and its prefix.
+const MAX_SAGA_ID_BYTES: usize = 137;
+
+/// Longest page token accepted (those this service issues are far shorter).
+const MAX_PAGE_TOKEN_BYTES: usize = 1024;
+
+/// What the watchers of a saga see: the saga, or why it cannot be read.
+type Watched = Result<pb::Saga, Status>;
+
 /// See the module documentation.
 #[derive(Clone)]
 pub struct Sagas {
     sagas: Repository,
     changes: Option<tokio::sync::watch::Receiver<u64>>,
+    watchers: Arc<Watchers<Watched>>,
 }
 
 impl std::fmt::Debug for Sagas {
@@ -52,7 +92,14 @@ impl Sagas {
 
     /// The service over the sagas of `sagas`.
     pub fn new(sagas: Repository) -> Sagas {
-        Sagas { sagas, changes: None }
+        Sagas { sagas, changes: None, watchers: Watchers::new(DEFAULT_MAX_WATCHERS_PER_PEER) }
+    }
+
+    /// At most `max` open `WatchSaga` streams per client address.
+    #[must_use]
+    pub fn with_max_watchers_per_peer(mut self, max: usize) -> Sagas {
+        self.watchers = Watchers::new(max);
+        self
     }
 
     /// Watches look at their saga when `changes` moves (the event log's
@@ -95,20 +142,17 @@ pub async fn run(
     result
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Status {
-    error_info(Code::Unavailable, format!("saga store: {e}"), "STORE_UNAVAILABLE", &[])
-}
-
 fn store_status(e: StoreError) -> Status {
     match e {
-        StoreError::Database(db) => unavailable(db),
-        StoreError::Pool(e) => unavailable(e),
-        StoreError::Log(e) => eventfold_platform::status::from_store(e),
+        // The driver's text only in the log (under the answer's error id).
+        StoreError::Database(db) => status::unavailable("the saga store", &db),
+        StoreError::Pool(e) => status::unavailable("the saga store", &e),
+        StoreError::Log(e) => status::from_store(e),
         StoreError::Conflict { saga_id, .. } => {
             error_info(Code::Aborted, "the saga changed meanwhile; try again", "SAGA_CHANGED", &[("saga_id", saga_id)])
         }
         StoreError::Corrupt { saga_id, message } => {
-            error_info(Code::Internal, message, "SAGA_CORRUPT", &[("saga_id", saga_id)])
+            status::internal(&format!("saga {saga_id} is unreadable: {message}"))
         }
     }
 }
@@ -117,11 +161,17 @@ fn not_found(saga_id: &str) -> Status {
     error_info(Code::NotFound, format!("no saga {saga_id}"), "SAGA_NOT_FOUND", &[("saga_id", saga_id.to_owned())])
 }
 
+/// `INVALID_ARGUMENT` unless `saga_id` is 1 to [`MAX_SAGA_ID_BYTES`] of
+/// visible ASCII (what the sagas' ids are made of).
 fn require_id(saga_id: &str) -> Result<(), Status> {
-    if saga_id.is_empty() || saga_id.len() > 200 {
-        return Err(invalid_argument([("saga_id".to_owned(), "must be 1 to 200 bytes".to_owned())]));
-    }
-    Ok(())
+    let why = if saga_id.is_empty() || saga_id.len() > MAX_SAGA_ID_BYTES {
+        format!("must be 1 to {MAX_SAGA_ID_BYTES} bytes")
+    } else if !saga_id.bytes().all(|b| b.is_ascii_graphic()) {
+        "must be visible ASCII (no spaces or control characters)".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(invalid_argument([("saga_id".to_owned(), why)]))
 }
 
 fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
@@ -176,29 +226,49 @@ fn saga_pb(record: &SagaRecord, steps: Vec<store::StepLog>) -> pb::Saga {
 /// A page cursor: (created_at in microseconds, saga id) of the last saga.
 type PageCursor = (i64, String);
 
-fn to_cursor(created_at: std::time::SystemTime, saga_id: &str) -> PageCursor {
-    let micros = created_at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+fn to_cursor(created_at: SystemTime, saga_id: &str) -> PageCursor {
+    let micros = created_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
     (i64::try_from(micros).unwrap_or(i64::MAX), saga_id.to_owned())
 }
 
-fn from_cursor((micros, saga_id): PageCursor) -> store::Cursor {
-    (std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0)), saga_id)
+/// The cursor of a page token, which a client can forge: its time goes
+/// through the same check as a request time (years 0001 to 9999), so that
+/// it never overflows here nor leaves PostgreSQL's range.
+fn from_cursor((micros, saga_id): PageCursor) -> Result<store::Cursor, Status> {
+    let seconds = micros.div_euclid(1_000_000);
+    let nanos = micros.rem_euclid(1_000_000).checked_mul(1000).and_then(|n| i32::try_from(n).ok());
+    let mut violations = Vec::new();
+    let at = nanos.and_then(|nanos| {
+        eventfold_platform::input::system_time(prost_types::Timestamp { seconds, nanos }, "page_token", &mut violations)
+    });
+    match at {
+        Some(at) if violations.is_empty() => Ok((at, saga_id)),
+        _ => Err(invalid_argument([("page_token".to_owned(), "is not a token this service issued".to_owned())])),
+    }
 }
 
 impl Sagas {
+    /// Saga `saga_id` with its history.
     async fn saga(&self, saga_id: &str) -> Result<pb::Saga, Status> {
-        Ok(self.saga_if_changed(saga_id, None).await?.expect("no version given: always answered"))
+        let record = self.sagas.load(saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
+        let steps = self.sagas.steps(saga_id).await.map_err(store_status)?;
+        Ok(saga_pb(&record, steps))
     }
 
-    /// Saga `saga_id` with its history, unless it is still at `version`
-    /// (then the history is not read).
-    async fn saga_if_changed(&self, saga_id: &str, version: Option<i64>) -> Result<Option<pb::Saga>, Status> {
-        let record = self.sagas.load(saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
-        if Some(record.version) == version {
-            return Ok(None);
-        }
-        let steps = self.sagas.steps(saga_id).await.map_err(store_status)?;
-        Ok(Some(saga_pb(&record, steps)))
+    /// Hands `saga` to the watchers of its id unless they have it or a
+    /// later version already (the follower and a new watch's first read
+    /// may race).
+    fn publish(&self, saga_id: &str, saga: Watched) {
+        self.watchers.update(saga_id, |current| {
+            let newer = match (&*current, &saga) {
+                (Some(Ok(current)), Ok(saga)) => saga.version > current.version,
+                _ => true,
+            };
+            if newer {
+                *current = Some(saga);
+            }
+            newer
+        });
     }
 
     /// Applies an operator's change to saga `saga_id` under its lock.
@@ -247,11 +317,19 @@ impl SagaService for Sagas {
             Err(_) => return Err(invalid_argument([("status".to_owned(), "unknown saga status".to_owned())])),
         };
         let size = page::size(r.page_size)?;
+        if r.page_token.len() > MAX_PAGE_TOKEN_BYTES {
+            return Err(invalid_argument([(
+                "page_token".to_owned(),
+                format!("must be at most {MAX_PAGE_TOKEN_BYTES} bytes"),
+            )]));
+        }
         let filters = format!("type={}&status={}", r.r#type, r.status);
-        let after = page::cursor::<PageCursor>(&filters, &r.page_token)?.map(from_cursor);
-        let mut rows = self.sagas.list(saga_type, status, after.as_ref(), size + 1).await.map_err(store_status)?;
-        let more = rows.len() as i64 > size;
-        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        let after = page::cursor::<PageCursor>(&filters, &r.page_token)?.map(from_cursor).transpose()?;
+        let limit = size.saturating_add(1);
+        let mut rows = self.sagas.list(saga_type, status, after.as_ref(), limit).await.map_err(store_status)?;
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        let more = rows.len() > size;
+        rows.truncate(size);
         let next_page_token = match rows.last() {
             Some((record, created_at)) if more => page::token(&filters, &to_cursor(*created_at, &record.saga_id)),
             _ => String::new(),
@@ -263,50 +341,29 @@ impl SagaService for Sagas {
     type WatchSagaStream = WatchStream;
 
     async fn watch_saga(&self, request: Request<pb::WatchSagaRequest>) -> Result<Response<WatchStream>, Status> {
+        let peer = request.remote_addr().map(|addr| addr.ip());
         let r = request.into_inner();
         require_id(&r.saga_id)?;
+        let (subscription, start) = self.watchers.subscribe(&r.saga_id, peer)?;
+        // Started before anything can fail: the registry counts on it.
+        if start {
+            tokio::spawn(follow_sagas(self.clone()));
+        }
+        // Read once per watch: an unknown saga is NOT_FOUND at once, and the
+        // first answer never waits for the follower.
         let first = self.saga(&r.saga_id).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let service = self.clone();
-        let mut changes = self.changes.clone();
-        tokio::spawn(async move {
-            let mut last = first;
-            if tx.send(Ok(pb::WatchSagaResponse { saga: Some(last.clone()) })).await.is_err() {
-                return;
+        self.publish(&r.saga_id, Ok(first));
+        let stream = subscription.into_stream(|saga: Watched| match saga {
+            Ok(saga) => {
+                let finished = matches!(
+                    pb::SagaStatus::try_from(saga.status),
+                    Ok(pb::SagaStatus::Completed | pb::SagaStatus::Failed)
+                );
+                (Ok(pb::WatchSagaResponse { saga: Some(saga) }), finished)
             }
-            let finished = |s: &pb::Saga| {
-                matches!(pb::SagaStatus::try_from(s.status), Ok(pb::SagaStatus::Completed | pb::SagaStatus::Failed))
-            };
-            while !finished(&last) {
-                tokio::select! {
-                    () = tokio::time::sleep(WATCH_POLL) => {}
-                    () = tx.closed() => return,
-                }
-                if let Some(changes) = &mut changes {
-                    tokio::select! {
-                        // A log that is gone leaves the fallback.
-                        Ok(()) = changes.changed() => {}
-                        () = tokio::time::sleep(WATCH_FALLBACK) => {}
-                        () = tx.closed() => return,
-                    }
-                }
-                // The step history only when the saga changed.
-                match service.saga_if_changed(&r.saga_id, Some(last.version)).await {
-                    Ok(Some(now)) => {
-                        if tx.send(Ok(pb::WatchSagaResponse { saga: Some(now.clone()) })).await.is_err() {
-                            return;
-                        }
-                        last = now;
-                    }
-                    Ok(None) => {}
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                }
-            }
+            Err(status) => (Err(status), true),
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn retry_saga(
@@ -349,5 +406,66 @@ impl SagaService for Sagas {
             })
             .await?;
         Ok(Response::new(pb::AbortSagaResponse { saga: Some(saga) }))
+    }
+}
+
+/// The one follower of every watched saga: at each wake-up (the event log
+/// moved, see [`Sagas::with_changes`], or a fallback poll), one statement
+/// reads the versions of all watched sagas; only a saga whose version
+/// moved is read (with its history) and handed to its watchers. Ends when
+/// nothing is watched.
+async fn follow_sagas(service: Sagas) {
+    let mut changes = service.changes.clone();
+    // The version at which a watched saga could not be read (its watchers
+    // got the error): not read again until it moves.
+    let mut failed: HashMap<String, i64> = HashMap::new();
+    loop {
+        if service.watchers.stop_if_idle() {
+            return;
+        }
+        let ids = service.watchers.ids();
+        let watched: HashSet<&String> = ids.iter().collect();
+        failed.retain(|id, _| watched.contains(id));
+        match service.sagas.versions(&ids).await {
+            Ok(versions) => {
+                for (saga_id, version) in versions {
+                    // What the watchers have (a new watch's own first read
+                    // included) is not read again.
+                    let published = service.watchers.peek(&saga_id, |current| match current {
+                        Some(Ok(saga)) => Some(saga.version),
+                        _ => None,
+                    });
+                    if published.flatten() == Some(version) || failed.get(&saga_id) == Some(&version) {
+                        continue;
+                    }
+                    match service.saga(&saga_id).await {
+                        Ok(saga) => {
+                            failed.remove(&saga_id);
+                            service.publish(&saga_id, Ok(saga));
+                        }
+                        // Tried again at the next wake-up.
+                        Err(status) if status.code() == Code::Unavailable => {}
+                        Err(status) => {
+                            failed.insert(saga_id.clone(), version);
+                            service.publish(&saga_id, Err(status));
+                        }
+                    }
+                }
+            }
+            // Logged with its error id (see `store_status`); tried again.
+            Err(e) => drop(store_status(e)),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(WATCH_POLL) => {}
+            () = service.watchers.woken() => {}
+        }
+        if let Some(changes) = &mut changes {
+            tokio::select! {
+                // A log that is gone leaves the fallback.
+                Ok(()) = changes.changed() => {}
+                () = tokio::time::sleep(WATCH_FALLBACK) => {}
+                () = service.watchers.woken() => {}
+            }
+        }
     }
 }

@@ -25,6 +25,7 @@ pub mod ports;
 pub mod repo;
 pub mod steps;
 pub mod store;
+mod watchers;
 
 pub use crate::{
     intake::SagaIntake,

@@ -96,6 +96,18 @@ impl Repository {
         }
     }
 
+    /// The versions of those of `saga_ids` that exist (what a watch
+    /// compares to tell which sagas changed), in one read.
+    pub async fn versions(&self, saga_ids: &[String]) -> Result<Vec<(String, i64)>> {
+        match self {
+            Repository::Postgres(pool) => store::versions(&*pool.get().await.map_err(pool_error)?, saga_ids).await,
+            Repository::Memory(m) => {
+                let entries = m.entries();
+                Ok(saga_ids.iter().filter_map(|id| Some((id.clone(), entries.get(id)?.record.version))).collect())
+            }
+        }
+    }
+
     /// The step history of saga `saga_id`, in order.
     pub async fn steps(&self, saga_id: &str) -> Result<Vec<StepLog>> {
         match self {

@@ -258,6 +258,14 @@ pub async fn list(
     rows.iter().map(|r| Ok((record(r)?, r.get("created_at")))).collect()
 }
 
+/// The versions of those of `saga_ids` that exist: one statement for any
+/// number of watched sagas.
+pub async fn versions(client: &impl GenericClient, saga_ids: &[String]) -> Result<Vec<(String, i64)>> {
+    let rows =
+        client.query("SELECT saga_id, version FROM saga.saga_instances WHERE saga_id = ANY($1)", &[&saga_ids]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// The history of saga `saga_id`, in order.
 pub async fn steps(client: &impl GenericClient, saga_id: &str) -> Result<Vec<StepLog>> {
     let rows = client

@@ -163,7 +163,7 @@ async fn per(client: &tokio_postgres::Client, event_type: &str, key: &str) -> BT
 
 impl Bed {
     async fn send(&self, command: Command) {
-        self.bus.clone().oneshot(Envelope::new(command, Meta::default())).await.unwrap();
+        self.bus.clone().oneshot(Envelope::new(command, test_meta())).await.unwrap();
     }
 
     async fn order(&self, order_id: &str, token: &str, carrier: &str) {
@@ -475,7 +475,7 @@ async fn sagas_finish_exactly_once_across_orchestrator_crashes(source: Source) {
                     carrier: Some(carriers[o % 5].into()),
                 };
                 let command = Command::Order { order_id: format!("k-{o}"), command: create.into() };
-                bus.clone().oneshot(Envelope::new(command, Meta::default())).await.unwrap();
+                bus.clone().oneshot(Envelope::new(command, test_meta())).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(7)).await;
             }
         })
@@ -622,7 +622,7 @@ async fn concurrent_sagas_on_scarce_stock_keep_the_stock_whole(source: Source) {
         };
         async move {
             let command = Command::Order { order_id: format!("c-{o}"), command: create.into() };
-            bus.oneshot(Envelope::new(command, Meta::default())).await.unwrap();
+            bus.oneshot(Envelope::new(command, test_meta())).await.unwrap();
         }
     });
     futures_util::future::join_all(creates).await;
@@ -813,4 +813,10 @@ async fn a_saga_with_unreadable_data_is_parked_and_holds_up_no_other() {
     assert!(parked.due_at > now + Duration::from_secs(3000), "due again in an hour");
     let history = store::steps(&bed.client, "broken").await.unwrap();
     assert_eq!(history.last().map(|s| s.outcome.as_str()), Some("PARKED"));
+}
+
+/// Metadata of a command sent straight to the bus: a correlation id is
+/// required (1 to 128 bytes of visible ASCII), like any caller's.
+fn test_meta() -> Meta {
+    Meta { correlation_id: "test".to_owned(), ..Meta::default() }
 }

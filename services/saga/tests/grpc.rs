@@ -1,5 +1,6 @@
 //! SagaService over gRPC on a real PostgreSQL: pages, filters and their
-//! tokens, and the operators' abort and retry.
+//! tokens, the operators' abort and retry, shared and capped watches, and
+//! what an outage answers.
 
 use std::time::{Duration, SystemTime};
 
@@ -94,4 +95,174 @@ async fn list_sagas_pages_by_filters_and_operators_abort_and_retry() {
     assert_eq!(missing.code(), Code::NotFound);
     let stored = store::load(&client, "f-1").await.unwrap().unwrap();
     assert_eq!(stored.version, 1, "saved once");
+}
+
+/// What the `google.rpc.Status` details of a status say, decoded by hand
+/// (this crate does not depend on tonic-types): the ErrorInfo's reason and
+/// metadata, the BadRequest's fields.
+#[derive(Debug, Default)]
+struct Details {
+    reason: Option<String>,
+    metadata: std::collections::BTreeMap<String, String>,
+    bad_fields: Vec<String>,
+}
+
+fn varint(bytes: &mut &[u8]) -> u64 {
+    let mut value = 0;
+    for shift in (0..64).step_by(7) {
+        let (byte, rest) = bytes.split_first().expect("a complete varint");
+        *bytes = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if *byte < 0x80 {
+            break;
+        }
+    }
+    value
+}
+
+/// The length-delimited fields of a protobuf message, by number.
+fn fields(mut bytes: &[u8]) -> Vec<(u64, &[u8])> {
+    let mut found = Vec::new();
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes);
+        match key & 7 {
+            0 => drop(varint(&mut bytes)),
+            1 => bytes = &bytes[8..],
+            2 => {
+                let len = usize::try_from(varint(&mut bytes)).unwrap();
+                let (value, rest) = bytes.split_at(len);
+                found.push((key >> 3, value));
+                bytes = rest;
+            }
+            5 => bytes = &bytes[4..],
+            other => panic!("wire type {other}"),
+        }
+    }
+    found
+}
+
+fn details(status: &tonic::Status) -> Details {
+    let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).unwrap();
+    let field = |message: &[u8], n: u64| fields(message).into_iter().find(|(m, _)| *m == n).map(|(_, v)| v.to_vec());
+    let mut found = Details::default();
+    for (n, any) in fields(status.details()) {
+        // google.rpc.Status.details: Any { type_url = 1, value = 2 }.
+        if n != 3 {
+            continue;
+        }
+        let type_url = field(any, 1).map(|t| text(&t)).unwrap_or_default();
+        let value = field(any, 2).unwrap_or_default();
+        for (n, part) in fields(&value) {
+            match (type_url.rsplit('/').next(), n) {
+                (Some("google.rpc.ErrorInfo"), 1) => found.reason = Some(text(part)),
+                (Some("google.rpc.ErrorInfo"), 3) => {
+                    let key = field(part, 1).map(|k| text(&k)).unwrap_or_default();
+                    found.metadata.insert(key, field(part, 2).map(|v| text(&v)).unwrap_or_default());
+                }
+                (Some("google.rpc.BadRequest"), 1) => found.bad_fields.extend(field(part, 1).map(|f| text(&f))),
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+/// The next message of a watch, within 10 s.
+async fn message(stream: &mut tonic::Streaming<pb::WatchSagaResponse>) -> pb::Saga {
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+    next.expect("a message within 10 s").unwrap().unwrap().saga.unwrap()
+}
+
+/// The saga service on a loopback port: its client.
+async fn serve(sagas: Sagas) -> SagaServiceClient<tonic::transport::Channel> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_health, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET]).unwrap();
+    let router = add_services(router, sagas);
+    tokio::spawn(router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    SagaServiceClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_saga_is_shared_by_its_watchers_capped_per_peer_and_saga_ids_are_bounded() {
+    let db = TestDatabase::migrated().await;
+    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    for id in ["f-0", "f-1", "f-2"] {
+        store::start(&client, &saga(id, SagaType::OrderFulfilment)).await.unwrap();
+    }
+    let api = serve(Sagas::connect(db.url()).await.unwrap().with_max_watchers_per_peer(2)).await;
+    let watch = |id: &str| {
+        let mut api = api.clone();
+        let request = pb::WatchSagaRequest { saga_id: id.to_owned() };
+        async move { api.watch_saga(request).await.map(tonic::Response::into_inner) }
+    };
+    let mut first = watch("f-0").await.unwrap();
+    let mut second = watch("f-0").await.unwrap();
+    for stream in [&mut first, &mut second] {
+        assert_eq!(message(stream).await.version, 0, "the saga now, first");
+    }
+    let refused = watch("f-1").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(details(&refused).reason.as_deref(), Some("TOO_MANY_WATCHERS"));
+
+    // Both watchers of f-0 see its change.
+    api.clone().abort_saga(pb::AbortSagaRequest { saga_id: "f-0".into() }).await.unwrap();
+    for stream in [&mut first, &mut second] {
+        let saga = message(stream).await;
+        assert_eq!((saga.version, saga.status), (1, pb::SagaStatus::Compensating as i32));
+    }
+
+    // A closed watch frees its slot.
+    drop(second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut other = loop {
+        match watch("f-1").await {
+            Ok(stream) => break stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(std::time::Instant::now() < deadline, "the closed watch was let go");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(message(&mut other).await.saga_id, "f-1");
+
+    // Saga ids: visible ASCII, at most 137 bytes (a 128-byte order id and
+    // its prefix).
+    for id in ["f 0".to_owned(), "f\u{7f}".to_owned(), "é".to_owned(), "x".repeat(138)] {
+        let status = api.clone().get_saga(pb::GetSagaRequest { saga_id: id.clone() }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{id:?}: {status:?}");
+        assert_eq!(details(&status).bad_fields, ["saga_id"]);
+    }
+    let status = api.clone().get_saga(pb::GetSagaRequest { saga_id: format!("fulfil-{}", "x".repeat(128)) }).await;
+    assert_eq!(status.unwrap_err().code(), Code::NotFound, "the longest order id's saga is a valid id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_saga_store_answers_unavailable_with_an_error_id_and_no_driver_text() {
+    let url = eventfold_tests::unreachable_database_url();
+    let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).unwrap().to_owned();
+    let api = serve(Sagas::connect(&url).await.expect("the pool connects lazily")).await;
+    let (mut a, mut b, mut c) = (api.clone(), api.clone(), api.clone());
+    let (got, listed, watched) = tokio::join!(
+        a.get_saga(pb::GetSagaRequest { saga_id: "f-0".into() }),
+        b.list_sagas(pb::ListSagasRequest::default()),
+        c.watch_saga(pb::WatchSagaRequest { saga_id: "f-0".into() }),
+    );
+    let statuses = [got.unwrap_err(), listed.unwrap_err(), watched.map(drop).unwrap_err()];
+    for status in &statuses {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        let info = details(status);
+        assert!(info.reason.is_some(), "an ErrorInfo: {status:?}");
+        let id = info.metadata.get("error_id").expect("an error id to find the log line by");
+        assert!(!id.is_empty() && status.message().contains(id.as_str()), "{status:?}");
+        let leaks = ["sqlstate", "postgres", "connection", "127.0.0.1", "bb8", "db error", "timed out", &port];
+        for text in std::iter::once(status.message()).chain(info.metadata.values().map(String::as_str)) {
+            let text = text.to_lowercase();
+            for leak in leaks {
+                assert!(!text.contains(leak), "{leak:?} reached the client: {status:?}");
+            }
+        }
+    }
 }
