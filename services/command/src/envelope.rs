@@ -189,12 +189,7 @@ pub struct Meta {
 impl Default for Meta {
     /// No request id or principal, a fresh correlation id.
     fn default() -> Self {
-        Self {
-            request_id: None,
-            principal: None,
-            correlation_id: uuid::Uuid::now_v7().to_string(),
-            causation_id: None,
-        }
+        Self { request_id: None, principal: None, correlation_id: uuid::Uuid::now_v7().to_string(), causation_id: None }
     }
 }
 
