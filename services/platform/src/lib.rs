@@ -9,6 +9,7 @@ pub mod page;
 pub mod server;
 pub mod status;
 pub mod telemetry;
+pub mod watchers;
 
 /// Errors of the platform plumbing.
 #[derive(Debug, thiserror::Error)]

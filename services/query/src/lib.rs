@@ -39,7 +39,6 @@ mod cache;
 mod orders;
 mod others;
 mod positions;
-mod watchers;
 
 use std::{
     collections::hash_map::RandomState,
@@ -54,8 +53,8 @@ use std::{
 
 use bb8::{Pool, PooledConnection};
 use bb8_postgres::PostgresConnectionManager;
-use eventfold_platform::server::Router;
 use eventfold_platform::status::{self, error_info};
+use eventfold_platform::{server::Router, watchers::Watchers};
 use eventfold_proto::query::{
     OrderView, account_query_service_server::AccountQueryServiceServer,
     inventory_query_service_server::InventoryQueryServiceServer, order_query_service_server::OrderQueryServiceServer,
@@ -136,7 +135,7 @@ pub struct Query {
     log: Arc<dyn EventLog>,
     max_wait: Duration,
     /// The WatchOrder clients, by order id.
-    watchers: Arc<watchers::Watchers<Result<OrderView, Status>>>,
+    watchers: Arc<Watchers<Result<OrderView, Status>>>,
 }
 
 impl std::fmt::Debug for Query {
@@ -161,7 +160,7 @@ impl Query {
             Some(_) => Some(Cache::connect(config.cache.clone()).await.map_err(Error::Setup)?),
             None => None,
         };
-        let watchers = watchers::Watchers::new(usize::try_from(config.max_watchers_per_peer).unwrap_or(usize::MAX));
+        let watchers = Watchers::new(usize::try_from(config.max_watchers_per_peer).unwrap_or(usize::MAX));
         let max_wait = Duration::from_millis(config.max_wait_ms);
         let query = Arc::new(Self { pool, positions, cache, log, max_wait, watchers });
         if query.cache.is_some() && config.cache.warm_orders > 0 {

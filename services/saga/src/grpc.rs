@@ -27,11 +27,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use eventfold_platform::server::Router;
 use eventfold_platform::{
     page,
     status::{self, error_info, invalid_argument},
 };
+use eventfold_platform::{server::Router, watchers::Watchers};
 use eventfold_proto::sagas::{
     self as pb,
     saga_service_server::{SagaService, SagaServiceServer},
@@ -42,7 +42,6 @@ use crate::{
     model::{SagaType, Status as SagaStatus},
     repo::Repository,
     store::{self, SagaRecord, StoreError},
-    watchers::Watchers,
 };
 
 /// The gRPC names of the saga service, as health and reflection know them.

@@ -25,7 +25,6 @@ pub mod ports;
 pub mod repo;
 pub mod steps;
 pub mod store;
-mod watchers;
 
 pub use crate::{
     intake::SagaIntake,

@@ -1,10 +1,10 @@
-//! Watches shared per watched id: every client watching the same id reads
-//! the same [`watch`] channel, which one follower task (per service, for
-//! all ids at once) feeds. Clients count per id and per peer address: an
-//! id is dropped with its last client, the follower stops with the last id,
-//! and a peer holds at most a bounded number of watches (a client that
-//! opens watches without end would otherwise hold memory and reads
-//! without end).
+//! Watches shared per watched id (an order, a saga): every client watching
+//! the same id reads the same [`watch`] channel, which one follower task
+//! (per service, for all ids at once) feeds. Clients count per id and per
+//! peer address: an id is dropped with its last client, the follower stops
+//! with the last id, and a peer holds at most a bounded number of watches
+//! (a client that opens watches without end would otherwise hold memory and
+//! reads without end). WatchOrder and WatchSaga both run on it.
 
 use std::{
     collections::HashMap,
@@ -17,10 +17,10 @@ use tokio::sync::{Notify, watch};
 use tonic::{Code, Status};
 
 /// The ErrorInfo reason of a watch refused because its peer holds too many.
-pub(crate) const TOO_MANY_WATCHERS: &str = "TOO_MANY_WATCHERS";
+pub const TOO_MANY_WATCHERS: &str = "TOO_MANY_WATCHERS";
 
 /// See the module documentation.
-pub(crate) struct Watchers<V> {
+pub struct Watchers<V> {
     state: Mutex<State<V>>,
     /// Wakes the follower: an id came or went.
     wake: Notify,
@@ -49,7 +49,7 @@ impl<V> std::fmt::Debug for Watchers<V> {
 
 impl<V> Watchers<V> {
     /// Watchers that allow `max_per_peer` open watches per client address.
-    pub(crate) fn new(max_per_peer: usize) -> Arc<Self> {
+    pub fn new(max_per_peer: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State { watched: HashMap::new(), peers: HashMap::new(), following: false }),
             wake: Notify::new(),
@@ -64,15 +64,11 @@ impl<V> Watchers<V> {
     /// A watch of `id` for a client at `peer`, and whether the caller must
     /// start the follower (none runs); RESOURCE_EXHAUSTED when `peer`
     /// already holds as many watches as allowed.
-    pub(crate) fn subscribe(
-        self: &Arc<Self>,
-        id: &str,
-        peer: Option<IpAddr>,
-    ) -> Result<(Subscription<V>, bool), Status> {
+    pub fn subscribe(self: &Arc<Self>, id: &str, peer: Option<IpAddr>) -> Result<(Subscription<V>, bool), Status> {
         let mut state = self.lock();
         let open = state.peers.get(&peer).copied().unwrap_or(0);
         if open >= self.max_per_peer {
-            return Err(eventfold_platform::status::error_info(
+            return Err(crate::status::error_info(
                 Code::ResourceExhausted,
                 format!(
                     "at most {} watches may be open at once from one client address; close one first",
@@ -96,21 +92,26 @@ impl<V> Watchers<V> {
     }
 
     /// The ids watched now.
-    pub(crate) fn ids(&self) -> Vec<String> {
+    pub fn ids(&self) -> Vec<String> {
         self.lock().watched.keys().cloned().collect()
     }
 
     /// Changes what the watchers of `id` see, if anyone watches it: `update`
     /// says whether it changed anything (only then are they woken).
-    pub(crate) fn update(&self, id: &str, update: impl FnOnce(&mut Option<V>) -> bool) {
+    pub fn update(&self, id: &str, update: impl FnOnce(&mut Option<V>) -> bool) {
         if let Some(watched) = self.lock().watched.get(id) {
             watched.tx.send_if_modified(update);
         }
     }
 
+    /// `look` at what the watchers of `id` have, if anyone watches it.
+    pub fn peek<R>(&self, id: &str, look: impl FnOnce(&Option<V>) -> R) -> Option<R> {
+        self.lock().watched.get(id).map(|watched| look(&watched.tx.borrow()))
+    }
+
     /// Called by the follower: true (and the follower must end) when
     /// nothing is watched any more; the next watch starts a new one.
-    pub(crate) fn stop_if_idle(&self) -> bool {
+    pub fn stop_if_idle(&self) -> bool {
         let mut state = self.lock();
         if state.watched.is_empty() {
             state.following = false;
@@ -121,13 +122,13 @@ impl<V> Watchers<V> {
     }
 
     /// Until an id comes or goes (or came or went since the last call).
-    pub(crate) async fn woken(&self) {
+    pub async fn woken(&self) {
         self.wake.notified().await;
     }
 }
 
 /// One client's watch of one id; dropping it (the client went) lets go.
-pub(crate) struct Subscription<V> {
+pub struct Subscription<V> {
     watchers: Arc<Watchers<V>>,
     id: String,
     peer: Option<IpAddr>,
@@ -159,7 +160,7 @@ impl<V: Clone + Send + Sync + 'static> Subscription<V> {
     /// each new one (a client slower than the changes sees the latest);
     /// `item` maps a value to what is sent and says whether the stream ends
     /// after it.
-    pub(crate) fn into_stream<T, F>(self, item: F) -> impl Stream<Item = Result<T, Status>> + Send + 'static
+    pub fn into_stream<T, F>(self, item: F) -> impl Stream<Item = Result<T, Status>> + Send + 'static
     where
         T: Send + 'static,
         F: Fn(V) -> (Result<T, Status>, bool) + Send + Sync + 'static,
