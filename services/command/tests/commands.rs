@@ -555,7 +555,13 @@ async fn forged_client_snapshots_never_reach_the_command_side(mut s: Server) {
         amount: eur(1_000),
     };
     for (n, balance) in [(1, json!({ "minor": 100_000_000_000i64, "currency": "EUR" })), (2, json!(null))] {
-        let state = json!({ "opened": true, "closed": false, "balance": balance, "account_id": "acct-forged" });
+        // A state the account aggregate reads (the loader would otherwise
+        // ignore it as unreadable, whatever its namespace).
+        let state = json!({
+            "id": "acct-forged", "owner_id": "u-1", "opened": true, "closed": false,
+            "balance": balance, "movements": {},
+        });
+        serde_json::from_value::<eventfold_domain::account::Account>(state.clone()).expect("a readable state");
         let save = store_pb::SaveSnapshotRequest {
             stream_id: "account-acct-forged".into(),
             version: 0,
@@ -723,4 +729,56 @@ async fn a_thousand_concurrent_orders_never_oversell() {
         let events = loaded.version.map_or(0, |v| v + 1);
         assert_eq!(events, 2 + loaded.state.reservations.len() as u64, "sku-{p}: no event beyond the granted ones");
     }
+}
+
+/// A snapshot is used only while the stream's chain has, at the snapshot's
+/// version, the link recorded with it: one whose link does not match (here
+/// rewritten in the table, as a restore from another database or a copy
+/// from another stream would leave it) is ignored, and the events decide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_whose_link_does_not_match_the_chain_is_ignored() {
+    let backend = postgres().await;
+    let url = backend._db.as_ref().expect("a database").url().to_owned();
+    let mut s = Server::start(backend).await;
+    let register =
+        inventory_pb::RegisterProductRequest { product_id: "sku-l".into(), name: "Lamp".into(), ..Default::default() };
+    s.inventory.register_product(register).await.expect("register");
+    let replenish =
+        inventory_pb::ReplenishStockRequest { product_id: "sku-l".into(), quantity: 2, ..Default::default() };
+    s.inventory.replenish_stock(replenish).await.expect("replenish");
+    // The command side's own snapshot, claiming more stock than the events.
+    let forged = Snapshot::new(
+        "inventory-sku-l",
+        SnapshotNamespace::Aggregate,
+        1,
+        json!({
+            "product_id": "sku-l", "name": "Lamp", "registered": true, "available": 1000,
+            "reservations": {}, "closed": [], "consumed": 0,
+        }),
+    );
+    let saved = s.log.save_snapshot(forged).await.expect("save");
+    let reserve = |order: &str, quantity| inventory_pb::ReserveStockRequest {
+        product_id: "sku-l".into(),
+        order_id: order.into(),
+        quantity,
+        ..Default::default()
+    };
+    // While its link matches, the snapshot is trusted (it is the command
+    // side's own namespace): the white-box proof that it is read at all.
+    let loaded = Handler::new(s.log.clone(), SnapshotPolicy::default()).load::<Inventory>("inventory-sku-l").await;
+    assert_eq!(loaded.unwrap().state.available, 1000);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let mut other = saved.head_hash;
+    other[0] ^= 0xff;
+    let changed = client
+        .execute(
+            "UPDATE eventstore.snapshots SET head_hash = $1 WHERE stream_id = 'inventory-sku-l'",
+            &[&other.as_slice()],
+        )
+        .await
+        .expect("rewrite the link");
+    assert_eq!(changed, 1);
+    rejected(s.inventory.reserve_stock(reserve("o-l1", 5)).await, "INSUFFICIENT_STOCK");
+    s.inventory.reserve_stock(reserve("o-l2", 2)).await.expect("the events' stock of 2");
 }

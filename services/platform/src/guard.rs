@@ -180,3 +180,72 @@ impl HttpBody for Held {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tonic_types::StatusExt;
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+
+    fn request(peer: &str) -> http::Request<Body> {
+        let mut request = http::Request::new(Body::empty());
+        let remote_addr: SocketAddr = peer.parse().expect("address");
+        request.extensions_mut().insert(TcpConnectInfo { local_addr: None, remote_addr: Some(remote_addr) });
+        request
+    }
+
+    fn status_of<B>(response: &http::Response<B>) -> Status {
+        Status::from_header_map(response.headers()).expect("a grpc-status in the headers")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_internal_with_an_error_id() {
+        let service = ServiceBuilder::new().layer(catch_panic()).service(service_fn(|_: http::Request<Body>| async {
+            if true {
+                panic!("secret detail: postgres://user:password@db/x");
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+        }));
+        let response = service.oneshot(request("10.0.0.1:1")).await.expect("an answer, not a panic");
+        let status = status_of(&response);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(!status.message().contains("secret") && !status.message().contains("postgres"), "{status:?}");
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "INTERNAL");
+        assert!(info.metadata.get("error_id").is_some_and(|id| status.message().contains(id.as_str())));
+    }
+
+    #[tokio::test]
+    async fn calls_per_peer_are_capped_until_their_bodies_are_dropped() {
+        /// A response body still being sent (a stream, or a unary answer
+        /// not yet written): an ended body gives its slot back at once.
+        struct Open;
+        impl HttpBody for Open {
+            type Data = Bytes;
+            type Error = Status;
+            fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+                Poll::Pending
+            }
+        }
+        let layer = PeerLimitLayer::new(2);
+        let ok = service_fn(|_: http::Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(Open)))
+        });
+        let service = ServiceBuilder::new().layer(layer).service(ok);
+        let first = service.clone().oneshot(request("10.0.0.1:1")).await.unwrap();
+        let second = service.clone().oneshot(request("10.0.0.1:2")).await.unwrap();
+        assert!(first.headers().get("grpc-status").is_none() && second.headers().get("grpc-status").is_none());
+        let third = service.clone().oneshot(request("10.0.0.1:3")).await.unwrap();
+        let status = status_of(&third);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.get_details_error_info().expect("ErrorInfo").reason, "TOO_MANY_CALLS");
+        let elsewhere = service.clone().oneshot(request("10.0.0.2:1")).await.unwrap();
+        assert!(elsewhere.headers().get("grpc-status").is_none(), "another peer has slots of its own");
+        drop(first);
+        let again = service.clone().oneshot(request("10.0.0.1:4")).await.unwrap();
+        assert!(again.headers().get("grpc-status").is_none(), "a finished call gives its slot back");
+    }
+}
