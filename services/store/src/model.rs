@@ -145,15 +145,15 @@ pub struct EventMetadata {
 }
 
 impl EventMetadata {
+    /// The ids, by their stored names.
+    fn ids(&self) -> [(&'static str, &Option<String>); 3] {
+        [("correlation_id", &self.correlation_id), ("causation_id", &self.causation_id), ("user_id", &self.user_id)]
+    }
+
     /// The metadata as the JSON object that is stored and hashed.
     pub fn to_json(&self) -> Value {
         let mut map = serde_json::Map::new();
-        let ids = [
-            ("correlation_id", &self.correlation_id),
-            ("causation_id", &self.causation_id),
-            ("user_id", &self.user_id),
-        ];
-        for (key, id) in ids {
+        for (key, id) in self.ids() {
             if let Some(id) = id {
                 map.insert(key.to_owned(), Value::String(id.clone()));
             }
@@ -170,12 +170,7 @@ impl EventMetadata {
     /// them, and no control characters in keys or values (their size counts
     /// in the event's [`MAX_EVENT_BYTES`]).
     pub fn validate(&self, field: &str, violations: &mut Vec<FieldViolation>) {
-        let ids = [
-            ("correlation_id", &self.correlation_id),
-            ("causation_id", &self.causation_id),
-            ("user_id", &self.user_id),
-        ];
-        for (name, id) in ids {
+        for (name, id) in self.ids() {
             if let Some(id) = id {
                 check_id(&format!("{field}.{name}"), id, violations);
             }
@@ -259,8 +254,7 @@ impl RecordedEvent {
 }
 
 fn metadata_size(metadata: &EventMetadata) -> usize {
-    let ids = [&metadata.correlation_id, &metadata.causation_id, &metadata.user_id];
-    let ids: usize = ids.iter().map(|id| id.as_ref().map_or(0, String::len)).sum();
+    let ids: usize = metadata.ids().iter().map(|(_, id)| id.as_ref().map_or(0, String::len)).sum();
     let custom: usize = metadata.custom.iter().map(|(k, v)| k.len().saturating_add(v.len())).sum();
     ids.saturating_add(custom)
 }

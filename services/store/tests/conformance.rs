@@ -750,6 +750,22 @@ conformance!(memory, || async {
     (guard, log)
 });
 
+/// The memory adapter forgets request ids after its retention too.
+#[tokio::test]
+async fn memory_request_ids_are_forgotten_after_their_retention() {
+    let log = MemoryEventLog::with_request_retention(Duration::from_millis(10));
+    let request = |n: u64| {
+        let mut r = append("expiring", ExpectedVersion::Any, vec![event("E", n)]);
+        r.request_id = Some("req-expiring".into());
+        r
+    };
+    log.append(request(0)).await.expect("first use");
+    assert!(matches!(log.append(request(1)).await, Err(Error::RequestIdReused { .. })), "remembered");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let again = log.append(request(1)).await.expect("a forgotten id is free");
+    assert!(!again.duplicate);
+}
+
 conformance!(postgres, || async {
     let (db, log) = common::postgres().await;
     let guard: Box<dyn std::any::Any + Send> = Box::new(db);

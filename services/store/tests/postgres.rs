@@ -1009,3 +1009,24 @@ async fn accepted_payloads_stay_readable() {
     assert_eq!(all.expect("read_all").events.len(), 1);
     assert!(log.verify_stream("json-max").await.unwrap().is_valid());
 }
+
+/// Request ids are forgotten after their retention: then the id is free
+/// again (the first answer is gone, a new request may use it). What the
+/// background pruning runs, called at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_forgotten_after_their_retention() {
+    let (_db, log) = common::postgres().await;
+    let request = |n: u64| {
+        let mut r = AppendRequest::new("expiring", ExpectedVersion::Any, vec![NewEvent::new("E", json!({ "n": n }))]);
+        r.request_id = Some("req-expiring".into());
+        r
+    };
+    log.append(request(0)).await.expect("first use");
+    assert!(matches!(log.append(request(1)).await, Err(Error::RequestIdReused { .. })), "remembered");
+    assert_eq!(log.forget_requests_older_than(Duration::from_secs(3600)).await.unwrap(), 0, "younger than an hour");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(log.forget_requests_older_than(Duration::from_millis(10)).await.unwrap(), 1);
+    let again = log.append(request(1)).await.expect("a forgotten id is free");
+    assert!(!again.duplicate);
+    assert_eq!(again.first_version, 1);
+}

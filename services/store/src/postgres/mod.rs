@@ -173,6 +173,12 @@ impl PostgresEventLog {
         Ok(Self { pool, jobs, appended, gap_wait: config.gap_wait, gaps: std::sync::Mutex::default(), tasks })
     }
 
+    /// Forgets now the request ids answered more than `age` ago (the
+    /// background pruning does this with `request_retention`); how many.
+    pub async fn forget_requests_older_than(&self, age: Duration) -> Result<u64> {
+        forget_requests(&self.pool, age).await
+    }
+
     async fn conn(&self) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>> {
         self.pool.get().await.map_err(pool_error)
     }
@@ -673,35 +679,37 @@ async fn listen(config: &Config, connect_timeout: Duration, appended: &watch::Se
     driver.await.unwrap_or(Ok(())).map_err(|e| e.to_string())
 }
 
-/// Forgets request ids older than `retention`, in small batches so that no
-/// long transaction holds up appends; runs about every `retention / 100`
+/// Forgets the request ids answered more than `age` ago, in batches of
+/// 1,000 so that no long transaction holds up appends; how many it forgot.
+async fn forget_requests(pool: &Pool<PostgresConnectionManager<NoTls>>, age: Duration) -> Result<u64> {
+    let age_secs = age.as_secs_f64();
+    let mut forgotten = 0u64;
+    loop {
+        let client = pool.get().await.map_err(pool_error)?;
+        let n = client
+            .execute(
+                "DELETE FROM eventstore.append_requests WHERE ctid = ANY (ARRAY( \
+                   SELECT ctid FROM eventstore.append_requests \
+                   WHERE created_at < clock_timestamp() - make_interval(secs => $1) LIMIT 1000))",
+                &[&age_secs],
+            )
+            .await
+            .map_err(db_error)?;
+        forgotten = forgotten.saturating_add(n);
+        if n < 1000 {
+            return Ok(forgotten);
+        }
+    }
+}
+
+/// Runs [`forget_requests`] with `retention` about every `retention / 100`
 /// (at least every minute, at most every hour).
 async fn prune_requests(pool: Pool<PostgresConnectionManager<NoTls>>, retention: Duration) {
     let every = (retention / 100).clamp(Duration::from_secs(60), Duration::from_secs(3600));
-    let retention_secs = retention.as_secs_f64();
     loop {
         tokio::time::sleep(every).await;
-        loop {
-            let pruned = match pool.get().await {
-                Ok(client) => client
-                    .execute(
-                        "DELETE FROM eventstore.append_requests WHERE ctid = ANY (ARRAY( \
-                           SELECT ctid FROM eventstore.append_requests \
-                           WHERE created_at < clock_timestamp() - make_interval(secs => $1) LIMIT 1000))",
-                        &[&retention_secs],
-                    )
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match pruned {
-                Ok(n) if n >= 1000 => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "request ids not pruned; trying again later");
-                    break;
-                }
-            }
+        if let Err(e) = forget_requests(&pool, retention).await {
+            tracing::debug!(error = %e, "request ids not pruned; trying again later");
         }
     }
 }
