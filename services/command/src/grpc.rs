@@ -55,10 +55,9 @@ pub fn status(error: Error) -> Status {
         ),
         Error::PermissionDenied(_) => error_info(Code::PermissionDenied, message, "PERMISSION_DENIED", &[]),
         Error::Store(e) => from_store(&*e),
-        Error::Corrupt(_) => {
-            tracing::error!(error = %message, "stored data unreadable");
-            error_info(Code::Internal, message, "CORRUPT_DATA", &[])
-        }
+        // Which event could not be read, and why, is for the log (under the
+        // answer's error id), not for the client.
+        Error::Corrupt(_) => eventfold_platform::status::internal_because("CORRUPT_DATA", &message),
     }
 }
 

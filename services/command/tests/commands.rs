@@ -358,6 +358,7 @@ async fn v1_order_created_reads_as_v2_and_drives_the_aggregate(mut s: Server) {
         .await
         .expect_err("an unreadable history");
     assert_eq!(reason(&status, Code::Internal), "CORRUPT_DATA");
+    assert!(status.message().contains("error id") && !status.message().contains("order-bad"), "{status:?}");
 
     // Stored as written: the chain covers v1.
     let stored = s.backend.raw.read_stream(StreamRead::forwards("order-legacy", 10)).await.unwrap();

@@ -55,9 +55,14 @@ pub fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Status {
 /// `INTERNAL` with a generic message; the failure goes to the log under an
 /// error id that the answer carries.
 pub fn internal(error: &dyn std::fmt::Display) -> Status {
+    internal_because("INTERNAL", error)
+}
+
+/// [`internal`] with a more precise reason (e.g. `CORRUPT_DATA`).
+pub fn internal_because(reason: &str, error: &dyn std::fmt::Display) -> Status {
     let id = uuid::Uuid::now_v7().to_string();
-    tracing::error!(error_id = %id, error = %error, "internal error");
-    error_info(Code::Internal, format!("internal error (error id {id})"), "INTERNAL", &[("error_id", id)])
+    tracing::error!(error_id = %id, reason, error = %error, "internal error");
+    error_info(Code::Internal, format!("internal error (error id {id})"), reason, &[("error_id", id)])
 }
 
 /// The one mapping of store errors to gRPC statuses (owned or borrowed).
