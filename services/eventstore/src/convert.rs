@@ -101,7 +101,7 @@ fn metadata_to_proto(m: &EventMetadata) -> pb::EventMetadata {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+    bytes.iter().fold(String::with_capacity(bytes.len().saturating_mul(2)), |mut s, b| {
         let _ = write!(s, "{b:02x}");
         s
     })

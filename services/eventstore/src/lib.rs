@@ -8,6 +8,14 @@
 //! within the grace period. `grpc.rs` converts between proto and store types
 //! and is the only place that builds a `tonic::Status`.
 
+// Request values reach this crate: arithmetic is checked or saturating,
+// casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
+// (tests may).
+#![cfg_attr(
+    not(test),
+    warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
+)]
+
 mod convert;
 mod grpc;
 

@@ -2,6 +2,14 @@
 //! (the only code that reads the environment), logging, and the gRPC server
 //! bootstrap with health, reflection and graceful shutdown.
 
+// Request values reach this crate: arithmetic is checked or saturating,
+// casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
+// (tests may).
+#![cfg_attr(
+    not(test),
+    warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
+)]
+
 pub mod config;
 pub mod guard;
 pub mod input;

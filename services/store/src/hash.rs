@@ -85,9 +85,9 @@ fn integral_digits(repr: &str) -> String {
     };
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let mut digits = format!("{int}{frac}");
-    let point = usize::try_from(int.len() as i64 + exponent).unwrap_or(0);
+    let point = usize::try_from(i64::try_from(int.len()).unwrap_or(i64::MAX).saturating_add(exponent)).unwrap_or(0);
     if point >= digits.len() {
-        digits.extend(std::iter::repeat_n('0', point - digits.len()));
+        digits.extend(std::iter::repeat_n('0', point.saturating_sub(digits.len())));
     } else {
         digits.truncate(point);
     }
@@ -159,7 +159,7 @@ impl ChainVerifier {
         }
         let prev = self.prev.unwrap_or(GENESIS);
         let computed = expected_link(&prev, event);
-        self.checked += 1;
+        self.checked = self.checked.saturating_add(1);
         if computed != event.hash {
             self.broken = Some(BrokenLink {
                 stream_id: event.stream_id.clone(),

@@ -3,6 +3,14 @@
 //! event versions and the per-stream SHA-256 hash chain. Every adapter passes the same conformance suite
 //! (`tests/conformance.rs`).
 
+// Request values reach this crate: arithmetic is checked or saturating,
+// casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
+// (tests may).
+#![cfg_attr(
+    not(test),
+    warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
+)]
+
 pub mod error;
 pub mod hash;
 mod log;

@@ -79,7 +79,7 @@ pub trait EventLog: Send + Sync + 'static {
                 }
             }
             match slice.events.last() {
-                Some(last) if !slice.end_of_stream => from = Some(last.version + 1),
+                Some(last) if !slice.end_of_stream => from = Some(last.version.saturating_add(1)),
                 _ => return Ok(verifier.finish()),
             }
         }

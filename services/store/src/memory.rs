@@ -170,13 +170,13 @@ impl EventLog for MemoryEventLog {
         let now = now_micros();
         let micros = to_micros(now);
         let mut prev = state.and_then(|s| s.info.head_hash).unwrap_or(GENESIS);
-        let mut version = current.map_or(0, |v| v + 1);
+        let mut version = current.map_or(0, |v| v.saturating_add(1));
         let first_version = version;
         let mut position = inner.events.len() as u64;
         let mut positions = Vec::with_capacity(request.events.len());
         let mut recorded = Vec::with_capacity(request.events.len());
         for event in request.events {
-            position += 1;
+            position = position.saturating_add(1);
             let content = hash::content_digest(
                 &event.event_id,
                 &event.event_type,
@@ -199,9 +199,9 @@ impl EventLog for MemoryEventLog {
             });
             positions.push(position);
             prev = link;
-            version += 1;
+            version = version.saturating_add(1);
         }
-        let last_version = version - 1;
+        let last_version = version.saturating_sub(1);
 
         let start = inner.events.len();
         let state = inner.streams.entry(request.stream_id.clone()).or_insert_with(|| StreamState {
@@ -218,7 +218,7 @@ impl EventLog for MemoryEventLog {
             },
             own: Vec::new(),
         });
-        state.own.extend(start..start + recorded.len());
+        state.own.extend(start..start.saturating_add(recorded.len()));
         state.info.version = Some(last_version);
         state.info.first_position.get_or_insert(positions[0]);
         state.info.last_position = positions.last().copied();

@@ -758,17 +758,17 @@ impl VerifyReport {
 pub fn to_micros(time: SystemTime) -> i64 {
     match time.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, i64::saturating_neg),
     }
 }
 
 /// The inverse of [`to_micros`].
 pub fn from_micros(micros: i64) -> SystemTime {
-    if micros >= 0 {
-        UNIX_EPOCH + Duration::from_micros(micros.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_micros(micros.unsigned_abs())
-    }
+    // Any i64 of microseconds (±292,000 years) is a SystemTime on the
+    // platforms eventfold runs on; the epoch is the fallback otherwise.
+    let offset = Duration::from_micros(micros.unsigned_abs());
+    let time = if micros >= 0 { UNIX_EPOCH.checked_add(offset) } else { UNIX_EPOCH.checked_sub(offset) };
+    time.unwrap_or(UNIX_EPOCH)
 }
 
 /// Now, truncated to microseconds.

@@ -243,7 +243,7 @@ async fn run_tail(
             Err(e) => {
                 tracing::warn!(error = %e, "live tail cannot start yet");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
             }
         }
     };
@@ -276,7 +276,7 @@ async fn run_tail(
             Err(e) => {
                 tracing::warn!(error = %e, "live tail read failed");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
                 continue;
             }
         }
@@ -394,7 +394,7 @@ impl Buffer {
                 break;
             }
             excess = excess.saturating_sub(*queued);
-            to_take += 1;
+            to_take = to_take.saturating_add(1);
         }
         if to_take == 0 && free > 0 {
             return Ok(());

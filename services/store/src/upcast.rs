@@ -73,7 +73,7 @@ impl Upcasters {
             match step(event.data.clone()) {
                 Ok(data) => {
                     event.data = data;
-                    event.schema_version += 1;
+                    event.schema_version = event.schema_version.saturating_add(1);
                 }
                 Err(message) => {
                     tracing::warn!(

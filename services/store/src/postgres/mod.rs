@@ -154,7 +154,7 @@ impl PostgresEventLog {
             .build_unchecked(manager);
         let (appended, _) = watch::channel(0);
         let (committed, committed_rx) = watch::channel(0);
-        let (jobs, receiver) = mpsc::channel(config.max_batch_appends.max(1) * 4);
+        let (jobs, receiver) = mpsc::channel(config.max_batch_appends.max(1).saturating_mul(4));
         let receiver = Arc::new(Mutex::new(receiver));
         let mut tasks = Vec::new();
         for _ in 0..config.writers.max(1) {
@@ -344,7 +344,7 @@ async fn writer(
             while batch.len() < max_appends && events < max_events {
                 match jobs.try_recv() {
                     Ok(job) => {
-                        events += job.request.events.len();
+                        events = events.saturating_add(job.request.events.len());
                         batch.push(job);
                     }
                     Err(_) => break,
@@ -353,10 +353,10 @@ async fn writer(
             batch
         };
 
-        let mut attempt = 0;
+        let mut attempt: u64 = 0;
         let mut check_event_ids = false;
         let result = loop {
-            attempt += 1;
+            attempt = attempt.saturating_add(1);
             if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
                 connection = match tokio::time::timeout(timeouts.connect, connect_prepared(&config, APPEND_SQL)).await {
                     Ok(Ok(c)) => Some(c),
@@ -369,7 +369,7 @@ async fn writer(
                     }
                 };
             }
-            let (client, statement) = connection.as_ref().expect("connected above");
+            let Some((client, statement)) = connection.as_ref() else { continue };
             let answer = match tokio::time::timeout(
                 timeouts.append,
                 run_batch(client, statement, &batch, check_event_ids),
@@ -396,7 +396,7 @@ async fn writer(
                     // before: repeat with the check that fails only that append.
                     check_event_ids |= is_unique_violation(&e);
                     tracing::debug!(error = %e, attempt, "group commit retried");
-                    tokio::time::sleep(Duration::from_millis(2 * attempt)).await;
+                    tokio::time::sleep(Duration::from_millis(2u64.saturating_mul(attempt))).await;
                 }
                 Err(e) => {
                     let closed = e.is_closed() || e.as_db_error().is_none();
@@ -487,7 +487,7 @@ async fn notifier(config: Config, connect_timeout: Duration, interval: Duration,
                 Err(_) => continue,
             };
         }
-        let (client, statement) = connection.as_ref().expect("connected above");
+        let Some((client, statement)) = connection.as_ref() else { continue };
         if let Err(e) = client.execute(statement, &[&head]).await {
             tracing::debug!(error = %e, "NOTIFY failed; other processes poll");
             connection = None;
@@ -646,7 +646,7 @@ async fn listener(config: Config, connect_timeout: Duration, appended: watch::Se
             Err(e) => tracing::debug!(error = %e, "PostgreSQL listener disconnected"),
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
     }
 }
 
@@ -705,7 +705,8 @@ async fn forget_requests(pool: &Pool<PostgresConnectionManager<NoTls>>, age: Dur
 /// Runs [`forget_requests`] with `retention` about every `retention / 100`
 /// (at least every minute, at most every hour).
 async fn prune_requests(pool: Pool<PostgresConnectionManager<NoTls>>, retention: Duration) {
-    let every = (retention / 100).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+    let every =
+        retention.checked_div(100).unwrap_or_default().clamp(Duration::from_secs(60), Duration::from_secs(3600));
     loop {
         tokio::time::sleep(every).await;
         if let Err(e) = forget_requests(&pool, retention).await {
@@ -715,7 +716,7 @@ async fn prune_requests(pool: Pool<PostgresConnectionManager<NoTls>>, retention:
 }
 
 fn like_prefix(prefix: &str) -> String {
-    let mut out = String::with_capacity(prefix.len() + 1);
+    let mut out = String::with_capacity(prefix.len().saturating_add(1));
     for c in prefix.chars() {
         if matches!(c, '%' | '_' | '\\') {
             out.push('\\');
@@ -806,7 +807,7 @@ impl EventLog for PostgresEventLog {
                     &hi,
                     &read.start_time,
                     &read.end_time,
-                    &i64::try_from(limit + 1).unwrap_or(i64::MAX),
+                    &i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX),
                     &page_bytes,
                 ],
             )
@@ -835,7 +836,7 @@ impl EventLog for PostgresEventLog {
         let types: Option<&Vec<String>> = (!read.filter.event_types.is_empty()).then_some(&read.filter.event_types);
         // Validated to fit a bigint (`AllRead::validate`).
         let after = bigint(read.after);
-        let deadline = Instant::now() + self.gap_wait;
+        let deadline = Instant::now().checked_add(self.gap_wait).unwrap_or_else(Instant::now);
         let gaps = || self.gaps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             let rows = client
@@ -855,7 +856,7 @@ impl EventLog for PostgresEventLog {
             let mut events = Vec::new();
             let mut blocked = false;
             let mut full = false;
-            let mut matched = 0;
+            let mut matched: usize = 0;
             for row in &rows {
                 let at = from_bigint(row.get("global_position"));
                 if at != position.saturating_add(1) && at > resolved_upto {
@@ -869,7 +870,7 @@ impl EventLog for PostgresEventLog {
                         break;
                     };
                     events.push(event);
-                    matched += 1;
+                    matched = matched.saturating_add(1);
                 }
                 position = at;
                 if matched == max_count {
@@ -922,7 +923,7 @@ impl EventLog for PostgresEventLog {
 
     async fn list_streams(&self, query: ListStreams) -> Result<StreamPage> {
         let client = self.conn().await?;
-        let limit = query.limit.clamp(1, 1000) as i64;
+        let limit = query.limit.clamp(1, 1000);
         let prefix = query.prefix.as_deref().map(like_prefix);
         let rows = client
             .query(
@@ -934,14 +935,18 @@ impl EventLog for PostgresEventLog {
                        AND (version >= 0 OR parent_stream_id IS NOT NULL) \
                      ORDER BY stream_id LIMIT $4"
                 ),
-                &[&query.after, &prefix, &query.show_deleted, &(limit + 1)],
+                &[
+                    &query.after,
+                    &prefix,
+                    &query.show_deleted,
+                    &i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX),
+                ],
             )
             .await
             .map_err(db_error)?;
-        let mut streams: Vec<StreamInfo> =
-            rows.iter().take(limit as usize).map(stream_from_row).collect::<Result<_>>()?;
-        let next_after = (rows.len() as i64 > limit).then(|| streams.last().map(|s| s.stream_id.clone())).flatten();
-        streams.truncate(limit as usize);
+        let mut streams: Vec<StreamInfo> = rows.iter().take(limit).map(stream_from_row).collect::<Result<_>>()?;
+        let next_after = (rows.len() > limit).then(|| streams.last().map(|s| s.stream_id.clone())).flatten();
+        streams.truncate(limit);
         Ok(StreamPage { streams, next_after })
     }
 
