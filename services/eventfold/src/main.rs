@@ -463,7 +463,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             serve_eventstore(&config, log, "PostgreSQL, with projectors and queries", extra).await
         }
         Command::Dev { .. } => {
-            let log = upcasting(Arc::new(MemoryEventLog::new()));
+            let retention =
+                std::time::Duration::from_secs(config.database.request_retention_hours.saturating_mul(3600));
+            let log = upcasting(Arc::new(MemoryEventLog::with_request_retention(retention)));
             let bus = eventfold_command::bus(log.clone(), config.command.bus_options());
             // The sagas live in memory beside the log: their intake reads the
             // log from its start, the orchestrator is woken by every start.
@@ -710,6 +712,7 @@ async fn postgres(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
     let mut pg = PostgresConfig::new(url);
     pg.pool_size = config.database.pool_size;
     pg.writers = config.database.writers;
+    pg.request_retention = std::time::Duration::from_secs(config.database.request_retention_hours.saturating_mul(3600));
     Ok(upcasting(Arc::new(PostgresEventLog::connect(pg).await?)))
 }
 

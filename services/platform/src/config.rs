@@ -24,6 +24,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_DATABASE__URL", "PostgreSQL URL of the event store"),
     ("EVENTFOLD_DATABASE__POOL_SIZE", "connections for reads"),
     ("EVENTFOLD_DATABASE__WRITERS", "group-commit writer connections"),
+    ("EVENTFOLD_DATABASE__REQUEST_RETENTION_HOURS", "hours request ids are remembered (default 168)"),
     ("EVENTFOLD_EVENTSTORE__LISTEN", "gRPC listen address of the event store"),
     ("EVENTFOLD_EVENTSTORE__SHUTDOWN_GRACE_SECS", "seconds to drain streams on shutdown"),
     ("EVENTFOLD_COMMAND__LISTEN", "gRPC listen address of `eventfold serve command`"),
@@ -128,11 +129,14 @@ pub struct DatabaseConfig {
     pub pool_size: u32,
     /// Writer connections of the group commit.
     pub writers: usize,
+    /// Hours request ids (AIP-155) are remembered: a retry within them gets
+    /// the first answer; older ids are pruned.
+    pub request_retention_hours: u64,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: None, pool_size: 16, writers: 2 }
+        Self { url: None, pool_size: 16, writers: 2, request_retention_hours: 7 * 24 }
     }
 }
 
@@ -148,6 +152,9 @@ impl DatabaseConfig {
     pub fn validate(&self) -> Result<()> {
         if self.pool_size == 0 || self.writers == 0 {
             return Err(Error::Config("database.pool_size and database.writers must be at least 1".to_owned()));
+        }
+        if !(1..=24 * 365).contains(&self.request_retention_hours) {
+            return Err(Error::Config("database.request_retention_hours must be 1 to 8760".to_owned()));
         }
         Ok(())
     }
