@@ -272,17 +272,17 @@ impl Middleware for Retry {
         S: Service<Envelope, Response = Reply, Error = Error> + Clone + Send + 'static,
         S::Future: Send,
     {
-        let mut attempt = 1;
+        let mut attempt: u32 = 1;
         loop {
             match next.clone().oneshot(envelope.clone()).await {
                 Err(Error::Conflict { .. }) if attempt < self.0 => {
                     let base = 1u64 << attempt.min(6);
-                    let pause = Duration::from_millis(base + fastrand::u64(0..=base));
+                    let pause = Duration::from_millis(base.saturating_add(fastrand::u64(0..=base)));
                     tracing::debug!(attempt, ?pause, "concurrency conflict: retrying the command");
                     metrics::counter!("eventfold_command_retries_total", "command" => envelope.command.name())
                         .increment(1);
                     tokio::time::sleep(pause).await;
-                    attempt += 1;
+                    attempt = attempt.saturating_add(1);
                 }
                 other => return other,
             }

@@ -61,6 +61,18 @@ pub fn status(error: Error) -> Status {
     }
 }
 
+/// ISO 4217 `XXX` (no currency): what stands in for a currency that a
+/// request got wrong or left out, in a request that [`Edge::finish`] then
+/// refuses.
+fn no_currency() -> Currency {
+    // why: "XXX" is three ASCII capital letters, which `Currency::from_str`
+    // always accepts, and the domain crate offers no way to build a
+    // `Currency` without parsing.
+    #[allow(clippy::expect_used)]
+    let xxx = "XXX".parse().expect("XXX is three capital letters");
+    xxx
+}
+
 /// Conversion problems of one request, reported together.
 #[derive(Default)]
 struct Edge {
@@ -71,7 +83,7 @@ impl Edge {
     fn currency(&mut self, field: &str, code: &str) -> Currency {
         code.parse().unwrap_or_else(|_| {
             self.violations.push((field.to_owned(), format!("must be an ISO 4217 code like EUR, got {code:?}")));
-            "XXX".parse().expect("XXX is a valid code")
+            no_currency()
         })
     }
 
@@ -80,7 +92,7 @@ impl Edge {
             Some(m) => Money::new(m.minor, self.currency(&format!("{field}.currency"), &m.currency)),
             None => {
                 self.violations.push((field.to_owned(), "is required".to_owned()));
-                Money::new(0, "XXX".parse().expect("XXX is a valid code"))
+                Money::new(0, no_currency())
             }
         }
     }

@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     future::Future,
+    num::NonZeroU64,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -238,11 +239,10 @@ impl Handler {
         state: &A,
         stale: bool,
     ) {
-        let every = self.snapshots.every(A::CATEGORY);
-        if every == 0 {
+        let Some(every) = NonZeroU64::new(self.snapshots.every(A::CATEGORY)) else {
             return;
-        }
-        let count = |version: Option<u64>| version.map_or(0, |v| v + 1) / every;
+        };
+        let count = |version: Option<u64>| version.map_or(0, |v| v.saturating_add(1)) / every;
         if !stale && count(before) == count(Some(after)) {
             return;
         }

@@ -12,6 +12,14 @@
 //! answer carries the stream version and the global position of the last
 //! event: the read-your-writes token.
 
+// Request values reach this crate: arithmetic is checked or saturating,
+// casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
+// (tests may).
+#![cfg_attr(
+    not(test),
+    warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
+)]
+
 mod bus;
 mod envelope;
 mod error;

@@ -97,7 +97,7 @@ impl Breaker {
 
     pub(crate) fn failure(&self) {
         let mut inner = self.lock();
-        inner.consecutive_failures += 1;
+        inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
         inner.probing = false;
         let open = match inner.state {
             BreakerState::Closed => inner.consecutive_failures >= self.failures,

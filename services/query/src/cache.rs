@@ -172,9 +172,9 @@ impl std::fmt::Debug for Cache {
 
 /// A cached value that is not a tombstone.
 fn decode(entry: &[u8]) -> Option<(u64, Bytes)> {
-    let bar = entry.iter().position(|b| *b == b'|')?;
-    let position = std::str::from_utf8(&entry[..bar]).ok()?.parse().ok()?;
-    let value = &entry[bar + 1..];
+    let mut parts = entry.splitn(2, |b| *b == b'|');
+    let position = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let value = parts.next()?;
     (!value.is_empty()).then(|| (position, Bytes::copy_from_slice(value)))
 }
 
@@ -319,8 +319,8 @@ impl Cache {
     /// Tombstones for `entities` (id → position) and the watermark; whether
     /// Redis took them.
     async fn invalidate(&self, kind: Kind, version: u32, entities: &HashMap<String, u64>, watermark: u64) -> bool {
-        let mut keys: Vec<String> = Vec::with_capacity(entities.len() + 1);
-        let mut args: Vec<Value> = Vec::with_capacity(entities.len() + 2);
+        let mut keys: Vec<String> = Vec::with_capacity(entities.len().saturating_add(1));
+        let mut args: Vec<Value> = Vec::with_capacity(entities.len().saturating_add(2));
         for (id, position) in entities {
             keys.push(self.key(kind, version, id));
             args.push(Value::from(position.to_string()));
@@ -383,7 +383,7 @@ impl Invalidator {
 
     /// Entities and watermark changes not yet in Redis.
     pub fn pending(&self) -> usize {
-        self.lock().values().map(|p| p.entities.len() + 1).sum()
+        self.lock().values().fold(0, |n, p| n.saturating_add(p.entities.len()).saturating_add(1))
     }
 
     /// Sends what is pending; what fails is put back (merged with what

@@ -34,6 +34,14 @@
 //! and `INTERNAL` answers carry a generic message and an `error_id`
 //! (ErrorInfo metadata) that the log line with the real error repeats.
 
+// Request values reach this crate: arithmetic is checked or saturating,
+// casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
+// (tests may).
+#![cfg_attr(
+    not(test),
+    warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
+)]
+
 mod breaker;
 mod cache;
 mod orders;
@@ -202,7 +210,8 @@ impl Query {
         }
         // 90 % of the deadline, in integers: a huge `grpc-timeout` cannot
         // overflow (as `Duration::mul_f64` would, with a panic).
-        let budget = deadline(metadata).map_or(self.max_wait, |d| d.saturating_sub(d / 10).min(self.max_wait));
+        let budget = deadline(metadata)
+            .map_or(self.max_wait, |d| d.saturating_sub(d.checked_div(10).unwrap_or_default()).min(self.max_wait));
         match self.positions.wait(projection, min_position, budget).await {
             Ok(active) => Ok(Some(active)),
             Err(current) => Err(error_info(

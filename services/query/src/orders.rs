@@ -121,7 +121,7 @@ type OrderCursor = (i64, String);
 fn micros(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, |m| -m),
+        Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, i64::saturating_neg),
     }
 }
 
@@ -208,13 +208,13 @@ impl Query {
                 return;
             }
         };
-        let mut warmed = 0;
+        let mut warmed: u64 = 0;
         for row in &rows {
             if let Ok(view) = view(row) {
                 cache
                     .fill(Kind::Order, active.version, &view.order_id, view.last_position, &view.encode_to_vec())
                     .await;
-                warmed += 1;
+                warmed = warmed.saturating_add(1);
             }
         }
         tracing::info!(orders = warmed, "cache warmed");
@@ -256,11 +256,11 @@ impl Query {
                 )])
             })?;
             params.push(Box::new(at));
+            let at = params.len();
             params.push(Box::new(id));
-            let n = params.len();
-            conditions.push(format!("(created_at, order_id) < (${}, ${n})", n - 1));
+            conditions.push(format!("(created_at, order_id) < (${at}, ${})", params.len()));
         }
-        params.push(Box::new(size + 1));
+        params.push(Box::new(size.saturating_add(1)));
         let limit = params.len();
         let condition = if conditions.is_empty() { "true".to_owned() } else { conditions.join(" AND ") };
         let sql = format!(
@@ -442,7 +442,7 @@ impl OrderQueryService for OrderQueries {
         let mut violations = Vec::new();
         if end < start {
             violations.push(("end_day".to_owned(), "must not be before start_day".to_owned()));
-        } else if end - start > 366 {
+        } else if end.saturating_sub(start) > 366 {
             violations.push(("end_day".to_owned(), "must be at most 366 days after start_day".to_owned()));
         }
         if !(0..=100).contains(&r.top_products) {
@@ -678,13 +678,18 @@ pub(crate) fn day_number(field: &str, day: &str) -> Result<i64, Status> {
     if !(1..=days_in_month).contains(&d) || y < 1 {
         return Err(invalid());
     }
-    // Days from the civil date (proleptic Gregorian).
-    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    days_from_civil(y, m, d).ok_or_else(invalid)
+}
+
+/// Days from 1970-01-01 to the civil date `y`-`m`-`d` (proleptic
+/// Gregorian); None on overflow (which a year of four digits cannot reach).
+fn days_from_civil(y: i64, m: i64, d: i64) -> Option<i64> {
+    let (y, m) = if m <= 2 { (y.checked_sub(1)?, m.checked_add(9)?) } else { (y, m.checked_sub(3)?) };
     let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Ok(era * 146_097 + doe - 719_468)
+    let yoe = y.checked_sub(era.checked_mul(400)?)?;
+    let doy = m.checked_mul(153)?.checked_add(2)?.checked_div(5)?.checked_add(d)?.checked_sub(1)?;
+    let doe = yoe.checked_mul(365)?.checked_add(yoe / 4)?.checked_sub(yoe / 100)?.checked_add(doy)?;
+    era.checked_mul(146_097)?.checked_add(doe)?.checked_sub(719_468)
 }
 
 #[cfg(test)]

@@ -114,7 +114,7 @@ impl InventoryQueryService for InventoryQueries {
                     "SELECT {INVENTORY_COLUMNS} FROM read.inventory_views \
                       WHERE low_stock AND product_id > $1 ORDER BY product_id LIMIT $2"
                 ),
-                &[&after, &(size + 1)],
+                &[&after, &size.saturating_add(1)],
             )
             .await
             .map_err(db_status)?;
@@ -213,7 +213,7 @@ impl AccountQueryService for AccountQueries {
                 "SELECT stream_version, kind, transaction_id, counterparty_account_id, amount_minor, balance_minor, \
                         reason, occurred_at, global_position FROM read.account_transactions \
                   WHERE account_id = $1 AND stream_version < $2 ORDER BY stream_version DESC LIMIT $3",
-                &[&r.account_id, &before.unwrap_or(i64::MAX), &(size + 1)],
+                &[&r.account_id, &before.unwrap_or(i64::MAX), &size.saturating_add(1)],
             )
             .await
             .map_err(db_status)?;
@@ -287,7 +287,7 @@ impl UserQueryService for UserQueries {
             .query(
                 "SELECT global_position, kind, detail, occurred_at FROM read.user_activity \
                   WHERE user_id = $1 AND global_position < $2 ORDER BY global_position DESC LIMIT $3",
-                &[&r.user_id, &before.unwrap_or(i64::MAX), &(size + 1)],
+                &[&r.user_id, &before.unwrap_or(i64::MAX), &size.saturating_add(1)],
             )
             .await
             .map_err(db_status)?;

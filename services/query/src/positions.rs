@@ -64,7 +64,7 @@ async fn follow(config: tokio_postgres::Config, poll: Duration, tx: watch::Sende
             Err(error) => tracing::warn!(%error, "projection positions: connection lost; reconnecting"),
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
     }
 }
 

@@ -16,6 +16,14 @@
 //! runs the due steps, with their deadlines on record; [`grpc`] is the
 //! `SagaService`.
 
+// Request values reach this crate: arithmetic is checked or saturating,
+// casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
+// (tests may).
+#![cfg_attr(
+    not(test),
+    warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
+)]
+
 pub mod events;
 pub mod grpc;
 pub mod intake;

@@ -204,7 +204,8 @@ pub fn jitter(saga_id: &str, step: Step, failures: u32) -> f64 {
         .chain_update(step.as_str().as_bytes())
         .chain_update(failures.to_be_bytes())
         .finalize();
-    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    // A SHA-256 digest has 32 bytes: the first 8 are always there.
+    let n = digest.first_chunk().copied().map_or(0, u64::from_be_bytes);
     (n >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -292,7 +293,7 @@ impl SagaState {
                 self.compensate(format!("{}_TIMED_OUT", step.as_str()))
             }
             (Status::Running, Outcome::Transient { .. }) => {
-                self.failures += 1;
+                self.failures = self.failures.saturating_add(1);
                 if self.failures < policy.max_attempts.max(1) {
                     Next::RetryAfter(step, policy.delay(self.failures, jitter))
                 } else {
@@ -306,7 +307,7 @@ impl SagaState {
                 self.next_compensation()
             }
             (Status::Compensating, Outcome::Transient { .. } | Outcome::TimedOut) => {
-                self.failures += 1;
+                self.failures = self.failures.saturating_add(1);
                 Next::RetryAfter(step, policy.delay(self.failures, jitter))
             }
             (Status::Completed | Status::Failed, _) => Next::Finished(self.status),
@@ -330,13 +331,10 @@ impl SagaState {
             .iter()
             .filter_map(|e| e.split_once(':').and_then(|(s, _)| step_named(s)))
             .collect();
-        if again.is_empty() {
-            return None;
-        }
-        self.compensation_errors.clear();
         // `pending` is popped from the end.
         again.reverse();
-        let first = again.pop().expect("not empty");
+        let first = again.pop()?;
+        self.compensation_errors.clear();
         self.pending = again;
         self.status = Status::Compensating;
         self.step = Some(first);
@@ -347,7 +345,7 @@ impl SagaState {
     fn next_forward(&self, step: Step) -> Option<Step> {
         let forward = self.saga_type.forward();
         let at = forward.iter().position(|s| *s == step)?;
-        forward.get(at + 1).copied()
+        forward.get(at.checked_add(1)?).copied()
     }
 
     /// Starts compensating: every effect undone in reverse order, then the

@@ -77,12 +77,18 @@ fn outcome_name(outcome: &Outcome) -> (&'static str, Option<String>) {
     }
 }
 
+/// `pause` after `now`, or `now` itself should that be past what the clock
+/// can represent (not with pauses and timeouts of milliseconds).
+fn later(now: SystemTime, pause: Duration) -> SystemTime {
+    now.checked_add(pause).unwrap_or(now)
+}
+
 impl Orchestrator {
     /// An orchestrator over the sagas of the database of `database_url`
     /// (which holds the migrations); transfers use the fulfilment's command
     /// side.
     pub async fn new(database_url: &str, fulfilment: Fulfilment, config: OrchestratorConfig) -> Result<Self> {
-        let size = u32::try_from(config.concurrency.max(1) + 1).unwrap_or(u32::MAX);
+        let size = u32::try_from(config.concurrency.max(1).saturating_add(1)).unwrap_or(u32::MAX);
         Ok(Self::over(Repository::postgres(database_url, size).await?, fulfilment, config))
     }
 
@@ -100,9 +106,9 @@ impl Orchestrator {
     /// steps ran.
     pub async fn tick(&self) -> Result<usize> {
         let runs = (0..self.config.concurrency.max(1)).map(|_| self.run_one());
-        let mut ran = 0;
+        let mut ran: usize = 0;
         for result in futures_util::future::join_all(runs).await {
-            ran += usize::from(result?);
+            ran = ran.saturating_add(usize::from(result?));
         }
         Ok(ran)
     }
@@ -116,7 +122,7 @@ impl Orchestrator {
         if claim.record.deadline_at.is_none() {
             // The deadline is on record before the step runs: a restart
             // keeps it.
-            claim.record.deadline_at = Some(now + self.timeout());
+            claim.record.deadline_at = Some(later(now, self.timeout()));
             claim.save(None).await?;
         }
         self.step(claim).await.map(|()| true)
@@ -132,7 +138,7 @@ impl Orchestrator {
             && record.state.status == Status::Running
             && record.state.failures == 0
             && Some(step) == record.state.saga_type.forward().first().copied();
-        let deadline = record.deadline_at.unwrap_or_else(|| SystemTime::now() + self.timeout());
+        let deadline = record.deadline_at.unwrap_or_else(|| later(SystemTime::now(), self.timeout()));
         let started_at = SystemTime::now();
         let started = Instant::now();
         let left = deadline.duration_since(started_at).ok();
@@ -171,12 +177,12 @@ impl Orchestrator {
         if matches!(outcome, Outcome::Transient { .. } | Outcome::TimedOut) {
             metrics::counter!("eventfold_saga_retries_total", "step" => step.as_str()).increment(1);
         }
-        let attempt = record.state.failures + 1;
+        let attempt = record.state.failures.saturating_add(1);
         let next = record.state.on_outcome(outcome, &self.config.retry, jitter(&record.saga_id, step, attempt));
         let now = SystemTime::now();
         record.deadline_at = None;
         record.due_at = match &next {
-            Next::RetryAfter(_, pause) => now + *pause,
+            Next::RetryAfter(_, pause) => later(now, *pause),
             Next::Run(_) | Next::Finished(_) => now,
         };
         let log = StepLog { step, outcome: name.to_owned(), detail, started_at, ended_at: now };
@@ -214,7 +220,7 @@ impl Orchestrator {
     /// holds up no other: an operator sees it in ListSagas.
     async fn park(&self, mut claim: Claim, step: Step) -> Result<()> {
         metrics::counter!("eventfold_saga_parked_total").increment(1);
-        claim.record.due_at = SystemTime::now() + Duration::from_secs(3600);
+        claim.record.due_at = later(SystemTime::now(), Duration::from_secs(3600));
         claim.record.deadline_at = None;
         let log = StepLog {
             step,
@@ -223,7 +229,7 @@ impl Orchestrator {
             started_at: SystemTime::now(),
             ended_at: SystemTime::now(),
         };
-        let attempt = claim.record.state.failures + 1;
+        let attempt = claim.record.state.failures.saturating_add(1);
         claim.save(Some((log, attempt))).await?;
         claim.release().await?;
         Ok(())
@@ -261,7 +267,7 @@ impl Orchestrator {
                         () = tokio::time::sleep(backoff) => {}
                         changed = shutdown.changed() => if changed.is_err() { return },
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
                 }
             }
         }

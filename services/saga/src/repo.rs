@@ -55,6 +55,12 @@ fn pool_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Pool(e.to_string())
 }
 
+/// A claim's connection asked for after it went back to the pool (which
+/// only `Held::release`, taking the claim, does).
+fn released() -> StoreError {
+    StoreError::Pool("the claim's connection was already released".to_owned())
+}
+
 impl Repository {
     /// The sagas of the database of `database_url` (which holds the
     /// migrations and the event store), through `size` connections.
@@ -150,7 +156,7 @@ impl Repository {
         match self {
             Repository::Postgres(pool) => {
                 let mut held = Held::connect(pool).await?;
-                for candidate in store::due(held.client(), now, DUE_CANDIDATES).await? {
+                for candidate in store::due(held.client()?, now, DUE_CANDIDATES).await? {
                     held = match held.take(&candidate.saga_id, |r| r.is_due(now)).await? {
                         Ok(claim) => return Ok(Some(claim)),
                         Err(held) => held,
@@ -185,8 +191,8 @@ impl Repository {
         match self {
             Repository::Postgres(pool) => {
                 let held = Held::connect(pool).await?;
-                store::hold(held.client(), saga_id).await?;
-                match store::load(held.client(), saga_id).await? {
+                store::hold(held.client()?, saga_id).await?;
+                match store::load(held.client()?, saga_id).await? {
                     Some(record) => Ok(Some(Claim::new(record, held))),
                     None => {
                         held.release().await?;
@@ -235,7 +241,7 @@ impl Claim {
         let log: Vec<StepLog> = ended.into_iter().map(|(log, _)| log).collect();
         match &mut self.held {
             Held::Postgres(conn) => {
-                let conn = conn.as_mut().expect("held until released");
+                let conn = conn.as_mut().ok_or_else(released)?;
                 let mut saved = self.record.clone();
                 let tx = conn.transaction().await?;
                 let position = store::save(&tx, &mut saved, &log, &events).await?;
@@ -277,9 +283,10 @@ impl Held {
         Ok(Held::Postgres(Some(pool.get_owned().await.map_err(pool_error)?)))
     }
 
-    fn client(&self) -> &tokio_postgres::Client {
+    fn client(&self) -> Result<&tokio_postgres::Client> {
         match self {
-            Held::Postgres(conn) => conn.as_ref().expect("held until released"),
+            Held::Postgres(Some(conn)) => Ok(conn),
+            Held::Postgres(None) => Err(released()),
             Held::Memory { .. } => unreachable!("only PostgreSQL claims have a client"),
         }
     }
@@ -288,7 +295,7 @@ impl Held {
     /// the hold, it is `wanted`; otherwise it is let go and the connection
     /// comes back for the next try.
     async fn take(self, saga_id: &str, wanted: impl Fn(&SagaRecord) -> bool) -> Result<Result<Claim, Held>> {
-        let client = self.client();
+        let client = self.client()?;
         if !store::try_hold(client, saga_id).await? {
             return Ok(Err(self));
         }
@@ -308,7 +315,7 @@ impl Held {
         };
         // Still held while the statement runs: dropped meanwhile (the task
         // aborted), the cleanup of `Drop` runs instead.
-        store::let_go(&**conn.as_ref().expect("held until released")).await?;
+        store::let_go(&**conn.as_ref().ok_or_else(released)?).await?;
         conn.take();
         Ok(())
     }
@@ -379,12 +386,14 @@ impl MemorySagas {
             return false;
         }
         // Microseconds, as page cursors carry them.
-        let micros = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
-        let created_at = UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX));
+        let now = SystemTime::now();
+        let micros = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
+        let created_at =
+            UNIX_EPOCH.checked_add(Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX))).unwrap_or(now);
         let entry = Entry { record: record.clone(), steps: Vec::new(), created_at, lock: Arc::default() };
         entries.insert(record.saga_id.clone(), entry);
         drop(entries);
-        self.started.send_modify(|n| *n += 1);
+        self.started.send_modify(|n| *n = n.saturating_add(1));
         true
     }
 
@@ -437,6 +446,7 @@ impl MemorySagas {
         if stored != Some(record.version) {
             return Err(StoreError::Conflict { saga_id: record.saga_id.clone(), expected: record.version });
         }
+        let version = store::next_version(record)?;
         if !events.is_empty() {
             self.log.append(events::append_request(record, events)).await?;
         }
@@ -444,7 +454,7 @@ impl MemorySagas {
         let entry = entries
             .get_mut(&record.saga_id)
             .ok_or_else(|| StoreError::Conflict { saga_id: record.saga_id.clone(), expected: record.version })?;
-        record.version += 1;
+        record.version = version;
         entry.record = record.clone();
         entry.steps.extend(log);
         Ok(())

@@ -144,6 +144,7 @@ pub async fn save(
     log: &[StepLog],
     events: &[SagaEvent],
 ) -> Result<Option<u64>> {
+    let version = next_version(record)?;
     let step = record.state.step.map(Step::as_str);
     let updated = client
         .execute(
@@ -188,8 +189,17 @@ pub async fn save(
             eventfold_store::postgres::append_in(client, &crate::events::append_request(record, events)).await?;
         Some(outcome.last_position())
     };
-    record.version += 1;
+    record.version = version;
     Ok(position)
+}
+
+/// The version `record` gets when saved; `Corrupt` (nothing saved) past
+/// the range of a `bigint`.
+pub(crate) fn next_version(record: &SagaRecord) -> Result<i64> {
+    record.version.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+        saga_id: record.saga_id.clone(),
+        message: format!("version {} cannot be bumped", record.version),
+    })
 }
 
 /// The unfinished sagas due by `now`, earliest first, at most `limit`
