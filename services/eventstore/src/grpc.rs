@@ -10,7 +10,7 @@ use eventfold_proto::eventstore::{self as pb, event_store_service_server::EventS
 use eventfold_store::{
     AllRead, AppendRequest, Direction, Error, EventFilter, EventLog, ExpectedVersion, FieldViolation, ListStreams,
     MAX_READ_COUNT, NewEvent, Snapshot, SnapshotNamespace, SnapshotQuery, StreamRead, SubscriptionMessage,
-    Subscriptions, Target, check_stream_id,
+    Subscriptions, Target, ceil_micros, check_bigint, check_stream_id, check_time,
 };
 use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
@@ -187,12 +187,22 @@ impl EventStoreService for EventStoreGrpc {
         let mut read = StreamRead::forwards(r.stream_id, read_count(r.max_count));
         read.from_version = Some(r.from_version);
         match r.point {
-            Some(pb::read_stream_at_request::Point::Version(v)) => read.max_version = Some(v),
+            Some(pb::read_stream_at_request::Point::Version(v)) => {
+                check_bigint("version", v, &mut violations);
+                read.max_version = Some(v);
+            }
             Some(pb::read_stream_at_request::Point::Time(t)) => {
-                // "At or before this time": the exclusive end is the next
-                // microsecond (still within 9999: the range check allows it).
+                // "At or before this time": stored times are whole
+                // microseconds, so the exclusive end is the first one after
+                // it. Past the end of 9999 there is none: no bound at all.
                 read.end_time = system_time(t, "time", &mut violations)
-                    .and_then(|t| t.checked_add(std::time::Duration::from_micros(1)));
+                    .and_then(|t| t.checked_add(std::time::Duration::from_nanos(1)))
+                    .map(ceil_micros)
+                    .filter(|end| {
+                        let mut beyond = Vec::new();
+                        check_time("time", *end, &mut beyond);
+                        beyond.is_empty()
+                    });
             }
             None => {}
         }

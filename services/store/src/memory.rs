@@ -300,6 +300,7 @@ impl EventLog for MemoryEventLog {
     }
 
     async fn list_streams(&self, query: ListStreams) -> Result<StreamPage> {
+        query.validate()?;
         let inner = self.lock();
         let mut streams = Vec::new();
         let mut next_after = None;

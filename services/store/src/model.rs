@@ -553,6 +553,11 @@ impl EventFilter {
                         format!("{field}.{name}[{i}]"),
                         format!("must be 1 to {MAX_FILTER_ENTRY_BYTES} bytes"),
                     ));
+                } else if entry.chars().any(char::is_control) {
+                    violations.push(FieldViolation::new(
+                        format!("{field}.{name}[{i}]"),
+                        "must not contain control characters",
+                    ));
                 }
             }
         }
@@ -618,6 +623,28 @@ pub struct ListStreams {
     pub limit: usize,
     pub prefix: Option<String>,
     pub show_deleted: bool,
+}
+
+impl ListStreams {
+    /// The prefix and the id to continue after are bounded like stream ids
+    /// and hold no control characters.
+    pub fn validate(&self) -> Result<()> {
+        let mut violations = Vec::new();
+        if let Some(prefix) = &self.prefix
+            && (prefix.len() > MAX_NAME_LEN || prefix.chars().any(char::is_control))
+        {
+            violations.push(FieldViolation::new(
+                "prefix",
+                format!("must be at most {MAX_NAME_LEN} bytes, no control characters"),
+            ));
+        }
+        if let Some(after) = &self.after
+            && (after.len() > MAX_NAME_LEN || after.chars().any(char::is_control))
+        {
+            violations.push(FieldViolation::new("page_token", "not a page token of this listing"));
+        }
+        result_of(violations)
+    }
 }
 
 /// A page of the stream list.
@@ -769,6 +796,13 @@ pub fn from_micros(micros: i64) -> SystemTime {
     let offset = Duration::from_micros(micros.unsigned_abs());
     let time = if micros >= 0 { UNIX_EPOCH.checked_add(offset) } else { UNIX_EPOCH.checked_sub(offset) };
     time.unwrap_or(UNIX_EPOCH)
+}
+
+/// `time` rounded up to a whole microsecond (what is stored): for stored
+/// times, "at or after `time`" and "before `time`" keep their meaning.
+pub fn ceil_micros(time: SystemTime) -> SystemTime {
+    let floor = from_micros(to_micros(time));
+    if floor < time { floor.checked_add(Duration::from_micros(1)).unwrap_or(floor) } else { floor }
 }
 
 /// Now, truncated to microseconds.

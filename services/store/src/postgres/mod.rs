@@ -43,7 +43,7 @@ use crate::{
     model::{
         AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, EventMetadata, ExpectedVersion, ListStreams,
         MAX_PAGE_BYTES, RecordedEvent, RequestKey, Snapshot, SnapshotQuery, StreamInfo, StreamPage, StreamRead,
-        StreamSlice, bigint, check_stream_id, check_version, from_bigint,
+        StreamSlice, bigint, ceil_micros, check_stream_id, check_version, from_bigint,
     },
 };
 
@@ -193,12 +193,17 @@ impl PostgresEventLog {
         let own_start = info.parent.as_ref().map_or(0, |(_, at)| bigint(*at).saturating_add(1));
         let mut segments = vec![(stream_id.to_owned(), own_start, i64::MAX)];
         let mut parent = info.parent.clone();
+        // An ancestor contributes up to the lowest fork point below it: a
+        // branch of a branch at 1 holds its grandparent's versions 0 and 1
+        // only, even where the parent forked later.
+        let mut cap = i64::MAX;
         while let Some((id, at)) = parent {
             let row = fetch_stream(client, &id)
                 .await?
                 .ok_or_else(|| Error::Internal(format!("branch parent {id} of {stream_id} is missing")))?;
             let start = row.parent.as_ref().map_or(0, |(_, p)| bigint(*p).saturating_add(1));
-            segments.insert(0, (id, start, bigint(at)));
+            cap = cap.min(bigint(at));
+            segments.insert(0, (id, start, cap));
             parent = row.parent;
         }
         Ok((info, segments))
@@ -774,6 +779,10 @@ impl EventLog for PostgresEventLog {
         let lows: Vec<i64> = segments.iter().map(|s| s.1).collect();
         let highs: Vec<i64> = segments.iter().map(|s| s.2).collect();
         // Versions were validated to fit a bigint (`StreamRead::validate`).
+        // The driver sends whole microseconds (what is stored): a bound
+        // between two is rounded up, which keeps "at or after" and "before"
+        // exact for stored times.
+        let (start_time, end_time) = (read.start_time.map(ceil_micros), read.end_time.map(ceil_micros));
         let (lo, hi, order) = match read.direction {
             Direction::Forwards => (read.from_version.map_or(0, bigint), i64::MAX, "ASC"),
             Direction::Backwards => (0, read.from_version.map_or(i64::MAX, bigint), "DESC"),
@@ -805,8 +814,8 @@ impl EventLog for PostgresEventLog {
                     &highs,
                     &lo,
                     &hi,
-                    &read.start_time,
-                    &read.end_time,
+                    &start_time,
+                    &end_time,
                     &i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX),
                     &page_bytes,
                 ],
@@ -922,6 +931,7 @@ impl EventLog for PostgresEventLog {
     }
 
     async fn list_streams(&self, query: ListStreams) -> Result<StreamPage> {
+        query.validate()?;
         let client = self.conn().await?;
         let limit = query.limit.clamp(1, 1000);
         let prefix = query.prefix.as_deref().map(like_prefix);
