@@ -561,8 +561,14 @@ impl Subscriber {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             },
-            // After the last version a bigint holds, nothing can follow.
-            Target::Stream { .. } if cursor.version.is_some_and(|v| v >= crate::model::MAX_BIGINT) => Ok(()),
+            // After the last version a bigint holds, nothing can follow; a
+            // deleted stream still ends the subscription, as a read would.
+            Target::Stream { stream_id, .. } if cursor.version.is_some_and(|v| v >= crate::model::MAX_BIGINT) => {
+                match self.log.stream_info(stream_id).await {
+                    Ok(_) | Err(Error::StreamNotFound(_)) => Ok(()),
+                    Err(e) => Err(e)?,
+                }
+            }
             Target::Stream { stream_id, .. } => loop {
                 let mut read = StreamRead::forwards(stream_id.clone(), self.page_size);
                 read.from_version = cursor.version.map(|v| v.saturating_add(1));
