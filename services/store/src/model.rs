@@ -188,7 +188,11 @@ impl EventMetadata {
                     format!("{field}.custom"),
                     format!("keys must be 1 to {MAX_NAME_LEN} bytes"),
                 ));
-            } else if key.chars().chain(value.chars()).any(char::is_control) {
+            } else if key.chars().any(char::is_control) {
+                // The key is not echoed: it is what holds the control character.
+                violations
+                    .push(FieldViolation::new(format!("{field}.custom"), "keys must not contain control characters"));
+            } else if value.chars().any(char::is_control) {
                 violations
                     .push(FieldViolation::new(format!("{field}.custom[{key}]"), "must not contain control characters"));
             }
