@@ -10,7 +10,7 @@ use eventfold_proto::eventstore::{self as pb, event_store_service_server::EventS
 use eventfold_store::{
     AllRead, AppendRequest, Direction, Error, EventFilter, EventLog, ExpectedVersion, FieldViolation, ListStreams,
     MAX_READ_COUNT, NewEvent, Snapshot, SnapshotNamespace, SnapshotQuery, StreamRead, SubscriptionMessage,
-    Subscriptions, Target, ceil_micros, check_bigint, check_stream_id, check_time,
+    Subscriptions, Target, check_bigint, check_stream_id, end_at_or_before,
 };
 use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
@@ -195,14 +195,7 @@ impl EventStoreService for EventStoreGrpc {
                 // "At or before this time": stored times are whole
                 // microseconds, so the exclusive end is the first one after
                 // it. Past the end of 9999 there is none: no bound at all.
-                read.end_time = system_time(t, "time", &mut violations)
-                    .and_then(|t| t.checked_add(std::time::Duration::from_nanos(1)))
-                    .map(ceil_micros)
-                    .filter(|end| {
-                        let mut beyond = Vec::new();
-                        check_time("time", *end, &mut beyond);
-                        beyond.is_empty()
-                    });
+                read.end_time = system_time(t, "time", &mut violations).and_then(end_at_or_before);
             }
             None => {}
         }

@@ -47,7 +47,21 @@ pub fn cursor<C: DeserializeOwned>(filters: &str, token: &str) -> Result<Option<
         return Err(invalid("was issued for other filters; repeat the request's filters with its token"));
     }
     let cursor = body.get("c").cloned().ok_or_else(|| invalid("is not a token this service issued"))?;
+    // A forged cursor must not carry what the database refuses (NUL) or
+    // what no issued token holds.
+    if has_control(&cursor) {
+        return Err(invalid("is not a token this service issued"));
+    }
     serde_json::from_value(cursor).map(Some).map_err(|_| invalid("is not a token this service issued"))
+}
+
+fn has_control(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.chars().any(char::is_control),
+        serde_json::Value::Array(items) => items.iter().any(has_control),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.chars().any(char::is_control) || has_control(v)),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

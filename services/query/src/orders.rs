@@ -24,7 +24,7 @@ use eventfold_proto::{
         order_query_service_server::OrderQueryService,
     },
 };
-use eventfold_store::{MAX_TIME_SECS, StreamRead, bigint, check_bigint, from_bigint};
+use eventfold_store::{StreamRead, bigint, check_bigint, from_bigint};
 use futures_util::Stream;
 use prost::Message;
 use tokio_postgres::{Row, types::ToSql};
@@ -109,9 +109,25 @@ fn time_arg(field: &str, t: Option<prost_types::Timestamp>) -> Result<Option<Sys
     }
 }
 
-/// The latest time a request may name: 9999-12-31T23:59:59.999999999Z.
-fn latest_time() -> SystemTime {
-    UNIX_EPOCH.checked_add(Duration::new(MAX_TIME_SECS.unsigned_abs(), 999_999_999)).unwrap_or(UNIX_EPOCH)
+/// [`time_arg`] as the bound of a range over stored times: rounded up to a
+/// whole microsecond (what is stored; the driver would truncate), so that
+/// "at or after" and "before" keep their meaning.
+fn bound_arg(field: &str, t: Option<prost_types::Timestamp>) -> Result<Option<SystemTime>, Status> {
+    Ok(time_arg(field, t)?.map(eventfold_store::ceil_micros))
+}
+
+/// A checked page request of an order list.
+struct Page {
+    size: i64,
+    after: Option<OrderCursor>,
+}
+
+impl Page {
+    /// Checked before anything waits or reads: a bad size or token is
+    /// INVALID_ARGUMENT whatever else the request asks.
+    fn of(filter: &OrderFilter, page_size: i32, page_token: &str) -> Result<Self, Status> {
+        Ok(Self { size: page::size(page_size)?, after: cursor(&filter.fingerprint(), page_token)? })
+    }
 }
 
 /// Keyset cursor of order lists: (created_at in µs since the epoch, id).
@@ -221,15 +237,9 @@ impl Query {
     }
 
     /// One page of orders matching `filter`, newest first.
-    async fn list_orders(
-        &self,
-        filter: &OrderFilter,
-        page_size: i32,
-        page_token: &str,
-    ) -> Result<(Vec<OrderView>, String), Status> {
-        let size = page::size(page_size)?;
+    async fn list_orders(&self, filter: &OrderFilter, page: Page) -> Result<(Vec<OrderView>, String), Status> {
+        let Page { size, after } = page;
         let fingerprint = filter.fingerprint();
-        let after: Option<OrderCursor> = cursor(&fingerprint, page_token)?;
         let mut conditions = Vec::new();
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut push = |condition: &str, value: Box<dyn ToSql + Sync + Send>| {
@@ -355,11 +365,12 @@ impl OrderQueryService for OrderQueries {
         let filter = OrderFilter {
             customer_id: (!r.customer_id.is_empty()).then(|| r.customer_id.clone()),
             status: status_name(status),
-            from: time_arg("create_time_start", r.create_time_start)?,
-            until: time_arg("create_time_end", r.create_time_end)?,
+            from: bound_arg("create_time_start", r.create_time_start)?,
+            until: bound_arg("create_time_end", r.create_time_end)?,
         };
+        let page = Page::of(&filter, r.page_size, &r.page_token)?;
         self.query.ready(ORDERS, r.min_position, &metadata).await?;
-        let (orders, next_page_token) = self.query.list_orders(&filter, r.page_size, &r.page_token).await?;
+        let (orders, next_page_token) = self.query.list_orders(&filter, page).await?;
         Ok(Response::new(ListOrdersResponse { orders, next_page_token }))
     }
 
@@ -369,6 +380,8 @@ impl OrderQueryService for OrderQueries {
     ) -> Result<Response<GetCustomerOrdersResponse>, Status> {
         let (metadata, _, r) = request.into_parts();
         require_id("customer_id", &r.customer_id)?;
+        let filter = OrderFilter { customer_id: Some(r.customer_id.clone()), ..OrderFilter::default() };
+        let page = Page::of(&filter, r.page_size, &r.page_token)?;
         self.query.ready(ORDERS, r.min_position, &metadata).await?;
         self.query.ready(ANALYTICS, r.min_position, &metadata).await?;
         let totals = {
@@ -394,8 +407,7 @@ impl OrderQueryService for OrderQueries {
             })
             .collect::<Vec<_>>()
         };
-        let filter = OrderFilter { customer_id: Some(r.customer_id.clone()), ..OrderFilter::default() };
-        let (orders, next_page_token) = self.query.list_orders(&filter, r.page_size, &r.page_token).await?;
+        let (orders, next_page_token) = self.query.list_orders(&filter, page).await?;
         if totals.is_empty() && orders.is_empty() && r.page_token.is_empty() {
             return Err(not_found("customer", "CUSTOMER_NOT_FOUND", &r.customer_id));
         }
@@ -416,8 +428,8 @@ impl OrderQueryService for OrderQueries {
         let filter = OrderFilter {
             customer_id: None,
             status: Some(status),
-            from: time_arg("start_time", r.start_time)?,
-            until: time_arg("end_time", r.end_time)?,
+            from: bound_arg("start_time", r.start_time)?,
+            until: bound_arg("end_time", r.end_time)?,
         };
         if let (Some(from), Some(until)) = (filter.from, filter.until)
             && until < from
@@ -427,8 +439,9 @@ impl OrderQueryService for OrderQueries {
                 "must not be before start_time".to_owned(),
             )]));
         }
+        let page = Page::of(&filter, r.page_size, &r.page_token)?;
         self.query.ready(ORDERS, r.min_position, &metadata).await?;
-        let (orders, next_page_token) = self.query.list_orders(&filter, r.page_size, &r.page_token).await?;
+        let (orders, next_page_token) = self.query.list_orders(&filter, page).await?;
         Ok(Response::new(ListOrdersByStatusResponse { orders, next_page_token }))
     }
 
@@ -530,9 +543,9 @@ impl OrderQueryService for OrderQueries {
             )]));
         }
         let mut read = StreamRead::forwards(format!("order-{}", r.order_id), 10_000);
-        // "At" a time includes the events recorded at that instant; the
-        // latest time there is includes everything anyway.
-        read.end_time = time.map(|t| t.checked_add(Duration::from_micros(1)).map_or(t, |end| end.min(latest_time())));
+        // "At" a time includes the events recorded at that instant, and not
+        // one a microsecond later.
+        read.end_time = time.and_then(eventfold_store::end_at_or_before);
         read.max_version = if time.is_none() { r.version } else { None };
         let slice = match self.query.log.read_stream(read).await {
             Ok(slice) => slice,
@@ -662,7 +675,9 @@ pub(crate) fn day_number(field: &str, day: &str) -> Result<i64, Status> {
     };
     let parts: Vec<&str> = day.split('-').collect();
     let [y, m, d] = parts.as_slice() else { return Err(invalid()) };
-    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+    // Digits only: `i64::from_str` would take a sign ("+999"), which the
+    // database's date cast refuses.
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 || !day.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
         return Err(invalid());
     }
     let (y, m, d): (i64, i64, i64) =
@@ -701,7 +716,8 @@ mod tests {
         assert_eq!(day_number("d", "1970-01-01").unwrap(), 0);
         assert_eq!(day_number("d", "2026-11-23").unwrap() - day_number("d", "2026-01-01").unwrap(), 326);
         assert_eq!(day_number("d", "2024-03-01").unwrap() - day_number("d", "2024-02-28").unwrap(), 2, "leap year");
-        for bad in ["2026-02-29", "2026-13-01", "2026-1-01", "yesterday", "", "2026-11-31"] {
+        for bad in ["2026-02-29", "2026-13-01", "2026-1-01", "yesterday", "", "2026-11-31", "+999-01-01", "2026-+1-01"]
+        {
             assert_eq!(day_number("d", bad).unwrap_err().code(), Code::InvalidArgument, "{bad}");
         }
     }

@@ -809,6 +809,17 @@ pub fn ceil_micros(time: SystemTime) -> SystemTime {
     if floor < time { floor.checked_add(Duration::from_micros(1)).unwrap_or(floor) } else { floor }
 }
 
+/// The exclusive end of a read of what was stored "at or before `time`":
+/// the first whole microsecond after it (stored times are whole
+/// microseconds); `None` past the end of 9999, where every stored time is
+/// before it.
+pub fn end_at_or_before(time: SystemTime) -> Option<SystemTime> {
+    let end = ceil_micros(time.checked_add(Duration::from_nanos(1))?);
+    let mut beyond = Vec::new();
+    check_time("time", end, &mut beyond);
+    beyond.is_empty().then_some(end)
+}
+
 /// Now, truncated to microseconds.
 pub fn now_micros() -> SystemTime {
     from_micros(to_micros(SystemTime::now()))
