@@ -183,14 +183,18 @@ BEGIN
               FROM unnest(k_keys, p_streams, k_prints) AS u (k, s, f) WHERE k <> ''
             ON CONFLICT (scope, request_id) DO NOTHING RETURNING scope || chr(31) || request_id AS k)
         SELECT coalesce(array_agg(k), '{}') INTO r_claimed FROM claimed;
-        -- Looked up by primary key (a join on the split keys, not a
-        -- comparison of concatenations, which would scan the whole table).
-        SELECT coalesce(array_agg(u.k), '{}'), coalesce(array_agg(q.result), '{}'),
-               coalesce(array_agg(q.fingerprint), '{}'), coalesce(array_agg(q.stream_id), '{}')
-          INTO r_seen, r_results, r_prints, r_streams
-          FROM (SELECT DISTINCT x.k FROM unnest(k_keys) AS x (k) WHERE x.k <> '' AND NOT x.k = ANY (r_claimed)) AS u
-          JOIN eventstore.append_requests q
-            ON q.scope = split_part(u.k, chr(31), 1) AND q.request_id = split_part(u.k, chr(31), 2);
+        -- Only when some key was not claimed (a repeat): looked up by
+        -- primary key (a join on the split keys, not a comparison of
+        -- concatenations, which would scan the whole table).
+        IF cardinality(r_claimed) < (SELECT count(DISTINCT x.k) FROM unnest(k_keys) AS x (k) WHERE x.k <> '') THEN
+            SELECT coalesce(array_agg(u.k), '{}'), coalesce(array_agg(q.result), '{}'),
+                   coalesce(array_agg(q.fingerprint), '{}'), coalesce(array_agg(q.stream_id), '{}')
+              INTO r_seen, r_results, r_prints, r_streams
+              FROM (SELECT DISTINCT x.k FROM unnest(k_keys) AS x (k)
+                     WHERE x.k <> '' AND NOT x.k = ANY (r_claimed)) AS u
+              JOIN eventstore.append_requests q
+                ON q.scope = split_part(u.k, chr(31), 1) AND q.request_id = split_part(u.k, chr(31), 2);
+        END IF;
     END IF;
     IF p_check_event_ids THEN
         SELECT coalesce(array_agg(e.event_id), '{}') INTO v_seen_ids
