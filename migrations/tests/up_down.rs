@@ -7,6 +7,18 @@ async fn table_exists(client: &tokio_postgres::Client, name: &str) -> bool {
     client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name]).await.unwrap().get(0)
 }
 
+async fn column_exists(client: &tokio_postgres::Client, table: &str, column: &str) -> bool {
+    client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
+             WHERE table_schema = 'eventstore' AND table_name = $1 AND column_name = $2)",
+            &[&table, &column],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test]
 async fn up_status_down_up() {
     let db = TestDatabase::create().await;
@@ -33,8 +45,12 @@ async fn up_status_down_up() {
     let after = eventfold_migrations::status(&client).await.unwrap();
     assert!(!after.last().unwrap().applied, "down without --to reverts the latest");
     assert!(after[..after.len() - 1].iter().all(|m| m.applied), "and only the latest");
-    assert!(!table_exists(&client, "saga.saga_instances").await, "the latest migration (0006) is reverted");
-    assert!(table_exists(&client, "bus.consumer_events").await, "0005 and before stay");
+    // The latest migration (0007) is reverted: snapshots and request ids lose
+    // their namespace and scope; 0006 and before stay.
+    assert!(!column_exists(&client, "snapshots", "namespace").await, "the latest migration (0007) is reverted");
+    assert!(!column_exists(&client, "append_requests", "scope").await);
+    assert!(table_exists(&client, "saga.saga_instances").await, "0006 and before stay");
+    assert!(table_exists(&client, "bus.consumer_events").await);
     assert!(table_exists(&client, "bus.relay_checkpoints").await);
     assert!(table_exists(&client, "projections.checkpoints").await);
     assert!(table_exists(&client, "eventstore.events").await);
