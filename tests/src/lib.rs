@@ -3,6 +3,7 @@
 //! database for each test that asks for one through [`TestDatabase::create`];
 //! likewise a throw-away Redis ([`redis`]).
 
+pub mod hostile;
 pub mod kafka;
 pub mod redis;
 pub mod registry;

@@ -87,7 +87,11 @@ use eventfold_proto::{
 };
 use eventfold_query::{CacheConfig, Query};
 use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
-use eventfold_tests::{TestDatabase, redis::TestRedis};
+use eventfold_tests::{
+    TestDatabase,
+    hostile::{MAX_TIME_SECS, MIN_TIME_SECS, seconds},
+    redis::TestRedis,
+};
 use proptest::{
     collection::vec,
     prelude::*,
@@ -111,9 +115,6 @@ type R<T> = Result<T, TestCaseError>;
 /// The documented bounds, written out here rather than imported so that the
 /// test does not share a mistake with the code it checks.
 const MAX_BIGINT: u64 = i64::MAX as u64;
-/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z in Unix seconds.
-const MIN_TIME_SECS: i64 = -62_135_596_800;
-const MAX_TIME_SECS: i64 = 253_402_300_799;
 const NANOS: i128 = 1_000_000_000;
 const MAX_ID_BYTES: usize = 128;
 const MAX_TOKEN_BYTES: usize = 1024;
@@ -2419,33 +2420,6 @@ fn i32_edge() -> BoxedStrategy<i32> {
 /// Enum values: the declared ones, and out of range.
 fn status() -> BoxedStrategy<i32> {
     prop_oneof![6 => 0..=5i32, 1 => select(vec![-1, 6, 7, i32::MAX, i32::MIN]), 1 => any::<i32>()].boxed()
-}
-
-/// Seconds: the whole i64 range, its ends, and the ends of 0001..9999.
-fn seconds() -> BoxedStrategy<i64> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    prop_oneof![
-        2 => select(vec![
-            i64::MIN,
-            i64::MIN + 1,
-            i64::MAX,
-            i64::MAX - 1,
-            MIN_TIME_SECS - 1,
-            MIN_TIME_SECS,
-            MIN_TIME_SECS + 1,
-            MAX_TIME_SECS - 1,
-            MAX_TIME_SECS,
-            MAX_TIME_SECS + 1,
-            -1,
-            0,
-            1,
-            946_684_800, // 2000-01-01, PostgreSQL's epoch
-        ]),
-        1 => any::<i64>(),
-        1 => MIN_TIME_SECS..=MAX_TIME_SECS,
-        1 => (now - 120)..(now + 120),
-    ]
-    .boxed()
 }
 
 /// Nanos: the whole i32 range, its ends, and the ends of 0..1e9.
