@@ -230,6 +230,8 @@ struct SagaConfig {
     listen: SocketAddr,
     orchestrator: eventfold_saga::OrchestratorConfig,
     sandbox: eventfold_saga::SandboxConfig,
+    /// WatchSaga streams one client address may hold open at once.
+    max_watchers_per_peer: u32,
 }
 
 impl Default for SagaConfig {
@@ -239,7 +241,15 @@ impl Default for SagaConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50054)),
             orchestrator: eventfold_saga::OrchestratorConfig::default(),
             sandbox: eventfold_saga::SandboxConfig::default(),
+            max_watchers_per_peer: 100,
         }
+    }
+}
+
+impl SagaConfig {
+    /// The saga service over `sagas`, with this configuration's limits.
+    fn service(&self, sagas: eventfold_saga::grpc::Sagas) -> eventfold_saga::grpc::Sagas {
+        sagas.with_max_watchers_per_peer(usize::try_from(self.max_watchers_per_peer).unwrap_or(usize::MAX))
     }
 }
 
@@ -441,7 +451,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let bus = eventfold_command::bus(log.clone(), config.command.bus_options());
             let sagas = if config.saga.enabled {
                 spawn_orchestrator(&config, &url, bus.clone(), stop.clone()).await?;
-                Some(eventfold_saga::grpc::Sagas::connect(&url).await?.with_changes(log.appended()))
+                Some(
+                    config.saga.service(eventfold_saga::grpc::Sagas::connect(&url).await?).with_changes(log.appended()),
+                )
             } else {
                 None
             };
@@ -480,7 +492,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     config.saga.orchestrator.clone(),
                 );
                 tokio::spawn(orchestrator.run(memory.started(), stop));
-                Some(eventfold_saga::grpc::Sagas::new(repository).with_changes(log.appended()))
+                Some(config.saga.service(eventfold_saga::grpc::Sagas::new(repository)).with_changes(log.appended()))
             } else {
                 None
             };
@@ -563,7 +575,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let bus = eventfold_command::bus(log, config.command.bus_options());
             let (stop_tx, stop) = tokio::sync::watch::channel(false);
             let orchestrator = spawn_orchestrator(&config, &url, bus, stop).await?;
-            let sagas = eventfold_saga::grpc::Sagas::connect(&url).await?.with_changes(changes);
+            let sagas = config.saga.service(eventfold_saga::grpc::Sagas::connect(&url).await?).with_changes(changes);
             let listener = bind(config.saga.listen).await?;
             let addr = listener.local_addr()?;
             println!("eventfold: saga orchestrator and SagaService listening on {addr} (PostgreSQL)");
