@@ -99,7 +99,7 @@ pub(crate) async fn relay(args: RelayBenchArgs) -> anyhow::Result<()> {
         .register_catalog(&eventfold_schemas::Catalog::load()?, eventfold_proto::FILE_DESCRIPTOR_SET)
         .await
         .context("registering the catalog")?;
-    let store = PostgresEventLog::connect(PostgresConfig::new(args.database_url.clone())).await?;
+    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&args.database_url.clone()).expect("a PostgreSQL URL"), PostgresConfig::default()).await?;
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let tag = format!("rbench-{}", &Uuid::new_v4().simple().to_string()[..8]);
 

@@ -181,7 +181,7 @@ pub(crate) async fn queries(args: QueryBenchArgs) -> anyhow::Result<()> {
     let mut admin = connect(&args.database_url).await?;
     eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
     let machine = machine_line(&admin).await?;
-    let log = log_of(PostgresEventLog::connect(PostgresConfig::new(args.database_url.clone())).await?);
+    let log = log_of(PostgresEventLog::connect(eventfold_store::Database::from_url(&args.database_url.clone()).expect("a PostgreSQL URL"), PostgresConfig::default()).await?);
     let tag = format!("qbench-{}", &Uuid::new_v4().simple().to_string()[..8]);
     create_orders(log.clone(), &tag, args.orders).await?;
     let version = active_order_views(&admin).await?;
@@ -250,7 +250,7 @@ pub(crate) async fn lag(args: LagBenchArgs) -> anyhow::Result<()> {
     let mut admin = connect(&args.database_url).await?;
     eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
     let machine = machine_line(&admin).await?;
-    let log = log_of(PostgresEventLog::connect(PostgresConfig::new(args.database_url.clone())).await?);
+    let log = log_of(PostgresEventLog::connect(eventfold_store::Database::from_url(&args.database_url.clone()).expect("a PostgreSQL URL"), PostgresConfig::default()).await?);
     let tag = format!("lbench-{}", &Uuid::new_v4().simple().to_string()[..8]);
 
     // eventfold: the order views projector follows the log; the query

@@ -417,7 +417,7 @@ fn projections_rebuild_and_list() {
         use eventfold_domain::order::{CreateOrder, OrderItem};
         use tower::ServiceExt;
         let store =
-            eventfold_store::PostgresEventLog::connect(eventfold_store::PostgresConfig::new(&url)).await.unwrap();
+            eventfold_store::PostgresEventLog::connect(eventfold_store::Database::from_url(&&url).expect("a PostgreSQL URL"), eventfold_store::PostgresConfig::default()).await.unwrap();
         let bus = eventfold_command::bus(std::sync::Arc::new(store), eventfold_command::BusOptions::default());
         for o in 0..3 {
             let eur = "EUR".parse().unwrap();

@@ -54,7 +54,7 @@ fn text(output: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_replays_once_after_its_schema_is_registered() {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap();
+    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.unwrap();
     let log: Arc<dyn EventLog> = Arc::new(store);
     let broker = Broker::start();
     let stand_in = RegistryStandIn::start().await;

@@ -31,7 +31,7 @@ async fn memory() -> Backend {
 
 async fn postgres() -> Backend {
     let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the event log");
+    let log = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the event log");
     Backend { log: Arc::new(log), _db: Some(db) }
 }
 
@@ -1043,10 +1043,14 @@ async fn edge_cases(mut server: Server) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_is_not_serving_and_unavailable() {
     let url = eventfold_tests::unreachable_database_url();
-    let log = PostgresEventLog::connect(PostgresConfig {
-        connect_timeout: Duration::from_secs(1),
-        ..PostgresConfig::new(url)
-    })
+    let log = PostgresEventLog::connect(
+        eventfold_store::Database::open(
+            &url,
+            &eventfold_store::DatabaseOptions { connect_timeout: Duration::from_secs(1), ..Default::default() },
+        )
+        .expect("a PostgreSQL URL"),
+        PostgresConfig::default(),
+    )
     .await
     .expect("connecting is lazy");
     let backend = Backend { log: Arc::new(log), _db: None };
@@ -1093,10 +1097,14 @@ async fn postgres_silent_is_unavailable_in_bounded_time() {
     // Accepts TCP connections (through the backlog) and never speaks.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("postgresql://postgres@{}/eventfold", silent.local_addr().unwrap());
-    let log = PostgresEventLog::connect(PostgresConfig {
-        connect_timeout: Duration::from_secs(1),
-        ..PostgresConfig::new(url)
-    })
+    let log = PostgresEventLog::connect(
+        eventfold_store::Database::open(
+            &url,
+            &eventfold_store::DatabaseOptions { connect_timeout: Duration::from_secs(1), ..Default::default() },
+        )
+        .expect("a PostgreSQL URL"),
+        PostgresConfig::default(),
+    )
     .await
     .expect("connecting is lazy");
     let backend = Backend { log: Arc::new(log), _db: None };

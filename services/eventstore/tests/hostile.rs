@@ -107,7 +107,7 @@ async fn memory() -> Backend {
 
 async fn postgres() -> Backend {
     let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the event log");
+    let log = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the event log");
     Backend { log: Arc::new(log), _db: Some(db) }
 }
 

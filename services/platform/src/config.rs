@@ -3,7 +3,12 @@
 //! line flags. Every environment variable eventfold reads is listed in
 //! [`ENV_VARS`].
 
-use std::path::Path;
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use eventfold_store::TlsMode;
 
 use figment::{
     Figment,
@@ -25,6 +30,11 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_DATABASE__POOL_SIZE", "connections for reads"),
     ("EVENTFOLD_DATABASE__WRITERS", "group-commit writer connections"),
     ("EVENTFOLD_DATABASE__REQUEST_RETENTION_HOURS", "hours request ids are remembered (default 168)"),
+    ("EVENTFOLD_DATABASE__WORKER_POOL_SIZE", "connections of the background workers' pool and of the sagas' (default 8)"),
+    ("EVENTFOLD_DATABASE__CONNECT_TIMEOUT_MS", "longest wait for a PostgreSQL connection (default 5000)"),
+    ("EVENTFOLD_DATABASE__TLS", "TLS to PostgreSQL: prefer (default), disable, require or verify-full"),
+    ("EVENTFOLD_DATABASE__CA_FILE", "PEM file of the CAs that tls = verify-full trusts"),
+    ("EVENTFOLD_ADMIN__LISTEN", "admin HTTP listener (/healthz, /readyz), e.g. 0.0.0.0:9464"),
     ("EVENTFOLD_EVENTSTORE__LISTEN", "gRPC listen address of the event store"),
     ("EVENTFOLD_EVENTSTORE__SHUTDOWN_GRACE_SECS", "seconds to drain streams on shutdown"),
     ("EVENTFOLD_COMMAND__LISTEN", "gRPC listen address of `eventfold serve command`"),
@@ -97,6 +107,16 @@ pub fn config_file_from_env() -> Option<std::path::PathBuf> {
     std::env::var_os("EVENTFOLD_CONFIG").map(Into::into)
 }
 
+/// The admin HTTP listener of a process (`[admin]`): `/healthz` and
+/// `/readyz` today, `/metrics` next.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where it listens; unset: no admin listener (`eventfold dev` uses
+    /// 127.0.0.1:9464 when unset).
+    pub listen: Option<SocketAddr>,
+}
+
 /// Logging settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -134,11 +154,30 @@ pub struct DatabaseConfig {
     /// Hours request ids (AIP-155) are remembered: a retry within them gets
     /// the first answer; older ids are pruned.
     pub request_retention_hours: u64,
+    /// Connections of the background workers (projectors, relay, consumers)
+    /// and of the sagas, each a pool of its own.
+    pub worker_pool_size: u32,
+    /// Longest wait for a connection, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// TLS to the server: `prefer` (default), `disable`, `require` or
+    /// `verify-full` (needs `ca_file`).
+    pub tls: TlsMode,
+    /// PEM file of the certificate authorities `tls = "verify-full"` trusts.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: None, pool_size: 16, writers: 2, request_retention_hours: 7 * 24 }
+        Self {
+            url: None,
+            pool_size: 16,
+            writers: 2,
+            request_retention_hours: 7 * 24,
+            worker_pool_size: 8,
+            connect_timeout_ms: 5000,
+            tls: TlsMode::Prefer,
+            ca_file: None,
+        }
     }
 }
 
@@ -157,6 +196,12 @@ impl DatabaseConfig {
         }
         if !(1..=24 * 365).contains(&self.request_retention_hours) {
             return Err(Error::Config("database.request_retention_hours must be 1 to 8760".to_owned()));
+        }
+        if self.worker_pool_size == 0 {
+            return Err(Error::Config("database.worker_pool_size must be at least 1".to_owned()));
+        }
+        if self.tls == TlsMode::VerifyFull && self.ca_file.is_none() {
+            return Err(Error::Config("database.tls = \"verify-full\" needs database.ca_file".to_owned()));
         }
         Ok(())
     }

@@ -10,10 +10,12 @@
     warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
 )]
 
+pub mod admin;
 pub mod config;
 pub mod guard;
 pub mod input;
 pub mod page;
+pub mod runtime;
 pub mod server;
 pub mod status;
 pub mod telemetry;

@@ -3,11 +3,17 @@
 //! latter), serves on a bound listener and drains on shutdown within a grace
 //! period.
 
-use std::{future::Future, time::Duration};
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
+use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::{
+    server::NamedService,
+    service::{Routes, RoutesBuilder},
+    transport::Server,
+};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::layer::util::{Identity, Stack};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -32,14 +38,14 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The layers of every server: panics caught, calls per peer capped.
 pub type Layers = Stack<PeerLimitLayer, Stack<CatchPanicLayer<PanicToStatus>, Identity>>;
-/// A router of an eventfold server (see [`router`]).
+/// A router of an eventfold server (see [`GrpcServer`]).
 pub type Router = tonic::transport::server::Router<Layers>;
 
-/// A router with health and reflection for the given descriptor sets; add
-/// the service's own servers to it. Every server made here has the same
-/// limits: keepalive pings, streams per connection and calls per peer
-/// capped, pending resets bounded, handler panics answered `INTERNAL`.
-pub fn router(descriptor_sets: &[&'static [u8]]) -> Result<(HealthReporter, Router)> {
+/// A router with health and reflection for the given descriptor sets, and
+/// `routes` (the services a process hosts). Every server made here has
+/// the same limits: keepalive pings, streams per connection and calls per
+/// peer capped, pending resets bounded, handler panics answered `INTERNAL`.
+fn router(descriptor_sets: &[&'static [u8]], routes: Routes) -> Result<(HealthReporter, Router)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let configure = || {
         descriptor_sets.iter().fold(
@@ -61,16 +67,146 @@ pub fn router(descriptor_sets: &[&'static [u8]]) -> Result<(HealthReporter, Rout
         .http2_max_header_list_size(64 * 1024)
         .layer(crate::guard::catch_panic())
         .layer(PeerLimitLayer::new(MAX_CALLS_PER_PEER))
+        .add_routes(routes)
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha);
     Ok((reporter, router))
 }
 
-/// Serve until `shutdown` resolves, then let in-flight calls finish for at
+/// A storage check of a group of services: `Err` (with text for the log)
+/// marks them NOT_SERVING.
+pub type HealthCheck =
+    Arc<dyn Fn() -> BoxFuture<'static, std::result::Result<(), String>> + Send + Sync + 'static>;
+
+/// The one gRPC server of a process: health, reflection (v1 and v1alpha)
+/// and every service the process hosts, added the same way whatever the
+/// process (`eventfold dev` adds them all, each `serve X` its own).
+#[derive(Default)]
+pub struct GrpcServer {
+    routes: RoutesBuilder,
+    names: Vec<String>,
+    descriptor_sets: Vec<&'static [u8]>,
+    checks: Vec<(Vec<String>, HealthCheck)>,
+    health_interval: Option<Duration>,
+}
+
+impl std::fmt::Debug for GrpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcServer").field("services", &self.names).finish_non_exhaustive()
+    }
+}
+
+impl GrpcServer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Hosts `service`; reflection describes it from `descriptor_set`.
+    pub fn add_service<S>(&mut self, descriptor_set: &'static [u8], service: S) -> &mut Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self.names.push(S::NAME.to_owned());
+        if !self.descriptor_sets.iter().any(|d| std::ptr::eq(*d, descriptor_set)) {
+            self.descriptor_sets.push(descriptor_set);
+        }
+        self
+    }
+
+    /// The health of `services` follows `check`, probed every `interval`
+    /// (the shortest interval given wins): NOT_SERVING from the start until
+    /// the first probe passes, and whenever one fails or takes over 5 s.
+    pub fn health_check<F, Fut>(&mut self, services: &[&str], interval: Duration, check: F) -> &mut Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), String>> + Send + 'static,
+    {
+        let check: HealthCheck = Arc::new(move || Box::pin(check()));
+        self.checks.push((services.iter().map(|s| (*s).to_owned()).collect(), check));
+        self.health_interval = Some(self.health_interval.map_or(interval, |i| i.min(interval)));
+        self
+    }
+
+    /// The names of the services hosted so far.
+    pub fn service_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Whether a service whose name starts with `prefix` is hosted.
+    pub fn hosts(&self, prefix: &str) -> bool {
+        self.names.iter().any(|n| n.starts_with(prefix))
+    }
+
+    /// Serve on `listener` until `token` is cancelled, then let in-flight
+    /// calls finish for at most `grace` (streams watch the same token and
+    /// end first).
+    pub async fn serve(self, listener: TcpListener, token: CancellationToken, grace: Duration) -> Result<()> {
+        let (reporter, router) = router(&self.descriptor_sets, self.routes.routes())?;
+        let probe = tokio::spawn(probe_health(
+            reporter,
+            self.checks,
+            self.health_interval.unwrap_or(Duration::from_secs(5)),
+        ));
+        let result = serve(router, listener, async move { token.cancelled().await }, grace).await;
+        probe.abort();
+        result
+    }
+}
+
+/// Keeps each group's health in step with its check, and the server's
+/// (`""`) with all of them.
+async fn probe_health(reporter: HealthReporter, checks: Vec<(Vec<String>, HealthCheck)>, interval: Duration) {
+    let mut serving: Vec<Option<bool>> = vec![None; checks.len()];
+    let mut overall = None;
+    for name in checks.iter().flat_map(|(names, _)| names).chain(std::iter::once(&String::new())) {
+        reporter.set_service_status(name, ServingStatus::NotServing).await;
+    }
+    loop {
+        for ((names, check), was) in checks.iter().zip(serving.iter_mut()) {
+            let healthy = match tokio::time::timeout(Duration::from_secs(5), check()).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    if *was != Some(false) {
+                        tracing::warn!(error = %e, services = ?names, "storage unhealthy: NOT_SERVING");
+                    }
+                    false
+                }
+                Err(_) => false,
+            };
+            if *was != Some(healthy) {
+                let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
+                for name in names {
+                    reporter.set_service_status(name, status).await;
+                }
+                if healthy {
+                    tracing::info!(services = ?names, "storage healthy: SERVING");
+                }
+                *was = Some(healthy);
+            }
+        }
+        let all = serving.iter().all(|s| *s == Some(true));
+        if overall != Some(all) {
+            let status = if all { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status("", status).await;
+            overall = Some(all);
+        }
+        tokio::time::sleep(interval.max(Duration::from_millis(100))).await;
+    }
+}
+
+/// Serve `router` until `shutdown` resolves, then let in-flight calls finish for at
 /// most `grace` (streams are told to end through the service's own shutdown
 /// signal before that).
-pub async fn serve(
+async fn serve(
     router: Router,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -94,52 +230,6 @@ pub async fn serve(
             Ok(())
         }
     }
-}
-
-/// Keeps the health of `services` (and of the server as a whole, `""`) in
-/// step with `check`, probed every `interval`: NOT_SERVING from the start
-/// until the first probe passes, and whenever one fails or takes over 5 s.
-pub async fn spawn_health_probe<F, Fut, E>(
-    reporter: HealthReporter,
-    services: Vec<String>,
-    interval: Duration,
-    check: F,
-) -> tokio::task::JoinHandle<()>
-where
-    F: Fn() -> Fut + Send + 'static,
-    Fut: Future<Output = std::result::Result<(), E>> + Send,
-    E: std::fmt::Display,
-{
-    let names: Vec<String> = services.into_iter().chain([String::new()]).collect();
-    for name in &names {
-        reporter.set_service_status(name, ServingStatus::NotServing).await;
-    }
-    tokio::spawn(async move {
-        let mut serving = None;
-        loop {
-            let healthy = match tokio::time::timeout(Duration::from_secs(5), check()).await {
-                Ok(Ok(())) => true,
-                Ok(Err(e)) => {
-                    if serving != Some(false) {
-                        tracing::warn!(error = %e, "storage unhealthy: NOT_SERVING");
-                    }
-                    false
-                }
-                Err(_) => false,
-            };
-            if serving != Some(healthy) {
-                let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
-                for name in &names {
-                    reporter.set_service_status(name, status).await;
-                }
-                if healthy {
-                    tracing::info!("storage healthy: SERVING");
-                }
-                serving = Some(healthy);
-            }
-            tokio::time::sleep(interval.max(Duration::from_millis(100))).await;
-        }
-    })
 }
 
 /// Resolves on SIGINT or SIGTERM.

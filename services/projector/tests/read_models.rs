@@ -24,7 +24,7 @@ use tower::ServiceExt;
 
 async fn setup() -> (TestDatabase, Arc<dyn EventLog>, Client, Bus) {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the log");
+    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.expect("connect");
     tokio::spawn(connection);

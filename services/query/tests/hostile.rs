@@ -280,7 +280,7 @@ async fn stack(redis: &TestRedis) -> Stack {
         ..eventfold_query::Config::default()
     };
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the log");
+    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let query = Query::connect(&config, db.url(), log.clone()).await.expect("query side");
     let invalidator = query.cache().map(|cache| eventfold_query::Invalidator::new(cache.clone()));

@@ -81,7 +81,7 @@ async fn stack(cache: Option<CacheConfig>) -> Stack {
 
 async fn stack_with(config: eventfold_query::Config) -> Stack {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the log");
+    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let query = Query::connect(&config, db.url(), log.clone()).await.expect("query side");
     let invalidator = query.cache().map(|cache| Invalidator::new(cache.clone()));
@@ -827,10 +827,14 @@ fn assert_no_driver_text(status: &tonic::Status, port: u16) {
 async fn an_unreachable_database_answers_unavailable_with_an_error_id_and_no_driver_text() {
     let url = eventfold_tests::unreachable_database_url();
     let port: u16 = url.rsplit(':').next().and_then(|p| p.split('/').next()).unwrap().parse().unwrap();
-    let log = PostgresEventLog::connect(PostgresConfig {
-        connect_timeout: Duration::from_secs(1),
-        ..PostgresConfig::new(url.clone())
-    })
+    let log = PostgresEventLog::connect(
+        eventfold_store::Database::open(
+            &url.clone(),
+            &eventfold_store::DatabaseOptions { connect_timeout: Duration::from_secs(1), ..Default::default() },
+        )
+        .expect("a PostgreSQL URL"),
+        PostgresConfig::default(),
+    )
     .await
     .expect("connecting is lazy");
     let config = eventfold_query::Config::default();

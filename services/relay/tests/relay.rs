@@ -31,7 +31,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect the log");
+    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let registry = RegistryStandIn::start().await;
     let client = Registry::new(registry.url()).unwrap();

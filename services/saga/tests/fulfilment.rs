@@ -107,7 +107,7 @@ fn config() -> OrchestratorConfig {
 
 async fn bed(source: Source) -> Bed {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap();
+    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.unwrap();
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let kafka = match source {
         Source::Log => None,

@@ -11,11 +11,13 @@
     warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
 )]
 
+pub mod backoff;
 pub mod error;
 pub mod hash;
 mod log;
 pub mod memory;
 pub mod model;
+pub mod pg;
 pub mod postgres;
 pub mod source;
 pub mod subscription;
@@ -25,7 +27,9 @@ pub use crate::{
     error::{Error, FieldViolation, Result},
     log::EventLog,
     memory::MemoryEventLog,
+    backoff::Backoff,
     model::*,
+    pg::{Database, DatabaseOptions, PgPool, TlsMode},
     postgres::{PostgresConfig, PostgresEventLog},
     source::{EventSource, LogSource, Pulled, SourceError},
     subscription::{SubscriptionMessage, SubscriptionOptions, Subscriptions, Target},

@@ -816,7 +816,7 @@ async fn a_stored_event_id_fails_only_its_append() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_append_wakes_live_subscribers() {
     let (db, writer) = common::postgres().await;
-    let reader = std::sync::Arc::new(PostgresEventLog::connect(PostgresConfig::new(db.url())).await.unwrap());
+    let reader = std::sync::Arc::new(PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.unwrap());
     let options = SubscriptionOptions { poll_interval: Duration::from_secs(3600), ..SubscriptionOptions::default() };
     let subscriptions = Subscriptions::new(reader.clone(), options);
     let mut rx = subscriptions.subscribe(Target::All { after: Some(0), filter: EventFilter::default() }, 1000);
@@ -848,10 +848,14 @@ async fn another_process_append_wakes_live_subscribers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_database_answers_unavailable() {
     let url = eventfold_tests::unreachable_database_url();
-    let log = PostgresEventLog::connect(PostgresConfig {
-        connect_timeout: Duration::from_secs(1),
-        ..PostgresConfig::new(url)
-    })
+    let log = PostgresEventLog::connect(
+        eventfold_store::Database::open(
+            &url,
+            &eventfold_store::DatabaseOptions { connect_timeout: Duration::from_secs(1), ..Default::default() },
+        )
+        .expect("a PostgreSQL URL"),
+        PostgresConfig::default(),
+    )
     .await
     .expect("connecting is lazy");
 

@@ -24,15 +24,13 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bb8::{Pool, RunError};
-use bb8_postgres::PostgresConnectionManager;
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::{
     sync::{Mutex, mpsc, oneshot, watch},
     task::JoinHandle,
 };
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use uuid::Uuid;
 
 use self::xid::{GapBook, PendingGap, XidSnapshot};
@@ -40,6 +38,8 @@ use crate::{
     error::{Error, Result},
     hash,
     log::EventLog,
+    backoff::Backoff,
+    pg::{Database, PgConnection, db_error},
     model::{
         AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, EventMetadata, ExpectedVersion, ListStreams,
         MAX_PAGE_BYTES, RecordedEvent, RequestKey, Snapshot, SnapshotQuery, StreamInfo, StreamPage, StreamRead,
@@ -47,25 +47,9 @@ use crate::{
     },
 };
 
-/// Makes the sessions of `config` commit without waiting for the WAL flush
-/// (`synchronous_commit = off`), keeping any server options it has. For
-/// writers whose lost commit is simply done again: a consumer's batch
-/// re-applied from its checkpoint, a relay batch re-sent.
-pub fn without_flush_wait(config: &mut tokio_postgres::Config) {
-    let options = match config.get_options() {
-        Some(given) => format!("{given} -c synchronous_commit=off"),
-        None => "-c synchronous_commit=off".to_owned(),
-    };
-    config.options(&options);
-}
-
 /// Settings of the PostgreSQL adapter.
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
-    /// libpq-style URL, e.g. `postgresql://postgres@127.0.0.1:5432/eventfold`.
-    pub url: String,
-    /// Connections for reads and administrative calls.
-    pub pool_size: u32,
     /// Writer tasks of the group commit (each holds one connection).
     pub writers: usize,
     /// Most appends one group-commit transaction takes.
@@ -76,8 +60,6 @@ pub struct PostgresConfig {
     /// How long a read of the global log waits for a missing position's
     /// transaction to finish before answering with what precedes it.
     pub gap_wait: Duration,
-    /// How long a call waits for a pooled connection.
-    pub connect_timeout: Duration,
     /// Least time between two notifications of other processes' live
     /// subscriptions (their extra wake-up latency, at most).
     pub notify_interval: Duration,
@@ -90,16 +72,13 @@ pub struct PostgresConfig {
     pub request_retention: Duration,
 }
 
-impl PostgresConfig {
-    pub fn new(url: impl Into<String>) -> Self {
+impl Default for PostgresConfig {
+    fn default() -> Self {
         Self {
-            url: url.into(),
-            pool_size: 16,
             writers: 2,
             max_batch_appends: 1000,
             max_batch_events: 10_000,
             gap_wait: Duration::from_millis(250),
-            connect_timeout: Duration::from_secs(5),
             notify_interval: Duration::from_millis(5),
             append_timeout: Duration::from_secs(30),
             request_retention: crate::memory::DEFAULT_REQUEST_RETENTION,
@@ -118,7 +97,7 @@ struct Job {
 
 /// The event log on PostgreSQL. Needs the schema of `eventfold migrate up`.
 pub struct PostgresEventLog {
-    pool: Pool<PostgresConnectionManager<NoTls>>,
+    database: Database,
     jobs: mpsc::Sender<Job>,
     appended: watch::Sender<u64>,
     gap_wait: Duration,
@@ -144,14 +123,7 @@ impl PostgresEventLog {
     /// Set up pool, writers and listener. Connections are made lazily, so
     /// this succeeds while PostgreSQL is down; calls then answer
     /// `Unavailable` until it is back.
-    pub async fn connect(config: PostgresConfig) -> Result<Self> {
-        let pg: Config =
-            config.url.parse().map_err(|e| Error::invalid("database_url", format!("not a PostgreSQL URL: {e}")))?;
-        let manager = PostgresConnectionManager::new(pg.clone(), NoTls);
-        let pool = Pool::builder()
-            .max_size(config.pool_size.max(1))
-            .connection_timeout(config.connect_timeout)
-            .build_unchecked(manager);
+    pub async fn connect(database: Database, config: PostgresConfig) -> Result<Self> {
         let (appended, _) = watch::channel(0);
         let (committed, committed_rx) = watch::channel(0);
         let (jobs, receiver) = mpsc::channel(config.max_batch_appends.max(1).saturating_mul(4));
@@ -159,28 +131,28 @@ impl PostgresEventLog {
         let mut tasks = Vec::new();
         for _ in 0..config.writers.max(1) {
             tasks.push(tokio::spawn(writer(
-                pg.clone(),
-                Timeouts { connect: config.connect_timeout, append: config.append_timeout },
+                database.clone(),
+                config.append_timeout,
                 receiver.clone(),
                 [appended.clone(), committed.clone()],
                 config.max_batch_appends.max(1),
                 config.max_batch_events.max(1),
             )));
         }
-        tasks.push(tokio::spawn(notifier(pg.clone(), config.connect_timeout, config.notify_interval, committed_rx)));
-        tasks.push(tokio::spawn(listener(pg, config.connect_timeout, appended.clone())));
-        tasks.push(tokio::spawn(prune_requests(pool.clone(), config.request_retention)));
-        Ok(Self { pool, jobs, appended, gap_wait: config.gap_wait, gaps: std::sync::Mutex::default(), tasks })
+        tasks.push(tokio::spawn(notifier(database.clone(), config.notify_interval, committed_rx)));
+        tasks.push(tokio::spawn(listener(database.clone(), appended.clone())));
+        tasks.push(tokio::spawn(prune_requests(database.clone(), config.request_retention)));
+        Ok(Self { database, jobs, appended, gap_wait: config.gap_wait, gaps: std::sync::Mutex::default(), tasks })
     }
 
     /// Forgets now the request ids answered more than `age` ago (the
     /// background pruning does this with `request_retention`); how many.
     pub async fn forget_requests_older_than(&self, age: Duration) -> Result<u64> {
-        forget_requests(&self.pool, age).await
+        forget_requests(&self.database, age).await
     }
 
-    async fn conn(&self) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>> {
-        self.pool.get().await.map_err(pool_error)
+    async fn conn(&self) -> Result<PgConnection<'_>> {
+        self.database.get().await
     }
 
     /// The segments `(stream, first version, last version)` whose events
@@ -287,30 +259,6 @@ fn event_from_row(row: &Row) -> Result<Option<RecordedEvent>> {
     }))
 }
 
-fn db_error(error: tokio_postgres::Error) -> Error {
-    match error.as_db_error() {
-        Some(db) => {
-            let code = db.code().code();
-            let text = format!("{} (SQLSTATE {code})", db.message());
-            if ["08", "53", "57", "40"].iter().any(|class| code.starts_with(class)) {
-                Error::Unavailable(text)
-            } else if code == "3F000" || code == "42P01" || code == "42883" {
-                Error::Unavailable(format!("{text}: is the schema migrated? run `eventfold migrate up`"))
-            } else {
-                Error::Internal(text)
-            }
-        }
-        None => Error::Unavailable(format!("PostgreSQL: {error}")),
-    }
-}
-
-fn pool_error(error: RunError<tokio_postgres::Error>) -> Error {
-    match error {
-        RunError::User(e) => db_error(e),
-        RunError::TimedOut => Error::Unavailable("timed out waiting for a PostgreSQL connection".to_owned()),
-    }
-}
-
 fn is_unique_violation(error: &tokio_postgres::Error) -> bool {
     error.as_db_error().is_some_and(|db| db.code().code() == "23505")
 }
@@ -322,18 +270,12 @@ fn is_retryable(error: &tokio_postgres::Error) -> bool {
 const APPEND_SQL: &str = "SELECT idx, status, first_version, last_version, actual_version, positions, stored_stream \
                           FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 
-#[derive(Debug, Clone, Copy)]
-struct Timeouts {
-    connect: Duration,
-    append: Duration,
-}
-
 /// A writer of the group commit: takes what is queued, appends it in one
 /// call, answers each append, then moves the heads (`[appended, committed]`:
 /// the wake-up of local subscribers and the notifier's input).
 async fn writer(
-    config: Config,
-    timeouts: Timeouts,
+    database: Database,
+    append_timeout: Duration,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     heads: [watch::Sender<u64>; 2],
     max_appends: usize,
@@ -363,20 +305,14 @@ async fn writer(
         let result = loop {
             attempt = attempt.saturating_add(1);
             if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-                connection = match tokio::time::timeout(timeouts.connect, connect_prepared(&config, APPEND_SQL)).await {
-                    Ok(Ok(c)) => Some(c),
-                    Ok(Err(e)) => break Err(e),
-                    Err(_) => {
-                        break Err(Error::Unavailable(format!(
-                            "PostgreSQL did not accept a connection within {:?}",
-                            timeouts.connect
-                        )));
-                    }
+                connection = match connect_prepared(&database, APPEND_SQL).await {
+                    Ok(c) => Some(c),
+                    Err(e) => break Err(e),
                 };
             }
             let Some((client, statement)) = connection.as_ref() else { continue };
             let answer = match tokio::time::timeout(
-                timeouts.append,
+                append_timeout,
                 run_batch(client, statement, &batch, check_event_ids),
             )
             .await
@@ -390,7 +326,7 @@ async fn writer(
                     break Err(Error::Unavailable(format!(
                         "PostgreSQL did not answer the append within {:?}, the outcome is unknown; \
                          retry with the same request id",
-                        timeouts.append
+                        append_timeout
                     )));
                 }
             };
@@ -452,20 +388,15 @@ fn clone_error(error: &Error) -> Error {
 
 /// A connection of its own (not pooled) preparing `sql`, for a task that
 /// holds it for long.
-async fn connect_prepared(config: &Config, sql: &str) -> Result<(Client, Statement)> {
-    let (client, connection) = config.connect(NoTls).await.map_err(db_error)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "PostgreSQL connection closed");
-        }
-    });
+async fn connect_prepared(database: &Database, sql: &str) -> Result<(Client, Statement)> {
+    let client = database.connect().await?;
     let statement = client.prepare(sql).await.map_err(db_error)?;
     Ok((client, statement))
 }
 
 /// Tells other processes about this process's appends: one NOTIFY per
 /// change of the committed head, at most one per `interval`.
-async fn notifier(config: Config, connect_timeout: Duration, interval: Duration, mut committed: watch::Receiver<u64>) {
+async fn notifier(database: Database, interval: Duration, mut committed: watch::Receiver<u64>) {
     let mut connection: Option<(Client, Statement)> = None;
     while committed.changed().await.is_ok() {
         // Commits that land meanwhile share the next notification: at most
@@ -474,22 +405,21 @@ async fn notifier(config: Config, connect_timeout: Duration, interval: Duration,
         let head = committed.borrow_and_update().to_string();
         if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             let sql = "SELECT pg_notify('eventstore_appended', $1)";
-            connection = match tokio::time::timeout(connect_timeout, connect_prepared(&config, sql)).await {
+            connection = match connect_prepared(&database, sql).await {
                 // A NOTIFY transaction needs a commit record. Waiting for
                 // its flush would cost the writers a WAL flush each time;
                 // a wake-up hint lost in a crash costs a poll interval.
-                Ok(Ok((client, statement))) => match client.batch_execute("SET synchronous_commit = off").await {
+                Ok((client, statement)) => match client.batch_execute("SET synchronous_commit = off").await {
                     Ok(()) => Some((client, statement)),
                     Err(e) => {
                         tracing::debug!(error = %e, "notifier could not set up its connection");
                         continue;
                     }
                 },
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::debug!(error = %e, "notifier could not connect; other processes poll");
                     continue;
                 }
-                Err(_) => continue,
             };
         }
         let Some((client, statement)) = connection.as_ref() else { continue };
@@ -642,24 +572,20 @@ fn outcome_from_row(request: &AppendRequest, row: &Row) -> Result<AppendOutcome>
 }
 
 /// Keeps `LISTEN eventstore_appended` open and turns notifications (appends
-/// of any process) into wake-ups; reconnects with backoff.
-async fn listener(config: Config, connect_timeout: Duration, appended: watch::Sender<u64>) {
-    let mut backoff = Duration::from_millis(100);
+/// of any process) into wake-ups; reconnects with the common backoff.
+async fn listener(database: Database, appended: watch::Sender<u64>) {
+    let mut retries = Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).start();
     loop {
-        match listen(&config, connect_timeout, &appended).await {
-            Ok(()) => backoff = Duration::from_millis(100),
+        match listen(&database, &appended).await {
+            Ok(()) => retries.reset(),
             Err(e) => tracing::debug!(error = %e, "PostgreSQL listener disconnected"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
+        retries.wait().await;
     }
 }
 
-async fn listen(config: &Config, connect_timeout: Duration, appended: &watch::Sender<u64>) -> Result<(), String> {
-    let (client, mut connection) = tokio::time::timeout(connect_timeout, config.connect(NoTls))
-        .await
-        .map_err(|_| format!("no connection within {connect_timeout:?}"))?
-        .map_err(|e| e.to_string())?;
+async fn listen(database: &Database, appended: &watch::Sender<u64>) -> Result<(), String> {
+    let (client, mut connection) = database.open_connection().await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -686,11 +612,11 @@ async fn listen(config: &Config, connect_timeout: Duration, appended: &watch::Se
 
 /// Forgets the request ids answered more than `age` ago, in batches of
 /// 1,000 so that no long transaction holds up appends; how many it forgot.
-async fn forget_requests(pool: &Pool<PostgresConnectionManager<NoTls>>, age: Duration) -> Result<u64> {
+async fn forget_requests(database: &Database, age: Duration) -> Result<u64> {
     let age_secs = age.as_secs_f64();
     let mut forgotten = 0u64;
     loop {
-        let client = pool.get().await.map_err(pool_error)?;
+        let client = database.get().await?;
         let n = client
             .execute(
                 "DELETE FROM eventstore.append_requests WHERE ctid = ANY (ARRAY( \
@@ -709,12 +635,12 @@ async fn forget_requests(pool: &Pool<PostgresConnectionManager<NoTls>>, age: Dur
 
 /// Runs [`forget_requests`] with `retention` about every `retention / 100`
 /// (at least every minute, at most every hour).
-async fn prune_requests(pool: Pool<PostgresConnectionManager<NoTls>>, retention: Duration) {
+async fn prune_requests(database: Database, retention: Duration) {
     let every =
         retention.checked_div(100).unwrap_or_default().clamp(Duration::from_secs(60), Duration::from_secs(3600));
     loop {
         tokio::time::sleep(every).await;
-        if let Err(e) = forget_requests(&pool, retention).await {
+        if let Err(e) = forget_requests(&database, retention).await {
             tracing::debug!(error = %e, "request ids not pruned; trying again later");
         }
     }

@@ -11,7 +11,7 @@ use tokio_postgres::NoTls;
 /// A migrated database and a PostgreSQL event log on it.
 pub async fn postgres() -> (TestDatabase, Arc<PostgresEventLog>) {
     let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(PostgresConfig::new(db.url())).await.expect("connect");
+    let log = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect");
     (db, Arc::new(log))
 }
 

@@ -1,0 +1,269 @@
+//! The runtime every eventfold process is built from: the resources it
+//! holds (PostgreSQL pools, one per purpose), the token that stops it, the
+//! tracker of its tasks, and the one supervised loop that keeps its
+//! background workers (relay, projectors, consumers, saga orchestrator,
+//! live tail) running.
+//!
+//! OVERVIEW: the binary builds [`Resources`] once from the configuration,
+//! creates a [`Runtime`], hands pools and child tokens to the libraries,
+//! spawns their workers with [`Runtime::supervise`], serves its gRPC server
+//! (`server::GrpcServer`) until the token is cancelled (SIGTERM/SIGINT,
+//! see [`Runtime::cancel_on_signal`]), then [`Runtime::shutdown`] waits for
+//! every task within the grace period.
+
+use std::{fmt::Display, future::Future, time::Duration};
+
+pub use eventfold_store::backoff::{Backoff, Retries};
+use eventfold_store::{Database, DatabaseOptions};
+use futures_util::FutureExt;
+pub use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{Error, Result, config::DatabaseConfig};
+
+/// The connections of a process, built once from `[database]`: one pool per
+/// purpose, so that one purpose's load never starves another's.
+#[derive(Debug, Clone)]
+pub struct Databases {
+    /// The event store: reads and administrative calls (its group-commit
+    /// writers hold connections of their own).
+    pub store: Database,
+    /// The read side: query services, sized by `query.pool_size`.
+    pub queries: Database,
+    /// Background writers whose lost commit is done again (projectors'
+    /// batches, the relay's checkpoints, consumers): sessions that do not
+    /// wait for the WAL flush.
+    pub workers: Database,
+    /// Everything else that must be durable when acknowledged (sagas, dead
+    /// letters, migrations).
+    pub main: Database,
+}
+
+impl Databases {
+    /// The pools of `config` (connections are made lazily: this succeeds
+    /// while PostgreSQL is down). `query_pool_size` sizes the read side's.
+    pub fn open(config: &DatabaseConfig, query_pool_size: u32) -> Result<Self> {
+        let url = config.require_url()?;
+        let options = config.options();
+        let store = Database::open(url, &options).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(Self {
+            queries: store.sized(query_pool_size.max(1)),
+            workers: store.without_flush_wait(config.worker_pool_size.max(1)),
+            main: store.sized(config.worker_pool_size.max(1)),
+            store,
+        })
+    }
+}
+
+impl DatabaseConfig {
+    /// How a [`Database`] of this configuration connects.
+    pub fn options(&self) -> DatabaseOptions {
+        DatabaseOptions {
+            pool_size: self.pool_size.max(1),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms.max(1)),
+            tls: self.tls,
+            ca_file: self.ca_file.clone(),
+        }
+    }
+}
+
+/// What a process holds for its whole life.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    /// The PostgreSQL pools, when `database.url` is set.
+    pub database: Option<Databases>,
+}
+
+impl Resources {
+    /// The resources `database` describes; none when it has no URL.
+    pub fn open(database: &DatabaseConfig, query_pool_size: u32) -> Result<Self> {
+        let database = match &database.url {
+            Some(url) if !url.trim().is_empty() => Some(Databases::open(database, query_pool_size)?),
+            _ => None,
+        };
+        Ok(Self { database })
+    }
+
+    /// The pools, or a configuration error naming how to set the URL.
+    pub fn databases(&self) -> Result<&Databases> {
+        self.database.as_ref().ok_or_else(|| {
+            Error::Config("database.url is required (--database-url or EVENTFOLD_DATABASE__URL)".to_owned())
+        })
+    }
+}
+
+/// The tasks of a process and the token that stops them. Cloning shares
+/// both.
+#[derive(Debug, Clone, Default)]
+pub struct Runtime {
+    token: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Runtime {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancelled when the process stops.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Cancels the token on SIGTERM or SIGINT.
+    pub fn cancel_on_signal(&self) {
+        let token = self.token.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = crate::server::shutdown_signal() => token.cancel(),
+                () = token.cancelled() => {}
+            }
+        });
+    }
+
+    /// Runs `task` on the tracker: shutdown waits for it. A panic is
+    /// logged with the task's name (the process keeps running).
+    pub fn spawn<F>(&self, name: impl Into<String>, task: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let name = name.into();
+        self.tasks.spawn(async move {
+            if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+                tracing::error!(task = %name, panic = %panic_text(panic.as_ref()), "task panicked");
+            }
+        })
+    }
+
+    /// Runs a background worker under [`supervise`] on the tracker.
+    pub fn supervise<F, Fut, E>(&self, name: impl Into<String>, backoff: Backoff, step: F) -> tokio::task::JoinHandle<()>
+    where
+        F: FnMut(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Display + Send + 'static,
+    {
+        let name = name.into();
+        let token = self.token.clone();
+        self.tasks.spawn(async move { supervise(&name, token, backoff, step).await })
+    }
+
+    /// Stops the process: cancels the token, then waits for every tracked
+    /// task for at most `grace`. Whether all of them ended in time.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.token.cancel();
+        self.tasks.close();
+        match tokio::time::timeout(grace, self.tasks.wait()).await {
+            Ok(()) => true,
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = grace.as_secs_f64(),
+                    still_running = self.tasks.len(),
+                    "shutdown grace period over; leaving the remaining tasks"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Keeps a background worker running until `token` is cancelled: `step`
+/// runs with the token; when it fails (or panics) the failure is logged and
+/// it runs again after the next wait of `backoff` (the waits start over
+/// once a step has run for longer than `backoff.max`). A step that returns
+/// `Ok` has finished its work: the worker ends.
+pub async fn supervise<F, Fut, E>(name: &str, token: CancellationToken, backoff: Backoff, mut step: F)
+where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    E: Display + Send + 'static,
+{
+    let mut retries = backoff.start();
+    loop {
+        if token.is_cancelled() {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        // Its own task, so that a panic is caught and the worker restarted.
+        let run = tokio::spawn(step(token.child_token()));
+        let outcome = run.await;
+        if started.elapsed() > backoff.max {
+            retries.reset();
+        }
+        match outcome {
+            Ok(Ok(())) => {
+                tracing::debug!(worker = name, "worker finished");
+                return;
+            }
+            Ok(Err(e)) if token.is_cancelled() => {
+                tracing::debug!(worker = name, error = %e, "worker stopped with an error during shutdown");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(worker = name, error = %e, attempt = retries.attempts(), "worker failed; restarting");
+            }
+            Err(join) if join.is_panic() => {
+                let panic = join.into_panic();
+                tracing::error!(worker = name, panic = %panic_text(panic.as_ref()), "worker panicked; restarting");
+            }
+            Err(_) => return,
+        }
+        tokio::select! {
+            () = retries.wait() => {}
+            () = token.cancelled() => return,
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failing_or_panicking_worker_is_restarted_until_it_finishes() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let counted = runs.clone();
+        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(5));
+        let runtime = Runtime::new();
+        let worker = runtime.supervise("flaky", backoff, move |_token| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n {
+                    0 => Err("first run fails"),
+                    1 => panic!("second run panics"),
+                    _ => Ok(()),
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), worker).await.unwrap().unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn shutdown_cancels_workers_and_waits_for_them() {
+        let runtime = Runtime::new();
+        let stopped = Arc::new(AtomicU32::new(0));
+        let seen = stopped.clone();
+        runtime.supervise("waiter", Backoff::default(), move |token| {
+            let seen = seen.clone();
+            async move {
+                token.cancelled().await;
+                seen.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), String>(())
+            }
+        });
+        assert!(runtime.shutdown(Duration::from_secs(5)).await);
+        assert_eq!(stopped.load(Ordering::SeqCst), 1);
+    }
+}
