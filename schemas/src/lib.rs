@@ -36,7 +36,7 @@ pub use self::{
         check_compatibility_level, check_tree, read_tree, validate_avro, write_tree,
     },
     generate::{AVRO_DIR, file_path, generate},
-    registry::{CONTENT_TYPE, CatalogIds, Reference, Registered, Registry, SchemaType},
+    registry::{CONTENT_TYPE, CatalogIds, Reference, Registered, Registry, RegistryConfig, SchemaType},
     topics::{CATEGORIES, Category, EventType, event_types, subject, topic_for_event, topic_for_stream},
     wire::{MAGIC_BYTE, unwire, wire},
 };

@@ -25,7 +25,7 @@ use schema_registry_converter::{
     error::SRCError,
     schema_registry_common::{RawError, SrCall},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::{Catalog, CompatibilityLevel, Error, proto_text::proto_text};
@@ -34,6 +34,14 @@ use crate::{Catalog, CompatibilityLevel, Error, proto_text::proto_text};
 pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 /// How long one registry request may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the Schema Registry is (`[registry]`).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// e.g. `http://localhost:8081`.
+    pub url: Option<String>,
+}
 
 /// The kinds of schema eventfold registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

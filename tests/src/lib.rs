@@ -1,12 +1,14 @@
 //! Test harness for eventfold: a throw-away PostgreSQL server per test process
 //! (or the server named by `EVENTFOLD_TEST_DATABASE_URL`), and a fresh, empty
 //! database for each test that asks for one through [`TestDatabase::create`];
-//! likewise a throw-away Redis ([`redis`]).
+//! likewise a throw-away Redis ([`redis`]) and a PostgreSQL server that only
+//! speaks TLS ([`tls`]).
 
 pub mod hostile;
 pub mod kafka;
 pub mod redis;
 pub mod registry;
+pub mod tls;
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -15,11 +17,11 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::NoTls;
 
@@ -28,7 +30,8 @@ use tokio_postgres::NoTls;
 const URL_ENV: &str = "EVENTFOLD_TEST_DATABASE_URL";
 /// How long the throw-away server may take to accept connections.
 const STARTUP_TIMEOUT_SECS: u32 = 30;
-/// How long dropping a [`TestDatabase`] waits for `DROP DATABASE`.
+/// How long dropping a [`TestDatabase`] waits for `DROP DATABASE`, and
+/// dropping a server waits for it to stop and its directory to go.
 const DROP_TIMEOUT: Duration = Duration::from_secs(10);
 const NOT_FOUND: &str = "PostgreSQL binaries not found: install them with \
      `apt-get install -y postgresql` (or set EVENTFOLD_TEST_DATABASE_URL)";
@@ -41,6 +44,9 @@ const NOT_FOUND: &str = "PostgreSQL binaries not found: install them with \
 pub struct TestDatabase {
     name: String,
     url: String,
+    /// The server's `postgres` database, reached without TLS: where the
+    /// database is created and dropped.
+    admin: String,
 }
 
 impl TestDatabase {
@@ -53,20 +59,26 @@ impl TestDatabase {
     /// created; the message says why.
     pub async fn create() -> TestDatabase {
         let server = server_url();
+        Self::create_on(server.clone(), |name| with_database(&server, name)).await
+    }
+
+    /// Creates a database through `admin` (a server's `postgres` database,
+    /// no TLS); `url` gives the URL clients use for a database name.
+    pub(crate) async fn create_on(admin: String, url: impl FnOnce(&str) -> String) -> TestDatabase {
         let name = unique_name();
-        let (client, connection) = tokio_postgres::connect(&server, NoTls)
+        let (client, connection) = tokio_postgres::connect(&admin, NoTls)
             .await
-            .unwrap_or_else(|e| panic!("cannot connect to the test server {server}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot connect to the test server {admin}: {e}"));
         let conn = tokio::spawn(connection);
         client
             .batch_execute(&format!(r#"CREATE DATABASE "{name}" TEMPLATE template0"#))
             .await
-            .unwrap_or_else(|e| panic!("cannot create test database {name} on {server}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot create test database {name} on {admin}: {e}"));
         drop(client);
         // Wait for the connection task so that no socket outlives the call.
         let _ = conn.await;
-        let url = with_database(&server, &name);
-        TestDatabase { name, url }
+        let url = url(&name);
+        TestDatabase { name, url, admin }
     }
 
     /// [`TestDatabase::create`] with eventfold's migrations applied.
@@ -98,7 +110,7 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        let server = server_url();
+        let server = self.admin.clone();
         let sql = format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.name);
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let spawned = std::thread::Builder::new().name(format!("drop-{}", self.name)).spawn(move || {
@@ -174,12 +186,19 @@ fn with_database(server_url: &str, database: &str) -> String {
 }
 
 /// A throw-away PostgreSQL server, started synchronously (no runtime needed).
+///
+/// Dropping it stops the server and removes its directory; a server that is
+/// never dropped (the shared one) is removed when the process ends.
 struct Server {
     port: u16,
+    /// Holds the data directory, the log and the Unix socket.
+    dir: PathBuf,
     /// Write end of the watchdog's stdin: when this process ends, for any
     /// reason, the pipe closes and the watchdog stops the server and removes
     /// its directory.
-    _watchdog: ChildStdin,
+    watchdog: Option<ChildStdin>,
+    /// The watchdog itself, waited for on drop.
+    watchdog_process: Child,
 }
 
 impl Server {
@@ -188,6 +207,14 @@ impl Server {
     }
 
     fn start() -> Result<Server, String> {
+        Self::start_with(|_dir| Ok(String::new()))
+    }
+
+    /// Starts a server whose `prepare` writes what it needs into the
+    /// server's directory (before the directory is handed to the `postgres`
+    /// user, so that the files are the server's) and returns more options for
+    /// `postgres`, such as `-c ssl=on`.
+    fn start_with(prepare: impl FnOnce(&Path) -> Result<String, String>) -> Result<Server, String> {
         let bin = find_bin_dir().ok_or_else(|| NOT_FOUND.to_owned())?;
         let (initdb, pg_ctl) = (bin.join("initdb"), bin.join("pg_ctl"));
         let run_as = RunAs::detect()?;
@@ -199,11 +226,17 @@ impl Server {
             .keep();
         let data = dir.join("data");
         let log = dir.join("postgres.log");
+        let prepared = prepare(&dir);
+        if prepared.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let extra_options = prepared?;
         if let RunAs::Postgres(_) = run_as {
             run(Command::new("chown").arg("-R").arg("postgres").arg(&dir))?;
         }
 
-        let watchdog = spawn_watchdog(&run_as, &pg_ctl, &data, &dir)?;
+        let (watchdog, watchdog_process) = spawn_watchdog(&run_as, &pg_ctl, &data, &dir)?;
+        let mut server = Server { port: 0, dir: dir.clone(), watchdog: Some(watchdog), watchdog_process };
 
         run(run_as
             .command(&initdb)
@@ -217,7 +250,7 @@ impl Server {
         for _attempt in 0..3 {
             let port = free_port()?;
             let options = format!(
-                "-p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200",
+                "-p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200 {extra_options}",
                 dir.display()
             );
             let started = run(run_as
@@ -232,7 +265,8 @@ impl Server {
                 .args(["-w", "-t", &STARTUP_TIMEOUT_SECS.to_string(), "start"]));
             match started {
                 Ok(()) => {
-                    return Ok(Server { port, _watchdog: watchdog });
+                    server.port = port;
+                    return Ok(server);
                 }
                 Err(e) => {
                     let tail = log_tail(&log);
@@ -245,6 +279,21 @@ impl Server {
             }
         }
         Err(format!("cannot start the test PostgreSQL server: {last_error}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Closing the pipe tells the watchdog to stop the server and remove
+        // its directory; wait a bounded time for it to be done.
+        drop(self.watchdog.take());
+        let deadline = Instant::now() + DROP_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.watchdog_process.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Ok(Some(_)) | Err(_) => return,
+            }
+        }
     }
 }
 
@@ -338,7 +387,7 @@ pub(crate) fn free_port() -> Result<u16, String> {
 /// A detached shell (own process group, so a terminal's Ctrl-C does not reach
 /// it) that waits for its stdin to close, then stops the server and removes
 /// its directory.
-fn spawn_watchdog(run_as: &RunAs, pg_ctl: &Path, data: &Path, dir: &Path) -> Result<ChildStdin, String> {
+fn spawn_watchdog(run_as: &RunAs, pg_ctl: &Path, data: &Path, dir: &Path) -> Result<(ChildStdin, Child), String> {
     // Retried: the process may have died while initdb or `pg_ctl start` was
     // still running (a postmaster whose lock file is gone stops itself within
     // a minute anyway).
@@ -346,8 +395,8 @@ fn spawn_watchdog(run_as: &RunAs, pg_ctl: &Path, data: &Path, dir: &Path) -> Res
 for _ in 1 2 3 4 5 6 7 8 9 10; do
   $EF_RUN_AS "$EF_PG_CTL" -D "$EF_DATA" stop -m immediate -w >/dev/null 2>&1
   rm -rf "$EF_DIR"
-  sleep 1
   [ -e "$EF_DIR" ] || break
+  sleep 1
 done"#;
     let run_as = match run_as {
         RunAs::Me => String::new(),
@@ -366,7 +415,8 @@ done"#;
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start the test server's watchdog (sh): {e}"))?;
-    child.stdin.take().ok_or_else(|| "the watchdog has no stdin".to_owned())
+    let stdin = child.stdin.take().ok_or_else(|| "the watchdog has no stdin".to_owned())?;
+    Ok((stdin, child))
 }
 
 /// Runs a command to completion; on failure, the error has its output.

@@ -30,7 +30,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_postgres::Transaction;
 
-use crate::{ConsumerConfig, Kafka, Message, connect_kafka, message, send_dead_letter};
+use crate::{
+    ConsumerConfig, Message,
+    dead_letters::send_dead_letter,
+    kafka::{Kafka, connected},
+    offsets,
+};
 
 /// Settings of a Kafka source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,39 +321,22 @@ impl KafkaSource {
             .query_opt("SELECT position FROM bus.relay_checkpoints WHERE name = $1", &[&self.config.relay])
             .await?
             .map_or(0, |r| r.get::<_, i64>(0) as u64);
-        if kafka.is_none() {
-            *kafka = Some(connect_kafka(&self.config.consumer).await.map_err(unavailable)?);
-        }
-        let partitions = self.partitions(kafka.as_mut().expect("connected")).await?;
+        let connection = connected(kafka, &self.config.consumer).await.map_err(unavailable)?;
+        let partitions = self.partitions(connection).await?;
         let (topics, numbers): (Vec<&str>, Vec<i32>) = partitions.iter().map(|(t, p)| (t.as_str(), *p)).unzip();
-        tx.execute(
-            "INSERT INTO bus.consumer_offsets (consumer, topic, partition, next_offset) \
-             SELECT $1, t, p, 0 FROM unnest($2::text[], $3::int4[]) AS u(t, p) ON CONFLICT DO NOTHING",
-            &[&consumer, &topics, &numbers],
-        )
-        .await?;
+        offsets::register_all(tx, consumer, &topics, &numbers).await?;
         // A second instance of this consumer keeps off the partitions until
         // this batch commits.
-        crate::lock_offsets(tx, consumer, None).await?;
-        let offsets: HashMap<(String, i32), i64> = tx
-            .query(
-                "SELECT topic, partition, next_offset FROM bus.consumer_offsets WHERE consumer = $1 \
-                  ORDER BY topic, partition",
-                &[&consumer],
-            )
-            .await?
-            .iter()
-            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-            .collect();
+        offsets::lock_offsets(tx, consumer, None).await?;
+        let next_offsets = offsets::next_offsets(tx, consumer).await?;
         let mut clients = Vec::with_capacity(partitions.len());
         for (topic, partition) in &partitions {
-            let connected = kafka.as_mut().expect("connected");
-            clients.push(connected.partition(topic, *partition, self.timeout()).await.map_err(unavailable)?);
+            clients.push(connection.partition(topic, *partition, self.timeout()).await.map_err(unavailable)?);
         }
         // Every partition at once: a pull takes one round trip, not one per
         // partition.
         let fetches = partitions.iter().zip(clients).map(|((topic, partition), client)| {
-            let next = offsets.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
+            let next = next_offsets.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
             self.fetch_partition(topic, *partition, client, next, max.max(1))
         });
         let answers = futures_util::future::try_join_all(fetches).await?;
@@ -361,7 +349,7 @@ impl KafkaSource {
                 Fetched { topic: topic.clone(), partition, records: Vec::new(), start: next, end: next, caught_up };
             for record in records {
                 let offset = record.offset;
-                let message = message(&topic, partition, offset, record.record);
+                let message = Message::of_record(&topic, partition, offset, record.record);
                 match self.decoder.decode(&message).await {
                     Ok(event) => {
                         decoded.push((event.global_position, index, part.records.len(), event));
@@ -381,15 +369,7 @@ impl KafkaSource {
         }
         // Drop what the consumer applied before (at-least-once delivery).
         let streams: Vec<String> = decoded.iter().map(|d| d.3.stream_id.clone()).collect();
-        let mut applied: HashMap<String, i64> = tx
-            .query(
-                "SELECT stream_id, version FROM bus.consumer_streams WHERE consumer = $1 AND stream_id = ANY($2)",
-                &[&consumer, &streams],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let mut applied = offsets::applied_versions(tx, consumer, &streams).await?;
         decoded.sort_by_key(|d| d.0);
         let mut events = Vec::new();
         for (_, part, record, event) in decoded {
@@ -471,16 +451,7 @@ impl EventSource for KafkaSource {
             }
         }
         if !moved.is_empty() {
-            let topics: Vec<&str> = moved.iter().map(|m| m.0).collect();
-            let partitions: Vec<i32> = moved.iter().map(|m| m.1).collect();
-            let offsets: Vec<i64> = moved.iter().map(|m| m.2).collect();
-            tx.execute(
-                "UPDATE bus.consumer_offsets o SET next_offset = u.n, updated_at = clock_timestamp() \
-                   FROM unnest($2::text[], $3::int4[], $4::int8[]) AS u(t, p, n) \
-                  WHERE o.consumer = $1 AND o.topic = u.t AND o.partition = u.p",
-                &[&consumer, &topics, &partitions, &offsets],
-            )
-            .await?;
+            offsets::advance_all(tx, consumer, &moved).await?;
         }
         let mut versions: BTreeMap<&str, i64> = BTreeMap::new();
         for event in &pulled.events[..applied.min(pulled.events.len())] {
@@ -489,14 +460,7 @@ impl EventSource for KafkaSource {
         }
         if !versions.is_empty() {
             let (streams, versions): (Vec<&str>, Vec<i64>) = versions.into_iter().unzip();
-            tx.execute(
-                "INSERT INTO bus.consumer_streams (consumer, stream_id, version) \
-                 SELECT $1, s, v FROM unnest($2::text[], $3::int8[]) AS u(s, v) \
-                 ON CONFLICT (consumer, stream_id) DO UPDATE \
-                    SET version = greatest(bus.consumer_streams.version, EXCLUDED.version)",
-                &[&consumer, &streams, &versions],
-            )
-            .await?;
+            offsets::raise_versions(tx, consumer, &streams, &versions).await?;
         }
         Ok(bound.map_or(position, |b| position.max(b)))
     }

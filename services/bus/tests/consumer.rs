@@ -13,6 +13,8 @@ use std::{
 
 use async_trait::async_trait;
 use eventfold_bus::{Consumer, ConsumerConfig, HandleError, Message, MessageHandler, dead_letters, headers, replay};
+use eventfold_platform::runtime::{CancellationToken, supervise};
+use eventfold_store::Database;
 use eventfold_tests::{TestDatabase, kafka::Broker};
 use rskafka::{
     client::{
@@ -21,7 +23,6 @@ use rskafka::{
     },
     record::Record,
 };
-use tokio::sync::watch;
 use tokio_postgres::{NoTls, Transaction};
 
 /// Copies each message into `copies`; fails on the value `poison` until
@@ -48,8 +49,9 @@ impl MessageHandler for Copier {
     }
 }
 
-async fn setup() -> (TestDatabase, tokio_postgres::Client) {
+async fn setup() -> (TestDatabase, Database, tokio_postgres::Client) {
     let db = TestDatabase::migrated().await;
+    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
     let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
     tokio::spawn(connection);
     client
@@ -59,7 +61,7 @@ async fn setup() -> (TestDatabase, tokio_postgres::Client) {
         )
         .await
         .unwrap();
-    (db, client)
+    (db, database, client)
 }
 
 fn config(broker: &Broker) -> ConsumerConfig {
@@ -113,7 +115,7 @@ async fn until_consumed(consumer: &Consumer, client: &tokio_postgres::Client, ex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_apply_each_message_once_and_a_poison_message_is_dead_lettered_then_replayed() {
     let broker = Broker::start();
-    let (db, client) = setup().await;
+    let (_db, database, client) = setup().await;
     let assignments = vec![("t".to_owned(), 0), ("t".to_owned(), 1)];
     let copier = Arc::new(Copier { fixed: AtomicBool::new(false) });
     let mut values: Vec<String> = (0..200).map(|i| format!("m-{i}")).collect();
@@ -150,11 +152,13 @@ async fn crashes_apply_each_message_once_and_a_poison_message_is_dead_lettered_t
     // partition's batch (a second copy would break the primary key, fail
     // and end as a dead letter).
     for round in 0..6u64 {
-        let (_stop, stop) = watch::channel(false);
+        let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         for _ in 0..2 {
             let consumer =
-                Consumer::new("copier", assignments.clone(), db.url(), copier.clone(), config(&broker)).await.unwrap();
+                Consumer::new("copier", assignments.clone(), database.clone(), copier.clone(), config(&broker))
+                    .await
+                    .unwrap();
             tasks.push(tokio::spawn(consumer.run(stop.clone())));
         }
         tokio::time::sleep(Duration::from_millis(30 + round * 17)).await;
@@ -165,7 +169,7 @@ async fn crashes_apply_each_message_once_and_a_poison_message_is_dead_lettered_t
     }
     producing.await.unwrap();
     let consumer =
-        Consumer::new("copier", assignments.clone(), db.url(), copier.clone(), config(&broker)).await.unwrap();
+        Consumer::new("copier", assignments.clone(), database.clone(), copier.clone(), config(&broker)).await.unwrap();
     until_consumed(&consumer, &client, 199).await;
     while consumer.step().await.unwrap() > 0 {}
 
@@ -176,7 +180,7 @@ async fn crashes_apply_each_message_once_and_a_poison_message_is_dead_lettered_t
     let offsets = consumer.offset("t", 0).await.unwrap() + consumer.offset("t", 1).await.unwrap();
     assert_eq!(offsets, 200, "the offsets moved past every message, the poison one included");
 
-    let letters = dead_letters(&config(&broker), db.url(), "t").await.unwrap();
+    let letters = dead_letters(&config(&broker), &database, "t").await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     let letter = &letters[0];
     assert_eq!(letter.message.value.as_deref(), Some(&b"poison"[..]));
@@ -189,12 +193,12 @@ async fn crashes_apply_each_message_once_and_a_poison_message_is_dead_lettered_t
     assert!(!letter.replayed);
 
     copier.fixed.store(true, Ordering::SeqCst);
-    assert_eq!(replay(&config(&broker), db.url(), "t", "copier", copier.as_ref()).await.unwrap(), (1, 0));
+    assert_eq!(replay(&config(&broker), &database, "t", "copier", copier.as_ref()).await.unwrap(), (1, 0));
     assert_eq!(count(&client).await, 200, "the replay applied it");
     let row = client.query_one("SELECT partition, msg_offset FROM copies WHERE value = 'poison'", &[]).await.unwrap();
     assert_eq!((row.get::<_, i32>(0), row.get::<_, i64>(1)), (partition, offset), "with its origin");
-    assert_eq!(replay(&config(&broker), db.url(), "t", "copier", copier.as_ref()).await.unwrap(), (0, 0), "once");
-    assert!(dead_letters(&config(&broker), db.url(), "t").await.unwrap()[0].replayed);
+    assert_eq!(replay(&config(&broker), &database, "t", "copier", copier.as_ref()).await.unwrap(), (0, 0), "once");
+    assert!(dead_letters(&config(&broker), &database, "t").await.unwrap()[0].replayed);
 }
 
 /// The relay sends events again after a crash (at-least-once): the same
@@ -202,7 +206,7 @@ async fn crashes_apply_each_message_once_and_a_poison_message_is_dead_lettered_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_sent_again_at_a_later_offset_is_handled_once() {
     let broker = Broker::start();
-    let (db, client) = setup().await;
+    let (_db, database, client) = setup().await;
     let kafka = ClientBuilder::new(vec![broker.bootstrap()]).build().await.unwrap();
     kafka.controller_client().unwrap().create_topic("r", 1, 1, 5_000).await.unwrap();
     let partition = kafka.partition_client("r", 0, UnknownTopicHandling::Retry).await.unwrap();
@@ -217,7 +221,7 @@ async fn an_event_sent_again_at_a_later_offset_is_handled_once() {
     partition.produce(first, Compression::NoCompression).await.unwrap();
     let copier = Arc::new(Copier { fixed: AtomicBool::new(true) });
     let consumer =
-        Consumer::new("once", vec![("r".to_owned(), 0)], db.url(), copier.clone(), config(&broker)).await.unwrap();
+        Consumer::new("once", vec![("r".to_owned(), 0)], database, copier.clone(), config(&broker)).await.unwrap();
     assert_eq!(consumer.step().await.unwrap(), 5, "all five messages go past");
     // Later fetches: 2 once more, then a new one.
     partition.produce(vec![event(2)], Compression::NoCompression).await.unwrap();
@@ -245,14 +249,17 @@ async fn an_event_sent_again_at_a_later_offset_is_handled_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_recovers_from_a_broker_outage_by_itself() {
     let broker = Broker::start();
-    let (db, client) = setup().await;
+    let (_db, database, client) = setup().await;
     let first: Vec<String> = (0..50).map(|i| format!("a-{i}")).collect();
     produce(&broker, "u", &first).await;
     let copier = Arc::new(Copier { fixed: AtomicBool::new(true) });
     let assignments = vec![("u".to_owned(), 0), ("u".to_owned(), 1)];
-    let consumer = Consumer::new("outage", assignments, db.url(), copier, config(&broker)).await.unwrap();
-    let (stop_tx, stop) = watch::channel(false);
-    let task = tokio::spawn(consumer.run(stop));
+    let consumer = Consumer::new("outage", assignments, database, copier, config(&broker)).await.unwrap();
+    // As the process runs it: under the supervisor, which runs it again
+    // after a failure.
+    let stop = CancellationToken::new();
+    let backoff = config(&broker).backoff();
+    let task = tokio::spawn(supervise("consumer", stop.clone(), backoff, move |token| consumer.clone().run(token)));
     for _ in 0..200 {
         if count(&client).await == 50 {
             break;
@@ -273,6 +280,6 @@ async fn a_consumer_recovers_from_a_broker_outage_by_itself() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(count(&client).await, 100, "consumed after the outage without help; broker log:\n{}", broker.log());
-    let _ = stop_tx.send(true);
+    stop.cancel();
     tokio::time::timeout(Duration::from_secs(15), task).await.expect("stops").unwrap();
 }

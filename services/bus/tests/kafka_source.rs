@@ -11,10 +11,11 @@ use eventfold_domain::{
     Currency, Money,
     order::{CancelOrder, ConfirmOrder, CreateOrder, OrderCommand, OrderItem, ProcessPayment},
 };
+use eventfold_platform::runtime::{CancellationToken, supervise};
 use eventfold_projector::{OrderViews, Projection, Projector, ProjectorOptions};
 use eventfold_relay::{AvroEncoder, Relay};
 use eventfold_schemas::{Catalog, Registry};
-use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog, Upcasting};
 use eventfold_tests::{TestDatabase, kafka::Broker, registry::RegistryStandIn};
 use rskafka::{
     client::{
@@ -23,7 +24,6 @@ use rskafka::{
     },
     record::Record,
 };
-use tokio::sync::watch;
 use tokio_postgres::NoTls;
 use tower::ServiceExt;
 
@@ -71,7 +71,8 @@ async fn write_orders(log: Arc<dyn EventLog>, count: usize) {
 /// PostgreSQL with the migrations and the log, a broker, and the registry
 /// stand-in holding the whole catalog.
 struct Bed {
-    db: TestDatabase,
+    _db: TestDatabase,
+    database: Database,
     log: Arc<dyn EventLog>,
     broker: Broker,
     registry: RegistryStandIn,
@@ -80,7 +81,8 @@ struct Bed {
 
 async fn bed() -> Bed {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.unwrap();
+    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let store = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.unwrap();
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let broker = Broker::start();
     let registry = RegistryStandIn::start().await;
@@ -91,7 +93,24 @@ async fn bed() -> Bed {
         .unwrap();
     let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
     tokio::spawn(connection);
-    Bed { db, log, broker, registry, client }
+    Bed { _db: db, database, log, broker, registry, client }
+}
+
+/// `worker` run as the process runs it: under the supervisor, which runs
+/// a clone again after a failure, until `stop` is cancelled.
+fn supervised<W, E, Fut>(
+    name: &'static str,
+    stop: &CancellationToken,
+    backoff: eventfold_store::Backoff,
+    worker: W,
+    run: fn(W, CancellationToken) -> Fut,
+) -> tokio::task::JoinHandle<()>
+where
+    W: Clone + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+{
+    tokio::spawn(supervise(name, stop.clone(), backoff, move |token| run(worker.clone(), token)))
 }
 
 async fn rows(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
@@ -100,7 +119,7 @@ async fn rows(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashes() {
-    let Bed { db, log, broker, registry, client } = bed().await;
+    let Bed { _db, database, log, broker, registry, client } = bed().await;
 
     let relay_config = eventfold_relay::Config {
         brokers: vec![broker.bootstrap()],
@@ -111,7 +130,7 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
     };
     let relay = || async {
         let encoder = AvroEncoder::new(Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
-        Relay::new(db.url(), log.clone(), Arc::new(encoder), relay_config.clone()).await.unwrap()
+        Relay::new(database.clone(), log.clone(), Arc::new(encoder), relay_config.clone()).await.unwrap()
     };
     let source_config = KafkaSourceConfig {
         consumer: ConsumerConfig {
@@ -127,9 +146,7 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
     let options =
         ProjectorOptions { batch_size: 30, idle_poll: Duration::from_millis(20), ..ProjectorOptions::default() };
     let kafka_fed = || async {
-        Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options.clone())
-            .await
-            .unwrap()
+        Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 2, options.clone())
             .with_source(source.clone())
     };
 
@@ -137,7 +154,7 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
     // killed at random points.
     let writer = tokio::spawn(write_orders(log.clone(), 90));
     for round in 0..8u64 {
-        let (_stop, stop) = watch::channel(false);
+        let stop = CancellationToken::new();
         let relaying = tokio::spawn(relay().await.run(stop.clone()));
         let projecting = tokio::spawn(kafka_fed().await.run(stop));
         tokio::time::sleep(Duration::from_millis(60 + (round * 41) % 170)).await;
@@ -151,10 +168,10 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
 
     // Then both run to the end; beside them, the same projection from the
     // store.
-    let (stop_tx, stop) = watch::channel(false);
-    let relaying = tokio::spawn(relay().await.run(stop.clone()));
-    let projecting = tokio::spawn(kafka_fed().await.run(stop));
-    let from_store = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options.clone()).await.unwrap();
+    let stop = CancellationToken::new();
+    let relaying = supervised("relay", &stop, relay_config.backoff(), relay().await, Relay::run);
+    let projecting = supervised("projector", &stop, relay_config.backoff(), kafka_fed().await, Projector::run);
+    let from_store = Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 1, options.clone());
     from_store.prepare().await.unwrap();
     while from_store.step().await.unwrap() > 0 {}
     let head = log.last_position().await.unwrap();
@@ -166,7 +183,7 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(probe.position().await.unwrap(), head, "the Kafka-fed checkpoint reached the head");
-    let _ = stop_tx.send(true);
+    stop.cancel();
     relaying.await.unwrap();
     projecting.await.unwrap();
 
@@ -227,7 +244,7 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
         }
     }
     assert_eq!(projector.position().await.unwrap(), after, "the projection went past the poison record");
-    let letters = dead_letters(&source_config.consumer, db.url(), topic).await.unwrap();
+    let letters = dead_letters(&source_config.consumer, &database, topic).await.unwrap();
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert_eq!(letters[0].origin(), (topic.to_owned(), 0, offsets[0]));
     assert_eq!(letters[1].origin(), (topic.to_owned(), 0, offsets[1]));
@@ -247,7 +264,7 @@ async fn read_models_fed_from_kafka_equal_those_fed_from_the_store_across_crashe
 /// from the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_and_kafka_fed_projection_recover_from_a_broker_outage() {
-    let Bed { db, log, broker, registry, client } = bed().await;
+    let Bed { _db, database, log, broker, registry, client } = bed().await;
     let relay_config = eventfold_relay::Config {
         brokers: vec![broker.bootstrap()],
         request_timeout_ms: 1_000,
@@ -255,7 +272,7 @@ async fn relay_and_kafka_fed_projection_recover_from_a_broker_outage() {
         ..eventfold_relay::Config::default()
     };
     let encoder = AvroEncoder::new(Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
-    let relay = Relay::new(db.url(), log.clone(), Arc::new(encoder), relay_config).await.unwrap();
+    let relay = Relay::new(database.clone(), log.clone(), Arc::new(encoder), relay_config.clone()).await.unwrap();
     let source_config = KafkaSourceConfig {
         consumer: ConsumerConfig {
             brokers: vec![broker.bootstrap()],
@@ -268,13 +285,11 @@ async fn relay_and_kafka_fed_projection_recover_from_a_broker_outage() {
     let source = KafkaSource::new(source_config, Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
     let options =
         ProjectorOptions { batch_size: 100, idle_poll: Duration::from_millis(20), ..ProjectorOptions::default() };
-    let projector = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options.clone())
-        .await
-        .unwrap()
-        .with_source(source);
-    let (stop_tx, stop) = watch::channel(false);
-    let relaying = tokio::spawn(relay.run(stop.clone()));
-    let projecting = tokio::spawn(projector.run(stop));
+    let projector =
+        Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 2, options.clone()).with_source(source);
+    let stop = CancellationToken::new();
+    let relaying = supervised("relay", &stop, relay_config.backoff(), relay, Relay::run);
+    let projecting = supervised("projector", &stop, relay_config.backoff(), projector, Projector::run);
 
     // ~15 s of orders; the broker is frozen for 10 s of them.
     let writer = {
@@ -288,7 +303,7 @@ async fn relay_and_kafka_fed_projection_recover_from_a_broker_outage() {
     writer.await.unwrap();
 
     let head = log.last_position().await.unwrap();
-    let probe = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options.clone()).await.unwrap();
+    let probe = Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 2, options.clone());
     for _ in 0..600 {
         if probe.position().await.unwrap() >= head {
             break;
@@ -296,11 +311,11 @@ async fn relay_and_kafka_fed_projection_recover_from_a_broker_outage() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(probe.position().await.unwrap(), head, "caught up without help; broker log:\n{}", broker.log());
-    let _ = stop_tx.send(true);
+    stop.cancel();
     relaying.await.unwrap();
     projecting.await.unwrap();
 
-    let from_store = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options).await.unwrap();
+    let from_store = Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 1, options);
     from_store.prepare().await.unwrap();
     while from_store.step().await.unwrap() > 0 {}
     let via_store = rows(&client, &OrderViews.tables(1)[0]).await;
@@ -335,7 +350,7 @@ async fn create_orders(log: &Arc<dyn EventLog>, prefix: &str, count: usize, paus
 /// up to the checkpoint is in the read model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kafka_fed_checkpoint_never_passes_an_unapplied_event() {
-    let Bed { db, log, broker, registry, client } = bed().await;
+    let Bed { _db, database, log, broker, registry, client } = bed().await;
     write_orders(log.clone(), 45).await;
     let relay_config = eventfold_relay::Config {
         brokers: vec![broker.bootstrap()],
@@ -343,7 +358,7 @@ async fn the_kafka_fed_checkpoint_never_passes_an_unapplied_event() {
         ..eventfold_relay::Config::default()
     };
     let encoder = AvroEncoder::new(Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
-    let relay = Relay::new(db.url(), log.clone(), Arc::new(encoder), relay_config).await.unwrap();
+    let relay = Relay::new(database.clone(), log.clone(), Arc::new(encoder), relay_config).await.unwrap();
     let head = log.last_position().await.unwrap();
     while relay.position().await.unwrap() < head {
         relay.step().await.unwrap();
@@ -356,8 +371,7 @@ async fn the_kafka_fed_checkpoint_never_passes_an_unapplied_event() {
     // At most 2 records per partition and pull: partitions lag for many
     // pulls.
     let options = ProjectorOptions { batch_size: 2, ..ProjectorOptions::default() };
-    let projector =
-        Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options).await.unwrap().with_source(source);
+    let projector = Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 2, options).with_source(source);
     projector.prepare().await.unwrap();
     let events: Vec<(u64, String, i64)> = client
         .query("SELECT global_position, stream_id, version FROM eventstore.events ORDER BY global_position", &[])

@@ -11,7 +11,8 @@
 //!    transaction; a repeat whose decision now fails or changes nothing
 //!    answers the first answer instead;
 //! 6. retry — the whole command again (fresh load, fresh decision) on a
-//!    concurrency conflict, a bounded number of times with jittered backoff.
+//!    concurrency conflict, a bounded number of times, waiting as the one
+//!    retry policy ([`Backoff`]) says.
 
 use std::{
     future::Future,
@@ -21,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use eventfold_platform::runtime::Backoff;
 use eventfold_store::EventLog;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
 use tracing::Instrument;
@@ -239,7 +241,7 @@ impl Middleware for Idempotency {
         S: Service<Envelope, Response = Reply, Error = Error> + Clone + Send + 'static,
         S::Future: Send,
     {
-        let keys = envelope.write_request_keys();
+        let key = envelope.request_key();
         let result = next.oneshot(envelope).await;
         // Appends with a known request id already answer the first answer;
         // what remains is a repeat whose decision now fails or is a no-op.
@@ -248,20 +250,23 @@ impl Middleware for Idempotency {
             Ok(reply) => reply.changed_nothing(),
             Err(_) => false,
         };
-        if keys.is_empty() || !repeat_suspected {
+        let Some(key) = key.filter(|_| repeat_suspected) else {
             return result;
+        };
+        // The id used before for another command: refused, not answered.
+        match self.0.find_request(&key).await? {
+            Some(outcome) => Ok(Reply::single(first_answer(self.0.as_ref(), outcome).await?)),
+            None => result,
         }
-        let mut writes = Vec::with_capacity(keys.len());
-        for key in &keys {
-            // The id used before for another command: refused, not answered.
-            match self.0.find_request(key).await? {
-                Some(outcome) => writes.push(first_answer(self.0.as_ref(), outcome).await?),
-                None => return result,
-            }
-        }
-        Ok(Reply { writes })
     }
 }
+
+/// The waits between the attempts of a command that meets a conflict:
+/// short (the other writer is done within milliseconds) and jittered, so
+/// that writers that collided do not collide again: 2–4 ms, then twice
+/// that each time, up to 64–128 ms.
+const CONFLICT_BACKOFF: Backoff =
+    Backoff { first: Duration::from_millis(4), max: Duration::from_millis(128), factor: 2, jitter: 0.5 };
 
 #[derive(Clone)]
 struct Retry(u32);
@@ -272,17 +277,15 @@ impl Middleware for Retry {
         S: Service<Envelope, Response = Reply, Error = Error> + Clone + Send + 'static,
         S::Future: Send,
     {
-        let mut attempt: u32 = 1;
+        let mut retries = CONFLICT_BACKOFF.start();
         loop {
             match next.clone().oneshot(envelope.clone()).await {
-                Err(Error::Conflict { .. }) if attempt < self.0 => {
-                    let base = 1u64 << attempt.min(6);
-                    let pause = Duration::from_millis(base.saturating_add(fastrand::u64(0..=base)));
-                    tracing::debug!(attempt, ?pause, "concurrency conflict: retrying the command");
+                Err(Error::Conflict { .. }) if retries.attempts().saturating_add(1) < self.0 => {
+                    let pause = retries.next_delay();
+                    tracing::debug!(attempt = retries.attempts(), ?pause, "concurrency conflict: retrying the command");
                     metrics::counter!("eventfold_command_retries_total", "command" => envelope.command.name())
                         .increment(1);
                     tokio::time::sleep(pause).await;
-                    attempt = attempt.saturating_add(1);
                 }
                 other => return other,
             }

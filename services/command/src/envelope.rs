@@ -9,7 +9,7 @@ use eventfold_store::RequestKey;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// A command addressed to one aggregate instance (or, for a transfer, two).
+/// A command addressed to one aggregate instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Order {
@@ -39,13 +39,6 @@ pub enum Command {
     Account {
         account_id: String,
         command: AccountCommand,
-    },
-    /// Debit `from`, credit `to`; refund `from` if `to` refuses.
-    Transfer {
-        transfer_id: String,
-        from_account_id: String,
-        to_account_id: String,
-        amount: Money,
     },
     User {
         user_id: String,
@@ -99,7 +92,6 @@ impl Command {
                 A::Refund(_) => "RefundTransfer",
                 A::Close(_) => "CloseAccount",
             },
-            Command::Transfer { .. } => "TransferMoney",
             Command::User { command, .. } => match command {
                 U::Register(_) => "RegisterUser",
                 U::Login(_) => "RecordLogin",
@@ -115,7 +107,7 @@ impl Command {
             Command::Inventory { .. } => "inventory",
             Command::AuthorizePayment { .. } | Command::Payment { .. } => "payments",
             Command::Shipment { .. } => "shipping",
-            Command::Account { .. } | Command::Transfer { .. } => "accounts",
+            Command::Account { .. } => "accounts",
             Command::User { .. } => "users",
         }
     }
@@ -155,14 +147,6 @@ impl Command {
             Command::Account { account_id, command } => {
                 check_id("account_id", account_id, &mut violations);
                 violations.extend(Account::validate(command));
-            }
-            Command::Transfer { transfer_id, from_account_id, to_account_id, amount } => {
-                check_id("transfer_id", transfer_id, &mut violations);
-                check_id("from_account_id", from_account_id, &mut violations);
-                check_id("to_account_id", to_account_id, &mut violations);
-                if amount.minor <= 0 {
-                    violations.push(Violation::new("amount.minor", "must be positive"));
-                }
             }
             Command::User { user_id, command } => {
                 check_id("user_id", user_id, &mut violations);
@@ -204,22 +188,13 @@ impl Envelope {
         Self { command, meta }
     }
 
-    /// The AIP-155 key of each write the command makes: the request id
-    /// itself, and for a transfer's second write `<request id>/target`,
-    /// each scoped to the command's service and principal and bound to the
-    /// command's fingerprint, so that the id reused for another command is
-    /// refused instead of answered with the first command's result.
-    pub fn write_request_keys(&self) -> Vec<RequestKey> {
-        let ids = match self.command {
-            Command::Transfer { .. } => {
-                let (source, target) = transfer_request_ids(self.meta.request_id.as_deref());
-                source.into_iter().chain(target).collect()
-            }
-            _ => self.meta.request_id.iter().cloned().collect::<Vec<_>>(),
-        };
-        if ids.is_empty() {
-            return Vec::new();
-        }
+    /// The AIP-155 key of the command's write, if it has a request id:
+    /// the request id scoped to the command's service and principal and
+    /// bound to the command's fingerprint, so that the id reused for
+    /// another command is refused instead of answered with the first
+    /// command's result.
+    pub fn request_key(&self) -> Option<RequestKey> {
+        let request_id = self.meta.request_id.clone()?;
         // The principal is hashed: any header value gives a bounded scope,
         // and the scope shows no caller's name.
         let principal = Sha256::digest(self.meta.principal.as_deref().unwrap_or("").as_bytes());
@@ -227,13 +202,8 @@ impl Envelope {
         // `Debug` of a command is its full content (no maps, no floats):
         // equal for a retry, different for any other command.
         let fingerprint: [u8; 32] = Sha256::digest(format!("{:?}", self.command).as_bytes()).into();
-        ids.into_iter().map(|request_id| RequestKey { scope: scope.clone(), request_id, fingerprint }).collect()
+        Some(RequestKey { scope, request_id, fingerprint })
     }
-}
-
-/// The request ids of a transfer's two writes (source, target).
-pub(crate) fn transfer_request_ids(request_id: Option<&str>) -> (Option<String>, Option<String>) {
-    (request_id.map(str::to_owned), request_id.map(|id| format!("{id}/target")))
 }
 
 /// One stream a command wrote to (or would have, for a no-op).
@@ -251,7 +221,8 @@ pub struct Write {
     pub duplicate: bool,
 }
 
-/// The answer to a command: one write per stream it touched.
+/// The answer to a command: one write per stream it touched (every
+/// command touches one).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub writes: Vec<Write>,
@@ -262,7 +233,7 @@ impl Reply {
         Self { writes: vec![write] }
     }
 
-    /// The first write (every command has at least one).
+    /// The first write (every command has one).
     pub fn first(&self) -> &Write {
         &self.writes[0]
     }

@@ -1,10 +1,12 @@
 //! Why a command failed. Business rejections, invalid input, conflicts and
 //! technical failures are different variants: each becomes a different
-//! gRPC code at the edge.
+//! gRPC code at the edge, through the one `From<Error> for Status` below.
 
 use std::sync::Arc;
 
 use eventfold_domain::{Reason, Rejection, Violation};
+use eventfold_platform::status::{error_info, from_store, internal_because, invalid_argument};
+use tonic::{Code, Status};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -52,16 +54,31 @@ impl From<Rejection> for Error {
     }
 }
 
+/// The AIP-193 status of each error. `INTERNAL` and `UNAVAILABLE` carry a
+/// generic message and an error id; what failed goes to the log under the
+/// same id.
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let message = error.to_string();
+        match error {
+            Error::Invalid(violations) => invalid_argument(violations.into_iter().map(|v| (v.field, v.description))),
+            Error::Rejected { reason, message } => error_info(Code::FailedPrecondition, message, reason.as_str(), &[]),
+            Error::Conflict { stream, expected, actual } => error_info(
+                Code::Aborted,
+                message,
+                "WRONG_EXPECTED_VERSION",
+                &[("stream", stream), ("expected", expected), ("actual", actual)],
+            ),
+            Error::PermissionDenied(_) => error_info(Code::PermissionDenied, message, "PERMISSION_DENIED", &[]),
+            Error::Store(e) => from_store(&*e),
+            // Which event could not be read, and why, is for the log (under
+            // the answer's error id), not for the client.
+            Error::Corrupt(_) => internal_because("CORRUPT_DATA", &message),
+        }
+    }
+}
+
 impl Error {
-    /// The stream a command needed does not exist or was deleted.
-    pub fn is_missing_stream(&self) -> bool {
-        matches!(self, Error::Store(e) if matches!(**e, eventfold_store::Error::StreamNotFound(_) | eventfold_store::Error::StreamDeleted(_)))
-    }
-
-    pub fn rejected(reason: Reason, message: impl Into<String>) -> Self {
-        Error::Rejected { reason, message: message.into() }
-    }
-
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1,8 +1,9 @@
 //! The command services at the gRPC edge: proto requests become domain
 //! commands in an [`Envelope`] (request id, principal, correlation and
-//! causation ids from the metadata), the bus runs them, and its answer or
-//! error becomes the proto answer or an AIP-193 status. The only place of
-//! this crate that sees proto types or builds a `tonic::Status`.
+//! causation ids from the metadata), the bus runs them, and its answer
+//! becomes the proto answer, its error an AIP-193 status (`From<Error> for
+//! Status`, in `error.rs`). The only place of this crate that sees proto
+//! types.
 
 use eventfold_domain::{
     Currency, Money,
@@ -13,7 +14,7 @@ use eventfold_domain::{
     shipment::{self as shipment, ShipmentCommand},
     user::{self as user, UserCommand},
 };
-use eventfold_platform::status::{error_info, from_store, invalid_argument};
+use eventfold_platform::status::invalid_argument;
 use eventfold_proto::{
     accounts::{self as accounts_pb, account_command_service_server::AccountCommandService},
     common as common_pb,
@@ -23,14 +24,13 @@ use eventfold_proto::{
     shipping::{self as shipping_pb, shipping_command_service_server::ShippingCommandService},
     users::{self as users_pb, user_command_service_server::UserCommandService},
 };
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tower::ServiceExt;
 use uuid::Uuid;
 
 use crate::{
     bus::Bus,
     envelope::{Command, Envelope, Meta, Reply, Write},
-    error::Error,
 };
 
 /// Metadata key of the authenticated caller, set by the gateway (or a
@@ -40,26 +40,6 @@ pub const PRINCIPAL_HEADER: &str = "x-eventfold-principal";
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 /// Metadata key of the causation id.
 pub const CAUSATION_HEADER: &str = "x-causation-id";
-
-/// The bus errors as AIP-193 statuses.
-pub fn status(error: Error) -> Status {
-    let message = error.to_string();
-    match error {
-        Error::Invalid(violations) => invalid_argument(violations.into_iter().map(|v| (v.field, v.description))),
-        Error::Rejected { reason, message } => error_info(Code::FailedPrecondition, message, reason.as_str(), &[]),
-        Error::Conflict { stream, expected, actual } => error_info(
-            Code::Aborted,
-            message,
-            "WRONG_EXPECTED_VERSION",
-            &[("stream", stream), ("expected", expected), ("actual", actual)],
-        ),
-        Error::PermissionDenied(_) => error_info(Code::PermissionDenied, message, "PERMISSION_DENIED", &[]),
-        Error::Store(e) => from_store(&*e),
-        // Which event could not be read, and why, is for the log (under the
-        // answer's error id), not for the client.
-        Error::Corrupt(_) => eventfold_platform::status::internal_because("CORRUPT_DATA", &message),
-    }
-}
 
 /// ISO 4217 `XXX` (no currency): what stands in for a currency that a
 /// request got wrong or left out, in a request that [`Edge::finish`] then
@@ -115,7 +95,7 @@ fn meta<T>(request: &Request<T>, request_id: &str) -> Meta {
 }
 
 async fn send(bus: &Bus, meta: Meta, command: Command) -> Result<Reply, Status> {
-    bus.clone().oneshot(Envelope::new(command, meta)).await.map_err(status)
+    bus.clone().oneshot(Envelope::new(command, meta)).await.map_err(Status::from)
 }
 
 fn result(write: &Write) -> Option<common_pb::WriteResult> {
@@ -511,28 +491,6 @@ impl AccountCommandService for AccountCommands {
         }))
     }
 
-    async fn transfer_money(
-        &self,
-        request: Request<accounts_pb::TransferMoneyRequest>,
-    ) -> Result<Response<accounts_pb::TransferMoneyResponse>, Status> {
-        let meta = meta(&request, &request.get_ref().request_id);
-        let r = request.into_inner();
-        let mut edge = Edge::default();
-        let amount = edge.money("amount", r.amount);
-        edge.finish()?;
-        let command = Command::Transfer {
-            transfer_id: r.transfer_id,
-            from_account_id: r.from_account_id,
-            to_account_id: r.to_account_id,
-            amount,
-        };
-        let reply = send(&self.bus, meta, command).await?;
-        Ok(Response::new(accounts_pb::TransferMoneyResponse {
-            source: result(reply.first()),
-            target: reply.writes.get(1).and_then(result),
-        }))
-    }
-
     async fn request_transfer(
         &self,
         request: Request<accounts_pb::RequestTransferRequest>,
@@ -542,10 +500,11 @@ impl AccountCommandService for AccountCommands {
         let mut edge = Edge::default();
         let amount = edge.money("amount", r.amount);
         edge.finish()?;
+        let saga_id = eventfold_domain::saga::transfer_saga_id(&r.transfer_id);
         let command =
             account::RequestTransfer { transfer_id: r.transfer_id, to_account_id: r.to_account_id, amount }.into();
         let reply = account(&self.bus, meta, r.from_account_id, command).await?;
-        Ok(Response::new(accounts_pb::RequestTransferResponse { result: result(reply.first()) }))
+        Ok(Response::new(accounts_pb::RequestTransferResponse { result: result(reply.first()), saga_id }))
     }
 
     async fn close_account(

@@ -12,10 +12,10 @@ use std::{
 };
 
 use eventfold_domain::{
-    Aggregate, DomainEvent, Reason,
-    account::{Account, AccountCommand, ReceiveTransfer, RefundTransfer, SendTransfer},
+    Aggregate, DomainEvent,
+    account::Account,
     inventory::Inventory,
-    order::{Order, OrderStatus},
+    order::Order,
     payment::{AuthorizePayment, Payment, PaymentCommand},
     shipment::Shipment,
     user::User,
@@ -263,33 +263,18 @@ impl Handler {
 
     /// Run one command.
     pub async fn handle(&self, envelope: Envelope) -> Result<Reply> {
-        let keys = envelope.write_request_keys();
+        let key = envelope.request_key();
         let Envelope { command, meta } = envelope;
-        let request_id = keys.first().cloned();
         let write = match command {
             Command::Order { order_id, command } => {
-                self.execute::<Order>(&stream::<Order>(&order_id), &command, &meta, request_id).await?
+                self.execute::<Order>(&stream::<Order>(&order_id), &command, &meta, key).await?
             }
             Command::Inventory { product_id, command } => {
-                self.execute::<Inventory>(&stream::<Inventory>(&product_id), &command, &meta, request_id).await?
+                self.execute::<Inventory>(&stream::<Inventory>(&product_id), &command, &meta, key).await?
             }
             Command::AuthorizePayment { payment_id, order_id, amount, provider_reference } => {
-                let order = self.load::<Order>(&stream::<Order>(&order_id)).await?.state;
-                let (OrderStatus::Created | OrderStatus::Confirmed, Some(order_total)) = (order.status, order.total)
-                else {
-                    return Err(match order.status {
-                        OrderStatus::New => {
-                            Error::rejected(Reason::OrderNotFound, format!("order {order_id} does not exist"))
-                        }
-                        OrderStatus::Cancelled => {
-                            Error::rejected(Reason::OrderCancelled, format!("order {order_id} is cancelled"))
-                        }
-                        OrderStatus::Shipped => {
-                            Error::rejected(Reason::OrderAlreadyShipped, format!("order {order_id} is shipped"))
-                        }
-                        _ => Error::rejected(Reason::OrderAlreadyPaid, format!("order {order_id} is paid")),
-                    });
-                };
+                // The order says whether it takes a payment, and up to what.
+                let order_total = self.load::<Order>(&stream::<Order>(&order_id)).await?.state.payable_total()?;
                 let command = PaymentCommand::Authorize(AuthorizePayment {
                     payment_id: payment_id.clone(),
                     order_id,
@@ -297,64 +282,22 @@ impl Handler {
                     order_total,
                     provider_reference,
                 });
-                self.execute::<Payment>(&stream::<Payment>(&payment_id), &command, &meta, request_id).await?
+                self.execute::<Payment>(&stream::<Payment>(&payment_id), &command, &meta, key).await?
             }
             Command::Payment { payment_id, command } => {
-                self.execute::<Payment>(&stream::<Payment>(&payment_id), &command, &meta, request_id).await?
+                self.execute::<Payment>(&stream::<Payment>(&payment_id), &command, &meta, key).await?
             }
             Command::Shipment { shipment_id, command } => {
-                self.execute::<Shipment>(&stream::<Shipment>(&shipment_id), &command, &meta, request_id).await?
+                self.execute::<Shipment>(&stream::<Shipment>(&shipment_id), &command, &meta, key).await?
             }
             Command::Account { account_id, command } => {
-                self.execute::<Account>(&stream::<Account>(&account_id), &command, &meta, request_id).await?
+                self.execute::<Account>(&stream::<Account>(&account_id), &command, &meta, key).await?
             }
             Command::User { user_id, command } => {
-                self.execute::<User>(&stream::<User>(&user_id), &command, &meta, request_id).await?
-            }
-            Command::Transfer { transfer_id, from_account_id, to_account_id, amount } => {
-                let mut keys = keys.into_iter();
-                let keys = (keys.next(), keys.next());
-                return self.transfer(transfer_id, from_account_id, to_account_id, amount, &meta, keys).await;
+                self.execute::<User>(&stream::<User>(&user_id), &command, &meta, key).await?
             }
         };
         Ok(Reply::single(write))
-    }
-
-    /// Debit the source, credit the target; if the target refuses, give the
-    /// source its money back. Every step is idempotent by transfer id, so a
-    /// retry (or a crash between the steps and a retry) completes it.
-    async fn transfer(
-        &self,
-        transfer_id: String,
-        from: String,
-        to: String,
-        amount: eventfold_domain::Money,
-        meta: &Meta,
-        (source_id, target_id): (Option<RequestKey>, Option<RequestKey>),
-    ) -> Result<Reply> {
-        let send =
-            AccountCommand::Send(SendTransfer { transfer_id: transfer_id.clone(), to_account_id: to.clone(), amount });
-        let source_stream = stream::<Account>(&from);
-        let source = self.execute::<Account>(&source_stream, &send, meta, source_id).await?;
-        let receive = AccountCommand::Receive(ReceiveTransfer {
-            transfer_id: transfer_id.clone(),
-            from_account_id: from.clone(),
-            amount,
-        });
-        match self.execute::<Account>(&stream::<Account>(&to), &receive, meta, target_id).await {
-            Ok(target) => Ok(Reply { writes: vec![source, target] }),
-            Err(refused @ (Error::Rejected { .. } | Error::Invalid(_))) => {
-                let refund = AccountCommand::Refund(RefundTransfer { transfer_id, reason: refused.to_string() });
-                self.execute::<Account>(&source_stream, &refund, meta, None).await?;
-                Err(refused)
-            }
-            Err(missing) if missing.is_missing_stream() => {
-                let refund = AccountCommand::Refund(RefundTransfer { transfer_id, reason: missing.to_string() });
-                self.execute::<Account>(&source_stream, &refund, meta, None).await?;
-                Err(missing)
-            }
-            Err(other) => Err(other),
-        }
     }
 }
 

@@ -10,7 +10,8 @@
 //! loads the aggregate (snapshot + later events, upcast), asks the pure
 //! domain code to decide, and appends with the expected version. Every
 //! answer carries the stream version and the global position of the last
-//! event: the read-your-writes token.
+//! event: the read-your-writes token. [`host`] adds the services, with
+//! their health check, to a process's one gRPC server.
 
 // Request values reach this crate: arithmetic is checked or saturating,
 // casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
@@ -26,9 +27,9 @@ mod error;
 mod grpc;
 mod handler;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use eventfold_platform::server::Router;
+use eventfold_platform::server::GrpcServer;
 use eventfold_proto::{
     accounts::account_command_service_server::AccountCommandServiceServer,
     inventory::inventory_command_service_server::InventoryCommandServiceServer,
@@ -39,7 +40,6 @@ use eventfold_proto::{
 };
 use eventfold_store::{EventLog, Upcasters};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 pub use crate::{
     bus::{AllowAll, Authorizer, Bus, BusOptions, bus},
@@ -47,7 +47,7 @@ pub use crate::{
     error::{Error, Result},
     grpc::{
         AccountCommands, CAUSATION_HEADER, CORRELATION_HEADER, InventoryCommands, OrderCommands, PRINCIPAL_HEADER,
-        PaymentCommands, ShippingCommands, UserCommands, status,
+        PaymentCommands, ShippingCommands, UserCommands,
     },
     handler::{Handler, Loaded, SnapshotPolicy, new_events},
 };
@@ -120,44 +120,32 @@ pub fn upcasters() -> Upcasters {
     upcasters
 }
 
-/// Adds the six command services over `bus` to `router`.
-pub fn add_services(router: Router, bus: Bus) -> Router {
-    router
-        .add_service(OrderCommandServiceServer::new(OrderCommands::new(bus.clone())))
-        .add_service(InventoryCommandServiceServer::new(InventoryCommands::new(bus.clone())))
-        .add_service(PaymentCommandServiceServer::new(PaymentCommands::new(bus.clone())))
-        .add_service(ShippingCommandServiceServer::new(ShippingCommands::new(bus.clone())))
-        .add_service(AccountCommandServiceServer::new(AccountCommands::new(bus.clone())))
-        .add_service(UserCommandServiceServer::new(UserCommands::new(bus)))
+/// Hosts the six command services over `bus` on `server`; their health
+/// follows `log` (probed every `health_interval_secs`).
+pub fn host(server: &mut GrpcServer, config: &Config, log: Arc<dyn EventLog>, bus: Bus) {
+    let descriptors = eventfold_proto::FILE_DESCRIPTOR_SET;
+    server
+        .add_service(descriptors, OrderCommandServiceServer::new(OrderCommands::new(bus.clone())))
+        .add_service(descriptors, InventoryCommandServiceServer::new(InventoryCommands::new(bus.clone())))
+        .add_service(descriptors, PaymentCommandServiceServer::new(PaymentCommands::new(bus.clone())))
+        .add_service(descriptors, ShippingCommandServiceServer::new(ShippingCommands::new(bus.clone())))
+        .add_service(descriptors, AccountCommandServiceServer::new(AccountCommands::new(bus.clone())))
+        .add_service(descriptors, UserCommandServiceServer::new(UserCommands::new(bus)))
+        .health_check(SERVICE_NAMES, Duration::from_secs(config.health_interval_secs.max(1)), move || {
+            let log = log.clone();
+            async move { log.check_health().await.map_err(|e| e.to_string()) }
+        });
 }
 
-/// Serve the command services over `log` (which should upcast) on
-/// `listener` until `shutdown`.
-pub async fn run(
-    config: Config,
-    log: Arc<dyn EventLog>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), eventfold_platform::Error> {
-    let bus = bus(log.clone(), config.bus_options());
-    let (reporter, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET])?;
-    let probe = eventfold_platform::server::spawn_health_probe(
-        reporter,
-        SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
-        Duration::from_secs(config.health_interval_secs.max(1)),
-        move || {
-            let log = log.clone();
-            async move { log.check_health().await }
-        },
-    )
-    .await;
-    let result = eventfold_platform::server::serve(
-        add_services(router, bus),
-        listener,
-        shutdown,
-        Duration::from_secs(config.shutdown_grace_secs),
-    )
-    .await;
-    probe.abort();
-    result
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_health_checked_names_are_the_hosted_services() {
+        let log: Arc<dyn EventLog> = Arc::new(eventfold_store::MemoryEventLog::new());
+        let mut server = GrpcServer::new();
+        host(&mut server, &Config::default(), log.clone(), bus(log, BusOptions::default()));
+        assert_eq!(server.service_names(), SERVICE_NAMES);
+    }
 }

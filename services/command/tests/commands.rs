@@ -1,12 +1,16 @@
 //! The command side end to end: the command services and the event store
-//! on one real server (`eventfold_eventstore::run_with`, as `eventfold dev`
-//! wires them) over the in-memory log and PostgreSQL, driven by the
-//! generated clients.
+//! hosted on one real server (`GrpcServer`, as `eventfold dev` wires them)
+//! over the in-memory log and PostgreSQL, driven by the generated clients.
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use eventfold_command::{Authorizer, BusOptions, Command, Config, Handler, SnapshotPolicy};
-use eventfold_domain::{Aggregate, inventory::Inventory};
+use eventfold_command::{Authorizer, Bus, BusOptions, Command, Config, Envelope, Handler, Meta, Reply, SnapshotPolicy};
+use eventfold_domain::{
+    Aggregate,
+    account::{AccountCommand, ReceiveTransfer, RefundTransfer, SendTransfer},
+    inventory::Inventory,
+};
+use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_proto::{
     accounts::{self as accounts_pb, account_command_service_client::AccountCommandServiceClient},
     common::{Money, WriteResult},
@@ -20,9 +24,11 @@ use eventfold_store::{
 };
 use eventfold_tests::TestDatabase;
 use serde_json::json;
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::net::TcpListener;
+use tokio_util::sync::DropGuard;
 use tonic::{Code, Request, Status, transport::Channel};
 use tonic_types::StatusExt;
+use tower::ServiceExt;
 
 // --- harness -------------------------------------------------------------------
 
@@ -38,7 +44,12 @@ async fn memory() -> Backend {
 
 async fn postgres() -> Backend {
     let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the event log");
+    let log = PostgresEventLog::connect(
+        eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
+        PostgresConfig::default(),
+    )
+    .await
+    .expect("connect the event log");
     Backend { raw: Arc::new(log), _db: Some(db) }
 }
 
@@ -47,10 +58,14 @@ struct Server {
     inventory: InventoryCommandServiceClient<Channel>,
     accounts: AccountCommandServiceClient<Channel>,
     store: EventStoreServiceClient<Channel>,
+    /// The bus the services use: the money transfer saga's commands go
+    /// straight to it, as the saga sends them.
+    bus: Bus,
     /// The upcasting log the services use.
     log: Arc<dyn EventLog>,
     backend: Backend,
-    _shutdown: oneshot::Sender<()>,
+    /// Stops the server when the test lets go of it.
+    _shutdown: DropGuard,
 }
 
 impl Server {
@@ -63,20 +78,13 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("local addr");
         let bus = eventfold_command::bus(log.clone(), options);
-        let extra = eventfold_eventstore::Extra {
-            names: eventfold_command::SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
-            add: Box::new(move |router| eventfold_command::add_services(router, bus)),
-        };
-        let (shutdown, stop) = oneshot::channel::<()>();
-        tokio::spawn(eventfold_eventstore::run_with(
-            eventfold_eventstore::Config::default(),
-            log.clone(),
-            listener,
-            async move {
-                let _ = stop.await;
-            },
-            extra,
-        ));
+        let token = CancellationToken::new();
+        let mut server = GrpcServer::new();
+        let config = eventfold_eventstore::Config::default();
+        eventfold_eventstore::host(&mut server, &config, log.clone(), token.clone());
+        eventfold_command::host(&mut server, &Config::default(), log.clone(), bus.clone());
+        let grace = Duration::from_secs(config.shutdown_grace_secs);
+        tokio::spawn(server.serve(listener, token.clone(), grace));
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .connect_timeout(Duration::from_secs(5))
@@ -88,9 +96,10 @@ impl Server {
             inventory: InventoryCommandServiceClient::new(channel.clone()),
             accounts: AccountCommandServiceClient::new(channel.clone()),
             store: EventStoreServiceClient::new(channel),
+            bus,
             log,
             backend,
-            _shutdown: shutdown,
+            _shutdown: token.drop_guard(),
         }
     }
 
@@ -124,6 +133,10 @@ eventfold_tests::backends!(
 
 fn eur(minor: i64) -> Option<Money> {
     Some(Money { minor, currency: "EUR".into() })
+}
+
+fn eur_money(minor: i64) -> eventfold_domain::Money {
+    eventfold_domain::Money::new(minor, "EUR".parse().expect("a currency"))
 }
 
 fn create_order(order_id: &str, request_id: &str, items: &[(&str, u32, i64)]) -> orders_pb::CreateOrderRequest {
@@ -297,16 +310,16 @@ async fn retries_with_the_same_request_id_return_the_first_answer(mut s: Server)
     let first = s.accounts.deposit_money(deposit.clone()).await.expect("deposit").into_inner();
     assert_eq!(first.balance, eur(1000));
     assert_eq!(s.accounts.deposit_money(deposit).await.expect("retry").into_inner(), first);
-    let transfer = accounts_pb::TransferMoneyRequest {
+    let transfer = accounts_pb::RequestTransferRequest {
         request_id: "req-transfer".into(),
         from_account_id: "a-1".into(),
         to_account_id: "a-2".into(),
         transfer_id: "t-1".into(),
         amount: eur(400),
     };
-    let first = s.accounts.transfer_money(transfer.clone()).await.expect("transfer").into_inner();
+    let first = s.accounts.request_transfer(transfer.clone()).await.expect("transfer").into_inner();
     let head = s.head().await;
-    assert_eq!(s.accounts.transfer_money(transfer).await.expect("retry").into_inner(), first);
+    assert_eq!(s.accounts.request_transfer(transfer).await.expect("retry").into_inner(), first);
     assert_eq!(s.head().await, head, "the transfer's retry appended nothing");
 }
 
@@ -389,6 +402,31 @@ async fn metadata_carries_correlation_causation_and_principal(mut s: Server) {
     );
 }
 
+/// A step of the money transfer saga `transfer-{transfer_id}`: the command
+/// it sends to the bus, with its idempotency key (`saga:{id}:{step}`),
+/// answered as the edge answers.
+async fn saga_step(
+    bus: &Bus,
+    transfer_id: &str,
+    step: &str,
+    account_id: &str,
+    command: impl Into<AccountCommand>,
+) -> Result<tonic::Response<Reply>, Status> {
+    let meta = Meta {
+        request_id: Some(format!("saga:transfer-{transfer_id}:{step}")),
+        principal: Some("saga-orchestrator".into()),
+        correlation_id: transfer_id.into(),
+        causation_id: None,
+    };
+    let command = Command::Account { account_id: account_id.into(), command: command.into() };
+    bus.clone().oneshot(Envelope::new(command, meta)).await.map(tonic::Response::new).map_err(Status::from)
+}
+
+/// A transfer has one path: `RequestTransfer` records it on the source
+/// (moving nothing) and names the saga, and the money transfer saga moves
+/// the money with the account commands sent here step by step, as it sends
+/// them: withdraw from the source, deposit to the target, and refund the
+/// source when the target refuses.
 async fn transfers_are_recorded_on_both_sides_or_refunded(mut s: Server) {
     for id in ["a-1", "a-2"] {
         let open = accounts_pb::OpenAccountRequest {
@@ -406,25 +444,32 @@ async fn transfers_are_recorded_on_both_sides_or_refunded(mut s: Server) {
         ..Default::default()
     };
     s.accounts.deposit_money(deposit).await.expect("deposit");
-    let transfer = |id: &str, to: &str, minor| accounts_pb::TransferMoneyRequest {
-        from_account_id: "a-1".into(),
-        to_account_id: to.into(),
+    let withdraw = |id: &str, minor| SendTransfer {
         transfer_id: id.into(),
-        amount: eur(minor),
-        ..Default::default()
+        to_account_id: "a-2".into(),
+        amount: eur_money(minor),
+    };
+    let deposit = |id: &str, minor| ReceiveTransfer {
+        transfer_id: id.into(),
+        from_account_id: "a-1".into(),
+        amount: eur_money(minor),
     };
     let head = s.head().await;
-    rejected(s.accounts.transfer_money(transfer("t-0", "a-2", 501)).await, "INSUFFICIENT_FUNDS");
+    rejected(saga_step(&s.bus, "t-0", "withdraw", "a-1", withdraw("t-0", 501)).await, "INSUFFICIENT_FUNDS");
     assert_eq!(s.head().await, head, "a refused transfer appends nothing");
 
-    let done = s.accounts.transfer_money(transfer("t-1", "a-2", 200)).await.expect("transfer").into_inner();
-    assert_eq!(write(done.source).stream_id, "account-a-1");
-    assert_eq!(write(done.target).stream_id, "account-a-2");
+    let source = saga_step(&s.bus, "t-1", "withdraw", "a-1", withdraw("t-1", 200)).await.expect("withdraw");
+    let target = saga_step(&s.bus, "t-1", "deposit", "a-2", deposit("t-1", 200)).await.expect("deposit");
+    assert_eq!(source.into_inner().first().stream_id, "account-a-1");
+    assert_eq!(target.into_inner().first().stream_id, "account-a-2");
     let received = s.events("account-a-2").await.pop().expect("an event");
     assert_eq!(received.event_type, "TransferReceived");
 
     // The target does not exist: the source is debited, then refunded.
-    rejected(s.accounts.transfer_money(transfer("t-2", "a-404", 100)).await, "ACCOUNT_NOT_FOUND");
+    saga_step(&s.bus, "t-2", "withdraw", "a-1", withdraw("t-2", 100)).await.expect("withdraw");
+    rejected(saga_step(&s.bus, "t-2", "deposit", "a-404", deposit("t-2", 100)).await, "ACCOUNT_NOT_FOUND");
+    let refund = RefundTransfer { transfer_id: "t-2".into(), reason: "ACCOUNT_NOT_FOUND".into() };
+    saga_step(&s.bus, "t-2", "refund_source", "a-1", refund).await.expect("refund");
     let types: Vec<String> = s.events("account-a-1").await.into_iter().map(|e| e.event_type).collect();
     assert_eq!(types, ["AccountOpened", "MoneyDeposited", "TransferSent", "TransferSent", "TransferRefunded"]);
     let withdraw = accounts_pb::WithdrawMoneyRequest {
@@ -435,6 +480,23 @@ async fn transfers_are_recorded_on_both_sides_or_refunded(mut s: Server) {
     };
     let left = s.accounts.withdraw_money(withdraw).await.expect("the refunded money is there").into_inner();
     assert_eq!(left.balance, eur(0));
+
+    // The request: recorded once on the source, nothing moved, the saga named.
+    let (before, target_before) = (s.events("account-a-2").await.len(), s.events("account-a-1").await.len());
+    let request = accounts_pb::RequestTransferRequest {
+        from_account_id: "a-2".into(),
+        to_account_id: "a-1".into(),
+        transfer_id: "t-3".into(),
+        amount: eur(200),
+        ..Default::default()
+    };
+    let accepted = s.accounts.request_transfer(request).await.expect("request").into_inner();
+    assert_eq!(accepted.saga_id, "transfer-t-3");
+    assert_eq!(write(accepted.result).stream_id, "account-a-2");
+    let mut source = s.events("account-a-2").await;
+    assert_eq!(source.len(), before + 1, "one event");
+    assert_eq!(source.pop().expect("an event").event_type, "TransferRequested");
+    assert_eq!(s.events("account-a-1").await.len(), target_before, "nothing reached the target");
 }
 
 async fn snapshots_are_written_used_and_rewritten_when_stale(s: Server) {

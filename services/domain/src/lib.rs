@@ -20,6 +20,7 @@ pub mod payment;
 mod rejection;
 pub mod saga;
 pub mod shipment;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod upcast;
 pub mod user;

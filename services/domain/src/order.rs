@@ -1,5 +1,6 @@
 //! Orders: Created → Confirmed → Paid → Shipped; cancellable until shipped.
-//! An order has at least one item, every quantity is positive, all prices
+//! A payment is authorized, up to the order's total, while the order is
+//! created or confirmed. An order has at least one item, every quantity is positive, all prices
 //! are in the order's one currency, and the total is computed from the
 //! items, never taken from the caller.
 
@@ -203,6 +204,21 @@ impl Order {
 
     fn require(&self, wanted: OrderStatus) -> Result<(), Rejection> {
         if self.status == wanted { Ok(()) } else { Err(self.not_in(wanted)) }
+    }
+
+    /// The upper bound of a payment authorized for this order: its total,
+    /// while the order is created or confirmed (not yet paid, and neither
+    /// shipped nor cancelled).
+    pub fn payable_total(&self) -> Result<Money, Rejection> {
+        match self.status {
+            // Every created order has a total; a state without one (which
+            // no event sequence makes) is refused rather than trusted.
+            OrderStatus::Created | OrderStatus::Confirmed => {
+                self.total.ok_or_else(|| Rejection::rule(Reason::OrderNotFound, "the order has no total"))
+            }
+            // Paid: already paid; new, shipped, cancelled: as for payment.
+            _ => Err(self.not_in(OrderStatus::Confirmed)),
+        }
     }
 }
 
@@ -495,6 +511,19 @@ mod tests {
             .when(pay(3000))
             .then_reject(Reason::OrderCancelled);
         Scenario::<Order>::given([created(), confirmed()]).when(pay(0)).then_invalid(&["amount.minor"]);
+    }
+
+    #[test]
+    fn a_payment_is_authorized_against_the_total_of_a_created_or_confirmed_order() {
+        let reason = |events: &[OrderEvent]| Order::default().fold(events).payable_total().unwrap_err().reason();
+        assert_eq!(Order::default().fold(&[created()]).payable_total(), Ok(usd(3000)));
+        assert_eq!(Order::default().fold(&[created(), confirmed()]).payable_total(), Ok(usd(3000)));
+        assert_eq!(reason(&[]), Some(Reason::OrderNotFound));
+        assert_eq!(reason(&[created(), confirmed(), paid()]), Some(Reason::OrderAlreadyPaid));
+        assert_eq!(reason(&[created(), confirmed(), paid(), shipped()]), Some(Reason::OrderAlreadyShipped));
+        assert_eq!(reason(&[created(), cancelled()]), Some(Reason::OrderCancelled));
+        let without_total = Order { status: OrderStatus::Confirmed, total: None, ..Order::default() };
+        assert_eq!(without_total.payable_total().unwrap_err().reason(), Some(Reason::OrderNotFound));
     }
 
     #[test]

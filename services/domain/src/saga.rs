@@ -22,6 +22,17 @@ pub fn stream_id(saga_id: &str) -> String {
     format!("{CATEGORY}-{saga_id}")
 }
 
+/// The id of the order fulfilment saga of order `order_id` (one per order).
+pub fn fulfilment_saga_id(order_id: &str) -> String {
+    format!("fulfil-{order_id}")
+}
+
+/// The id of the money transfer saga of transfer `transfer_id` (one per
+/// transfer): what a client of `RequestTransfer` watches.
+pub fn transfer_saga_id(transfer_id: &str) -> String {
+    format!("transfer-{transfer_id}")
+}
+
 /// A saga was started (once per type and correlation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SagaStarted {
@@ -113,5 +124,6 @@ mod tests {
             assert_eq!(back, event);
         }
         assert_eq!(stream_id("fulfil-o-1"), "saga-fulfil-o-1");
+        assert_eq!((fulfilment_saga_id("o-1"), transfer_saga_id("t-1")), ("fulfil-o-1".into(), "transfer-t-1".into()));
     }
 }

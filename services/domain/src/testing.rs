@@ -1,5 +1,7 @@
 //! Given/when/then tests of aggregates: given past events, when a command
-//! arrives, then these events (or this rejection).
+//! arrives, then these events (or this rejection). Compiled for this
+//! crate's tests and, with the feature `testing`, for other crates' tests;
+//! never into a server (its checks panic).
 //!
 //! ```
 //! use eventfold_domain::{order::*, testing::Scenario, Reason};

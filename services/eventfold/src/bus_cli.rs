@@ -4,10 +4,9 @@
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context, bail};
-use eventfold_bus::{Decoder, HandleError, Message, MessageHandler};
-use eventfold_projector::Projection;
+use eventfold_bus::{ConsumerConfig, Decoder};
 use eventfold_schemas::{Catalog, Registry};
-use tokio_postgres::Transaction;
+use eventfold_store::Database;
 
 /// What `eventfold schemas` does.
 #[derive(Debug, clap::Subcommand)]
@@ -112,91 +111,9 @@ pub(crate) enum DlqAction {
     },
 }
 
-/// A projection consumer's name: `projection:NAME:vVERSION` (see
-/// `Projector`), as (projection, version).
-fn projection_consumer(consumer: &str) -> Option<(Arc<dyn Projection>, u32)> {
-    let rest = consumer.strip_prefix("projection:")?;
-    let (name, version) = rest.rsplit_once(":v")?;
-    Some((eventfold_projector::by_name(name)?, version.parse().ok()?))
-}
-
-/// Replays a Kafka-fed projection's dead letters: decodes each record as
-/// the Kafka source does, and applies it in the projection's version while
-/// holding its checkpoint row (so no batch of a running projector
-/// interleaves). A dead letter behind what the projection applied of its
-/// stream is refused: applying it now would fold it out of order, and a
-/// rebuild from the log is the way to include it.
-struct ProjectionReplay {
-    consumer: String,
-    projection: Arc<dyn Projection>,
-    version: u32,
-    decoder: Decoder,
-}
-
-#[async_trait::async_trait]
-impl MessageHandler for ProjectionReplay {
-    async fn handle(&self, tx: &Transaction<'_>, message: &Message) -> Result<(), HandleError> {
-        let result = self.apply(tx, message).await;
-        if let Err(e) = &result {
-            let (topic, partition, offset) = (&message.topic, message.partition, message.offset);
-            eprintln!("{topic}/{partition} offset {offset}: still fails: {e}");
-        }
-        result
-    }
-}
-
-impl ProjectionReplay {
-    async fn apply(&self, tx: &Transaction<'_>, message: &Message) -> Result<(), HandleError> {
-        let event = self.decoder.decode(message).await.map_err(|e| HandleError::Message(e.reason))?;
-        let version = i32::try_from(self.version).map_err(|_| HandleError::Message("version out of range".into()))?;
-        // Not while a projector of the version applies a batch.
-        eventfold_projector::lock_checkpoint(tx, self.projection.name(), version).await?;
-        let held = tx
-            .query_opt(
-                "SELECT 1 FROM projections.checkpoints WHERE name = $1 AND version = $2",
-                &[&self.projection.name(), &version],
-            )
-            .await?;
-        if held.is_none() {
-            return Err(HandleError::Message(format!(
-                "{} has no version {}: nothing to replay into",
-                self.projection.name(),
-                self.version
-            )));
-        }
-        let applied: i64 = tx
-            .query_opt(
-                "SELECT version FROM bus.consumer_streams WHERE consumer = $1 AND stream_id = $2 FOR UPDATE",
-                &[&self.consumer, &event.stream_id],
-            )
-            .await?
-            .map_or(-1, |r| r.get(0));
-        if event.version as i64 <= applied {
-            return Err(HandleError::Message(format!(
-                "{} v{} is behind v{applied}, already applied from that stream: not folded out of order; \
-                 `eventfold projections rebuild {}` includes it",
-                event.stream_id,
-                event.version,
-                self.projection.name()
-            )));
-        }
-        self.projection
-            .apply(tx, self.version, &event)
-            .await
-            .map_err(|e| HandleError::Message(format!("{} v{}: {e}", event.stream_id, event.version)))?;
-        tx.execute(
-            "INSERT INTO bus.consumer_streams (consumer, stream_id, version) VALUES ($1, $2, $3) \
-             ON CONFLICT (consumer, stream_id) DO UPDATE SET version = EXCLUDED.version",
-            &[&self.consumer, &event.stream_id, &(event.version as i64)],
-        )
-        .await?;
-        Ok(())
-    }
-}
-
 pub(crate) async fn dlq(
-    config: &eventfold_bus::ConsumerConfig,
-    database_url: &str,
+    config: &ConsumerConfig,
+    database: &Database,
     configured_registry: Option<&str>,
     action: DlqAction,
 ) -> anyhow::Result<()> {
@@ -207,38 +124,30 @@ pub(crate) async fn dlq(
             };
             let consumers: Vec<String> = match consumer {
                 Some(consumer) => vec![consumer],
-                None => {
-                    let mut pending: Vec<String> = eventfold_bus::dead_letters(config, database_url, &topic)
-                        .await?
-                        .iter()
-                        .filter(|l| !l.replayed)
-                        .map(|l| l.consumer().to_owned())
-                        .collect();
-                    pending.sort();
-                    pending.dedup();
-                    pending
-                }
+                None => eventfold_bus::pending_consumers(config, database, &topic).await?,
             };
+            let decoder = Arc::new(Decoder::new(Catalog::load()?, Registry::new(&registry_url)?));
             let mut failing = 0;
             for consumer in consumers {
-                let Some((projection, version)) = projection_consumer(&consumer) else {
-                    bail!(
-                        "consumer {consumer:?} is not a Kafka-fed projection (projection:NAME:vVERSION): \
-                         replay its dead letters with its own handler (eventfold_bus::replay)"
-                    );
-                };
-                let decoder = Decoder::new(Catalog::load()?, Registry::new(&registry_url)?);
-                let handler = ProjectionReplay { consumer: consumer.clone(), projection, version, decoder };
-                let (applied, still) = eventfold_bus::replay(config, database_url, &topic, &consumer, &handler).await?;
-                println!("{consumer}: {applied} dead letters applied, {still} still failing");
-                failing += still;
+                let replayed =
+                    eventfold_bus::replay_projection(config, database, &topic, &consumer, decoder.clone()).await?;
+                for still in &replayed.failing {
+                    let (topic, partition, offset) = &still.origin;
+                    eprintln!("{topic}/{partition} offset {offset}: still fails: {}", still.error);
+                }
+                println!(
+                    "{consumer}: {} dead letters applied, {} still failing",
+                    replayed.applied,
+                    replayed.failing.len()
+                );
+                failing += replayed.failing.len();
             }
             if failing > 0 {
                 bail!("{failing} dead letters still fail: see the warnings above and `eventfold dlq list {topic}`");
             }
         }
         DlqAction::List { topic } => {
-            let letters = eventfold_bus::dead_letters(config, database_url, &topic).await?;
+            let letters = eventfold_bus::dead_letters(config, database, &topic).await?;
             println!(
                 "{:>8} {:<32} {:>9} {:>10} {:<24} {:<8} error",
                 "offset", "origin", "partition", "at", "consumer", "replayed"

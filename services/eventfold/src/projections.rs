@@ -1,25 +1,30 @@
-//! `eventfold projections list|status|rebuild`: the operator's view of the
-//! read side.
+//! `eventfold projections list|status|rebuild|…`: the operator's view of
+//! the read side, printed; the work is `eventfold_projector::admin`'s.
 
-use std::{
-    io::Write as _,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{io::Write as _, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
-use eventfold_projector::{Projection, Projector, ProjectorOptions, Status};
+use eventfold_projector::{
+    Projection, ProjectorOptions, Status,
+    admin::{self, Progress},
+};
+use eventfold_store::{Database, EventLog};
 
-use crate::{Config, ProjectionsAction, bench::connect, postgres};
+use crate::cli::ProjectionsAction;
 
-/// Every projection this binary knows.
-fn known() -> Vec<Arc<dyn Projection>> {
-    eventfold_projector::all()
+/// Every projection this binary runs: the saga intake too when the sagas
+/// are enabled.
+fn known(saga_enabled: bool) -> Vec<Arc<dyn Projection>> {
+    let mut projections = eventfold_projector::all();
+    if saga_enabled {
+        projections.push(Arc::new(eventfold_saga::SagaIntake));
+    }
+    projections
 }
 
-fn find(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
-    known().into_iter().find(|p| p.name() == name).with_context(|| {
-        let names: Vec<&str> = known().iter().map(|p| p.name()).collect();
+fn find(known: &[Arc<dyn Projection>], name: &str) -> anyhow::Result<Arc<dyn Projection>> {
+    known.iter().find(|p| p.name() == name).cloned().with_context(|| {
+        let names: Vec<&str> = known.iter().map(|p| p.name()).collect();
         format!("no projection {name:?}; known: {}", names.join(", "))
     })
 }
@@ -44,122 +49,95 @@ fn print(statuses: &[Status], head: u64) {
     }
 }
 
-pub(crate) async fn run(config: &Config, action: ProjectionsAction) -> anyhow::Result<()> {
-    let url = config.database.require_url()?.to_owned();
-    let mut client = connect(&url).await?;
-    let log = postgres(config).await?;
-    let head = log.last_position().await?;
+/// Runs `action` on the projections kept in `database`, whose events are
+/// those of `log`; `options` are the projectors' (a rebuild takes larger
+/// batches).
+pub(crate) async fn run(
+    database: &Database,
+    log: Arc<dyn EventLog>,
+    saga_enabled: bool,
+    options: ProjectorOptions,
+    action: ProjectionsAction,
+) -> anyhow::Result<()> {
+    let known = known(saga_enabled);
     match action {
-        ProjectionsAction::List => print(&eventfold_projector::status(&client).await?, head),
+        ProjectionsAction::List => print(&admin::status(database).await?, log.last_position().await?),
         ProjectionsAction::Status { name } => {
-            find(&name)?;
-            let statuses: Vec<Status> =
-                eventfold_projector::status(&client).await?.into_iter().filter(|s| s.name == name).collect();
+            find(&known, &name)?;
+            let statuses: Vec<Status> = admin::status(database).await?.into_iter().filter(|s| s.name == name).collect();
             if statuses.is_empty() {
                 println!("{name}: not started yet (no checkpoint)");
             } else {
-                print(&statuses, head);
+                print(&statuses, log.last_position().await?);
             }
         }
         ProjectionsAction::Rebuild { name } => {
-            let projection = find(&name)?;
-            let statuses = eventfold_projector::status(&client).await?;
-            let next = statuses.iter().filter(|s| s.name == name).map(|s| s.version).max().unwrap_or(0) + 1;
-            // Large batches: a rebuild is throughput work.
-            let options =
-                ProjectorOptions { batch_size: 2000, batch_time: Duration::from_secs(1), ..config.projector.options() };
-            let projector = Projector::new(&url, log.clone(), projection, next, options).await?;
-            projector.prepare().await?;
-            let started = Instant::now();
-            let mut last_print = Instant::now() - Duration::from_secs(1);
-            loop {
-                let considered = projector.step().await?;
-                let position = projector.position().await?;
-                let head = log.last_position().await?.max(position);
-                if last_print.elapsed() >= Duration::from_millis(500) || considered == 0 {
-                    last_print = Instant::now();
-                    progress(&name, next, position, head, started.elapsed());
+            let projection = find(&known, &name)?;
+            let mut last_print = None::<std::time::Instant>;
+            let rebuilt = admin::rebuild(database, log, projection, options, |p| {
+                if p.idle || last_print.is_none_or(|at| at.elapsed() >= Duration::from_millis(500)) {
+                    last_print = Some(std::time::Instant::now());
+                    progress(&name, p);
                 }
-                if considered == 0 && position >= head {
-                    break;
-                }
-            }
+            })
+            .await?;
             eprintln!();
-            projector.activate().await?;
-            let parked = eventfold_projector::status(&client)
-                .await?
-                .into_iter()
-                .find(|s| s.name == name && s.version == next)
-                .map_or(0, |s| s.parked);
-            println!("{name}: version {next} built in {:.1}s and active", started.elapsed().as_secs_f64());
-            if parked > 0 {
-                bail!("{name} version {next} parked {parked} events: see `eventfold projections parked {name}`");
+            let version = rebuilt.version;
+            println!("{name}: version {version} built in {:.1}s and active", rebuilt.elapsed.as_secs_f64());
+            if rebuilt.parked > 0 {
+                bail!(
+                    "{name} version {version} parked {} events: see `eventfold projections parked {name}`",
+                    rebuilt.parked
+                );
             }
         }
         ProjectionsAction::Stop { name } => {
-            find(&name)?;
-            if !eventfold_projector::set_stopped(&client, &name, true).await? {
+            find(&known, &name)?;
+            if !admin::set_stopped(database, &name, true).await? {
                 bail!("{name} has no version yet: nothing to stop");
             }
             println!("{name}: stopped (its projectors apply nothing until `eventfold projections start {name}`)");
         }
         ProjectionsAction::Start { name } => {
-            find(&name)?;
-            if !eventfold_projector::set_stopped(&client, &name, false).await? {
+            find(&known, &name)?;
+            if !admin::set_stopped(database, &name, false).await? {
                 bail!("{name} has no version yet: its projector creates one when it first runs");
             }
             println!("{name}: started");
         }
         ProjectionsAction::Reset { name } => {
-            let projection = find(&name)?;
-            match eventfold_projector::reset(&mut client, projection.as_ref()).await? {
+            let projection = find(&known, &name)?;
+            match admin::reset(database, projection.as_ref()).await? {
                 Some(version) => println!("{name}: version {version} emptied; its projectors apply the log again"),
                 None => bail!("{name} has no active version: nothing to reset"),
             }
         }
         ProjectionsAction::Parked { name } => {
-            find(&name)?;
-            let rows = client
-                .query(
-                    "SELECT version, global_position, stream_id, event_type, attempts, error, \
-                            replayed_at IS NOT NULL FROM projections.parked WHERE name = $1 \
-                      ORDER BY version, global_position",
-                    &[&name],
-                )
-                .await?;
+            find(&known, &name)?;
             println!(
                 "{:>7} {:>12} {:<28} {:<24} {:>8} {:<8} error",
                 "version", "position", "stream", "type", "attempts", "replayed"
             );
-            for r in &rows {
+            for p in admin::parked(database, &name).await? {
                 println!(
                     "{:>7} {:>12} {:<28} {:<24} {:>8} {:<8} {}",
-                    r.get::<_, i32>(0),
-                    r.get::<_, i64>(1),
-                    r.get::<_, String>(2),
-                    r.get::<_, String>(3),
-                    r.get::<_, i32>(4),
-                    if r.get::<_, bool>(6) { "yes" } else { "" },
-                    r.get::<_, String>(5)
+                    p.version,
+                    p.position,
+                    p.stream_id,
+                    p.event_type,
+                    p.attempts,
+                    if p.replayed { "yes" } else { "" },
+                    p.error
                 );
             }
         }
         ProjectionsAction::Replay { name } => {
-            let projection = find(&name)?;
-            let Some(active) =
-                eventfold_projector::status(&client).await?.into_iter().find(|s| s.name == name && s.active)
-            else {
+            let projection = find(&known, &name)?;
+            let Some(replayed) = admin::replay(database, log, projection, ProjectorOptions::default()).await? else {
                 bail!("{name} has no active version");
             };
-            let projector =
-                Projector::new(&url, log.clone(), projection, active.version, ProjectorOptions::default()).await?;
-            let applied = projector.replay_parked().await?;
-            let left = eventfold_projector::status(&client)
-                .await?
-                .into_iter()
-                .find(|s| s.name == name && s.version == active.version)
-                .map_or(0, |s| s.parked);
-            println!("{name} v{}: {applied} parked events applied, {left} still parked", active.version);
+            let (version, applied, left) = (replayed.version, replayed.applied, replayed.left);
+            println!("{name} v{version}: {applied} parked events applied, {left} still parked");
             if left > 0 {
                 bail!("{left} events of {name} still fail: see `eventfold projections parked {name}`");
             }
@@ -169,8 +147,9 @@ pub(crate) async fn run(config: &Config, action: ProjectionsAction) -> anyhow::R
 }
 
 /// `\r`-updated progress bar with rate and ETA, on stderr.
-fn progress(name: &str, version: u32, position: u64, head: u64, elapsed: Duration) {
+fn progress(name: &str, p: Progress) {
     const WIDTH: usize = 30;
+    let Progress { version, position, head, elapsed, .. } = p;
     let done = if head == 0 { 1.0 } else { position as f64 / head as f64 };
     let filled = ((done * WIDTH as f64) as usize).min(WIDTH);
     let rate = position as f64 / elapsed.as_secs_f64().max(0.001);

@@ -416,8 +416,12 @@ fn projections_rebuild_and_list() {
     runtime.block_on(async {
         use eventfold_domain::order::{CreateOrder, OrderItem};
         use tower::ServiceExt;
-        let store =
-            eventfold_store::PostgresEventLog::connect(eventfold_store::Database::from_url(&&url).expect("a PostgreSQL URL"), eventfold_store::PostgresConfig::default()).await.unwrap();
+        let store = eventfold_store::PostgresEventLog::connect(
+            eventfold_store::Database::from_url(&url).expect("a PostgreSQL URL"),
+            eventfold_store::PostgresConfig::default(),
+        )
+        .await
+        .unwrap();
         let bus = eventfold_command::bus(std::sync::Arc::new(store), eventfold_command::BusOptions::default());
         for o in 0..3 {
             let eur = "EUR".parse().unwrap();

@@ -54,7 +54,12 @@ fn text(output: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_replays_once_after_its_schema_is_registered() {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.unwrap();
+    let store = PostgresEventLog::connect(
+        eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
+        PostgresConfig::default(),
+    )
+    .await
+    .unwrap();
     let log: Arc<dyn EventLog> = Arc::new(store);
     let broker = Broker::start();
     let stand_in = RegistryStandIn::start().await;
@@ -104,15 +109,14 @@ async fn a_dead_letter_replays_once_after_its_schema_is_registered() {
     let consumer = ConsumerConfig { brokers: vec![broker.bootstrap()], ..ConsumerConfig::default() };
     let source_config = KafkaSourceConfig { consumer: consumer.clone(), ..KafkaSourceConfig::default() };
     let source = KafkaSource::new(source_config, Catalog::load().unwrap(), Registry::new(stand_in.url()).unwrap());
-    let projector = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, ProjectorOptions::default())
-        .await
-        .unwrap()
+    let database = eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let projector = Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 1, ProjectorOptions::default())
         .with_source(source);
     projector.prepare().await.unwrap();
     let mut letters = Vec::new();
     for _ in 0..100 {
         projector.step().await.unwrap();
-        letters = dead_letters(&consumer, db.url(), TOPIC).await.unwrap();
+        letters = dead_letters(&consumer, &database, TOPIC).await.unwrap();
         if !letters.is_empty() {
             break;
         }

@@ -5,7 +5,7 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use eventfold_platform::input::system_time;
+use eventfold_platform::{input::system_time, runtime::CancellationToken};
 use eventfold_proto::eventstore::{self as pb, event_store_service_server::EventStoreService};
 use eventfold_store::{
     AllRead, AppendRequest, Direction, Error, EventFilter, EventLog, ExpectedVersion, FieldViolation, ListStreams,
@@ -13,7 +13,6 @@ use eventfold_store::{
     Subscriptions, Target, check_bigint, check_stream_id, end_at_or_before,
 };
 use futures_util::{Stream, StreamExt};
-use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
@@ -33,13 +32,13 @@ const DEFAULT_CHECKPOINT_INTERVAL: u64 = 1000;
 pub struct EventStoreGrpc {
     log: Arc<dyn EventLog>,
     subscriptions: Arc<Subscriptions>,
-    shutdown: watch::Receiver<bool>,
+    token: CancellationToken,
 }
 
 impl EventStoreGrpc {
-    /// Serve `log`; live subscriptions end when `shutdown` turns true.
-    pub fn new(log: Arc<dyn EventLog>, subscriptions: Arc<Subscriptions>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { log, subscriptions, shutdown }
+    /// Serve `log`; live subscriptions end when `token` is cancelled.
+    pub fn new(log: Arc<dyn EventLog>, subscriptions: Arc<Subscriptions>, token: CancellationToken) -> Self {
+        Self { log, subscriptions, token }
     }
 }
 
@@ -287,11 +286,7 @@ impl EventStoreService for EventStoreGrpc {
                 }),
             })
         });
-        let mut shutdown = self.shutdown.clone();
-        let stopped = async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        };
-        Ok(Response::new(Box::pin(messages.take_until(stopped))))
+        Ok(Response::new(Box::pin(messages.take_until(self.token.clone().cancelled_owned()))))
     }
 
     async fn list_streams(

@@ -3,10 +3,11 @@
 //! [`EventLog`], with `grpc.health.v1` (NOT_SERVING while the storage does
 //! not answer) and server reflection.
 //!
-//! OVERVIEW: [`run`] binds nothing itself: it takes a bound listener, serves
-//! until `shutdown` resolves, then ends live subscriptions and drains calls
-//! within the grace period. `grpc.rs` converts between proto and store types
-//! and is the only place that builds a `tonic::Status`.
+//! OVERVIEW: [`host`] adds the service and its health check to a process's
+//! one gRPC server (`eventfold_platform::server::GrpcServer`), which binds,
+//! serves and drains; live subscriptions end when the process's token is
+//! cancelled. `grpc.rs` converts between proto and store types and is the
+//! only place that builds a `tonic::Status`.
 
 // Request values reach this crate: arithmetic is checked or saturating,
 // casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
@@ -19,13 +20,15 @@
 mod convert;
 mod grpc;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use eventfold_platform::server::Router;
+use eventfold_platform::{
+    runtime::CancellationToken,
+    server::{GrpcServer, MAX_RESPONSE_BYTES},
+};
 use eventfold_proto::eventstore::event_store_service_server::EventStoreServiceServer;
 use eventfold_store::{EventLog, SubscriptionOptions, Subscriptions};
 use serde::{Deserialize, Serialize};
-use tokio::{net::TcpListener, sync::watch};
 
 pub use crate::grpc::{ERROR_DOMAIN, EventStoreGrpc};
 
@@ -50,71 +53,20 @@ impl Default for Config {
     }
 }
 
-/// Errors of running the server.
-pub type Error = eventfold_platform::Error;
-
-/// Services served beside the event store by the same server (e.g. the
-/// command services in `eventfold dev`), with their health names.
-pub struct Extra {
-    pub names: Vec<String>,
-    pub add: Box<dyn FnOnce(Router) -> Router + Send>,
-}
-
-impl Extra {
-    pub fn none() -> Self {
-        Self { names: Vec::new(), add: Box::new(|router| router) }
-    }
-}
-
-/// Serve the event store over `log` on `listener` until `shutdown`.
-pub async fn run(
-    config: Config,
-    log: Arc<dyn EventLog>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
-    run_with(config, log, listener, shutdown, Extra::none()).await
-}
-
-/// [`run`], with more services on the same server; their health follows
-/// the storage's like the event store's.
-pub async fn run_with(
-    config: Config,
-    log: Arc<dyn EventLog>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    extra: Extra,
-) -> Result<(), Error> {
-    let (stop_tx, stop_rx) = watch::channel(false);
+/// Hosts the event store over `log` on `server`: the service, with its
+/// health following `log.check_health()` every
+/// `config.health_interval_secs`. Starts the live tail of the log's
+/// subscriptions (call it inside the Tokio runtime); Subscribe streams end
+/// when `token` is cancelled, so that the server can drain.
+pub fn host(server: &mut GrpcServer, config: &Config, log: Arc<dyn EventLog>, token: CancellationToken) {
     let subscriptions = Arc::new(Subscriptions::new(log.clone(), SubscriptionOptions::default()));
-    let service = EventStoreGrpc::new(log.clone(), subscriptions, stop_rx);
-    let (reporter, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET])?;
-    let names = std::iter::once(SERVICE_NAME.to_owned()).chain(extra.names).collect();
-    let probe_log = log.clone();
-    let probe = eventfold_platform::server::spawn_health_probe(
-        reporter,
-        names,
-        Duration::from_secs(config.health_interval_secs.max(1)),
-        move || {
-            let log = probe_log.clone();
-            async move { log.check_health().await }
-        },
-    )
-    .await;
-
-    let router = (extra.add)(router.add_service(
-        EventStoreServiceServer::new(service).max_encoding_message_size(eventfold_platform::server::MAX_RESPONSE_BYTES),
-    ));
-    let result = eventfold_platform::server::serve(
-        router,
-        listener,
-        async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        },
-        Duration::from_secs(config.shutdown_grace_secs),
-    )
-    .await;
-    probe.abort();
-    result
+    let service = EventStoreGrpc::new(log.clone(), subscriptions, token);
+    server.add_service(
+        eventfold_proto::FILE_DESCRIPTOR_SET,
+        EventStoreServiceServer::new(service).max_encoding_message_size(MAX_RESPONSE_BYTES),
+    );
+    server.health_check(&[SERVICE_NAME], Duration::from_secs(config.health_interval_secs.max(1)), move || {
+        let log = log.clone();
+        async move { log.check_health().await.map_err(|e| e.to_string()) }
+    });
 }

@@ -1,15 +1,16 @@
 //! The gRPC surface of the event store, end to end: the real server
-//! (`eventfold_eventstore::run`) on a loopback port, the generated tonic
+//! (`eventfold_eventstore::host` on a `GrpcServer`) on a loopback port, the generated tonic
 //! clients, and the same cases over the in-memory log and PostgreSQL.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use eventfold_eventstore::{Config, ERROR_DOMAIN, SERVICE_NAME};
+use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_proto::eventstore::{self as pb, event_store_service_client::EventStoreServiceClient};
 use eventfold_store::{EventLog, MemoryEventLog, PostgresConfig, PostgresEventLog};
 use eventfold_tests::TestDatabase;
 use prost_types::{Struct, Value, value::Kind};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::{Code, Status, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_types::StatusExt;
@@ -31,7 +32,12 @@ async fn memory() -> Backend {
 
 async fn postgres() -> Backend {
     let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the event log");
+    let log = PostgresEventLog::connect(
+        eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
+        PostgresConfig::default(),
+    )
+    .await
+    .expect("connect the event log");
     Backend { log: Arc::new(log), _db: Some(db) }
 }
 
@@ -40,8 +46,8 @@ struct Server {
     addr: SocketAddr,
     client: Client,
     health: HealthClient<Channel>,
-    shutdown: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<Result<(), eventfold_eventstore::Error>>,
+    token: CancellationToken,
+    handle: JoinHandle<Result<(), eventfold_platform::Error>>,
     _backend: Backend,
 }
 
@@ -53,10 +59,11 @@ impl Server {
     async fn start_with(backend: Backend, config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
-        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(eventfold_eventstore::run(config, backend.log.clone(), listener, async move {
-            let _ = shutdown_rx.await;
-        }));
+        let token = CancellationToken::new();
+        let mut server = GrpcServer::new();
+        eventfold_eventstore::host(&mut server, &config, backend.log.clone(), token.clone());
+        let grace = Duration::from_secs(config.shutdown_grace_secs);
+        let handle = tokio::spawn(server.serve(listener, token.clone(), grace));
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .connect_timeout(Duration::from_secs(5))
@@ -67,7 +74,7 @@ impl Server {
             addr,
             client: EventStoreServiceClient::new(channel.clone()),
             health: HealthClient::new(channel),
-            shutdown: Some(shutdown_tx),
+            token,
             handle,
             _backend: backend,
         }
@@ -75,7 +82,7 @@ impl Server {
 
     /// Signal shutdown; the server future must end within `within`.
     async fn stop(mut self, within: Duration) {
-        let _ = self.shutdown.take().expect("not stopped yet").send(());
+        self.token.cancel();
         let result = tokio::time::timeout(within, &mut self.handle)
             .await
             .unwrap_or_else(|_| panic!("the server did not stop within {within:?} of the shutdown signal"));

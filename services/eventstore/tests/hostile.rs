@@ -50,6 +50,7 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use eventfold_eventstore::{Config, ERROR_DOMAIN};
+use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_proto::eventstore::{
     self as pb, append_request::Expected, event_store_service_client::EventStoreServiceClient,
 };
@@ -65,7 +66,7 @@ use proptest::{
     test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner},
 };
 use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
 use uuid::Uuid;
@@ -107,15 +108,20 @@ async fn memory() -> Backend {
 
 async fn postgres() -> Backend {
     let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the event log");
+    let log = PostgresEventLog::connect(
+        eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
+        PostgresConfig::default(),
+    )
+    .await
+    .expect("connect the event log");
     Backend { log: Arc::new(log), _db: Some(db) }
 }
 
 /// A running server and a client of it.
 struct Server {
     client: Client,
-    shutdown: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<Result<(), eventfold_eventstore::Error>>,
+    token: CancellationToken,
+    handle: JoinHandle<Result<(), eventfold_platform::Error>>,
     _backend: Backend,
 }
 
@@ -123,11 +129,12 @@ impl Server {
     async fn start(backend: Backend) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
-        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-        let handle =
-            tokio::spawn(eventfold_eventstore::run(Config::default(), backend.log.clone(), listener, async move {
-                let _ = shutdown_rx.await;
-            }));
+        let config = Config::default();
+        let token = CancellationToken::new();
+        let mut server = GrpcServer::new();
+        eventfold_eventstore::host(&mut server, &config, backend.log.clone(), token.clone());
+        let grace = Duration::from_secs(config.shutdown_grace_secs);
+        let handle = tokio::spawn(server.serve(listener, token.clone(), grace));
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .connect_timeout(Duration::from_secs(5))
@@ -139,12 +146,12 @@ impl Server {
         let client = EventStoreServiceClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        Server { client, shutdown: Some(shutdown_tx), handle, _backend: backend }
+        Server { client, token, handle, _backend: backend }
     }
 
     /// Signal shutdown; the server must end within a few seconds, cleanly.
     async fn stop(mut self) -> Result<(), String> {
-        let _ = self.shutdown.take().expect("not stopped yet").send(());
+        self.token.cancel();
         match tokio::time::timeout(Duration::from_secs(15), &mut self.handle).await {
             Err(_) => Err("the server did not stop within 15 s of the shutdown signal".to_owned()),
             Ok(Err(e)) => Err(format!("the server task failed: {e}")),

@@ -30,7 +30,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_DATABASE__POOL_SIZE", "connections for reads"),
     ("EVENTFOLD_DATABASE__WRITERS", "group-commit writer connections"),
     ("EVENTFOLD_DATABASE__REQUEST_RETENTION_HOURS", "hours request ids are remembered (default 168)"),
-    ("EVENTFOLD_DATABASE__WORKER_POOL_SIZE", "connections of the background workers' pool and of the sagas' (default 8)"),
+    (
+        "EVENTFOLD_DATABASE__WORKER_POOL_SIZE",
+        "connections of the background workers' pool and of the sagas' (default 8)",
+    ),
     ("EVENTFOLD_DATABASE__CONNECT_TIMEOUT_MS", "longest wait for a PostgreSQL connection (default 5000)"),
     ("EVENTFOLD_DATABASE__TLS", "TLS to PostgreSQL: prefer (default), disable, require or verify-full"),
     ("EVENTFOLD_DATABASE__CA_FILE", "PEM file of the CAs that tls = verify-full trusts"),

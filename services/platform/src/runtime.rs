@@ -16,7 +16,10 @@ use std::{fmt::Display, future::Future, time::Duration};
 pub use eventfold_store::backoff::{Backoff, Retries};
 use eventfold_store::{Database, DatabaseOptions};
 use futures_util::FutureExt;
-pub use tokio_util::{sync::CancellationToken, task::TaskTracker};
+pub use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::TaskTracker,
+};
 
 use crate::{Error, Result, config::DatabaseConfig};
 
@@ -135,7 +138,12 @@ impl Runtime {
     }
 
     /// Runs a background worker under [`supervise`] on the tracker.
-    pub fn supervise<F, Fut, E>(&self, name: impl Into<String>, backoff: Backoff, step: F) -> tokio::task::JoinHandle<()>
+    pub fn supervise<F, Fut, E>(
+        &self,
+        name: impl Into<String>,
+        backoff: Backoff,
+        step: F,
+    ) -> tokio::task::JoinHandle<()>
     where
         F: FnMut(CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,

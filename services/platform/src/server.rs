@@ -7,8 +7,8 @@ use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{
     server::NamedService,
     service::{Routes, RoutesBuilder},
@@ -76,8 +76,7 @@ fn router(descriptor_sets: &[&'static [u8]], routes: Routes) -> Result<(HealthRe
 
 /// A storage check of a group of services: `Err` (with text for the log)
 /// marks them NOT_SERVING.
-pub type HealthCheck =
-    Arc<dyn Fn() -> BoxFuture<'static, std::result::Result<(), String>> + Send + Sync + 'static>;
+pub type HealthCheck = Arc<dyn Fn() -> BoxFuture<'static, std::result::Result<(), String>> + Send + Sync + 'static>;
 
 /// The one gRPC server of a process: health, reflection (v1 and v1alpha)
 /// and every service the process hosts, added the same way whatever the
@@ -151,11 +150,8 @@ impl GrpcServer {
     /// end first).
     pub async fn serve(self, listener: TcpListener, token: CancellationToken, grace: Duration) -> Result<()> {
         let (reporter, router) = router(&self.descriptor_sets, self.routes.routes())?;
-        let probe = tokio::spawn(probe_health(
-            reporter,
-            self.checks,
-            self.health_interval.unwrap_or(Duration::from_secs(5)),
-        ));
+        let probe =
+            tokio::spawn(probe_health(reporter, self.checks, self.health_interval.unwrap_or(Duration::from_secs(5))));
         let result = serve(router, listener, async move { token.cancelled().await }, grace).await;
         probe.abort();
         result

@@ -4,13 +4,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bb8::Pool;
-use bb8_postgres::PostgresConnectionManager;
-use eventfold_store::{AllRead, EventFilter, EventLog, EventSource, LogSource, RecordedEvent};
-use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls, Transaction};
+use eventfold_platform::runtime::CancellationToken;
+use eventfold_store::{AllRead, Backoff, Database, EventFilter, EventLog, EventSource, LogSource, RecordedEvent};
+use tokio_postgres::Transaction;
 
-use crate::{ApplyError, Error, Projection, Result};
+use crate::{ApplyError, Projection, Result, admin};
 
 /// How a projector works through the log.
 #[derive(Debug, Clone)]
@@ -23,8 +21,8 @@ pub struct ProjectorOptions {
     pub batch_time: Duration,
     /// Attempts of one event before it is parked.
     pub max_attempts: u32,
-    /// Pause before the second attempt; doubled for each further one.
-    pub retry_backoff: Duration,
+    /// The waits between the attempts of one event.
+    pub retry: Backoff,
     /// Longest sleep when caught up (appends of this process wake it
     /// sooner; those of other processes through NOTIFY).
     pub idle_poll: Duration,
@@ -36,26 +34,10 @@ impl Default for ProjectorOptions {
             batch_size: 500,
             batch_time: Duration::from_millis(250),
             max_attempts: 3,
-            retry_backoff: Duration::from_millis(10),
+            retry: Backoff::new(Duration::from_millis(10), Duration::from_secs(1)),
             idle_poll: Duration::from_millis(500),
         }
     }
-}
-
-/// Where a projection version stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
-    pub name: String,
-    pub version: u32,
-    /// Every event up to here is applied or parked.
-    pub position: u64,
-    pub events_applied: u64,
-    /// Whether the public views show this version.
-    pub active: bool,
-    /// Parked events not yet replayed.
-    pub parked: u64,
-    /// Stopped versions apply nothing until started again.
-    pub stopped: bool,
 }
 
 /// The channel on which a projector announces each commit (payload
@@ -83,43 +65,6 @@ pub trait CommitObserver: Send + Sync + 'static {
     async fn committed(&self, commit: Commit<'_>);
 }
 
-/// Every version of every projection in the database.
-pub async fn status(client: &Client) -> Result<Vec<Status>> {
-    let rows = client
-        .query(
-            "SELECT c.name, c.version, c.position, c.events_applied, a.version IS NOT NULL AS active, \
-                    (SELECT count(*) FROM projections.parked p \
-                      WHERE p.name = c.name AND p.version = c.version AND p.replayed_at IS NULL) AS parked, \
-                    c.stopped \
-               FROM projections.checkpoints c \
-               LEFT JOIN projections.active a ON a.name = c.name AND a.version = c.version \
-              ORDER BY c.name, c.version",
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| Status {
-            name: r.get(0),
-            version: r.get::<_, i32>(1) as u32,
-            position: r.get::<_, i64>(2) as u64,
-            events_applied: r.get::<_, i64>(3) as u64,
-            active: r.get(4),
-            parked: r.get::<_, i64>(5) as u64,
-            stopped: r.get(6),
-        })
-        .collect())
-}
-
-/// Stops (`true`) or starts every version of projection `name`; running
-/// projectors notice at their next batch. Whether the projection exists.
-pub async fn set_stopped(client: &Client, name: &str, stopped: bool) -> Result<bool> {
-    let changed =
-        client.execute("UPDATE projections.checkpoints SET stopped = $2 WHERE name = $1", &[&name, &stopped]).await?;
-    client.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &name]).await?;
-    Ok(changed > 0)
-}
-
 /// Takes the checkpoint of `version` of projection `name` for the
 /// transaction `tx`: one projector applies a batch at a time. An advisory
 /// lock, not the row's: a row lock would give the transaction an id before
@@ -130,59 +75,19 @@ pub async fn lock_checkpoint(tx: &Transaction<'_>, name: &str, version: i32) -> 
     Ok(())
 }
 
-/// Empties the tables of the active version of `projection` and moves its
-/// checkpoint back to 0, in one transaction: its projectors apply the whole
-/// log again (the public views show the partial model meanwhile; a rebuild
-/// avoids that). Parked events of the version are forgotten. The version
-/// reset, if one is active.
-pub async fn reset(client: &mut Client, projection: &dyn Projection) -> Result<Option<u32>> {
-    let tx = client.transaction().await?;
-    let active = "SELECT c.version FROM projections.checkpoints c \
-                    JOIN projections.active a ON a.name = c.name AND a.version = c.version \
-                   WHERE c.name = $1";
-    let Some(row) = tx.query_opt(active, &[&projection.name()]).await? else {
-        return Ok(None);
-    };
-    let mut version: i32 = row.get(0);
-    // The checkpoint's lock first, as a projector takes it, then the
-    // version again under it (an activation may have come between).
-    loop {
-        lock_checkpoint(&tx, projection.name(), version).await?;
-        let Some(row) = tx.query_opt(&format!("{active} FOR UPDATE OF c"), &[&projection.name()]).await? else {
-            return Ok(None);
-        };
-        let now: i32 = row.get(0);
-        if now == version {
-            break;
-        }
-        version = now;
-    }
-    let tables = projection.tables(version as u32).join(", ");
-    tx.batch_execute(&format!("TRUNCATE {tables}")).await?;
-    tx.execute(
-        "UPDATE projections.checkpoints SET position = 0, events_applied = 0, updated_at = clock_timestamp() \
-          WHERE name = $1 AND version = $2",
-        &[&projection.name(), &version],
-    )
-    .await?;
-    tx.execute("DELETE FROM projections.parked WHERE name = $1 AND version = $2", &[&projection.name(), &version])
-        .await?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{}:{version}:reset", projection.name())])
-        .await?;
-    tx.commit().await?;
-    Ok(Some(version as u32))
-}
-
-/// Runs one version of one projection.
+/// Runs one version of one projection. Clones share the database, the log
+/// and the source: a clone runs the same projector again (under a
+/// supervisor, say).
+#[derive(Clone)]
 pub struct Projector {
-    pool: Pool<PostgresConnectionManager<NoTls>>,
+    database: Database,
     log: Arc<dyn EventLog>,
     projection: Arc<dyn Projection>,
     version: u32,
     options: ProjectorOptions,
     observer: Option<Arc<dyn CommitObserver>>,
     /// When the head of the log was last read for the lag gauge.
-    head_read: std::sync::Mutex<Option<std::time::Instant>>,
+    head_read: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     /// Where the events come from: the log (default) or another source.
     source: Arc<dyn EventSource>,
 }
@@ -196,42 +101,30 @@ impl std::fmt::Debug for Projector {
     }
 }
 
-fn pool_error(e: impl std::fmt::Display) -> Error {
-    Error::Pool(e.to_string())
-}
-
 impl Projector {
     /// A projector of `projection` at `version`, keeping its read model in
-    /// the database of `database_url` (which holds the migrations).
-    pub async fn new(
-        database_url: &str,
+    /// `database` (which holds the migrations). A read-model commit lost in
+    /// a server crash is applied again from the checkpoint it was committed
+    /// with: a pool whose sessions do not wait for the WAL flush suits it
+    /// (`Databases::workers` of the platform's runtime).
+    pub fn new(
+        database: Database,
         log: Arc<dyn EventLog>,
         projection: Arc<dyn Projection>,
         version: u32,
         options: ProjectorOptions,
-    ) -> Result<Self> {
-        let mut config: tokio_postgres::Config = database_url.parse()?;
-        // A read-model commit lost in a server crash is applied again from
-        // the checkpoint it was committed with: waiting for the WAL flush
-        // buys nothing here.
-        eventfold_store::postgres::without_flush_wait(&mut config);
-        let pool = Pool::builder()
-            .max_size(2)
-            .connection_timeout(Duration::from_secs(5))
-            .build(PostgresConnectionManager::new(config, NoTls))
-            .await
-            .map_err(pool_error)?;
+    ) -> Self {
         let source: Arc<dyn EventSource> = Arc::new(LogSource::new(log.clone()));
-        Ok(Self {
-            pool,
+        Self {
+            database,
             log,
             projection,
             version,
             options,
             observer: None,
-            head_read: std::sync::Mutex::new(None),
+            head_read: Arc::new(std::sync::Mutex::new(None)),
             source,
-        })
+        }
     }
 
     /// Tells `observer` about every committed batch.
@@ -252,7 +145,7 @@ impl Projector {
     /// Creates this version's tables and checkpoint; activates it when no
     /// version of the projection is active yet.
     pub async fn prepare(&self) -> Result<()> {
-        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let mut client = self.database.get().await?;
         let tx = client.transaction().await?;
         // One preparer at a time per projection.
         tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&self.name()]).await?;
@@ -272,7 +165,7 @@ impl Projector {
 
     /// Points the public views at this version, atomically.
     pub async fn activate(&self) -> Result<()> {
-        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let mut client = self.database.get().await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&self.name()]).await?;
         activate_in(&tx, self.projection.as_ref(), self.version).await?;
@@ -285,7 +178,7 @@ impl Projector {
     /// means caught up with what was visible (or stopped).
     pub async fn step(&self) -> Result<usize> {
         let started = std::time::Instant::now();
-        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let mut client = self.database.get().await?;
         let tx = client.transaction().await?;
         // The checkpoint's lock keeps a second instance of this version
         // from applying the same batch.
@@ -422,10 +315,9 @@ impl Projector {
     /// One event in a savepoint, retried; parked (in the same transaction)
     /// when every attempt fails. Whether it was applied.
     async fn apply_with_retries(&self, tx: &Transaction<'_>, event: &RecordedEvent) -> Result<bool> {
-        let mut pause = self.options.retry_backoff;
-        let mut attempt = 0;
+        let mut retries = self.options.retry.start();
         loop {
-            attempt += 1;
+            let attempt = retries.attempts() + 1;
             tx.batch_execute("SAVEPOINT apply_event").await?;
             match self.projection.apply(tx, self.version, event).await {
                 Ok(()) => {
@@ -439,8 +331,7 @@ impl Projector {
                         return Ok(false);
                     }
                     tracing::debug!(projection = self.name(), position = event.global_position, %error, attempt, "retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
+                    retries.wait().await;
                 }
             }
         }
@@ -481,7 +372,7 @@ impl Projector {
     /// position order; those that apply are marked replayed, the others
     /// stay parked with their new error. Returns how many applied.
     pub async fn replay_parked(&self) -> Result<usize> {
-        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let mut client = self.database.get().await?;
         let tx = client.transaction().await?;
         lock_checkpoint(&tx, self.name(), self.version_param()).await?;
         let parked = tx
@@ -515,14 +406,12 @@ impl Projector {
 
     /// The version of this projection that the public views show, if any.
     pub async fn active_version(&self) -> Result<Option<u32>> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        let row = client.query_opt("SELECT version FROM projections.active WHERE name = $1", &[&self.name()]).await?;
-        Ok(row.map(|r| r.get::<_, i32>(0) as u32))
+        admin::active_version(&self.database, self.name()).await
     }
 
     /// The checkpoint: every event up to here is applied or parked.
     pub async fn position(&self) -> Result<u64> {
-        let client = self.pool.get().await.map_err(pool_error)?;
+        let client = self.database.get().await?;
         let row = client
             .query_one(
                 "SELECT position FROM projections.checkpoints WHERE name = $1 AND version = $2",
@@ -532,38 +421,24 @@ impl Projector {
         Ok(row.get::<_, i64>(0) as u64)
     }
 
-    /// Prepares, then follows the log until `shutdown` turns true. Failures
-    /// (PostgreSQL away, …) are logged and retried with backoff: whatever
-    /// was not committed is applied again from the checkpoint.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Prepares, then follows the source until `token` is cancelled
+    /// (`Ok`). Ends at the first failure (PostgreSQL away, …) with the
+    /// error: whatever was not committed is applied again from the
+    /// checkpoint by the next run, which a supervisor starts (see
+    /// [`run_active`]).
+    pub async fn run(self, token: CancellationToken) -> Result<()> {
         let mut wake = self.source.changed();
-        let mut backoff = Duration::from_millis(100);
-        let mut prepared = false;
-        while !*shutdown.borrow() {
-            let result = if prepared { self.step().await } else { self.prepare().await.map(|()| 1) };
-            match result {
-                Ok(0) => {
-                    backoff = Duration::from_millis(100);
-                    tokio::select! {
-                        _ = wake.changed() => {}
-                        () = tokio::time::sleep(self.options.idle_poll) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                }
-                Ok(_) => {
-                    prepared = true;
-                    backoff = Duration::from_millis(100);
-                }
-                Err(e) => {
-                    tracing::warn!(projection = self.name(), version = self.version, error = %e, "projector failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+        self.prepare().await?;
+        while !token.is_cancelled() {
+            if self.step().await? == 0 {
+                tokio::select! {
+                    _ = wake.changed() => {}
+                    () = tokio::time::sleep(self.options.idle_poll) => {}
+                    () = token.cancelled() => {}
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -586,81 +461,66 @@ impl std::fmt::Debug for Attach {
 }
 
 /// Runs the active version of `projection` (version 1 if none is active
-/// yet), from the attached source (default: the log), until `shutdown`
-/// turns true. When a rebuild activates another
-/// version, the projector switches to it within `poll`. Failures are logged
-/// and retried.
+/// yet) in `database`, from the attached source (default: the log), until
+/// `token` is cancelled (`Ok`). When a rebuild activates another version,
+/// the projector switches to it within `poll`. A failure of the projector
+/// ends the run with the error: run it under the platform's supervisor
+/// (`eventfold_platform::runtime::supervise`), which starts it again after
+/// a backoff, from the checkpoint.
 pub async fn run_active(
-    database_url: String,
+    database: Database,
     log: Arc<dyn EventLog>,
     projection: Arc<dyn Projection>,
     options: ProjectorOptions,
     attach: Attach,
     poll: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let Attach { observer, source } = attach;
+    token: CancellationToken,
+) -> Result<()> {
     let name = projection.name();
-    let mut backoff = Duration::from_millis(100);
-    while !*shutdown.borrow() {
-        let started = async {
-            let probe = Projector::new(&database_url, log.clone(), projection.clone(), 1, options.clone()).await?;
-            let version = probe.active_version().await?.unwrap_or(1);
-            let mut projector =
-                Projector::new(&database_url, log.clone(), projection.clone(), version, options.clone()).await?;
-            if let Some(observer) = &observer {
-                projector = projector.with_observer(observer.clone());
-            }
-            if let Some(source) = &source {
-                projector = projector.with_source(source.clone());
-            }
-            Ok::<_, Error>((probe, version, projector))
-        }
-        .await;
-        let (probe, version, projector) = match started {
-            Ok(started) => started,
-            Err(error) => {
-                tracing::warn!(projection = name, %error, "projector cannot start; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
+    loop {
+        let version = tokio::select! {
+            active = admin::active_version(&database, name) => active?.unwrap_or(1),
+            () = token.cancelled() => return Ok(()),
         };
-        backoff = Duration::from_millis(100);
-        let (stop_tx, stop) = watch::channel(false);
-        let mut task = tokio::spawn(projector.run(stop));
+        let mut projector = Projector::new(database.clone(), log.clone(), projection.clone(), version, options.clone());
+        if let Some(observer) = &attach.observer {
+            projector = projector.with_observer(observer.clone());
+        }
+        if let Some(source) = &attach.source {
+            projector = projector.with_source(source.clone());
+        }
+        let stop = token.child_token();
+        // Whoever drops this run (an aborted task) stops its projector too.
+        let _stop_on_drop = stop.clone().drop_guard();
+        let mut running = tokio::spawn(projector.run(stop.clone()));
         tracing::info!(projection = name, version, "projector running");
-        let mut finished = false;
         loop {
             tokio::select! {
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
+                // Cancelled (`Ok`) or failed: either way this run is over.
+                finished = &mut running => return joined(finished),
+                () = tokio::time::sleep(poll) => match admin::active_version(&database, name).await {
+                    Ok(Some(active)) if active != version => {
+                        tracing::info!(projection = name, from = version, to = active, "active version switched");
+                        stop.cancel();
+                        joined(running.await)?;
                         break;
                     }
-                }
-                () = tokio::time::sleep(poll) => {
-                    match probe.active_version().await {
-                        Ok(Some(active)) if active != version => {
-                            tracing::info!(projection = name, from = version, to = active, "active version switched");
-                            break;
-                        }
-                        Ok(_) => {}
-                        Err(error) => tracing::debug!(projection = name, %error, "active version unknown"),
-                    }
-                }
-                _ = &mut task => {
-                    finished = true;
-                    break;
-                }
+                    Ok(_) => {}
+                    Err(error) => tracing::debug!(projection = name, %error, "active version unknown"),
+                },
             }
         }
-        let _ = stop_tx.send(true);
-        if !finished {
-            let _ = task.await;
-        }
+    }
+}
+
+/// The outcome of a projector's task; its panic goes on to the caller's
+/// (the supervisor logs it and restarts).
+fn joined(outcome: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match outcome {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        // Cancelled: the runtime is going away.
+        Err(_) => Ok(()),
     }
 }
 

@@ -8,9 +8,13 @@
 //! at any point neither loses nor double-applies an event. An event that
 //! keeps failing is parked (`projections.parked`) and the projection goes
 //! on. Versions build side by side; the public views show the active one.
+//! A process runs each projection's active version with [`run_active`]
+//! under the platform's supervisor; [`admin`] is the operator's side.
 
 mod accounts;
+pub mod admin;
 mod analytics;
+mod config;
 mod engine;
 mod inventory;
 mod orders;
@@ -18,10 +22,11 @@ mod users;
 
 pub use crate::{
     accounts::AccountViews,
+    admin::{Status, reset, set_stopped, status},
     analytics::OrderAnalytics,
+    config::{ProjectorConfig, SourceKind},
     engine::{
-        Attach, COMMIT_CHANNEL, Commit, CommitObserver, Projector, ProjectorOptions, Status, lock_checkpoint, reset,
-        run_active, set_stopped, status,
+        Attach, COMMIT_CHANNEL, Commit, CommitObserver, Projector, ProjectorOptions, lock_checkpoint, run_active,
     },
     inventory::{DEFAULT_LOW_STOCK_THRESHOLD, InventoryViews},
     orders::OrderViews,
@@ -64,8 +69,6 @@ pub enum ApplyError {
 pub enum Error {
     #[error("database: {0}")]
     Database(#[from] tokio_postgres::Error),
-    #[error("database pool: {0}")]
-    Pool(String),
     #[error(transparent)]
     Store(#[from] eventfold_store::Error),
     #[error("event source: {0}")]

@@ -1,15 +1,16 @@
 //! The projection engine on real PostgreSQL: crashes at random points lose
-//! and double-apply nothing, poison events are parked and replayed, and a
-//! second version builds beside the first and takes over atomically.
+//! and double-apply nothing, poison events are parked and replayed, a
+//! second version builds beside the first and takes over atomically, and a
+//! supervised projector whose connections are cut recovers by itself.
 
 use std::{
     collections::hash_map::RandomState,
     hash::{BuildHasher, Hasher},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -18,10 +19,13 @@ use eventfold_domain::{
     Currency, Money,
     order::{CancelOrder, ConfirmOrder, CreateOrder, OrderCommand, OrderItem, ProcessPayment, ShipOrder},
 };
+use eventfold_platform::runtime::{Backoff, CancellationToken};
 use eventfold_projector::{ApplyError, OrderViews, Projection, Projector, ProjectorOptions, status};
-use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, RecordedEvent, Upcasting};
+use eventfold_store::{
+    AllRead, AppendRequest, Database, EventFilter, EventLog, ExpectedVersion, NewEvent, PostgresConfig,
+    PostgresEventLog, RecordedEvent, Upcasting,
+};
 use eventfold_tests::TestDatabase;
-use tokio::sync::watch;
 use tokio_postgres::{NoTls, Transaction};
 use tower::ServiceExt;
 
@@ -31,13 +35,16 @@ fn random(below: u64) -> u64 {
     hasher.finish() % below.max(1)
 }
 
-async fn setup() -> (TestDatabase, Arc<dyn EventLog>, tokio_postgres::Client) {
+/// A migrated database, the pool of its projectors (sessions that do not
+/// wait for the WAL flush, as a process gives them), the log and a client.
+async fn setup() -> (TestDatabase, Database, Arc<dyn EventLog>, tokio_postgres::Client) {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the log");
+    let server = Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let store = PostgresEventLog::connect(server.clone(), PostgresConfig::default()).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.expect("connect");
     tokio::spawn(connection);
-    (db, log, client)
+    (db, server.without_flush_wait(4), log, client)
 }
 
 fn eur() -> Currency {
@@ -108,7 +115,7 @@ fn options() -> ProjectorOptions {
 /// scratch beside them. Returns the rows of `tables` (`(name, order by)`) for v1 and v2, and
 /// asserts that both applied every event once and parked none.
 async fn crash_then_rebuild(
-    db: &TestDatabase,
+    database: &Database,
     log: &Arc<dyn EventLog>,
     client: &tokio_postgres::Client,
     projection: Arc<dyn Projection>,
@@ -116,9 +123,9 @@ async fn crash_then_rebuild(
     tables: &[(&str, &str)],
 ) -> (Vec<Vec<String>>, Vec<Vec<String>>, Projector) {
     for _ in 0..8 {
-        let projector = Projector::new(db.url(), log.clone(), projection.clone(), 1, options()).await.unwrap();
-        let (_stop, stop) = watch::channel(false);
-        let task = tokio::spawn(projector.run(stop));
+        // A pool of its own, whose connections die with the projector.
+        let projector = Projector::new(database.without_flush_wait(2), log.clone(), projection.clone(), 1, options());
+        let task = tokio::spawn(projector.run(CancellationToken::new()));
         tokio::time::sleep(Duration::from_millis(20 + random(200))).await;
         task.abort();
         let _ = task.await;
@@ -126,27 +133,27 @@ async fn crash_then_rebuild(
     writer.await.expect("writer");
     let head = log.last_position().await.unwrap();
     let mine = |s: &eventfold_projector::Status| s.name == projection.name();
-    let reached = status(client).await.unwrap().into_iter().find(mine).map_or(0, |s| s.position);
+    let reached = status(database).await.unwrap().into_iter().find(mine).map_or(0, |s| s.position);
     assert!(reached > 0, "the killed projectors made progress before the last start");
     // Two instances of the version catch up at once: the checkpoint's lock
     // lets one apply each batch (events_applied counts a double apply).
-    let (stop_tx, stop) = watch::channel(false);
+    let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for _ in 0..2 {
-        let projector = Projector::new(db.url(), log.clone(), projection.clone(), 1, options()).await.unwrap();
+        let projector = Projector::new(database.clone(), log.clone(), projection.clone(), 1, options());
         tasks.push(tokio::spawn(projector.run(stop.clone())));
     }
-    let probe = Projector::new(db.url(), log.clone(), projection.clone(), 1, options()).await.unwrap();
+    let probe = Projector::new(database.clone(), log.clone(), projection.clone(), 1, options());
     wait_until_at(&probe, head).await;
-    let _ = stop_tx.send(true);
+    stop.cancel();
     for task in tasks {
-        task.await.unwrap();
+        task.await.unwrap().unwrap();
     }
 
-    let rebuild = Projector::new(db.url(), log.clone(), projection.clone(), 2, options()).await.unwrap();
+    let rebuild = Projector::new(database.clone(), log.clone(), projection.clone(), 2, options());
     rebuild.prepare().await.unwrap();
     while rebuild.step().await.unwrap() > 0 {}
-    let applied: Vec<(u32, u64, u64)> = status(client)
+    let applied: Vec<(u32, u64, u64)> = status(database)
         .await
         .unwrap()
         .into_iter()
@@ -167,10 +174,11 @@ async fn crash_then_rebuild(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
-    let (db, log, client) = setup().await;
+    let (_db, database, log, client) = setup().await;
     let writer = tokio::spawn(write_orders(log.clone(), 0, 160));
     let (survived, rebuilt, rebuild) =
-        crash_then_rebuild(&db, &log, &client, Arc::new(OrderViews), writer, &[("read.order_views", "order_id")]).await;
+        crash_then_rebuild(&database, &log, &client, Arc::new(OrderViews), writer, &[("read.order_views", "order_id")])
+            .await;
     assert_eq!(survived[0].len(), 160, "one row per order");
     assert_eq!(survived, rebuilt, "after the crashes, the read model equals a rebuild, row for row");
     assert_eq!(
@@ -192,14 +200,14 @@ async fn crashes_neither_lose_nor_double_apply_and_a_rebuild_matches() {
     );
 
     // The set-based batches equal event-by-event application, row for row.
-    let by_event = Projector::new(db.url(), log.clone(), Arc::new(EventByEvent), 9, options()).await.unwrap();
+    let by_event = Projector::new(database.clone(), log.clone(), Arc::new(EventByEvent), 9, options());
     by_event.prepare().await.unwrap();
     while by_event.step().await.unwrap() > 0 {}
     assert_eq!(eventfold_tests::table_rows(&client, "read.order_views_v9", "order_id").await, survived[0]);
 
     // The switch is one transaction: the view shows version 2 afterwards.
     rebuild.activate().await.unwrap();
-    let versions: Vec<(u32, bool)> = status(&client)
+    let versions: Vec<(u32, bool)> = status(&database)
         .await
         .unwrap()
         .iter()
@@ -251,11 +259,11 @@ async fn write_stock(log: Arc<dyn EventLog>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_views_survive_crashes_and_agree_with_the_aggregates() {
     use eventfold_domain::inventory::Inventory;
-    let (db, log, client) = setup().await;
+    let (_db, database, log, client) = setup().await;
     let writer = tokio::spawn(write_stock(log.clone()));
     let tables = [("read.inventory_views", "product_id"), ("read.inventory_reservations", "product_id, order_id")];
     let (survived, rebuilt, _) = crash_then_rebuild(
-        &db,
+        &database,
         &log,
         &client,
         Arc::new(eventfold_projector::InventoryViews::default()),
@@ -389,10 +397,10 @@ impl Projection for Flaky {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_parked_the_rest_applies_and_a_replay_after_the_fix_applies_it() {
-    let (db, log, client) = setup().await;
+    let (_db, database, log, client) = setup().await;
     write_orders(log.clone(), 0, 6).await;
     let flaky = Arc::new(Flaky { poison: "order-o-3".into(), fixed: AtomicBool::new(false) });
-    let projector = Projector::new(db.url(), log.clone(), flaky.clone(), 7, options()).await.unwrap();
+    let projector = Projector::new(database.clone(), log.clone(), flaky.clone(), 7, options());
     projector.prepare().await.unwrap();
     while projector.step().await.unwrap() > 0 {}
     assert_eq!(projector.position().await.unwrap(), log.last_position().await.unwrap(), "the projection went on");
@@ -418,34 +426,34 @@ async fn a_poison_event_is_parked_the_rest_applies_and_a_replay_after_the_fix_ap
     assert_eq!(projector.replay_parked().await.unwrap(), 4);
     let row = client.query_one("SELECT status FROM read.order_views_v7 WHERE order_id = 'o-3'", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "shipped", "replayed in order");
-    assert_eq!(status(&client).await.unwrap()[0].parked, 0);
+    assert_eq!(status(&database).await.unwrap()[0].parked, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_start_and_reset_per_projection() {
-    let (db, log, mut client) = setup().await;
+    let (_db, database, log, client) = setup().await;
     write_orders(log.clone(), 0, 4).await;
-    let projector = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options()).await.unwrap();
+    let projector = Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 1, options());
     projector.prepare().await.unwrap();
     while projector.step().await.unwrap() > 0 {}
     let before = eventfold_tests::table_rows(&client, "read.order_views", "order_id").await;
     assert_eq!(before.len(), 4);
 
-    assert!(eventfold_projector::set_stopped(&client, "order_views", true).await.unwrap());
+    assert!(eventfold_projector::set_stopped(&database, "order_views", true).await.unwrap());
     write_orders(log.clone(), 4, 2).await;
     let stopped_at = projector.position().await.unwrap();
     assert_eq!(projector.step().await.unwrap(), 0, "a stopped projection applies nothing");
     assert_eq!(projector.position().await.unwrap(), stopped_at);
-    assert!(status(&client).await.unwrap()[0].stopped);
-    assert!(!eventfold_projector::set_stopped(&client, "no_such", true).await.unwrap());
+    assert!(status(&database).await.unwrap()[0].stopped);
+    assert!(!eventfold_projector::set_stopped(&database, "no_such", true).await.unwrap());
 
-    assert!(eventfold_projector::set_stopped(&client, "order_views", false).await.unwrap());
+    assert!(eventfold_projector::set_stopped(&database, "order_views", false).await.unwrap());
     while projector.step().await.unwrap() > 0 {}
     assert_eq!(projector.position().await.unwrap(), log.last_position().await.unwrap(), "started again");
     let all = eventfold_tests::table_rows(&client, "read.order_views", "order_id").await;
     assert_eq!(all.len(), 6);
 
-    assert_eq!(eventfold_projector::reset(&mut client, &OrderViews).await.unwrap(), Some(1));
+    assert_eq!(eventfold_projector::reset(&database, &OrderViews).await.unwrap(), Some(1));
     assert_eq!(projector.position().await.unwrap(), 0);
     assert!(eventfold_tests::table_rows(&client, "read.order_views", "order_id").await.is_empty(), "emptied");
     while projector.step().await.unwrap() > 0 {}
@@ -454,29 +462,29 @@ async fn stop_start_and_reset_per_projection() {
         all,
         "applied again, row for row"
     );
-    assert_eq!(status(&client).await.unwrap()[0].events_applied, log.last_position().await.unwrap());
+    assert_eq!(status(&database).await.unwrap()[0].events_applied, log.last_position().await.unwrap());
 }
 
 /// The long-running projector follows a rebuild's switch: after the new
 /// version is activated, new events reach it (and not the old one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_projector_follows_the_active_version() {
-    let (db, log, client) = setup().await;
-    let (stop_tx, stop) = watch::channel(false);
+    let (_db, database, log, client) = setup().await;
+    let stop = CancellationToken::new();
     let running = tokio::spawn(eventfold_projector::run_active(
-        db.url().to_owned(),
+        database.clone(),
         log.clone(),
         Arc::new(OrderViews),
         options(),
         eventfold_projector::Attach::default(),
         Duration::from_millis(50),
-        stop,
+        stop.clone(),
     ));
     write_orders(log.clone(), 0, 4).await;
-    let v1 = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 1, options()).await.unwrap();
+    let v1 = Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 1, options());
     wait_until_at(&v1, log.last_position().await.unwrap()).await;
 
-    let v2 = Projector::new(db.url(), log.clone(), Arc::new(OrderViews), 2, options()).await.unwrap();
+    let v2 = Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 2, options());
     v2.prepare().await.unwrap();
     while v2.step().await.unwrap() > 0 {}
     v2.activate().await.unwrap();
@@ -491,8 +499,8 @@ async fn the_running_projector_follows_the_active_version() {
     );
     assert_eq!(v1.position().await.unwrap(), switched_at, "the old version is no longer applied");
 
-    let _ = stop_tx.send(true);
-    tokio::time::timeout(Duration::from_secs(10), running).await.expect("stops on shutdown").unwrap();
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running).await.expect("stops on shutdown").unwrap().unwrap();
 }
 
 /// Deposits, withdrawals and transfers between 6 accounts through the real
@@ -535,7 +543,7 @@ async fn write_money(log: Arc<dyn EventLog>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_analytics_and_user_activity_survive_crashes() {
-    let (db, log, client) = setup().await;
+    let (_db, database, log, client) = setup().await;
     let writer = tokio::spawn(write_orders(log.clone(), 0, 120));
     let tables = [
         ("read.order_facts", "order_id"),
@@ -545,7 +553,7 @@ async fn order_analytics_and_user_activity_survive_crashes() {
         ("read.product_sales", "day, product_id, currency"),
     ];
     let analytics = Arc::new(eventfold_projector::OrderAnalytics);
-    let (survived, rebuilt, _) = crash_then_rebuild(&db, &log, &client, analytics, writer, &tables).await;
+    let (survived, rebuilt, _) = crash_then_rebuild(&database, &log, &client, analytics, writer, &tables).await;
     assert_eq!(survived[0].len(), 120, "one fact per order");
     assert_eq!(survived, rebuilt, "row for row, every table");
 
@@ -553,19 +561,158 @@ async fn order_analytics_and_user_activity_survive_crashes() {
     let writer = tokio::spawn(async {});
     let tables = [("read.user_activity", "user_id, global_position"), ("read.user_orders", "order_id")];
     let activity = Arc::new(eventfold_projector::UserActivity);
-    let (survived, rebuilt, _) = crash_then_rebuild(&db, &log, &client, activity, writer, &tables).await;
+    let (survived, rebuilt, _) = crash_then_rebuild(&database, &log, &client, activity, writer, &tables).await;
     assert_eq!(survived[1].len(), 120);
     assert_eq!(survived, rebuilt);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn account_views_survive_crashes() {
-    let (db, log, client) = setup().await;
+    let (_db, database, log, client) = setup().await;
     let writer = tokio::spawn(write_money(log.clone()));
     let tables = [("read.accounts", "account_id"), ("read.account_transactions", "account_id, stream_version")];
     let accounts = Arc::new(eventfold_projector::AccountViews);
-    let (survived, rebuilt, _) = crash_then_rebuild(&db, &log, &client, accounts, writer, &tables).await;
+    let (survived, rebuilt, _) = crash_then_rebuild(&database, &log, &client, accounts, writer, &tables).await;
     assert_eq!(survived[0].len(), 6);
     assert!(survived[1].len() > 60, "the movements: {}", survived[1].len());
     assert_eq!(survived, rebuilt);
+}
+
+/// One row per event it is given, in a table without a key: an event
+/// applied twice shows as two rows. Each event takes a few milliseconds,
+/// so that its projector is mostly inside a transaction.
+struct Tally;
+
+#[async_trait]
+impl Projection for Tally {
+    fn name(&self) -> &'static str {
+        "tally"
+    }
+
+    fn create_sql(&self, version: u32) -> String {
+        format!("CREATE TABLE IF NOT EXISTS read.tally_v{version} (global_position bigint NOT NULL)")
+    }
+
+    fn tables(&self, version: u32) -> Vec<String> {
+        vec![format!("read.tally_v{version}")]
+    }
+
+    fn activate_sql(&self, _version: u32) -> String {
+        "SELECT 1".to_owned()
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, version: u32, event: &RecordedEvent) -> Result<(), ApplyError> {
+        tx.execute("SELECT pg_sleep(0.002)", &[]).await?;
+        tx.execute(
+            &format!("INSERT INTO read.tally_v{version} (global_position) VALUES ($1)"),
+            &[&(event.global_position as i64)],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Appends `count` events, one per request, each retried with its request
+/// id until the log answers: an append whose outcome was unknown is stored
+/// once all the same.
+async fn append_counted(log: Arc<dyn EventLog>, count: usize) {
+    let policy = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
+    for n in 0..count {
+        let event = NewEvent::new("Counted", serde_json::json!({ "n": n }));
+        let mut request = AppendRequest::new(format!("tally-{}", n % 10), ExpectedVersion::Any, vec![event]);
+        request.request_id = Some(format!("count-{n}"));
+        let mut retries = policy.start();
+        while let Err(error) = log.append(request.clone()).await {
+            assert!(retries.attempts() < 100, "append {n} keeps failing: {error}");
+            retries.wait().await;
+        }
+    }
+}
+
+/// Every position of the log, in order.
+async fn log_positions(log: &Arc<dyn EventLog>) -> Vec<i64> {
+    let mut positions = Vec::new();
+    let mut after = 0;
+    loop {
+        let slice = log.read_all(AllRead { after, max_count: 500, filter: EventFilter::default() }).await.unwrap();
+        positions.extend(slice.events.iter().map(|e| e.global_position as i64));
+        if slice.end_of_log || slice.next_position <= after {
+            return positions;
+        }
+        after = slice.next_position;
+    }
+}
+
+/// The projector runs under the platform's supervisor while every
+/// connection to its database (its pool's, the log's, the writer's) is cut
+/// again and again during the appends: each cut that fails a run is logged
+/// and the supervisor starts it again after its backoff, from the
+/// checkpoint. In the end every event of the log is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervised_projector_whose_connections_are_cut_recovers_and_applies_every_event_once() {
+    const EVENTS: usize = 300;
+    let (db, database, log, admin) = setup().await;
+    let token = CancellationToken::new();
+    let runs = Arc::new(AtomicU32::new(0));
+    let backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
+    let supervisor = tokio::spawn({
+        let (database, log, runs) = (database.clone(), log.clone(), runs.clone());
+        eventfold_platform::runtime::supervise("tally", token.clone(), backoff, move |token| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            eventfold_projector::run_active(
+                database.clone(),
+                log.clone(),
+                Arc::new(Tally),
+                options(),
+                eventfold_projector::Attach::default(),
+                Duration::from_millis(50),
+                token,
+            )
+        })
+    });
+    let appender = tokio::spawn(append_counted(log.clone(), EVENTS));
+
+    // Cut every connection but the admin's, every 150 ms, while the events
+    // arrive and until the projector was started again twice (30 s at most).
+    let cutting = Instant::now();
+    let mut cut = 0;
+    while !appender.is_finished() || (runs.load(Ordering::SeqCst) < 3 && cutting.elapsed() < Duration::from_secs(30)) {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        cut += admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db.name()],
+            )
+            .await
+            .expect("cut the connections")
+            .len();
+    }
+    appender.await.expect("every append is acknowledged in the end");
+    assert!(cut > 0, "connections were cut");
+
+    let logged = log_positions(&log).await;
+    assert_eq!(logged.len(), EVENTS, "each append is in the log once");
+    let probe = Projector::new(database.clone(), log.clone(), Arc::new(Tally), 1, options());
+    wait_until_at(&probe, *logged.last().unwrap() as u64).await;
+    let applied: Vec<i64> = admin
+        .query("SELECT global_position FROM read.tally_v1 ORDER BY global_position", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(applied, logged, "every event of the log applied exactly once");
+    let tally: Vec<(u64, u64)> = status(&database)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.name == "tally")
+        .map(|s| (s.events_applied, s.parked))
+        .collect();
+    assert_eq!(tally, [(EVENTS as u64, 0)], "counted once each, none parked");
+    let started = runs.load(Ordering::SeqCst);
+    assert!(started >= 2, "the cuts failed the projector and the supervisor started it again ({started} runs)");
+
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), supervisor).await.expect("stops when cancelled").unwrap();
 }

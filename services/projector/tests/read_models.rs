@@ -12,24 +12,32 @@ use std::{
 use eventfold_command::{Bus, Command, Envelope, Meta, Reply};
 use eventfold_domain::{
     Currency, Money,
-    account::{Account, AccountCommand, CloseAccount, DepositMoney, OpenAccount, WithdrawMoney},
+    account::{
+        Account, AccountCommand, CloseAccount, DepositMoney, OpenAccount, ReceiveTransfer, RefundTransfer,
+        SendTransfer, WithdrawMoney,
+    },
     order::{CancelOrder, ConfirmOrder, CreateOrder, OrderCommand, OrderItem, ProcessPayment, ShipOrder},
     user::{RecordAction, RecordLogin, RegisterUser, User, UserCommand},
 };
 use eventfold_projector::{AccountViews, OrderAnalytics, Projection, Projector, ProjectorOptions, UserActivity};
-use eventfold_store::{AllRead, EventFilter, EventLog, PostgresConfig, PostgresEventLog, RecordedEvent, Upcasting};
+use eventfold_store::{
+    AllRead, Database, EventFilter, EventLog, PostgresConfig, PostgresEventLog, RecordedEvent, Upcasting,
+};
 use eventfold_tests::TestDatabase;
 use tokio_postgres::{Client, NoTls};
 use tower::ServiceExt;
 
-async fn setup() -> (TestDatabase, Arc<dyn EventLog>, Client, Bus) {
+/// A migrated database, the pool of its projectors, the log, a client and
+/// the command bus.
+async fn setup() -> (TestDatabase, Database, Arc<dyn EventLog>, Client, Bus) {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the log");
+    let server = Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let store = PostgresEventLog::connect(server.clone(), PostgresConfig::default()).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.expect("connect");
     tokio::spawn(connection);
     let bus = eventfold_command::bus(log.clone(), eventfold_command::BusOptions::default());
-    (db, log, client, bus)
+    (db, server.without_flush_wait(4), log, client, bus)
 }
 
 async fn send(bus: &Bus, command: Command) -> eventfold_command::Result<Reply> {
@@ -85,7 +93,7 @@ async fn all_events(log: &Arc<dyn EventLog>) -> Vec<RecordedEvent> {
 /// same events and parked none, that each of `tables` (`(name, order by)`)
 /// is equal in both row for row, and that the views show version 1.
 async fn build_twice(
-    db: &TestDatabase,
+    database: &Database,
     log: &Arc<dyn EventLog>,
     client: &Client,
     projection: Arc<dyn Projection>,
@@ -94,7 +102,7 @@ async fn build_twice(
     let head = log.last_position().await.unwrap();
     for version in [1, 2] {
         let options = ProjectorOptions { batch_size: 25, ..ProjectorOptions::default() };
-        let projector = Projector::new(db.url(), log.clone(), projection.clone(), version, options).await.unwrap();
+        let projector = Projector::new(database.clone(), log.clone(), projection.clone(), version, options);
         projector.prepare().await.unwrap();
         while projector.step().await.unwrap() > 0 {}
         assert_eq!(projector.position().await.unwrap(), head, "version {version} reached the head");
@@ -107,7 +115,7 @@ async fn build_twice(
         .map(|r| r.get(0))
         .collect();
     assert_eq!(parked, Vec::<String>::new(), "no event parked");
-    let statuses: Vec<(u32, u64, bool)> = eventfold_projector::status(client)
+    let statuses: Vec<(u32, u64, bool)> = eventfold_projector::status(database)
         .await
         .unwrap()
         .into_iter()
@@ -251,7 +259,7 @@ type CustomerTotals = (i64, i64, i64, String, SystemTime);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_analytics_agree_with_the_orders_sent() {
-    let (db, log, client, bus) = setup().await;
+    let (_db, database, log, client, bus) = setup().await;
     let orders = write_orders(&bus).await;
     let tables = [
         ("read.order_facts", "order_id"),
@@ -260,7 +268,7 @@ async fn order_analytics_agree_with_the_orders_sent() {
         ("read.daily_status", "day, status"),
         ("read.product_sales", "day, product_id, currency"),
     ];
-    build_twice(&db, &log, &client, Arc::new(OrderAnalytics), &tables).await;
+    build_twice(&database, &log, &client, Arc::new(OrderAnalytics), &tables).await;
 
     // When each order event was stored: (stream, type) → created_at.
     let mut stored: HashMap<(String, String), SystemTime> = HashMap::new();
@@ -444,7 +452,7 @@ impl Ledger {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn account_views_agree_with_the_aggregates_and_the_ledger() {
-    let (db, log, client, bus) = setup().await;
+    let (_db, database, log, client, bus) = setup().await;
     let (eur, usd) = (currency("EUR"), currency("USD"));
     let accounts =
         [("a-0", "u-0", eur), ("a-1", "u-0", eur), ("a-2", "u-1", eur), ("a-3", "u-2", usd), ("a-4", "u-1", eur)];
@@ -469,14 +477,23 @@ async fn account_views_agree_with_the_aggregates_and_the_ledger() {
     let repeat = send(&bus, deposit("a-0", "d-a-0", 10_000, eur)).await.unwrap();
     assert!(repeat.changed_nothing(), "a repeated deposit is a no-op");
 
-    let transfer = |id: &str, from: &str, to: &str, minor: i64| Command::Transfer {
-        transfer_id: id.into(),
-        from_account_id: from.into(),
-        to_account_id: to.into(),
-        amount: Money::new(minor, eur),
+    // A transfer as the money transfer saga makes it: debit the source,
+    // credit the target, and give the source its money back if the target
+    // refuses (the answer is the refusal).
+    let transfer = async |id: &str, from: &str, to: &str, minor: i64| -> eventfold_command::Result<()> {
+        let amount = Money::new(minor, eur);
+        let sent = SendTransfer { transfer_id: id.into(), to_account_id: to.into(), amount };
+        accepted(&bus, account(from, sent)).await;
+        let received = ReceiveTransfer { transfer_id: id.into(), from_account_id: from.into(), amount };
+        let refused = match send(&bus, account(to, received)).await {
+            Ok(_) => return Ok(()),
+            Err(refused) => refused,
+        };
+        accepted(&bus, account(from, RefundTransfer { transfer_id: id.into(), reason: refused.to_string() })).await;
+        Err(refused)
     };
     for (id, from, to, minor) in [("t-0", "a-0", "a-1", 3_000), ("t-1", "a-1", "a-2", 500)] {
-        send(&bus, transfer(id, from, to, minor)).await.unwrap();
+        transfer(id, from, to, minor).await.unwrap();
         ledger.record(from, "transfer_sent", id, Some(to), minor, None);
         ledger.record(to, "transfer_received", id, Some(from), minor, None);
     }
@@ -487,7 +504,7 @@ async fn account_views_agree_with_the_aggregates_and_the_ledger() {
     accepted(&bus, account("a-4", CloseAccount)).await;
     // Refused by the target (closed, missing, other currency): refunded.
     for (id, from, to, minor) in [("t-2", "a-2", "a-4", 700), ("t-3", "a-0", "a-9", 50), ("t-4", "a-1", "a-3", 100)] {
-        let refused = send(&bus, transfer(id, from, to, minor)).await.expect_err("the target refuses");
+        let refused = transfer(id, from, to, minor).await.expect_err("the target refuses");
         ledger.record(from, "transfer_sent", id, Some(to), minor, None);
         ledger.record(from, "transfer_refunded", id, Some(to), minor, Some(refused.to_string()));
     }
@@ -500,7 +517,7 @@ async fn account_views_agree_with_the_aggregates_and_the_ledger() {
     }
 
     let tables = [("read.accounts", "account_id"), ("read.account_transactions", "account_id, stream_version")];
-    build_twice(&db, &log, &client, Arc::new(AccountViews), &tables).await;
+    build_twice(&database, &log, &client, Arc::new(AccountViews), &tables).await;
 
     let events = all_events(&log).await;
     let handler = eventfold_command::Handler::new(log.clone(), eventfold_command::SnapshotPolicy::default());
@@ -614,7 +631,7 @@ struct SentUser {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_activity_is_each_users_timeline_including_orders() {
-    let (db, log, client, bus) = setup().await;
+    let (_db, database, log, client, bus) = setup().await;
     let mut users: BTreeMap<String, SentUser> = BTreeMap::new();
     // user → (position, kind, detail), in position order.
     let mut timeline: BTreeMap<String, Vec<(u64, String, String)>> = BTreeMap::new();
@@ -713,7 +730,7 @@ async fn user_activity_is_each_users_timeline_including_orders() {
     }
 
     let tables = [("read.users", "user_id"), ("read.user_activity", "user_id, global_position")];
-    build_twice(&db, &log, &client, Arc::new(UserActivity), &tables).await;
+    build_twice(&database, &log, &client, Arc::new(UserActivity), &tables).await;
     // The helper read.user_orders has no view: compare its versions directly.
     assert_eq!(
         eventfold_tests::table_rows(&client, "read.user_orders_v1", "order_id").await,
@@ -794,7 +811,7 @@ type Parked = (&'static str, &'static str, &'static str);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_that_do_not_fit_the_model_are_parked_not_ignored() {
     use eventfold_domain::{account as a, order as o, user as u};
-    let (db, log, client, _) = setup().await;
+    let (_db, database, log, client, _) = setup().await;
     let eur = currency("EUR");
     let money = |minor| Money::new(minor, eur);
     // Confirmed without being created.
@@ -851,7 +868,7 @@ async fn events_that_do_not_fit_the_model_are_parked_not_ignored() {
     ];
     for (projection, parked) in expected {
         let options = ProjectorOptions { max_attempts: 1, ..ProjectorOptions::default() };
-        let projector = Projector::new(db.url(), log.clone(), projection.clone(), 1, options).await.unwrap();
+        let projector = Projector::new(database.clone(), log.clone(), projection.clone(), 1, options);
         projector.prepare().await.unwrap();
         while projector.step().await.unwrap() > 0 {}
         let found: Vec<(String, String, String)> = client

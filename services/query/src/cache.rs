@@ -32,7 +32,10 @@ use eventfold_projector::{Commit, CommitObserver};
 use fred::prelude::{Builder, ClientLike, Config, KeysInterface, LuaInterface, ReconnectPolicy, Value};
 use serde::{Deserialize, Serialize};
 
-use crate::breaker::{Breaker, BreakerState};
+use crate::{
+    Error,
+    breaker::{Breaker, BreakerState},
+};
 
 /// Where and how long to cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,10 +192,10 @@ fn value_bytes(value: Value) -> Option<Bytes> {
 impl Cache {
     /// A client for `config.url` that connects (and reconnects) in the
     /// background: Redis being away at start only opens the breaker.
-    pub async fn connect(config: CacheConfig) -> Result<Arc<Self>, String> {
-        let url = config.url.clone().ok_or_else(|| "no cache URL".to_owned())?;
+    pub async fn connect(config: CacheConfig) -> Result<Arc<Self>, Error> {
+        let url = config.url.clone().ok_or_else(|| Error::Cache("no cache URL".to_owned()))?;
         // The URL may hold a password: it appears in no error or log line.
-        let redis_config = Config::from_url(&url).map_err(|e| format!("cache URL: {e}"))?;
+        let redis_config = Config::from_url(&url).map_err(|e| Error::Cache(format!("cache URL: {e}")))?;
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
         let client = Builder::from_config(redis_config)
             .with_connection_config(|c| {
@@ -203,7 +206,7 @@ impl Cache {
             .with_performance_config(|p| p.default_command_timeout = timeout)
             .set_policy(ReconnectPolicy::new_constant(0, 200))
             .build()
-            .map_err(|e| format!("cache client: {e}"))?;
+            .map_err(|e| Error::Cache(format!("cache client: {e}")))?;
         let _connection = client.connect();
         if tokio::time::timeout(Duration::from_secs(2), client.wait_for_connect()).await.is_err() {
             tracing::warn!("Redis does not answer yet; queries go to PostgreSQL until it does");

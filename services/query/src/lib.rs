@@ -11,7 +11,8 @@
 //! from the event store instead. `WatchOrder` clients of the same order
 //! share one channel, fed by one follower for all watched orders that
 //! re-reads, in one statement, only the watched orders changed since the
-//! position it last read at (see `watchers`).
+//! position it last read at (see `watchers`); the streams end when the
+//! token given to [`host`] is cancelled, so that the server drains.
 //!
 //! HOSTILE INPUT: the bounds every request is held to (beyond the proto
 //! comments), each refused with `INVALID_ARGUMENT` and a `BadRequest`
@@ -30,9 +31,13 @@
 //! open `WatchOrder` streams; more are `RESOURCE_EXHAUSTED` with the
 //! ErrorInfo reason `TOO_MANY_WATCHERS`.
 //!
-//! Database and Redis failures never reach a client as text: `UNAVAILABLE`
-//! and `INTERNAL` answers carry a generic message and an `error_id`
-//! (ErrorInfo metadata) that the log line with the real error repeats.
+//! LAYOUT: `orders`, `inventory`, `accounts` and `users` read their read
+//! models (SQL in, plain records out, failures as [`Error`]); `grpc`
+//! checks requests, turns records into proto messages and every [`Error`]
+//! into a status, the one way. Database and Redis failures never reach a
+//! client as text: `UNAVAILABLE` and `INTERNAL` answers carry a generic
+//! message and an `error_id` (ErrorInfo metadata) that the log line with
+//! the real error repeats.
 
 // Request values reach this crate: arithmetic is checked or saturating,
 // casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
@@ -42,43 +47,27 @@
     warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
 )]
 
+mod accounts;
 mod breaker;
 mod cache;
+mod error;
+mod grpc;
+mod inventory;
 mod orders;
-mod others;
 mod positions;
+mod users;
 
-use std::{
-    collections::hash_map::RandomState,
-    hash::{BuildHasher, Hasher},
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use bb8::{Pool, PooledConnection};
-use bb8_postgres::PostgresConnectionManager;
-use eventfold_platform::status::{self, error_info};
-use eventfold_platform::{server::Router, watchers::Watchers};
-use eventfold_proto::query::{
-    OrderView, account_query_service_server::AccountQueryServiceServer,
-    inventory_query_service_server::InventoryQueryServiceServer, order_query_service_server::OrderQueryServiceServer,
-    user_query_service_server::UserQueryServiceServer,
-};
-use eventfold_store::{EventLog, check_bigint, check_id};
+use eventfold_store::{Database, EventLog, check_bigint, pg::PgConnection};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
-use tokio_postgres::NoTls;
-use tonic::{Code, Status};
-
-pub(crate) use eventfold_platform::page;
+use tokio_postgres::{Row, types::FromSql};
 
 pub use crate::{
     breaker::BreakerState,
     cache::{Cache, CacheConfig, CacheStats, Invalidator, Kind},
+    error::{Error, Result},
+    grpc::host,
     positions::{Active, Positions},
 };
 
@@ -99,7 +88,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Seconds to drain calls after a shutdown request.
     pub shutdown_grace_secs: u64,
-    /// PostgreSQL connections for reads.
+    /// PostgreSQL connections for reads (the size of the pool the process
+    /// hands to [`Query::connect`]).
     pub pool_size: u32,
     /// Longest read-your-writes wait (a shorter call deadline wins).
     pub max_wait_ms: u64,
@@ -124,26 +114,13 @@ impl Default for Config {
     }
 }
 
-/// Errors of starting the query side.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("database: {0}")]
-    Database(#[from] tokio_postgres::Error),
-    #[error("{0}")]
-    Setup(String),
-}
-
-type Conn<'a> = PooledConnection<'a, PostgresConnectionManager<NoTls>>;
-
 /// What every query service shares.
 pub struct Query {
-    pool: Pool<PostgresConnectionManager<NoTls>>,
+    database: Database,
     positions: Positions,
     cache: Option<Arc<Cache>>,
     log: Arc<dyn EventLog>,
     max_wait: Duration,
-    /// The WatchOrder clients, by order id.
-    watchers: Arc<Watchers<Result<OrderView, Status>>>,
 }
 
 impl std::fmt::Debug for Query {
@@ -153,24 +130,17 @@ impl std::fmt::Debug for Query {
 }
 
 impl Query {
-    /// Queries over the read models of `database_url` (migrated), the
-    /// events of `log` (for GetOrderAt) and, if configured, the cache.
-    pub async fn connect(config: &Config, database_url: &str, log: Arc<dyn EventLog>) -> Result<Arc<Self>, Error> {
-        let pg: tokio_postgres::Config = database_url.parse()?;
-        let pool = Pool::builder()
-            .max_size(config.pool_size.max(1))
-            .connection_timeout(Duration::from_secs(5))
-            .build(PostgresConnectionManager::new(pg.clone(), NoTls))
-            .await
-            .map_err(|e| Error::Setup(format!("database pool: {e}")))?;
-        let positions = Positions::spawn(pg, Duration::from_millis(config.positions_poll_ms.max(10)));
+    /// Queries over the read models of `database` (migrated), the events of
+    /// `log` (for GetOrderAt) and, if configured, the cache. Connections
+    /// are made when needed: this succeeds while PostgreSQL is down.
+    pub async fn connect(config: &Config, database: Database, log: Arc<dyn EventLog>) -> Result<Arc<Self>> {
+        let positions = Positions::spawn(database.clone(), Duration::from_millis(config.positions_poll_ms.max(10)));
         let cache = match &config.cache.url {
-            Some(_) => Some(Cache::connect(config.cache.clone()).await.map_err(Error::Setup)?),
+            Some(_) => Some(Cache::connect(config.cache.clone()).await?),
             None => None,
         };
-        let watchers = Watchers::new(usize::try_from(config.max_watchers_per_peer).unwrap_or(usize::MAX));
         let max_wait = Duration::from_millis(config.max_wait_ms);
-        let query = Arc::new(Self { pool, positions, cache, log, max_wait, watchers });
+        let query = Arc::new(Self { database, positions, cache, log, max_wait });
         if query.cache.is_some() && config.cache.warm_orders > 0 {
             let warm = query.clone();
             let count = config.cache.warm_orders;
@@ -188,219 +158,108 @@ impl Query {
         &self.positions
     }
 
-    async fn conn(&self) -> Result<Conn<'_>, Status> {
-        self.pool.get().await.map_err(|e| status::unavailable(READ_DATABASE, &e))
+    /// A pooled connection to the read database; any failure to get one is
+    /// `Unavailable`.
+    async fn conn(&self) -> Result<PgConnection<'_>> {
+        self.database.get().await.map_err(|e| match e {
+            eventfold_store::Error::Unavailable(text) | eventfold_store::Error::Internal(text) => {
+                Error::Unavailable(text)
+            }
+            other => Error::Unavailable(other.to_string()),
+        })
+    }
+
+    /// Whether the read database answers (the services' health).
+    async fn check(&self) -> Result<()> {
+        self.conn().await?.simple_query("SELECT 1").await?;
+        Ok(())
     }
 
     /// Waits until `projection` reflects `min_position` (0: no wait), up to
-    /// the call's deadline or `max_wait`; its active version, if built.
-    async fn ready(
-        &self,
-        projection: &str,
-        min_position: u64,
-        metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<Option<Active>, Status> {
+    /// 90 % of the call's `deadline` or `max_wait`; its active version, if
+    /// built.
+    async fn ready(&self, projection: &str, min_position: u64, deadline: Option<Duration>) -> Result<Option<Active>> {
         let mut violations = Vec::new();
         check_bigint("min_position", min_position, &mut violations);
-        if !violations.is_empty() {
-            return Err(status::invalid(violations));
-        }
+        Error::check(violations)?;
         if min_position == 0 {
             return Ok(self.positions.get(projection));
         }
         // 90 % of the deadline, in integers: a huge `grpc-timeout` cannot
         // overflow (as `Duration::mul_f64` would, with a panic).
-        let budget = deadline(metadata)
+        let budget = deadline
             .map_or(self.max_wait, |d| d.saturating_sub(d.checked_div(10).unwrap_or_default()).min(self.max_wait));
         match self.positions.wait(projection, min_position, budget).await {
             Ok(active) => Ok(Some(active)),
-            Err(current) => Err(error_info(
-                Code::Unavailable,
-                format!(
-                    "the {projection} read model is at position {} and did not reach min_position {min_position} \
-                     within {budget:?}; retry later",
-                    current.position
-                ),
-                "PROJECTION_BEHIND",
-                &[
-                    ("projection", projection.to_owned()),
-                    ("position", current.position.to_string()),
-                    ("min_position", min_position.to_string()),
-                ],
-            )),
+            Err(current) => Err(Error::ProjectionBehind {
+                projection: projection.to_owned(),
+                position: current.position,
+                min_position,
+                waited: budget,
+            }),
         }
     }
-}
 
-/// Reads the view of a cached kind: from the cache when it can answer,
-/// otherwise with `load` (then cached).
-pub(crate) async fn cached<T, F, Fut>(
-    query: &Query,
-    kind: Kind,
-    id: &str,
-    min_position: u64,
-    metadata: &tonic::metadata::MetadataMap,
-    last_position: impl Fn(&T) -> u64,
-    load: F,
-) -> Result<Option<T>, Status>
-where
-    T: prost::Message + Default,
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Option<T>, Status>>,
-{
-    let active = query.ready(kind.projection(), min_position, metadata).await?;
-    let cache = match (&query.cache, active) {
-        (Some(cache), Some(active)) => Some((cache, active.version)),
-        _ => None,
-    };
-    if let Some((cache, version)) = cache
-        && let Some(bytes) = cache.get(kind, version, id, min_position).await
-        && let Ok(value) = T::decode(bytes)
+    /// Reads the view of a cached kind once its projection is ready: from
+    /// the cache when it can answer, otherwise with `load` (then cached).
+    /// Views are cached as their encoded messages.
+    async fn cached<T, F, Fut>(
+        &self,
+        kind: Kind,
+        id: &str,
+        min_position: u64,
+        deadline: Option<Duration>,
+        last_position: impl Fn(&T) -> u64,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: prost::Message + Default,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
     {
-        return Ok(Some(value));
+        let active = self.ready(kind.projection(), min_position, deadline).await?;
+        let cache = match (&self.cache, active) {
+            (Some(cache), Some(active)) => Some((cache, active.version)),
+            _ => None,
+        };
+        if let Some((cache, version)) = cache
+            && let Some(bytes) = cache.get(kind, version, id, min_position).await
+            && let Ok(value) = T::decode(bytes)
+        {
+            return Ok(Some(value));
+        }
+        let value = load().await?;
+        if let (Some((cache, version)), Some(value)) = (cache, &value) {
+            cache.fill(kind, version, id, last_position(value), &value.encode_to_vec()).await;
+        }
+        Ok(value)
     }
-    let value = load().await?;
-    if let (Some((cache, version)), Some(value)) = (cache, &value) {
-        cache.fill(kind, version, id, last_position(value), &value.encode_to_vec()).await;
+}
+
+/// Column `index` of `row`; a value that does not decode (a column of
+/// another type than the code expects) is internal.
+fn column<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T> {
+    row.try_get(index).map_err(|e| Error::Internal(error::describe_db(&e)))
+}
+
+/// A page of a list read with `LIMIT size + 1`: at most `size` items, and
+/// whether more follow.
+fn one_page<T>(mut items: Vec<T>, size: i64) -> (Vec<T>, bool) {
+    let size = usize::try_from(size).unwrap_or(0);
+    let more = items.len() > size;
+    items.truncate(size);
+    (items, more)
+}
+
+/// An amount of a read model row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Amount {
+    minor: i64,
+    currency: String,
+}
+
+impl Amount {
+    fn new(minor: i64, currency: &str) -> Self {
+        Self { minor, currency: currency.to_owned() }
     }
-    Ok(value)
-}
-
-/// The `grpc-timeout` of a call, if it has one.
-fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-/// What an UNAVAILABLE answer says is unavailable when the read database
-/// cannot be reached (see [`status::unavailable`]).
-const READ_DATABASE: &str = "the read model's database";
-
-/// A short id that ties an answer to the log line of its cause: a hash of
-/// the time, a counter and a per-process random key (unique enough to find
-/// one line in the logs).
-fn error_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-    hasher.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
-    format!("{:016x}", hasher.finish())
-}
-
-/// A database failure as a status: a read model not built yet, a lost
-/// connection and a server that sheds load or shuts down are UNAVAILABLE
-/// (retryable), anything else INTERNAL; the driver's text only in the log.
-fn db_status(error: tokio_postgres::Error) -> Status {
-    use tokio_postgres::error::SqlState;
-    if error.code() == Some(&SqlState::UNDEFINED_TABLE) {
-        // Its own reason (not the shared helper's STORAGE_UNAVAILABLE): the
-        // database answers, the projection has not created its table yet.
-        let id = error_id();
-        tracing::warn!(error_id = %id, %error, "a read model is not built yet");
-        return error_info(
-            Code::Unavailable,
-            format!("a read model is not built yet, retry later (error id {id})"),
-            "READ_MODEL_NOT_READY",
-            &[("error_id", id)],
-        );
-    }
-    // Classes 08 (connection), 53 (insufficient resources), 57P (operator
-    // intervention: shutdown, crash recovery).
-    let transient = error.code().is_none_or(|code| {
-        let code = code.code();
-        code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
-    });
-    if error.is_closed() || transient {
-        return status::unavailable(READ_DATABASE, &error);
-    }
-    status::internal(&error)
-}
-
-/// `INVALID_ARGUMENT` unless `value` is a usable id: 1 to 128 bytes of
-/// visible ASCII.
-fn require_id(field: &str, value: &str) -> Result<(), Status> {
-    let mut violations = Vec::new();
-    check_id(field, value, &mut violations);
-    if violations.is_empty() { Ok(()) } else { Err(status::invalid(violations)) }
-}
-
-/// The longest page token accepted: tokens this service issues are far
-/// shorter, longer ones are not worth decoding.
-const MAX_PAGE_TOKEN_BYTES: usize = 1024;
-
-/// [`page::cursor`] of a token of bounded length.
-fn cursor<C: serde::de::DeserializeOwned>(filters: &str, token: &str) -> Result<Option<C>, Status> {
-    if token.len() > MAX_PAGE_TOKEN_BYTES {
-        return Err(eventfold_platform::status::invalid_argument([(
-            "page_token".to_owned(),
-            format!("must be at most {MAX_PAGE_TOKEN_BYTES} bytes"),
-        )]));
-    }
-    page::cursor(filters, token)
-}
-
-/// Whether a page read with `LIMIT size + 1` found more than `size` rows.
-fn has_more(rows: usize, size: i64) -> bool {
-    usize::try_from(size).is_ok_and(|size| rows > size)
-}
-
-/// `size` (from [`page::size`]: 1 to 500) as a length.
-fn page_len(size: i64) -> usize {
-    usize::try_from(size).unwrap_or(0)
-}
-
-/// An amount of a read model row as the proto `Money`.
-fn money(minor: i64, currency: &str) -> Option<eventfold_proto::common::Money> {
-    Some(eventfold_proto::common::Money { minor, currency: currency.to_owned() })
-}
-
-fn not_found(what: &str, reason: &str, id: &str) -> Status {
-    error_info(Code::NotFound, format!("{what} {id} does not exist"), reason, &[("id", id.to_owned())])
-}
-
-/// Adds the four query services to `router`.
-pub fn add_services(router: Router, query: Arc<Query>) -> Router {
-    router
-        .add_service(OrderQueryServiceServer::new(orders::OrderQueries::new(query.clone())))
-        .add_service(InventoryQueryServiceServer::new(others::InventoryQueries::new(query.clone())))
-        .add_service(AccountQueryServiceServer::new(others::AccountQueries::new(query.clone())))
-        .add_service(UserQueryServiceServer::new(others::UserQueries::new(query)))
-}
-
-/// Serves the query services on `listener` until `shutdown`; health
-/// follows the read database.
-pub async fn run(
-    config: Config,
-    query: Arc<Query>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), eventfold_platform::Error> {
-    let (reporter, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET])?;
-    let probed = query.clone();
-    let probe = eventfold_platform::server::spawn_health_probe(
-        reporter,
-        SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
-        Duration::from_secs(5),
-        move || {
-            let query = probed.clone();
-            async move { query.conn().await?.simple_query("SELECT 1").await.map(drop).map_err(db_status) }
-        },
-    )
-    .await;
-    let router = add_services(router, query);
-    let result =
-        eventfold_platform::server::serve(router, listener, shutdown, Duration::from_secs(config.shutdown_grace_secs))
-            .await;
-    probe.abort();
-    result
 }

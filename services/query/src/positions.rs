@@ -6,9 +6,10 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use eventfold_projector::COMMIT_CHANNEL;
+use eventfold_store::{Backoff, Database};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 /// The active version of a projection and its checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -26,11 +27,11 @@ pub struct Positions {
 }
 
 impl Positions {
-    /// Follows the projections of the database at `config` until the
-    /// returned value and its clones are dropped.
-    pub fn spawn(config: tokio_postgres::Config, poll: Duration) -> Self {
+    /// Follows the projections of `database` (on a connection of its own)
+    /// until the returned value and its clones are dropped.
+    pub fn spawn(database: Database, poll: Duration) -> Self {
         let (tx, rx) = watch::channel(Snapshot::default());
-        tokio::spawn(follow(config, poll, tx));
+        tokio::spawn(follow(database, poll, tx));
         Self { current: rx }
     }
 
@@ -56,15 +57,24 @@ impl Positions {
     }
 }
 
-async fn follow(config: tokio_postgres::Config, poll: Duration, tx: watch::Sender<Snapshot>) {
-    let mut backoff = Duration::from_millis(100);
+/// Listens until nobody follows any more, reconnecting after the waits of
+/// the default [`Backoff`] (started over once a connection has served).
+async fn follow(database: Database, poll: Duration, tx: watch::Sender<Snapshot>) {
+    let backoff = Backoff::default();
+    let mut retries = backoff.start();
     while !tx.is_closed() {
-        match listen(&config, poll, &tx).await {
+        let started = tokio::time::Instant::now();
+        match listen(&database, poll, &tx).await {
             Ok(()) => return,
             Err(error) => tracing::warn!(%error, "projection positions: connection lost; reconnecting"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
+        if started.elapsed() > backoff.max {
+            retries.reset();
+        }
+        tokio::select! {
+            () = retries.wait() => {}
+            () = tx.closed() => return,
+        }
     }
 }
 
@@ -146,11 +156,8 @@ async fn read(client: &Client) -> Result<Snapshot, tokio_postgres::Error> {
 }
 
 /// Ok when nobody follows any more.
-async fn listen(config: &tokio_postgres::Config, poll: Duration, tx: &watch::Sender<Snapshot>) -> Result<(), String> {
-    let (client, mut connection) = tokio::time::timeout(Duration::from_secs(5), config.connect(NoTls))
-        .await
-        .map_err(|_| "no connection within 5 s".to_owned())?
-        .map_err(|e| e.to_string())?;
+async fn listen(database: &Database, poll: Duration, tx: &watch::Sender<Snapshot>) -> Result<(), String> {
+    let (client, mut connection) = database.open_connection().await.map_err(|e| e.to_string())?;
     let (notify_tx, mut notified) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -73,6 +73,7 @@ use eventfold_domain::{
     inventory::{InventoryCommand, RegisterProduct, ReplenishStock, ReserveStock},
     user::{RecordLogin, RegisterUser, UserCommand},
 };
+use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_projector::{Projector, ProjectorOptions};
 use eventfold_proto::{
     common::Money as MoneyPb,
@@ -86,7 +87,7 @@ use eventfold_proto::{
     },
 };
 use eventfold_query::{CacheConfig, Query};
-use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog, Upcasting};
 use eventfold_tests::{
     TestDatabase,
     hostile::{MAX_TIME_SECS, MIN_TIME_SECS, seconds},
@@ -102,10 +103,8 @@ use prost_types::Timestamp;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::{
-    net::TcpListener,
-    sync::{oneshot, watch},
-};
+use tokio::net::TcpListener;
+use tokio_util::sync::DropGuard;
 use tonic::{Code, Request, Status, transport::Channel};
 use tonic_types::StatusExt;
 use tower::ServiceExt;
@@ -251,8 +250,8 @@ struct Stack {
     channel: Channel,
     log: Arc<dyn EventLog>,
     query: Arc<Query>,
-    stop_projectors: watch::Sender<bool>,
-    _shutdown: oneshot::Sender<()>,
+    stop_projectors: CancellationToken,
+    _shutdown: DropGuard,
     _db: TestDatabase,
 }
 
@@ -280,40 +279,32 @@ async fn stack(redis: &TestRedis) -> Stack {
         ..eventfold_query::Config::default()
     };
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the log");
+    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let store = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-    let query = Query::connect(&config, db.url(), log.clone()).await.expect("query side");
+    let query = Query::connect(&config, database.clone(), log.clone()).await.expect("query side");
     let invalidator = query.cache().map(|cache| eventfold_query::Invalidator::new(cache.clone()));
-    let (stop_projectors, stop) = watch::channel(false);
+    let stop_projectors = CancellationToken::new();
     for projection in eventfold_projector::all() {
-        let mut projector = Projector::new(db.url(), log.clone(), projection, 1, options()).await.unwrap();
+        let mut projector = Projector::new(database.clone(), log.clone(), projection, 1, options());
         if let Some(invalidator) = &invalidator {
             projector = projector.with_observer(invalidator.clone());
         }
-        tokio::spawn(projector.run(stop.clone()));
+        tokio::spawn(projector.run(stop_projectors.clone()));
     }
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
+    // The event store, the command and the query services on one server,
+    // as `eventfold dev` hosts them.
     let bus = eventfold_command::bus(log.clone(), eventfold_command::Config::default().bus_options());
-    let served = query.clone();
-    let extra = eventfold_eventstore::Extra {
-        names: Vec::new(),
-        add: Box::new(move |router| {
-            eventfold_query::add_services(eventfold_command::add_services(router, bus), served)
-        }),
-    };
-    let (shutdown, stopped) = oneshot::channel::<()>();
-    tokio::spawn(eventfold_eventstore::run_with(
-        eventfold_eventstore::Config::default(),
-        log.clone(),
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-        extra,
-    ));
+    let token = CancellationToken::new();
+    let mut server = GrpcServer::new();
+    eventfold_eventstore::host(&mut server, &eventfold_eventstore::Config::default(), log.clone(), token.clone());
+    eventfold_command::host(&mut server, &eventfold_command::Config::default(), log.clone(), bus);
+    eventfold_query::host(&mut server, &config, query.clone(), token.clone());
+    tokio::spawn(server.serve(listener, token.clone(), Duration::from_secs(10)));
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    Stack { channel, log, query, stop_projectors, _shutdown: shutdown, _db: db }
+    Stack { channel, log, query, stop_projectors, _shutdown: token.drop_guard(), _db: db }
 }
 
 impl Stack {
@@ -2160,7 +2151,7 @@ fn hostile_requests_at_every_query_rpc() {
         Ok(()) => runtime.block_on(sweep(&stack.channel, &clients, &model)),
         Err(_) => Ok(()),
     };
-    let _ = stack.stop_projectors.send(true);
+    stack.stop_projectors.cancel();
 
     let stats: Vec<String> = model.stats.lock().unwrap().iter().map(|(k, n)| format!("  {k:<60} {n}")).collect();
     let notes: Vec<String> =

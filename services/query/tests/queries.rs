@@ -20,6 +20,7 @@ use eventfold_domain::{
     order::{CancelOrder, OrderCommand},
     user::{RecordLogin, RegisterUser, UserCommand},
 };
+use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_projector::{Projector, ProjectorOptions};
 use eventfold_proto::{
     common::Money as MoneyPb,
@@ -31,12 +32,10 @@ use eventfold_proto::{
     },
 };
 use eventfold_query::{BreakerState, CacheConfig, Invalidator, Query};
-use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog, Upcasting};
 use eventfold_tests::{TestDatabase, redis::OwnRedis};
-use tokio::{
-    net::TcpListener,
-    sync::{oneshot, watch},
-};
+use tokio::net::TcpListener;
+use tokio_util::sync::DropGuard;
 use tonic::{Code, Request, transport::Channel};
 use tonic_types::StatusExt;
 use tower::ServiceExt;
@@ -48,9 +47,10 @@ struct Stack {
     log: Arc<dyn EventLog>,
     query: Arc<Query>,
     invalidator: Option<Arc<Invalidator>>,
-    db: TestDatabase,
-    stop_projectors: watch::Sender<bool>,
-    _shutdown: oneshot::Sender<()>,
+    database: Database,
+    _db: TestDatabase,
+    stop_projectors: CancellationToken,
+    _shutdown: DropGuard,
 }
 
 fn options() -> ProjectorOptions {
@@ -81,38 +81,30 @@ async fn stack(cache: Option<CacheConfig>) -> Stack {
 
 async fn stack_with(config: eventfold_query::Config) -> Stack {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the log");
+    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let store = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-    let query = Query::connect(&config, db.url(), log.clone()).await.expect("query side");
+    let query = Query::connect(&config, database.clone(), log.clone()).await.expect("query side");
     let invalidator = query.cache().map(|cache| Invalidator::new(cache.clone()));
-    let (stop_projectors, stop) = watch::channel(false);
+    let stop_projectors = CancellationToken::new();
     for projection in eventfold_projector::all() {
-        let mut projector = Projector::new(db.url(), log.clone(), projection, 1, options()).await.unwrap();
+        let mut projector = Projector::new(database.clone(), log.clone(), projection, 1, options());
         if let Some(invalidator) = &invalidator {
             projector = projector.with_observer(invalidator.clone());
         }
-        tokio::spawn(projector.run(stop.clone()));
+        tokio::spawn(projector.run(stop_projectors.clone()));
     }
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr: SocketAddr = listener.local_addr().unwrap();
+    // The event store, the command and the query services on one server,
+    // as `eventfold dev` hosts them.
     let bus = eventfold_command::bus(log.clone(), eventfold_command::Config::default().bus_options());
-    let served = query.clone();
-    let extra = eventfold_eventstore::Extra {
-        names: Vec::new(),
-        add: Box::new(move |router| {
-            eventfold_query::add_services(eventfold_command::add_services(router, bus), served)
-        }),
-    };
-    let (shutdown, stopped) = oneshot::channel::<()>();
-    tokio::spawn(eventfold_eventstore::run_with(
-        eventfold_eventstore::Config::default(),
-        log.clone(),
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-        extra,
-    ));
+    let token = CancellationToken::new();
+    let mut server = GrpcServer::new();
+    eventfold_eventstore::host(&mut server, &eventfold_eventstore::Config::default(), log.clone(), token.clone());
+    eventfold_command::host(&mut server, &eventfold_command::Config::default(), log.clone(), bus);
+    eventfold_query::host(&mut server, &config, query.clone(), token.clone());
+    tokio::spawn(server.serve(listener, token.clone(), Duration::from_secs(10)));
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
     Stack {
         orders: OrderCommandServiceClient::new(channel.clone()),
@@ -121,9 +113,10 @@ async fn stack_with(config: eventfold_query::Config) -> Stack {
         log,
         query,
         invalidator,
-        db,
+        database,
+        _db: db,
         stop_projectors,
-        _shutdown: shutdown,
+        _shutdown: token.drop_guard(),
     }
 }
 
@@ -591,7 +584,7 @@ async fn a_redis_outage_falls_back_to_postgres_and_the_cache_recovers() {
     }
     assert_eq!(failures.load(Ordering::SeqCst), 0, "no wrong answer before, during or after the outage");
     assert_eq!(stack.invalidator.as_ref().unwrap().pending(), 0, "the invalidations of the outage were delivered");
-    let _ = stack.stop_projectors.send(true);
+    stack.stop_projectors.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,18 +634,16 @@ async fn a_rebuild_switches_under_query_load_without_errors_or_empty_answers() {
     let invalidator = stack.invalidator.clone().unwrap();
     let small = ProjectorOptions { batch_size: 5, ..options() };
     let projection = Arc::new(eventfold_projector::OrderViews);
-    let rebuild = Projector::new(stack.db.url(), stack.log.clone(), projection, 2, small)
-        .await
-        .unwrap()
-        .with_observer(invalidator);
+    let rebuild =
+        Projector::new(stack.database.clone(), stack.log.clone(), projection, 2, small).with_observer(invalidator);
     let rebuild_started = answered.load(Ordering::SeqCst);
     rebuild.prepare().await.unwrap();
     while rebuild.step().await.unwrap() > 0 {}
     let before_switch = answered.load(Ordering::SeqCst);
     assert!(before_switch > rebuild_started, "queries ran while the rebuild built");
     rebuild.activate().await.unwrap();
-    let (_stop_v2, stopped) = watch::channel(false);
-    tokio::spawn(rebuild.run(stopped));
+    let stop_v2 = CancellationToken::new();
+    tokio::spawn(rebuild.run(stop_v2.clone()));
     let deadline = Instant::now() + Duration::from_secs(10);
     while stack.query.positions().get("order_views").map(|a| a.version) != Some(2) {
         assert!(Instant::now() < deadline, "the query side follows the switch");
@@ -671,7 +662,7 @@ async fn a_rebuild_switches_under_query_load_without_errors_or_empty_answers() {
     assert!(before_switch > 0 && answered > before_switch + 5, "queries ran before and after the switch");
     let problems = problems.lock().unwrap();
     assert!(problems.is_empty(), "{} problems, e.g. {:?}", problems.len(), problems.first());
-    let _ = stack.stop_projectors.send(true);
+    stack.stop_projectors.cancel();
 }
 
 /// The fields of the `BadRequest` violations of `status`.
@@ -827,24 +818,21 @@ fn assert_no_driver_text(status: &tonic::Status, port: u16) {
 async fn an_unreachable_database_answers_unavailable_with_an_error_id_and_no_driver_text() {
     let url = eventfold_tests::unreachable_database_url();
     let port: u16 = url.rsplit(':').next().and_then(|p| p.split('/').next()).unwrap().parse().unwrap();
-    let log = PostgresEventLog::connect(
-        eventfold_store::Database::open(
-            &url.clone(),
-            &eventfold_store::DatabaseOptions { connect_timeout: Duration::from_secs(1), ..Default::default() },
-        )
-        .expect("a PostgreSQL URL"),
-        PostgresConfig::default(),
+    let database = Database::open(
+        &url,
+        &eventfold_store::DatabaseOptions { connect_timeout: Duration::from_secs(1), ..Default::default() },
     )
-    .await
-    .expect("connecting is lazy");
+    .expect("a PostgreSQL URL");
+    let log = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.expect("connecting is lazy");
     let config = eventfold_query::Config::default();
-    let query = Query::connect(&config, &url, Arc::new(log)).await.expect("the pool connects lazily");
+    let query = Query::connect(&config, database, Arc::new(log)).await.expect("the pool connects lazily");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (_stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(eventfold_query::run(config, query, listener, async move {
-        let _ = stopped.await;
-    }));
+    let token = CancellationToken::new();
+    let _stop = token.clone().drop_guard();
+    let mut server = GrpcServer::new();
+    eventfold_query::host(&mut server, &config, query, token.clone());
+    tokio::spawn(server.serve(listener, token, Duration::from_secs(10)));
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
     let (mut a, mut b, mut c) = (
         OrderQueryServiceClient::new(channel.clone()),

@@ -26,14 +26,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bb8::Pool;
-use bb8_postgres::PostgresConnectionManager;
 use eventfold_bus::Kafka;
-use eventfold_store::{AllRead, EventFilter, EventLog, RecordedEvent};
+use eventfold_store::{AllRead, Backoff, Database, EventFilter, EventLog, RecordedEvent};
 use rskafka::{client::partition::Compression, record::Record};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
-use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
 
 /// Where unencodable events go (value: the stored JSON body, header
 /// `error`), so that the relay goes on and nothing is lost.
@@ -64,6 +61,14 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Longest pause between retries while the broker is unreachable.
     pub max_backoff_ms: u64,
+}
+
+impl Config {
+    /// The pauses before a failed [`Relay::run`] runs again (the
+    /// supervisor's): from 50 ms up to `max_backoff_ms`.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(Duration::from_millis(50), Duration::from_millis(self.max_backoff_ms.max(50)))
+    }
 }
 
 impl Default for Config {
@@ -110,8 +115,7 @@ pub trait ValueEncoder: Send + Sync + 'static {
 pub enum Error {
     #[error("database: {0}")]
     Database(#[from] tokio_postgres::Error),
-    #[error("database pool: {0}")]
-    Pool(String),
+    /// The event log, or no connection from the pool.
     #[error(transparent)]
     Store(#[from] eventfold_store::Error),
     #[error("broker: {0}")]
@@ -219,14 +223,18 @@ pub struct Stats {
     pub events: AtomicU64,
 }
 
-/// See the crate documentation.
+/// See the crate documentation. Clones share the broker connection and
+/// the stats: the supervisor runs a clone again after a failure.
+#[derive(Clone)]
 pub struct Relay {
-    pool: Pool<PostgresConnectionManager<NoTls>>,
+    database: Database,
     log: Arc<dyn EventLog>,
     encoder: Arc<dyn ValueEncoder>,
     config: Config,
-    kafka: tokio::sync::Mutex<Option<Kafka>>,
+    kafka: Arc<tokio::sync::Mutex<Option<Kafka>>>,
     stats: Arc<Stats>,
+    /// Since when the steps fail (for the log line of the recovery).
+    failing_since: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -237,25 +245,25 @@ impl std::fmt::Debug for Relay {
 
 impl Relay {
     /// A relay from `log` to the brokers of `config`, keeping its checkpoint
-    /// in the database of `database_url` (which holds the migrations).
+    /// in `database` (which holds the migrations). A checkpoint lost in a
+    /// server crash only makes the relay send that batch again (consumers
+    /// drop what they applied): `database` may be one whose sessions do not
+    /// wait for the WAL flush. Connections are made when needed.
     pub async fn new(
-        database_url: &str,
+        database: Database,
         log: Arc<dyn EventLog>,
         encoder: Arc<dyn ValueEncoder>,
         config: Config,
     ) -> Result<Self> {
-        let mut pg: tokio_postgres::Config = database_url.parse()?;
-        // A checkpoint lost in a server crash only makes the relay send
-        // that batch again (consumers drop what they applied): its commit
-        // need not wait for the WAL flush.
-        eventfold_store::postgres::without_flush_wait(&mut pg);
-        let pool = Pool::builder()
-            .max_size(1)
-            .connection_timeout(Duration::from_secs(5))
-            .build(PostgresConnectionManager::new(pg, NoTls))
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
-        Ok(Self { pool, log, encoder, config, kafka: tokio::sync::Mutex::new(None), stats: Arc::default() })
+        Ok(Self {
+            database,
+            log,
+            encoder,
+            config,
+            kafka: Arc::default(),
+            stats: Arc::default(),
+            failing_since: Arc::default(),
+        })
     }
 
     /// What this relay has sent, readable while it runs.
@@ -269,7 +277,7 @@ impl Relay {
 
     /// Every event up to here is on the broker.
     pub async fn position(&self) -> Result<u64> {
-        let client = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
+        let client = self.database.get().await?;
         let row = client
             .query_opt("SELECT position FROM bus.relay_checkpoints WHERE name = $1", &[&self.config.name])
             .await?;
@@ -369,7 +377,7 @@ impl Relay {
     }
 
     async fn save(&self, position: u64, produced: i64) -> Result<()> {
-        let client = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
+        let client = self.database.get().await?;
         client
             .execute(
                 "INSERT INTO bus.relay_checkpoints (name, position, produced) VALUES ($1, $2, $3) \
@@ -381,47 +389,44 @@ impl Relay {
         Ok(())
     }
 
-    /// Relays until `shutdown` turns true; failures (broker or database
-    /// away) are logged and retried with exponential backoff, from the
-    /// checkpoint.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Relays until `token` is cancelled (then `Ok`). A failed step (the
+    /// broker, the registry or the database away) ends the run with its
+    /// error: the supervisor runs the relay again after a pause
+    /// ([`Config::backoff`]), from the checkpoint. A step cut short by the
+    /// cancellation moves no checkpoint (its batch is sent again).
+    pub async fn run(self, token: CancellationToken) -> Result<()> {
         let mut wake = self.log.appended();
-        let initial = Duration::from_millis(50);
-        let mut backoff = initial;
-        let max = Duration::from_millis(self.config.max_backoff_ms.max(50));
-        let mut failing_since: Option<Instant> = None;
-        while !*shutdown.borrow() {
-            match self.step().await {
-                Ok(0) => {
-                    backoff = initial;
-                    failing_since = None;
-                    tokio::select! {
-                        _ = wake.changed() => {
-                            tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
-                        }
-                        () = tokio::time::sleep(Duration::from_millis(self.config.idle_poll_ms)) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                }
-                Ok(_) => {
-                    if let Some(since) = failing_since.take() {
+        while !token.is_cancelled() {
+            let step = tokio::select! {
+                step = self.step() => step,
+                () = token.cancelled() => break,
+            };
+            match step {
+                Ok(sent) => {
+                    let since = self.failing_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                    if let Some(since) = since {
                         tracing::info!(after = ?since.elapsed(), "relay recovered");
                     }
-                    backoff = initial;
+                    if sent == 0 {
+                        tokio::select! {
+                            _ = wake.changed() => {
+                                tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
+                            }
+                            () = tokio::time::sleep(Duration::from_millis(self.config.idle_poll_ms)) => {}
+                            () = token.cancelled() => {}
+                        }
+                    }
                 }
                 Err(error) => {
-                    if failing_since.is_none() {
-                        failing_since = Some(Instant::now());
-                    }
-                    tracing::warn!(%error, retry_in = ?backoff, "relay failed; retrying from the checkpoint");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(max);
+                    self.failing_since
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get_or_insert_with(Instant::now);
+                    return Err(error);
                 }
             }
         }
+        Ok(())
     }
 }
 

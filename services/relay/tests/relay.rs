@@ -14,16 +14,19 @@ use eventfold_domain::{
     Currency, Money,
     order::{CancelOrder, ConfirmOrder, CreateOrder, OrderCommand, OrderItem},
 };
+use eventfold_platform::runtime::{CancellationToken, supervise};
 use eventfold_relay::{AvroEncoder, Config, Relay};
 use eventfold_schemas::{Catalog, Registry, SchemaType};
-use eventfold_store::{AllRead, EventFilter, EventLog, PostgresConfig, PostgresEventLog, RecordedEvent, Upcasting};
+use eventfold_store::{
+    AllRead, Database, EventFilter, EventLog, PostgresConfig, PostgresEventLog, RecordedEvent, Upcasting,
+};
 use eventfold_tests::{TestDatabase, kafka::Broker, registry::RegistryStandIn};
 use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
-use tokio::sync::watch;
 use tower::ServiceExt;
 
 struct Setup {
-    db: TestDatabase,
+    _db: TestDatabase,
+    database: Database,
     log: Arc<dyn EventLog>,
     broker: Broker,
     registry: RegistryStandIn,
@@ -31,12 +34,13 @@ struct Setup {
 
 async fn setup() -> Setup {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect the log");
+    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let store = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.expect("connect the log");
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let registry = RegistryStandIn::start().await;
     let client = Registry::new(registry.url()).unwrap();
     client.register_catalog(&Catalog::load().unwrap(), eventfold_proto::FILE_DESCRIPTOR_SET).await.unwrap();
-    Setup { db, log, broker: Broker::start(), registry }
+    Setup { _db: db, database, log, broker: Broker::start(), registry }
 }
 
 impl Setup {
@@ -52,7 +56,7 @@ impl Setup {
 
     async fn relay(&self) -> Relay {
         let encoder = AvroEncoder::new(Catalog::load().unwrap(), Registry::new(self.registry.url()).unwrap());
-        Relay::new(self.db.url(), self.log.clone(), Arc::new(encoder), self.config()).await.unwrap()
+        Relay::new(self.database.clone(), self.log.clone(), Arc::new(encoder), self.config()).await.unwrap()
     }
 }
 
@@ -189,8 +193,7 @@ async fn a_relay_killed_between_producing_and_checkpointing_loses_nothing_and_ke
     let writer = tokio::spawn(write_orders(setup.log.clone(), 0, 120, Duration::from_millis(2)));
     for round in 0..8u64 {
         let relay = setup.relay().await;
-        let (_stop, stop) = watch::channel(false);
-        let task = tokio::spawn(relay.run(stop));
+        let task = tokio::spawn(relay.run(CancellationToken::new()));
         tokio::time::sleep(Duration::from_millis(40 + (round * 37) % 150)).await;
         task.abort();
         let _ = task.await;
@@ -208,8 +211,11 @@ async fn a_relay_killed_between_producing_and_checkpointing_loses_nothing_and_ke
 async fn the_relay_recovers_from_a_broker_outage_by_itself() {
     let setup = setup().await;
     let relay = setup.relay().await;
-    let (stop_tx, stop) = watch::channel(false);
-    let running = tokio::spawn(relay.run(stop));
+    // As the process runs it: under the supervisor, which runs it again
+    // after a failure.
+    let stop = CancellationToken::new();
+    let backoff = setup.config().backoff();
+    let running = tokio::spawn(supervise("relay", stop.clone(), backoff, move |token| relay.clone().run(token)));
     write_orders(setup.log.clone(), 0, 20, Duration::ZERO).await;
     setup.broker.pause();
     // Appends go on while the broker is unreachable for 10 s.
@@ -225,7 +231,7 @@ async fn the_relay_recovers_from_a_broker_outage_by_itself() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(probe.position().await.unwrap(), head, "caught up without help; broker log:\n{}", setup.broker.log());
-    let _ = stop_tx.send(true);
+    stop.cancel();
     tokio::time::timeout(Duration::from_secs(15), running).await.expect("stops").unwrap();
     assert_delivered(&setup).await;
 }

@@ -16,9 +16,11 @@
 //! watched sagas and reads a saga (with its history) only when its version
 //! moved.
 //!
-//! Database failures never reach a client as text: `UNAVAILABLE` and
-//! `INTERNAL` answers carry a generic message and an `error_id` (ErrorInfo
-//! metadata) that the log line with the real error repeats.
+//! This is the edge of the crate: requests become domain calls here, and
+//! every [`Error`] becomes its status through one `From<Error> for
+//! Status`. Database failures never reach a client as text: `UNAVAILABLE`
+//! and `INTERNAL` answers carry a generic message and an `error_id`
+//! (ErrorInfo metadata) that the log line with the real error repeats.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -29,23 +31,30 @@ use std::{
 
 use eventfold_platform::{
     page,
+    server::GrpcServer,
     status::{self, error_info, invalid_argument},
+    watchers::Watchers,
 };
-use eventfold_platform::{server::Router, watchers::Watchers};
 use eventfold_proto::sagas::{
     self as pb,
     saga_service_server::{SagaService, SagaServiceServer},
 };
+use eventfold_store::Database;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
+    config::SagaConfig,
+    error::Error,
     model::{SagaType, Status as SagaStatus},
     repo::Repository,
-    store::{self, SagaRecord, StoreError},
+    store::{self, SagaRecord},
 };
 
 /// The gRPC names of the saga service, as health and reflection know them.
 pub const SERVICE_NAMES: &[&str] = &["eventfold.sagas.v1.SagaService"];
+
+/// How often the health of the service follows the saga store.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often a watch looks at its saga at most.
 const WATCH_POLL: Duration = Duration::from_millis(25);
@@ -83,10 +92,11 @@ impl std::fmt::Debug for Sagas {
 }
 
 impl Sagas {
-    /// The service over the sagas of the database of `database_url`.
-    pub async fn connect(database_url: &str) -> Result<Sagas, StoreError> {
-        // An operator's change holds its saga only while it is saved.
-        Ok(Sagas::new(Repository::postgres(database_url, 4).await?))
+    /// The service over the sagas of `database` (an operator's change
+    /// holds a connection of its pool while it waits for the saga and
+    /// saves it; reads hold one per statement).
+    pub fn postgres(database: Database) -> Sagas {
+        Sagas::new(Repository::postgres(database))
     }
 
     /// The service over the sagas of `sagas`.
@@ -111,53 +121,59 @@ impl Sagas {
     }
 }
 
-/// Adds the saga service to `router`.
-pub fn add_services(router: Router, sagas: Sagas) -> Router {
-    router.add_service(SagaServiceServer::new(sagas))
+/// Hosts the saga service on `server` with `config`'s limits (see
+/// [`SagaConfig::service`]), its health following the saga store.
+pub fn host(server: &mut GrpcServer, config: &SagaConfig, sagas: Sagas) {
+    let sagas = config.service(sagas);
+    let probed = sagas.sagas.clone();
+    server.add_service(eventfold_proto::FILE_DESCRIPTOR_SET, SagaServiceServer::new(sagas));
+    server.health_check(SERVICE_NAMES, HEALTH_INTERVAL, move || {
+        let sagas = probed.clone();
+        async move { sagas.check().await.map_err(|e| e.to_string()) }
+    });
 }
 
-/// Serves the saga service on `listener` until `shutdown` (with health,
-/// following the saga store, and reflection); calls drain for `grace`.
-pub async fn run(
-    sagas: Sagas,
-    listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    grace: Duration,
-) -> Result<(), eventfold_platform::Error> {
-    let (reporter, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET])?;
-    let probed = sagas.clone();
-    let probe = eventfold_platform::server::spawn_health_probe(
-        reporter,
-        SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
-        Duration::from_secs(5),
-        move || {
-            let sagas = probed.clone();
-            async move { sagas.sagas.check().await.map_err(|e| e.to_string()) }
-        },
-    )
-    .await;
-    let result = eventfold_platform::server::serve(add_services(router, sagas), listener, shutdown, grace).await;
-    probe.abort();
-    result
-}
-
-fn store_status(e: StoreError) -> Status {
-    match e {
-        // The driver's text only in the log (under the answer's error id).
-        StoreError::Database(db) => status::unavailable("the saga store", &db),
-        StoreError::Pool(e) => status::unavailable("the saga store", &e),
-        StoreError::Log(e) => status::from_store(e),
-        StoreError::Conflict { saga_id, .. } => {
-            error_info(Code::Aborted, "the saga changed meanwhile; try again", "SAGA_CHANGED", &[("saga_id", saga_id)])
-        }
-        StoreError::Corrupt { saga_id, message } => {
-            status::internal(&format!("saga {saga_id} is unreadable: {message}"))
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        // PostgreSQL's errors as the store tells them apart: worth a retry
+        // (UNAVAILABLE) or not (INTERNAL).
+        let error = match error {
+            Error::Database(db) => Error::Store(eventfold_store::pg::db_error(db)),
+            other => other,
+        };
+        let saga = |saga_id: &str| ("saga_id", saga_id.to_owned());
+        match &error {
+            Error::NotFound { saga_id } => {
+                error_info(Code::NotFound, error.to_string(), "SAGA_NOT_FOUND", &[saga(saga_id)])
+            }
+            Error::NotRetryable { saga_id, status } => error_info(
+                Code::FailedPrecondition,
+                error.to_string(),
+                "SAGA_NOT_RETRYABLE",
+                &[saga(saga_id), ("status", status.as_str().to_owned())],
+            ),
+            Error::NotRunning { saga_id, status } => error_info(
+                Code::FailedPrecondition,
+                error.to_string(),
+                "SAGA_NOT_RUNNING",
+                &[saga(saga_id), ("status", status.as_str().to_owned())],
+            ),
+            Error::Conflict { saga_id, .. } => {
+                error_info(Code::Aborted, "the saga changed meanwhile; try again", "SAGA_CHANGED", &[saga(saga_id)])
+            }
+            Error::Refused { reason } => error_info(
+                Code::FailedPrecondition,
+                error.to_string(),
+                "SAGA_STEP_REFUSED",
+                &[("reason", reason.clone())],
+            ),
+            // The driver's text only in the log (under the answer's error id).
+            Error::Store(eventfold_store::Error::Unavailable(detail)) => status::unavailable("the saga store", detail),
+            Error::Unavailable(_) => status::unavailable("a saga dependency", &error),
+            Error::Corrupt { .. } => status::internal_because("CORRUPT_DATA", &error),
+            Error::Database(_) | Error::Store(_) => status::internal(&error),
         }
     }
-}
-
-fn not_found(saga_id: &str) -> Status {
-    error_info(Code::NotFound, format!("no saga {saga_id}"), "SAGA_NOT_FOUND", &[("saga_id", saga_id.to_owned())])
 }
 
 /// `INVALID_ARGUMENT` unless `saga_id` is 1 to [`MAX_SAGA_ID_BYTES`] of
@@ -249,8 +265,8 @@ fn from_cursor((micros, saga_id): PageCursor) -> Result<store::Cursor, Status> {
 impl Sagas {
     /// Saga `saga_id` with its history.
     async fn saga(&self, saga_id: &str) -> Result<pb::Saga, Status> {
-        let record = self.sagas.load(saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
-        let steps = self.sagas.steps(saga_id).await.map_err(store_status)?;
+        let record = self.sagas.load(saga_id).await?.ok_or_else(|| Error::NotFound { saga_id: saga_id.to_owned() })?;
+        let steps = self.sagas.steps(saga_id).await?;
         Ok(saga_pb(&record, steps))
     }
 
@@ -268,21 +284,6 @@ impl Sagas {
             }
             newer
         });
-    }
-
-    /// Applies an operator's change to saga `saga_id` under its lock.
-    async fn change(
-        &self,
-        saga_id: &str,
-        change: impl FnOnce(&mut SagaRecord) -> Result<(), Status>,
-    ) -> Result<pb::Saga, Status> {
-        let mut claim = self.sagas.lock(saga_id).await.map_err(store_status)?.ok_or_else(|| not_found(saga_id))?;
-        change(&mut claim.record)?;
-        claim.record.due_at = std::time::SystemTime::now();
-        claim.record.deadline_at = None;
-        claim.save(None).await.map_err(store_status)?;
-        claim.release().await.map_err(store_status)?;
-        self.saga(saga_id).await
     }
 }
 
@@ -325,7 +326,7 @@ impl SagaService for Sagas {
         let filters = format!("type={}&status={}", r.r#type, r.status);
         let after = page::cursor::<PageCursor>(&filters, &r.page_token)?.map(from_cursor).transpose()?;
         let limit = size.saturating_add(1);
-        let mut rows = self.sagas.list(saga_type, status, after.as_ref(), limit).await.map_err(store_status)?;
+        let mut rows = self.sagas.list(saga_type, status, after.as_ref(), limit).await?;
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         let more = rows.len() > size;
         rows.truncate(size);
@@ -371,18 +372,8 @@ impl SagaService for Sagas {
     ) -> Result<Response<pb::RetrySagaResponse>, Status> {
         let r = request.into_inner();
         require_id(&r.saga_id)?;
-        let saga = self
-            .change(&r.saga_id, |record| {
-                record.state.retry().map(drop).ok_or_else(|| {
-                    error_info(
-                        Code::FailedPrecondition,
-                        format!("saga {} has no refused compensation to retry", record.saga_id),
-                        "SAGA_NOT_RETRYABLE",
-                        &[("saga_id", record.saga_id.clone()), ("status", record.state.status.as_str().to_owned())],
-                    )
-                })
-            })
-            .await?;
+        self.sagas.retry(&r.saga_id).await?;
+        let saga = self.saga(&r.saga_id).await?;
         Ok(Response::new(pb::RetrySagaResponse { saga: Some(saga) }))
     }
 
@@ -392,18 +383,8 @@ impl SagaService for Sagas {
     ) -> Result<Response<pb::AbortSagaResponse>, Status> {
         let r = request.into_inner();
         require_id(&r.saga_id)?;
-        let saga = self
-            .change(&r.saga_id, |record| {
-                record.state.abort().map(drop).ok_or_else(|| {
-                    error_info(
-                        Code::FailedPrecondition,
-                        format!("saga {} is not running", record.saga_id),
-                        "SAGA_NOT_RUNNING",
-                        &[("saga_id", record.saga_id.clone()), ("status", record.state.status.as_str().to_owned())],
-                    )
-                })
-            })
-            .await?;
+        self.sagas.abort(&r.saga_id).await?;
+        let saga = self.saga(&r.saga_id).await?;
         Ok(Response::new(pb::AbortSagaResponse { saga: Some(saga) }))
     }
 }
@@ -451,8 +432,9 @@ async fn follow_sagas(service: Sagas) {
                     }
                 }
             }
-            // Logged with its error id (see `store_status`); tried again.
-            Err(e) => drop(store_status(e)),
+            // Logged with its error id (see `From<Error> for Status`);
+            // tried again.
+            Err(e) => drop(Status::from(e)),
         }
         tokio::select! {
             () = tokio::time::sleep(WATCH_POLL) => {}

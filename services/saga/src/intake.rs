@@ -9,10 +9,7 @@
 //! The embedded `eventfold dev` (in-memory log, no PostgreSQL) runs
 //! [`run_in_memory`] instead: the same starts, into [`MemorySagas`].
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::SystemTime};
 
 use async_trait::async_trait;
 use eventfold_domain::{
@@ -20,12 +17,13 @@ use eventfold_domain::{
     account::{AccountEvent, TransferRequested},
     order::{OrderCreated, OrderEvent},
 };
+use eventfold_platform::runtime::CancellationToken;
 use eventfold_projector::{ApplyError, Projection};
 use eventfold_store::{AllRead, EventFilter, EventLog, RecordedEvent};
-use tokio::sync::watch;
 use tokio_postgres::Transaction;
 
 use crate::{
+    error::{Error, Result},
     model::{SagaState, SagaType},
     repo::MemorySagas,
     steps::{FulfilmentData, Line, TransferData},
@@ -150,7 +148,7 @@ impl Projection for SagaIntake {
             return Ok(());
         };
         let started = store::start(tx, &record).await.map_err(|e| match e {
-            store::StoreError::Database(db) => ApplyError::Database(db),
+            Error::Database(db) => ApplyError::Database(db),
             other => ApplyError::Event(other.to_string()),
         })?;
         if started {
@@ -161,57 +159,50 @@ impl Projection for SagaIntake {
 }
 
 /// Starts the sagas of the events of `log` (from its beginning) in `sagas`
-/// until `shutdown` turns true: the intake of the embedded `eventfold dev`,
-/// whose log and sagas live and die with the process. An event that
-/// cannot be read starts nothing and is logged.
-pub async fn run_in_memory(log: Arc<dyn EventLog>, sagas: Arc<MemorySagas>, mut shutdown: watch::Receiver<bool>) {
+/// until `token` is cancelled (or the log is gone): the intake of the
+/// embedded `eventfold dev`, whose log and sagas live and die with the
+/// process. An event that cannot be read starts nothing and is logged. A
+/// read that fails ends it with the error; run again (by its supervisor)
+/// it reads the log from its beginning, and a saga already started is not
+/// started twice.
+pub async fn run_in_memory(log: Arc<dyn EventLog>, sagas: Arc<MemorySagas>, token: CancellationToken) -> Result<()> {
     let filter = EventFilter {
         stream_prefixes: Vec::new(),
         event_types: vec!["OrderCreated".to_owned(), "TransferRequested".to_owned()],
     };
     let mut appended = log.appended();
     let mut position = 0;
-    while !*shutdown.borrow() {
+    while !token.is_cancelled() {
         // Seen before the read: an append after it wakes the wait below.
         appended.borrow_and_update();
         let read = AllRead { after: position, max_count: 500, filter: filter.clone() };
-        match log.read_all(read).await {
-            Ok(slice) => {
-                for event in &slice.events {
-                    match saga_for(event) {
-                        Ok(Some(record)) => {
-                            sagas.start(&record);
-                        }
-                        Ok(None) => {}
-                        Err(error) => tracing::error!(
-                            position = event.global_position,
-                            stream = %event.stream_id,
-                            %error,
-                            "event starts no saga: it cannot be read"
-                        ),
-                    }
+        let slice = log.read_all(read).await?;
+        for event in &slice.events {
+            match saga_for(event) {
+                Ok(Some(record)) => {
+                    sagas.start(&record);
                 }
-                position = slice.next_position;
-                if slice.end_of_log {
-                    // Either sender gone: the process is shutting down.
-                    let gone = tokio::select! {
-                        changed = appended.changed() => changed.is_err(),
-                        changed = shutdown.changed() => changed.is_err(),
-                    };
-                    if gone {
-                        return;
-                    }
-                }
+                Ok(None) => {}
+                Err(error) => tracing::error!(
+                    position = event.global_position,
+                    stream = %event.stream_id,
+                    %error,
+                    "event starts no saga: it cannot be read"
+                ),
             }
-            Err(error) => {
-                tracing::warn!(%error, "saga intake could not read the log; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    changed = shutdown.changed() => if changed.is_err() { return },
-                }
+        }
+        position = slice.next_position;
+        if slice.end_of_log {
+            tokio::select! {
+                changed = appended.changed() => if changed.is_err() {
+                    // The log is gone: nothing more can start a saga.
+                    return Ok(());
+                },
+                () = token.cancelled() => {}
             }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

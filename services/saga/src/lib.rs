@@ -14,7 +14,10 @@
 //! (a projection, so it runs on the log or on Kafka); [`steps`] is what
 //! each step sends to the command side and the ports; [`orchestrator`]
 //! runs the due steps, with their deadlines on record; [`grpc`] is the
-//! `SagaService`.
+//! `SagaService` (and the one mapping of [`Error`] to a gRPC status);
+//! [`error`] is its one error type and [`config`] is `[saga]`. The process hosts the service on its gRPC
+//! server ([`grpc::host`]) and runs the orchestrator (and, in memory, the
+//! intake) under its supervisor, with its token.
 
 // Request values reach this crate: arithmetic is checked or saturating,
 // casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
@@ -24,6 +27,8 @@
     warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
 )]
 
+pub mod config;
+pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod intake;
@@ -35,12 +40,12 @@ pub mod steps;
 pub mod store;
 
 pub use crate::{
+    config::SagaConfig,
+    error::{Error, Result},
     intake::SagaIntake,
     model::{Next, Outcome, RetryPolicy, SagaState, SagaType, Status, Step},
     orchestrator::{Orchestrator, OrchestratorConfig},
-    ports::{
-        Authorization, Carrier, Label, PaymentProvider, PortError, SandboxCarrier, SandboxConfig, SandboxPayments,
-    },
+    ports::{Authorization, Carrier, Label, PaymentProvider, SandboxCarrier, SandboxConfig, SandboxPayments},
     repo::{Claim, MemorySagas, Repository},
     steps::{CommandSender, Fulfilment, FulfilmentData},
 };

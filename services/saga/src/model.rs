@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use eventfold_store::Backoff;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -163,7 +164,7 @@ pub enum Outcome {
     TimedOut,
 }
 
-/// Retries of a step: exponential backoff with jitter.
+/// Retries of a step: exponential backoff ([`Backoff`]) with jitter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
@@ -184,14 +185,21 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The exponential waits of this policy, from `base_ms` up to
+    /// `max_delay_ms`, without a random part (see [`RetryPolicy::delay`]).
+    pub fn backoff(&self) -> Backoff {
+        let first = Duration::from_millis(self.base_ms);
+        Backoff::new(first, Duration::from_millis(self.max_delay_ms).max(first)).exact()
+    }
+
     /// The pause after failure number `failures` (1 for the first): half
-    /// of the exponential delay, plus up to the other half by `jitter`
-    /// (0..1), so sagas that failed together do not retry together.
+    /// of the backoff's wait, plus up to the other half by `jitter` (0..1),
+    /// so sagas that failed together do not retry together, while a
+    /// replayed transition waits the same.
     pub fn delay(&self, failures: u32, jitter: f64) -> Duration {
-        let exponent = failures.saturating_sub(1).min(30);
-        let full = self.base_ms.saturating_mul(1 << exponent).min(self.max_delay_ms.max(self.base_ms));
-        let half = full as f64 / 2.0;
-        Duration::from_micros(((half + half * jitter.clamp(0.0, 1.0)) * 1000.0) as u64)
+        let full = self.backoff().delay(failures.saturating_sub(1));
+        let half = full.checked_div(2).unwrap_or_default();
+        half.saturating_add(half.mul_f64(jitter.clamp(0.0, 1.0)))
     }
 }
 

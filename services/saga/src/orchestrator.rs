@@ -14,14 +14,17 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use eventfold_platform::runtime::CancellationToken;
+use eventfold_store::Database;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
+    error::{Error, Result},
     model::{Next, Outcome, RetryPolicy, SagaType, Status, Step, jitter},
     repo::{Claim, Repository},
     steps::{Fulfilment, FulfilmentData, Transfer, TransferData},
-    store::{SagaRecord, StepLog, StoreError},
+    store::{SagaRecord, StepLog},
 };
 
 /// Settings of the orchestrator (`[saga]`).
@@ -43,18 +46,8 @@ impl Default for OrchestratorConfig {
     }
 }
 
-/// Errors of the orchestrator.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("saga {saga_id}: {message}")]
-    Data { saga_id: String, message: String },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// See the module documentation.
+/// See the module documentation. Clones share the sagas and the steps.
+#[derive(Clone)]
 pub struct Orchestrator {
     sagas: Repository,
     fulfilment: Arc<Fulfilment>,
@@ -84,12 +77,13 @@ fn later(now: SystemTime, pause: Duration) -> SystemTime {
 }
 
 impl Orchestrator {
-    /// An orchestrator over the sagas of the database of `database_url`
-    /// (which holds the migrations); transfers use the fulfilment's command
-    /// side.
-    pub async fn new(database_url: &str, fulfilment: Fulfilment, config: OrchestratorConfig) -> Result<Self> {
+    /// An orchestrator over the sagas of `database` (which holds the
+    /// migrations); transfers use the fulfilment's command side. It has a
+    /// pool of its own on that server, of `concurrency + 1` connections: a
+    /// saga being worked on holds one for the length of its step.
+    pub fn new(database: Database, fulfilment: Fulfilment, config: OrchestratorConfig) -> Self {
         let size = u32::try_from(config.concurrency.max(1).saturating_add(1)).unwrap_or(u32::MAX);
-        Ok(Self::over(Repository::postgres(database_url, size).await?, fulfilment, config))
+        Self::over(Repository::postgres(database.sized(size)), fulfilment, config)
     }
 
     /// An orchestrator over the sagas of `sagas`.
@@ -155,8 +149,10 @@ impl Orchestrator {
                         tokio::time::timeout(left, run).await.unwrap_or(Outcome::TimedOut)
                     }
                 };
-                record.data = serde_json::to_value(&data)
-                    .map_err(|e| Error::Data { saga_id: record.saga_id.clone(), message: e.to_string() })?;
+                record.data = serde_json::to_value(&data).map_err(|e| Error::Corrupt {
+                    saga_id: record.saga_id.clone(),
+                    message: format!("data not storable: {e}"),
+                })?;
                 outcome
             }
             SagaType::MoneyTransfer => {
@@ -235,41 +231,30 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Runs due sagas until `shutdown` turns true (or its sender is gone),
-    /// looking again at once while there is work, else after `poll_ms` or
-    /// when `wake` changes; failures (PostgreSQL away) are logged and
-    /// retried with backoff.
-    pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs due sagas until `token` is cancelled, looking again at once
+    /// while there is work, else after `poll_ms` or when `wake` changes.
+    /// A failure (PostgreSQL away) ends it with the error: its supervisor
+    /// runs it again after a pause (see
+    /// `eventfold_platform::runtime::supervise`). A step under way when the
+    /// token is cancelled runs to its end (at most its timeout).
+    pub async fn run(self, mut wake: watch::Receiver<u64>, token: CancellationToken) -> Result<()> {
         let poll = Duration::from_millis(self.config.poll_ms.max(1));
-        let mut backoff = Duration::from_millis(100);
-        while !*shutdown.borrow() {
-            match self.tick().await {
-                Ok(0) => {
-                    backoff = Duration::from_millis(100);
-                    // A wake sender that is gone leaves the poll.
-                    let woken = async {
-                        if wake.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    };
-                    tokio::select! {
-                        () = tokio::time::sleep(poll) => {}
-                        () = woken => {}
-                        // The switch gone: nobody can stop it any more but
-                        // by shutting down.
-                        changed = shutdown.changed() => if changed.is_err() { return },
-                    }
+        while !token.is_cancelled() {
+            if self.tick().await? > 0 {
+                continue;
+            }
+            // A wake sender that is gone leaves the poll.
+            let woken = async {
+                if wake.changed().await.is_err() {
+                    std::future::pending::<()>().await;
                 }
-                Ok(_) => backoff = Duration::from_millis(100),
-                Err(error) => {
-                    tracing::warn!(%error, retry_in = ?backoff, "orchestrator failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        changed = shutdown.changed() => if changed.is_err() { return },
-                    }
-                    backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
-                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(poll) => {}
+                () = woken => {}
+                () = token.cancelled() => {}
             }
         }
+        Ok(())
     }
 }

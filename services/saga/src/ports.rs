@@ -26,16 +26,7 @@ use std::{
 use eventfold_domain::Money;
 use sha2::{Digest, Sha256};
 
-/// Why a provider call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PortError {
-    /// Refused for good; `reason` is an UPPER_SNAKE_CASE code.
-    #[error("refused: {reason}")]
-    Refused { reason: String },
-    /// Worth a retry (the provider is away, overloaded, …).
-    #[error("unavailable: {0}")]
-    Unavailable(String),
-}
+use crate::error::Error;
 
 /// An authorization the provider holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,17 +35,19 @@ pub struct Authorization {
     pub amount: Money,
 }
 
-/// A payment provider.
+/// A payment provider. Its calls fail with [`Error::Refused`] (for good,
+/// with an UPPER_SNAKE_CASE reason) or [`Error::Unavailable`] (worth a
+/// retry).
 #[async_trait::async_trait]
 pub trait PaymentProvider: Send + Sync + 'static {
     /// Authorizes `amount` on `token`. The same `key` again answers the
     /// first answer: one authorization per key.
-    async fn authorize(&self, key: &str, token: &str, amount: Money) -> Result<Authorization, PortError>;
+    async fn authorize(&self, key: &str, token: &str, amount: Money) -> Result<Authorization, Error>;
 
     /// Voids the authorization made with `key`. Voiding what was never
     /// authorized, or is void already, is Ok: a compensation may run for
     /// a step whose answer was lost.
-    async fn void(&self, key: &str) -> Result<(), PortError>;
+    async fn void(&self, key: &str) -> Result<(), Error>;
 }
 
 /// A shipping label.
@@ -64,15 +57,15 @@ pub struct Label {
     pub tracking_number: String,
 }
 
-/// A carrier.
+/// A carrier. Its calls fail as a [`PaymentProvider`]'s do.
 #[async_trait::async_trait]
 pub trait Carrier: Send + Sync + 'static {
     /// A label for `order_id` with `carrier`. The same `key` again
     /// answers the first label.
-    async fn create_label(&self, key: &str, order_id: &str, carrier: &str) -> Result<Label, PortError>;
+    async fn create_label(&self, key: &str, order_id: &str, carrier: &str) -> Result<Label, Error>;
 
     /// Cancels the label made with `key`; Ok if there is none.
-    async fn cancel_label(&self, key: &str) -> Result<(), PortError>;
+    async fn cancel_label(&self, key: &str) -> Result<(), Error>;
 }
 
 /// Settings of the sandbox adapters.
@@ -133,17 +126,17 @@ impl SandboxPayments {
 
 #[async_trait::async_trait]
 impl PaymentProvider for SandboxPayments {
-    async fn authorize(&self, key: &str, token: &str, amount: Money) -> Result<Authorization, PortError> {
+    async fn authorize(&self, key: &str, token: &str, amount: Money) -> Result<Authorization, Error> {
         tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
         if let Some(known) = self.authorizations.lock().unwrap_or_else(PoisonError::into_inner).get(key) {
             return Ok(known.authorization.clone());
         }
         match token {
-            "" => return Err(PortError::Refused { reason: "PAYMENT_TOKEN_MISSING".to_owned() }),
-            "tok_decline" => return Err(PortError::Refused { reason: "PAYMENT_DECLINED".to_owned() }),
+            "" => return Err(Error::Refused { reason: "PAYMENT_TOKEN_MISSING".to_owned() }),
+            "tok_decline" => return Err(Error::Refused { reason: "PAYMENT_DECLINED".to_owned() }),
             "tok_timeout" => std::future::pending::<()>().await,
             "tok_flaky" if flaky_fails(&self.flaky, key) => {
-                return Err(PortError::Unavailable("sandbox: tok_flaky fails twice per key".to_owned()));
+                return Err(Error::Unavailable("sandbox: tok_flaky fails twice per key".to_owned()));
             }
             _ => {}
         }
@@ -153,7 +146,7 @@ impl PaymentProvider for SandboxPayments {
         Ok(authorization)
     }
 
-    async fn void(&self, key: &str) -> Result<(), PortError> {
+    async fn void(&self, key: &str) -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
         if let Some(entry) = self.authorizations.lock().unwrap_or_else(PoisonError::into_inner).get_mut(key) {
             entry.voided = true;
@@ -192,15 +185,15 @@ impl SandboxCarrier {
 
 #[async_trait::async_trait]
 impl Carrier for SandboxCarrier {
-    async fn create_label(&self, key: &str, order_id: &str, carrier: &str) -> Result<Label, PortError> {
+    async fn create_label(&self, key: &str, order_id: &str, carrier: &str) -> Result<Label, Error> {
         tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
         if let Some(known) = self.labels.lock().unwrap_or_else(PoisonError::into_inner).get(key) {
             return Ok(known.label.clone());
         }
         match carrier {
-            "fail_label" => return Err(PortError::Refused { reason: "LABEL_REJECTED".to_owned() }),
+            "fail_label" => return Err(Error::Refused { reason: "LABEL_REJECTED".to_owned() }),
             "flaky_label" if flaky_fails(&self.flaky, key) => {
-                return Err(PortError::Unavailable("sandbox: flaky_label fails twice per key".to_owned()));
+                return Err(Error::Unavailable("sandbox: flaky_label fails twice per key".to_owned()));
             }
             _ => {}
         }
@@ -211,7 +204,7 @@ impl Carrier for SandboxCarrier {
         Ok(label)
     }
 
-    async fn cancel_label(&self, key: &str) -> Result<(), PortError> {
+    async fn cancel_label(&self, key: &str) -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
         if let Some(entry) = self.labels.lock().unwrap_or_else(PoisonError::into_inner).get_mut(key) {
             entry.cancelled = true;
@@ -238,15 +231,15 @@ mod tests {
         let ok = payments.authorize("k-1", "tok_visa", eur(500)).await.unwrap();
         assert_eq!(ok.amount, eur(500));
         assert_eq!(payments.authorize("k-1", "tok_visa", eur(500)).await.unwrap(), ok, "same key, same answer");
-        assert_eq!(
+        assert!(matches!(
             payments.authorize("k-2", "tok_decline", eur(500)).await,
-            Err(PortError::Refused { reason: "PAYMENT_DECLINED".into() })
-        );
-        assert!(matches!(payments.authorize("k-3", "", eur(1)).await, Err(PortError::Refused { .. })));
+            Err(Error::Refused { reason }) if reason == "PAYMENT_DECLINED"
+        ));
+        assert!(matches!(payments.authorize("k-3", "", eur(1)).await, Err(Error::Refused { .. })));
         let hung = tokio::time::timeout(Duration::from_millis(50), payments.authorize("k-4", "tok_timeout", eur(1)));
         assert!(hung.await.is_err(), "tok_timeout never answers");
         for _ in 0..2 {
-            assert!(matches!(payments.authorize("k-5", "tok_flaky", eur(1)).await, Err(PortError::Unavailable(_))));
+            assert!(matches!(payments.authorize("k-5", "tok_flaky", eur(1)).await, Err(Error::Unavailable(_))));
         }
         assert!(payments.authorize("k-5", "tok_flaky", eur(1)).await.is_ok(), "the third call succeeds");
         let made = payments.authorizations();
@@ -262,12 +255,12 @@ mod tests {
         let label = carrier.create_label("k-1", "o-1", "DHL").await.unwrap();
         assert_eq!(label.carrier, "DHL");
         assert_eq!(carrier.create_label("k-1", "o-1", "DHL").await.unwrap(), label);
-        assert_eq!(
+        assert!(matches!(
             carrier.create_label("k-2", "o-2", "fail_label").await,
-            Err(PortError::Refused { reason: "LABEL_REJECTED".into() })
-        );
+            Err(Error::Refused { reason }) if reason == "LABEL_REJECTED"
+        ));
         for _ in 0..2 {
-            assert!(matches!(carrier.create_label("k-3", "o-3", "flaky_label").await, Err(PortError::Unavailable(_))));
+            assert!(matches!(carrier.create_label("k-3", "o-3", "flaky_label").await, Err(Error::Unavailable(_))));
         }
         assert!(carrier.create_label("k-3", "o-3", "flaky_label").await.is_ok());
         carrier.cancel_label("k-1").await.unwrap();

@@ -21,24 +21,23 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use bb8::{Pool, PooledConnection};
-use bb8_postgres::PostgresConnectionManager;
-use eventfold_store::EventLog;
+use eventfold_store::{
+    Database, EventLog, PgPool,
+    pg::{PgConnection, pool_error},
+};
 use tokio::sync::{OwnedMutexGuard, watch};
-use tokio_postgres::NoTls;
 
 use crate::{
+    error::{Error, Result},
     events,
-    model::{SagaState, SagaType, Status},
-    store::{self, Cursor, Result, SagaRecord, StepLog, StoreError},
+    model::{Next, SagaState, SagaType, Status},
+    store::{self, Cursor, SagaRecord, StepLog},
 };
-
-type Manager = PostgresConnectionManager<NoTls>;
 
 /// See the module documentation.
 #[derive(Clone)]
 pub enum Repository {
-    Postgres(Pool<Manager>),
+    Postgres(PgPool),
     Memory(Arc<MemorySagas>),
 }
 
@@ -51,35 +50,18 @@ impl std::fmt::Debug for Repository {
     }
 }
 
-fn pool_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Pool(e.to_string())
-}
-
 /// A claim's connection asked for after it went back to the pool (which
 /// only `Held::release`, taking the claim, does).
-fn released() -> StoreError {
-    StoreError::Pool("the claim's connection was already released".to_owned())
+fn released() -> Error {
+    Error::Store(eventfold_store::Error::Internal("the claim's connection was already released".to_owned()))
 }
 
 impl Repository {
-    /// The sagas of the database of `database_url` (which holds the
-    /// migrations and the event store), through `size` connections.
-    pub async fn postgres(database_url: &str, size: u32) -> Result<Repository> {
-        let mut pg: tokio_postgres::Config = database_url.parse()?;
-        // A save is a handful of statements: a session stuck inside one
-        // (its process hung) is ended rather than holding readers back.
-        let setting = "-c idle_in_transaction_session_timeout=30000";
-        let options = match pg.get_options() {
-            Some(own) => format!("{own} {setting}"),
-            None => setting.to_owned(),
-        };
-        pg.options(options);
-        let pool = Pool::builder()
-            .max_size(size.max(1))
-            .connection_timeout(Duration::from_secs(5))
-            .build(PostgresConnectionManager::new(pg, NoTls))
-            .await?;
-        Ok(Repository::Postgres(pool))
+    /// The sagas of `database` (which holds the migrations and the event
+    /// store). A claim holds one of its pooled connections from the claim
+    /// to the release: the pool is to have one per saga worked on at once.
+    pub fn postgres(database: Database) -> Repository {
+        Repository::Postgres(database.pool().clone())
     }
 
     /// Whether the sagas can be reached.
@@ -203,6 +185,46 @@ impl Repository {
             Repository::Memory(m) => Ok(m.claim(|entry| entry.record.saga_id == saga_id, true).await),
         }
     }
+
+    /// An operator's retry of the refused compensations of saga `saga_id`
+    /// (see [`SagaState::retry`]), due at once.
+    pub async fn retry(&self, saga_id: &str) -> Result<()> {
+        self.change(saga_id, SagaState::retry, |record| Error::NotRetryable {
+            saga_id: record.saga_id.clone(),
+            status: record.state.status,
+        })
+        .await
+    }
+
+    /// An operator's abort of saga `saga_id`: it compensates what it did
+    /// (see [`SagaState::abort`]), at once.
+    pub async fn abort(&self, saga_id: &str) -> Result<()> {
+        self.change(saga_id, SagaState::abort, |record| Error::NotRunning {
+            saga_id: record.saga_id.clone(),
+            status: record.state.status,
+        })
+        .await
+    }
+
+    /// Applies an operator's change to saga `saga_id`, waiting for whoever
+    /// holds it; `refused` when the change does not apply.
+    async fn change(
+        &self,
+        saga_id: &str,
+        change: impl FnOnce(&mut SagaState) -> Option<Next>,
+        refused: impl FnOnce(&SagaRecord) -> Error,
+    ) -> Result<()> {
+        let mut claim = self.lock(saga_id).await?.ok_or_else(|| Error::NotFound { saga_id: saga_id.to_owned() })?;
+        if change(&mut claim.record.state).is_none() {
+            let error = refused(&claim.record);
+            claim.release().await?;
+            return Err(error);
+        }
+        claim.record.due_at = SystemTime::now();
+        claim.record.deadline_at = None;
+        claim.save(None).await?;
+        claim.release().await
+    }
 }
 
 /// How many of the due sagas a claim tries, soonest first, before it
@@ -244,6 +266,10 @@ impl Claim {
                 let conn = conn.as_mut().ok_or_else(released)?;
                 let mut saved = self.record.clone();
                 let tx = conn.transaction().await?;
+                // A save is a handful of statements: a session stuck inside
+                // one (its process hung) is ended rather than holding the
+                // gap-safe readers of the log back.
+                tx.batch_execute("SET LOCAL idle_in_transaction_session_timeout = 30000").await?;
                 let position = store::save(&tx, &mut saved, &log, &events).await?;
                 tx.commit().await?;
                 self.record = saved;
@@ -269,7 +295,7 @@ impl Claim {
 /// How a claim holds its saga.
 enum Held {
     /// A pooled connection (holding the saga's advisory lock, once taken).
-    Postgres(Option<PooledConnection<'static, Manager>>),
+    Postgres(Option<PgConnection<'static>>),
     Memory {
         sagas: Arc<MemorySagas>,
         _guard: OwnedMutexGuard<()>,
@@ -279,7 +305,7 @@ enum Held {
 impl Held {
     /// A connection to hold sagas with: from here on, dropping it lets go
     /// of whatever it holds.
-    async fn connect(pool: &Pool<Manager>) -> Result<Held> {
+    async fn connect(pool: &PgPool) -> Result<Held> {
         Ok(Held::Postgres(Some(pool.get_owned().await.map_err(pool_error)?)))
     }
 
@@ -444,7 +470,7 @@ impl MemorySagas {
     ) -> Result<()> {
         let stored = self.entries().get(&record.saga_id).map(|e| e.record.version);
         if stored != Some(record.version) {
-            return Err(StoreError::Conflict { saga_id: record.saga_id.clone(), expected: record.version });
+            return Err(Error::Conflict { saga_id: record.saga_id.clone(), expected: record.version });
         }
         let version = store::next_version(record)?;
         if !events.is_empty() {
@@ -453,7 +479,7 @@ impl MemorySagas {
         let mut entries = self.entries();
         let entry = entries
             .get_mut(&record.saga_id)
-            .ok_or_else(|| StoreError::Conflict { saga_id: record.saga_id.clone(), expected: record.version })?;
+            .ok_or_else(|| Error::Conflict { saga_id: record.saga_id.clone(), expected: record.version })?;
         record.version = version;
         entry.record = record.clone();
         entry.steps.extend(log);

@@ -21,33 +21,25 @@ use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
 use crate::{
+    error::Error,
     model::{Outcome, Step},
-    ports::{Carrier, PaymentProvider, PortError},
+    ports::{Carrier, PaymentProvider},
 };
-
-/// Why the command side did not take a command.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CommandFailure {
-    /// A business rule (or validation) refused it: the reason code.
-    #[error("refused: {0}")]
-    Refused(String),
-    /// Worth a retry: a conflict that outlived the bus's own retries, the
-    /// store away.
-    #[error("{0}")]
-    Transient(String),
-}
 
 /// The command side, as the sagas use it.
 #[async_trait::async_trait]
 pub trait CommandSender: Send + Sync + 'static {
     /// Sends `command` with `request_id` (AIP-155: the same id again gets
-    /// the first answer and appends nothing).
-    async fn send(&self, command: Command, request_id: String, correlation_id: &str) -> Result<(), CommandFailure>;
+    /// the first answer and appends nothing). A business rule (or
+    /// validation) that refuses it is [`Error::Refused`] with the reason
+    /// code; anything worth a retry (a conflict that outlived the bus's own
+    /// retries, the store away) is [`Error::Unavailable`].
+    async fn send(&self, command: Command, request_id: String, correlation_id: &str) -> Result<(), Error>;
 }
 
 #[async_trait::async_trait]
 impl CommandSender for eventfold_command::Bus {
-    async fn send(&self, command: Command, request_id: String, correlation_id: &str) -> Result<(), CommandFailure> {
+    async fn send(&self, command: Command, request_id: String, correlation_id: &str) -> Result<(), Error> {
         let meta = Meta {
             request_id: Some(request_id),
             principal: Some("saga-orchestrator".to_owned()),
@@ -57,16 +49,18 @@ impl CommandSender for eventfold_command::Bus {
         match self.clone().oneshot(Envelope::new(command, meta)).await {
             Ok(_) => Ok(()),
             Err(eventfold_command::Error::Rejected { reason, .. }) => {
-                Err(CommandFailure::Refused(reason.as_str().into()))
+                Err(Error::Refused { reason: reason.as_str().into() })
             }
-            Err(eventfold_command::Error::Invalid(violations)) => Err(CommandFailure::Refused(format!(
-                "INVALID_COMMAND: {}",
-                violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ")
-            ))),
+            Err(eventfold_command::Error::Invalid(violations)) => Err(Error::Refused {
+                reason: format!(
+                    "INVALID_COMMAND: {}",
+                    violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ")
+                ),
+            }),
             Err(eventfold_command::Error::PermissionDenied(why)) => {
-                Err(CommandFailure::Refused(format!("PERMISSION_DENIED: {why}")))
+                Err(Error::Refused { reason: format!("PERMISSION_DENIED: {why}") })
             }
-            Err(other) => Err(CommandFailure::Transient(other.to_string())),
+            Err(other) => Err(Error::Unavailable(other.to_string())),
         }
     }
 }
@@ -118,21 +112,23 @@ impl std::fmt::Debug for Fulfilment {
     }
 }
 
-/// The outcome of a command: done, or how it failed; `undone` lists the
-/// reason codes that mean the effect is already there.
-fn command_outcome(result: Result<(), CommandFailure>, already: &[&str]) -> Option<Outcome> {
-    match result {
-        Ok(()) => None,
-        Err(CommandFailure::Refused(reason)) if already.contains(&reason.as_str()) => None,
-        Err(CommandFailure::Refused(reason)) => Some(Outcome::Rejected { reason }),
-        Err(CommandFailure::Transient(error)) => Some(Outcome::Transient { error }),
+/// How a step ends that failed with `error`: a refusal is for good, and
+/// anything else worth a retry.
+fn failed(error: Error) -> Outcome {
+    match error {
+        Error::Refused { reason } => Outcome::Rejected { reason },
+        Error::Unavailable(error) => Outcome::Transient { error },
+        other => Outcome::Transient { error: other.to_string() },
     }
 }
 
-fn port_outcome(error: PortError) -> Outcome {
-    match error {
-        PortError::Refused { reason } => Outcome::Rejected { reason },
-        PortError::Unavailable(error) => Outcome::Transient { error },
+/// The outcome of a command: done, or how it failed; `already` lists the
+/// reason codes that mean the effect is already there.
+fn command_outcome(result: Result<(), Error>, already: &[&str]) -> Option<Outcome> {
+    match result {
+        Ok(()) => None,
+        Err(Error::Refused { reason }) if already.contains(&reason.as_str()) => None,
+        Err(error) => Some(failed(error)),
     }
 }
 
@@ -180,7 +176,7 @@ impl Fulfilment {
                     data.authorization_id = Some(authorization.id);
                     attempt!(command_outcome(send(command, key).await, &["PAYMENT_ALREADY_EXISTS"]));
                 }
-                Err(PortError::Refused { reason }) => {
+                Err(Error::Refused { reason }) => {
                     // The decline on record (the payment's stream), then
                     // the saga compensates.
                     let command = Command::Payment {
@@ -199,7 +195,7 @@ impl Fulfilment {
                     ));
                     return Outcome::Rejected { reason };
                 }
-                Err(error) => return port_outcome(error),
+                Err(error) => return failed(error),
             },
             Step::CreateShippingLabel => match self.carrier.create_label(&key, &order, &data.carrier).await {
                 Ok(label) => {
@@ -216,7 +212,7 @@ impl Fulfilment {
                     data.tracking_number = Some(label.tracking_number);
                     attempt!(command_outcome(send(command, key).await, &["SHIPMENT_ALREADY_EXISTS"]));
                 }
-                Err(error) => return port_outcome(error),
+                Err(error) => return failed(error),
             },
             Step::ConfirmOrder => {
                 let command = Command::Order { order_id: order.clone(), command: ConfirmOrder.into() };
@@ -224,7 +220,7 @@ impl Fulfilment {
             }
             Step::CancelShippingLabel => {
                 if let Err(error) = self.carrier.cancel_label(&Step::CreateShippingLabel.request_id(saga_id)).await {
-                    return port_outcome(error);
+                    return failed(error);
                 }
                 let command = Command::Shipment {
                     shipment_id: data.shipment_id(),
@@ -234,7 +230,7 @@ impl Fulfilment {
             }
             Step::VoidAuthorization => {
                 if let Err(error) = self.payments.void(&Step::AuthorizePayment.request_id(saga_id)).await {
-                    return port_outcome(error);
+                    return failed(error);
                 }
                 let command = Command::Payment {
                     payment_id: data.payment_id(),
@@ -278,6 +274,7 @@ pub struct TransferData {
 
 /// Runs the steps of the money transfer saga: the source's side (sent,
 /// refunded) and the target's (received), each once per transfer id.
+#[derive(Clone)]
 pub struct Transfer {
     pub commands: Arc<dyn CommandSender>,
 }

@@ -10,26 +10,10 @@ use eventfold_domain::saga::SagaEvent;
 use serde_json::Value;
 use tokio_postgres::{GenericClient, Row};
 
-use crate::model::{SagaState, SagaType, Step};
-
-/// Errors of the saga store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database: {0}")]
-    Database(#[from] tokio_postgres::Error),
-    /// Someone else saved the saga since it was read.
-    #[error("saga {saga_id} changed since version {expected}")]
-    Conflict { saga_id: String, expected: i64 },
-    #[error("saga {saga_id}: stored state unreadable: {message}")]
-    Corrupt { saga_id: String, message: String },
-    #[error("database pool: {0}")]
-    Pool(String),
-    /// The lifecycle events could not be appended (nothing was saved).
-    #[error("saga events: {0}")]
-    Log(#[from] eventfold_store::Error),
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+use crate::{
+    error::{Error, Result},
+    model::{SagaState, SagaType, Step},
+};
 
 /// A saga as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,7 +57,7 @@ fn record(row: &Row) -> Result<SagaRecord> {
     let saga_id: String = row.get("saga_id");
     let state: Value = row.get("state");
     let state = serde_json::from_value(state)
-        .map_err(|e| StoreError::Corrupt { saga_id: saga_id.clone(), message: e.to_string() })?;
+        .map_err(|e| Error::Corrupt { saga_id: saga_id.clone(), message: format!("stored state unreadable: {e}") })?;
     Ok(SagaRecord {
         correlation_id: row.get("correlation_id"),
         state,
@@ -87,7 +71,7 @@ fn record(row: &Row) -> Result<SagaRecord> {
 
 fn state_json(record: &SagaRecord) -> Result<Value> {
     serde_json::to_value(&record.state)
-        .map_err(|e| StoreError::Corrupt { saga_id: record.saga_id.clone(), message: e.to_string() })
+        .map_err(|e| Error::Corrupt { saga_id: record.saga_id.clone(), message: format!("state not storable: {e}") })
 }
 
 /// Stores a new saga unless one of its type already exists for its
@@ -136,7 +120,7 @@ pub async fn find(
 /// and appends its lifecycle `events` to the event store, in the caller's
 /// transaction, and bumps its version; the global position of the last
 /// event appended, if any (the caller wakes readers with it after the
-/// commit). A save by someone else since is a [`StoreError::Conflict`] and
+/// commit). A save by someone else since is an [`Error::Conflict`] and
 /// changes nothing.
 pub async fn save(
     client: &impl GenericClient,
@@ -164,7 +148,7 @@ pub async fn save(
         )
         .await?;
     if updated != 1 {
-        return Err(StoreError::Conflict { saga_id: record.saga_id.clone(), expected: record.version });
+        return Err(Error::Conflict { saga_id: record.saga_id.clone(), expected: record.version });
     }
     for entry in log {
         client
@@ -196,7 +180,7 @@ pub async fn save(
 /// The version `record` gets when saved; `Corrupt` (nothing saved) past
 /// the range of a `bigint`.
 pub(crate) fn next_version(record: &SagaRecord) -> Result<i64> {
-    record.version.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+    record.version.checked_add(1).ok_or_else(|| Error::Corrupt {
         saga_id: record.saga_id.clone(),
         message: format!("version {} cannot be bumped", record.version),
     })
@@ -287,8 +271,10 @@ pub async fn steps(client: &impl GenericClient, saga_id: &str) -> Result<Vec<Ste
     rows.iter()
         .map(|r| {
             let name: String = r.get(0);
-            let step = crate::model::step_named(&name)
-                .ok_or_else(|| StoreError::Corrupt { saga_id: saga_id.to_owned(), message: format!("step {name}") })?;
+            let step = crate::model::step_named(&name).ok_or_else(|| Error::Corrupt {
+                saga_id: saga_id.to_owned(),
+                message: format!("unknown step {name} in its history"),
+            })?;
             Ok(StepLog { step, outcome: r.get(1), detail: r.get(2), started_at: r.get(3), ended_at: r.get(4) })
         })
         .collect()

@@ -15,6 +15,7 @@ use eventfold_domain::{
     inventory::{RegisterProduct, ReplenishStock},
     order::{CreateOrder, OrderItem},
 };
+use eventfold_platform::runtime::{Backoff, CancellationToken, supervise};
 use eventfold_projector::{InventoryViews, OrderViews, Projection, Projector, ProjectorOptions};
 use eventfold_saga::{
     Fulfilment, Orchestrator, OrchestratorConfig, RetryPolicy, SagaIntake, SandboxCarrier, SandboxConfig,
@@ -22,9 +23,8 @@ use eventfold_saga::{
     intake::fulfilment_saga_id,
     store::{self, SagaRecord},
 };
-use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog, Upcasting};
 use eventfold_tests::TestDatabase;
-use tokio_postgres::NoTls;
 use tower::ServiceExt;
 
 fn eur() -> Currency {
@@ -42,10 +42,17 @@ struct Bus {
     source: Arc<dyn eventfold_store::EventSource>,
     _broker: eventfold_tests::kafka::Broker,
     _registry: eventfold_tests::registry::RegistryStandIn,
-    _relay: tokio::sync::watch::Sender<bool>,
+    /// Stops the relay, with the bed.
+    relay: CancellationToken,
 }
 
-async fn kafka_bus(db: &TestDatabase, log: &Arc<dyn EventLog>) -> Bus {
+impl Drop for Bus {
+    fn drop(&mut self) {
+        self.relay.cancel();
+    }
+}
+
+async fn kafka_bus(database: &Database, log: &Arc<dyn EventLog>) -> Bus {
     use eventfold_schemas::{Catalog, Registry};
     let broker = eventfold_tests::kafka::Broker::start();
     let registry = eventfold_tests::registry::RegistryStandIn::start().await;
@@ -61,9 +68,11 @@ async fn kafka_bus(db: &TestDatabase, log: &Arc<dyn EventLog>) -> Bus {
         ..eventfold_relay::Config::default()
     };
     let encoder = eventfold_relay::AvroEncoder::new(Catalog::load().unwrap(), Registry::new(registry.url()).unwrap());
-    let relay = eventfold_relay::Relay::new(db.url(), log.clone(), Arc::new(encoder), relay_config).await.unwrap();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(relay.run(stop));
+    let backoff = relay_config.backoff();
+    let relay =
+        eventfold_relay::Relay::new(database.clone(), log.clone(), Arc::new(encoder), relay_config).await.unwrap();
+    let token = CancellationToken::new();
+    tokio::spawn(supervise("relay", token.clone(), backoff, move |token| relay.clone().run(token)));
     let source_config = eventfold_bus::KafkaSourceConfig {
         consumer: eventfold_bus::ConsumerConfig {
             brokers: vec![broker.bootstrap()],
@@ -78,12 +87,13 @@ async fn kafka_bus(db: &TestDatabase, log: &Arc<dyn EventLog>) -> Bus {
         Catalog::load().unwrap(),
         Registry::new(registry.url()).unwrap(),
     );
-    Bus { source, _broker: broker, _registry: registry, _relay: stop_tx }
+    Bus { source, _broker: broker, _registry: registry, relay: token }
 }
 
 struct Bed {
     kafka: Option<Bus>,
     db: TestDatabase,
+    database: Database,
     log: Arc<dyn EventLog>,
     bus: eventfold_command::Bus,
     payments: Arc<SandboxPayments>,
@@ -107,34 +117,34 @@ fn config() -> OrchestratorConfig {
 
 async fn bed(source: Source) -> Bed {
     let db = TestDatabase::migrated().await;
-    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.unwrap();
+    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let store = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.unwrap();
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let kafka = match source {
         Source::Log => None,
-        Source::Kafka => Some(kafka_bus(&db, &log).await),
+        Source::Kafka => Some(kafka_bus(&database, &log).await),
     };
     let bus = eventfold_command::bus(log.clone(), eventfold_command::BusOptions::default());
     let payments = Arc::new(SandboxPayments::new(SandboxConfig { latency_ms: 1 }));
     let carrier = Arc::new(SandboxCarrier::new(SandboxConfig { latency_ms: 1 }));
     let options = ProjectorOptions { idle_poll: Duration::from_millis(5), ..ProjectorOptions::default() };
-    let mut intake = Projector::new(db.url(), log.clone(), Arc::new(SagaIntake), 1, options.clone()).await.unwrap();
+    let mut intake = Projector::new(database.clone(), log.clone(), Arc::new(SagaIntake), 1, options.clone());
     if let Some(bus) = &kafka {
         intake = intake.with_source(bus.source.clone());
     }
     intake.prepare().await.unwrap();
     let mut views = Vec::new();
     for projection in [Arc::new(OrderViews) as Arc<dyn Projection>, Arc::new(InventoryViews::default())] {
-        let projector = Projector::new(db.url(), log.clone(), projection, 1, options.clone()).await.unwrap();
+        let projector = Projector::new(database.clone(), log.clone(), projection, 1, options.clone());
         projector.prepare().await.unwrap();
         projector.activate().await.unwrap();
         views.push(projector);
     }
     let fulfilment =
         Fulfilment { commands: Arc::new(bus.clone()), payments: payments.clone(), carrier: carrier.clone() };
-    let orchestrator = Orchestrator::new(db.url(), fulfilment, config()).await.unwrap();
-    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let bed = Bed { kafka, db, log, bus, payments, carrier, intake, views, orchestrator, client };
+    let orchestrator = Orchestrator::new(database.clone(), fulfilment, config());
+    let client = database.connect().await.unwrap();
+    let bed = Bed { kafka, db, database, log, bus, payments, carrier, intake, views, orchestrator, client };
     for product in ["sku-a", "sku-b"] {
         bed.send(Command::Inventory {
             product_id: product.into(),
@@ -389,20 +399,24 @@ async fn statuses(client: &tokio_postgres::Client) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The intake and the read models running in the background.
+/// The intake and the read models running in the background, each under
+/// a supervisor (as in a process).
 struct Background {
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Background {
     async fn start(bed: &Bed) -> Background {
-        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let projections: [Arc<dyn Projection>; 3] =
             [Arc::new(SagaIntake), Arc::new(OrderViews), Arc::new(InventoryViews::default())];
         for projection in projections {
-            tasks.push(tokio::spawn(projector(bed, projection).await.run(stopped.clone())));
+            let projector = projector(bed, projection);
+            let run =
+                supervise("projector", stop.clone(), Backoff::default(), move |token| projector.clone().run(token));
+            tasks.push(tokio::spawn(run));
         }
         Background { stop, tasks }
     }
@@ -410,7 +424,7 @@ impl Background {
     /// Lets the read models catch up, then stops them.
     async fn stop(self) {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         for task in self.tasks {
             task.await.unwrap();
         }
@@ -431,19 +445,30 @@ async fn all_finished(bed: &Bed, orders: usize) -> BTreeMap<String, String> {
     panic!("not every one of {orders} sagas finished: {finished:?}");
 }
 
-/// The orchestrator as a background task, and its stop switch.
-fn spawn_orchestrator(orchestrator: Orchestrator) -> (tokio::task::JoinHandle<()>, tokio::sync::watch::Sender<bool>) {
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+/// The orchestrator as a background task, and its stop switch. A failed
+/// run is started again after a pause, as its supervisor does in a
+/// process, but in this task: aborting the task kills the orchestrator
+/// (a crash).
+fn spawn_orchestrator(orchestrator: Orchestrator) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+    let stop = CancellationToken::new();
     // Nothing wakes it early: it polls.
     let (_wake, wake) = tokio::sync::watch::channel(0u64);
-    (tokio::spawn(orchestrator.run(wake, stop)), stop_tx)
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut retries = Backoff::default().start();
+        while let Err(error) = orchestrator.clone().run(wake.clone(), token.clone()).await {
+            eprintln!("orchestrator failed, restarting: {error}");
+            retries.wait().await;
+        }
+    });
+    (task, stop)
 }
 
 /// A projector of `projection`; the intake reads the bed's source.
-async fn projector(bed: &Bed, projection: Arc<dyn Projection>) -> Projector {
+fn projector(bed: &Bed, projection: Arc<dyn Projection>) -> Projector {
     let options = ProjectorOptions { idle_poll: Duration::from_millis(5), ..ProjectorOptions::default() };
     let intake = projection.name() == SagaIntake.name();
-    let projector = Projector::new(bed.db.url(), bed.log.clone(), projection, 1, options).await.unwrap();
+    let projector = Projector::new(bed.database.clone(), bed.log.clone(), projection, 1, options);
     match &bed.kafka {
         Some(bus) if intake => projector.with_source(bus.source.clone()),
         _ => projector,
@@ -494,7 +519,7 @@ async fn sagas_finish_exactly_once_across_orchestrator_crashes(source: Source) {
     // claim and its save take longer) still sees steps end between kills.
     let mut round = 0u64;
     loop {
-        let orchestrator = Orchestrator::new(bed.db.url(), fulfilment(), config()).await.unwrap();
+        let orchestrator = Orchestrator::new(bed.database.clone(), fulfilment(), config());
         let (task, _stop) = spawn_orchestrator(orchestrator);
         tokio::time::sleep(Duration::from_millis(20 + (round * 37) % 90 + 2 * round)).await;
         task.abort();
@@ -508,10 +533,10 @@ async fn sagas_finish_exactly_once_across_orchestrator_crashes(source: Source) {
     }
     writer.await.unwrap();
     // Then it runs to the end.
-    let orchestrator = Orchestrator::new(bed.db.url(), fulfilment(), config()).await.unwrap();
+    let orchestrator = Orchestrator::new(bed.database.clone(), fulfilment(), config());
     let (task, stop_orchestrator) = spawn_orchestrator(orchestrator);
     let finished = all_finished(&bed, orders).await;
-    let _ = stop_orchestrator.send(true);
+    stop_orchestrator.cancel();
     task.await.unwrap();
     background.stop().await;
 
@@ -590,8 +615,7 @@ async fn concurrent_sagas_on_scarce_stock_keep_the_stock_whole(source: Source) {
         payments: bed.payments.clone(),
         carrier: bed.carrier.clone(),
     };
-    let (task, stop_orchestrator) =
-        spawn_orchestrator(Orchestrator::new(bed.db.url(), fulfilment, config).await.unwrap());
+    let (task, stop_orchestrator) = spawn_orchestrator(Orchestrator::new(bed.database.clone(), fulfilment, config));
 
     // Each order: two products, 1 to 3 units each (about 400 units asked of
     // 300); one in ten is declined.
@@ -628,7 +652,7 @@ async fn concurrent_sagas_on_scarce_stock_keep_the_stock_whole(source: Source) {
     futures_util::future::join_all(creates).await;
 
     let finished = all_finished(&bed, orders).await;
-    let _ = stop_orchestrator.send(true);
+    stop_orchestrator.cancel();
     task.await.unwrap();
     background.stop().await;
 
@@ -748,7 +772,7 @@ async fn a_transfer_the_target_refuses_is_refunded(source: Source) {
 /// A bed whose read models include the account views.
 async fn bed_with_accounts(source: Source) -> Bed {
     let mut bed = bed(source).await;
-    let accounts = projector(&bed, Arc::new(eventfold_projector::AccountViews)).await;
+    let accounts = projector(&bed, Arc::new(eventfold_projector::AccountViews));
     accounts.prepare().await.unwrap();
     accounts.activate().await.unwrap();
     bed.views.push(accounts);
@@ -813,6 +837,67 @@ async fn a_saga_with_unreadable_data_is_parked_and_holds_up_no_other() {
     assert!(parked.due_at > now + Duration::from_secs(3000), "due again in an hour");
     let history = store::steps(&bed.client, "broken").await.unwrap();
     assert_eq!(history.last().map(|s| s.outcome.as_str()), Some("PARKED"));
+}
+
+/// The embedded `eventfold dev`: the intake and the orchestrator on the
+/// in-memory log and sagas fulfil an order, then end (`Ok`) when their
+/// token is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_sagas_fulfil_an_order_and_stop_with_their_token() {
+    let memory_log = Arc::new(eventfold_store::MemoryEventLog::new());
+    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(memory_log, eventfold_command::upcasters()));
+    let bus = eventfold_command::bus(log.clone(), eventfold_command::BusOptions::default());
+    let send = |command: Command| {
+        let bus = bus.clone();
+        async move {
+            bus.oneshot(Envelope::new(command, test_meta())).await.unwrap();
+        }
+    };
+    let register = RegisterProduct { product_id: "sku-a".into(), name: "sku-a".into() };
+    send(Command::Inventory { product_id: "sku-a".into(), command: register.into() }).await;
+    send(Command::Inventory { product_id: "sku-a".into(), command: ReplenishStock { quantity: 10 }.into() }).await;
+
+    let memory = eventfold_saga::MemorySagas::new(log.clone());
+    let sagas = eventfold_saga::Repository::Memory(memory.clone());
+    let payments = Arc::new(SandboxPayments::new(SandboxConfig { latency_ms: 1 }));
+    let fulfilment = Fulfilment {
+        commands: Arc::new(bus.clone()),
+        payments: payments.clone(),
+        carrier: Arc::new(SandboxCarrier::new(SandboxConfig { latency_ms: 1 })),
+    };
+    let token = CancellationToken::new();
+    let intake = tokio::spawn(eventfold_saga::intake::run_in_memory(log.clone(), memory.clone(), token.clone()));
+    let orchestrator = Orchestrator::over(sagas.clone(), fulfilment, config());
+    let orchestrator = tokio::spawn(orchestrator.run(memory.started(), token.clone()));
+
+    let items = vec![OrderItem { product_id: "sku-a".into(), quantity: 2, unit_price: Money::new(500, eur()) }];
+    let create = CreateOrder {
+        order_id: "m-1".into(),
+        customer_id: "c-1".into(),
+        currency: eur(),
+        items,
+        payment_token: Some("tok_visa".into()),
+        carrier: Some("DHL".into()),
+    };
+    send(Command::Order { order_id: "m-1".into(), command: create.into() }).await;
+    let saga_id = fulfilment_saga_id("m-1");
+    let mut saga = None;
+    for _ in 0..1_000 {
+        saga = sagas.load(&saga_id).await.unwrap().filter(|s| s.state.status.is_final());
+        if saga.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let saga = saga.expect("the saga finished");
+    assert_eq!(saga.state.status, Status::Completed, "{:?}", saga.state);
+    assert_eq!(sagas.steps(&saga_id).await.unwrap().len(), 4, "one attempt per step");
+    assert_eq!(payments.authorizations().len(), 1);
+
+    token.cancel();
+    let stopped = Duration::from_secs(5);
+    tokio::time::timeout(stopped, intake).await.expect("the intake stops").unwrap().unwrap();
+    tokio::time::timeout(stopped, orchestrator).await.expect("the orchestrator stops").unwrap().unwrap();
 }
 
 /// Metadata of a command sent straight to the bus: a correlation id is

@@ -4,14 +4,15 @@
 
 use std::time::{Duration, SystemTime};
 
+use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_proto::sagas::{self as pb, saga_service_client::SagaServiceClient};
 use eventfold_saga::{
-    SagaState, SagaType,
-    grpc::{Sagas, add_services},
+    SagaConfig, SagaState, SagaType,
+    grpc::{Sagas, host},
     store::{self, SagaRecord},
 };
+use eventfold_store::Database;
 use eventfold_tests::TestDatabase;
-use tokio_postgres::NoTls;
 use tonic::Code;
 
 fn saga(id: &str, saga_type: SagaType) -> SagaRecord {
@@ -31,21 +32,14 @@ fn saga(id: &str, saga_type: SagaType) -> SagaRecord {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_sagas_pages_by_filters_and_operators_abort_and_retry() {
     let db = TestDatabase::migrated().await;
-    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let client = Database::from_url(db.url()).unwrap().connect().await.unwrap();
     for i in 0..5 {
         store::start(&client, &saga(&format!("f-{i}"), SagaType::OrderFulfilment)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     store::start(&client, &saga("t-0", SagaType::MoneyTransfer)).await.unwrap();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let sagas = Sagas::connect(db.url()).await.unwrap();
-    let (_health, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET]).unwrap();
-    let router = add_services(router, sagas);
-    tokio::spawn(router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
-    let mut api = SagaServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut api = serve(sagas(db.url()), &SagaConfig::default()).await;
 
     // Fulfilment sagas, newest first, two a page.
     let fulfilment = pb::SagaType::OrderFulfilment as i32;
@@ -173,25 +167,31 @@ async fn message(stream: &mut tonic::Streaming<pb::WatchSagaResponse>) -> pb::Sa
     next.expect("a message within 10 s").unwrap().unwrap().saga.unwrap()
 }
 
-/// The saga service on a loopback port: its client.
-async fn serve(sagas: Sagas) -> SagaServiceClient<tonic::transport::Channel> {
+/// The service over the sagas of the database at `url` (its pool
+/// connects lazily).
+fn sagas(url: &str) -> Sagas {
+    Sagas::postgres(Database::from_url(url).unwrap())
+}
+
+/// The saga service hosted with `config` on a loopback port, served until
+/// the test ends: its client.
+async fn serve(sagas: Sagas, config: &SagaConfig) -> SagaServiceClient<tonic::transport::Channel> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (_health, router) = eventfold_platform::server::router(&[eventfold_proto::FILE_DESCRIPTOR_SET]).unwrap();
-    let router = add_services(router, sagas);
-    tokio::spawn(router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    let mut server = GrpcServer::new();
+    host(&mut server, config, sagas);
+    tokio::spawn(server.serve(listener, CancellationToken::new(), Duration::from_secs(1)));
     SagaServiceClient::connect(format!("http://{addr}")).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_saga_is_shared_by_its_watchers_capped_per_peer_and_saga_ids_are_bounded() {
     let db = TestDatabase::migrated().await;
-    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let client = Database::from_url(db.url()).unwrap().connect().await.unwrap();
     for id in ["f-0", "f-1", "f-2"] {
         store::start(&client, &saga(id, SagaType::OrderFulfilment)).await.unwrap();
     }
-    let api = serve(Sagas::connect(db.url()).await.unwrap().with_max_watchers_per_peer(2)).await;
+    let api = serve(sagas(db.url()), &SagaConfig { max_watchers_per_peer: 2, ..SagaConfig::default() }).await;
     let watch = |id: &str| {
         let mut api = api.clone();
         let request = pb::WatchSagaRequest { saga_id: id.to_owned() };
@@ -243,7 +243,7 @@ async fn watch_saga_is_shared_by_its_watchers_capped_per_peer_and_saga_ids_are_b
 async fn an_unreachable_saga_store_answers_unavailable_with_an_error_id_and_no_driver_text() {
     let url = eventfold_tests::unreachable_database_url();
     let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).unwrap().to_owned();
-    let api = serve(Sagas::connect(&url).await.expect("the pool connects lazily")).await;
+    let api = serve(sagas(&url), &SagaConfig::default()).await;
     let (mut a, mut b, mut c) = (api.clone(), api.clone(), api.clone());
     let (got, listed, watched) = tokio::join!(
         a.get_saga(pb::GetSagaRequest { saga_id: "f-0".into() }),

@@ -7,18 +7,20 @@
 use std::time::{Duration, SystemTime};
 
 use eventfold_saga::{
-    MemorySagas, Repository,
+    Error, MemorySagas, Repository,
     model::{Outcome, RetryPolicy, SagaState, SagaType, Status, Step},
-    store::{self, SagaRecord, StepLog, StoreError},
+    store::{self, SagaRecord, StepLog},
 };
-use eventfold_store::{EventLog, MemoryEventLog};
+use eventfold_store::{Database, EventLog, MemoryEventLog};
 use eventfold_tests::TestDatabase;
-use tokio_postgres::NoTls;
+
+/// The sagas of `db`, through a pool of their own.
+fn repository(db: &TestDatabase) -> Repository {
+    Repository::postgres(Database::from_url(db.url()).unwrap())
+}
 
 async fn connect(db: &TestDatabase) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
+    Database::from_url(db.url()).unwrap().connect().await.unwrap()
 }
 
 fn new_saga(id: &str, order: &str, due_at: SystemTime) -> SagaRecord {
@@ -70,7 +72,7 @@ async fn a_saga_starts_once_and_saves_with_its_version() {
     // changes nothing.
     let mut racing = stale;
     racing.state.on_outcome(Outcome::Rejected { reason: "X".into() }, &RetryPolicy::default(), 0.5);
-    assert!(matches!(store::save(&client, &mut racing, &[], &[]).await, Err(StoreError::Conflict { expected: 0, .. })));
+    assert!(matches!(store::save(&client, &mut racing, &[], &[]).await, Err(Error::Conflict { expected: 0, .. })));
     let after = store::load(&client, "s-1").await.unwrap().unwrap();
     assert_eq!(after.state.status, Status::Running);
     assert_eq!(after.version, 1);
@@ -110,8 +112,8 @@ async fn due_sagas_come_by_due_time_or_deadline_and_are_shared_without_overlap()
     assert_eq!(ids, ["due-1", "due-2", "deadline"]);
 
     // Two orchestrators' claims share them: each due saga goes to one.
-    let one = Repository::postgres(db.url(), 4).await.unwrap();
-    let other = Repository::postgres(db.url(), 4).await.unwrap();
+    let one = repository(&db);
+    let other = repository(&db);
     let a = one.claim_due(now).await.unwrap().expect("due-1");
     let b = other.claim_due(now).await.unwrap().expect("due-2");
     let c = other.claim_due(now).await.unwrap().expect("deadline");
@@ -154,7 +156,7 @@ async fn a_claim_saves_state_and_lifecycle_events_together_or_neither() {
     let client = connect(&db).await;
     let now = SystemTime::now();
     store::start(&client, &new_saga("s-1", "o-1", now)).await.unwrap();
-    let sagas = Repository::postgres(db.url(), 3).await.unwrap();
+    let sagas = repository(&db);
 
     let mut claim = sagas.claim_due(now).await.unwrap().expect("due");
     // Someone saves the saga behind the claim's back (no orchestrator
@@ -164,7 +166,7 @@ async fn a_claim_saves_state_and_lifecycle_events_together_or_neither() {
     store::save(&client, &mut behind, &[], &[]).await.unwrap();
     claim.record.state.on_outcome(Outcome::Done, &RetryPolicy::default(), 0.5);
     let refused = claim.save(Some(ended(Step::ReserveInventory, "DONE"))).await;
-    assert!(matches!(refused, Err(StoreError::Conflict { expected: 0, .. })), "{refused:?}");
+    assert!(matches!(refused, Err(Error::Conflict { expected: 0, .. })), "{refused:?}");
     assert!(event_types(&client, "saga-s-1").await.is_empty(), "no event without its state");
     assert!(store::steps(&client, "s-1").await.unwrap().is_empty());
     assert_eq!(store::load(&client, "s-1").await.unwrap().unwrap().version, 1);

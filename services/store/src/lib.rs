@@ -24,10 +24,10 @@ pub mod subscription;
 pub mod upcast;
 
 pub use crate::{
+    backoff::Backoff,
     error::{Error, FieldViolation, Result},
     log::EventLog,
     memory::MemoryEventLog,
-    backoff::Backoff,
     model::*,
     pg::{Database, DatabaseOptions, PgPool, TlsMode},
     postgres::{PostgresConfig, PostgresEventLog},

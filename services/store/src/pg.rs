@@ -118,10 +118,8 @@ impl Database {
 
     fn with(config: Config, tls: Tls, pool_size: u32, connect_timeout: Duration) -> Self {
         let manager = PostgresConnectionManager::new(config.clone(), tls.clone());
-        let pool = Pool::builder()
-            .max_size(pool_size.max(1))
-            .connection_timeout(connect_timeout)
-            .build_unchecked(manager);
+        let pool =
+            Pool::builder().max_size(pool_size.max(1)).connection_timeout(connect_timeout).build_unchecked(manager);
         Self { config, tls, pool, connect_timeout }
     }
 
@@ -240,10 +238,9 @@ fn connector(options: &DatabaseOptions) -> Result<Tls> {
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        TlsMode::Prefer | TlsMode::Disable | TlsMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-            .with_no_client_auth(),
+        TlsMode::Prefer | TlsMode::Disable | TlsMode::Require => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(EncryptOnly(provider))).with_no_client_auth()
+        }
     };
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }

@@ -45,6 +45,7 @@ use std::{
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::{
+    backoff::Backoff,
     error::{Error, Result},
     log::EventLog,
     model::{AllRead, EventFilter, MAX_EVENT_BYTES, RecordedEvent, StreamRead, check_bigint, validate_stream_id},
@@ -236,14 +237,13 @@ async fn run_tail(
     options: SubscriptionOptions,
 ) {
     let mut wake = log.appended();
-    let mut backoff = Duration::from_millis(50);
+    let mut retries = Backoff::new(Duration::from_millis(50), Duration::from_secs(5)).start();
     let mut position = loop {
         match log.last_position().await {
             Ok(p) => break p,
             Err(e) => {
                 tracing::warn!(error = %e, "live tail cannot start yet");
-                tokio::time::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
+                retries.wait().await;
             }
         }
     };
@@ -253,7 +253,7 @@ async fn run_tail(
         let read = AllRead { after: position, max_count: options.page_size.max(1), filter: EventFilter::default() };
         match log.read_all(read).await {
             Ok(slice) => {
-                backoff = Duration::from_millis(50);
+                retries.reset();
                 if slice.next_position > position {
                     position = slice.next_position;
                     // The head moves before the batch is published: a
@@ -275,8 +275,7 @@ async fn run_tail(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "live tail read failed");
-                tokio::time::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
+                retries.wait().await;
                 continue;
             }
         }

@@ -17,6 +17,7 @@ use eventfold_store::{
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 type Messages = mpsc::Receiver<eventfold_store::Result<SubscriptionMessage>>;
@@ -167,16 +168,19 @@ async fn concurrent_writers_on_shared_streams() {
     assert!(caught_up(&mut rx).await.is_empty(), "the log starts empty");
     // The subscriber gets 120 s in all, and at most 20 s once the writers are
     // done (then every event is committed and the tail has nothing to wait for).
-    let (writers_done, mut done) = tokio::sync::watch::channel(false);
+    let writers_done = CancellationToken::new();
+    let done = writers_done.clone();
     let collector = tokio::spawn(async move {
         let mut deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let mut shortened = false;
         let mut events: Vec<(u64, Uuid)> = Vec::with_capacity(TOTAL);
         let mut fell_behind = 0;
         while events.len() < TOTAL {
             let message = tokio::select! {
                 message = rx.recv() => message,
-                Ok(()) = done.changed() => {
+                () = done.cancelled(), if !shortened => {
                     deadline = deadline.min(tokio::time::Instant::now() + Duration::from_secs(20));
+                    shortened = true;
                     continue;
                 }
                 () = tokio::time::sleep_until(deadline) => return (events, fell_behind),
@@ -260,7 +264,7 @@ async fn concurrent_writers_on_shared_streams() {
         }
     }
     let written = started.elapsed();
-    writers_done.send_replace(true);
+    writers_done.cancel();
     assert_eq!(acked.len(), TOTAL);
     let acked_positions: HashSet<u64> = acked.values().map(|a| a.position).collect();
     assert_eq!(acked_positions.len(), TOTAL, "two acknowledged appends share a global position");
@@ -816,7 +820,14 @@ async fn a_stored_event_id_fails_only_its_append() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_append_wakes_live_subscribers() {
     let (db, writer) = common::postgres().await;
-    let reader = std::sync::Arc::new(PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.unwrap());
+    let reader = std::sync::Arc::new(
+        PostgresEventLog::connect(
+            eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
+            PostgresConfig::default(),
+        )
+        .await
+        .unwrap(),
+    );
     let options = SubscriptionOptions { poll_interval: Duration::from_secs(3600), ..SubscriptionOptions::default() };
     let subscriptions = Subscriptions::new(reader.clone(), options);
     let mut rx = subscriptions.subscribe(Target::All { after: Some(0), filter: EventFilter::default() }, 1000);

@@ -1,21 +1,33 @@
 //! The PostgreSQL adapter (tokio-postgres + bb8).
 //!
-//! - Appends go through a group commit: concurrent appends are queued and a
-//!   few writer tasks, each with its own connection, take whatever is queued
-//!   and run it as one `eventstore.append_batch(...)` call, i.e. one round
-//!   trip and one transaction for many appends. Every append keeps its own
-//!   expected-version check, so one append's conflict never fails another.
+//! - Appends go through a group commit (`writer.rs`): concurrent appends are
+//!   queued and a few writer tasks, each with its own connection, take
+//!   whatever is queued and run it as one `eventstore.append_batch(...)`
+//!   call, i.e. one round trip and one transaction for many appends. Every
+//!   append keeps its own expected-version check, so one append's conflict
+//!   never fails another. [`append_in`] runs the same call inside a
+//!   caller's transaction.
 //! - Reads of the global log are gap-safe (see [`xid`]): a position that is
 //!   missing because its transaction has not committed yet is waited for,
 //!   never skipped.
 //! - Appends of this process wake its live subscriptions directly. A
-//!   notifier task then sends `NOTIFY eventstore_appended` from its own
-//!   connection, after the writers' commits and coalesced: a NOTIFY inside
-//!   the writers' transactions would hold a cluster-wide lock until their
-//!   commits are flushed and serialise them. `LISTEN eventstore_appended`
-//!   wakes live subscriptions when another process appends (a lost
-//!   notification only delays them until their next poll).
+//!   notifier task (`notify.rs`) then sends `NOTIFY eventstore_appended` from
+//!   its own connection, after the writers' commits and coalesced: a NOTIFY
+//!   inside the writers' transactions would hold a cluster-wide lock until
+//!   their commits are flushed and serialise them. `LISTEN
+//!   eventstore_appended` wakes live subscriptions when another process
+//!   appends (a lost notification only delays them until their next poll).
+//! - Request ids (AIP-155) are forgotten after their retention by a
+//!   background task (`requests.rs`).
+//!
+//! This module holds the adapter itself and its [`EventLog`] queries;
+//! `rows.rs` turns rows into the store's model and holds the SQL the reads
+//! share.
 
+mod notify;
+mod requests;
+mod rows;
+mod writer;
 mod xid;
 
 use std::{
@@ -24,27 +36,33 @@ use std::{
 };
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::{
     sync::{Mutex, mpsc, oneshot, watch},
     task::JoinHandle,
 };
-use tokio_postgres::{AsyncMessage, Client, Row, Statement};
-use uuid::Uuid;
+use tokio_postgres::Client;
 
-use self::xid::{GapBook, PendingGap, XidSnapshot};
+pub use self::{notify::notify_appended, writer::append_in};
+use self::{
+    requests::{forget_requests, prune_requests},
+    rows::{
+        EVENT_COLUMNS, EVENT_SIZE, PAGED_COLUMNS, SCAN_SQL, STREAM_COLUMNS, event_from_row, fetch_stream, like_prefix,
+        stream_from_row, to_hash,
+    },
+    writer::Job,
+    xid::{GapBook, PendingGap, XidSnapshot},
+};
 use crate::{
     error::{Error, Result},
     hash,
     log::EventLog,
-    backoff::Backoff,
-    pg::{Database, PgConnection, db_error},
     model::{
-        AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, EventMetadata, ExpectedVersion, ListStreams,
-        MAX_PAGE_BYTES, RecordedEvent, RequestKey, Snapshot, SnapshotQuery, StreamInfo, StreamPage, StreamRead,
-        StreamSlice, bigint, ceil_micros, check_stream_id, check_version, from_bigint,
+        AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, ExpectedVersion, ListStreams, MAX_PAGE_BYTES,
+        RequestKey, Snapshot, SnapshotQuery, StreamInfo, StreamPage, StreamRead, StreamSlice, bigint, ceil_micros,
+        check_stream_id, check_version, from_bigint,
     },
+    pg::{Database, PgConnection, db_error},
 };
 
 /// Settings of the PostgreSQL adapter.
@@ -86,15 +104,6 @@ impl Default for PostgresConfig {
     }
 }
 
-type Reply = oneshot::Sender<Result<AppendOutcome>>;
-
-struct Job {
-    request: AppendRequest,
-    contents: Vec<Vec<u8>>,
-    key: Option<RequestKey>,
-    reply: Reply,
-}
-
 /// The event log on PostgreSQL. Needs the schema of `eventfold migrate up`.
 pub struct PostgresEventLog {
     database: Database,
@@ -130,7 +139,7 @@ impl PostgresEventLog {
         let receiver = Arc::new(Mutex::new(receiver));
         let mut tasks = Vec::new();
         for _ in 0..config.writers.max(1) {
-            tasks.push(tokio::spawn(writer(
+            tasks.push(tokio::spawn(writer::writer(
                 database.clone(),
                 config.append_timeout,
                 receiver.clone(),
@@ -139,8 +148,8 @@ impl PostgresEventLog {
                 config.max_batch_events.max(1),
             )));
         }
-        tasks.push(tokio::spawn(notifier(database.clone(), config.notify_interval, committed_rx)));
-        tasks.push(tokio::spawn(listener(database.clone(), appended.clone())));
+        tasks.push(tokio::spawn(notify::notifier(database.clone(), config.notify_interval, committed_rx)));
+        tasks.push(tokio::spawn(notify::listener(database.clone(), appended.clone())));
         tasks.push(tokio::spawn(prune_requests(database.clone(), config.request_retention)));
         Ok(Self { database, jobs, appended, gap_wait: config.gap_wait, gaps: std::sync::Mutex::default(), tasks })
     }
@@ -181,504 +190,6 @@ impl PostgresEventLog {
         Ok((info, segments))
     }
 }
-
-const STREAM_COLUMNS: &str = "stream_id, version, head_hash, first_position, last_position, created_at, \
-                              updated_at, deleted_at, parent_stream_id, parent_version";
-
-async fn fetch_stream(client: &Client, stream_id: &str) -> Result<Option<StreamInfo>> {
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT {STREAM_COLUMNS} FROM eventstore.streams \
-                 WHERE stream_id = $1 AND (version >= 0 OR parent_stream_id IS NOT NULL)"
-            ),
-            &[&stream_id],
-        )
-        .await
-        .map_err(db_error)?;
-    row.map(|r| stream_from_row(&r)).transpose()
-}
-
-fn stream_from_row(row: &Row) -> Result<StreamInfo> {
-    let version: i64 = row.get("version");
-    let head: Option<Vec<u8>> = row.get("head_hash");
-    let parent: Option<String> = row.get("parent_stream_id");
-    let parent_version: Option<i64> = row.get("parent_version");
-    Ok(StreamInfo {
-        stream_id: row.get("stream_id"),
-        version: u64::try_from(version).ok(),
-        first_position: row.get::<_, Option<i64>>("first_position").map(from_bigint),
-        last_position: row.get::<_, Option<i64>>("last_position").map(from_bigint),
-        created_at: row.get("created_at"),
-        updated_at: row.get("updated_at"),
-        deleted_at: row.get("deleted_at"),
-        parent: parent.zip(parent_version.map(from_bigint)),
-        head_hash: head.map(|h| to_hash(&h)).transpose()?,
-    })
-}
-
-fn to_hash(bytes: &[u8]) -> Result<[u8; 32]> {
-    bytes.try_into().map_err(|_| Error::Internal(format!("stored hash has {} bytes, not 32", bytes.len())))
-}
-
-const EVENT_COLUMNS: &str = "e.global_position, e.stream_id, e.version, e.event_id, e.event_type, \
-                             e.schema_version, e.data, e.metadata, e.created_at, e.hash";
-
-/// The columns of a paged read's outer query, but its payloads.
-const PAGED_COLUMNS: &str =
-    "x.global_position, x.stream_id, x.version, x.event_id, x.event_type, x.schema_version, x.created_at, x.hash";
-
-/// What an event weighs against [`MAX_PAGE_BYTES`]: its payload and
-/// metadata as sent (jsonb travels as JSON text).
-const EVENT_SIZE: &str = "(octet_length(e.data::text) + octet_length(e.metadata::text))";
-
-/// The event of `row`; `None` when the row came without its payload (it
-/// lies beyond the page's byte budget).
-fn event_from_row(row: &Row) -> Result<Option<RecordedEvent>> {
-    let position: i64 = row.get("global_position");
-    let unreadable = |what: &str, e: tokio_postgres::Error| {
-        Error::Internal(format!("stored {what} of the event at position {position} cannot be read: {e}"))
-    };
-    let data: Option<Value> = row.try_get("data").map_err(|e| unreadable("data", e))?;
-    let Some(data) = data else { return Ok(None) };
-    let metadata: Value = row.try_get("metadata").map_err(|e| unreadable("metadata", e))?;
-    let metadata: EventMetadata = serde_json::from_value(metadata)
-        .map_err(|e| Error::Internal(format!("stored metadata is not eventfold metadata: {e}")))?;
-    let hash: Vec<u8> = row.get("hash");
-    Ok(Some(RecordedEvent {
-        event_id: row.get("event_id"),
-        stream_id: row.get("stream_id"),
-        version: from_bigint(row.get("version")),
-        global_position: from_bigint(position),
-        event_type: row.get("event_type"),
-        schema_version: u32::try_from(row.get::<_, i32>("schema_version")).unwrap_or(0),
-        data,
-        metadata,
-        created_at: row.get("created_at"),
-        hash: to_hash(&hash)?,
-    }))
-}
-
-fn is_unique_violation(error: &tokio_postgres::Error) -> bool {
-    error.as_db_error().is_some_and(|db| db.code().code() == "23505")
-}
-
-fn is_retryable(error: &tokio_postgres::Error) -> bool {
-    error.as_db_error().is_some_and(|db| matches!(db.code().code(), "40001" | "40P01" | "23505"))
-}
-
-const APPEND_SQL: &str = "SELECT idx, status, first_version, last_version, actual_version, positions, stored_stream \
-                          FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
-
-/// A writer of the group commit: takes what is queued, appends it in one
-/// call, answers each append, then moves the heads (`[appended, committed]`:
-/// the wake-up of local subscribers and the notifier's input).
-async fn writer(
-    database: Database,
-    append_timeout: Duration,
-    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
-    heads: [watch::Sender<u64>; 2],
-    max_appends: usize,
-    max_events: usize,
-) {
-    let mut connection: Option<(Client, Statement)> = None;
-    loop {
-        let batch = {
-            let mut jobs = jobs.lock().await;
-            let Some(first) = jobs.recv().await else { return };
-            let mut events = first.request.events.len();
-            let mut batch = vec![first];
-            while batch.len() < max_appends && events < max_events {
-                match jobs.try_recv() {
-                    Ok(job) => {
-                        events = events.saturating_add(job.request.events.len());
-                        batch.push(job);
-                    }
-                    Err(_) => break,
-                }
-            }
-            batch
-        };
-
-        let mut attempt: u64 = 0;
-        let mut check_event_ids = false;
-        let result = loop {
-            attempt = attempt.saturating_add(1);
-            if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-                connection = match connect_prepared(&database, APPEND_SQL).await {
-                    Ok(c) => Some(c),
-                    Err(e) => break Err(e),
-                };
-            }
-            let Some((client, statement)) = connection.as_ref() else { continue };
-            let answer = match tokio::time::timeout(
-                append_timeout,
-                run_batch(client, statement, &batch, check_event_ids),
-            )
-            .await
-            {
-                Ok(answer) => answer,
-                Err(_) => {
-                    // Dropping the connection aborts the call if it is still
-                    // running; if it committed meanwhile, a retry with the
-                    // same request id gets the first answer.
-                    connection = None;
-                    break Err(Error::Unavailable(format!(
-                        "PostgreSQL did not answer the append within {:?}, the outcome is unknown; \
-                         retry with the same request id",
-                        append_timeout
-                    )));
-                }
-            };
-            match answer {
-                Ok(rows) => break Ok(rows),
-                Err(e) if attempt < 4 && is_retryable(&e) => {
-                    // A unique violation is almost always an event id stored
-                    // before: repeat with the check that fails only that append.
-                    check_event_ids |= is_unique_violation(&e);
-                    tracing::debug!(error = %e, attempt, "group commit retried");
-                    tokio::time::sleep(Duration::from_millis(2u64.saturating_mul(attempt))).await;
-                }
-                Err(e) => {
-                    let closed = e.is_closed() || e.as_db_error().is_none();
-                    if closed {
-                        connection = None;
-                        break Err(Error::Unavailable(format!(
-                            "PostgreSQL connection failed during the append, the outcome is unknown; \
-                             retry with the same request id: {e}"
-                        )));
-                    }
-                    break Err(db_error(e));
-                }
-            }
-        };
-
-        match result {
-            Ok(rows) => {
-                let mut head = 0;
-                for (job, row) in batch.into_iter().zip(rows) {
-                    let outcome = outcome_from_row(&job.request, &row);
-                    if let Ok(o) = &outcome {
-                        head = head.max(o.last_position());
-                    }
-                    let _ = job.reply.send(outcome);
-                }
-                if head > 0 {
-                    for sender in &heads {
-                        sender.send_modify(|h| *h = (*h).max(head));
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, appends = batch.len(), "group commit failed");
-                for job in batch {
-                    let _ = job.reply.send(Err(clone_error(&e)));
-                }
-            }
-        }
-    }
-}
-
-fn clone_error(error: &Error) -> Error {
-    match error {
-        Error::Unavailable(m) => Error::Unavailable(m.clone()),
-        other => Error::Internal(other.to_string()),
-    }
-}
-
-/// A connection of its own (not pooled) preparing `sql`, for a task that
-/// holds it for long.
-async fn connect_prepared(database: &Database, sql: &str) -> Result<(Client, Statement)> {
-    let client = database.connect().await?;
-    let statement = client.prepare(sql).await.map_err(db_error)?;
-    Ok((client, statement))
-}
-
-/// Tells other processes about this process's appends: one NOTIFY per
-/// change of the committed head, at most one per `interval`.
-async fn notifier(database: Database, interval: Duration, mut committed: watch::Receiver<u64>) {
-    let mut connection: Option<(Client, Statement)> = None;
-    while committed.changed().await.is_ok() {
-        // Commits that land meanwhile share the next notification: at most
-        // one NOTIFY (itself a transaction) per interval, whatever the rate.
-        tokio::time::sleep(interval).await;
-        let head = committed.borrow_and_update().to_string();
-        if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            let sql = "SELECT pg_notify('eventstore_appended', $1)";
-            connection = match connect_prepared(&database, sql).await {
-                // A NOTIFY transaction needs a commit record. Waiting for
-                // its flush would cost the writers a WAL flush each time;
-                // a wake-up hint lost in a crash costs a poll interval.
-                Ok((client, statement)) => match client.batch_execute("SET synchronous_commit = off").await {
-                    Ok(()) => Some((client, statement)),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "notifier could not set up its connection");
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    tracing::debug!(error = %e, "notifier could not connect; other processes poll");
-                    continue;
-                }
-            };
-        }
-        let Some((client, statement)) = connection.as_ref() else { continue };
-        if let Err(e) = client.execute(statement, &[&head]).await {
-            tracing::debug!(error = %e, "NOTIFY failed; other processes poll");
-            connection = None;
-        }
-    }
-}
-
-/// Appends `request` inside the caller's transaction on `client` (a
-/// connection to the event store's database), so that the events are
-/// stored if and only if the caller's own writes commit: e.g. a saga's
-/// lifecycle events beside its saved state. Nothing is appended until the
-/// caller commits; then the caller should wake other processes' readers
-/// with [`notify_appended`] (readers poll anyway). Same checks and answers
-/// as [`EventLog::append`].
-pub async fn append_in(client: &impl tokio_postgres::GenericClient, request: &AppendRequest) -> Result<AppendOutcome> {
-    request.validate()?;
-    let contents: Vec<Vec<u8>> = request
-        .events
-        .iter()
-        .map(|e| hash::content_digest(&e.event_id, &e.event_type, e.schema_version, &e.data, &e.metadata).to_vec())
-        .collect();
-    let key = request.request_key();
-    let rows = run_appends(client, APPEND_SQL, &[(request, &contents, key.as_ref())], false).await.map_err(db_error)?;
-    let row = rows.first().ok_or_else(|| Error::Internal("append_batch answered no row".to_owned()))?;
-    outcome_from_row(request, row)
-}
-
-/// Wakes the live readers of every process after a commit that appended
-/// up to `position` through [`append_in`].
-pub async fn notify_appended(client: &impl tokio_postgres::GenericClient, position: u64) -> Result<()> {
-    client
-        .execute("SELECT pg_notify('eventstore_appended', $1)", &[&position.to_string()])
-        .await
-        .map(drop)
-        .map_err(db_error)
-}
-
-async fn run_batch(
-    client: &Client,
-    statement: &Statement,
-    batch: &[Job],
-    check_event_ids: bool,
-) -> Result<Vec<Row>, tokio_postgres::Error> {
-    let appends: Vec<Appending<'_>> =
-        batch.iter().map(|job| (&job.request, job.contents.as_slice(), job.key.as_ref())).collect();
-    run_appends(client, statement, &appends, check_event_ids).await
-}
-
-/// An append as `append_batch` takes it: the request, the content digests
-/// of its events, its request key.
-type Appending<'a> = (&'a AppendRequest, &'a [Vec<u8>], Option<&'a RequestKey>);
-
-/// One `append_batch` call for `batch` (each request with the content
-/// digests of its events and its request key).
-async fn run_appends<S>(
-    client: &impl tokio_postgres::GenericClient,
-    statement: &S,
-    batch: &[Appending<'_>],
-    check_event_ids: bool,
-) -> Result<Vec<Row>, tokio_postgres::Error>
-where
-    S: tokio_postgres::ToStatement + ?Sized + Sync + Send,
-{
-    let events: usize = batch.iter().map(|(r, _, _)| r.events.len()).sum();
-    let mut streams = Vec::with_capacity(batch.len());
-    let mut expected = Vec::with_capacity(batch.len());
-    let mut request_ids = Vec::with_capacity(batch.len());
-    let mut scopes: Vec<Option<&str>> = Vec::with_capacity(batch.len());
-    let mut fingerprints: Vec<Option<&[u8]>> = Vec::with_capacity(batch.len());
-    let mut counts = Vec::with_capacity(batch.len());
-    let mut ids: Vec<Uuid> = Vec::with_capacity(events);
-    let mut types: Vec<&str> = Vec::with_capacity(events);
-    let mut schema: Vec<i32> = Vec::with_capacity(events);
-    let mut data: Vec<&Value> = Vec::with_capacity(events);
-    let mut metadata: Vec<Value> = Vec::with_capacity(events);
-    let mut contents: Vec<&[u8]> = Vec::with_capacity(events);
-    for (r, job_contents, key) in batch {
-        streams.push(r.stream_id.as_str());
-        expected.push(match r.expected {
-            ExpectedVersion::Any => -1i64,
-            ExpectedVersion::NoStream => -2,
-            ExpectedVersion::StreamExists => -3,
-            // Validated to fit (`AppendRequest::validate`): never negative.
-            ExpectedVersion::Exact(v) => bigint(v),
-        });
-        request_ids.push(key.map_or("", |k| k.request_id.as_str()));
-        scopes.push(key.map(|k| k.scope.as_str()));
-        fingerprints.push(key.map(|k| k.fingerprint.as_slice()));
-        counts.push(i32::try_from(r.events.len()).unwrap_or(i32::MAX));
-        for (event, content) in r.events.iter().zip(job_contents.iter()) {
-            ids.push(event.event_id);
-            types.push(&event.event_type);
-            schema.push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
-            data.push(&event.data);
-            metadata.push(event.metadata.to_json());
-            contents.push(content);
-        }
-    }
-    let rows = client
-        .query(
-            statement,
-            &[
-                &streams,
-                &expected,
-                &request_ids,
-                &counts,
-                &ids,
-                &types,
-                &schema,
-                &data,
-                &metadata,
-                &contents,
-                &check_event_ids,
-                &scopes,
-                &fingerprints,
-            ],
-        )
-        .await?;
-    Ok(rows)
-}
-
-fn outcome_from_row(request: &AppendRequest, row: &Row) -> Result<AppendOutcome> {
-    let status: &str = row.get("status");
-    let first: Option<i64> = row.get("first_version");
-    let last: Option<i64> = row.get("last_version");
-    let positions: Option<Vec<i64>> = row.get("positions");
-    match status {
-        "ok" | "duplicate" => Ok(AppendOutcome {
-            stream_id: row.get::<_, Option<String>>("stored_stream").unwrap_or_else(|| request.stream_id.clone()),
-            first_version: first.map_or(0, from_bigint),
-            last_version: last.map_or(0, from_bigint),
-            positions: positions.unwrap_or_default().into_iter().map(from_bigint).collect(),
-            duplicate: status == "duplicate",
-        }),
-        "request_reused" => Err(Error::RequestIdReused { request_id: request.request_id.clone().unwrap_or_default() }),
-        "wrong_version" => Err(Error::WrongExpectedVersion {
-            stream: request.stream_id.clone(),
-            expected: request.expected,
-            actual: row.get::<_, Option<i64>>("actual_version").and_then(|v| u64::try_from(v).ok()),
-        }),
-        "deleted" => Err(Error::StreamDeleted(request.stream_id.clone())),
-        "duplicate_event_id" => Err(Error::DuplicateEventId {
-            event_id: request.events.iter().map(|e| e.event_id.to_string()).collect::<Vec<_>>().join(", "),
-        }),
-        other => Err(Error::Internal(format!("append_batch answered unknown status {other}"))),
-    }
-}
-
-/// Keeps `LISTEN eventstore_appended` open and turns notifications (appends
-/// of any process) into wake-ups; reconnects with the common backoff.
-async fn listener(database: Database, appended: watch::Sender<u64>) {
-    let mut retries = Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).start();
-    loop {
-        match listen(&database, &appended).await {
-            Ok(()) => retries.reset(),
-            Err(e) => tracing::debug!(error = %e, "PostgreSQL listener disconnected"),
-        }
-        retries.wait().await;
-    }
-}
-
-async fn listen(database: &Database, appended: &watch::Sender<u64>) -> Result<(), String> {
-    let (client, mut connection) = database.open_connection().await.map_err(|e| e.to_string())?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    let _ = tx.send(n.payload().parse::<u64>().unwrap_or(0));
-                }
-                Ok(_) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    });
-    client.batch_execute("LISTEN eventstore_appended").await.map_err(|e| e.to_string())?;
-    // Anything appended while we were not listening: wake readers once.
-    appended.send_modify(|_| {});
-    while let Some(position) = rx.recv().await {
-        appended.send_modify(|h| *h = (*h).max(position));
-    }
-    drop(client);
-    driver.await.unwrap_or(Ok(())).map_err(|e| e.to_string())
-}
-
-/// Forgets the request ids answered more than `age` ago, in batches of
-/// 1,000 so that no long transaction holds up appends; how many it forgot.
-async fn forget_requests(database: &Database, age: Duration) -> Result<u64> {
-    let age_secs = age.as_secs_f64();
-    let mut forgotten = 0u64;
-    loop {
-        let client = database.get().await?;
-        let n = client
-            .execute(
-                "DELETE FROM eventstore.append_requests WHERE ctid = ANY (ARRAY( \
-                   SELECT ctid FROM eventstore.append_requests \
-                   WHERE created_at < clock_timestamp() - make_interval(secs => $1) LIMIT 1000))",
-                &[&age_secs],
-            )
-            .await
-            .map_err(db_error)?;
-        forgotten = forgotten.saturating_add(n);
-        if n < 1000 {
-            return Ok(forgotten);
-        }
-    }
-}
-
-/// Runs [`forget_requests`] with `retention` about every `retention / 100`
-/// (at least every minute, at most every hour).
-async fn prune_requests(database: Database, retention: Duration) {
-    let every =
-        retention.checked_div(100).unwrap_or_default().clamp(Duration::from_secs(60), Duration::from_secs(3600));
-    loop {
-        tokio::time::sleep(every).await;
-        if let Err(e) = forget_requests(&database, retention).await {
-            tracing::debug!(error = %e, "request ids not pruned; trying again later");
-        }
-    }
-}
-
-fn like_prefix(prefix: &str) -> String {
-    let mut out = String::with_capacity(prefix.len().saturating_add(1));
-    for c in prefix.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('%');
-    out
-}
-
-/// A scan of the global log after `$1` (at most `$4` rows) that carries
-/// payloads only for rows the filter (`$2` prefixes, `$3` types) matches,
-/// and only up to `$5` bytes of them (the first matching row always): the
-/// rows beyond come without data and end the page. Sizes are computed only
-/// for matching rows.
-const SCAN_SQL: &str = "SELECT pg_current_snapshot()::text AS snap, \
-        x.global_position, x.stream_id, x.version, x.event_id, x.event_type, x.schema_version, x.created_at, \
-        x.hash, x.matched, \
-        CASE WHEN x.matched AND (x.run <= $5 OR x.run = x.size) THEN x.data END AS data, \
-        CASE WHEN x.matched AND (x.run <= $5 OR x.run = x.size) THEN x.metadata END AS metadata \
-      FROM (SELECT y.*, sum(y.size) OVER (ORDER BY y.global_position ROWS UNBOUNDED PRECEDING) AS run \
-            FROM (SELECT e.global_position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, \
-                         e.created_at, e.hash, e.data, e.metadata, m.matched, \
-                         CASE WHEN m.matched THEN octet_length(e.data::text) + octet_length(e.metadata::text) \
-                              ELSE 0 END AS size \
-                  FROM eventstore.events e, \
-                       LATERAL (SELECT ($2::text[] IS NULL OR e.stream_id LIKE ANY ($2)) \
-                                   AND ($3::text[] IS NULL OR e.event_type = ANY ($3)) AS matched) m \
-                  WHERE e.global_position > $1 \
-                  ORDER BY e.global_position LIMIT $4) y) x \
-      ORDER BY x.global_position";
 
 #[async_trait]
 impl EventLog for PostgresEventLog {

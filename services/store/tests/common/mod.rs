@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod conformance;
+
 use std::sync::Arc;
 
 use eventfold_store::{PostgresConfig, PostgresEventLog};
@@ -11,7 +13,12 @@ use tokio_postgres::NoTls;
 /// A migrated database and a PostgreSQL event log on it.
 pub async fn postgres() -> (TestDatabase, Arc<PostgresEventLog>) {
     let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(eventfold_store::Database::from_url(&db.url()).expect("a PostgreSQL URL"), PostgresConfig::default()).await.expect("connect");
+    let log = PostgresEventLog::connect(
+        eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
+        PostgresConfig::default(),
+    )
+    .await
+    .expect("connect");
     (db, Arc::new(log))
 }
 

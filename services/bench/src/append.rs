@@ -1,4 +1,4 @@
-//! `eventfold bench append`: append throughput and latency of the event log
+//! `eventfold-bench append`: append throughput and latency of the event log
 //! on PostgreSQL, next to the same workload as plain `INSERT`s into a bare
 //! table on the same server.
 //!
@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
-/// Arguments of `eventfold bench append`.
+/// Arguments of `eventfold-bench append`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AppendBenchArgs {
     /// PostgreSQL URL of a throw-away database: migrations are applied, the
@@ -68,11 +68,17 @@ pub(crate) async fn append(args: AppendBenchArgs) -> anyhow::Result<()> {
     let machine = machine_line(&admin).await?;
 
     let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
-    let mut config = PostgresConfig::new(args.database_url.clone());
-    config.pool_size = config.pool_size.max(u32::try_from(max_concurrency).unwrap_or(u32::MAX));
-    config.writers = args.writers.unwrap_or(config.writers).max(1);
+    let database = eventfold_store::Database::open(
+        &args.database_url,
+        &eventfold_store::DatabaseOptions {
+            pool_size: u32::try_from(max_concurrency).unwrap_or(u32::MAX).max(16),
+            ..Default::default()
+        },
+    )?;
+    let defaults = PostgresConfig::default();
+    let config = PostgresConfig { writers: args.writers.unwrap_or(defaults.writers).max(1), ..defaults };
     let writers = config.writers;
-    let log = Arc::new(PostgresEventLog::connect(config).await.context("opening the event log")?);
+    let log = Arc::new(PostgresEventLog::connect(database, config).await.context("opening the event log")?);
 
     // Streams of this invocation carry a random tag, so that a run never
     // appends to (or cleans up) streams of another run or of real users.

@@ -1,4 +1,4 @@
-//! `eventfold bench queries` and `eventfold bench projection-lag`: the read
+//! `eventfold-bench queries` and `eventfold-bench projection-lag`: the read
 //! side measured beside raw PostgreSQL doing the same work in the same run.
 //!
 //! - queries: GetOrder over gRPC, uncached (PostgreSQL behind the query
@@ -22,18 +22,22 @@ use eventfold_domain::{
     Currency, Money,
     order::{CreateOrder, OrderItem},
 };
+use eventfold_platform::{
+    runtime::{CancellationToken, DropGuard},
+    server::GrpcServer,
+};
 use eventfold_projector::{OrderViews, Projector, ProjectorOptions};
 use eventfold_proto::query::{GetOrderRequest, order_query_service_client::OrderQueryServiceClient};
-use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog, Upcasting};
 use futures_util::StreamExt;
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tower::ServiceExt;
 use uuid::Uuid;
 
-use crate::bench::{Measurement, connect, machine_line, ms, thousands};
+use crate::append::{Measurement, connect, machine_line, ms, thousands};
 
-/// Arguments of `eventfold bench queries`.
+/// Arguments of `eventfold-bench queries`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct QueryBenchArgs {
     /// PostgreSQL URL of a throw-away database (migrated; orders
@@ -51,7 +55,7 @@ pub(crate) struct QueryBenchArgs {
     requests: usize,
 }
 
-/// Arguments of `eventfold bench projection-lag`.
+/// Arguments of `eventfold-bench projection-lag`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct LagBenchArgs {
     /// PostgreSQL URL of a throw-away database.
@@ -101,8 +105,8 @@ async fn create_orders(log: Arc<dyn EventLog>, tag: &str, count: usize) -> anyho
 
 /// The version of the order views that serves queries (1 when none has
 /// been built yet): the one whose projector the bench must run.
-async fn active_order_views(admin: &tokio_postgres::Client) -> anyhow::Result<u32> {
-    let statuses = eventfold_projector::status(admin).await?;
+async fn active_order_views(database: &Database) -> anyhow::Result<u32> {
+    let statuses = eventfold_projector::status(database).await?;
     Ok(statuses.iter().find(|s| s.name == "order_views" && s.active).map_or(1, |s| s.version))
 }
 
@@ -117,21 +121,21 @@ async fn catch_up(projector: &Projector, log: &Arc<dyn EventLog>) -> anyhow::Res
 }
 
 async fn serve(
-    url: &str,
+    database: &Database,
     log: Arc<dyn EventLog>,
     cache_url: Option<String>,
-) -> anyhow::Result<(OrderQueryServiceClient<Channel>, Arc<eventfold_query::Query>, oneshot::Sender<()>)> {
+) -> anyhow::Result<(OrderQueryServiceClient<Channel>, Arc<eventfold_query::Query>, DropGuard)> {
     let mut config = eventfold_query::Config::default();
     config.cache.url = cache_url;
     config.cache.warm_orders = 0;
     config.cache.key_prefix = format!("qbench-{}:", &Uuid::new_v4().simple().to_string()[..8]);
-    let query = eventfold_query::Query::connect(&config, url, log).await?;
+    let query = eventfold_query::Query::connect(&config, database.sized(config.pool_size), log).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(eventfold_query::run(config, query.clone(), listener, async {
-        let _ = stopped.await;
-    }));
+    let token = CancellationToken::new();
+    let mut server = GrpcServer::new();
+    eventfold_query::host(&mut server, &config, query.clone(), token.clone());
+    tokio::spawn(server.serve(listener, token.clone(), Duration::from_secs(1)));
     let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await.context("connecting")?;
     // The positions follower needs its first read.
     for _ in 0..100 {
@@ -140,7 +144,7 @@ async fn serve(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok((OrderQueryServiceClient::new(channel), query, stop))
+    Ok((OrderQueryServiceClient::new(channel), query, token.drop_guard()))
 }
 
 async fn measure<F, Fut>(requests: usize, mut call: F) -> anyhow::Result<Measurement>
@@ -181,13 +185,16 @@ pub(crate) async fn queries(args: QueryBenchArgs) -> anyhow::Result<()> {
     let mut admin = connect(&args.database_url).await?;
     eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
     let machine = machine_line(&admin).await?;
-    let log = log_of(PostgresEventLog::connect(eventfold_store::Database::from_url(&args.database_url.clone()).expect("a PostgreSQL URL"), PostgresConfig::default()).await?);
+    let database = Database::from_url(&args.database_url)?;
+    let log = log_of(PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await?);
+    // Projectors write through sessions that do not wait for the WAL flush,
+    // as `eventfold serve projector` does.
+    let workers = database.without_flush_wait(2);
     let tag = format!("qbench-{}", &Uuid::new_v4().simple().to_string()[..8]);
     create_orders(log.clone(), &tag, args.orders).await?;
-    let version = active_order_views(&admin).await?;
+    let version = active_order_views(&database).await?;
     let projector =
-        Projector::new(&args.database_url, log.clone(), Arc::new(OrderViews), version, ProjectorOptions::default())
-            .await?;
+        Projector::new(workers.clone(), log.clone(), Arc::new(OrderViews), version, ProjectorOptions::default());
     catch_up(&projector, &log).await?;
 
     let ids: Vec<String> = (0..args.orders).map(|i| format!("{tag}-{i}")).collect();
@@ -209,18 +216,18 @@ pub(crate) async fn queries(args: QueryBenchArgs) -> anyhow::Result<()> {
         let request = GetOrderRequest { order_id: id.to_owned(), min_position: 0 };
         async move { client.get_order(request).await.map(drop).map_err(anyhow::Error::from) }
     };
-    let (uncached_client, _, stop_uncached) = serve(&args.database_url, log.clone(), None).await?;
+    let (uncached_client, _, stop_uncached) = serve(&database, log.clone(), None).await?;
     let uncached = measure(args.requests, |i| call(&uncached_client, &ids[i % ids.len()])).await?;
-    let _ = stop_uncached.send(());
+    drop(stop_uncached);
     let (cached_client, cached_query, stop_cached) =
-        serve(&args.database_url, log.clone(), Some(args.redis_url.clone())).await?;
+        serve(&database, log.clone(), Some(args.redis_url.clone())).await?;
     // Fill the cache, then measure.
     for id in &ids {
         call(&cached_client, id).await?;
     }
     let cached = measure(args.requests, |i| call(&cached_client, &ids[i % ids.len()])).await?;
     let stats = cached_query.cache().map(|c| c.stats());
-    let _ = stop_cached.send(());
+    drop(stop_cached);
 
     println!("{machine}");
     println!();
@@ -250,19 +257,22 @@ pub(crate) async fn lag(args: LagBenchArgs) -> anyhow::Result<()> {
     let mut admin = connect(&args.database_url).await?;
     eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
     let machine = machine_line(&admin).await?;
-    let log = log_of(PostgresEventLog::connect(eventfold_store::Database::from_url(&args.database_url.clone()).expect("a PostgreSQL URL"), PostgresConfig::default()).await?);
+    let database = Database::from_url(&args.database_url)?;
+    let log = log_of(PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await?);
+    // Projectors write through sessions that do not wait for the WAL flush,
+    // as `eventfold serve projector` does.
+    let workers = database.without_flush_wait(2);
     let tag = format!("lbench-{}", &Uuid::new_v4().simple().to_string()[..8]);
 
     // eventfold: the order views projector follows the log; the query
     // side's position follower says when an event is visible.
     let options = ProjectorOptions { batch_time: Duration::from_millis(20), ..ProjectorOptions::default() };
-    let version = active_order_views(&admin).await?;
-    let projector =
-        Projector::new(&args.database_url, log.clone(), Arc::new(OrderViews), version, options.clone()).await?;
+    let version = active_order_views(&database).await?;
+    let projector = Projector::new(workers.clone(), log.clone(), Arc::new(OrderViews), version, options.clone());
     catch_up(&projector, &log).await?;
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn(projector.run(stop));
-    let positions = eventfold_query::Positions::spawn(args.database_url.parse()?, Duration::from_secs(1));
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(projector.run(stop.clone()));
+    let positions = eventfold_query::Positions::spawn(database.clone(), Duration::from_secs(1));
     let ours = open_loop_lag(args.rate, args.duration_secs, |i| {
         let log = log.clone();
         let positions = positions.clone();
@@ -296,7 +306,7 @@ pub(crate) async fn lag(args: LagBenchArgs) -> anyhow::Result<()> {
         }
     })
     .await?;
-    let _ = stop_tx.send(true);
+    stop.cancel();
     let _ = running.await;
 
     // raw: INSERT + NOTIFY in one transaction, seen by a LISTENing session.
@@ -345,11 +355,11 @@ pub(crate) async fn lag(args: LagBenchArgs) -> anyhow::Result<()> {
 
     // Rebuild speed: the whole log into a fresh version, against one
     // INSERT … SELECT of the same order rows.
-    let status = eventfold_projector::status(&admin).await?;
+    let status = eventfold_projector::status(&database).await?;
     let next = status.iter().filter(|s| s.name == "order_views").map(|s| s.version).max().unwrap_or(1) + 1;
     let head = log.last_position().await?;
     let rebuild_options = ProjectorOptions { batch_size: 2000, batch_time: Duration::from_secs(1), ..options };
-    let rebuild = Projector::new(&args.database_url, log.clone(), Arc::new(OrderViews), next, rebuild_options).await?;
+    let rebuild = Projector::new(workers.clone(), log.clone(), Arc::new(OrderViews), next, rebuild_options);
     let started = Instant::now();
     catch_up(&rebuild, &log).await?;
     let rebuild_secs = started.elapsed().as_secs_f64();

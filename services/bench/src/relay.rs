@@ -1,4 +1,4 @@
-//! `eventfold bench relay`: the event bus beside the raw broker doing the
+//! `eventfold-bench relay`: the event bus beside the raw broker doing the
 //! same work in the same run.
 //!
 //! - Throughput: the relay sends a log of `--events` order events (read
@@ -35,9 +35,11 @@ use rskafka::{
 use tower::ServiceExt;
 use uuid::Uuid;
 
-use crate::bench::{Measurement, connect, machine_line, ms, thousands};
+use eventfold_platform::runtime::{Backoff, CancellationToken, supervise};
 
-/// Arguments of `eventfold bench relay`.
+use crate::append::{Measurement, connect, machine_line, ms, thousands};
+
+/// Arguments of `eventfold-bench relay`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RelayBenchArgs {
     /// PostgreSQL URL of a throw-away database.
@@ -99,7 +101,11 @@ pub(crate) async fn relay(args: RelayBenchArgs) -> anyhow::Result<()> {
         .register_catalog(&eventfold_schemas::Catalog::load()?, eventfold_proto::FILE_DESCRIPTOR_SET)
         .await
         .context("registering the catalog")?;
-    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&args.database_url.clone()).expect("a PostgreSQL URL"), PostgresConfig::default()).await?;
+    let database = eventfold_store::Database::from_url(&args.database_url)?;
+    // The relay and the projectors write through sessions that do not wait
+    // for the WAL flush, as `eventfold serve relay|projector` do.
+    let workers = database.without_flush_wait(2);
+    let store = PostgresEventLog::connect(database, PostgresConfig::default()).await?;
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let tag = format!("rbench-{}", &Uuid::new_v4().simple().to_string()[..8]);
 
@@ -138,7 +144,7 @@ pub(crate) async fn relay(args: RelayBenchArgs) -> anyhow::Result<()> {
         name: tag.clone(),
         ..eventfold_relay::Config::default()
     };
-    let relay = eventfold_relay::Relay::new(&args.database_url, log.clone(), Arc::new(encoder), config).await?;
+    let relay = eventfold_relay::Relay::new(workers.clone(), log.clone(), Arc::new(encoder), config).await?;
     let started = Instant::now();
     while relay.position().await? < head {
         relay.step().await?;
@@ -180,7 +186,7 @@ pub(crate) async fn relay(args: RelayBenchArgs) -> anyhow::Result<()> {
     let raw_secs = started.elapsed().as_secs_f64();
 
     // Lag: append → relay → Kafka → Kafka-fed projection checkpoint.
-    let LagRuns { ours, raw, relay_batches, raw_window } = lag(&args, &log, &tag, &partitions[0]).await?;
+    let LagRuns { ours, raw, relay_batches, raw_window } = lag(&args, &workers, &log, &tag, &partitions[0]).await?;
 
     println!("{machine}");
     println!();
@@ -241,6 +247,7 @@ pub(crate) async fn relay(args: RelayBenchArgs) -> anyhow::Result<()> {
 /// The two lag runs.
 async fn lag(
     args: &RelayBenchArgs,
+    workers: &eventfold_store::Database,
     log: &Arc<dyn EventLog>,
     tag: &str,
     raw_partition: &rskafka::client::partition::PartitionClient,
@@ -263,7 +270,7 @@ async fn lag(
     admin
         .execute("INSERT INTO bus.relay_checkpoints (name, position) VALUES ($1, $2)", &[&relay_name, &(head as i64)])
         .await?;
-    let relay = eventfold_relay::Relay::new(&args.database_url, log.clone(), Arc::new(encoder), relay_config).await?;
+    let relay = eventfold_relay::Relay::new(workers.clone(), log.clone(), Arc::new(encoder), relay_config).await?;
     let source_config = eventfold_bus::KafkaSourceConfig {
         consumer: eventfold_bus::ConsumerConfig {
             brokers: vec![args.broker.clone()],
@@ -285,14 +292,18 @@ async fn lag(
     let version = 9000 + (Uuid::new_v4().as_u128() % 999) as u32;
     let options =
         ProjectorOptions { batch_size: 500, idle_poll: Duration::from_millis(2), ..ProjectorOptions::default() };
-    let projector = Projector::new(&args.database_url, log.clone(), Arc::new(OrderViews), version, options)
-        .await?
-        .with_source(source);
+    let projector =
+        Projector::new(workers.clone(), log.clone(), Arc::new(OrderViews), version, options).with_source(source);
     let (_listening, checkpoint) = checkpoint_watch(&args.database_url, version).await?;
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
     let relay_stats = relay.stats();
-    let relaying = tokio::spawn(relay.run(stop.clone()));
-    let projecting = tokio::spawn(projector.run(stop));
+    // Supervised, as in `eventfold serve relay|projector`: a failed step
+    // restarts after the backoff.
+    let relaying =
+        tokio::spawn(supervise("relay", stop.clone(), Backoff::default(), move |token| relay.clone().run(token)));
+    let projecting = tokio::spawn(supervise("projector", stop.clone(), Backoff::default(), move |token| {
+        projector.clone().run(token)
+    }));
     let mut caught_up = checkpoint.subscribe();
     tokio::time::timeout(Duration::from_secs(300), caught_up.wait_for(|p| *p >= head))
         .await
@@ -300,7 +311,7 @@ async fn lag(
 
     let bus = eventfold_command::bus(log.clone(), eventfold_command::Config::default().bus_options());
     let batches_before = relay_stats.batches.load(std::sync::atomic::Ordering::Relaxed);
-    let ours = crate::queries_bench::open_loop_lag(args.rate, args.duration_secs, |i| {
+    let ours = crate::queries::open_loop_lag(args.rate, args.duration_secs, |i| {
         let (bus, checkpoint, tag) = (bus.clone(), checkpoint.clone(), tag.to_owned());
         async move {
             let order_id = format!("{tag}-lag-{i}");
@@ -329,7 +340,7 @@ async fn lag(
     })
     .await?;
     let relay_batches = relay_stats.batches.load(std::sync::atomic::Ordering::Relaxed) - batches_before;
-    let _ = stop_tx.send(true);
+    stop.cancel();
     let _ = relaying.await;
     let _ = projecting.await;
 
@@ -387,7 +398,7 @@ async fn lag(
             futures_util::future::join_all(sends).await;
         }
     });
-    let raw = crate::queries_bench::open_loop_lag(args.rate, args.duration_secs, |i| {
+    let raw = crate::queries::open_loop_lag(args.rate, args.duration_secs, |i| {
         let (queue, fetched) = (queue.clone(), fetched[i % RAW_PARTITIONS].clone());
         async move {
             let record = Record {

@@ -1,4 +1,4 @@
-//! `eventfold bench commands`: `CreateOrder` end to end over gRPC (client,
+//! `eventfold-bench commands`: `CreateOrder` end to end over gRPC (client,
 //! command bus, aggregate load, decision, append on PostgreSQL) at fixed
 //! arrival rates, open loop: requests are sent on schedule whether or not
 //! earlier ones have answered, and latency counts from the scheduled send
@@ -23,14 +23,16 @@ use eventfold_proto::{
     orders::{CreateOrderRequest, OrderItem, order_command_service_client::OrderCommandServiceClient},
 };
 use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinSet};
+use tokio::{net::TcpListener, task::JoinSet};
 use tokio_postgres::{Client, Statement};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::bench::{Measurement, connect, machine_line, ms, thousands};
+use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 
-/// Arguments of `eventfold bench commands`.
+use crate::append::{Measurement, connect, machine_line, ms, thousands};
+
+/// Arguments of `eventfold-bench commands`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct CommandBenchArgs {
     /// PostgreSQL URL of a throw-away database: migrations are applied, the
@@ -111,17 +113,19 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
         .context("creating bench_orders_raw")?;
 
     // The command services, in this process, on a loopback port.
-    let mut config = PostgresConfig::new(args.database_url.clone());
-    config.writers = args.writers.unwrap_or(config.writers).max(1);
+    let defaults = PostgresConfig::default();
+    let config = PostgresConfig { writers: args.writers.unwrap_or(defaults.writers).max(1), ..defaults };
     let writers = config.writers;
-    let store = PostgresEventLog::connect(config).await?;
+    let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&args.database_url)?, config).await?;
     let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(eventfold_command::run(eventfold_command::Config::default(), log, listener, async {
-        let _ = stopped.await;
-    }));
+    let stop = CancellationToken::new();
+    let command_config = eventfold_command::Config::default();
+    let mut grpc = GrpcServer::new();
+    let bus = eventfold_command::bus(log.clone(), command_config.bus_options());
+    eventfold_command::host(&mut grpc, &command_config, log, bus);
+    let server = tokio::spawn(grpc.serve(listener, stop.clone(), Duration::from_secs(1)));
     let mut clients = Vec::new();
     for _ in 0..4 {
         let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await.context("connecting")?;
@@ -210,7 +214,7 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
         );
     }
 
-    let _ = stop.send(());
+    stop.cancel();
     let _ = server.await;
     let pattern = format!("order-cbench-{session}-%");
     let cleanup = async {

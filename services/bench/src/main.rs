@@ -1,0 +1,61 @@
+//! `eventfold-bench`: every figure of docs/benchmarks.md, each measured
+//! beside raw PostgreSQL (or the raw broker) doing the same work in the same
+//! run, and printed as a ratio that survives a noisy machine.
+
+mod append;
+mod commands;
+mod queries;
+mod relay;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "eventfold-bench", version, about = "Measure eventfold against raw PostgreSQL doing the same work")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Append throughput and latency beside raw INSERTs.
+    Append(append::AppendBenchArgs),
+    /// CreateOrder over gRPC at fixed arrival rates beside raw INSERTs.
+    Commands(commands::CommandBenchArgs),
+    /// GetOrder over gRPC, cached and uncached, beside the raw SELECT.
+    Queries(queries::QueryBenchArgs),
+    /// Append → read-model-visible lag at a fixed rate, and rebuild speed.
+    ProjectionLag(queries::LagBenchArgs),
+    /// Relay throughput and append → Kafka → read model lag, beside the
+    /// raw broker.
+    Relay(relay::RelayBenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("eventfold-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.bench {
+            Bench::Append(args) => append::append(args).await,
+            Bench::Commands(args) => commands::commands(args).await,
+            Bench::Queries(args) => queries::queries(args).await,
+            Bench::ProjectionLag(args) => queries::lag(args).await,
+            Bench::Relay(args) => relay::relay(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("eventfold-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! The whole configuration of the binary: one section per crate, each
+//! owned (and documented) by that crate.
+
+use eventfold_platform::config::{AdminConfig, DatabaseConfig, LogConfig};
+use serde::{Deserialize, Serialize};
+
+/// Every section of `eventfold.toml` (and of `EVENTFOLD_*`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Config {
+    pub(crate) log: LogConfig,
+    pub(crate) database: DatabaseConfig,
+    pub(crate) admin: AdminConfig,
+    pub(crate) eventstore: eventfold_eventstore::Config,
+    pub(crate) command: eventfold_command::Config,
+    pub(crate) query: eventfold_query::Config,
+    pub(crate) projector: eventfold_projector::ProjectorConfig,
+    pub(crate) relay: eventfold_relay::Config,
+    pub(crate) registry: eventfold_schemas::RegistryConfig,
+    pub(crate) saga: eventfold_saga::SagaConfig,
+}
+
+impl Config {
+    pub(crate) fn validate(&self) -> Result<(), eventfold_platform::Error> {
+        self.database.validate()
+    }
+
+    /// How long a stopping process lets calls and workers finish.
+    pub(crate) fn grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.eventstore.shutdown_grace_secs)
+    }
+}

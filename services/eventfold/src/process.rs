@@ -1,0 +1,363 @@
+//! How each process is put together: the resources built once, the crates'
+//! services hosted on one gRPC server, their background workers run by one
+//! supervisor, and one way to serve, stop and drain. `eventfold dev` is
+//! every piece in one process; each `serve X` is one of them.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use eventfold_platform::{
+    runtime::{Backoff, Databases, Resources, Runtime},
+    server::GrpcServer,
+};
+use eventfold_store::{EventLog, MemoryEventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+
+/// The admin listener of `eventfold dev` when `[admin] listen` is unset.
+const DEV_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+/// Waits of every supervised worker: restarts after 100 ms, 200 ms, … 30 s.
+fn restart_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
+}
+
+/// One eventfold process: its configuration, its resources, its tasks.
+pub(crate) struct Process {
+    config: Config,
+    resources: Resources,
+    runtime: Runtime,
+}
+
+impl Process {
+    /// Builds the resources of `config` (lazily connected pools) and stops
+    /// on SIGTERM/SIGINT.
+    pub(crate) fn new(config: Config) -> anyhow::Result<Self> {
+        let resources = Resources::open(&config.database, config.query.pool_size)?;
+        let runtime = Runtime::new();
+        runtime.cancel_on_signal();
+        Ok(Self { config, resources, runtime })
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn databases(&self) -> anyhow::Result<&Databases> {
+        Ok(self.resources.databases()?)
+    }
+
+    /// The event log on PostgreSQL, as every service reads it.
+    pub(crate) async fn postgres_log(&self) -> anyhow::Result<Arc<dyn EventLog>> {
+        let database = &self.config.database;
+        let pg = PostgresConfig {
+            writers: database.writers,
+            request_retention: Duration::from_secs(database.request_retention_hours.saturating_mul(3600)),
+            ..PostgresConfig::default()
+        };
+        Ok(upcasting(Arc::new(PostgresEventLog::connect(self.databases()?.store.clone(), pg).await?)))
+    }
+
+    /// Everything in one process: on PostgreSQL with the read side when a
+    /// database is configured, else in memory.
+    pub(crate) async fn dev(self) -> anyhow::Result<()> {
+        let config = &self.config;
+        let token = self.runtime.token().clone();
+        let mut server = GrpcServer::new();
+        let on_postgres = self.resources.database.is_some();
+        let log = if on_postgres {
+            let mut admin = self.databases()?.main.connect().await?;
+            eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
+            self.postgres_log().await?
+        } else {
+            let retention = Duration::from_secs(config.database.request_retention_hours.saturating_mul(3600));
+            upcasting(Arc::new(MemoryEventLog::with_request_retention(retention)))
+        };
+        eventfold_eventstore::host(&mut server, &config.eventstore, log.clone(), token.clone());
+        let bus = eventfold_command::bus(log.clone(), config.command.bus_options());
+        eventfold_command::host(&mut server, &config.command, log.clone(), bus.clone());
+        if on_postgres {
+            let (query, invalidator) = self.read_side(log.clone()).await?;
+            self.spawn_projectors(log.clone(), invalidator)?;
+            eventfold_query::host(&mut server, &config.query, query, token.clone());
+        }
+        if config.saga.enabled {
+            let sagas = if on_postgres {
+                self.spawn_orchestrator(bus)?;
+                eventfold_saga::grpc::Sagas::postgres(self.databases()?.main.clone())
+            } else {
+                // The sagas live in memory beside the log: their intake reads
+                // the log from its start, the orchestrator is woken by every
+                // start.
+                let memory = eventfold_saga::MemorySagas::new(log.clone());
+                let (intake_log, intake_sagas) = (log.clone(), memory.clone());
+                self.runtime.supervise("saga intake", restart_backoff(), move |token| {
+                    eventfold_saga::intake::run_in_memory(intake_log.clone(), intake_sagas.clone(), token)
+                });
+                let repository = eventfold_saga::Repository::Memory(memory.clone());
+                let orchestrator = eventfold_saga::Orchestrator::over(
+                    repository.clone(),
+                    config.saga.fulfilment(Arc::new(bus)),
+                    config.saga.orchestrator.clone(),
+                );
+                self.runtime.supervise("saga orchestrator", restart_backoff(), move |token| {
+                    orchestrator.clone().run(memory.started(), token)
+                });
+                eventfold_saga::grpc::Sagas::new(repository)
+            };
+            eventfold_saga::grpc::host(&mut server, &config.saga, sagas.with_changes(log.appended()));
+        }
+        let (what, storage) = if on_postgres {
+            ("EventStoreService and the command and query services", "PostgreSQL, with projectors and queries")
+        } else {
+            ("EventStoreService and the command services", "in-memory store, nothing is persisted")
+        };
+        self.serve(server, config.eventstore.listen, what, storage, Some(DEV_ADMIN)).await
+    }
+
+    /// `eventfold serve eventstore`.
+    pub(crate) async fn eventstore(self) -> anyhow::Result<()> {
+        let log = self.postgres_log().await?;
+        let mut server = GrpcServer::new();
+        eventfold_eventstore::host(&mut server, &self.config.eventstore, log, self.runtime.token().clone());
+        self.serve(server, self.config.eventstore.listen, "EventStoreService", "PostgreSQL", None).await
+    }
+
+    /// `eventfold serve command`.
+    pub(crate) async fn command(self) -> anyhow::Result<()> {
+        let log = self.postgres_log().await?;
+        let bus = eventfold_command::bus(log.clone(), self.config.command.bus_options());
+        let mut server = GrpcServer::new();
+        eventfold_command::host(&mut server, &self.config.command, log, bus);
+        self.serve(server, self.config.command.listen, "command services", "PostgreSQL", None).await
+    }
+
+    /// `eventfold serve query`.
+    pub(crate) async fn query(self) -> anyhow::Result<()> {
+        let log = self.postgres_log().await?;
+        let (query, _) = self.read_side(log).await?;
+        let mut server = GrpcServer::new();
+        eventfold_query::host(&mut server, &self.config.query, query, self.runtime.token().clone());
+        self.serve(server, self.config.query.listen, "query services", "PostgreSQL", None).await
+    }
+
+    /// `eventfold serve saga`: the orchestrator and the SagaService.
+    pub(crate) async fn saga(self) -> anyhow::Result<()> {
+        let log = self.postgres_log().await?;
+        let changes = log.appended();
+        self.spawn_orchestrator(eventfold_command::bus(log, self.config.command.bus_options()))?;
+        let sagas = eventfold_saga::grpc::Sagas::postgres(self.databases()?.main.clone()).with_changes(changes);
+        let mut server = GrpcServer::new();
+        eventfold_saga::grpc::host(&mut server, &self.config.saga, sagas);
+        self.serve(server, self.config.saga.listen, "saga orchestrator and SagaService", "PostgreSQL", None).await
+    }
+
+    /// `eventfold serve projector`.
+    pub(crate) async fn projector(self) -> anyhow::Result<()> {
+        let log = self.postgres_log().await?;
+        let invalidator = match &self.config.query.cache.url {
+            Some(_) => Some(eventfold_query::Invalidator::new(
+                eventfold_query::Cache::connect(self.config.query.cache.clone()).await.map_err(anyhow::Error::msg)?,
+            )),
+            None => None,
+        };
+        let running = self.spawn_projectors(log, invalidator)?;
+        println!("eventfold: {running} projectors running (PostgreSQL)");
+        self.run_workers().await
+    }
+
+    /// `eventfold serve relay`.
+    pub(crate) async fn relay(self) -> anyhow::Result<()> {
+        let Some(registry_url) = self.config.registry.url.clone() else {
+            return Err(eventfold_platform::Error::Config(
+                "registry.url is required to relay (EVENTFOLD_REGISTRY__URL)".to_owned(),
+            )
+            .into());
+        };
+        let log = self.postgres_log().await?;
+        let encoder = eventfold_relay::AvroEncoder::new(
+            eventfold_schemas::Catalog::load()?,
+            eventfold_schemas::Registry::new(&registry_url)?,
+        );
+        let relay = eventfold_relay::Relay::new(
+            self.databases()?.workers.clone(),
+            log,
+            Arc::new(encoder),
+            self.config.relay.clone(),
+        )
+        .await?;
+        println!("eventfold: relaying to {} (registry {registry_url})", self.config.relay.brokers.join(","));
+        self.runtime.supervise("relay", restart_backoff(), move |token| relay.clone().run(token));
+        self.run_workers().await
+    }
+
+    /// The query side, and the invalidator its projectors should report to
+    /// when a cache is configured.
+    async fn read_side(
+        &self,
+        log: Arc<dyn EventLog>,
+    ) -> anyhow::Result<(Arc<eventfold_query::Query>, Option<Arc<eventfold_query::Invalidator>>)> {
+        let query = eventfold_query::Query::connect(&self.config.query, self.databases()?.queries.clone(), log).await?;
+        let invalidator = query.cache().map(|cache| eventfold_query::Invalidator::new(cache.clone()));
+        Ok((query, invalidator))
+    }
+
+    /// One supervised projector per projection, on its active version,
+    /// following the switch of a rebuild; how many.
+    fn spawn_projectors(
+        &self,
+        log: Arc<dyn EventLog>,
+        invalidator: Option<Arc<eventfold_query::Invalidator>>,
+    ) -> anyhow::Result<usize> {
+        let config = &self.config;
+        let observer = invalidator.map(|i| i as Arc<dyn eventfold_projector::CommitObserver>);
+        let source: Option<Arc<dyn eventfold_store::EventSource>> = match config.projector.source {
+            eventfold_projector::SourceKind::Log => None,
+            eventfold_projector::SourceKind::Kafka => {
+                let Some(registry_url) = &config.registry.url else {
+                    return Err(eventfold_platform::Error::Config(
+                        "projector.source = \"kafka\" needs registry.url (EVENTFOLD_REGISTRY__URL)".to_owned(),
+                    )
+                    .into());
+                };
+                let source_config = eventfold_bus::KafkaSourceConfig {
+                    consumer: eventfold_bus::ConsumerConfig {
+                        brokers: config.relay.brokers.clone(),
+                        fetch_wait_ms: 1,
+                        ..Default::default()
+                    },
+                    relay: config.relay.name.clone(),
+                    ..Default::default()
+                };
+                let catalog = eventfold_schemas::Catalog::load()?;
+                let registry = eventfold_schemas::Registry::new(registry_url)?;
+                Some(eventfold_bus::KafkaSource::new(source_config, catalog, registry))
+            }
+        };
+        let mut projections = eventfold_projector::all();
+        if config.saga.enabled {
+            projections.push(Arc::new(eventfold_saga::SagaIntake));
+        }
+        let database = self.databases()?.workers.clone();
+        let count = projections.len();
+        for projection in projections {
+            let (database, log, options) = (database.clone(), log.clone(), config.projector.options());
+            let attach = eventfold_projector::Attach { observer: observer.clone(), source: source.clone() };
+            self.runtime.supervise(format!("projector {}", projection.name()), restart_backoff(), move |token| {
+                eventfold_projector::run_active(
+                    database.clone(),
+                    log.clone(),
+                    projection.clone(),
+                    options.clone(),
+                    attach.clone(),
+                    Duration::from_secs(1),
+                    token,
+                )
+            });
+        }
+        Ok(count)
+    }
+
+    /// The saga orchestrator on PostgreSQL, sending commands through `bus`
+    /// (it polls `saga.orchestrator.poll_ms`; nothing wakes it sooner).
+    fn spawn_orchestrator(&self, bus: eventfold_command::Bus) -> anyhow::Result<()> {
+        let orchestrator = eventfold_saga::Orchestrator::new(
+            self.databases()?.main.clone(),
+            self.config.saga.fulfilment(Arc::new(bus)),
+            self.config.saga.orchestrator.clone(),
+        );
+        let (_, wake) = tokio::sync::watch::channel(0u64);
+        self.runtime.supervise("saga orchestrator", restart_backoff(), move |token| {
+            orchestrator.clone().run(wake.clone(), token)
+        });
+        Ok(())
+    }
+
+    /// Serves `server` on `listen` (and the admin listener) until the
+    /// process is told to stop, then drains calls and workers.
+    async fn serve(
+        &self,
+        server: GrpcServer,
+        listen: SocketAddr,
+        what: &str,
+        storage: &str,
+        admin_default: Option<SocketAddr>,
+    ) -> anyhow::Result<()> {
+        let listener = bind(listen).await?;
+        let addr = listener.local_addr()?;
+        print_banner(&server, addr, what, storage);
+        self.admin(admin_default).await?;
+        tracing::info!(%addr, storage, "serving");
+        let grace = self.config.grace();
+        let served = server.serve(listener, self.runtime.token().clone(), grace).await;
+        self.stop().await;
+        Ok(served?)
+    }
+
+    /// Runs the supervised workers (and the admin listener) until the
+    /// process is told to stop, then drains them.
+    async fn run_workers(&self) -> anyhow::Result<()> {
+        self.admin(None).await?;
+        self.runtime.token().cancelled().await;
+        self.stop().await;
+        Ok(())
+    }
+
+    async fn stop(&self) {
+        if self.runtime.shutdown(self.config.grace()).await {
+            tracing::info!("stopped");
+        }
+    }
+
+    /// The admin HTTP listener at `[admin] listen`, else at `default` (for
+    /// `eventfold dev`; another free port when that one is taken).
+    async fn admin(&self, default: Option<SocketAddr>) -> anyhow::Result<()> {
+        let listener = match (self.config.admin.listen, default) {
+            (Some(addr), _) => bind(addr).await?,
+            (None, Some(addr)) => match TcpListener::bind(addr).await {
+                Ok(listener) => listener,
+                Err(_) => bind(SocketAddr::new(addr.ip(), 0)).await?,
+            },
+            (None, None) => return Ok(()),
+        };
+        let addr = listener.local_addr()?;
+        println!("eventfold: admin on http://{addr} (/healthz, /readyz)");
+        let token = self.runtime.token().clone();
+        let routes = eventfold_platform::admin::routes(token.clone());
+        self.runtime.spawn("admin listener", async move {
+            if let Err(e) = eventfold_platform::admin::serve(listener, routes, token).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The log as every service reads it: old event versions upcast.
+fn upcasting(log: Arc<dyn EventLog>) -> Arc<dyn EventLog> {
+    Arc::new(Upcasting::new(log, eventfold_command::upcasters()))
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// What the server hosts and how to try it.
+fn print_banner(server: &GrpcServer, addr: SocketAddr, what: &str, storage: &str) {
+    let commands = server.hosts("eventfold.orders.");
+    let queries = server.hosts("eventfold.query.");
+    println!("eventfold: {what} listening on {addr} ({storage})");
+    println!("  try: grpcurl -plaintext {addr} list");
+    if commands {
+        let order = r#"{"order_id":"o-1","customer_id":"c-1","currency":"EUR","items":[{"product_id":"sku-1","quantity":2,"unit_price":{"minor":1250,"currency":"EUR"}}]}"#;
+        println!("       grpcurl -plaintext -d '{order}' {addr} eventfold.orders.v1.OrderCommandService/CreateOrder");
+    }
+    if queries {
+        println!(
+            "       grpcurl -plaintext -d '{{\"order_id\":\"o-1\"}}' {addr} eventfold.query.v1.OrderQueryService/GetOrder"
+        );
+    } else if commands {
+        println!("  (read models and queries run with a database: eventfold dev --database-url postgresql://…)");
+    }
+}
