@@ -2,12 +2,17 @@
 //! (or the server named by `EVENTFOLD_TEST_DATABASE_URL`), and a fresh, empty
 //! database for each test that asks for one through [`TestDatabase::create`];
 //! likewise a throw-away Redis ([`redis`]) and a PostgreSQL server that only
-//! speaks TLS ([`tls`]).
+//! speaks TLS ([`tls`]). Besides: event logs to serve ([`store`]), a test
+//! binary's captured log ([`logs`]), what hostile clients send
+//! ([`hostile`]) and orders to send ([`orders`]).
 
 pub mod hostile;
 pub mod kafka;
+pub mod logs;
+pub mod orders;
 pub mod redis;
 pub mod registry;
+pub mod store;
 pub mod tls;
 
 use std::collections::hash_map::RandomState;
@@ -376,6 +381,21 @@ pub fn unreachable_database_url() -> String {
     format!("postgresql://postgres@127.0.0.1:{port}/eventfold")
 }
 
+/// A channel to the gRPC server listening on `addr` (`host:port`),
+/// connected within 5 s.
+///
+/// # Panics
+///
+/// If it does not connect.
+pub async fn channel(addr: impl std::fmt::Display) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to the server at {addr}: {e}"))
+}
+
 /// A loopback port that was free a moment ago.
 pub(crate) fn free_port() -> Result<u16, String> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -449,7 +469,8 @@ fn log_tail(log: &Path) -> String {
 /// Runs each case, an `async fn case(server: Server)` of the calling test
 /// file, once on the in-memory log (module `memory`) and once on PostgreSQL
 /// (module `postgres`). The file provides `Server::start(backend)` and the
-/// backends `memory()` and `postgres()`.
+/// backends `memory()` and `postgres()` (those of [`store`], imported, or
+/// its own).
 #[macro_export]
 macro_rules! backends {
     ($($case:ident),* $(,)?) => {
@@ -470,6 +491,21 @@ macro_rules! backends {
             )*
         }
     };
+}
+
+/// Every row `sql` returns, as `read` takes it, collected (into a `Vec`, a
+/// map, ...).
+///
+/// # Panics
+///
+/// If the query fails.
+pub async fn select<T, C: FromIterator<T>>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    read: impl FnMut(&tokio_postgres::Row) -> T,
+) -> C {
+    client.query(sql, params).await.unwrap_or_else(|e| panic!("{sql}: {e}")).iter().map(read).collect()
 }
 
 /// Every row of `table` as its JSON text, in `order_by` order: two tables

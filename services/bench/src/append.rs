@@ -63,9 +63,7 @@ pub(crate) async fn append(args: AppendBenchArgs) -> anyhow::Result<()> {
         bail!("--batch-sizes needs values from 1 to {}", eventfold_store::MAX_EVENTS_PER_APPEND);
     }
 
-    let mut admin = connect(&args.database_url).await?;
-    eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
-    let machine = machine_line(&admin).await?;
+    let (admin, machine) = migrated(&args.database_url).await?;
 
     let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
     let database = eventfold_store::Database::open(
@@ -260,9 +258,18 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<Client> {
     Ok(client)
 }
 
+/// An admin session on the throw-away database at `url`, with the
+/// migrations applied, and the [`machine_line`] of the run.
+pub(crate) async fn migrated(url: &str) -> anyhow::Result<(Client, String)> {
+    let mut admin = connect(url).await?;
+    eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
+    let machine = machine_line(&admin).await?;
+    Ok((admin, machine))
+}
+
 /// What the numbers depend on besides eventfold: cores (client and server
 /// share them here) and whether commits wait for the disk.
-pub(crate) async fn machine_line(admin: &Client) -> anyhow::Result<String> {
+async fn machine_line(admin: &Client) -> anyhow::Result<String> {
     let show = async |name: &str| -> anyhow::Result<String> {
         let rows = admin.simple_query(&format!("SHOW {name}")).await.with_context(|| format!("SHOW {name}"))?;
         Ok(rows

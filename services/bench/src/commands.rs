@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 
-use crate::append::{Measurement, connect, machine_line, ms, thousands};
+use crate::append::{Measurement, connect, migrated, ms, thousands};
 
 /// Arguments of `eventfold-bench commands`.
 #[derive(Debug, clap::Args)]
@@ -100,9 +100,7 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
     if args.rates.is_empty() || args.rates.contains(&0) {
         bail!("--rates needs values of at least 1");
     }
-    let mut admin = connect(&args.database_url).await?;
-    eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
-    let machine = machine_line(&admin).await?;
+    let (admin, machine) = migrated(&args.database_url).await?;
     admin
         .batch_execute(
             "DROP TABLE IF EXISTS bench_orders_raw; \

@@ -35,7 +35,7 @@ use tonic::transport::Channel;
 use tower::ServiceExt;
 use uuid::Uuid;
 
-use crate::append::{Measurement, connect, machine_line, ms, thousands};
+use crate::append::{Measurement, connect, migrated, ms, thousands};
 
 /// Arguments of `eventfold-bench queries`.
 #[derive(Debug, clap::Args)]
@@ -69,8 +69,27 @@ pub(crate) struct LagBenchArgs {
     duration_secs: u64,
 }
 
-fn log_of(store: PostgresEventLog) -> Arc<dyn EventLog> {
-    Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()))
+/// What both benches of the read side start from.
+struct ReadSide {
+    /// An admin session on the migrated database.
+    admin: tokio_postgres::Client,
+    machine: String,
+    database: Database,
+    log: Arc<dyn EventLog>,
+    /// Sessions that do not wait for the WAL flush: projectors write
+    /// through them, as `eventfold serve projector` does.
+    workers: Database,
+}
+
+impl ReadSide {
+    async fn open(url: &str) -> anyhow::Result<Self> {
+        let (admin, machine) = migrated(url).await?;
+        let database = Database::from_url(url)?;
+        let store = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await?;
+        let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
+        let workers = database.without_flush_wait(2);
+        Ok(Self { admin, machine, database, log, workers })
+    }
 }
 
 async fn create_orders(log: Arc<dyn EventLog>, tag: &str, count: usize) -> anyhow::Result<()> {
@@ -101,6 +120,25 @@ async fn create_orders(log: Arc<dyn EventLog>, tag: &str, count: usize) -> anyho
         result.map_err(|e| anyhow::anyhow!("CreateOrder failed: {e:?}"))?;
     }
     Ok(())
+}
+
+/// CreateOrder `order_id` (one item) through `bus`, as the lag benches
+/// send it: the global position of the last event it wrote.
+pub(crate) async fn create_order(bus: eventfold_command::Bus, order_id: String) -> anyhow::Result<u64> {
+    let eur: Currency = "EUR".parse().map_err(anyhow::Error::msg)?;
+    let create = CreateOrder {
+        order_id: order_id.clone(),
+        customer_id: "c".into(),
+        currency: eur,
+        items: vec![OrderItem { product_id: "sku".into(), quantity: 1, unit_price: Money::new(100, eur) }],
+        payment_token: None,
+        carrier: None,
+    };
+    let written = bus
+        .oneshot(Envelope::new(Command::Order { order_id, command: create.into() }, Meta::default()))
+        .await
+        .map_err(|e| anyhow::anyhow!("CreateOrder: {e:?}"))?;
+    Ok(written.writes.iter().map(|w| w.global_position).max().unwrap_or(0))
 }
 
 /// The version of the order views that serves queries (1 when none has
@@ -182,14 +220,7 @@ pub(crate) async fn queries(args: QueryBenchArgs) -> anyhow::Result<()> {
     if args.orders == 0 || args.requests == 0 {
         bail!("--orders and --requests need values of at least 1");
     }
-    let mut admin = connect(&args.database_url).await?;
-    eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
-    let machine = machine_line(&admin).await?;
-    let database = Database::from_url(&args.database_url)?;
-    let log = log_of(PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await?);
-    // Projectors write through sessions that do not wait for the WAL flush,
-    // as `eventfold serve projector` does.
-    let workers = database.without_flush_wait(2);
+    let ReadSide { admin: _admin, machine, database, log, workers } = ReadSide::open(&args.database_url).await?;
     let tag = format!("qbench-{}", &Uuid::new_v4().simple().to_string()[..8]);
     create_orders(log.clone(), &tag, args.orders).await?;
     let version = active_order_views(&database).await?;
@@ -254,14 +285,7 @@ pub(crate) async fn lag(args: LagBenchArgs) -> anyhow::Result<()> {
     if args.rate == 0 {
         bail!("--rate needs a value of at least 1");
     }
-    let mut admin = connect(&args.database_url).await?;
-    eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
-    let machine = machine_line(&admin).await?;
-    let database = Database::from_url(&args.database_url)?;
-    let log = log_of(PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await?);
-    // Projectors write through sessions that do not wait for the WAL flush,
-    // as `eventfold serve projector` does.
-    let workers = database.without_flush_wait(2);
+    let ReadSide { admin, machine, database, log, workers } = ReadSide::open(&args.database_url).await?;
     let tag = format!("lbench-{}", &Uuid::new_v4().simple().to_string()[..8]);
 
     // eventfold: the order views projector follows the log; the query
@@ -279,27 +303,10 @@ pub(crate) async fn lag(args: LagBenchArgs) -> anyhow::Result<()> {
         let tag = tag.clone();
         async move {
             let bus = eventfold_command::bus(log, eventfold_command::Config::default().bus_options());
-            let eur: Currency = "EUR".parse().map_err(anyhow::Error::msg)?;
-            let order_id = format!("{tag}-{i}");
-            let create = CreateOrder {
-                order_id: order_id.clone(),
-                customer_id: "c".into(),
-                currency: eur,
-                items: vec![OrderItem { product_id: "sku".into(), quantity: 1, unit_price: Money::new(100, eur) }],
-                payment_token: None,
-                carrier: None,
-            };
-            let written = bus
-                .oneshot(Envelope::new(Command::Order { order_id, command: create.into() }, Meta::default()))
-                .await
-                .map_err(|e| anyhow::anyhow!("CreateOrder: {e:?}"))?;
+            let position = create_order(bus, format!("{tag}-{i}")).await?;
             let acked = Instant::now();
             positions
-                .wait(
-                    "order_views",
-                    written.writes.iter().map(|w| w.global_position).max().unwrap_or(0),
-                    Duration::from_secs(30),
-                )
+                .wait("order_views", position, Duration::from_secs(30))
                 .await
                 .map_err(|at| anyhow::anyhow!("not visible within 30 s (at {})", at.position))?;
             Ok(acked.elapsed())

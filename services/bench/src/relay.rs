@@ -32,12 +32,11 @@ use rskafka::{
     },
     record::Record,
 };
-use tower::ServiceExt;
 use uuid::Uuid;
 
 use eventfold_platform::runtime::{Backoff, CancellationToken, supervise};
 
-use crate::append::{Measurement, connect, machine_line, ms, thousands};
+use crate::append::{Measurement, connect, migrated, ms, thousands};
 
 /// Arguments of `eventfold-bench relay`.
 #[derive(Debug, clap::Args)]
@@ -93,9 +92,7 @@ pub(crate) async fn relay(args: RelayBenchArgs) -> anyhow::Result<()> {
     if args.events == 0 || args.rate == 0 {
         bail!("--events and --rate need values of at least 1");
     }
-    let mut admin = connect(&args.database_url).await?;
-    eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
-    let machine = machine_line(&admin).await?;
+    let (_admin, machine) = migrated(&args.database_url).await?;
     let registry = eventfold_schemas::Registry::new(&args.registry_url)?;
     registry
         .register_catalog(&eventfold_schemas::Catalog::load()?, eventfold_proto::FILE_DESCRIPTOR_SET)
@@ -314,22 +311,7 @@ async fn lag(
     let ours = crate::queries::open_loop_lag(args.rate, args.duration_secs, |i| {
         let (bus, checkpoint, tag) = (bus.clone(), checkpoint.clone(), tag.to_owned());
         async move {
-            let order_id = format!("{tag}-lag-{i}");
-            let items = vec![OrderItem { product_id: "sku".into(), quantity: 1, unit_price: Money::new(100, eur()) }];
-            let create = CreateOrder {
-                order_id: order_id.clone(),
-                customer_id: "c".into(),
-                currency: eur(),
-                items,
-                payment_token: None,
-                carrier: None,
-            };
-            let envelope = eventfold_command::Envelope::new(
-                eventfold_command::Command::Order { order_id, command: create.into() },
-                eventfold_command::Meta::default(),
-            );
-            let reply = bus.oneshot(envelope).await.map_err(|e| anyhow::anyhow!("CreateOrder: {e:?}"))?;
-            let position = reply.writes.iter().map(|w| w.global_position).max().unwrap_or(0);
+            let position = crate::queries::create_order(bus, format!("{tag}-lag-{i}")).await?;
             let acked = Instant::now();
             let mut seen = checkpoint.subscribe();
             tokio::time::timeout(Duration::from_secs(30), seen.wait_for(|p| *p >= position))

@@ -15,7 +15,7 @@ use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Error, Result,
+    Error, Outage, Result,
     dead_letters::send_dead_letter,
     kafka::{Kafka, connected},
     offsets,
@@ -147,7 +147,7 @@ pub struct Consumer {
     /// When the handled event ids past their retention were last deleted.
     pruned: Arc<std::sync::Mutex<Option<Instant>>>,
     /// Since when the steps fail (for the log line of the recovery).
-    failing_since: Arc<std::sync::Mutex<Option<Instant>>>,
+    outage: Outage,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -175,7 +175,7 @@ impl Consumer {
             handler,
             kafka: Arc::default(),
             pruned: Arc::default(),
-            failing_since: Arc::default(),
+            outage: Outage::default(),
         })
     }
 
@@ -314,27 +314,16 @@ impl Consumer {
                 step = self.step() => step,
                 () = token.cancelled() => break,
             };
-            match step {
-                Ok(n) => {
-                    let since = self.failing_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-                    if let Some(since) = since {
-                        tracing::info!(consumer = %self.name, after = ?since.elapsed(), "consumer recovered");
-                    }
-                    if n == 0 {
-                        // The fetches waited on the broker already; a short
-                        // pause keeps an idle consumer from spinning.
-                        tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(10)) => {}
-                            () = token.cancelled() => {}
-                        }
-                    }
-                }
-                Err(error) => {
-                    self.failing_since
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .get_or_insert_with(Instant::now);
-                    return Err(error);
+            let handled = step.inspect_err(|_| self.outage.failed())?;
+            if let Some(after) = self.outage.recovered() {
+                tracing::info!(consumer = %self.name, ?after, "consumer recovered");
+            }
+            if handled == 0 {
+                // The fetches waited on the broker already; a short pause
+                // keeps an idle consumer from spinning.
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                    () = token.cancelled() => {}
                 }
             }
         }

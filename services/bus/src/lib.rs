@@ -19,16 +19,18 @@
 //! sees), `offsets` (the consumers' rows in PostgreSQL: offsets, handled
 //! event ids, applied stream versions), `dead_letters` (sending, listing
 //! and replaying dead letters), `projection_replay` (a projection's dead
-//! letters applied again) and `source` (the [`KafkaSource`] of Kafka-fed
-//! projections). A consumer's [`Consumer::run`] is one supervised unit of
-//! work: it returns on cancellation or on the first failure, and the
-//! process's supervisor runs it again after a [`ConsumerConfig::backoff`]
-//! pause, from the stored offsets.
+//! letters applied again), `source` (the [`KafkaSource`] of Kafka-fed
+//! projections) and `outage` (the [`Outage`] a consumer and the relay log
+//! their recovery with). A consumer's [`Consumer::run`] is one supervised
+//! unit of work: it returns on cancellation or on the first failure, and
+//! the process's supervisor runs it again after a
+//! [`ConsumerConfig::backoff`] pause, from the stored offsets.
 
 mod consumer;
 mod dead_letters;
 mod kafka;
 mod offsets;
+mod outage;
 mod projection_replay;
 mod source;
 
@@ -36,6 +38,7 @@ pub use crate::{
     consumer::{Consumer, ConsumerConfig, HandleError, Message, MessageHandler},
     dead_letters::{DLQ_SUFFIX, DeadLetter, Replayed, StillFailing, dead_letters, headers, pending_consumers, replay},
     kafka::Kafka,
+    outage::Outage,
     projection_replay::{ProjectionReplay, replay_projection},
     source::{DecodeError, Decoder, KafkaSource, KafkaSourceConfig},
 };

@@ -25,7 +25,7 @@ use std::{
 };
 
 use eventfold_schemas::{Catalog, Registry, Schema};
-use eventfold_store::{EventMetadata, EventSource, Pulled, RecordedEvent, SourceError};
+use eventfold_store::{EventMetadata, EventSource, Pulled, RecordedEvent, SourceError, source::Cursor};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_postgres::Transaction;
@@ -389,15 +389,9 @@ impl KafkaSource {
 
 #[async_trait::async_trait]
 impl EventSource for KafkaSource {
-    async fn pull(
-        &self,
-        tx: &Transaction<'_>,
-        consumer: &str,
-        _position: u64,
-        max: usize,
-    ) -> Result<Pulled, SourceError> {
+    async fn pull(&self, at: Cursor<'_>, max: usize) -> Result<Pulled, SourceError> {
         let mut kafka = self.kafka.lock().await;
-        let result = self.pull_inner(tx, consumer, max, &mut kafka).await;
+        let result = self.pull_inner(at.tx, at.consumer, max, &mut kafka).await;
         if result.is_err() {
             // A fresh connection (and listing) next time.
             *kafka = None;
@@ -406,14 +400,8 @@ impl EventSource for KafkaSource {
         result
     }
 
-    async fn ack(
-        &self,
-        tx: &Transaction<'_>,
-        consumer: &str,
-        position: u64,
-        pulled: &Pulled,
-        applied: usize,
-    ) -> Result<u64, SourceError> {
+    async fn ack(&self, at: Cursor<'_>, pulled: &Pulled, applied: usize) -> Result<u64, SourceError> {
+        let Cursor { tx, consumer, position } = at;
         let Some(progress) = pulled.progress.downcast_ref::<Progress>() else {
             return Err(unavailable("a pull of another source"));
         };

@@ -8,15 +8,20 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use eventfold_bus::{ConsumerConfig, KafkaSource, KafkaSourceConfig, dead_letters};
 use eventfold_command::{Command, Envelope, Meta};
 use eventfold_domain::{
-    Currency, Money,
-    order::{CancelOrder, ConfirmOrder, CreateOrder, OrderCommand, OrderItem, ProcessPayment},
+    Money,
+    order::{CancelOrder, ConfirmOrder, OrderCommand, OrderItem, ProcessPayment},
 };
 use eventfold_platform::runtime::{CancellationToken, supervise};
 use eventfold_projector::{OrderViews, Projection, Projector, ProjectorOptions};
 use eventfold_relay::{AvroEncoder, Relay};
 use eventfold_schemas::{Catalog, Registry};
 use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog, Upcasting};
-use eventfold_tests::{TestDatabase, kafka::Broker, registry::RegistryStandIn};
+use eventfold_tests::{
+    TestDatabase,
+    kafka::Broker,
+    orders::{self, eur},
+    registry::RegistryStandIn,
+};
 use rskafka::{
     client::{
         ClientBuilder,
@@ -26,10 +31,6 @@ use rskafka::{
 };
 use tokio_postgres::NoTls;
 use tower::ServiceExt;
-
-fn eur() -> Currency {
-    "EUR".parse().unwrap()
-}
 
 async fn write_orders(log: Arc<dyn EventLog>, count: usize) {
     let bus = eventfold_command::bus(log, eventfold_command::BusOptions::default());
@@ -41,15 +42,7 @@ async fn write_orders(log: Arc<dyn EventLog>, count: usize) {
         };
         let price = Money::new(100 + o as i64, eur());
         let items = vec![OrderItem { product_id: format!("sku-{}", o % 4), quantity: 2, unit_price: price }];
-        let create = CreateOrder {
-            order_id: order_id.clone(),
-            customer_id: format!("c-{}", o % 3),
-            currency: eur(),
-            items,
-            payment_token: None,
-            carrier: None,
-        };
-        send(create.into()).await.unwrap();
+        send(orders::created(&order_id, &format!("c-{}", o % 3), items).into()).await.unwrap();
         match o % 3 {
             0 => {
                 send(CancelOrder { reason: "changed mind".into() }.into()).await.unwrap();
@@ -331,14 +324,7 @@ async fn create_orders(log: &Arc<dyn EventLog>, prefix: &str, count: usize, paus
     for o in 0..count {
         let order_id = format!("{prefix}-{o}");
         let items = vec![OrderItem { product_id: "sku".into(), quantity: 1, unit_price: Money::new(100, eur()) }];
-        let create = CreateOrder {
-            order_id: order_id.clone(),
-            customer_id: "c".into(),
-            currency: eur(),
-            items,
-            payment_token: None,
-            carrier: None,
-        };
+        let create = orders::created(&order_id, "c", items);
         let envelope = Envelope::new(Command::Order { order_id, command: create.into() }, Meta::default());
         bus.clone().oneshot(envelope).await.unwrap();
         tokio::time::sleep(pause).await;

@@ -19,10 +19,10 @@ use eventfold_proto::{
     orders::{self as orders_pb, order_command_service_client::OrderCommandServiceClient},
 };
 use eventfold_store::{
-    AppendRequest, EventLog, ExpectedVersion, MemoryEventLog, NewEvent, PostgresConfig, PostgresEventLog, Snapshot,
-    SnapshotNamespace, SnapshotQuery, StreamRead, Upcasting,
+    AppendRequest, EventLog, ExpectedVersion, NewEvent, Snapshot, SnapshotNamespace, SnapshotQuery, StreamRead,
+    Upcasting,
 };
-use eventfold_tests::TestDatabase;
+use eventfold_tests::store::{Backend, memory, postgres};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::DropGuard;
@@ -31,27 +31,6 @@ use tonic_types::StatusExt;
 use tower::ServiceExt;
 
 // --- harness -------------------------------------------------------------------
-
-struct Backend {
-    /// The log as stored (no upcasting): for fixtures and white-box checks.
-    raw: Arc<dyn EventLog>,
-    _db: Option<TestDatabase>,
-}
-
-async fn memory() -> Backend {
-    Backend { raw: Arc::new(MemoryEventLog::new()), _db: None }
-}
-
-async fn postgres() -> Backend {
-    let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(
-        eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
-        PostgresConfig::default(),
-    )
-    .await
-    .expect("connect the event log");
-    Backend { raw: Arc::new(log), _db: Some(db) }
-}
 
 struct Server {
     orders: OrderCommandServiceClient<Channel>,
@@ -63,6 +42,7 @@ struct Server {
     bus: Bus,
     /// The upcasting log the services use.
     log: Arc<dyn EventLog>,
+    /// The log as stored (no upcasting): for fixtures and white-box checks.
     backend: Backend,
     /// Stops the server when the test lets go of it.
     _shutdown: DropGuard,
@@ -74,7 +54,7 @@ impl Server {
     }
 
     async fn start_with(backend: Backend, options: BusOptions) -> Self {
-        let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(backend.raw.clone(), eventfold_command::upcasters()));
+        let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(backend.log.clone(), eventfold_command::upcasters()));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("local addr");
         let bus = eventfold_command::bus(log.clone(), options);
@@ -85,12 +65,7 @@ impl Server {
         eventfold_command::host(&mut server, &Config::default(), log.clone(), bus.clone());
         let grace = Duration::from_secs(config.shutdown_grace_secs);
         tokio::spawn(server.serve(listener, token.clone(), grace));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect to the server");
+        let channel = eventfold_tests::channel(addr).await;
         Server {
             orders: OrderCommandServiceClient::new(channel.clone()),
             inventory: InventoryCommandServiceClient::new(channel.clone()),
@@ -336,7 +311,7 @@ async fn v1_order_created_reads_as_v2_and_drives_the_aggregate(mut s: Server) {
         }),
     );
     v1.schema_version = 1;
-    s.backend.raw.append(AppendRequest::new("order-legacy", ExpectedVersion::NoStream, vec![v1])).await.unwrap();
+    s.backend.log.append(AppendRequest::new("order-legacy", ExpectedVersion::NoStream, vec![v1])).await.unwrap();
 
     let events = s.events("order-legacy").await;
     assert_eq!(events[0].schema_version, 2, "read back as v2");
@@ -363,7 +338,7 @@ async fn v1_order_created_reads_as_v2_and_drives_the_aggregate(mut s: Server) {
     // refuses to fold it rather than guess.
     let mut bad = NewEvent::new("OrderCreated", json!({ "order_id": "bad", "total": 25 }));
     bad.schema_version = 1;
-    s.backend.raw.append(AppendRequest::new("order-bad", ExpectedVersion::NoStream, vec![bad])).await.unwrap();
+    s.backend.log.append(AppendRequest::new("order-bad", ExpectedVersion::NoStream, vec![bad])).await.unwrap();
     assert_eq!(s.events("order-bad").await[0].schema_version, 1);
     let status = s
         .orders
@@ -374,7 +349,7 @@ async fn v1_order_created_reads_as_v2_and_drives_the_aggregate(mut s: Server) {
     assert!(status.message().contains("error id") && !status.message().contains("order-bad"), "{status:?}");
 
     // Stored as written: the chain covers v1.
-    let stored = s.backend.raw.read_stream(StreamRead::forwards("order-legacy", 10)).await.unwrap();
+    let stored = s.backend.log.read_stream(StreamRead::forwards("order-legacy", 10)).await.unwrap();
     assert_eq!(stored.events[0].schema_version, 1);
     assert!(s.log.verify_stream("order-legacy").await.unwrap().first_broken.is_none());
 }
@@ -801,7 +776,7 @@ async fn a_thousand_concurrent_orders_never_oversell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_whose_link_does_not_match_the_chain_is_ignored() {
     let backend = postgres().await;
-    let url = backend._db.as_ref().expect("a database").url().to_owned();
+    let url = backend.db.as_ref().expect("a database").url().to_owned();
     let mut s = Server::start(backend).await;
     let register =
         inventory_pb::RegisterProductRequest { product_id: "sku-l".into(), name: "Lamp".into(), ..Default::default() };

@@ -41,19 +41,17 @@ pub trait DomainEvent: Sized {
     }
 }
 
-/// `Ok` when `found` is the `current` version of a known `event_type`.
-pub(crate) fn check_version(event_type: &str, found: u32, current: Option<u32>) -> Result<(), DecodeError> {
-    let current = current.ok_or_else(|| DecodeError::UnknownType(event_type.to_owned()))?;
-    if found == current {
-        Ok(())
-    } else {
-        Err(DecodeError::Version { event_type: event_type.to_owned(), found, current })
+/// Checks that `found` is the current version of `event_type`, a type of
+/// `E`; then the decode error of a body of it that does not fit.
+pub(crate) fn decoding<E: DomainEvent>(
+    event_type: &str,
+    found: u32,
+) -> Result<impl Fn(serde_json::Error) -> DecodeError + '_, DecodeError> {
+    let current = E::current_version(event_type).ok_or_else(|| DecodeError::UnknownType(event_type.to_owned()))?;
+    if found != current {
+        return Err(DecodeError::Version { event_type: event_type.to_owned(), found, current });
     }
-}
-
-/// The decode error of a body of `event_type` that does not fit.
-pub(crate) fn malformed(event_type: &str) -> impl Fn(serde_json::Error) -> DecodeError + '_ {
-    move |e| DecodeError::Data { event_type: event_type.to_owned(), message: e.to_string() }
+    Ok(move |e: serde_json::Error| DecodeError::Data { event_type: event_type.to_owned(), message: e.to_string() })
 }
 
 /// Declares an aggregate's event enum: one variant per event struct, the
@@ -86,12 +84,7 @@ macro_rules! domain_events {
                 schema_version: u32,
                 data: serde_json::Value,
             ) -> Result<Self, $crate::DecodeError> {
-                $crate::event::check_version(
-                    event_type,
-                    schema_version,
-                    <Self as $crate::DomainEvent>::current_version(event_type),
-                )?;
-                let malformed = $crate::event::malformed(event_type);
+                let malformed = $crate::event::decoding::<Self>(event_type, schema_version)?;
                 match event_type {
                     $(stringify!($ty) => serde_json::from_value(data).map(Self::$variant).map_err(malformed),)*
                     other => Err($crate::DecodeError::UnknownType(other.to_owned())),
@@ -103,12 +96,7 @@ macro_rules! domain_events {
                 schema_version: u32,
                 data: &serde_json::Value,
             ) -> Result<Self, $crate::DecodeError> {
-                $crate::event::check_version(
-                    event_type,
-                    schema_version,
-                    <Self as $crate::DomainEvent>::current_version(event_type),
-                )?;
-                let malformed = $crate::event::malformed(event_type);
+                let malformed = $crate::event::decoding::<Self>(event_type, schema_version)?;
                 match event_type {
                     $(stringify!($ty) => <$ty as serde::Deserialize>::deserialize(data)
                         .map(Self::$variant)

@@ -113,7 +113,14 @@ impl Process {
         } else {
             ("EventStoreService and the command services", "in-memory store, nothing is persisted")
         };
-        self.serve(server, config.eventstore.listen, what, storage, Some(DEV_ADMIN)).await
+        self.serve(
+            server,
+            config.eventstore.listen,
+            (what, storage),
+            config.eventstore.shutdown_grace_secs,
+            Some(DEV_ADMIN),
+        )
+        .await
     }
 
     /// `eventfold serve eventstore`.
@@ -121,7 +128,8 @@ impl Process {
         let log = self.postgres_log().await?;
         let mut server = GrpcServer::new();
         eventfold_eventstore::host(&mut server, &self.config.eventstore, log, self.runtime.token().clone());
-        self.serve(server, self.config.eventstore.listen, "EventStoreService", "PostgreSQL", None).await
+        let grace = self.config.eventstore.shutdown_grace_secs;
+        self.serve(server, self.config.eventstore.listen, ("EventStoreService", "PostgreSQL"), grace, None).await
     }
 
     /// `eventfold serve command`.
@@ -130,7 +138,8 @@ impl Process {
         let bus = eventfold_command::bus(log.clone(), self.config.command.bus_options());
         let mut server = GrpcServer::new();
         eventfold_command::host(&mut server, &self.config.command, log, bus);
-        self.serve(server, self.config.command.listen, "command services", "PostgreSQL", None).await
+        let grace = self.config.command.shutdown_grace_secs;
+        self.serve(server, self.config.command.listen, ("command services", "PostgreSQL"), grace, None).await
     }
 
     /// `eventfold serve query`.
@@ -139,7 +148,8 @@ impl Process {
         let (query, _) = self.read_side(log).await?;
         let mut server = GrpcServer::new();
         eventfold_query::host(&mut server, &self.config.query, query, self.runtime.token().clone());
-        self.serve(server, self.config.query.listen, "query services", "PostgreSQL", None).await
+        let grace = self.config.query.shutdown_grace_secs;
+        self.serve(server, self.config.query.listen, ("query services", "PostgreSQL"), grace, None).await
     }
 
     /// `eventfold serve saga`: the orchestrator and the SagaService.
@@ -150,7 +160,8 @@ impl Process {
         let sagas = eventfold_saga::grpc::Sagas::postgres(self.databases()?.main.clone()).with_changes(changes);
         let mut server = GrpcServer::new();
         eventfold_saga::grpc::host(&mut server, &self.config.saga, sagas);
-        self.serve(server, self.config.saga.listen, "saga orchestrator and SagaService", "PostgreSQL", None).await
+        let (listen, grace) = (self.config.saga.listen, self.config.eventstore.shutdown_grace_secs);
+        self.serve(server, listen, ("saga orchestrator and SagaService", "PostgreSQL"), grace, None).await
     }
 
     /// `eventfold serve projector`.
@@ -280,8 +291,8 @@ impl Process {
         &self,
         server: GrpcServer,
         listen: SocketAddr,
-        what: &str,
-        storage: &str,
+        (what, storage): (&str, &str),
+        grace_secs: u64,
         admin_default: Option<SocketAddr>,
     ) -> anyhow::Result<()> {
         let listener = bind(listen).await?;
@@ -289,9 +300,21 @@ impl Process {
         print_banner(&server, addr, what, storage);
         self.admin(admin_default).await?;
         tracing::info!(%addr, storage, "serving");
-        let grace = self.config.grace();
+        let grace = Duration::from_secs(grace_secs);
+        let token = self.runtime.token().clone();
+        let stopping = tokio::spawn(async move {
+            token.cancelled().await;
+            tokio::time::Instant::now()
+        });
         let served = server.serve(listener, self.runtime.token().clone(), grace).await;
-        self.stop().await;
+        // Calls and workers share one grace period, from the stop request
+        // (or from now, when the server failed by itself).
+        self.runtime.token().cancel();
+        let left = match stopping.await {
+            Ok(since) => grace.saturating_sub(since.elapsed()),
+            Err(_) => grace,
+        };
+        self.stop(left).await;
         Ok(served?)
     }
 
@@ -300,12 +323,13 @@ impl Process {
     async fn run_workers(&self) -> anyhow::Result<()> {
         self.admin(None).await?;
         self.runtime.token().cancelled().await;
-        self.stop().await;
+        self.stop(self.config.grace()).await;
         Ok(())
     }
 
-    async fn stop(&self) {
-        if self.runtime.shutdown(self.config.grace()).await {
+    /// Cancels every task and waits for them for at most `grace`.
+    async fn stop(&self, grace: Duration) {
+        if self.runtime.shutdown(grace).await {
             tracing::info!("stopped");
         }
     }

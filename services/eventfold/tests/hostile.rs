@@ -20,8 +20,9 @@ use eventfold_proto::{
     eventstore::{self as pb, event_store_service_client::EventStoreServiceClient},
     query::{GetOrderAtRequest, order_query_service_client::OrderQueryServiceClient},
 };
+use eventfold_tests::channel;
 use prost_types::{Struct, Timestamp, Value, value::Kind};
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 use crate::common::DevServer;
 
@@ -36,15 +37,6 @@ fn start() -> (DevServer, eventfold_tests::TestDatabase) {
         "eventfold: EventStoreService and the command and query services listening on ",
     );
     (server, db)
-}
-
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connect")
 }
 
 /// Resident memory of `pid`, in MB (`VmRSS` of /proc).

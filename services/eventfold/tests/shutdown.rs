@@ -14,22 +14,13 @@ use std::{
 
 use eventfold_proto::eventstore::{self as pb, event_store_service_client::EventStoreServiceClient};
 use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog, StreamRead};
-use tonic::transport::Channel;
+use eventfold_tests::channel;
 
 use crate::common::{DevServer, wait_timeout};
 
 const CLIENTS: usize = 16;
 /// `eventstore.shutdown_grace_secs` of the test's process.
 const GRACE_SECS: u64 = 5;
-
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connect")
-}
 
 #[test]
 fn sigterm_drains_exits_zero_and_loses_no_acknowledged_append() {

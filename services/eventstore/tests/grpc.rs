@@ -2,15 +2,16 @@
 //! (`eventfold_eventstore::host` on a `GrpcServer`) on a loopback port, the generated tonic
 //! clients, and the same cases over the in-memory log and PostgreSQL.
 
+mod common;
+
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use eventfold_eventstore::{Config, ERROR_DOMAIN, SERVICE_NAME};
-use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
+use eventfold_platform::runtime::CancellationToken;
 use eventfold_proto::eventstore::{self as pb, event_store_service_client::EventStoreServiceClient};
-use eventfold_store::{EventLog, MemoryEventLog, PostgresConfig, PostgresEventLog};
-use eventfold_tests::TestDatabase;
+use eventfold_tests::store::{Backend, memory, postgres};
 use prost_types::{Struct, Value, value::Kind};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tonic::{Code, Status, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_types::StatusExt;
@@ -19,27 +20,6 @@ use uuid::Uuid;
 type Client = EventStoreServiceClient<Channel>;
 
 // --- harness -------------------------------------------------------------------
-
-/// An event log to serve, and what must live as long as it.
-struct Backend {
-    log: Arc<dyn EventLog>,
-    _db: Option<TestDatabase>,
-}
-
-async fn memory() -> Backend {
-    Backend { log: Arc::new(MemoryEventLog::new()), _db: None }
-}
-
-async fn postgres() -> Backend {
-    let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(
-        eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
-        PostgresConfig::default(),
-    )
-    .await
-    .expect("connect the event log");
-    Backend { log: Arc::new(log), _db: Some(db) }
-}
 
 /// A running server and clients of it.
 struct Server {
@@ -57,19 +37,7 @@ impl Server {
     }
 
     async fn start_with(backend: Backend, config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let token = CancellationToken::new();
-        let mut server = GrpcServer::new();
-        eventfold_eventstore::host(&mut server, &config, backend.log.clone(), token.clone());
-        let grace = Duration::from_secs(config.shutdown_grace_secs);
-        let handle = tokio::spawn(server.serve(listener, token.clone(), grace));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect to the server");
+        let (addr, channel, token, handle) = common::serve(backend.log.clone(), &config).await;
         Server {
             addr,
             client: EventStoreServiceClient::new(channel.clone()),
@@ -1050,17 +1018,8 @@ async fn edge_cases(mut server: Server) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_is_not_serving_and_unavailable() {
     let url = eventfold_tests::unreachable_database_url();
-    let log = PostgresEventLog::connect(
-        eventfold_store::Database::open(
-            &url,
-            &eventfold_store::DatabaseOptions { connect_timeout: Duration::from_secs(1), ..Default::default() },
-        )
-        .expect("a PostgreSQL URL"),
-        PostgresConfig::default(),
-    )
-    .await
-    .expect("connecting is lazy");
-    let backend = Backend { log: Arc::new(log), _db: None };
+    let log = eventfold_tests::store::unanswered(&url).await;
+    let backend = Backend { log: Arc::new(log), db: None };
     let mut server = Server::start_with(backend, Config { health_interval_secs: 1, ..Default::default() }).await;
 
     // Let a few probes run: the status must stay NOT_SERVING.
@@ -1104,17 +1063,8 @@ async fn postgres_silent_is_unavailable_in_bounded_time() {
     // Accepts TCP connections (through the backlog) and never speaks.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("postgresql://postgres@{}/eventfold", silent.local_addr().unwrap());
-    let log = PostgresEventLog::connect(
-        eventfold_store::Database::open(
-            &url,
-            &eventfold_store::DatabaseOptions { connect_timeout: Duration::from_secs(1), ..Default::default() },
-        )
-        .expect("a PostgreSQL URL"),
-        PostgresConfig::default(),
-    )
-    .await
-    .expect("connecting is lazy");
-    let backend = Backend { log: Arc::new(log), _db: None };
+    let log = eventfold_tests::store::unanswered(&url).await;
+    let backend = Backend { log: Arc::new(log), db: None };
     let mut server = Server::start_with(backend, Config { health_interval_secs: 1, ..Default::default() }).await;
     assert_eq!(server.health(SERVICE_NAME).await, ServingStatus::NotServing);
 

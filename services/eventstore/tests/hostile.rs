@@ -40,33 +40,33 @@
 //! failure names the exact request and the seed: `HOSTILE_SEED=<seed>`
 //! replays a run, `PROPTEST_CASES` changes the number of cases (500).
 
+mod common;
+
 use std::{
     cell::RefCell,
     collections::{BTreeMap, HashMap, HashSet},
-    fmt::{Debug, Display},
-    sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    fmt::Debug,
+    time::{Duration, Instant},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use eventfold_eventstore::{Config, ERROR_DOMAIN};
-use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
+use eventfold_platform::runtime::CancellationToken;
 use eventfold_proto::eventstore::{
     self as pb, append_request::Expected, event_store_service_client::EventStoreServiceClient,
 };
-use eventfold_store::{EventLog, MemoryEventLog, PostgresConfig, PostgresEventLog};
 use eventfold_tests::{
-    TestDatabase,
-    hostile::{MAX_TIME_SECS, MIN_TIME_SECS, seconds},
+    hostile::{self, MAX_TIME_SECS, fail, field_matches, nanos, short_text, show, timestamp, valid_id, valid_time},
+    store::{Backend, memory, postgres},
 };
 use proptest::{
     collection::{btree_map, hash_map, vec},
     prelude::*,
     sample::{Index, select},
-    test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner},
+    test_runner::TestCaseError,
 };
 use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
 use uuid::Uuid;
@@ -77,9 +77,7 @@ type R<T> = Result<T, TestCaseError>;
 /// The documented bounds, written out here rather than imported so that the
 /// test does not share a mistake with the code it checks.
 const MAX_BIGINT: u64 = i64::MAX as u64;
-const NANOS: i128 = 1_000_000_000;
 const MAX_NAME_BYTES: usize = 256;
-const MAX_ID_BYTES: usize = 128;
 const MAX_EVENTS: usize = 10_000;
 const MAX_FILTER_ENTRIES: usize = 100;
 const MAX_CUSTOM_METADATA: usize = 64;
@@ -94,28 +92,7 @@ const MAX_MESSAGES: usize = 16;
 const MESSAGE_WAIT: Duration = Duration::from_millis(200);
 const DEFAULT_CASES: u32 = 500;
 
-// --- harness (the pattern of tests/grpc.rs) ---------------------------------------
-
-/// An event log to serve, and what must live as long as it.
-struct Backend {
-    log: Arc<dyn EventLog>,
-    _db: Option<TestDatabase>,
-}
-
-async fn memory() -> Backend {
-    Backend { log: Arc::new(MemoryEventLog::new()), _db: None }
-}
-
-async fn postgres() -> Backend {
-    let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(
-        eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
-        PostgresConfig::default(),
-    )
-    .await
-    .expect("connect the event log");
-    Backend { log: Arc::new(log), _db: Some(db) }
-}
+// --- harness (tests/common, as tests/grpc.rs) ---------------------------------------
 
 /// A running server and a client of it.
 struct Server {
@@ -127,20 +104,7 @@ struct Server {
 
 impl Server {
     async fn start(backend: Backend) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let config = Config::default();
-        let token = CancellationToken::new();
-        let mut server = GrpcServer::new();
-        eventfold_eventstore::host(&mut server, &config, backend.log.clone(), token.clone());
-        let grace = Duration::from_secs(config.shutdown_grace_secs);
-        let handle = tokio::spawn(server.serve(listener, token.clone(), grace));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect to the server");
+        let (_, channel, token, handle) = common::serve(backend.log.clone(), &Config::default()).await;
         // Large reads (10 000 events of random payloads) must not fail in the
         // client's decoder: that would look like a server error.
         let client = EventStoreServiceClient::new(channel)
@@ -178,11 +142,8 @@ fn hostile_requests(adapter: &'static str) {
         let backend = if adapter == "memory" { memory().await } else { postgres().await };
         Server::start(backend).await
     });
-    let seed = std::env::var("HOSTILE_SEED").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or_else(|| {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        (now as u64) ^ u64::from(std::process::id()).rotate_left(32)
-    });
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_CASES);
+    let run = hostile::Run::from_env(DEFAULT_CASES);
+    let (seed, cases) = (run.seed, run.cases);
     let started = Instant::now();
 
     let model = RefCell::new(Model::default());
@@ -192,15 +153,7 @@ fn hostile_requests(adapter: &'static str) {
     // What the property must never change: the fixture's events as first read.
     let frozen: Vec<(u64, String)> = model.borrow().events.iter().map(|e| (e.position, e.hash.clone())).collect();
 
-    let config = ProptestConfig {
-        cases,
-        failure_persistence: None,
-        // Shrinking would replay requests against a state that has moved on.
-        max_shrink_iters: 0,
-        ..ProptestConfig::default()
-    };
-    let seed_bytes: Vec<u8> = seed.to_le_bytes().repeat(4);
-    let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes));
+    let mut runner = run.runner();
     // Runs requests against the model (taken out of its cell meanwhile: the
     // runner's closure is `Fn`, and no borrow may be held across an await).
     let send = |ops: &[Op]| {
@@ -597,25 +550,6 @@ fn valid_stream_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_NAME_BYTES && !id.starts_with('$') && !id.chars().any(char::is_control)
 }
 
-/// Request, correlation, causation and user ids: 1 to 128 bytes of visible
-/// ASCII.
-fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
-}
-
-fn valid_time(t: &Timestamp) -> bool {
-    (MIN_TIME_SECS..=MAX_TIME_SECS).contains(&t.seconds) && (0..1_000_000_000).contains(&t.nanos)
-}
-
-fn nanos(t: &Timestamp) -> i128 {
-    i128::from(t.seconds) * NANOS + i128::from(t.nanos)
-}
-
-fn timestamp(n: i128) -> Timestamp {
-    let seconds = n.div_euclid(NANOS).clamp(i128::from(i64::MIN), i128::from(i64::MAX));
-    Timestamp { seconds: seconds as i64, nanos: n.rem_euclid(NANOS) as i32 }
-}
-
 /// A payload is stored as JSON: numbers must be finite, and PostgreSQL
 /// cannot store U+0000 in a string or key.
 fn valid_struct(s: &Struct) -> bool {
@@ -706,45 +640,13 @@ fn decode_page_token(token: &str, prefix: &str, show_deleted: bool) -> Option<St
 
 // --- answers ------------------------------------------------------------------------
 
-fn show(status: &Status) -> String {
-    let reason = status.get_details_error_info().map(|i| i.reason).unwrap_or_default();
-    let fields: Vec<String> = status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| format!("{}: {}", v.field, v.description)).collect())
-        .unwrap_or_default();
-    format!("{:?} {reason} {:?} {fields:?}", status.code(), status.message())
-}
-
-/// The rules for every error, whatever the request.
+/// The rules for every error, whatever the request: of the codes, only
+/// those that can be right for one sequential, well-behaved client of a
+/// healthy store.
 fn check_status(status: &Status) -> Result<(), String> {
-    // A panic caught by the server is INTERNAL, one that kills the
-    // connection UNKNOWN or UNAVAILABLE, a storage error INTERNAL or
-    // UNAVAILABLE: none is ever right for this client of a healthy store.
-    if !matches!(status.code(), Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::Aborted) {
-        return Err(format!("answered {}", show(status)));
-    }
-    let Some(info) = status.get_details_error_info() else { return Err(format!("no ErrorInfo: {}", show(status))) };
-    if info.domain != ERROR_DOMAIN
-        || info.reason.is_empty()
-        || !info.reason.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-    {
-        return Err(format!("ErrorInfo {info:?} is not an eventfold.dev UPPER_SNAKE reason: {}", show(status)));
-    }
-    if status.code() == Code::InvalidArgument {
-        let Some(bad) = status.get_details_bad_request() else {
-            return Err(format!("INVALID_ARGUMENT without BadRequest: {}", show(status)));
-        };
-        if bad.field_violations.is_empty()
-            || bad.field_violations.iter().any(|v| v.field.is_empty() || v.description.is_empty())
-        {
-            return Err(format!("INVALID_ARGUMENT without complete field violations: {}", show(status)));
-        }
-    }
-    Ok(())
-}
-
-fn field_matches(got: &str, want: &str) -> bool {
-    got == want || got.strip_prefix(want).is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+    hostile::check_status(status, ERROR_DOMAIN, |code, _| {
+        matches!(code, Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::Aborted)
+    })
 }
 
 /// The answer checked against the verdict; the response when it succeeded.
@@ -785,21 +687,6 @@ fn judge<'a, T>(result: &'a Result<tonic::Response<T>, Status>, verdict: &Verdic
             Ok(None)
         }
     }
-}
-
-fn fail(rpc: &str, request: &impl Debug, message: impl Display) -> TestCaseError {
-    // The request is the exact one sent (after resolving the generated
-    // choices), to replay by hand.
-    let mut shown = format!("{request:?}");
-    if shown.len() > 8000 {
-        let mut end = 8000;
-        while !shown.is_char_boundary(end) {
-            end -= 1;
-        }
-        shown.truncate(end);
-        shown.push_str(" ...");
-    }
-    TestCaseError::fail(format!("{rpc} {shown}\n  => {message}"))
 }
 
 /// WRONG_EXPECTED_VERSION must name the version the stream really has.
@@ -1952,39 +1839,8 @@ fn i32_edge() -> BoxedStrategy<i32> {
     prop_oneof![3 => 0..6i32, 1 => select(vec![-1, 1000, 1001, i32::MAX, i32::MIN]), 1 => any::<i32>()].boxed()
 }
 
-/// Nanos: the whole i32 range, its ends, and the ends of 0..1e9.
-fn subsec_nanos() -> BoxedStrategy<i32> {
-    prop_oneof![
-        2 => select(vec![
-            0,
-            1,
-            999,
-            1000,
-            999_999_000,
-            999_999_500,
-            999_999_999,
-            1_000_000_000,
-            -1,
-            i32::MIN,
-            i32::MAX
-        ]),
-        2 => 0..1_000_000_000i32,
-        1 => any::<i32>(),
-    ]
-    .boxed()
-}
-
 fn time() -> BoxedStrategy<TimeSpec> {
-    let offset = prop_oneof![
-        2 => select(vec![0i64, 1, -1, 500, -500, 999, -999, 1000, -1000, 1001, -1001, 1_000_000, -1_000_000]),
-        1 => -2_000_000_000i64..2_000_000_000,
-    ];
-    prop_oneof![
-        2 => (seconds(), subsec_nanos()).prop_map(|(s, n)| TimeSpec::Raw(s, n)),
-        1 => select(vec![999_999_000, 999_999_001, 999_999_999]).prop_map(|n| TimeSpec::Raw(MAX_TIME_SECS, n)),
-        3 => (any::<usize>(), offset).prop_map(|(pick, offset)| TimeSpec::Near(pick, offset)),
-    ]
-    .boxed()
+    hostile::time(2, TimeSpec::Raw, TimeSpec::Near)
 }
 
 fn opt_time() -> BoxedStrategy<Option<TimeSpec>> {
@@ -1995,12 +1851,7 @@ fn opt_time() -> BoxedStrategy<Option<TimeSpec>> {
 /// long, and just around the 256-byte bound (in 1-, 2- and 4-byte chars).
 fn text() -> BoxedStrategy<String> {
     prop_oneof![
-        4 => "[a-zA-Z0-9_.-]{1,12}",
-        1 => Just(String::new()),
-        2 => "\\PC{1,24}",
-        1 => ".{1,24}",
-        1 => "[a-z]{0,3}[\\x01-\\x1f\\x7f\\x{80}-\\x{9f}][a-z]{0,3}",
-        1 => "[a-z]{0,3}\\x00[a-z]{0,3}",
+        10 => short_text(),
         1 => "\\$[a-z]{0,6}",
         1 => "\\PC{200,1000}",
         1 => select(vec![

@@ -5,7 +5,9 @@
 use std::{sync::Arc, time::Duration};
 
 use eventfold_platform::runtime::CancellationToken;
-use eventfold_store::{AllRead, Backoff, Database, EventFilter, EventLog, EventSource, LogSource, RecordedEvent};
+use eventfold_store::{
+    AllRead, Backoff, Database, EventFilter, EventLog, EventSource, LogSource, RecordedEvent, source::Cursor,
+};
 use tokio_postgres::Transaction;
 
 use crate::{ApplyError, Projection, Result, admin};
@@ -195,7 +197,8 @@ impl Projector {
         let start = row.get::<_, i64>(0) as u64;
         let batch = self.options.batch_size.max(1);
         let consumer = self.consumer();
-        let pulled = self.source.pull(&tx, &consumer, start, batch).await?;
+        let at = Cursor { tx: &tx, consumer: &consumer, position: start };
+        let pulled = self.source.pull(at, batch).await?;
         let caught_up = pulled.events.len() < batch;
         let events = &pulled.events;
         let mut applied = 0i64;
@@ -215,7 +218,7 @@ impl Projector {
             }
         }
         let complete = considered == events.len();
-        let position = self.source.ack(&tx, &consumer, start, &pulled, considered).await?;
+        let position = self.source.ack(at, &pulled, considered).await?;
         if considered == 0 && position <= start {
             // Nothing new for the projection; what the source skipped
             // (duplicates, dead letters) is acknowledged all the same.

@@ -3,6 +3,8 @@
 //! second version builds beside the first and takes over atomically, and a
 //! supervised projector whose connections are cut recovers by itself.
 
+mod common;
+
 use std::{
     collections::hash_map::RandomState,
     hash::{BuildHasher, Hasher},
@@ -16,39 +18,24 @@ use std::{
 use async_trait::async_trait;
 use eventfold_command::{Command, Envelope, Meta};
 use eventfold_domain::{
-    Currency, Money,
-    order::{CancelOrder, ConfirmOrder, CreateOrder, OrderCommand, OrderItem, ProcessPayment, ShipOrder},
+    Money,
+    order::{CancelOrder, ConfirmOrder, OrderCommand, OrderItem, ProcessPayment, ShipOrder},
 };
 use eventfold_platform::runtime::{Backoff, CancellationToken};
 use eventfold_projector::{ApplyError, OrderViews, Projection, Projector, ProjectorOptions, status};
 use eventfold_store::{
-    AllRead, AppendRequest, Database, EventFilter, EventLog, ExpectedVersion, NewEvent, PostgresConfig,
-    PostgresEventLog, RecordedEvent, Upcasting,
+    AllRead, AppendRequest, Database, EventFilter, EventLog, ExpectedVersion, NewEvent, RecordedEvent,
 };
-use eventfold_tests::TestDatabase;
-use tokio_postgres::{NoTls, Transaction};
+use eventfold_tests::orders::{self, eur};
+use tokio_postgres::Transaction;
 use tower::ServiceExt;
+
+use crate::common::{ANALYTICS_TABLES, setup};
 
 fn random(below: u64) -> u64 {
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(below);
     hasher.finish() % below.max(1)
-}
-
-/// A migrated database, the pool of its projectors (sessions that do not
-/// wait for the WAL flush, as a process gives them), the log and a client.
-async fn setup() -> (TestDatabase, Database, Arc<dyn EventLog>, tokio_postgres::Client) {
-    let db = TestDatabase::migrated().await;
-    let server = Database::from_url(db.url()).expect("a PostgreSQL URL");
-    let store = PostgresEventLog::connect(server.clone(), PostgresConfig::default()).await.expect("connect the log");
-    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    (db, server.without_flush_wait(4), log, client)
-}
-
-fn eur() -> Currency {
-    "EUR".parse().unwrap()
 }
 
 /// Orders through the real command bus: each is created, and by its number
@@ -69,18 +56,7 @@ async fn write_orders(log: Arc<dyn EventLog>, from: usize, count: usize) {
         let items =
             vec![OrderItem { product_id: format!("sku-{}", o % 7), quantity: 1 + (o % 3) as u32, unit_price: price }];
         let total = Money::new(price.minor * i64::from(1 + (o % 3) as u32), eur());
-        send(
-            CreateOrder {
-                order_id: order_id.clone(),
-                customer_id: format!("c-{}", o % 5),
-                currency: eur(),
-                items,
-                payment_token: None,
-                carrier: None,
-            }
-            .into(),
-        )
-        .await;
+        send(orders::created(&order_id, &format!("c-{}", o % 5), items).into()).await;
         if o % 4 == 0 {
             send(CancelOrder { reason: "changed mind".into() }.into()).await;
             continue;
@@ -291,16 +267,13 @@ async fn inventory_views_survive_crashes_and_agree_with_the_aggregates() {
             (state.available as i64, state.reserved() as i64, state.consumed as i64),
             "{product}: the view agrees with the aggregate"
         );
-        let held: Vec<(String, i64)> = client
-            .query(
-                "SELECT order_id, quantity FROM read.inventory_reservations WHERE product_id = $1 ORDER BY order_id",
-                &[&product],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let held: Vec<(String, i64)> = eventfold_tests::select(
+            &client,
+            "SELECT order_id, quantity FROM read.inventory_reservations WHERE product_id = $1 ORDER BY order_id",
+            &[&product],
+            |r| (r.get(0), r.get(1)),
+        )
+        .await;
         let expected: Vec<(String, i64)> = state.reservations.iter().map(|(o, q)| (o.clone(), i64::from(*q))).collect();
         assert_eq!(held, expected, "{product}: the open reservations");
 
@@ -324,13 +297,13 @@ async fn inventory_views_survive_crashes_and_agree_with_the_aggregates() {
         }
     }
     assert_eq!(low, ["sku-3", "sku-4"], "10 and 9 available are low, 11 and more are not");
-    let flagged: Vec<String> = client
-        .query("SELECT product_id FROM read.inventory_views WHERE low_stock ORDER BY product_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let flagged: Vec<String> = eventfold_tests::select(
+        &client,
+        "SELECT product_id FROM read.inventory_views WHERE low_stock ORDER BY product_id",
+        &[],
+        |r| r.get(0),
+    )
+    .await;
     assert_eq!(flagged, low, "the low-stock products");
 }
 
@@ -413,13 +386,11 @@ async fn a_poison_event_is_parked_the_rest_applies_and_a_replay_after_the_fix_ap
     let parked: Vec<(String, String, i32)> = parked.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     assert_eq!(parked.len(), 4, "{parked:?}");
     assert!(parked.iter().all(|(s, _, a)| s == "order-o-3" && *a == 3), "{parked:?}");
-    let ids: Vec<String> = client
-        .query("SELECT order_id FROM read.order_views_v7 ORDER BY order_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<String> =
+        eventfold_tests::select(&client, "SELECT order_id FROM read.order_views_v7 ORDER BY order_id", &[], |r| {
+            r.get(0)
+        })
+        .await;
     assert_eq!(ids, ["o-0", "o-1", "o-2", "o-4", "o-5"], "the others applied; the failed attempts left nothing");
 
     flaky.fixed.store(true, Ordering::SeqCst);
@@ -545,15 +516,9 @@ async fn write_money(log: Arc<dyn EventLog>) {
 async fn order_analytics_and_user_activity_survive_crashes() {
     let (_db, database, log, client) = setup().await;
     let writer = tokio::spawn(write_orders(log.clone(), 0, 120));
-    let tables = [
-        ("read.order_facts", "order_id"),
-        ("read.customer_orders", "customer_id, currency"),
-        ("read.daily_sales", "day, currency"),
-        ("read.daily_status", "day, status"),
-        ("read.product_sales", "day, product_id, currency"),
-    ];
     let analytics = Arc::new(eventfold_projector::OrderAnalytics);
-    let (survived, rebuilt, _) = crash_then_rebuild(&database, &log, &client, analytics, writer, &tables).await;
+    let (survived, rebuilt, _) =
+        crash_then_rebuild(&database, &log, &client, analytics, writer, &ANALYTICS_TABLES).await;
     assert_eq!(survived[0].len(), 120, "one fact per order");
     assert_eq!(survived, rebuilt, "row for row, every table");
 
@@ -694,13 +659,13 @@ async fn a_supervised_projector_whose_connections_are_cut_recovers_and_applies_e
     assert_eq!(logged.len(), EVENTS, "each append is in the log once");
     let probe = Projector::new(database.clone(), log.clone(), Arc::new(Tally), 1, options());
     wait_until_at(&probe, *logged.last().unwrap() as u64).await;
-    let applied: Vec<i64> = admin
-        .query("SELECT global_position FROM read.tally_v1 ORDER BY global_position", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let applied: Vec<i64> = eventfold_tests::select(
+        &admin,
+        "SELECT global_position FROM read.tally_v1 ORDER BY global_position",
+        &[],
+        |r| r.get(0),
+    )
+    .await;
     assert_eq!(applied, logged, "every event of the log applied exactly once");
     let tally: Vec<(u64, u64)> = status(&database)
         .await

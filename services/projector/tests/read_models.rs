@@ -3,6 +3,8 @@
 //! head, checked against what the test sent and against the aggregates,
 //! and rebuilt as version 2 equal to version 1 row for row.
 
+mod common;
+
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -20,24 +22,19 @@ use eventfold_domain::{
     user::{RecordAction, RecordLogin, RegisterUser, User, UserCommand},
 };
 use eventfold_projector::{AccountViews, OrderAnalytics, Projection, Projector, ProjectorOptions, UserActivity};
-use eventfold_store::{
-    AllRead, Database, EventFilter, EventLog, PostgresConfig, PostgresEventLog, RecordedEvent, Upcasting,
-};
+use eventfold_store::{AllRead, Database, EventFilter, EventLog, RecordedEvent};
 use eventfold_tests::TestDatabase;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tower::ServiceExt;
+
+use crate::common::ANALYTICS_TABLES;
 
 /// A migrated database, the pool of its projectors, the log, a client and
 /// the command bus.
 async fn setup() -> (TestDatabase, Database, Arc<dyn EventLog>, Client, Bus) {
-    let db = TestDatabase::migrated().await;
-    let server = Database::from_url(db.url()).expect("a PostgreSQL URL");
-    let store = PostgresEventLog::connect(server.clone(), PostgresConfig::default()).await.expect("connect the log");
-    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.expect("connect");
-    tokio::spawn(connection);
+    let (db, database, log, client) = common::setup().await;
     let bus = eventfold_command::bus(log.clone(), eventfold_command::BusOptions::default());
-    (db, server.without_flush_wait(4), log, client, bus)
+    (db, database, log, client, bus)
 }
 
 async fn send(bus: &Bus, command: Command) -> eventfold_command::Result<Reply> {
@@ -107,13 +104,13 @@ async fn build_twice(
         while projector.step().await.unwrap() > 0 {}
         assert_eq!(projector.position().await.unwrap(), head, "version {version} reached the head");
     }
-    let parked: Vec<String> = client
-        .query("SELECT version || ': ' || error FROM projections.parked WHERE name = $1", &[&projection.name()])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let parked: Vec<String> = eventfold_tests::select(
+        client,
+        "SELECT version || ': ' || error FROM projections.parked WHERE name = $1",
+        &[&projection.name()],
+        |r| r.get(0),
+    )
+    .await;
     assert_eq!(parked, Vec::<String>::new(), "no event parked");
     let statuses: Vec<(u32, u64, bool)> = eventfold_projector::status(database)
         .await
@@ -261,14 +258,7 @@ type CustomerTotals = (i64, i64, i64, String, SystemTime);
 async fn order_analytics_agree_with_the_orders_sent() {
     let (_db, database, log, client, bus) = setup().await;
     let orders = write_orders(&bus).await;
-    let tables = [
-        ("read.order_facts", "order_id"),
-        ("read.customer_orders", "customer_id, currency"),
-        ("read.daily_sales", "day, currency"),
-        ("read.daily_status", "day, status"),
-        ("read.product_sales", "day, product_id, currency"),
-    ];
-    build_twice(&database, &log, &client, Arc::new(OrderAnalytics), &tables).await;
+    build_twice(&database, &log, &client, Arc::new(OrderAnalytics), &ANALYTICS_TABLES).await;
 
     // When each order event was stored: (stream, type) → created_at.
     let mut stored: HashMap<(String, String), SystemTime> = HashMap::new();
@@ -321,17 +311,14 @@ async fn order_analytics_agree_with_the_orders_sent() {
             day.3 += o.total();
         }
     }
-    let view: BTreeMap<(i32, String), (i64, i64, i64, i64)> = client
-        .query(
-            "SELECT day - DATE '1970-01-01', currency, orders_created, orders_cancelled, orders_paid, revenue_minor \
-               FROM read.daily_sales",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4), r.get(5))))
-        .collect();
+    let view: BTreeMap<(i32, String), (i64, i64, i64, i64)> = eventfold_tests::select(
+        &client,
+        "SELECT day - DATE '1970-01-01', currency, orders_created, orders_cancelled, orders_paid, revenue_minor \
+           FROM read.daily_sales",
+        &[],
+        |r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4), r.get(5))),
+    )
+    .await;
     assert_eq!(view, sales, "daily sales by the UTC day of each event");
     let revenue: i64 =
         orders.iter().filter(|o| o.fate.paid() && o.currency == currency("EUR")).map(SentOrder::total).sum();
@@ -343,13 +330,13 @@ async fn order_analytics_agree_with_the_orders_sent() {
     for o in &orders {
         *statuses.entry((utc_day(at(o, "OrderCreated")), o.fate.status().to_owned())).or_default() += 1;
     }
-    let view: BTreeMap<(i32, String), i64> = client
-        .query("SELECT day - DATE '1970-01-01', status, orders FROM read.daily_status", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect();
+    let view: BTreeMap<(i32, String), i64> = eventfold_tests::select(
+        &client,
+        "SELECT day - DATE '1970-01-01', status, orders FROM read.daily_status",
+        &[],
+        |r| ((r.get(0), r.get(1)), r.get(2)),
+    )
+    .await;
     assert_eq!(view, statuses, "orders by creation day and status");
     assert_eq!(view.values().sum::<i64>(), orders.len() as i64, "every order counted once");
     let per_status: BTreeMap<&str, i64> = view.iter().fold(BTreeMap::new(), |mut m, ((_, s), n)| {
@@ -371,29 +358,23 @@ async fn order_analytics_agree_with_the_orders_sent() {
             line.1 += i64::from(item.quantity) * item.unit_price.minor;
         }
     }
-    let view: BTreeMap<(i32, String, String), (i64, i64)> = client
-        .query(
-            "SELECT day - DATE '1970-01-01', product_id, currency, quantity, revenue_minor FROM read.product_sales",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| ((r.get(0), r.get(1), r.get(2)), (r.get(3), r.get(4))))
-        .collect();
+    let view: BTreeMap<(i32, String, String), (i64, i64)> = eventfold_tests::select(
+        &client,
+        "SELECT day - DATE '1970-01-01', product_id, currency, quantity, revenue_minor FROM read.product_sales",
+        &[],
+        |r| ((r.get(0), r.get(1), r.get(2)), (r.get(3), r.get(4))),
+    )
+    .await;
     assert_eq!(view, products, "product sales without the cancelled orders");
     assert!(view.keys().all(|(_, p, _)| p != "sku-withdrawn"), "a product of cancelled orders only is gone");
-    let top: Vec<(String, i64)> = client
-        .query(
-            "SELECT product_id, sum(quantity)::bigint FROM read.product_sales WHERE currency = 'EUR' \
-              GROUP BY product_id ORDER BY 2 DESC, 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let top: Vec<(String, i64)> = eventfold_tests::select(
+        &client,
+        "SELECT product_id, sum(quantity)::bigint FROM read.product_sales WHERE currency = 'EUR' \
+          GROUP BY product_id ORDER BY 2 DESC, 1",
+        &[],
+        |r| (r.get(0), r.get(1)),
+    )
+    .await;
     let mut expected_top: BTreeMap<String, i64> = BTreeMap::new();
     for ((_, p, c), (q, _)) in &products {
         if c == "EUR" {
@@ -405,13 +386,13 @@ async fn order_analytics_agree_with_the_orders_sent() {
     assert_eq!(top, expected_top, "top products in EUR");
 
     // The helper table: status and what was paid, per order.
-    let facts: Vec<(String, String, i64)> = client
-        .query("SELECT order_id, status, paid_minor FROM read.order_facts ORDER BY order_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let facts: Vec<(String, String, i64)> = eventfold_tests::select(
+        &client,
+        "SELECT order_id, status, paid_minor FROM read.order_facts ORDER BY order_id",
+        &[],
+        |r| (r.get(0), r.get(1), r.get(2)),
+    )
+    .await;
     let mut expected: Vec<(String, String, i64)> = orders
         .iter()
         .map(|o| (o.id.clone(), o.fate.status().to_owned(), if o.fate.paid() { o.total() } else { 0 }))
@@ -521,13 +502,9 @@ async fn account_views_agree_with_the_aggregates_and_the_ledger() {
 
     let events = all_events(&log).await;
     let handler = eventfold_command::Handler::new(log.clone(), eventfold_command::SnapshotPolicy::default());
-    let listed: Vec<String> = client
-        .query("SELECT account_id FROM read.accounts ORDER BY account_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let listed: Vec<String> =
+        eventfold_tests::select(&client, "SELECT account_id FROM read.accounts ORDER BY account_id", &[], |r| r.get(0))
+            .await;
     assert_eq!(listed, ["a-0", "a-1", "a-2", "a-3", "a-4"], "a-9 never existed");
     for (id, owner, currency) in accounts {
         let loaded = handler.load::<Account>(&format!("account-{id}")).await.unwrap();
@@ -736,13 +713,13 @@ async fn user_activity_is_each_users_timeline_including_orders() {
         eventfold_tests::table_rows(&client, "read.user_orders_v1", "order_id").await,
         eventfold_tests::table_rows(&client, "read.user_orders_v2", "order_id").await
     );
-    let orders: Vec<(String, String)> = client
-        .query("SELECT order_id, user_id FROM read.user_orders_v1 ORDER BY order_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let orders: Vec<(String, String)> = eventfold_tests::select(
+        &client,
+        "SELECT order_id, user_id FROM read.user_orders_v1 ORDER BY order_id",
+        &[],
+        |r| (r.get(0), r.get(1)),
+    )
+    .await;
     let expected: Vec<(String, String)> =
         [("o-0", "u-0"), ("o-1", "u-1"), ("o-2", "guest-7"), ("o-3", "u-0")].map(|(o, u)| (o.into(), u.into())).into();
     assert_eq!(orders, expected);
@@ -871,16 +848,13 @@ async fn events_that_do_not_fit_the_model_are_parked_not_ignored() {
         let projector = Projector::new(database.clone(), log.clone(), projection.clone(), 1, options);
         projector.prepare().await.unwrap();
         while projector.step().await.unwrap() > 0 {}
-        let found: Vec<(String, String, String)> = client
-            .query(
-                "SELECT stream_id, event_type, error FROM projections.parked WHERE name = $1 ORDER BY global_position",
-                &[&projection.name()],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect();
+        let found: Vec<(String, String, String)> = eventfold_tests::select(
+            &client,
+            "SELECT stream_id, event_type, error FROM projections.parked WHERE name = $1 ORDER BY global_position",
+            &[&projection.name()],
+            |r| (r.get(0), r.get(1), r.get(2)),
+        )
+        .await;
         assert_eq!(found.len(), parked.len(), "{}: {found:?}", projection.name());
         for ((stream, event_type, error), (want_stream, want_type, want_error)) in found.iter().zip(parked) {
             assert_eq!((stream.as_str(), event_type.as_str()), (*want_stream, *want_type), "{}", projection.name());
@@ -891,12 +865,12 @@ async fn events_that_do_not_fit_the_model_are_parked_not_ignored() {
     let balance: i64 =
         client.query_one("SELECT balance_minor FROM read.accounts WHERE account_id = 'a-1'", &[]).await.unwrap().get(0);
     assert_eq!(balance, 500);
-    let kinds: Vec<String> = client
-        .query("SELECT kind FROM read.user_activity WHERE user_id = 'u-1' ORDER BY global_position", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let kinds: Vec<String> = eventfold_tests::select(
+        &client,
+        "SELECT kind FROM read.user_activity WHERE user_id = 'u-1' ORDER BY global_position",
+        &[],
+        |r| r.get(0),
+    )
+    .await;
     assert_eq!(kinds, ["order_created", "order_paid"]);
 }

@@ -58,11 +58,13 @@
 //! `HOSTILE_SEED=<seed>` replays a run, `PROPTEST_CASES` changes the number
 //! of cases (300).
 
+mod common;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::{Debug, Display},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    fmt::Debug,
+    sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -73,8 +75,6 @@ use eventfold_domain::{
     inventory::{InventoryCommand, RegisterProduct, ReplenishStock, ReserveStock},
     user::{RecordLogin, RegisterUser, UserCommand},
 };
-use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
-use eventfold_projector::{Projector, ProjectorOptions};
 use eventfold_proto::{
     common::Money as MoneyPb,
     eventstore::{self as es_pb, event_store_service_client::EventStoreServiceClient},
@@ -86,36 +86,35 @@ use eventfold_proto::{
         order_query_service_client::OrderQueryServiceClient, user_query_service_client::UserQueryServiceClient,
     },
 };
-use eventfold_query::{CacheConfig, Query};
-use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_query::CacheConfig;
 use eventfold_tests::{
-    TestDatabase,
-    hostile::{MAX_TIME_SECS, MIN_TIME_SECS, seconds},
+    hostile::{
+        self, MAX_TIME_SECS, MIN_TIME_SECS, NANOS, fail, field_matches, nanos, short_text, show, timestamp, valid_id,
+        valid_time,
+    },
     redis::TestRedis,
 };
 use proptest::{
     collection::vec,
     prelude::*,
     sample::{Index, select},
-    test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner},
+    test_runner::TestCaseError,
 };
 use prost_types::Timestamp;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
-use tokio_util::sync::DropGuard;
 use tonic::{Code, Request, Status, transport::Channel};
 use tonic_types::StatusExt;
 use tower::ServiceExt;
+
+use crate::common::{Stack, day_string};
 
 type R<T> = Result<T, TestCaseError>;
 
 /// The documented bounds, written out here rather than imported so that the
 /// test does not share a mistake with the code it checks.
 const MAX_BIGINT: u64 = i64::MAX as u64;
-const NANOS: i128 = 1_000_000_000;
-const MAX_ID_BYTES: usize = 128;
 const MAX_TOKEN_BYTES: usize = 1024;
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 500;
@@ -241,29 +240,9 @@ const ORDER_IDS: [&str; 6] = ["fo-paid", "fo-created", "fo-usd", "fo-shipped", "
 /// The products registered, and whether they run low.
 const PRODUCTS: [(&str, bool); 3] = [("sku-low", true), ("sku-high", false), ("sku-zero", true)];
 
-// --- harness (the pattern of tests/queries.rs) --------------------------------------
+// --- harness (tests/common, shared with tests/queries.rs) ---------------------------
 
-/// The event store, the command and the query services on one server (as
-/// `eventfold dev` serves them), every projection running, the Redis cache
-/// with its invalidator.
-struct Stack {
-    channel: Channel,
-    log: Arc<dyn EventLog>,
-    query: Arc<Query>,
-    stop_projectors: CancellationToken,
-    _shutdown: DropGuard,
-    _db: TestDatabase,
-}
-
-fn options() -> ProjectorOptions {
-    ProjectorOptions {
-        batch_size: 200,
-        batch_time: Duration::from_millis(50),
-        idle_poll: Duration::from_millis(200),
-        ..ProjectorOptions::default()
-    }
-}
-
+/// The stack with the Redis cache and its invalidator.
 async fn stack(redis: &TestRedis) -> Stack {
     let config = eventfold_query::Config {
         max_wait_ms: MAX_WAIT_MS,
@@ -278,47 +257,10 @@ async fn stack(redis: &TestRedis) -> Stack {
         },
         ..eventfold_query::Config::default()
     };
-    let db = TestDatabase::migrated().await;
-    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
-    let store = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.expect("connect the log");
-    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-    let query = Query::connect(&config, database.clone(), log.clone()).await.expect("query side");
-    let invalidator = query.cache().map(|cache| eventfold_query::Invalidator::new(cache.clone()));
-    let stop_projectors = CancellationToken::new();
-    for projection in eventfold_projector::all() {
-        let mut projector = Projector::new(database.clone(), log.clone(), projection, 1, options());
-        if let Some(invalidator) = &invalidator {
-            projector = projector.with_observer(invalidator.clone());
-        }
-        tokio::spawn(projector.run(stop_projectors.clone()));
-    }
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().unwrap();
-    // The event store, the command and the query services on one server,
-    // as `eventfold dev` hosts them.
-    let bus = eventfold_command::bus(log.clone(), eventfold_command::Config::default().bus_options());
-    let token = CancellationToken::new();
-    let mut server = GrpcServer::new();
-    eventfold_eventstore::host(&mut server, &eventfold_eventstore::Config::default(), log.clone(), token.clone());
-    eventfold_command::host(&mut server, &eventfold_command::Config::default(), log.clone(), bus);
-    eventfold_query::host(&mut server, &config, query.clone(), token.clone());
-    tokio::spawn(server.serve(listener, token.clone(), Duration::from_secs(10)));
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    Stack { channel, log, query, stop_projectors, _shutdown: token.drop_guard(), _db: db }
+    Stack::start(&config).await
 }
 
 impl Stack {
-    /// Waits until every projection has applied the whole log.
-    async fn settle(&self) -> u64 {
-        let head = self.log.last_position().await.unwrap();
-        for name in ["order_views", "inventory_views", "order_analytics", "account_views", "user_activity"] {
-            self.query.positions().wait(name, head, Duration::from_secs(30)).await.unwrap_or_else(|at| {
-                panic!("{name} stuck at {} of {head}", at.position);
-            });
-        }
-        head
-    }
-
     async fn send(&self, command: Command) {
         let bus = eventfold_command::bus(self.log.clone(), eventfold_command::Config::default().bus_options());
         let meta = Meta { correlation_id: "hostile".to_owned(), ..Meta::default() };
@@ -358,15 +300,7 @@ fn eur() -> Currency {
 async fn write_fixture(stack: &Stack) {
     let mut commands = OrderCommandServiceClient::new(stack.channel.clone());
     for spec in &ORDERS {
-        let items = spec
-            .items
-            .iter()
-            .map(|(product, quantity, price)| orders_pb::OrderItem {
-                product_id: (*product).to_owned(),
-                quantity: *quantity,
-                unit_price: money(*price, spec.currency),
-            })
-            .collect();
+        let items = spec.order_items();
         let request = orders_pb::CreateOrderRequest {
             request_id: format!("create-{}", spec.id),
             order_id: spec.id.to_owned(),
@@ -440,6 +374,20 @@ async fn write_fixture(stack: &Stack) {
     stack.send(user(RecordLogin { source: "web".into() }.into())).await;
 }
 
+impl OrderSpec {
+    /// The items as the command and the view state them.
+    fn order_items(&self) -> Vec<orders_pb::OrderItem> {
+        self.items
+            .iter()
+            .map(|(product, quantity, price)| orders_pb::OrderItem {
+                product_id: (*product).to_owned(),
+                quantity: *quantity,
+                unit_price: money(*price, self.currency),
+            })
+            .collect()
+    }
+}
+
 fn total(spec: &OrderSpec) -> i64 {
     spec.items.iter().map(|(_, quantity, price)| i64::from(*quantity) * price).sum()
 }
@@ -457,15 +405,7 @@ async fn expected_views(channel: &Channel, spec: &OrderSpec) -> Vec<(i128, Order
         order_id: spec.id.to_owned(),
         customer_id: spec.customer.to_owned(),
         status: OrderStatus::Created as i32,
-        items: spec
-            .items
-            .iter()
-            .map(|(product, quantity, price)| orders_pb::OrderItem {
-                product_id: (*product).to_owned(),
-                quantity: *quantity,
-                unit_price: money(*price, spec.currency),
-            })
-            .collect(),
+        items: spec.order_items(),
         total: money(total(spec), spec.currency),
         create_time: Some(created),
         ..OrderView::default()
@@ -587,24 +527,6 @@ fn order_key(o: &OrderView) -> (i64, Vec<u8>) {
 
 // --- validity as documented -----------------------------------------------------------
 
-/// Ids: 1 to 128 bytes of visible ASCII.
-fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
-}
-
-fn valid_time(t: &Timestamp) -> bool {
-    (MIN_TIME_SECS..=MAX_TIME_SECS).contains(&t.seconds) && (0..1_000_000_000).contains(&t.nanos)
-}
-
-fn nanos(t: &Timestamp) -> i128 {
-    i128::from(t.seconds) * NANOS + i128::from(t.nanos)
-}
-
-fn timestamp(n: i128) -> Timestamp {
-    let seconds = n.div_euclid(NANOS).clamp(i128::from(i64::MIN), i128::from(i64::MAX));
-    Timestamp { seconds: seconds as i64, nanos: n.rem_euclid(NANOS) as i32 }
-}
-
 /// Whole µs since the epoch, towards zero (as a list's filters are
 /// fingerprinted, and exact for stored times).
 fn micros(n: i128) -> i64 {
@@ -648,20 +570,6 @@ fn day_number(day: &str) -> Option<i64> {
     let doy = (153 * m + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     Some(era * 146_097 + doe - 719_468)
-}
-
-/// `YYYY-MM-DD` of days since 1970-01-01 (civil from days, H. Hinnant).
-fn day_string(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }
 
 fn day_of(n: i128) -> i64 {
@@ -738,46 +646,15 @@ fn status_name(status: OrderStatus) -> Option<&'static str> {
 
 // --- answers ------------------------------------------------------------------------
 
-fn show(status: &Status) -> String {
-    let reason = status.get_details_error_info().map(|i| i.reason).unwrap_or_default();
-    let fields: Vec<String> = status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| format!("{}: {}", v.field, v.description)).collect())
-        .unwrap_or_default();
-    format!("{:?} {reason} {:?} {fields:?}", status.code(), status.message())
-}
-
-/// The rules for every error, whatever the request.
+/// The rules for every error, whatever the request: of the codes, only
+/// those that can be right for a well-behaved client of a healthy server
+/// (UNAVAILABLE only when a projection is behind the requested position).
 fn check_status(status: &Status) -> Result<(), String> {
-    // A panic caught by the server is INTERNAL, one that kills the
-    // connection UNKNOWN or UNAVAILABLE, a storage error INTERNAL or
-    // UNAVAILABLE: none is ever right for this client of a healthy server.
-    let Some(info) = status.get_details_error_info() else { return Err(format!("no ErrorInfo: {}", show(status))) };
-    let allowed = match status.code() {
+    hostile::check_status(status, "eventfold.dev", |code, info| match code {
         Code::InvalidArgument | Code::NotFound | Code::ResourceExhausted => true,
         Code::Unavailable => info.reason == "PROJECTION_BEHIND",
         _ => false,
-    };
-    if !allowed {
-        return Err(format!("answered {}", show(status)));
-    }
-    if info.domain != "eventfold.dev"
-        || info.reason.is_empty()
-        || !info.reason.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-    {
-        return Err(format!("ErrorInfo {info:?} is not an eventfold.dev UPPER_SNAKE reason: {}", show(status)));
-    }
-    if status.code() == Code::InvalidArgument {
-        let Some(bad) = status.get_details_bad_request() else {
-            return Err(format!("INVALID_ARGUMENT without BadRequest: {}", show(status)));
-        };
-        if bad.field_violations.is_empty()
-            || bad.field_violations.iter().any(|v| v.field.is_empty() || v.description.is_empty())
-        {
-            return Err(format!("INVALID_ARGUMENT without complete field violations: {}", show(status)));
-        }
-    }
-    Ok(())
+    })
 }
 
 /// What the stored data and the documented bounds say about one request.
@@ -811,13 +688,50 @@ impl Expect {
         e
     }
 
+    /// The checks of a request for one view by `id` (in `field`): NOT_FOUND
+    /// with `not_found`, if the request is valid.
+    fn by_id(
+        m: &Model,
+        projection: &'static str,
+        min_position: u64,
+        (field, id): (&'static str, &str),
+        not_found: Option<&'static str>,
+    ) -> Self {
+        let mut e = Self { not_found, ..Self::new(m, projection, min_position) };
+        if !valid_id(id) {
+            e.early.push(field);
+        }
+        e
+    }
+
+    /// The cursor `token` holds for a list with `filters`, if it is a token
+    /// of this listing whose cursor is `usable`; else the token must be
+    /// refused. One the server did not issue may be refused anyway.
+    fn cursor<C: DeserializeOwned>(
+        &mut self,
+        token: &str,
+        filters: &str,
+        source: Source,
+        usable: impl Fn(&C) -> bool,
+    ) -> Option<C> {
+        match decode_token::<C>(token, filters) {
+            Tok::First => None,
+            Tok::After(cursor) if usable(&cursor) => {
+                if source != Source::Issued && !token.is_empty() {
+                    self.maybe.push("page_token");
+                }
+                Some(cursor)
+            }
+            Tok::After(_) | Tok::Bad => {
+                self.late.push("page_token");
+                None
+            }
+        }
+    }
+
     fn invalid(&self) -> Vec<&'static str> {
         self.early.iter().chain(&self.late).copied().collect()
     }
-}
-
-fn field_matches(got: &str, want: &str) -> bool {
-    got == want || got.strip_prefix(want).is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
 }
 
 /// The answer checked against the expectation; the response when it
@@ -913,21 +827,6 @@ fn judge<'a, T>(m: &Model, e: &Expect, result: &'a Result<T, Status>) -> Result<
         }
         _ => Err(format!("answered {}", show(status))),
     }
-}
-
-fn fail(rpc: &str, request: &impl Debug, message: impl Display) -> TestCaseError {
-    // The request is the exact one sent (after resolving the generated
-    // choices), to replay by hand.
-    let mut shown = format!("{request:?}");
-    if shown.len() > 8000 {
-        let mut end = 8000;
-        while !shown.is_char_boundary(end) {
-            end -= 1;
-        }
-        shown.truncate(end);
-        shown.push_str(" ...");
-    }
-    TestCaseError::fail(format!("{rpc} {shown}\n  => {message}"))
 }
 
 /// Awaits one call, bounded: a stall is a failure, not a hung test.
@@ -1188,14 +1087,9 @@ async fn run_op(c: &Clients, m: &Model, op: &Op) -> R<()> {
 
 async fn get_order(c: &Clients, m: &Model, id: &str, min_position: u64, deadline: Option<&Deadline>) -> R<()> {
     let message = pb::GetOrderRequest { order_id: id.to_owned(), min_position };
-    let mut e = Expect::new(m, "order_views", min_position);
-    if !valid_id(id) {
-        e.early.push("order_id");
-    }
     let expected = m.order(id);
-    if expected.is_none() {
-        e.not_found = Some("ORDER_NOT_FOUND");
-    }
+    let not_found = expected.is_none().then_some("ORDER_NOT_FOUND");
+    let e = Expect::by_id(m, "order_views", min_position, ("order_id", id), not_found);
     let mut r = request(m, message.clone(), min_position);
     match deadline {
         Some(Deadline::Timeout(d)) => r.set_timeout(*d),
@@ -1378,50 +1272,38 @@ async fn sales(c: &Clients, m: &Model, message: pb::GetSalesAnalyticsRequest) ->
 
 async fn get_inventory(c: &Clients, m: &Model, id: &str, min_position: u64) -> R<()> {
     let message = pb::GetInventoryRequest { product_id: id.to_owned(), min_position };
-    let mut e = Expect::new(m, "inventory_views", min_position);
-    if !valid_id(id) {
-        e.early.push("product_id");
-    }
     let expected = m.fixture.products.get(id);
-    if expected.is_none() {
-        e.not_found = Some("PRODUCT_NOT_FOUND");
-    }
-    let r = request(m, message.clone(), min_position);
-    let result = call(c.inventory.clone().get_inventory(r)).await.map_err(|e| fail("GetInventory", &message, e))?;
-    m.count("GetInventory", &result);
-    if let Some(answer) = judge(m, &e, &result).map_err(|err| fail("GetInventory", &message, err))?
-        && answer.inventory.as_ref() != expected
-    {
-        return Err(fail(
-            "GetInventory",
-            &message,
-            format!("answered {:?}, the fixture holds {expected:?}", answer.inventory),
-        ));
-    }
-    Ok(())
+    let not_found = expected.is_none().then_some("PRODUCT_NOT_FOUND");
+    let e = Expect::by_id(m, "inventory_views", min_position, ("product_id", id), not_found);
+    let result = call(c.inventory.clone().get_inventory(request(m, message.clone(), min_position))).await;
+    check_view(m, &e, ("GetInventory", &message), result, |answer| answer.inventory.as_ref(), expected)
 }
 
 async fn get_account(c: &Clients, m: &Model, id: &str, min_position: u64) -> R<()> {
     let message = pb::GetAccountRequest { account_id: id.to_owned(), min_position };
-    let mut e = Expect::new(m, "account_views", min_position);
-    if !valid_id(id) {
-        e.early.push("account_id");
-    }
     let expected = m.fixture.accounts.get(id);
-    if expected.is_none() {
-        e.not_found = Some("ACCOUNT_NOT_FOUND");
-    }
-    let r = request(m, message.clone(), min_position);
-    let result = call(c.accounts.clone().get_account(r)).await.map_err(|e| fail("GetAccount", &message, e))?;
-    m.count("GetAccount", &result);
-    if let Some(answer) = judge(m, &e, &result).map_err(|err| fail("GetAccount", &message, err))?
-        && answer.account.as_ref() != expected
+    let not_found = expected.is_none().then_some("ACCOUNT_NOT_FOUND");
+    let e = Expect::by_id(m, "account_views", min_position, ("account_id", id), not_found);
+    let result = call(c.accounts.clone().get_account(request(m, message.clone(), min_position))).await;
+    check_view(m, &e, ("GetAccount", &message), result, |answer| answer.account.as_ref(), expected)
+}
+
+/// Checks the answer to a request for one view: as `e` says, and when it
+/// succeeded, its `view` is the fixture's.
+fn check_view<Q: Debug, A, V: PartialEq + Debug>(
+    m: &Model,
+    e: &Expect,
+    (rpc, message): (&str, &Q),
+    result: Result<Result<A, Status>, String>,
+    view: impl Fn(&A) -> Option<&V>,
+    expected: Option<&V>,
+) -> R<()> {
+    let result = result.map_err(|err| fail(rpc, message, err))?;
+    m.count(rpc, &result);
+    if let Some(answer) = judge(m, e, &result).map_err(|err| fail(rpc, message, err))?
+        && view(answer) != expected
     {
-        return Err(fail(
-            "GetAccount",
-            &message,
-            format!("answered {:?}, the fixture holds {expected:?}", answer.account),
-        ));
+        return Err(fail(rpc, message, format!("answered {:?}, the fixture holds {expected:?}", view(answer))));
     }
     Ok(())
 }
@@ -1678,14 +1560,6 @@ impl List {
         }
         let filters = self.filters().unwrap_or_default();
         let token = self.token();
-        // A refused token, and one that may be refused.
-        let token_ok = |ok: bool, e: &mut Expect| {
-            if !ok {
-                e.late.push("page_token");
-            } else if source != Source::Issued && !token.is_empty() {
-                e.maybe.push("page_token");
-            }
-        };
         let mut extra = Extra::Nothing;
         let valid_time_field = |t: &Option<Timestamp>, field, e: &mut Expect| {
             if t.as_ref().is_some_and(|t| !valid_time(t)) {
@@ -1736,22 +1610,10 @@ impl List {
                     _ => unreachable!(),
                 };
                 let orders = m.orders_where(customer, status, from.as_ref().map(nanos), until.as_ref().map(nanos));
-                let after = match decode_token::<(i64, String)>(token, &filters) {
-                    Tok::First => None,
-                    // Only times of 0001 to 9999 can be a cursor.
-                    Tok::After((at, _)) if !(MIN_TIME_SECS..=MAX_TIME_SECS).contains(&at.div_euclid(1_000_000)) => {
-                        token_ok(false, &mut e);
-                        None
-                    }
-                    Tok::After((at, id)) => {
-                        token_ok(true, &mut e);
-                        Some((at, id.into_bytes()))
-                    }
-                    Tok::Bad => {
-                        token_ok(false, &mut e);
-                        None
-                    }
-                };
+                // Only times of 0001 to 9999 can be a cursor.
+                let usable =
+                    |(at, _): &(i64, String)| (MIN_TIME_SECS..=MAX_TIME_SECS).contains(&at.div_euclid(1_000_000));
+                let after = e.cursor(token, &filters, source, usable).map(|(at, id)| (at, id.into_bytes()));
                 if let (Self::Customer(_), Extra::Totals(totals)) = (self, &extra)
                     && token.is_empty()
                     && totals.is_empty()
@@ -1766,17 +1628,7 @@ impl List {
                     .collect()
             }
             Self::LowStock(_) => {
-                let after = match decode_token::<String>(token, &filters) {
-                    Tok::First => None,
-                    Tok::After(id) => {
-                        token_ok(true, &mut e);
-                        Some(id)
-                    }
-                    Tok::Bad => {
-                        token_ok(false, &mut e);
-                        None
-                    }
-                };
+                let after = e.cursor::<String>(token, &filters, source, |_| true);
                 m.fixture
                     .products
                     .values()
@@ -1789,17 +1641,7 @@ impl List {
                 if !valid_id(&r.account_id) {
                     e.early.push("account_id");
                 }
-                let before = match decode_token::<i64>(token, &filters) {
-                    Tok::First => None,
-                    Tok::After(n) => {
-                        token_ok(true, &mut e);
-                        Some(n)
-                    }
-                    Tok::Bad => {
-                        token_ok(false, &mut e);
-                        None
-                    }
-                };
+                let before = e.cursor::<i64>(token, &filters, source, |_| true);
                 if !m.fixture.accounts.contains_key(&r.account_id) {
                     e.not_found = Some("ACCOUNT_NOT_FOUND");
                 }
@@ -1813,17 +1655,7 @@ impl List {
                 if !valid_id(&r.user_id) {
                     e.early.push("user_id");
                 }
-                let before = match decode_token::<i64>(token, &filters) {
-                    Tok::First => None,
-                    Tok::After(n) => {
-                        token_ok(true, &mut e);
-                        Some(n)
-                    }
-                    Tok::Bad => {
-                        token_ok(false, &mut e);
-                        None
-                    }
-                };
+                let before = e.cursor::<i64>(token, &filters, source, |_| true);
                 let (user, activities) = m.fixture.users.get(&r.user_id).cloned().unwrap_or_default();
                 let activities: Vec<Item> = activities
                     .into_iter()
@@ -2095,7 +1927,7 @@ fn hostile_requests_at_every_query_rpc() {
     let (stack, model) = runtime.block_on(async {
         let stack = stack(&redis).await;
         write_fixture(&stack).await;
-        let head = stack.settle().await;
+        let head = stack.projected().await;
         let fixture = record(&stack.channel).await;
         check_fixture(&fixture);
         let times = fixture.orders.values().flatten().map(|(at, _)| *at).collect();
@@ -2105,21 +1937,11 @@ fn hostile_requests_at_every_query_rpc() {
     });
     let fixture_time = started.elapsed();
     let clients = Clients::new(&stack.channel);
-    let seed = std::env::var("HOSTILE_SEED").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or_else(|| {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        (now as u64) ^ u64::from(std::process::id()).rotate_left(32)
-    });
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_CASES);
-    let config = ProptestConfig {
-        cases,
-        failure_persistence: None,
-        // Shrinking would add little (requests are independent) and cost
-        // waits; the failure names the exact request.
-        max_shrink_iters: 0,
-        ..ProptestConfig::default()
-    };
-    let seed_bytes: Vec<u8> = seed.to_le_bytes().repeat(4);
-    let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes));
+    let run = hostile::Run::from_env(DEFAULT_CASES);
+    let (seed, cases) = (run.seed, run.cases);
+    // Not shrinking: it would add little here (requests are independent)
+    // and cost waits.
+    let mut runner = run.runner();
     // HOSTILE_KEEP_GOING=1: every wrong answer is collected (the run goes
     // on), to see all of them at once; otherwise the first one fails.
     let keep_going = std::env::var("HOSTILE_KEEP_GOING").is_ok_and(|v| v == "1");
@@ -2331,12 +2153,7 @@ fn pinned() -> Vec<Op> {
 /// Strings: ordinary, empty, unicode, control characters, NUL, long.
 fn text() -> BoxedStrategy<String> {
     prop_oneof![
-        4 => "[a-zA-Z0-9_.-]{1,12}",
-        1 => Just(String::new()),
-        2 => "\\PC{1,24}",
-        1 => ".{1,24}",
-        1 => "[a-z]{0,3}[\\x01-\\x1f\\x7f\\x{80}-\\x{9f}][a-z]{0,3}",
-        1 => "[a-z]{0,3}\\x00[a-z]{0,3}",
+        10 => short_text(),
         1 => "\\PC{200,1000}",
         1 => select(vec![
             "x".repeat(128),
@@ -2413,27 +2230,8 @@ fn status() -> BoxedStrategy<i32> {
     prop_oneof![6 => 0..=5i32, 1 => select(vec![-1, 6, 7, i32::MAX, i32::MIN]), 1 => any::<i32>()].boxed()
 }
 
-/// Nanos: the whole i32 range, its ends, and the ends of 0..1e9.
-fn subsec_nanos() -> BoxedStrategy<i32> {
-    prop_oneof![
-        2 => select(vec![0, 1, 999, 1000, 999_999_000, 999_999_500, 999_999_999, 1_000_000_000, -1, i32::MIN, i32::MAX]),
-        2 => 0..1_000_000_000i32,
-        1 => any::<i32>(),
-    ]
-    .boxed()
-}
-
 fn time() -> BoxedStrategy<TimeSpec> {
-    let offset = prop_oneof![
-        3 => select(vec![0i64, 1, -1, 500, -500, 999, -999, 1000, -1000, 1001, -1001, 1_000_000, -1_000_000]),
-        1 => -2_000_000_000i64..2_000_000_000,
-    ];
-    prop_oneof![
-        2 => (seconds(), subsec_nanos()).prop_map(|(s, n)| TimeSpec::Raw(s, n)),
-        1 => select(vec![999_999_000, 999_999_001, 999_999_999]).prop_map(|n| TimeSpec::Raw(MAX_TIME_SECS, n)),
-        3 => (any::<usize>(), offset).prop_map(|(pick, offset)| TimeSpec::Near(pick, offset)),
-    ]
-    .boxed()
+    hostile::time(3, TimeSpec::Raw, TimeSpec::Near)
 }
 
 fn opt_time() -> BoxedStrategy<Option<TimeSpec>> {

@@ -6,48 +6,16 @@
 //!
 //! Its own test binary: the log is captured by a global subscriber.
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex, OnceLock},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_projector::{OrderViews, Projector, ProjectorOptions};
 use eventfold_proto::query::{self as query_pb, order_query_service_client::OrderQueryServiceClient};
 use eventfold_query::Query;
-use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog};
-use eventfold_tests::TestDatabase;
+use eventfold_store::EventLog;
+use eventfold_tests::logs::{self, assert_internal};
 use tokio::net::TcpListener;
-use tonic::{Code, transport::Channel};
-use tonic_types::StatusExt;
-
-/// Everything logged by this test binary.
-fn logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = buffer.clone();
-        let subscriber =
-            tracing_subscriber::fmt().with_ansi(false).with_writer(move || Capture(writer.clone())).finish();
-        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber of this binary");
-        buffer
-    })
-    .clone()
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use tonic::transport::Channel;
 
 /// The order views' columns, `replace`d by other expressions, as the view
 /// `read.order_views` the query reads (None drops the column).
@@ -82,36 +50,11 @@ fn order_views_sql(replace: &[(&str, Option<&str>)]) -> String {
     )
 }
 
-/// Asserts `status` is INTERNAL with only the generic message and an error
-/// id, none of `leaks` (nor SQL or driver words) in what the client sees,
-/// and a log line with that id that names `cause`.
-fn assert_internal(status: &tonic::Status, logs: &Mutex<Vec<u8>>, leaks: &[&str], cause: &str) {
-    assert_eq!(status.code(), Code::Internal, "{status:?}");
-    let info = status.get_details_error_info().expect("ErrorInfo");
-    assert_eq!(info.reason, "INTERNAL", "{status:?}");
-    let id = info.metadata.get("error_id").expect("an error id to find the log line by").clone();
-    assert!(!id.is_empty());
-    assert_eq!(status.message(), format!("internal error (error id {id})"), "only the generic message and the id");
-    let generic = ["sqlstate", "select", "from", "read.", "order_views", "column", "db error", "postgres", "error:"];
-    for text in std::iter::once(status.message()).chain(info.metadata.values().map(String::as_str)) {
-        let text = text.to_lowercase();
-        for leak in generic.iter().chain(leaks) {
-            assert!(!text.contains(&leak.to_lowercase()), "{leak:?} reached the client: {status:?}");
-        }
-    }
-    let logged = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    let line = logged.lines().find(|line| line.contains(&id)).unwrap_or_else(|| panic!("error id {id} not logged"));
-    assert!(line.contains(cause), "the log line of {id} says what failed ({cause:?}): {line}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_internal_answer_carries_only_a_generic_message_and_an_error_id_that_the_log_repeats() {
-    let logs = logs();
-    let db = TestDatabase::migrated().await;
-    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
-    let log: Arc<dyn EventLog> = Arc::new(
-        PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.expect("connect the log"),
-    );
+    let logs = logs::capture();
+    let (_db, database, log) = eventfold_tests::store::migrated().await;
+    let log: Arc<dyn EventLog> = Arc::new(log);
     // The order views as their projector creates them, with one order.
     let projector = Projector::new(database.clone(), log.clone(), Arc::new(OrderViews), 1, ProjectorOptions::default());
     projector.prepare().await.expect("the order views");
@@ -143,15 +86,17 @@ async fn an_internal_answer_carries_only_a_generic_message_and_an_error_id_that_
     // A column the query selects is gone: the database refuses the
     // statement (42703, not the UNAVAILABLE of a table not built yet).
     admin.batch_execute(&order_views_sql(&[("tracking_number", None)])).await.unwrap();
-    let leaks = ["tracking_number", "does not exist", "42703"];
+    // Nor the read model's names, the column or the SQL error.
+    let leaks = ["read.", "order_views", "error:", "tracking_number", "does not exist", "42703"];
     let status = orders.get_order(get()).await.unwrap_err();
-    assert_internal(&status, &logs, &leaks, "tracking_number");
+    assert_internal(&status, "INTERNAL", &logs, &leaks, "tracking_number");
     let status = orders.list_orders(query_pb::ListOrdersRequest::default()).await.unwrap_err();
-    assert_internal(&status, &logs, &leaks, "tracking_number");
+    assert_internal(&status, "INTERNAL", &logs, &leaks, "tracking_number");
 
     // A column of another type: the statement runs, the row does not
     // decode (this used to panic in the handler).
     admin.batch_execute(&order_views_sql(&[("carrier", Some("42"))])).await.unwrap();
     let status = orders.get_order(get()).await.unwrap_err();
-    assert_internal(&status, &logs, &["carrier", "int4", "deserializ", "convert"], "int4");
+    let leaks = ["read.", "order_views", "error:", "carrier", "int4", "deserializ", "convert"];
+    assert_internal(&status, "INTERNAL", &logs, &leaks, "int4");
 }

@@ -2,9 +2,10 @@
 //! the command and the query services on one server (as `eventfold dev`
 //! serves them), every projection running with the cache invalidator.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -24,43 +25,22 @@ use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_projector::{Projector, ProjectorOptions};
 use eventfold_proto::{
     common::Money as MoneyPb,
-    orders::{self as orders_pb, order_command_service_client::OrderCommandServiceClient},
+    orders as orders_pb,
     query::{
         self as query_pb, OrderStatus, account_query_service_client::AccountQueryServiceClient,
         inventory_query_service_client::InventoryQueryServiceClient,
         order_query_service_client::OrderQueryServiceClient, user_query_service_client::UserQueryServiceClient,
     },
 };
-use eventfold_query::{BreakerState, CacheConfig, Invalidator, Query};
-use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog, Upcasting};
-use eventfold_tests::{TestDatabase, redis::OwnRedis};
+use eventfold_query::{BreakerState, CacheConfig, Query};
+use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog};
+use eventfold_tests::redis::OwnRedis;
 use tokio::net::TcpListener;
-use tokio_util::sync::DropGuard;
 use tonic::{Code, Request, transport::Channel};
 use tonic_types::StatusExt;
 use tower::ServiceExt;
 
-struct Stack {
-    orders: OrderCommandServiceClient<Channel>,
-    queries: OrderQueryServiceClient<Channel>,
-    channel: Channel,
-    log: Arc<dyn EventLog>,
-    query: Arc<Query>,
-    invalidator: Option<Arc<Invalidator>>,
-    database: Database,
-    _db: TestDatabase,
-    stop_projectors: CancellationToken,
-    _shutdown: DropGuard,
-}
-
-fn options() -> ProjectorOptions {
-    ProjectorOptions {
-        batch_size: 200,
-        batch_time: Duration::from_millis(50),
-        idle_poll: Duration::from_millis(200),
-        ..ProjectorOptions::default()
-    }
-}
+use crate::common::{Stack, day_string, options};
 
 fn cache_config(url: String, prefix: &str) -> CacheConfig {
     CacheConfig {
@@ -76,48 +56,8 @@ fn cache_config(url: String, prefix: &str) -> CacheConfig {
 }
 
 async fn stack(cache: Option<CacheConfig>) -> Stack {
-    stack_with(eventfold_query::Config { cache: cache.unwrap_or_default(), ..eventfold_query::Config::default() }).await
-}
-
-async fn stack_with(config: eventfold_query::Config) -> Stack {
-    let db = TestDatabase::migrated().await;
-    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
-    let store = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.expect("connect the log");
-    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-    let query = Query::connect(&config, database.clone(), log.clone()).await.expect("query side");
-    let invalidator = query.cache().map(|cache| Invalidator::new(cache.clone()));
-    let stop_projectors = CancellationToken::new();
-    for projection in eventfold_projector::all() {
-        let mut projector = Projector::new(database.clone(), log.clone(), projection, 1, options());
-        if let Some(invalidator) = &invalidator {
-            projector = projector.with_observer(invalidator.clone());
-        }
-        tokio::spawn(projector.run(stop_projectors.clone()));
-    }
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    // The event store, the command and the query services on one server,
-    // as `eventfold dev` hosts them.
-    let bus = eventfold_command::bus(log.clone(), eventfold_command::Config::default().bus_options());
-    let token = CancellationToken::new();
-    let mut server = GrpcServer::new();
-    eventfold_eventstore::host(&mut server, &eventfold_eventstore::Config::default(), log.clone(), token.clone());
-    eventfold_command::host(&mut server, &eventfold_command::Config::default(), log.clone(), bus);
-    eventfold_query::host(&mut server, &config, query.clone(), token.clone());
-    tokio::spawn(server.serve(listener, token.clone(), Duration::from_secs(10)));
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    Stack {
-        orders: OrderCommandServiceClient::new(channel.clone()),
-        queries: OrderQueryServiceClient::new(channel.clone()),
-        channel,
-        log,
-        query,
-        invalidator,
-        database,
-        _db: db,
-        stop_projectors,
-        _shutdown: token.drop_guard(),
-    }
+    Stack::start(&eventfold_query::Config { cache: cache.unwrap_or_default(), ..eventfold_query::Config::default() })
+        .await
 }
 
 fn eur() -> Currency {
@@ -156,14 +96,10 @@ impl Stack {
         self.orders.clone().confirm_order(request).await.unwrap().into_inner().result.unwrap().global_position
     }
 
-    /// Waits until every projection has applied the whole log.
+    /// Waits until every projection has applied the whole log, and the
+    /// invalidator has delivered what they observed.
     async fn settle(&self) {
-        let head = self.log.last_position().await.unwrap();
-        for name in ["order_views", "inventory_views", "order_analytics", "account_views", "user_activity"] {
-            self.query.positions().wait(name, head, Duration::from_secs(30)).await.unwrap_or_else(|at| {
-                panic!("{name} stuck at {} of {head}", at.position);
-            });
-        }
+        self.projected().await;
         if let Some(invalidator) = &self.invalidator {
             for _ in 0..300 {
                 if invalidator.pending() == 0 {
@@ -440,16 +376,7 @@ impl SystemTimeDays {
 
 impl std::fmt::Display for SystemTimeDays {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let z = self.0 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        write!(f, "{y:04}-{m:02}-{d:02}")
+        f.write_str(&day_string(self.0))
     }
 }
 
@@ -755,7 +682,7 @@ async fn hostile_times_positions_ids_and_tokens_are_invalid_arguments_never_pani
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_order_is_shared_by_its_watchers_and_capped_per_peer() {
-    let stack = stack_with(eventfold_query::Config { max_watchers_per_peer: 3, ..Default::default() }).await;
+    let stack = Stack::start(&eventfold_query::Config { max_watchers_per_peer: 3, ..Default::default() }).await;
     let watch = |id: &str| {
         let mut queries = stack.queries.clone();
         let request = query_pb::WatchOrderRequest { order_id: id.to_owned() };

@@ -23,10 +23,10 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use eventfold_bus::Kafka;
+use eventfold_bus::{Kafka, Outage};
 use eventfold_store::{AllRead, Backoff, Database, EventFilter, EventLog, RecordedEvent};
 use rskafka::{client::partition::Compression, record::Record};
 use serde::{Deserialize, Serialize};
@@ -234,7 +234,7 @@ pub struct Relay {
     kafka: Arc<tokio::sync::Mutex<Option<Kafka>>>,
     stats: Arc<Stats>,
     /// Since when the steps fail (for the log line of the recovery).
-    failing_since: Arc<std::sync::Mutex<Option<Instant>>>,
+    outage: Outage,
 }
 
 impl std::fmt::Debug for Relay {
@@ -262,7 +262,7 @@ impl Relay {
             config,
             kafka: Arc::default(),
             stats: Arc::default(),
-            failing_since: Arc::default(),
+            outage: Outage::default(),
         })
     }
 
@@ -401,28 +401,17 @@ impl Relay {
                 step = self.step() => step,
                 () = token.cancelled() => break,
             };
-            match step {
-                Ok(sent) => {
-                    let since = self.failing_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-                    if let Some(since) = since {
-                        tracing::info!(after = ?since.elapsed(), "relay recovered");
+            let sent = step.inspect_err(|_| self.outage.failed())?;
+            if let Some(after) = self.outage.recovered() {
+                tracing::info!(?after, "relay recovered");
+            }
+            if sent == 0 {
+                tokio::select! {
+                    _ = wake.changed() => {
+                        tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
                     }
-                    if sent == 0 {
-                        tokio::select! {
-                            _ = wake.changed() => {
-                                tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
-                            }
-                            () = tokio::time::sleep(Duration::from_millis(self.config.idle_poll_ms)) => {}
-                            () = token.cancelled() => {}
-                        }
-                    }
-                }
-                Err(error) => {
-                    self.failing_since
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .get_or_insert_with(Instant::now);
-                    return Err(error);
+                    () = tokio::time::sleep(Duration::from_millis(self.config.idle_poll_ms)) => {}
+                    () = token.cancelled() => {}
                 }
             }
         }

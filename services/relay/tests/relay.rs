@@ -11,8 +11,8 @@ use std::{
 
 use eventfold_command::{Command, Envelope, Meta};
 use eventfold_domain::{
-    Currency, Money,
-    order::{CancelOrder, ConfirmOrder, CreateOrder, OrderCommand, OrderItem},
+    Money,
+    order::{CancelOrder, ConfirmOrder, OrderCommand, OrderItem},
 };
 use eventfold_platform::runtime::{CancellationToken, supervise};
 use eventfold_relay::{AvroEncoder, Config, Relay};
@@ -20,7 +20,12 @@ use eventfold_schemas::{Catalog, Registry, SchemaType};
 use eventfold_store::{
     AllRead, Database, EventFilter, EventLog, PostgresConfig, PostgresEventLog, RecordedEvent, Upcasting,
 };
-use eventfold_tests::{TestDatabase, kafka::Broker, registry::RegistryStandIn};
+use eventfold_tests::{
+    TestDatabase,
+    kafka::Broker,
+    orders::{self, eur},
+    registry::RegistryStandIn,
+};
 use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use tower::ServiceExt;
 
@@ -60,10 +65,6 @@ impl Setup {
     }
 }
 
-fn eur() -> Currency {
-    "EUR".parse().unwrap()
-}
-
 /// Orders through the real command bus: created, then confirmed or
 /// cancelled.
 async fn write_orders(log: Arc<dyn EventLog>, from: usize, count: usize, pause: Duration) {
@@ -76,19 +77,7 @@ async fn write_orders(log: Arc<dyn EventLog>, from: usize, count: usize, pause: 
         };
         let items =
             vec![OrderItem { product_id: format!("sku-{}", o % 5), quantity: 1, unit_price: Money::new(250, eur()) }];
-        send(
-            CreateOrder {
-                order_id: order_id.clone(),
-                customer_id: format!("c-{}", o % 3),
-                currency: eur(),
-                items,
-                payment_token: None,
-                carrier: None,
-            }
-            .into(),
-        )
-        .await
-        .unwrap();
+        send(orders::created(&order_id, &format!("c-{}", o % 3), items).into()).await.unwrap();
         let next: OrderCommand =
             if o % 3 == 0 { CancelOrder { reason: "changed mind".into() }.into() } else { ConfirmOrder.into() };
         send(next).await.unwrap();

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use eventfold_domain::saga::SagaEvent;
 use serde_json::Value;
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::{GenericClient, Row, types::ToSql};
 
 use crate::{
     error::{Error, Result},
@@ -69,32 +69,44 @@ fn record(row: &Row) -> Result<SagaRecord> {
     })
 }
 
-fn state_json(record: &SagaRecord) -> Result<Value> {
-    serde_json::to_value(&record.state)
-        .map_err(|e| Error::Corrupt { saga_id: record.saga_id.clone(), message: format!("state not storable: {e}") })
+/// What [`start`] and [`save`] both write of a saga: status, current_step,
+/// state, data, due_at and deadline_at.
+struct Columns<'a> {
+    record: &'a SagaRecord,
+    status: &'static str,
+    step: Option<&'static str>,
+    state: Value,
+}
+
+impl<'a> Columns<'a> {
+    fn of(record: &'a SagaRecord) -> Result<Self> {
+        let state = serde_json::to_value(&record.state).map_err(|e| Error::Corrupt {
+            saga_id: record.saga_id.clone(),
+            message: format!("state not storable: {e}"),
+        })?;
+        Ok(Self { record, status: record.state.status.as_str(), step: record.state.step.map(Step::as_str), state })
+    }
+
+    /// The parameters of a statement: `first`, then the columns.
+    fn after<'p>(&'p self, first: &[&'p (dyn ToSql + Sync)]) -> Vec<&'p (dyn ToSql + Sync)> {
+        let record = self.record;
+        let columns: [&'p (dyn ToSql + Sync); 6] =
+            [&self.status, &self.step, &self.state, &record.data, &record.due_at, &record.deadline_at];
+        first.iter().copied().chain(columns).collect()
+    }
 }
 
 /// Stores a new saga unless one of its type already exists for its
 /// correlation id: whether it was started now.
 pub async fn start(client: &impl GenericClient, record: &SagaRecord) -> Result<bool> {
     let saga_type = record.state.saga_type.as_str();
-    let step = record.state.step.map(Step::as_str);
+    let columns = Columns::of(record)?;
     let inserted = client
         .execute(
             "INSERT INTO saga.saga_instances (saga_id, saga_type, correlation_id, status, current_step, state, data, \
                                               due_at, deadline_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
-            &[
-                &record.saga_id,
-                &saga_type,
-                &record.correlation_id,
-                &record.state.status.as_str(),
-                &step,
-                &state_json(record)?,
-                &record.data,
-                &record.due_at,
-                &record.deadline_at,
-            ],
+            &columns.after(&[&record.saga_id, &saga_type, &record.correlation_id]),
         )
         .await?;
     Ok(inserted == 1)
@@ -129,22 +141,13 @@ pub async fn save(
     events: &[SagaEvent],
 ) -> Result<Option<u64>> {
     let version = next_version(record)?;
-    let step = record.state.step.map(Step::as_str);
+    let columns = Columns::of(record)?;
     let updated = client
         .execute(
             "UPDATE saga.saga_instances SET status = $3, current_step = $4, state = $5, data = $6, due_at = $7, \
                     deadline_at = $8, version = version + 1, updated_at = clock_timestamp() \
               WHERE saga_id = $1 AND version = $2",
-            &[
-                &record.saga_id,
-                &record.version,
-                &record.state.status.as_str(),
-                &step,
-                &state_json(record)?,
-                &record.data,
-                &record.due_at,
-                &record.deadline_at,
-            ],
+            &columns.after(&[&record.saga_id, &record.version]),
         )
         .await?;
     if updated != 1 {

@@ -2,32 +2,22 @@
 //! tokens, the operators' abort and retry, shared and capped watches, and
 //! what an outage answers.
 
-use std::time::{Duration, SystemTime};
+mod common;
+
+use std::time::Duration;
 
 use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_proto::sagas::{self as pb, saga_service_client::SagaServiceClient};
 use eventfold_saga::{
-    SagaConfig, SagaState, SagaType,
+    SagaConfig, SagaType,
     grpc::{Sagas, host},
-    store::{self, SagaRecord},
+    store,
 };
 use eventfold_store::Database;
 use eventfold_tests::TestDatabase;
 use tonic::Code;
 
-fn saga(id: &str, saga_type: SagaType) -> SagaRecord {
-    let (state, _) = SagaState::start(saga_type);
-    SagaRecord {
-        saga_id: id.to_owned(),
-        correlation_id: format!("c-{id}"),
-        state,
-        data: serde_json::json!({}),
-        // Never due: no orchestrator runs here anyway.
-        due_at: SystemTime::now() + Duration::from_secs(3600),
-        deadline_at: None,
-        version: 0,
-    }
-}
+use crate::common::saga;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_sagas_pages_by_filters_and_operators_abort_and_retry() {

@@ -21,6 +21,7 @@ pub mod pg;
 pub mod postgres;
 pub mod source;
 pub mod subscription;
+pub mod supervise;
 pub mod upcast;
 
 pub use crate::{

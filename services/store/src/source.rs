@@ -39,30 +39,35 @@ pub enum SourceError {
     Unavailable(String),
 }
 
+/// Where a consumer stands when it pulls a batch and acknowledges it: its
+/// transaction, its name and its checkpoint.
+#[derive(Clone, Copy)]
+pub struct Cursor<'a> {
+    /// The consumer's transaction, which the source's progress commits with.
+    pub tx: &'a Transaction<'a>,
+    /// The consumer's name.
+    pub consumer: &'a str,
+    /// The consumer's checkpoint: every event up to it is applied.
+    pub position: u64,
+}
+
+impl std::fmt::Debug for Cursor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cursor").field("consumer", &self.consumer).field("position", &self.position).finish()
+    }
+}
+
 /// See the module documentation.
 #[async_trait::async_trait]
 pub trait EventSource: Send + Sync + 'static {
-    /// Up to `max` events `consumer` has not applied, after its checkpoint
-    /// `position` (every event up to it is applied).
-    async fn pull(
-        &self,
-        tx: &Transaction<'_>,
-        consumer: &str,
-        position: u64,
-        max: usize,
-    ) -> Result<Pulled, SourceError>;
+    /// Up to `max` events the consumer of `at` has not applied, after its
+    /// checkpoint.
+    async fn pull(&self, at: Cursor<'_>, max: usize) -> Result<Pulled, SourceError>;
 
-    /// Records in `tx` that the first `applied` events of `pulled` are
-    /// applied (a consumer may stop early); the consumer's new checkpoint
-    /// (never below `position`).
-    async fn ack(
-        &self,
-        tx: &Transaction<'_>,
-        consumer: &str,
-        position: u64,
-        pulled: &Pulled,
-        applied: usize,
-    ) -> Result<u64, SourceError>;
+    /// Records in the transaction of `at` that the first `applied` events
+    /// of `pulled` are applied (a consumer may stop early); the consumer's
+    /// new checkpoint (never below the one of `at`).
+    async fn ack(&self, at: Cursor<'_>, pulled: &Pulled, applied: usize) -> Result<u64, SourceError>;
 
     /// Changes when new events may be there.
     fn changed(&self) -> watch::Receiver<u64>;
@@ -93,14 +98,8 @@ impl LogSource {
 
 #[async_trait::async_trait]
 impl EventSource for LogSource {
-    async fn pull(
-        &self,
-        _tx: &Transaction<'_>,
-        _consumer: &str,
-        position: u64,
-        max: usize,
-    ) -> Result<Pulled, SourceError> {
-        let read = AllRead { after: position, max_count: max.max(1), filter: EventFilter::default() };
+    async fn pull(&self, at: Cursor<'_>, max: usize) -> Result<Pulled, SourceError> {
+        let read = AllRead { after: at.position, max_count: max.max(1), filter: EventFilter::default() };
         let mut slice = None;
         if let Some((prefetched, handle)) = self.take_prefetch() {
             // A gap-safe read from the same position, only earlier.
@@ -130,14 +129,8 @@ impl EventSource for LogSource {
         Ok(Pulled { events: slice.events, skipped: 0, progress: Box::new(slice.next_position) })
     }
 
-    async fn ack(
-        &self,
-        _tx: &Transaction<'_>,
-        _consumer: &str,
-        position: u64,
-        pulled: &Pulled,
-        applied: usize,
-    ) -> Result<u64, SourceError> {
+    async fn ack(&self, at: Cursor<'_>, pulled: &Pulled, applied: usize) -> Result<u64, SourceError> {
+        let position = at.position;
         let next = if applied < pulled.events.len() {
             // Stopped early: up to the last applied event.
             applied.checked_sub(1).map_or(position, |last| pulled.events[last].global_position)

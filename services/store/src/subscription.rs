@@ -37,17 +37,19 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
     backoff::Backoff,
     error::{Error, Result},
     log::EventLog,
+    supervise::supervise,
     model::{AllRead, EventFilter, MAX_EVENT_BYTES, RecordedEvent, StreamRead, check_bigint, validate_stream_id},
 };
 
@@ -152,14 +154,15 @@ type LiveBatch = Arc<Vec<LiveEvent>>;
 /// What a subscriber's channel carries.
 type Item = Result<SubscriptionMessage>;
 
-/// Subscriptions over one log: owns the live tail.
+/// Subscriptions over one log: owns the live tail, which runs under the
+/// common supervisor until the subscriptions are dropped.
 pub struct Subscriptions {
     log: Arc<dyn EventLog>,
     live: broadcast::Sender<LiveBatch>,
     head: watch::Receiver<u64>,
     options: SubscriptionOptions,
     buffered: Arc<AtomicUsize>,
-    tail: tokio::task::JoinHandle<()>,
+    _tail: DropGuard,
 }
 
 impl std::fmt::Debug for Subscriptions {
@@ -168,19 +171,24 @@ impl std::fmt::Debug for Subscriptions {
     }
 }
 
-impl Drop for Subscriptions {
-    fn drop(&mut self) {
-        self.tail.abort();
-    }
-}
-
 impl Subscriptions {
-    /// Start the live tail of `log`.
+    /// Start the live tail of `log` (on the Tokio runtime), supervised: a
+    /// failed read ends a run of the tail and the next one starts after the
+    /// backoff, where the last one stopped.
     pub fn new(log: Arc<dyn EventLog>, options: SubscriptionOptions) -> Self {
         let (live, _) = broadcast::channel(options.live_capacity.max(1));
         let (head_tx, head) = watch::channel(0);
-        let tail = tokio::spawn(run_tail(log.clone(), live.clone(), head_tx, options.clone()));
-        Self { log, live, head, options, buffered: Arc::new(AtomicUsize::new(0)), tail }
+        let tail = LiveTail {
+            log: log.clone(),
+            live: live.clone(),
+            head: Arc::new(head_tx),
+            started: Arc::new(AtomicBool::new(false)),
+            options: options.clone(),
+        };
+        let stop = CancellationToken::new();
+        let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        tokio::spawn(supervise("live tail", stop.clone(), backoff, move |token| tail.clone().run(token)));
+        Self { log, live, head, options, buffered: Arc::new(AtomicUsize::new(0)), _tail: stop.drop_guard() }
     }
 
     /// The position up to which the live tail has read.
@@ -230,58 +238,59 @@ impl Subscriptions {
     }
 }
 
-async fn run_tail(
+/// The one reader that follows the end of the log and fans new events out
+/// to the live subscribers. A run ends with the first failed read (the
+/// supervisor starts the next one, which goes on from the same position).
+#[derive(Clone)]
+struct LiveTail {
     log: Arc<dyn EventLog>,
     live: broadcast::Sender<LiveBatch>,
-    head: watch::Sender<u64>,
+    head: Arc<watch::Sender<u64>>,
+    /// Whether a run has taken its start position (the log's end when the
+    /// subscriptions were made): later runs go on from `head`.
+    started: Arc<AtomicBool>,
     options: SubscriptionOptions,
-) {
-    let mut wake = log.appended();
-    let mut retries = Backoff::new(Duration::from_millis(50), Duration::from_secs(5)).start();
-    let mut position = loop {
-        match log.last_position().await {
-            Ok(p) => break p,
-            Err(e) => {
-                tracing::warn!(error = %e, "live tail cannot start yet");
-                retries.wait().await;
-            }
-        }
-    };
-    head.send_replace(position);
-    loop {
-        wake.borrow_and_update();
-        let read = AllRead { after: position, max_count: options.page_size.max(1), filter: EventFilter::default() };
-        match log.read_all(read).await {
-            Ok(slice) => {
-                retries.reset();
-                if slice.next_position > position {
-                    position = slice.next_position;
-                    // The head moves before the batch is published: a
-                    // subscriber that reads the head after subscribing either
-                    // receives the batch or catches up past it. For the same
-                    // reason a batch nobody listens to now can be skipped
-                    // (sizing it costs a serialization per event).
-                    head.send_replace(position);
-                    if live.receiver_count() > 0 {
-                        publish(&live, slice.events);
-                    }
-                }
-                if !slice.end_of_log {
-                    if slice.next_position == position {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    continue;
+}
+
+impl LiveTail {
+    async fn run(self, token: CancellationToken) -> Result<()> {
+        let mut wake = self.log.appended();
+        let mut position = if self.started.load(Ordering::Acquire) {
+            *self.head.borrow()
+        } else {
+            let position = self.log.last_position().await?;
+            self.head.send_replace(position);
+            self.started.store(true, Ordering::Release);
+            position
+        };
+        loop {
+            wake.borrow_and_update();
+            let read =
+                AllRead { after: position, max_count: self.options.page_size.max(1), filter: EventFilter::default() };
+            let slice = self.log.read_all(read).await?;
+            if slice.next_position > position {
+                position = slice.next_position;
+                // The head moves before the batch is published: a subscriber
+                // that reads the head after subscribing either receives the
+                // batch or catches up past it. For the same reason a batch
+                // nobody listens to now can be skipped (sizing it costs a
+                // serialization per event).
+                self.head.send_replace(position);
+                if self.live.receiver_count() > 0 {
+                    publish(&self.live, slice.events);
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "live tail read failed");
-                retries.wait().await;
+            if !slice.end_of_log {
+                if slice.next_position == position {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 continue;
             }
-        }
-        tokio::select! {
-            changed = wake.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(options.poll_interval) => {}
+            tokio::select! {
+                changed = wake.changed() => if changed.is_err() { return Ok(()) },
+                () = tokio::time::sleep(self.options.poll_interval) => {}
+                () = token.cancelled() => return Ok(()),
+            }
         }
     }
 }

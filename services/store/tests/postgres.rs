@@ -859,16 +859,7 @@ async fn another_process_append_wakes_live_subscribers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_database_answers_unavailable() {
     let url = eventfold_tests::unreachable_database_url();
-    let log = PostgresEventLog::connect(
-        eventfold_store::Database::open(
-            &url,
-            &eventfold_store::DatabaseOptions { connect_timeout: Duration::from_secs(1), ..Default::default() },
-        )
-        .expect("a PostgreSQL URL"),
-        PostgresConfig::default(),
-    )
-    .await
-    .expect("connecting is lazy");
+    let log = eventfold_tests::store::unanswered(&url).await;
 
     async fn unavailable<T: std::fmt::Debug>(
         what: &str,

@@ -6,19 +6,13 @@ pub mod conformance;
 
 use std::sync::Arc;
 
-use eventfold_store::{PostgresConfig, PostgresEventLog};
+use eventfold_store::PostgresEventLog;
 use eventfold_tests::TestDatabase;
 use tokio_postgres::NoTls;
 
 /// A migrated database and a PostgreSQL event log on it.
 pub async fn postgres() -> (TestDatabase, Arc<PostgresEventLog>) {
-    let db = TestDatabase::migrated().await;
-    let log = PostgresEventLog::connect(
-        eventfold_store::Database::from_url(db.url()).expect("a PostgreSQL URL"),
-        PostgresConfig::default(),
-    )
-    .await
-    .expect("connect");
+    let (db, _, log) = eventfold_tests::store::migrated().await;
     (db, Arc::new(log))
 }
 
