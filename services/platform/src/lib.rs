@@ -1,6 +1,11 @@
-//! Plumbing every eventfold service shares: the layered configuration loader
-//! (the only code that reads the environment), logging, and the gRPC server
-//! bootstrap with health, reflection and graceful shutdown.
+//! The runtime and plumbing every eventfold process shares: the resources
+//! it holds (`runtime::Resources`: PostgreSQL pools built once, one per
+//! purpose), its tasks and their stop (`runtime::Runtime`, `supervise`, one
+//! `Backoff`), the one gRPC server builder (`server::GrpcServer`: health,
+//! reflection and every hosted service), the admin HTTP listener, the
+//! layered configuration loader (the only code that reads the environment),
+//! logging, and the edge helpers (AIP-193 statuses, AIP-158 pages, request
+//! guards).
 
 // Request values reach this crate: arithmetic is checked or saturating,
 // casts that may wrap are refused, and nothing panics on `unwrap`/`expect`

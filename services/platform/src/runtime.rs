@@ -13,11 +13,11 @@
 
 use std::{fmt::Display, future::Future, time::Duration};
 
+use eventfold_store::{Database, DatabaseOptions};
 pub use eventfold_store::{
     backoff::{Backoff, Retries},
     supervise::{panic_text, supervise},
 };
-use eventfold_store::{Database, DatabaseOptions};
 use futures_util::FutureExt;
 pub use tokio_util::{
     sync::{CancellationToken, DropGuard},

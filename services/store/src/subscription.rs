@@ -49,8 +49,8 @@ use crate::{
     backoff::Backoff,
     error::{Error, Result},
     log::EventLog,
-    supervise::supervise,
     model::{AllRead, EventFilter, MAX_EVENT_BYTES, RecordedEvent, StreamRead, check_bigint, validate_stream_id},
+    supervise::supervise,
 };
 
 /// Most bytes of events in one batch of the live broadcast (a batch holds at
