@@ -210,14 +210,21 @@ mod tests {
         let runtime = Runtime::new();
         let stopped = Arc::new(AtomicU32::new(0));
         let seen = stopped.clone();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let mut started_tx = Some(started_tx);
         runtime.supervise("waiter", Backoff::default(), move |token| {
             let seen = seen.clone();
+            let started_tx = started_tx.take();
             async move {
+                if let Some(tx) = started_tx {
+                    let _ = tx.send(());
+                }
                 token.cancelled().await;
                 seen.fetch_add(1, Ordering::SeqCst);
                 Ok::<(), String>(())
             }
         });
+        started.await.expect("the worker runs");
         assert!(runtime.shutdown(Duration::from_secs(5)).await);
         assert_eq!(stopped.load(Ordering::SeqCst), 1);
     }
