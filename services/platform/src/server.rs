@@ -150,6 +150,10 @@ impl GrpcServer {
     /// end first).
     pub async fn serve(self, listener: TcpListener, token: CancellationToken, grace: Duration) -> Result<()> {
         let (reporter, router) = router(&self.descriptor_sets, self.routes.routes())?;
+        // NOT_SERVING before the first call can arrive, until a probe passes.
+        for name in self.checks.iter().flat_map(|(names, _)| names).chain(std::iter::once(&String::new())) {
+            reporter.set_service_status(name, ServingStatus::NotServing).await;
+        }
         let probe =
             tokio::spawn(probe_health(reporter, self.checks, self.health_interval.unwrap_or(Duration::from_secs(5))));
         let result = serve(router, listener, async move { token.cancelled().await }, grace).await;
@@ -163,9 +167,6 @@ impl GrpcServer {
 async fn probe_health(reporter: HealthReporter, checks: Vec<(Vec<String>, HealthCheck)>, interval: Duration) {
     let mut serving: Vec<Option<bool>> = vec![None; checks.len()];
     let mut overall = None;
-    for name in checks.iter().flat_map(|(names, _)| names).chain(std::iter::once(&String::new())) {
-        reporter.set_service_status(name, ServingStatus::NotServing).await;
-    }
     loop {
         for ((names, check), was) in checks.iter().zip(serving.iter_mut()) {
             let healthy = match tokio::time::timeout(Duration::from_secs(5), check()).await {
