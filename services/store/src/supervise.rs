@@ -13,9 +13,10 @@ use crate::backoff::Backoff;
 
 /// Keeps a background worker running until `token` is cancelled: `step`
 /// runs with the token; when it fails (or panics) the failure is logged and
-/// it runs again after the next wait of `backoff` (the waits start over
-/// once a step has run for longer than `backoff.max`). A step that returns
-/// `Ok` has finished its work: the worker ends.
+/// it runs again after the next wait of `backoff`. The waits start over
+/// once a step has run for longer than the wait before it (it was working,
+/// not failing at once). A step that returns `Ok` has finished its work: the
+/// worker ends.
 pub async fn supervise<F, Fut, E>(name: &str, token: CancellationToken, backoff: Backoff, mut step: F)
 where
     F: FnMut(CancellationToken) -> Fut,
@@ -23,6 +24,7 @@ where
     E: Display + Send + 'static,
 {
     let mut retries = backoff.start();
+    let mut waited = backoff.first;
     loop {
         if token.is_cancelled() {
             return;
@@ -31,7 +33,7 @@ where
         // Its own task, so that a panic is caught and the worker restarted.
         let run = tokio::spawn(step(token.child_token()));
         let outcome = run.await;
-        if started.elapsed() > backoff.max {
+        if started.elapsed() > waited {
             retries.reset();
         }
         match outcome {
@@ -52,8 +54,9 @@ where
             }
             Err(_) => return,
         }
+        waited = retries.next_delay().max(backoff.first);
         tokio::select! {
-            () = retries.wait() => {}
+            () = tokio::time::sleep(waited) => {}
             () = token.cancelled() => return,
         }
     }
