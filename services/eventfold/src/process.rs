@@ -106,7 +106,7 @@ impl Process {
                 });
                 eventfold_saga::grpc::Sagas::new(repository)
             };
-            eventfold_saga::grpc::host(&mut server, &config.saga, sagas.with_changes(log.appended()));
+            eventfold_saga::grpc::host(&mut server, &config.saga, sagas.with_changes(log.appended()), token);
         }
         let (what, storage) = if on_postgres {
             ("EventStoreService and the command and query services", "PostgreSQL, with projectors and queries")
@@ -159,7 +159,7 @@ impl Process {
         self.spawn_orchestrator(eventfold_command::bus(log, self.config.command.bus_options()))?;
         let sagas = eventfold_saga::grpc::Sagas::postgres(self.databases()?.main.clone()).with_changes(changes);
         let mut server = GrpcServer::new();
-        eventfold_saga::grpc::host(&mut server, &self.config.saga, sagas);
+        eventfold_saga::grpc::host(&mut server, &self.config.saga, sagas, self.runtime.token().clone());
         let (listen, grace) = (self.config.saga.listen, self.config.eventstore.shutdown_grace_secs);
         self.serve(server, listen, ("saga orchestrator and SagaService", "PostgreSQL"), grace, None).await
     }

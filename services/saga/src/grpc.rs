@@ -31,6 +31,7 @@ use std::{
 
 use eventfold_platform::{
     page,
+    runtime::CancellationToken,
     server::GrpcServer,
     status::{self, error_info, invalid_argument},
     watchers::Watchers,
@@ -40,6 +41,7 @@ use eventfold_proto::sagas::{
     saga_service_server::{SagaService, SagaServiceServer},
 };
 use eventfold_store::Database;
+use futures_util::StreamExt;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
@@ -83,6 +85,8 @@ pub struct Sagas {
     sagas: Repository,
     changes: Option<tokio::sync::watch::Receiver<u64>>,
     watchers: Arc<Watchers<Watched>>,
+    /// Ends every `WatchSaga` stream when cancelled (the server stops).
+    stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Sagas {
@@ -101,7 +105,12 @@ impl Sagas {
 
     /// The service over the sagas of `sagas`.
     pub fn new(sagas: Repository) -> Sagas {
-        Sagas { sagas, changes: None, watchers: Watchers::new(DEFAULT_MAX_WATCHERS_PER_PEER) }
+        Sagas {
+            sagas,
+            changes: None,
+            watchers: Watchers::new(DEFAULT_MAX_WATCHERS_PER_PEER),
+            stop: CancellationToken::new(),
+        }
     }
 
     /// At most `max` open `WatchSaga` streams per client address.
@@ -121,10 +130,11 @@ impl Sagas {
     }
 }
 
-/// Hosts the saga service on `server` with `config`'s limits (see
-/// [`SagaConfig::service`]), its health following the saga store.
-pub fn host(server: &mut GrpcServer, config: &SagaConfig, sagas: Sagas) {
-    let sagas = config.service(sagas);
+/// Hosts the `SagaService` over `sagas` on `server`, with `config`'s limits
+/// and a health check; its `WatchSaga` streams end when `token` is
+/// cancelled, so that the server can drain.
+pub fn host(server: &mut GrpcServer, config: &SagaConfig, sagas: Sagas, token: CancellationToken) {
+    let sagas = Sagas { stop: token, ..config.service(sagas) };
     let probed = sagas.sagas.clone();
     server.add_service(eventfold_proto::FILE_DESCRIPTOR_SET, SagaServiceServer::new(sagas));
     server.health_check(SERVICE_NAMES, HEALTH_INTERVAL, move || {
@@ -363,7 +373,7 @@ impl SagaService for Sagas {
             }
             Err(status) => (Err(status), true),
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(stream.take_until(self.stop.clone().cancelled_owned()))))
     }
 
     async fn retry_saga(

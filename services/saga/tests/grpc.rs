@@ -169,8 +169,9 @@ async fn serve(sagas: Sagas, config: &SagaConfig) -> SagaServiceClient<tonic::tr
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut server = GrpcServer::new();
-    host(&mut server, config, sagas);
-    tokio::spawn(server.serve(listener, CancellationToken::new(), Duration::from_secs(1)));
+    let token = CancellationToken::new();
+    host(&mut server, config, sagas, token.clone());
+    tokio::spawn(server.serve(listener, token, Duration::from_secs(1)));
     SagaServiceClient::connect(format!("http://{addr}")).await.unwrap()
 }
 
@@ -227,6 +228,35 @@ async fn watch_saga_is_shared_by_its_watchers_capped_per_peer_and_saga_ids_are_b
     }
     let status = api.clone().get_saga(pb::GetSagaRequest { saga_id: format!("fulfil-{}", "x".repeat(128)) }).await;
     assert_eq!(status.unwrap_err().code(), Code::NotFound, "the longest order id's saga is a valid id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_server_ends_watch_saga_streams_before_the_grace_period() {
+    let db = TestDatabase::migrated().await;
+    let client = Database::from_url(db.url()).unwrap().connect().await.unwrap();
+    store::start(&client, &saga("w-0", SagaType::OrderFulfilment)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = CancellationToken::new();
+    let mut server = GrpcServer::new();
+    host(&mut server, &SagaConfig::default(), sagas(db.url()), token.clone());
+    // A grace period far longer than the test may take: only the token can
+    // end the stream in time.
+    let serving = tokio::spawn(server.serve(listener, token.clone(), Duration::from_secs(60)));
+    let mut api = SagaServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut stream = api.watch_saga(pb::WatchSagaRequest { saga_id: "w-0".into() }).await.unwrap().into_inner();
+    assert_eq!(message(&mut stream).await.version, 0, "the saga now, first");
+
+    token.cancel();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the running saga's watch ends within 5 s of the stop, not at the 60 s grace");
+    assert!(matches!(end, Ok(None)), "ended with OK, not cut off: {end:?}");
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("the server drains once its streams ended")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

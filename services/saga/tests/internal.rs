@@ -39,7 +39,7 @@ async fn an_internal_answer_carries_only_a_generic_message_and_an_error_id_that_
     let token = CancellationToken::new();
     let _stop = token.clone().drop_guard();
     let mut server = GrpcServer::new();
-    host(&mut server, &SagaConfig::default(), Sagas::postgres(database));
+    host(&mut server, &SagaConfig::default(), Sagas::postgres(database), token.clone());
     tokio::spawn(server.serve(listener, token, Duration::from_secs(5)));
     let mut api = SagaServiceClient::connect(format!("http://{addr}")).await.unwrap();
     let get = |id: &str| pb::GetSagaRequest { saga_id: id.to_owned() };
