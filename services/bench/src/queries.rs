@@ -167,7 +167,13 @@ async fn serve(
     config.cache.url = cache_url;
     config.cache.warm_orders = 0;
     config.cache.key_prefix = format!("qbench-{}:", &Uuid::new_v4().simple().to_string()[..8]);
-    let query = eventfold_query::Query::connect(&config, database.sized(config.pool_size), log).await?;
+    let cache = match config.cache.redis() {
+        Some(options) => {
+            Some(eventfold_query::Cache::new(eventfold_platform::runtime::redis(&options)?, config.cache.clone()).await)
+        }
+        None => None,
+    };
+    let query = eventfold_query::Query::connect(&config, database.sized(config.pool_size), cache, log).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let token = CancellationToken::new();

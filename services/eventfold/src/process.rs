@@ -34,7 +34,7 @@ impl Process {
     /// Builds the resources of `config` (lazily connected pools) and stops
     /// on SIGTERM/SIGINT.
     pub(crate) fn new(config: Config) -> anyhow::Result<Self> {
-        let resources = Resources::open(&config.database, config.query.pool_size)?;
+        let resources = Resources::open(&config.database, config.query.pool_size, config.query.cache.redis().as_ref())?;
         let runtime = Runtime::new();
         runtime.cancel_on_signal();
         Ok(Self { config, resources, runtime })
@@ -167,12 +167,7 @@ impl Process {
     /// `eventfold serve projector`.
     pub(crate) async fn projector(self) -> anyhow::Result<()> {
         let log = self.postgres_log().await?;
-        let invalidator = match &self.config.query.cache.url {
-            Some(_) => Some(eventfold_query::Invalidator::new(
-                eventfold_query::Cache::connect(self.config.query.cache.clone()).await.map_err(anyhow::Error::msg)?,
-            )),
-            None => None,
-        };
+        let invalidator = self.cache().await.map(eventfold_query::Invalidator::new);
         let running = self.spawn_projectors(log, invalidator)?;
         println!("eventfold: {running} projectors running (PostgreSQL)");
         self.run_workers().await
@@ -209,9 +204,19 @@ impl Process {
         &self,
         log: Arc<dyn EventLog>,
     ) -> anyhow::Result<(Arc<eventfold_query::Query>, Option<Arc<eventfold_query::Invalidator>>)> {
-        let query = eventfold_query::Query::connect(&self.config.query, self.databases()?.queries.clone(), log).await?;
+        let cache = self.cache().await;
+        let query =
+            eventfold_query::Query::connect(&self.config.query, self.databases()?.queries.clone(), cache, log).await?;
         let invalidator = query.cache().map(|cache| eventfold_query::Invalidator::new(cache.clone()));
         Ok((query, invalidator))
+    }
+
+    /// The query cache over the process's Redis client, if it has one.
+    async fn cache(&self) -> Option<Arc<eventfold_query::Cache>> {
+        match &self.resources.redis {
+            Some(client) => Some(eventfold_query::Cache::new(client.clone(), self.config.query.cache.clone()).await),
+            None => None,
+        }
     }
 
     /// One supervised projector per projection, on its active version,

@@ -72,21 +72,62 @@ impl DatabaseConfig {
     }
 }
 
+/// Where a process's Redis is and how long one command may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisOptions {
+    pub url: String,
+    pub command_timeout: Duration,
+}
+
+/// A Redis client for `options` that connects, and reconnects every 200 ms,
+/// in the background: Redis being away at start is not an error. Each
+/// command is tried once within `command_timeout` (its callers fall back,
+/// e.g. the query cache's breaker). The only place a Redis client is built.
+pub fn redis(options: &RedisOptions) -> Result<fred::clients::Client> {
+    use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
+    // The URL may hold a password: it appears in no error or log line.
+    let config = Config::from_url(&options.url).map_err(|e| Error::Config(format!("cache URL: {}", e.details())))?;
+    let command_timeout = options.command_timeout.max(Duration::from_millis(1));
+    let client = Builder::from_config(config)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_millis(500);
+            c.internal_command_timeout = Duration::from_millis(500);
+            c.max_command_attempts = 1;
+        })
+        .with_performance_config(|p| p.default_command_timeout = command_timeout)
+        .set_policy(ReconnectPolicy::new_constant(0, 200))
+        .build()
+        .map_err(|e| Error::Config(format!("cache client: {}", e.details())))?;
+    let _connection = client.connect();
+    Ok(client)
+}
+
 /// What a process holds for its whole life.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Resources {
     /// The PostgreSQL pools, when `database.url` is set.
     pub database: Option<Databases>,
+    /// The Redis client (the query cache's), when a Redis URL is set.
+    pub redis: Option<fred::clients::Client>,
+}
+
+impl std::fmt::Debug for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resources").field("database", &self.database).field("redis", &self.redis.is_some()).finish()
+    }
 }
 
 impl Resources {
-    /// The resources `database` describes; none when it has no URL.
-    pub fn open(database: &DatabaseConfig, query_pool_size: u32) -> Result<Self> {
+    /// The resources `database` and `redis` describe: no pools when the
+    /// database has no URL, no Redis client without options. Connections
+    /// are made lazily (Redis: in the background, from now on).
+    pub fn open(database: &DatabaseConfig, query_pool_size: u32, redis: Option<&RedisOptions>) -> Result<Self> {
         let database = match &database.url {
             Some(url) if !url.trim().is_empty() => Some(Databases::open(database, query_pool_size)?),
             _ => None,
         };
-        Ok(Self { database })
+        let redis = redis.map(self::redis).transpose()?;
+        Ok(Self { database, redis })
     }
 
     /// The pools, or a configuration error naming how to set the URL.

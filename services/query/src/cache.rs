@@ -29,13 +29,10 @@ use std::{
 
 use bytes::Bytes;
 use eventfold_projector::{Commit, CommitObserver};
-use fred::prelude::{Builder, ClientLike, Config, KeysInterface, LuaInterface, ReconnectPolicy, Value};
+use fred::prelude::{ClientLike, KeysInterface, LuaInterface, Value};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    Error,
-    breaker::{Breaker, BreakerState},
-};
+use crate::breaker::{Breaker, BreakerState};
 
 /// Where and how long to cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +55,17 @@ pub struct CacheConfig {
     pub breaker_cool_down_ms: u64,
     /// How many of the most recently changed orders are cached at start.
     pub warm_orders: u32,
+}
+
+impl CacheConfig {
+    /// How the process's Redis client is made for this cache (none without
+    /// a URL): `eventfold_platform::runtime::redis` builds it.
+    pub fn redis(&self) -> Option<eventfold_platform::runtime::RedisOptions> {
+        self.url.as_ref().map(|url| eventfold_platform::runtime::RedisOptions {
+            url: url.clone(),
+            command_timeout: Duration::from_millis(self.timeout_ms.max(1)),
+        })
+    }
 }
 
 impl Default for CacheConfig {
@@ -190,30 +198,16 @@ fn value_bytes(value: Value) -> Option<Bytes> {
 }
 
 impl Cache {
-    /// A client for `config.url` that connects (and reconnects) in the
-    /// background: Redis being away at start only opens the breaker.
-    pub async fn connect(config: CacheConfig) -> Result<Arc<Self>, Error> {
-        let url = config.url.clone().ok_or_else(|| Error::Cache("no cache URL".to_owned()))?;
-        // The URL may hold a password: it appears in no error or log line.
-        let redis_config = Config::from_url(&url).map_err(|e| Error::Cache(format!("cache URL: {e}")))?;
-        let timeout = Duration::from_millis(config.timeout_ms.max(1));
-        let client = Builder::from_config(redis_config)
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_millis(500);
-                c.internal_command_timeout = Duration::from_millis(500);
-                c.max_command_attempts = 1;
-            })
-            .with_performance_config(|p| p.default_command_timeout = timeout)
-            .set_policy(ReconnectPolicy::new_constant(0, 200))
-            .build()
-            .map_err(|e| Error::Cache(format!("cache client: {e}")))?;
-        let _connection = client.connect();
+    /// The cache over the process's Redis `client` (built once, by
+    /// `eventfold_platform::runtime::redis` from [`CacheConfig::redis`]):
+    /// Redis being away at start only opens the breaker.
+    pub async fn new(client: fred::clients::Client, config: CacheConfig) -> Arc<Self> {
         if tokio::time::timeout(Duration::from_secs(2), client.wait_for_connect()).await.is_err() {
             tracing::warn!("Redis does not answer yet; queries go to PostgreSQL until it does");
         }
         let breaker = Breaker::new(config.breaker_failures, Duration::from_millis(config.breaker_cool_down_ms));
         metrics::gauge!("eventfold_cache_breaker_state").set(0.0);
-        Ok(Arc::new(Self { client, config, breaker, hits: AtomicU64::new(0), misses: AtomicU64::new(0) }))
+        Arc::new(Self { client, config, breaker, hits: AtomicU64::new(0), misses: AtomicU64::new(0) })
     }
 
     pub fn stats(&self) -> CacheStats {

@@ -40,9 +40,6 @@ pub enum Error {
     /// that does not decode.
     #[error("{0}")]
     Internal(String),
-    /// The cache cannot be set up (its URL, its client).
-    #[error("cache: {0}")]
-    Cache(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -111,7 +111,7 @@ impl From<Error> for Status {
                 error_info(Code::NotFound, error.to_string(), "ORDER_NOT_FOUND", &[("id", id.clone())])
             }
             Error::Store(error) => status::from_store(error),
-            Error::Internal(detail) | Error::Cache(detail) => status::internal(&detail),
+            Error::Internal(detail) => status::internal(&detail),
         }
     }
 }

@@ -131,14 +131,15 @@ impl std::fmt::Debug for Query {
 
 impl Query {
     /// Queries over the read models of `database` (migrated), the events of
-    /// `log` (for GetOrderAt) and, if configured, the cache. Connections
+    /// `log` (for GetOrderAt) and `cache` (the process's, if it has one). Connections
     /// are made when needed: this succeeds while PostgreSQL is down.
-    pub async fn connect(config: &Config, database: Database, log: Arc<dyn EventLog>) -> Result<Arc<Self>> {
+    pub async fn connect(
+        config: &Config,
+        database: Database,
+        cache: Option<Arc<Cache>>,
+        log: Arc<dyn EventLog>,
+    ) -> Result<Arc<Self>> {
         let positions = Positions::spawn(database.clone(), Duration::from_millis(config.positions_poll_ms.max(10)));
-        let cache = match &config.cache.url {
-            Some(_) => Some(Cache::connect(config.cache.clone()).await?),
-            None => None,
-        };
         let max_wait = Duration::from_millis(config.max_wait_ms);
         let query = Arc::new(Self { database, positions, cache, log, max_wait });
         if query.cache.is_some() && config.cache.warm_orders > 0 {

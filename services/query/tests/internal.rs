@@ -69,7 +69,7 @@ async fn an_internal_answer_carries_only_a_generic_message_and_an_error_id_that_
         .expect("an order");
 
     let config = eventfold_query::Config::default();
-    let query = Query::connect(&config, database, log).await.expect("query side");
+    let query = Query::connect(&config, database, None, log).await.expect("query side");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
     let token = CancellationToken::new();

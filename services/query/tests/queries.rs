@@ -752,7 +752,7 @@ async fn an_unreachable_database_answers_unavailable_with_an_error_id_and_no_dri
     .expect("a PostgreSQL URL");
     let log = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.expect("connecting is lazy");
     let config = eventfold_query::Config::default();
-    let query = Query::connect(&config, database, Arc::new(log)).await.expect("the pool connects lazily");
+    let query = Query::connect(&config, database, None, Arc::new(log)).await.expect("the pool connects lazily");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let token = CancellationToken::new();

@@ -35,6 +35,14 @@ pub struct Stack {
 }
 
 /// How the projectors of the stack run: small, quick batches.
+/// The cache of `config`, over a Redis client made the way every process
+/// makes it (none without a URL).
+pub async fn cache(config: &eventfold_query::CacheConfig) -> Option<Arc<eventfold_query::Cache>> {
+    let options = config.redis()?;
+    let client = eventfold_platform::runtime::redis(&options).expect("a Redis URL");
+    Some(eventfold_query::Cache::new(client, config.clone()).await)
+}
+
 pub fn options() -> ProjectorOptions {
     ProjectorOptions {
         batch_size: 200,
@@ -53,7 +61,9 @@ impl Stack {
         let store =
             PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await.expect("connect the log");
         let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
-        let query = Query::connect(config, database.clone(), log.clone()).await.expect("query side");
+        let query = Query::connect(config, database.clone(), cache(&config.cache).await, log.clone())
+            .await
+            .expect("query side");
         let invalidator = query.cache().map(|cache| Invalidator::new(cache.clone()));
         let stop_projectors = CancellationToken::new();
         for projection in eventfold_projector::all() {
