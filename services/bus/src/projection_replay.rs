@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use eventfold_projector::Projection;
-use eventfold_store::Database;
+use eventfold_store::{Database, bigint};
 use tokio_postgres::Transaction;
 
 use crate::{
@@ -65,7 +65,7 @@ impl ProjectionReplay {
             )));
         }
         let applied = offsets::applied_version_for_update(tx, &self.consumer, &event.stream_id).await?;
-        if event.version as i64 <= applied {
+        if bigint(event.version) <= applied {
             return Err(HandleError::Message(format!(
                 "{} v{} is behind v{applied}, already applied from that stream: not folded out of order; \
                  `eventfold projections rebuild {name}` includes it",
@@ -76,7 +76,7 @@ impl ProjectionReplay {
             .apply(tx, self.version, &event)
             .await
             .map_err(|e| HandleError::Message(format!("{} v{}: {e}", event.stream_id, event.version)))?;
-        offsets::set_version(tx, &self.consumer, &event.stream_id, event.version as i64).await?;
+        offsets::set_version(tx, &self.consumer, &event.stream_id, bigint(event.version)).await?;
         Ok(())
     }
 }

@@ -25,7 +25,9 @@ use std::{
 };
 
 use eventfold_schemas::{Catalog, Registry, Schema};
-use eventfold_store::{EventMetadata, EventSource, Pulled, RecordedEvent, SourceError, source::Cursor};
+use eventfold_store::{
+    EventMetadata, EventSource, Pulled, RecordedEvent, SourceError, bigint, from_bigint, source::Cursor,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_postgres::Transaction;
@@ -320,7 +322,7 @@ impl KafkaSource {
         let relay_position: u64 = tx
             .query_opt("SELECT position FROM bus.relay_checkpoints WHERE name = $1", &[&self.config.relay])
             .await?
-            .map_or(0, |r| r.get::<_, i64>(0) as u64);
+            .map_or(0, |r| from_bigint(r.get(0)));
         let connection = connected(kafka, &self.config.consumer).await.map_err(unavailable)?;
         let partitions = self.partitions(connection).await?;
         let (topics, numbers): (Vec<&str>, Vec<i32>) = partitions.iter().map(|(t, p)| (t.as_str(), *p)).unzip();
@@ -374,11 +376,11 @@ impl KafkaSource {
         let mut events = Vec::new();
         for (_, part, record, event) in decoded {
             let seen = applied.get(&event.stream_id).copied().unwrap_or(-1);
-            if (event.version as i64) <= seen {
+            if bigint(event.version) <= seen {
                 fetched[part].records[record].1 = None;
                 continue;
             }
-            applied.insert(event.stream_id.clone(), event.version as i64);
+            applied.insert(event.stream_id.clone(), bigint(event.version));
             fetched[part].records[record].1 = Some(events.len());
             events.push(event);
         }
@@ -444,7 +446,7 @@ impl EventSource for KafkaSource {
         let mut versions: BTreeMap<&str, i64> = BTreeMap::new();
         for event in &pulled.events[..applied.min(pulled.events.len())] {
             let v = versions.entry(event.stream_id.as_str()).or_insert(-1);
-            *v = (*v).max(event.version as i64);
+            *v = (*v).max(bigint(event.version));
         }
         if !versions.is_empty() {
             let (streams, versions): (Vec<&str>, Vec<i64>) = versions.into_iter().unzip();

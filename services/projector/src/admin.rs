@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use eventfold_store::{Database, EventLog};
+use eventfold_store::{Database, EventLog, from_bigint};
 
 use crate::{COMMIT_CHANNEL, Projection, Projector, ProjectorOptions, Result, lock_checkpoint};
 
@@ -93,11 +93,11 @@ pub async fn status(database: &Database) -> Result<Vec<Status>> {
         .iter()
         .map(|r| Status {
             name: r.get(0),
-            version: r.get::<_, i32>(1) as u32,
-            position: r.get::<_, i64>(2) as u64,
-            events_applied: r.get::<_, i64>(3) as u64,
+            version: stored_u32(r.get(1)),
+            position: from_bigint(r.get(2)),
+            events_applied: from_bigint(r.get(3)),
             active: r.get(4),
-            parked: r.get::<_, i64>(5) as u64,
+            parked: from_bigint(r.get(5)),
             stopped: r.get(6),
         })
         .collect())
@@ -107,7 +107,7 @@ pub async fn status(database: &Database) -> Result<Vec<Status>> {
 pub async fn active_version(database: &Database, name: &str) -> Result<Option<u32>> {
     let client = database.get().await?;
     let row = client.query_opt("SELECT version FROM projections.active WHERE name = $1", &[&name]).await?;
-    Ok(row.map(|r| r.get::<_, i32>(0) as u32))
+    Ok(row.map(|r| stored_u32(r.get(0))))
 }
 
 /// Stops (`true`) or starts every version of projection `name`; running
@@ -148,7 +148,7 @@ pub async fn reset(database: &Database, projection: &dyn Projection) -> Result<O
         }
         version = now;
     }
-    let tables = projection.tables(version as u32);
+    let tables = projection.tables(stored_u32(version));
     // A projection that keeps no rebuildable tables (the saga intake) only
     // moves its checkpoint.
     if !tables.is_empty() {
@@ -165,7 +165,7 @@ pub async fn reset(database: &Database, projection: &dyn Projection) -> Result<O
     tx.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{}:{version}:reset", projection.name())])
         .await?;
     tx.commit().await?;
-    Ok(Some(version as u32))
+    Ok(Some(stored_u32(version)))
 }
 
 /// The parked events of every version of projection `name`, replayed ones
@@ -183,11 +183,11 @@ pub async fn parked(database: &Database, name: &str) -> Result<Vec<ParkedEvent>>
     Ok(rows
         .iter()
         .map(|r| ParkedEvent {
-            version: r.get::<_, i32>(0) as u32,
-            position: r.get::<_, i64>(1) as u64,
+            version: stored_u32(r.get(0)),
+            position: from_bigint(r.get(1)),
             stream_id: r.get(2),
             event_type: r.get(3),
-            attempts: r.get::<_, i32>(4) as u32,
+            attempts: stored_u32(r.get(4)),
             error: r.get(5),
             replayed: r.get(6),
         })
@@ -250,4 +250,10 @@ pub async fn replay(
 /// Parked events of `version` of projection `name` not yet replayed.
 async fn parked_of(database: &Database, name: &str, version: u32) -> Result<u64> {
     Ok(status(database).await?.into_iter().find(|s| s.name == name && s.version == version).map_or(0, |s| s.parked))
+}
+
+/// A stored `integer` that is never negative (versions, attempts), as `u32`
+/// (0 if it were).
+fn stored_u32(value: i32) -> u32 {
+    u32::try_from(value).unwrap_or(0)
 }
