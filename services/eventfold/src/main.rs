@@ -76,7 +76,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
-    let process = Process::new(config)?;
+    // The query services and the projectors' invalidator use the cache.
+    let caches = matches!(
+        command,
+        Command::Dev { .. } | Command::Serve { service: Service::Query { .. } | Service::Projector { .. } }
+    );
+    let process = Process::new(config, caches)?;
     let config = process.config();
     match command {
         Command::Dev { .. } => process.dev().await,

@@ -31,10 +31,12 @@ pub(crate) struct Process {
 }
 
 impl Process {
-    /// Builds the resources of `config` (lazily connected pools) and stops
-    /// on SIGTERM/SIGINT.
-    pub(crate) fn new(config: Config) -> anyhow::Result<Self> {
-        let resources = Resources::open(&config.database, config.query.pool_size, config.query.cache.redis().as_ref())?;
+    /// Builds the resources of `config` (lazily connected pools; the Redis
+    /// client only for a process that `caches`: it starts connecting at once)
+    /// and stops on SIGTERM/SIGINT.
+    pub(crate) fn new(config: Config, caches: bool) -> anyhow::Result<Self> {
+        let redis = if caches { config.query.cache.redis() } else { None };
+        let resources = Resources::open(&config.database, config.query.pool_size, redis.as_ref())?;
         let runtime = Runtime::new();
         runtime.cancel_on_signal();
         Ok(Self { config, resources, runtime })
