@@ -196,6 +196,9 @@ fn with_database(server_url: &str, database: &str) -> String {
 /// never dropped (the shared one) is removed when the process ends.
 struct Server {
     port: u16,
+    /// What `pg_ctl start` ran with (empty until started): the server
+    /// starts again with the same port and options ([`OwnPostgres::start`]).
+    pg_ctl: Vec<std::ffi::OsString>,
     /// Holds the data directory, the log and the Unix socket.
     dir: PathBuf,
     /// Write end of the watchdog's stdin: when this process ends, for any
@@ -241,7 +244,8 @@ impl Server {
         }
 
         let (watchdog, watchdog_process) = spawn_watchdog(&run_as, &pg_ctl, &data, &dir)?;
-        let mut server = Server { port: 0, dir: dir.clone(), watchdog: Some(watchdog), watchdog_process };
+        let mut server =
+            Server { port: 0, pg_ctl: Vec::new(), dir: dir.clone(), watchdog: Some(watchdog), watchdog_process };
 
         run(run_as
             .command(&initdb)
@@ -258,19 +262,16 @@ impl Server {
                 "-p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200 {extra_options}",
                 dir.display()
             );
-            let started = run(run_as
-                .command(&pg_ctl)
-                .current_dir(&dir)
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(&log)
-                .arg("-o")
-                .arg(&options)
-                .args(["-w", "-t", &STARTUP_TIMEOUT_SECS.to_string(), "start"]));
+            let mut command = run_as.command(&pg_ctl);
+            command.current_dir(&dir).arg("-D").arg(&data).arg("-l").arg(&log).arg("-o").arg(&options);
+            let start: Vec<std::ffi::OsString> = std::iter::once(command.get_program().to_owned())
+                .chain(command.get_args().map(ToOwned::to_owned))
+                .collect();
+            let started = run(command.args(["-w", "-t", &STARTUP_TIMEOUT_SECS.to_string(), "start"]));
             match started {
                 Ok(()) => {
                     server.port = port;
+                    server.pg_ctl = start;
                     return Ok(server);
                 }
                 Err(e) => {
@@ -299,6 +300,84 @@ impl Drop for Server {
                 Ok(Some(_)) | Err(_) => return,
             }
         }
+    }
+}
+
+/// A PostgreSQL server of one test's own, which the test may stop and start
+/// again on the same port (an outage), or use alone (no other test's
+/// transactions on it). Always a throw-away server, even when
+/// `EVENTFOLD_TEST_DATABASE_URL` names a shared one; removed on drop.
+pub struct OwnPostgres {
+    server: Server,
+}
+
+impl std::fmt::Debug for OwnPostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnPostgres").field("port", &self.server.port).finish_non_exhaustive()
+    }
+}
+
+impl OwnPostgres {
+    /// Starts a server on a free loopback port.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot be started.
+    pub fn start() -> OwnPostgres {
+        OwnPostgres { server: Server::start().unwrap_or_else(|e| panic!("{e}")) }
+    }
+
+    /// Its `postgres` database: `postgresql://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// A fresh database on this server, with eventfold's migrations.
+    pub async fn migrated(&self) -> TestDatabase {
+        let admin = self.url();
+        let db = TestDatabase::create_on(admin.clone(), |name| with_database(&admin, name)).await;
+        let (mut client, connection) = tokio_postgres::connect(db.url(), NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to test database {}: {e}", db.name));
+        let conn = tokio::spawn(connection);
+        eventfold_migrations::up(&mut client)
+            .await
+            .unwrap_or_else(|e| panic!("migrations do not apply to test database {}: {e}", db.name));
+        drop(client);
+        let _ = conn.await;
+        db
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl stop -m
+    /// immediate`: no checkpoint, every connection cut); what was committed
+    /// survives, as after a power cut with fsync on.
+    ///
+    /// # Panics
+    ///
+    /// If `pg_ctl` fails.
+    pub fn stop(&self) {
+        let mut command = self.pg_ctl();
+        run(command.args(["-m", "immediate", "-w", "stop"])).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Starts the stopped server again on the same port (it recovers from
+    /// its WAL first).
+    ///
+    /// # Panics
+    ///
+    /// If it does not start within 30 s.
+    pub fn start_again(&self) {
+        let mut command = self.pg_ctl();
+        run(command.args(["-w", "-t", &STARTUP_TIMEOUT_SECS.to_string(), "start"])).unwrap_or_else(|e| {
+            panic!("{e}\n--- tail of the server log ---\n{}", log_tail(&self.server.dir.join("postgres.log")))
+        });
+    }
+
+    fn pg_ctl(&self) -> Command {
+        let (program, args) = self.server.pg_ctl.split_first().expect("a started server");
+        let mut command = Command::new(program);
+        command.args(args);
+        command
     }
 }
 
@@ -536,6 +615,26 @@ mod tests {
         );
         assert_eq!(with_database("postgres://u:p@h:1?sslmode=disable", "x"), "postgres://u:p@h:1/x?sslmode=disable");
         assert_eq!(with_database("postgres://h/db?a=b", "x"), "postgres://h/x?a=b");
+    }
+
+    #[tokio::test]
+    async fn an_own_server_stops_and_starts_again_with_what_it_committed() {
+        let server = OwnPostgres::start();
+        let db = server.migrated().await;
+        let connect = || async {
+            let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await?;
+            tokio::spawn(connection);
+            Ok::<_, tokio_postgres::Error>(client)
+        };
+        let client = connect().await.expect("connect");
+        client.batch_execute("CREATE TABLE kept (n INT4); INSERT INTO kept VALUES (7)").await.unwrap();
+        server.stop();
+        assert!(client.query_one("SELECT 1", &[]).await.is_err(), "a stopped server answers nothing");
+        assert!(connect().await.is_err(), "a stopped server takes no connection");
+        server.start_again();
+        let client = connect().await.expect("connect after the restart");
+        let row = client.query_one("SELECT n FROM kept", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 7);
     }
 
     #[tokio::test]

@@ -156,6 +156,35 @@ impl OwnRedis {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is
+    /// answered, and what it holds stays, so that a write missed during the
+    /// pause would show afterwards as a stale entry.
+    ///
+    /// # Panics
+    ///
+    /// If the server is not running or `kill` fails.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT), with everything it held.
+    ///
+    /// # Panics
+    ///
+    /// If the server is not running or `kill` fails.
+    pub fn unpause(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the test's own Redis is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill {signal} {pid}: {e}"));
+        assert!(status.success(), "kill {signal} {pid} failed: {status}");
+    }
+
     /// Starts the server again on the same port, empty.
     ///
     /// # Panics

@@ -52,6 +52,15 @@ fn main() -> ExitCode {
         eprintln!("eventfold: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
+    // Only test builds have failpoints; FAILPOINTS set on any other build is
+    // refused rather than silently ignored.
+    if let Err(e) = eventfold_store::failpoint::init_from_env() {
+        eprintln!("eventfold: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if eventfold_store::failpoint::compiled_in() {
+        tracing::warn!("this is a test build: failpoints are compiled in ({})", eventfold_store::failpoint::ENV);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -13,6 +13,7 @@
 
 pub mod backoff;
 pub mod error;
+pub mod failpoint;
 pub mod hash;
 mod log;
 pub mod memory;
