@@ -168,6 +168,11 @@ impl Orchestrator {
                 }
             }
         };
+        // Failpoint `saga::after_call`: the step's calls (payment provider,
+        // carrier, command side) returned and their result is not saved
+        // yet. A crash here loses the answer: the step runs again, with the
+        // same idempotency keys, so its effects still happen once.
+        eventfold_store::failpoint!("saga::after_call");
         metrics::histogram!("eventfold_saga_step_seconds", "step" => step.as_str()).record(started.elapsed());
         let (name, detail) = outcome_name(&outcome);
         if matches!(outcome, Outcome::Transient { .. } | Outcome::TimedOut) {

@@ -153,6 +153,10 @@ pub async fn save(
     if updated != 1 {
         return Err(Error::Conflict { saga_id: record.saga_id.clone(), expected: record.version });
     }
+    // Failpoint `saga::after_state`: the state UPDATE ran, the step log and
+    // the lifecycle events are not written yet, all in the caller's
+    // transaction. A failure here must leave none of the save behind.
+    eventfold_store::failpoint!("saga::after_state");
     for entry in log {
         client
             .execute(

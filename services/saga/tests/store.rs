@@ -1,8 +1,9 @@
 //! Saga instances on a real PostgreSQL: started once per correlation,
 //! saved with optimistic versions, found by due time and deadline, and
-//! their step history; claims that share the due sagas without overlap
-//! and save the state with the lifecycle events, in PostgreSQL and in
-//! memory.
+//! their step history; claims that share the due sagas without overlap,
+//! and sagas in memory. That a claim saves the state with its lifecycle
+//! events or neither is in `claim_save.rs` (it arms a failpoint every save
+//! passes through).
 
 use std::time::{Duration, SystemTime};
 
@@ -136,75 +137,9 @@ async fn due_sagas_come_by_due_time_or_deadline_and_are_shared_without_overlap()
     drop(c);
 }
 
-/// The lifecycle event types stored in stream `stream`, in order.
-async fn event_types(client: &tokio_postgres::Client, stream: &str) -> Vec<String> {
-    let rows = client
-        .query("SELECT event_type FROM eventstore.events WHERE stream_id = $1 ORDER BY version", &[&stream])
-        .await
-        .unwrap();
-    rows.iter().map(|r| r.get(0)).collect()
-}
-
 fn ended(step: Step, outcome: &str) -> (StepLog, u32) {
     let now = SystemTime::now();
     (StepLog { step, outcome: outcome.into(), detail: None, started_at: now, ended_at: now }, 1)
-}
-
-#[tokio::test]
-async fn a_claim_saves_state_and_lifecycle_events_together_or_neither() {
-    let db = TestDatabase::migrated().await;
-    let client = connect(&db).await;
-    let now = SystemTime::now();
-    store::start(&client, &new_saga("s-1", "o-1", now)).await.unwrap();
-    let sagas = repository(&db);
-
-    let mut claim = sagas.claim_due(now).await.unwrap().expect("due");
-    // Someone saves the saga behind the claim's back (no orchestrator
-    // does: they hold it first): the claim's save changes nothing, not
-    // even the event log.
-    let mut behind = store::load(&client, "s-1").await.unwrap().unwrap();
-    store::save(&client, &mut behind, &[], &[]).await.unwrap();
-    claim.record.state.on_outcome(Outcome::Done, &RetryPolicy::default(), 0.5);
-    let refused = claim.save(Some(ended(Step::ReserveInventory, "DONE"))).await;
-    assert!(matches!(refused, Err(Error::Conflict { expected: 0, .. })), "{refused:?}");
-    assert!(event_types(&client, "saga-s-1").await.is_empty(), "no event without its state");
-    assert!(store::steps(&client, "s-1").await.unwrap().is_empty());
-    assert_eq!(store::load(&client, "s-1").await.unwrap().unwrap().version, 1);
-    claim.release().await.unwrap();
-
-    let mut claim = sagas.claim("s-1").await.unwrap().expect("let go");
-    claim.record.state.on_outcome(Outcome::Done, &RetryPolicy::default(), 0.5);
-    claim.save(Some(ended(Step::ReserveInventory, "DONE"))).await.unwrap();
-    // Saved is saved: the state and its events are there before the claim
-    // lets go.
-    assert_eq!(event_types(&client, "saga-s-1").await, ["SagaStepEnded"]);
-    assert_eq!(store::steps(&client, "s-1").await.unwrap().len(), 1);
-    claim.record.state.on_outcome(
-        Outcome::Rejected { reason: "PAYMENT_DECLINED".into() },
-        &RetryPolicy::default(),
-        0.5,
-    );
-    claim.save(Some(ended(Step::AuthorizePayment, "REJECTED"))).await.unwrap();
-    claim.release().await.unwrap();
-    assert_eq!(event_types(&client, "saga-s-1").await, ["SagaStepEnded", "SagaStepEnded", "SagaCompensating"]);
-    let stored = store::load(&client, "s-1").await.unwrap().unwrap();
-    assert_eq!((stored.version, stored.state.status), (3, Status::Compensating));
-    let correlation: Option<String> = client
-        .query_one(
-            "SELECT metadata->>'correlation_id' FROM eventstore.events WHERE stream_id = 'saga-s-1' LIMIT 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(correlation.as_deref(), Some("o-1"));
-
-    // A new saga's first save records its start.
-    store::start(&client, &new_saga("s-2", "o-2", now)).await.unwrap();
-    let mut claim = sagas.claim("s-2").await.unwrap().expect("due");
-    claim.save(None).await.unwrap();
-    claim.release().await.unwrap();
-    assert_eq!(event_types(&client, "saga-s-2").await, ["SagaStarted"]);
 }
 
 #[tokio::test]
