@@ -7,12 +7,14 @@ mod common;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use eventfold_store::{
-    AllRead, AppendOutcome, AppendRequest, Error, EventFilter, EventLog, EventMetadata, ExpectedVersion, NewEvent,
-    PostgresConfig, PostgresEventLog, RecordedEvent, StreamRead, SubscriptionMessage, SubscriptionOptions,
+    AllRead, AppendOutcome, AppendRequest, Database, Error, EventFilter, EventLog, EventMetadata, ExpectedVersion,
+    NewEvent, PostgresConfig, PostgresEventLog, RecordedEvent, StreamRead, SubscriptionMessage, SubscriptionOptions,
     Subscriptions, Target, hash,
 };
 use serde_json::{Value, json};
@@ -486,14 +488,31 @@ async fn out_of_order_commit_is_never_skipped() {
 /// *completed* xid + 1 and lists only running xids below it. Here R takes its
 /// xid first, T takes a later xid and a lower position, R takes a higher
 /// position and commits: every snapshot now has `xmax` = R + 1, T is not in
-/// the in-progress list, and the reader treats T's position as final.
-/// Deterministic when run alone (a transaction of another test finishing with
-/// a later xid lists T again and hides the bug).
+/// the in-progress list, and a reader that trusted the snapshot would treat
+/// T's position as final.
+///
+/// A transaction of anyone else finishing with a later xid lists T again and
+/// hides the bug, so the test runs on a server of its own (autovacuum off, and
+/// a subscription that reads only when woken) and asserts that precondition
+/// before the result: a snapshot taken after R's commit sees R's position,
+/// not T's, and does not list T as running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_commit_with_a_later_transaction_id_is_never_skipped() {
-    let (db, log) = common::postgres().await;
+    let server = tokio::task::spawn_blocking(eventfold_tests::OwnPostgres::start).await.unwrap();
+    let admin = common::client(&server.url()).await;
+    admin.batch_execute("ALTER SYSTEM SET autovacuum = off").await.unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    drop(admin);
+    let db = server.migrated().await;
+    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let log = Arc::new(PostgresEventLog::connect(database, PostgresConfig::default()).await.expect("connect the log"));
+
     let (w_id, w) = append_one(log.as_ref(), "xid-w").await;
-    let subscriptions = Subscriptions::new(log.clone(), SubscriptionOptions::default());
+    // No poll: the subscription reads when an append of this log or a
+    // notification wakes it (or while a gap holds it), so that no read of
+    // its own takes a transaction id before the precondition is checked.
+    let options = SubscriptionOptions { poll_interval: Duration::from_secs(3600), ..SubscriptionOptions::default() };
+    let subscriptions = Subscriptions::new(log.clone(), options);
     let mut rx = subscriptions.subscribe(Target::All { after: Some(0), filter: EventFilter::default() }, 1000);
     assert_eq!(caught_up(&mut rx).await.iter().map(|e| e.event_id).collect::<Vec<_>>(), vec![w_id]);
 
@@ -504,37 +523,62 @@ async fn out_of_order_commit_with_a_later_transaction_id_is_never_skipped() {
     let r_xid: String = r.query_one("SELECT pg_current_xact_id()::text", &[]).await.unwrap().get(0);
     let t = t_conn.transaction().await.unwrap();
     let t_xid: String = t.query_one("SELECT pg_current_xact_id()::text", &[]).await.unwrap().get(0);
+    let (r_xid, t_xid): (u64, u64) = (r_xid.parse().unwrap(), t_xid.parse().unwrap());
     let (t_id, t_pos) = raw_append(&t, "xid-t", "LaterXid").await;
     let (r_id, r_pos) = raw_append(&r, "xid-r", "EarlierXid").await;
-    assert!(t_pos < r_pos && r_xid.parse::<u64>().unwrap() < t_xid.parse::<u64>().unwrap());
+    assert!(t_pos < r_pos && r_xid < t_xid);
     r.commit().await.unwrap();
-    let snapshot: String = observer.query_one("SELECT pg_current_snapshot()::text", &[]).await.unwrap().get(0);
+
+    // The precondition, under one snapshot: R's position is visible and T's
+    // is not, and T is not listed as running (its xid is at or above xmax).
+    let row = observer
+        .query_one(
+            "SELECT pg_current_snapshot()::text, \
+                    array(SELECT global_position FROM eventstore.events WHERE global_position > $1 ORDER BY 1)",
+            &[&(w.last_position() as i64)],
+        )
+        .await
+        .unwrap();
+    let snapshot: String = row.get(0);
+    let visible: Vec<i64> = row.get(1);
     let context =
         format!("R xid {r_xid} position {r_pos} committed, T xid {t_xid} position {t_pos} open, snapshot {snapshot}");
+    let mut parts = snapshot.splitn(3, ':');
+    let (_xmin, xmax): (u64, u64) = (parts.next().unwrap().parse().unwrap(), parts.next().unwrap().parse().unwrap());
+    let running: Vec<u64> =
+        parts.next().unwrap().split(',').filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect();
+    assert_eq!(visible, vec![r_pos as i64], "precondition: a reader sees R's position and not T's ({context})");
+    assert!(
+        xmax <= t_xid && !running.contains(&t_xid),
+        "precondition: the snapshot must not list T as running, else the bug is hidden ({context})"
+    );
 
     let while_open = log
         .read_all(AllRead { after: w.last_position(), max_count: 100, filter: EventFilter::default() })
         .await
         .unwrap();
+    // Wake the subscription while T is still open: an append of this log
+    // (Z, after R).
+    let (z_id, z) = append_one(log.as_ref(), "xid-z").await;
     let delivered_while_open = drain(&mut rx, Duration::from_millis(500)).await;
     t.commit().await.unwrap();
     let mut delivered = positions(&delivered_while_open);
     delivered.extend(positions(&drain(&mut rx, Duration::from_secs(2)).await));
 
-    assert_eq!(
-        delivered,
-        vec![t_pos, r_pos],
-        "the subscriber must deliver T, then R, each once ({context}); it delivered {:?} while T was open",
-        positions(&delivered_while_open)
-    );
     assert!(
         while_open.events.is_empty() && while_open.next_position < t_pos,
         "read_all passed the open position: got {:?}, next_position {} ({context})",
         positions(&while_open.events),
         while_open.next_position
     );
+    assert_eq!(
+        delivered,
+        vec![t_pos, r_pos, z.last_position()],
+        "the subscriber must deliver T, then R, then Z, each once ({context}); it delivered {:?} while T was open",
+        positions(&delivered_while_open)
+    );
     let all = read_everything(log.as_ref()).await;
-    assert_eq!(all.iter().map(|e| e.event_id).collect::<Vec<_>>(), vec![w_id, t_id, r_id]);
+    assert_eq!(all.iter().map(|e| e.event_id).collect::<Vec<_>>(), vec![w_id, t_id, r_id, z_id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -678,32 +722,78 @@ async fn metadata_tampering_is_detected() {
 // ---------------------------------------------------------------------------
 // 4. Conflicts are isolated within the group commit.
 
+/// Appends with a wrong expected version, interleaved with good ones in one
+/// batch: each conflict fails only its own append.
+///
+/// One batch for sure: the log has a single writer, held inside the
+/// `append_batch` call of a gate append (the gate stream's row is locked by
+/// an open transaction) while the 60 appends are queued; each append's future
+/// is polled once, which puts its job in the queue. Released, the writer takes
+/// what is queued (far below its batch limits) in one call. Asserted: the
+/// stored events of the first and the last queued append (both good) and of
+/// all between carry one transaction id, so every conflict queued between
+/// them shared their transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_conflict_never_fails_another() {
-    let (_db, log) = common::postgres().await;
+    let db = eventfold_tests::TestDatabase::migrated().await;
+    let database = Database::from_url(db.url()).expect("a PostgreSQL URL");
+    let config = PostgresConfig { writers: 1, ..PostgresConfig::default() };
+    let log = PostgresEventLog::connect(database, config).await.expect("connect the log");
     let existing: Vec<NewEvent> = (0..3).map(|n| NewEvent::new("Existing", json!({ "n": n }))).collect();
     let existing_ids: Vec<Uuid> = existing.iter().map(|e| e.event_id).collect();
     log.append(AppendRequest::new("existing", ExpectedVersion::NoStream, existing)).await.unwrap();
+    let gate_event = NewEvent::new("Gate", json!({}));
+    let gate_id = gate_event.event_id;
+    log.append(AppendRequest::new("gate", ExpectedVersion::NoStream, vec![NewEvent::new("Gate", json!({}))]))
+        .await
+        .unwrap();
 
-    // Interleave good and bad appends so that batches mix both.
-    let mut tasks = Vec::new();
-    for i in 0..60 {
-        let log = log.clone();
-        tasks.push(tokio::spawn(async move {
-            let (stream, expected) = if i % 6 == 5 {
-                ("existing".to_owned(), ExpectedVersion::Exact(7))
-            } else {
-                (format!("fresh-{i}"), ExpectedVersion::NoStream)
-            };
-            let event = NewEvent::new("Concurrent", json!({ "i": i }));
-            let id = event.event_id;
-            (stream.clone(), id, log.append(AppendRequest::new(stream, expected, vec![event])).await)
-        }));
+    // Hold the only writer inside a batch: lock the gate's row, append to it
+    // and wait until that append waits for the lock.
+    let mut raw = common::client(db.url()).await;
+    let observer = common::client(db.url()).await;
+    let lock = raw.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM eventstore.streams WHERE stream_id = 'gate' FOR UPDATE", &[]).await.unwrap();
+    let mut gate = log.append(AppendRequest::new("gate", ExpectedVersion::Exact(0), vec![gate_event]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(std::future::poll_fn(|cx| Poll::Ready(gate.as_mut().poll(cx))).await.is_pending());
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the writer never waited for the gate's lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+
+    // Queue good and bad appends behind it, interleaved, first and last good.
+    let mut appends = Vec::new();
+    for i in 0..60 {
+        let (stream, expected) = if i % 6 == 3 {
+            ("existing".to_owned(), ExpectedVersion::Exact(7))
+        } else {
+            (format!("fresh-{i}"), ExpectedVersion::NoStream)
+        };
+        let event = NewEvent::new("Concurrent", json!({ "i": i }));
+        let id = event.event_id;
+        let mut append = log.append(AppendRequest::new(stream.clone(), expected, vec![event]));
+        let first = std::future::poll_fn(|cx| Poll::Ready(append.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "append {i} is queued behind the gate, not answered: {first:?}");
+        appends.push(async move { (stream, id, append.await) });
+    }
+    lock.commit().await.unwrap();
+    gate.await.expect("the gate append");
+
     let mut succeeded = HashMap::new();
     let mut conflicts = 0;
-    for task in tasks {
-        let (stream, id, result) = task.await.unwrap();
+    for (stream, id, result) in futures_util::future::join_all(appends).await {
         match result {
             Ok(outcome) => {
                 assert!(stream.starts_with("fresh-"), "the wrong-version append to {stream} succeeded");
@@ -723,15 +813,39 @@ async fn one_conflict_never_fails_another() {
     assert_eq!(succeeded.len(), 50);
     assert_eq!(conflicts, 10);
 
-    let all = read_everything(log.as_ref()).await;
-    assert_eq!(all.len(), 53);
+    // One batch: the 50 good appends were stored by one transaction, not the
+    // gate's.
+    let ids: Vec<Uuid> = succeeded.keys().copied().collect();
+    let batches: Vec<String> = observer
+        .query("SELECT DISTINCT tx_id::text FROM eventstore.events WHERE event_id = ANY ($1)", &[&ids])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(batches.len(), 1, "the queued appends were stored by one batch, not {batches:?}");
+    let gate_batch: String = observer
+        .query_one("SELECT tx_id::text FROM eventstore.events WHERE event_id = $1", &[&gate_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(batches[0], gate_batch, "the gate append went alone");
+
+    let all = read_everything(&log).await;
+    assert_eq!(all.len(), 55);
     assert_eq!(all[..3].iter().map(|e| e.event_id).collect::<Vec<_>>(), existing_ids);
+    let mut queued = Vec::new();
     for e in &all[3..] {
+        if e.stream_id == "gate" {
+            continue;
+        }
         let (stream, position) = succeeded.get(&e.event_id).unwrap_or_else(|| panic!("unexpected event {e:?}"));
         assert_eq!((&e.stream_id, e.global_position, e.version), (stream, *position, 0));
+        queued.push(e.event_id);
     }
-    assert_eq!(all[3..].iter().map(|e| e.event_id).collect::<HashSet<_>>().len(), 50);
+    assert_eq!(queued.iter().collect::<HashSet<_>>().len(), 50);
     assert_eq!(log.stream_info("existing").await.unwrap().version, Some(2));
+    assert_eq!(log.stream_info("gate").await.unwrap().version, Some(1));
 }
 
 /// One call with a crafted batch: appends to one stream apply in batch order,

@@ -5,8 +5,11 @@
 //!   whatever is queued and run it as one `eventstore.append_batch(...)`
 //!   call, i.e. one round trip and one transaction for many appends. Every
 //!   append keeps its own expected-version check, so one append's conflict
-//!   never fails another. [`append_in`] runs the same call inside a
-//!   caller's transaction.
+//!   never fails another. The writers run supervised: one that crashes
+//!   (panics) is started again, and the appends of its batch answer
+//!   `Unavailable` (outcome unknown; a retry with the same request id gets
+//!   the first answer). [`append_in`] runs the same call inside a caller's
+//!   transaction.
 //! - Reads of the global log are gap-safe (see [`xid`]): a position that is
 //!   missing because its transaction has not committed yet is waited for,
 //!   never skipped.
@@ -42,6 +45,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
 pub use self::{notify::notify_appended, writer::append_in};
 use self::{
@@ -50,10 +54,11 @@ use self::{
         EVENT_COLUMNS, EVENT_SIZE, PAGED_COLUMNS, SCAN_SQL, STREAM_COLUMNS, event_from_row, fetch_stream, like_prefix,
         stream_from_row, to_hash,
     },
-    writer::Job,
+    writer::{Job, Writer},
     xid::{GapBook, PendingGap, XidSnapshot},
 };
 use crate::{
+    backoff::Backoff,
     error::{Error, Result},
     hash,
     log::EventLog,
@@ -63,7 +68,13 @@ use crate::{
         check_stream_id, check_version, from_bigint,
     },
     pg::{Database, PgConnection, db_error},
+    supervise::supervise,
 };
+
+/// Waits before a crashed group-commit writer starts again: short, since
+/// appends queue meanwhile.
+const WRITER_RESTART: Backoff =
+    Backoff { first: Duration::from_millis(10), max: Duration::from_secs(1), factor: 2, jitter: 0.2 };
 
 /// Settings of the PostgreSQL adapter.
 #[derive(Debug, Clone)]
@@ -111,6 +122,8 @@ pub struct PostgresEventLog {
     appended: watch::Sender<u64>,
     gap_wait: Duration,
     gaps: std::sync::Mutex<GapBook>,
+    /// Stops the supervised writers (on drop).
+    token: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -122,6 +135,7 @@ impl std::fmt::Debug for PostgresEventLog {
 
 impl Drop for PostgresEventLog {
     fn drop(&mut self) {
+        self.token.cancel();
         for task in &self.tasks {
             task.abort();
         }
@@ -138,20 +152,36 @@ impl PostgresEventLog {
         let (jobs, receiver) = mpsc::channel(config.max_batch_appends.max(1).saturating_mul(4));
         let receiver = Arc::new(Mutex::new(receiver));
         let mut tasks = Vec::new();
+        let token = CancellationToken::new();
+        let writer = Writer {
+            database: database.clone(),
+            append_timeout: config.append_timeout,
+            jobs: receiver,
+            heads: [appended.clone(), committed.clone()],
+            max_appends: config.max_batch_appends.max(1),
+            max_events: config.max_batch_events.max(1),
+        };
         for _ in 0..config.writers.max(1) {
-            tasks.push(tokio::spawn(writer::writer(
-                database.clone(),
-                config.append_timeout,
-                receiver.clone(),
-                [appended.clone(), committed.clone()],
-                config.max_batch_appends.max(1),
-                config.max_batch_events.max(1),
-            )));
+            // Supervised: a writer that panics (a crash of this component,
+            // e.g. at failpoint `store::after_commit`) is started again
+            // instead of leaving the queue without a writer.
+            let writer = writer.clone();
+            tasks.push(tokio::spawn(supervise("group commit writer", token.clone(), WRITER_RESTART, move |token| {
+                writer::writer(writer.clone(), token)
+            })));
         }
         tasks.push(tokio::spawn(notify::notifier(database.clone(), config.notify_interval, committed_rx)));
         tasks.push(tokio::spawn(notify::listener(database.clone(), appended.clone())));
         tasks.push(tokio::spawn(prune_requests(database.clone(), config.request_retention)));
-        Ok(Self { database, jobs, appended, gap_wait: config.gap_wait, gaps: std::sync::Mutex::default(), tasks })
+        Ok(Self {
+            database,
+            jobs,
+            appended,
+            gap_wait: config.gap_wait,
+            gaps: std::sync::Mutex::default(),
+            token,
+            tasks,
+        })
     }
 
     /// Forgets now the request ids answered more than `age` ago (the
@@ -205,7 +235,14 @@ impl EventLog for PostgresEventLog {
             .send(Job { key: request.request_key(), request, contents, reply })
             .await
             .map_err(|_| Error::Unavailable("the event log is shutting down".to_owned()))?;
-        answer.await.map_err(|_| Error::Unavailable("the append writer stopped".to_owned()))?
+        // A writer that crashed drops its batch's answers: the batch may have
+        // committed or not.
+        answer.await.map_err(|_| {
+            Error::Unavailable(
+                "the append writer stopped before answering, the outcome is unknown; retry with the same request id"
+                    .to_owned(),
+            )
+        })?
     }
 
     async fn read_stream(&self, read: StreamRead) -> Result<StreamSlice> {

@@ -3,11 +3,12 @@
 //! `eventstore.append_batch(...)` call per batch; [`append_in`] makes the
 //! same call inside a caller's transaction.
 
-use std::{sync::Arc, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use serde_json::Value;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_postgres::{Client, Row, Statement};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 #[cfg(doc)]
@@ -49,22 +50,42 @@ const CONFLICT_BACKOFF: Backoff =
 const APPEND_SQL: &str = "SELECT idx, status, first_version, last_version, actual_version, positions, stored_stream \
                           FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 
+/// What a writer of the group commit needs; cloned for each run of it.
+#[derive(Clone)]
+pub(super) struct Writer {
+    pub(super) database: Database,
+    pub(super) append_timeout: Duration,
+    /// The queue, shared by the writers; it outlives a writer that crashed,
+    /// so that its restart takes what was queued meanwhile.
+    pub(super) jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    /// `[appended, committed]`: the wake-up of local subscribers and the
+    /// notifier's input.
+    pub(super) heads: [watch::Sender<u64>; 2],
+    pub(super) max_appends: usize,
+    pub(super) max_events: usize,
+}
+
 /// A writer of the group commit: takes what is queued, appends it in one
-/// call, answers each append, then moves the heads (`[appended, committed]`:
-/// the wake-up of local subscribers and the notifier's input).
-pub(super) async fn writer(
-    database: Database,
-    append_timeout: Duration,
-    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
-    heads: [watch::Sender<u64>; 2],
-    max_appends: usize,
-    max_events: usize,
-) {
+/// call, answers each append, then moves the heads. It ends when the queue
+/// closes (the log was dropped) or `token` is cancelled while it waits for
+/// work. It runs under [`supervise`](crate::supervise::supervise): if it
+/// panics, the appends of its batch answer `Unavailable` (their answer
+/// channels drop with it; the outcome is unknown, a retry with the same
+/// request id gets the first answer) and it is started again.
+pub(super) async fn writer(writer: Writer, token: CancellationToken) -> std::result::Result<(), Infallible> {
+    let Writer { database, append_timeout, jobs, heads, max_appends, max_events } = writer;
     let mut connection: Option<(Client, Statement)> = None;
     loop {
         let batch = {
-            let mut jobs = jobs.lock().await;
-            let Some(first) = jobs.recv().await else { return };
+            let mut jobs = tokio::select! {
+                jobs = jobs.lock() => jobs,
+                () = token.cancelled() => return Ok(()),
+            };
+            let first = tokio::select! {
+                first = jobs.recv() => first,
+                () = token.cancelled() => return Ok(()),
+            };
+            let Some(first) = first else { return Ok(()) };
             let mut events = first.request.events.len();
             let mut batch = vec![first];
             while batch.len() < max_appends && events < max_events {
@@ -132,6 +153,13 @@ pub(super) async fn writer(
 
         match result {
             Ok(rows) => {
+                // Failpoint `store::after_commit`: the batch's transaction
+                // committed (`append_batch` runs as one autocommit statement),
+                // its appenders not yet answered. A crash here leaves stored
+                // appends whose callers never heard of them: they must get an
+                // error (not wait for good), and a retry with the same request
+                // id must get the first answer.
+                crate::failpoint!("store::after_commit");
                 let mut head = 0;
                 for (job, row) in batch.into_iter().zip(rows) {
                     let outcome = outcome_from_row(&job.request, &row);
