@@ -221,6 +221,10 @@ pub struct Stats {
     pub batches: AtomicU64,
     /// Events acknowledged.
     pub events: AtomicU64,
+    /// Produce requests (one per partition of a batch) that the broker
+    /// refused or did not answer in time: their batch is sent again, the
+    /// checkpoint did not move.
+    pub failed_produces: AtomicU64,
 }
 
 /// See the crate documentation. Clones share the broker connection and
@@ -314,6 +318,11 @@ impl Relay {
         }
         drop(kafka);
         result?;
+        // Failpoint `relay::after_ack`: the broker acknowledged every record
+        // of the batch, the checkpoint is not yet committed. A crash here
+        // sends the batch again (duplicates on Kafka, nothing lost); the
+        // crash tests stop the relay at exactly this instant.
+        eventfold_store::failpoint!("relay::after_ack");
         self.save(slice.next_position, slice.events.len() as i64).await?;
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.events.fetch_add(slice.events.len() as u64, Ordering::Relaxed);
@@ -357,17 +366,23 @@ impl Relay {
         for ((topic, partition), records) in batches {
             let client = kafka.partition(&topic, partition, self.timeout()).await.map_err(from_bus)?;
             let timeout = self.timeout();
+            let stats = self.stats.clone();
             sends.push(async move {
                 let n = records.len();
-                match tokio::time::timeout(timeout, client.produce(records, Compression::NoCompression)).await {
-                    Ok(Ok(offsets)) if offsets.len() == n => Ok(()),
-                    Ok(Ok(offsets)) => Err(Error::Broker(format!(
-                        "{topic}/{partition}: {} of {n} records acknowledged",
-                        offsets.len()
-                    ))),
-                    Ok(Err(e)) => Err(Error::Broker(format!("{topic}/{partition}: {e}"))),
-                    Err(_) => Err(Error::Broker(format!("{topic}/{partition}: produce timed out"))),
+                let result =
+                    match tokio::time::timeout(timeout, client.produce(records, Compression::NoCompression)).await {
+                        Ok(Ok(offsets)) if offsets.len() == n => Ok(()),
+                        Ok(Ok(offsets)) => Err(Error::Broker(format!(
+                            "{topic}/{partition}: {} of {n} records acknowledged",
+                            offsets.len()
+                        ))),
+                        Ok(Err(e)) => Err(Error::Broker(format!("{topic}/{partition}: {e}"))),
+                        Err(_) => Err(Error::Broker(format!("{topic}/{partition}: produce timed out"))),
+                    };
+                if result.is_err() {
+                    stats.failed_produces.fetch_add(1, Ordering::Relaxed);
                 }
+                result
             });
         }
         for result in futures_util::future::join_all(sends).await {
