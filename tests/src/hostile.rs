@@ -142,6 +142,36 @@ pub fn check_status(
     Ok(())
 }
 
+/// Texts of the driver, the pool or the database's address that must
+/// never reach a client (compared lowercase).
+pub const DRIVER_TEXT: [&str; 9] =
+    ["sqlstate", "postgres", "connection", "127.0.0.1", "bb8", "db error", "timed out", "refused", "os error"];
+
+/// The rule for an UNAVAILABLE or INTERNAL answer: an `ErrorInfo` whose
+/// `error_id` the message repeats (to find the log line by), and no
+/// [`DRIVER_TEXT`] nor any of `also` (e.g. the database's port) in the
+/// message or the metadata. The error id itself is left out of the search:
+/// it is random hex and may spell `bb8` or a port's digits.
+///
+/// # Errors
+///
+/// Which rule `status` breaks.
+pub fn check_no_internal_text(status: &Status, also: &[&str]) -> Result<(), String> {
+    let Some(info) = status.get_details_error_info() else { return Err(format!("no ErrorInfo: {}", show(status))) };
+    let id = info.metadata.get("error_id").map(String::as_str).unwrap_or_default();
+    if id.is_empty() || !status.message().contains(id) {
+        return Err(format!("no error id to find the log line by: {status:?}"));
+    }
+    let others = info.metadata.iter().filter(|(key, _)| *key != "error_id").map(|(_, value)| value.as_str());
+    for text in std::iter::once(status.message()).chain(others) {
+        let text = text.replace(id, "").to_lowercase();
+        if let Some(leak) = DRIVER_TEXT.iter().chain(also).find(|leak| text.contains(&leak.to_lowercase())) {
+            return Err(format!("{leak:?} reached the client: {status:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// Whether the field violation `got` names the field `want` or a part of
 /// it (`want.x`, `want[0]`).
 pub fn field_matches(got: &str, want: &str) -> bool {
