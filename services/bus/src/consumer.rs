@@ -267,6 +267,11 @@ impl Consumer {
         }
         if let Some(last) = last {
             offsets::advance(&tx, &self.name, topic, partition, last + 1).await?;
+            // Failpoint `consumer::after_handle`: the handler applied the
+            // messages, their event ids are remembered and the offset moved,
+            // all inside this transaction, not yet committed (a crash here
+            // must leave none of it, so that each message applies once).
+            eventfold_store::failpoint!("consumer::after_handle");
             tx.commit().await?;
             metrics::counter!("eventfold_consumer_messages_total", "consumer" => self.name.clone())
                 .increment(handled as u64);

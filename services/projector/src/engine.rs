@@ -238,6 +238,10 @@ impl Projector {
             &[&COMMIT_CHANNEL, &format!("{}:{}:{position}", self.name(), self.version)],
         )
         .await?;
+        // Failpoint `projector::after_apply`: the batch is applied and the
+        // checkpoint moved, both inside this transaction, not yet committed
+        // (a crash here must leave neither, so that the batch applies once).
+        eventfold_store::failpoint!("projector::after_apply");
         tx.commit().await?;
         let applied_events = &events[..considered];
         if let Some(observer) = &self.observer {

@@ -1,5 +1,6 @@
 //! The projection engine on real PostgreSQL: crashes at random points lose
-//! and double-apply nothing, poison events are parked and replayed, a
+//! and double-apply nothing (tests/crash.rs crashes it at the instant that
+//! matters, through a failpoint), poison events are parked and replayed, a
 //! second version builds beside the first and takes over atomically, and a
 //! supervised projector whose connections are cut recovers by itself.
 
@@ -17,73 +18,22 @@ use std::{
 
 use async_trait::async_trait;
 use eventfold_command::{Command, Envelope, Meta};
-use eventfold_domain::{
-    Money,
-    order::{CancelOrder, ConfirmOrder, OrderCommand, OrderItem, ProcessPayment, ShipOrder},
-};
+use eventfold_domain::Money;
 use eventfold_platform::runtime::{Backoff, CancellationToken};
-use eventfold_projector::{ApplyError, OrderViews, Projection, Projector, ProjectorOptions, status};
-use eventfold_store::{
-    AllRead, AppendRequest, Database, EventFilter, EventLog, ExpectedVersion, NewEvent, RecordedEvent,
-};
-use eventfold_tests::orders::{self, eur};
+use eventfold_projector::{ApplyError, OrderViews, Projection, Projector, status};
+use eventfold_store::{Database, EventLog, RecordedEvent};
+use eventfold_tests::orders::eur;
 use tokio_postgres::Transaction;
 use tower::ServiceExt;
 
-use crate::common::{ANALYTICS_TABLES, setup};
+use crate::common::{
+    ANALYTICS_TABLES, Tally, append_counted, log_positions, options, setup, wait_until_at, write_orders,
+};
 
 fn random(below: u64) -> u64 {
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(below);
     hasher.finish() % below.max(1)
-}
-
-/// Orders through the real command bus: each is created, and by its number
-/// confirmed, paid, shipped or cancelled along the way.
-async fn write_orders(log: Arc<dyn EventLog>, from: usize, count: usize) {
-    let bus = eventfold_command::bus(log, eventfold_command::BusOptions::default());
-    for o in from..from + count {
-        let order_id = format!("o-{o}");
-        let send = |command: OrderCommand| {
-            let bus = bus.clone();
-            let order_id = order_id.clone();
-            async move {
-                let envelope = Envelope::new(Command::Order { order_id, command }, Meta::default());
-                bus.oneshot(envelope).await.expect("command")
-            }
-        };
-        let price = Money::new(100 + o as i64, eur());
-        let items =
-            vec![OrderItem { product_id: format!("sku-{}", o % 7), quantity: 1 + (o % 3) as u32, unit_price: price }];
-        let total = Money::new(price.minor * i64::from(1 + (o % 3) as u32), eur());
-        send(orders::created(&order_id, &format!("c-{}", o % 5), items).into()).await;
-        if o % 4 == 0 {
-            send(CancelOrder { reason: "changed mind".into() }.into()).await;
-            continue;
-        }
-        send(ConfirmOrder.into()).await;
-        if o % 4 == 1 {
-            continue;
-        }
-        send(ProcessPayment { payment_id: format!("p-{o}"), amount: total }.into()).await;
-        if o % 4 == 3 {
-            send(ShipOrder { carrier: "DHL".into(), tracking_number: format!("T-{o}") }.into()).await;
-        }
-    }
-}
-
-async fn wait_until_at(projector: &Projector, head: u64) {
-    for _ in 0..600 {
-        if projector.position().await.expect("position") >= head {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the projector did not reach position {head} within 30 s");
-}
-
-fn options() -> ProjectorOptions {
-    ProjectorOptions { batch_size: 25, ..ProjectorOptions::default() }
 }
 
 /// Kills a projector of version 1 at random points, 8 times, while `writer`
@@ -543,71 +493,6 @@ async fn account_views_survive_crashes() {
     assert_eq!(survived, rebuilt);
 }
 
-/// One row per event it is given, in a table without a key: an event
-/// applied twice shows as two rows. Each event takes a few milliseconds,
-/// so that its projector is mostly inside a transaction.
-struct Tally;
-
-#[async_trait]
-impl Projection for Tally {
-    fn name(&self) -> &'static str {
-        "tally"
-    }
-
-    fn create_sql(&self, version: u32) -> String {
-        format!("CREATE TABLE IF NOT EXISTS read.tally_v{version} (global_position bigint NOT NULL)")
-    }
-
-    fn tables(&self, version: u32) -> Vec<String> {
-        vec![format!("read.tally_v{version}")]
-    }
-
-    fn activate_sql(&self, _version: u32) -> String {
-        "SELECT 1".to_owned()
-    }
-
-    async fn apply(&self, tx: &Transaction<'_>, version: u32, event: &RecordedEvent) -> Result<(), ApplyError> {
-        tx.execute("SELECT pg_sleep(0.002)", &[]).await?;
-        tx.execute(
-            &format!("INSERT INTO read.tally_v{version} (global_position) VALUES ($1)"),
-            &[&(event.global_position as i64)],
-        )
-        .await?;
-        Ok(())
-    }
-}
-
-/// Appends `count` events, one per request, each retried with its request
-/// id until the log answers: an append whose outcome was unknown is stored
-/// once all the same.
-async fn append_counted(log: Arc<dyn EventLog>, count: usize) {
-    let policy = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
-    for n in 0..count {
-        let event = NewEvent::new("Counted", serde_json::json!({ "n": n }));
-        let mut request = AppendRequest::new(format!("tally-{}", n % 10), ExpectedVersion::Any, vec![event]);
-        request.request_id = Some(format!("count-{n}"));
-        let mut retries = policy.start();
-        while let Err(error) = log.append(request.clone()).await {
-            assert!(retries.attempts() < 100, "append {n} keeps failing: {error}");
-            retries.wait().await;
-        }
-    }
-}
-
-/// Every position of the log, in order.
-async fn log_positions(log: &Arc<dyn EventLog>) -> Vec<i64> {
-    let mut positions = Vec::new();
-    let mut after = 0;
-    loop {
-        let slice = log.read_all(AllRead { after, max_count: 500, filter: EventFilter::default() }).await.unwrap();
-        positions.extend(slice.events.iter().map(|e| e.global_position as i64));
-        if slice.end_of_log || slice.next_position <= after {
-            return positions;
-        }
-        after = slice.next_position;
-    }
-}
-
 /// The projector runs under the platform's supervisor while every
 /// connection to its database (its pool's, the log's, the writer's) is cut
 /// again and again during the appends: each cut that fails a run is logged
@@ -635,7 +520,7 @@ async fn a_supervised_projector_whose_connections_are_cut_recovers_and_applies_e
             )
         })
     });
-    let appender = tokio::spawn(append_counted(log.clone(), EVENTS));
+    let appender = tokio::spawn(append_counted(log.clone(), 0, EVENTS));
 
     // Cut every connection but the admin's, every 150 ms, while the events
     // arrive and until the projector was started again twice (30 s at most).
