@@ -39,10 +39,11 @@ pub fn grpcurl() -> PathBuf {
     panic!("grpcurl not found: run tests/run (it installs the pinned grpcurl) or set EVENTFOLD_GRPCURL");
 }
 
-/// `eventfold` with no `EVENTFOLD_*` configuration from the test's
-/// environment.
+/// `eventfold` with no `EVENTFOLD_*` configuration and no armed failpoints
+/// (`FAILPOINTS`) from the test's environment.
 pub fn eventfold() -> Command {
     let mut command = Command::new(BIN);
+    command.env_remove(eventfold_store::failpoint::ENV);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("EVENTFOLD_") {
             command.env_remove(key);
@@ -89,6 +90,69 @@ pub struct Guard {
     pub stderr: Arc<Mutex<String>>,
 }
 
+impl Guard {
+    /// Waits until the process printed `needle` on stderr; false when it did
+    /// not within `timeout` (or exited first).
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stderr.lock().unwrap().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline || self.child.try_wait().ok().flatten().is_some() {
+                return self.stderr.lock().unwrap().contains(needle);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL (`Child::kill`), then reaps the process: a crash, with no
+    /// destructor, flush or drain.
+    pub fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL the process");
+        let status = self.child.wait().expect("reap the process");
+        assert!(!status.success(), "a killed process does not exit 0: {status:?}");
+    }
+}
+
+/// `eventfold COMMAND ARGS` with environment `env` as a child process
+/// whose stderr is drained; returns once its first stdout line (which
+/// must start with `prefix`) is printed, with that line.
+pub fn spawn_process(command: &[&str], args: &[&str], env: &[(&str, &str)], prefix: &str) -> (Guard, String) {
+    let mut child = eventfold()
+        .args(command)
+        .args(args)
+        .env("EVENTFOLD_LOG__FILTER", "info")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    let stdout = child.stdout.take().expect("stdout");
+    let process = Guard { child, stderr };
+
+    // The first stdout line says the process is up; keep draining the rest.
+    let (line_tx, line_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = line_tx.send(line);
+        }
+        for _ in lines {}
+    });
+    let Ok(line) = line_rx.recv_timeout(Duration::from_secs(30)) else {
+        let mut process = process;
+        let status = process.child.try_wait().ok().flatten();
+        panic!(
+            "eventfold {command:?} printed nothing within 30 s (exit: {status:?}); stderr:\n{}",
+            process.stderr.lock().unwrap()
+        );
+    };
+    assert!(line.starts_with(prefix), "unexpected first line of eventfold {command:?}: {line:?}");
+    (process, line)
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
@@ -121,38 +185,7 @@ impl DevServer {
 
     /// `eventfold COMMAND ARGS` (a server); its first line starts `prefix`.
     pub fn start_command(command: &[&str], args: &[&str], env: &[(&str, &str)], prefix: &str) -> Self {
-        let mut child = eventfold()
-            .args(command)
-            .args(args)
-            .env("EVENTFOLD_LOG__FILTER", "info")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
-        let stderr = drain(child.stderr.take().expect("stderr"));
-        let stdout = child.stdout.take().expect("stdout");
-        let mut process = Guard { child, stderr };
-
-        // The first stdout line names the address; keep draining the rest.
-        let (line_tx, line_rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = line_tx.send(line);
-            }
-            for _ in lines {}
-        });
-        let line = match line_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                let status = process.child.try_wait().ok().flatten();
-                panic!(
-                    "eventfold dev printed no address within 30 s (exit: {status:?}); stderr:\n{}",
-                    process.stderr.lock().unwrap()
-                );
-            }
-        };
+        let (process, line) = spawn_process(command, args, env, "");
         let addr = line
             .strip_prefix(prefix)
             .and_then(|rest| rest.split_whitespace().next())
