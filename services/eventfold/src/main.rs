@@ -58,8 +58,12 @@ fn main() -> ExitCode {
         eprintln!("eventfold: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    if eventfold_store::failpoint::compiled_in() {
-        tracing::warn!("this is a test build: failpoints are compiled in ({})", eventfold_store::failpoint::ENV);
+    if let Some(armed) = std::env::var_os(eventfold_store::failpoint::ENV).filter(|v| !v.is_empty()) {
+        tracing::warn!(
+            "test build: failpoints armed ({}={})",
+            eventfold_store::failpoint::ENV,
+            armed.to_string_lossy()
+        );
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
