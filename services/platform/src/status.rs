@@ -18,13 +18,44 @@ pub fn error_info(code: Code, message: impl Into<String>, reason: &str, metadata
     Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
 }
 
-/// `INVALID_ARGUMENT` with one `BadRequest` violation per `(field, description)`.
+/// How many field violations an answer carries, and how many its message
+/// repeats: answers travel in HTTP/2 headers, which clients cap (16 KiB by
+/// default), so what a hostile request makes us echo is bounded.
+pub const MAX_VIOLATIONS: usize = 10;
+const MAX_VIOLATIONS_IN_MESSAGE: usize = 3;
+/// Bytes kept of a field path or a description (a field path may hold a
+/// client's map key).
+pub const MAX_VIOLATION_TEXT: usize = 128;
+
+/// `text` cut to at most [`MAX_VIOLATION_TEXT`] bytes on a character
+/// boundary, marked with `…` when cut.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_VIOLATION_TEXT {
+        let mut end = MAX_VIOLATION_TEXT.saturating_sub('…'.len_utf8());
+        while !text.is_char_boundary(end) {
+            end = end.saturating_sub(1);
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// `INVALID_ARGUMENT` with one `BadRequest` violation per `(field,
+/// description)`: the first [`MAX_VIOLATIONS`], each text cut to
+/// [`MAX_VIOLATION_TEXT`] bytes.
 pub fn invalid_argument(violations: impl IntoIterator<Item = (String, String)>) -> Status {
-    let violations: Vec<(String, String)> = violations.into_iter().collect();
-    let message = format!(
-        "invalid argument: {}",
-        violations.iter().map(|(f, d)| format!("{f}: {d}")).collect::<Vec<_>>().join("; ")
-    );
+    let mut all = violations.into_iter();
+    let violations: Vec<(String, String)> =
+        all.by_ref().take(MAX_VIOLATIONS).map(|(field, description)| (bounded(field), bounded(description))).collect();
+    let more = all.count();
+    let mut listed: Vec<String> =
+        violations.iter().take(MAX_VIOLATIONS_IN_MESSAGE).map(|(f, d)| format!("{f}: {d}")).collect();
+    let unlisted = violations.len().saturating_sub(MAX_VIOLATIONS_IN_MESSAGE).saturating_add(more);
+    if unlisted > 0 {
+        listed.push(format!("{unlisted} more"));
+    }
+    let message = format!("invalid argument: {}", listed.join("; "));
     let mut details = ErrorDetails::new();
     details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
     for (field, description) in violations {
@@ -100,5 +131,29 @@ pub fn from_store(error: impl Borrow<Error>) -> Status {
         }
         Error::Unavailable(detail) => unavailable("the event store", detail),
         Error::Internal(detail) => internal(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_an_invalid_argument_echoes_is_bounded() {
+        let key = "ключ".repeat(1000);
+        let violations = (0..50).map(|i| (format!("state.{key}{i}"), "numbers must be finite".to_owned()));
+        let status = invalid_argument(violations);
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations.len(), MAX_VIOLATIONS);
+        for v in &bad.field_violations {
+            assert!(v.field.len() <= MAX_VIOLATION_TEXT && v.field.ends_with('…'), "{}", v.field);
+            assert!(v.field.starts_with("state.ключ"));
+        }
+        assert!(status.message().len() < 1024, "{}", status.message().len());
+        assert!(status.message().ends_with("; 47 more"), "{}", status.message());
+        assert!(status.details().len() < 4096, "{}", status.details().len());
+
+        let few = invalid_argument([("stream_id".to_owned(), "must not be empty".to_owned())]);
+        assert_eq!(few.message(), "invalid argument: stream_id: must not be empty");
     }
 }
