@@ -719,7 +719,19 @@ async fn a_rebuild_switches_under_query_load_without_errors_or_empty_answers() {
         Projector::new(stack.database.clone(), stack.log.clone(), projection, 2, small).with_observer(invalidator);
     let rebuild_started = answered.load(Ordering::SeqCst);
     rebuild.prepare().await.unwrap();
-    while rebuild.step().await.unwrap() > 0 {}
+    let mut steps = 0;
+    while rebuild.step().await.unwrap() > 0 {
+        steps += 1;
+        if steps == 1 {
+            // Half built: queries answer meanwhile (on a loaded machine the
+            // rebuild could otherwise finish before any query came back).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while answered.load(Ordering::SeqCst) < rebuild_started + 2 {
+                assert!(Instant::now() < deadline, "queries answer while the rebuild builds");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
     let before_switch = answered.load(Ordering::SeqCst);
     assert!(before_switch > rebuild_started, "queries ran while the rebuild built");
     rebuild.activate().await.unwrap();
