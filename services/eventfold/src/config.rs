@@ -18,6 +18,7 @@ pub(crate) struct Config {
     pub(crate) relay: eventfold_relay::Config,
     pub(crate) registry: eventfold_schemas::RegistryConfig,
     pub(crate) saga: eventfold_saga::SagaConfig,
+    pub(crate) gateway: eventfold_gateway::GatewayConfig,
 }
 
 impl Config {

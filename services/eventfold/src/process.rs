@@ -18,6 +18,9 @@ use crate::config::Config;
 /// The admin listener of `eventfold dev` when `[admin] listen` is unset.
 const DEV_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
+/// The REST gateway of `eventfold dev` when `[gateway] listen` is unset.
+const DEV_REST: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
 /// Waits of every supervised worker: restarts after 100 ms, 200 ms, … 30 s.
 fn restart_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
@@ -120,7 +123,7 @@ impl Process {
             config.eventstore.listen,
             (what, storage),
             config.eventstore.shutdown_grace_secs,
-            Some(DEV_ADMIN),
+            (Some(DEV_ADMIN), Some(DEV_REST)),
         )
         .await
     }
@@ -131,7 +134,8 @@ impl Process {
         let mut server = GrpcServer::new();
         eventfold_eventstore::host(&mut server, &self.config.eventstore, log, self.runtime.token().clone());
         let grace = self.config.eventstore.shutdown_grace_secs;
-        self.serve(server, self.config.eventstore.listen, ("EventStoreService", "PostgreSQL"), grace, None).await
+        self.serve(server, self.config.eventstore.listen, ("EventStoreService", "PostgreSQL"), grace, (None, None))
+            .await
     }
 
     /// `eventfold serve command`.
@@ -141,7 +145,7 @@ impl Process {
         let mut server = GrpcServer::new();
         eventfold_command::host(&mut server, &self.config.command, log, bus);
         let grace = self.config.command.shutdown_grace_secs;
-        self.serve(server, self.config.command.listen, ("command services", "PostgreSQL"), grace, None).await
+        self.serve(server, self.config.command.listen, ("command services", "PostgreSQL"), grace, (None, None)).await
     }
 
     /// `eventfold serve query`.
@@ -151,7 +155,7 @@ impl Process {
         let mut server = GrpcServer::new();
         eventfold_query::host(&mut server, &self.config.query, query, self.runtime.token().clone());
         let grace = self.config.query.shutdown_grace_secs;
-        self.serve(server, self.config.query.listen, ("query services", "PostgreSQL"), grace, None).await
+        self.serve(server, self.config.query.listen, ("query services", "PostgreSQL"), grace, (None, None)).await
     }
 
     /// `eventfold serve saga`: the orchestrator and the SagaService.
@@ -163,7 +167,7 @@ impl Process {
         let mut server = GrpcServer::new();
         eventfold_saga::grpc::host(&mut server, &self.config.saga, sagas, self.runtime.token().clone());
         let (listen, grace) = (self.config.saga.listen, self.config.eventstore.shutdown_grace_secs);
-        self.serve(server, listen, ("saga orchestrator and SagaService", "PostgreSQL"), grace, None).await
+        self.serve(server, listen, ("saga orchestrator and SagaService", "PostgreSQL"), grace, (None, None)).await
     }
 
     /// `eventfold serve projector`.
@@ -300,12 +304,13 @@ impl Process {
         listen: SocketAddr,
         (what, storage): (&str, &str),
         grace_secs: u64,
-        admin_default: Option<SocketAddr>,
+        (admin_default, rest_default): (Option<SocketAddr>, Option<SocketAddr>),
     ) -> anyhow::Result<()> {
         let listener = bind(listen).await?;
         let addr = listener.local_addr()?;
         print_banner(&server, addr, what, storage);
         self.admin(admin_default).await?;
+        self.gateway(addr, rest_default).await?;
         tracing::info!(%addr, storage, "serving");
         let grace = Duration::from_secs(grace_secs);
         let token = self.runtime.token().clone();
@@ -339,6 +344,41 @@ impl Process {
         if self.runtime.shutdown(grace).await {
             tracing::info!("stopped");
         }
+    }
+
+    /// The REST gateway at `[gateway] listen`, else at `default` (for
+    /// `eventfold dev`; another free port when that one is taken), in front
+    /// of the gRPC services at `upstream`.
+    async fn gateway(&self, upstream: SocketAddr, default: Option<SocketAddr>) -> anyhow::Result<()> {
+        let listener = match (self.config.gateway.listen, default) {
+            (Some(addr), _) => bind(addr).await?,
+            (None, Some(addr)) => match TcpListener::bind(addr).await {
+                Ok(listener) => listener,
+                Err(_) => bind(SocketAddr::new(addr.ip(), 0)).await?,
+            },
+            (None, None) => return Ok(()),
+        };
+        let addr = listener.local_addr()?;
+        let upstream = if upstream.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), upstream.port())
+        } else {
+            upstream
+        };
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{upstream}"))?.connect_lazy();
+        let gateway = eventfold_gateway::Gateway::new(
+            eventfold_proto::FILE_DESCRIPTOR_SET,
+            eventfold_gateway::Upstreams::all(channel),
+            self.config.gateway.options(),
+        )?;
+        println!("eventfold: REST on http://{addr} ({} operations)", gateway.bindings().len());
+        let token = self.runtime.token().clone();
+        let router = gateway.router();
+        self.runtime.spawn("REST gateway", async move {
+            if let Err(e) = eventfold_platform::admin::serve(listener, router, token).await {
+                tracing::error!(error = %e, "REST gateway failed");
+            }
+        });
+        Ok(())
     }
 
     /// The admin HTTP listener at `[admin] listen`, else at `default` (for

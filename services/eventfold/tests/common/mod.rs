@@ -88,6 +88,8 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
 pub struct Guard {
     pub child: Child,
     pub stderr: Arc<Mutex<String>>,
+    /// What a server printed on stdout after its first line.
+    pub stdout: Arc<Mutex<String>>,
 }
 
 impl Guard {
@@ -130,16 +132,21 @@ pub fn spawn_process(command: &[&str], args: &[&str], env: &[(&str, &str)], pref
         .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
     let stderr = drain(child.stderr.take().expect("stderr"));
     let stdout = child.stdout.take().expect("stdout");
-    let process = Guard { child, stderr };
+    let rest = Arc::new(Mutex::new(String::new()));
+    let process = Guard { child, stderr, stdout: rest.clone() };
 
-    // The first stdout line says the process is up; keep draining the rest.
+    // The first stdout line says the process is up; keep the rest.
     let (line_tx, line_rx) = mpsc::channel();
     thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         if let Some(Ok(line)) = lines.next() {
             let _ = line_tx.send(line);
         }
-        for _ in lines {}
+        for line in lines.map_while(Result::ok) {
+            let mut rest = rest.lock().unwrap();
+            rest.push_str(&line);
+            rest.push('\n');
+        }
     });
     let Ok(line) = line_rx.recv_timeout(Duration::from_secs(30)) else {
         let mut process = process;
@@ -198,6 +205,24 @@ impl DevServer {
         DevServer { process, addr }
     }
 
+    /// The address of the REST gateway, from the `eventfold: REST on
+    /// http://ADDR` line (within 10 s).
+    pub fn rest_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let printed = self.process.stdout.lock().unwrap().clone();
+            if let Some(addr) = printed
+                .lines()
+                .find_map(|line| line.strip_prefix("eventfold: REST on http://"))
+                .and_then(|rest| rest.split_whitespace().next())
+            {
+                return addr.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no REST line on stdout: {printed:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// grpcurl against this server.
     pub fn grpcurl(&self, args: &[&str]) -> Command {
         let mut command = Command::new(grpcurl());
@@ -235,7 +260,7 @@ impl DevServer {
             .expect("spawn grpcurl Subscribe");
         let stdout = drain(child.stdout.take().expect("stdout"));
         let stderr = drain(child.stderr.take().expect("stderr"));
-        Subscriber { process: Guard { child, stderr }, stdout }
+        Subscriber { process: Guard { child, stderr, stdout: Arc::default() }, stdout }
     }
 }
 

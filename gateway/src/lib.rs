@@ -1,0 +1,27 @@
+//! The REST/JSON gateway of eventfold: every RPC annotated with
+//! `google.api.http` in `proto/` is reachable over HTTP, transcoded from the
+//! descriptors alone (no per-endpoint code), and forwarded to the gRPC
+//! services.
+
+// Request values reach this crate: arithmetic is checked or saturating,
+// casts that may wrap are refused, and nothing panics on `unwrap`/`expect`
+// (tests may).
+#![cfg_attr(
+    not(test),
+    warn(clippy::arithmetic_side_effects, clippy::cast_possible_wrap, clippy::unwrap_used, clippy::expect_used)
+)]
+
+pub mod config;
+pub mod error;
+pub mod rules;
+pub mod server;
+pub mod template;
+pub mod transcode;
+pub mod upstream;
+
+pub use crate::{
+    config::GatewayConfig,
+    error::ApiError,
+    server::{Gateway, GatewayError, GatewayOptions},
+    upstream::Upstreams,
+};

@@ -1,0 +1,216 @@
+//! The gateway's router: one handler for every binding, chosen by method
+//! and path template (most specific first), which transcodes the request,
+//! calls the service and transcodes the answer.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use futures_util::StreamExt;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use tonic::{client::Grpc, metadata::MetadataValue};
+
+use crate::{
+    error::ApiError,
+    rules::{Binding, RuleError, bindings},
+    transcode,
+    upstream::{DynamicCodec, Upstreams},
+};
+
+/// Request headers passed on to the service as gRPC metadata.
+const FORWARDED: [&str; 4] = ["authorization", "x-request-id", "traceparent", "tracestate"];
+/// The header that sets a call's deadline, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-timeout-ms";
+/// The longest deadline a caller may ask for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How the gateway behaves.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Deadline of a unary call without `X-Timeout-Ms`.
+    pub default_timeout: Duration,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self { max_body_bytes: 4 * 1024 * 1024, default_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// A descriptor set that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the descriptor set does not decode: {0}")]
+    Descriptors(#[from] prost_reflect::DescriptorError),
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+}
+
+/// The REST gateway over the services of a descriptor set.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    bindings: Vec<Binding>,
+    upstreams: Upstreams,
+    options: GatewayOptions,
+}
+
+impl Gateway {
+    /// A gateway for every annotated RPC of `descriptor_set` (an encoded
+    /// `FileDescriptorSet`, the one the servers use for reflection).
+    ///
+    /// # Errors
+    ///
+    /// The set does not decode, or a rule in it cannot be served.
+    pub fn new(descriptor_set: &[u8], upstreams: Upstreams, options: GatewayOptions) -> Result<Self, GatewayError> {
+        let pool = DescriptorPool::decode(descriptor_set)?;
+        let bindings = bindings(&pool)?;
+        Ok(Self { inner: Arc::new(Inner { bindings, upstreams, options }) })
+    }
+
+    /// The bindings served, most specific first.
+    pub fn bindings(&self) -> &[Binding] {
+        &self.inner.bindings
+    }
+
+    /// The router: every request goes to the binding that matches it.
+    pub fn router(&self) -> Router {
+        Router::new().fallback(handle).with_state(self.clone())
+    }
+}
+
+async fn handle(State(gateway): State<Gateway>, request: Request) -> Response {
+    match transcode_call(&gateway.inner, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn transcode_call(inner: &Inner, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    let mut found = None;
+    let mut other_method = false;
+    for binding in &inner.bindings {
+        if let Some(bound) = binding.template.matches(path) {
+            if binding.method == parts.method {
+                found = Some((binding, bound));
+                break;
+            }
+            other_method = true;
+        }
+    }
+    let Some((binding, bound)) = found else {
+        if other_method {
+            return Err(ApiError::method_not_allowed(&parts.method, path));
+        }
+        return Err(ApiError::new(tonic::Code::NotFound, "NOT_FOUND", format!("no operation at {path}")));
+    };
+    let limit = inner.options.max_body_bytes;
+    let declared =
+        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
+    let message = transcode::request(binding, bound, parts.uri.query(), &body)?;
+
+    let service = binding.rpc.parent_service().full_name().to_owned();
+    let channel = inner.upstreams.channel(&service).ok_or_else(|| {
+        ApiError::new(tonic::Code::Unimplemented, "NO_UPSTREAM", format!("{service} is not served by this gateway"))
+    })?;
+    let mut call = tonic::Request::new(message);
+    forward_headers(&parts.headers, call.metadata_mut());
+    let timeout = requested_timeout(&parts.headers)?;
+    let rpc_path = http::uri::PathAndQuery::try_from(transcode::rpc_path(binding))
+        .map_err(|_| ApiError::new(tonic::Code::Internal, "BAD_RPC_PATH", "the RPC has no valid path"))?;
+    let codec = DynamicCodec::new(binding.rpc.output());
+    let mut grpc = Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|_| ApiError::from_status(&tonic::Status::unavailable("the service is unavailable, retry later")))?;
+    if binding.server_streaming() {
+        if let Some(timeout) = timeout {
+            call.set_timeout(timeout);
+        }
+        let answer = grpc.server_streaming(call, rpc_path, codec).await.map_err(|s| ApiError::from_status(&s))?;
+        return Ok(stream_response(binding.clone(), &parts.headers, answer.into_inner()));
+    }
+    call.set_timeout(timeout.unwrap_or(inner.options.default_timeout));
+    let answer = grpc.unary(call, rpc_path, codec).await.map_err(|s| ApiError::from_status(&s))?;
+    let json = transcode::response(binding, answer.get_ref());
+    Ok(json_response(StatusCode::OK, &json))
+}
+
+fn json_response(status: StatusCode, json: &serde_json::Value) -> Response {
+    let mut response = (status, json.to_string()).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn forward_headers(headers: &HeaderMap, metadata: &mut tonic::metadata::MetadataMap) {
+    for name in FORWARDED {
+        if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok())
+            && let Ok(value) = MetadataValue::try_from(value)
+        {
+            metadata.insert(name, value);
+        }
+    }
+}
+
+fn requested_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    let millis = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0 && ms <= MAX_TIMEOUT.as_millis() as u64)
+        .ok_or_else(|| {
+            ApiError::invalid_argument(
+                "X-Timeout-Ms",
+                format!("a whole number of milliseconds, 1 to {}", MAX_TIMEOUT.as_millis()),
+            )
+        })?;
+    Ok(Some(Duration::from_millis(millis)))
+}
+
+/// A server stream as Server-Sent Events (`Accept: text/event-stream`) or
+/// newline-delimited JSON; a failure ends it with an error frame in the
+/// shape of the JSON error.
+fn stream_response(binding: Binding, headers: &HeaderMap, stream: tonic::Streaming<DynamicMessage>) -> Response {
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.split(',').any(|a| a.trim().starts_with("text/event-stream")));
+    let frames = stream.map(move |item| {
+        let frame = match item {
+            Ok(message) => {
+                let json = transcode::response(&binding, &message);
+                if sse { format!("data: {json}\n\n") } else { format!("{json}\n") }
+            }
+            Err(status) => {
+                let error = ApiError::from_status(&status).body();
+                if sse { format!("event: error\ndata: {error}\n\n") } else { format!("{error}\n") }
+            }
+        };
+        Ok::<_, std::convert::Infallible>(Bytes::from(frame))
+    });
+    let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
+    let mut response = Response::new(Body::from_stream(frames));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}

@@ -1,0 +1,187 @@
+//! The REST gateway of `eventfold dev`, called with curl as a user would:
+//! the answers match the same calls over gRPC, errors come in Google's JSON
+//! shape with the mapped HTTP status, and a malformed request is refused
+//! before it reaches a service.
+
+mod common;
+
+use std::process::Command;
+
+use common::{DevServer, SERVICE};
+use serde_json::{Value, json};
+
+/// `eventfold dev` in memory, its gateway on a free port.
+fn dev() -> (DevServer, String) {
+    let server = DevServer::start_env(
+        &[],
+        &[("EVENTFOLD_GATEWAY__LISTEN", "127.0.0.1:0")],
+        "eventfold: EventStoreService and the command services listening on ",
+    );
+    let rest = server.rest_addr();
+    (server, rest)
+}
+
+/// curl `method` `url` with an optional JSON body and extra headers: the
+/// HTTP status and the body as JSON.
+fn curl(method: &str, url: &str, body: Option<&str>, headers: &[&str]) -> (u16, Value) {
+    let mut command = Command::new("curl");
+    command.args(["-sS", "-X", method, "-w", "\n%{http_code}", url]);
+    if let Some(body) = body {
+        command.args(["-H", "content-type: application/json", "--data-binary", body]);
+    }
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let output = command.output().expect("run curl");
+    assert!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("a status line");
+    let json = if body.trim().is_empty() { Value::Null } else { serde_json::from_str(body).unwrap_or(json!(body)) };
+    (code.trim().parse().expect("an HTTP status"), json)
+}
+
+fn append_body(event_id: &str) -> String {
+    json!({
+        "events": [{
+            "eventId": event_id,
+            "eventType": "OrderCreated",
+            "data": {"n": 1, "customer": "ada"},
+            "metadata": {"correlationId": "corr-1"},
+        }],
+        "requestId": format!("req-{event_id}"),
+    })
+    .to_string()
+}
+
+fn error_detail<'a>(body: &'a Value, kind: &str) -> &'a Value {
+    body["error"]["details"]
+        .as_array()
+        .and_then(|details| details.iter().find(|d| d["@type"].as_str().is_some_and(|t| t.ends_with(kind))))
+        .unwrap_or_else(|| panic!("no {kind} in {body}"))
+}
+
+#[test]
+fn rest_calls_answer_what_grpc_answers() {
+    let (server, rest) = dev();
+    let base = format!("http://{rest}");
+
+    // Append over REST: path variable + body "*".
+    let id = "0190a6a0-0000-7000-8000-000000000001";
+    let (status, appended) = curl("POST", &format!("{base}/v1/streams/order-r1:append"), Some(&append_body(id)), &[]);
+    assert_eq!(status, 200, "{appended}");
+    assert_eq!(appended["streamId"], "order-r1");
+    assert_eq!(appended["positions"].as_array().map(Vec::len), Some(1), "{appended}");
+
+    // The same stream read over REST (query parameters) and over gRPC.
+    let (status, over_rest) = curl(
+        "GET",
+        &format!("{base}/v1/streams/order-r1/events?maxCount=10&direction=READ_DIRECTION_FORWARDS"),
+        None,
+        &[],
+    );
+    assert_eq!(status, 200, "{over_rest}");
+    let over_grpc = server.call(
+        &format!("{SERVICE}/ReadStream"),
+        &json!({"streamId": "order-r1", "maxCount": 10, "direction": "READ_DIRECTION_FORWARDS"}),
+    );
+    assert_eq!(over_rest["events"], over_grpc["events"], "REST and gRPC read the same events");
+    assert_eq!(over_rest["events"][0]["eventId"], id);
+    assert_eq!(over_rest["events"][0]["data"], json!({"n": 1, "customer": "ada"}), "Struct data is plain JSON");
+
+    // A retry with the same request id: the first answer.
+    let (status, again) = curl("POST", &format!("{base}/v1/streams/order-r1:append"), Some(&append_body(id)), &[]);
+    assert_eq!((status, &again["positions"]), (200, &appended["positions"]));
+
+    // A conflict: 409 with status ABORTED and the ErrorInfo.
+    let conflict = json!({"expectedVersion": "5", "events": [{"eventType": "X", "data": {}}]}).to_string();
+    let (status, error) = curl("POST", &format!("{base}/v1/streams/order-r1:append"), Some(&conflict), &[]);
+    assert_eq!(status, 409, "{error}");
+    assert_eq!((error["error"]["code"].as_u64(), error["error"]["status"].as_str()), (Some(409), Some("ABORTED")));
+    assert_eq!(error_detail(&error, "google.rpc.ErrorInfo")["reason"], "WRONG_EXPECTED_VERSION", "{error}");
+
+    // A missing stream: 404.
+    let (status, error) = curl("GET", &format!("{base}/v1/streams/nobody"), None, &[]);
+    assert_eq!((status, error["error"]["status"].as_str()), (404, Some("NOT_FOUND")), "{error}");
+}
+
+/// Method, URL, body, the expected HTTP status and the field named.
+type Case<'a> = (&'a str, &'a str, Option<&'a str>, u16, Option<&'a str>);
+
+#[test]
+fn malformed_requests_are_refused_by_the_gateway_with_the_field_named() {
+    let (server, rest) = dev();
+    let base = format!("http://{rest}");
+    let append = format!("{base}/v1/streams/order-m1:append");
+
+    let cases: [Case<'_>; 6] = [
+        ("POST", &append, Some(r#"{"events": ["#), 400, Some("body")),
+        ("POST", &append, Some(r#"{"colour": "red"}"#), 400, Some("colour")),
+        ("POST", &append, Some(r#"{"expectedVersion": "many"}"#), 400, None),
+        ("GET", &format!("{base}/v1/streams/order-m1/events?maxCount=lots"), None, 400, Some("maxCount")),
+        ("GET", &format!("{base}/v1/streams/order-m1/events?nope=1"), None, 400, Some("nope")),
+        ("GET", &format!("{base}/v1/no/such/thing"), None, 404, None),
+    ];
+    for (method, url, body, want, field) in cases {
+        let (status, error) = curl(method, url, body, &[]);
+        assert_eq!(status, want, "{method} {url} {body:?}: {error}");
+        assert_eq!(error["error"]["code"].as_u64(), Some(u64::from(want)), "{error}");
+        if let Some(field) = field {
+            let violation = &error_detail(&error, "google.rpc.BadRequest")["fieldViolations"][0];
+            assert_eq!(violation["field"], field, "{method} {url}: {error}");
+        }
+    }
+    // A method the path does not have: 405.
+    let (status, error) = curl("PUT", &format!("{base}/v1/streams/order-m1/events"), None, &[]);
+    assert_eq!(status, 405, "{error}");
+    // A body over the limit: 413, before any service sees it.
+    let big = format!(r#"{{"events": [{{"eventType": "X", "data": {{"pad": "{}"}}}}]}}"#, "x".repeat(5 * 1024 * 1024));
+    let file = std::env::temp_dir().join(format!("eventfold-rest-{}.json", std::process::id()));
+    std::fs::write(&file, big).unwrap();
+    let (status, error) = curl("POST", &append, Some(&format!("@{}", file.display())), &[]);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(status, 413, "{error}");
+    // Nothing of the refused requests reached the event store.
+    let (status, error) = curl("GET", &format!("{base}/v1/streams/order-m1"), None, &[]);
+    assert_eq!(status, 404, "the stream was never created: {error}");
+    drop(server);
+}
+
+/// curl a server stream for `seconds`, then cut: the lines it printed.
+fn stream(url: &str, accept: Option<&str>, seconds: u32) -> Vec<String> {
+    let mut command = Command::new("curl");
+    command.args(["-sSN", "--max-time", &seconds.to_string(), url]);
+    if let Some(accept) = accept {
+        command.args(["-H", &format!("accept: {accept}")]);
+    }
+    let output = command.output().expect("run curl");
+    // 28: the time limit cut the stream, as intended.
+    assert_eq!(output.status.code(), Some(28), "curl {url}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn server_streams_come_as_server_sent_events_or_json_lines() {
+    let (_server, rest) = dev();
+    let base = format!("http://{rest}");
+    for (n, id) in ["0190a6a0-0000-7000-8000-0000000000a1", "0190a6a0-0000-7000-8000-0000000000a2"].iter().enumerate() {
+        let (status, answer) =
+            curl("POST", &format!("{base}/v1/streams/order-s{n}:append"), Some(&append_body(id)), &[]);
+        assert_eq!(status, 200, "{answer}");
+    }
+    let url = format!("{base}/v1/events:subscribe?filter.streamPrefixes=order-s");
+
+    let sse = stream(&url, Some("text/event-stream"), 2);
+    let events: Vec<Value> = sse
+        .iter()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(|data| serde_json::from_str(data).expect("each data line is JSON"))
+        .collect();
+    let ids: Vec<&str> = events.iter().filter_map(|m| m["event"]["eventId"].as_str()).collect();
+    assert_eq!(ids, ["0190a6a0-0000-7000-8000-0000000000a1", "0190a6a0-0000-7000-8000-0000000000a2"], "{sse:?}");
+    assert!(events.iter().any(|m| m.get("caughtUp").is_some()), "the live point is sent too: {sse:?}");
+    assert!(sse.iter().all(|line| line.is_empty() || line.starts_with("data: ")), "{sse:?}");
+
+    let lines = stream(&url, None, 2);
+    let json: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).expect("one JSON value per line")).collect();
+    assert_eq!(json.iter().filter(|m| m.get("event").is_some()).count(), 2, "{lines:?}");
+}
