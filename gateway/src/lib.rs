@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod error;
+pub mod openapi;
 pub mod rules;
 pub mod server;
 pub mod template;
@@ -22,6 +23,20 @@ pub mod upstream;
 pub use crate::{
     config::GatewayConfig,
     error::ApiError,
-    server::{Gateway, GatewayError, GatewayOptions},
+    server::{Gateway, GatewayError, GatewayOptions, openapi_json},
     upstream::Upstreams,
 };
+
+#[cfg(test)]
+mod tests {
+    /// The checked-in document is the one the gateway serves.
+    #[test]
+    fn docs_openapi_json_is_up_to_date() {
+        let served = crate::openapi_json(eventfold_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let checked_in = include_str!("../../docs/openapi.json");
+        assert!(
+            served == checked_in,
+            "docs/openapi.json is stale: run `cargo run -p eventfold -- openapi > docs/openapi.json`"
+        );
+    }
+}

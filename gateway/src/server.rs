@@ -12,7 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use futures_util::StreamExt;
-use prost_reflect::{DescriptorPool, DynamicMessage};
+use prost_reflect::{DescriptorPool, DynamicMessage, ReflectMessage};
 use tonic::{client::Grpc, metadata::MetadataValue};
 
 use crate::{
@@ -62,6 +62,8 @@ pub struct Gateway {
 #[derive(Debug)]
 struct Inner {
     bindings: Vec<Binding>,
+    /// The OpenAPI document, served at `/openapi.json`.
+    openapi: Bytes,
     upstreams: Upstreams,
     options: GatewayOptions,
 }
@@ -76,7 +78,8 @@ impl Gateway {
     pub fn new(descriptor_set: &[u8], upstreams: Upstreams, options: GatewayOptions) -> Result<Self, GatewayError> {
         let pool = DescriptorPool::decode(descriptor_set)?;
         let bindings = bindings(&pool)?;
-        Ok(Self { inner: Arc::new(Inner { bindings, upstreams, options }) })
+        let openapi = Bytes::from(document_text(&pool)?);
+        Ok(Self { inner: Arc::new(Inner { bindings, openapi, upstreams, options }) })
     }
 
     /// The bindings served, most specific first.
@@ -84,10 +87,34 @@ impl Gateway {
         &self.inner.bindings
     }
 
-    /// The router: every request goes to the binding that matches it.
+    /// The router: `GET /openapi.json`, and every other request to the
+    /// binding that matches it.
     pub fn router(&self) -> Router {
-        Router::new().fallback(handle).with_state(self.clone())
+        Router::new().route("/openapi.json", axum::routing::get(openapi)).fallback(handle).with_state(self.clone())
     }
+}
+
+/// The OpenAPI 3.1 document of the gateway over `descriptor_set`, as
+/// served at `/openapi.json` and printed by `eventfold openapi`.
+///
+/// # Errors
+///
+/// The set does not decode, or a rule in it cannot be served.
+pub fn openapi_json(descriptor_set: &[u8]) -> Result<String, GatewayError> {
+    document_text(&DescriptorPool::decode(descriptor_set)?)
+}
+
+fn document_text(pool: &DescriptorPool) -> Result<String, GatewayError> {
+    let document = crate::openapi::document(pool, "eventfold", env!("CARGO_PKG_VERSION"))?;
+    let mut text = serde_json::to_string_pretty(&document).unwrap_or_default();
+    text.push('\n');
+    Ok(text)
+}
+
+async fn openapi(State(gateway): State<Gateway>) -> Response {
+    let mut response = Response::new(Body::from(gateway.inner.openapi.clone()));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 async fn handle(State(gateway): State<Gateway>, request: Request) -> Response {
@@ -124,7 +151,10 @@ async fn transcode_call(inner: &Inner, request: Request) -> Result<Response, Api
         return Err(ApiError::payload_too_large(limit));
     }
     let body = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
-    let message = transcode::request(binding, bound, parts.uri.query(), &body)?;
+    let mut message = transcode::request(binding, bound, parts.uri.query(), &body)?;
+    if binding.server_streaming() {
+        resume_after(&mut message, &parts.headers)?;
+    }
 
     let service = binding.rpc.parent_service().full_name().to_owned();
     let channel = inner.upstreams.channel(&service).ok_or_else(|| {
@@ -187,7 +217,48 @@ fn requested_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> 
     Ok(Some(Duration::from_millis(millis)))
 }
 
-/// A server stream as Server-Sent Events (`Accept: text/event-stream`) or
+/// The request field a stream resumes from, and the header a reconnecting
+/// SSE client (`EventSource`) sends with the last `id:` it received.
+const RESUME_FIELD: &str = "from_position";
+const LAST_EVENT_ID: &str = "last-event-id";
+
+/// `Last-Event-ID: N` on a stream whose request has `from_position`:
+/// resume after N (the stream delivers what follows the position, so
+/// nothing comes twice).
+fn resume_after(message: &mut DynamicMessage, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(LAST_EVENT_ID) else {
+        return Ok(());
+    };
+    let Some(field) = message.descriptor().get_field_by_name(RESUME_FIELD) else {
+        return Ok(());
+    };
+    let position = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| ApiError::invalid_argument("Last-Event-ID", "a position (an unsigned integer)"))?;
+    if matches!(field.kind(), prost_reflect::Kind::Uint64) && !field.is_list() {
+        message.set_field(&field, prost_reflect::Value::U64(position));
+    }
+    Ok(())
+}
+
+/// The position a stream message carries, if any: its own `position` or
+/// `globalPosition`, or that of the message it wraps (an event, a
+/// checkpoint), as a decimal string.
+fn event_id(json: &serde_json::Value) -> Option<String> {
+    let own = |object: &serde_json::Value| {
+        ["globalPosition", "position"].iter().find_map(|key| match object.get(key) {
+            Some(serde_json::Value::String(s)) if s.bytes().all(|b| b.is_ascii_digit()) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) if n.is_u64() => Some(n.to_string()),
+            _ => None,
+        })
+    };
+    own(json).or_else(|| json.as_object()?.values().find_map(own))
+}
+
+/// A server stream as Server-Sent Events (`Accept: text/event-stream`; a
+/// message that carries a position has it as its `id:`) or
 /// newline-delimited JSON; a failure ends it with an error frame in the
 /// shape of the JSON error.
 fn stream_response(binding: Binding, headers: &HeaderMap, stream: tonic::Streaming<DynamicMessage>) -> Response {
@@ -199,7 +270,11 @@ fn stream_response(binding: Binding, headers: &HeaderMap, stream: tonic::Streami
         let frame = match item {
             Ok(message) => {
                 let json = transcode::response(&binding, &message);
-                if sse { format!("data: {json}\n\n") } else { format!("{json}\n") }
+                match (sse, event_id(&json)) {
+                    (true, Some(id)) => format!("id: {id}\ndata: {json}\n\n"),
+                    (true, None) => format!("data: {json}\n\n"),
+                    (false, _) => format!("{json}\n"),
+                }
             }
             Err(status) => {
                 let error = ApiError::from_status(&status).body();

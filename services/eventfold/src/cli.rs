@@ -62,6 +62,9 @@ pub(crate) enum Command {
         #[command(subcommand)]
         action: bus_cli::SchemasAction,
     },
+    /// Print the OpenAPI 3.1 document of the REST gateway (what it serves
+    /// at /openapi.json).
+    Openapi,
     /// Dead letters of the Kafka consumers.
     Dlq {
         /// PostgreSQL URL.
@@ -242,7 +245,7 @@ pub(crate) fn overrides(command: Option<&Command>) -> Overrides {
         ) => {
             o.database.url.clone_from(database_url);
         }
-        Some(Command::Schemas { .. }) | None => {}
+        Some(Command::Schemas { .. } | Command::Openapi) | None => {}
     }
     o
 }

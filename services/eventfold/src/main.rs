@@ -110,6 +110,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let (saga, options) = (config.saga.enabled, config.projector.options());
             projections::run(&process.databases()?.workers, log, saga, options, action).await
         }
+        Command::Openapi => {
+            print!("{}", eventfold_gateway::openapi_json(eventfold_proto::FILE_DESCRIPTOR_SET)?);
+            Ok(())
+        }
         Command::Schemas { action } => bus_cli::schemas(config.registry.url.as_deref(), action).await,
         Command::Dlq { action, .. } => {
             let consumer =

@@ -108,6 +108,20 @@ fn rest_calls_answer_what_grpc_answers() {
 type Case<'a> = (&'a str, &'a str, Option<&'a str>, u16, Option<&'a str>);
 
 #[test]
+fn the_openapi_document_is_served_and_printed_alike() {
+    let (_server, rest) = dev();
+    let (status, served) = curl("GET", &format!("http://{rest}/openapi.json"), None, &[]);
+    assert_eq!(status, 200);
+    let printed = common::eventfold().arg("openapi").output().expect("run eventfold openapi");
+    assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
+    let printed: Value = serde_json::from_slice(&printed.stdout).expect("eventfold openapi prints JSON");
+    assert_eq!(served, printed);
+    assert_eq!(served["openapi"], "3.1.0");
+    let confirm = &served["paths"]["/v1/orders/{order_id}:confirm"]["post"];
+    assert_eq!(confirm["operationId"], "OrderCommandService_ConfirmOrder", "{confirm}");
+}
+
+#[test]
 fn malformed_requests_are_refused_by_the_gateway_with_the_field_named() {
     let (server, rest) = dev();
     let base = format!("http://{rest}");
@@ -148,10 +162,17 @@ fn malformed_requests_are_refused_by_the_gateway_with_the_field_named() {
 
 /// curl a server stream for `seconds`, then cut: the lines it printed.
 fn stream(url: &str, accept: Option<&str>, seconds: u32) -> Vec<String> {
+    stream_with(url, accept, &[], seconds)
+}
+
+fn stream_with(url: &str, accept: Option<&str>, headers: &[&str], seconds: u32) -> Vec<String> {
     let mut command = Command::new("curl");
     command.args(["-sSN", "--max-time", &seconds.to_string(), url]);
     if let Some(accept) = accept {
         command.args(["-H", &format!("accept: {accept}")]);
+    }
+    for header in headers {
+        command.args(["-H", header]);
     }
     let output = command.output().expect("run curl");
     // 28: the time limit cut the stream, as intended.
@@ -179,7 +200,23 @@ fn server_streams_come_as_server_sent_events_or_json_lines() {
     let ids: Vec<&str> = events.iter().filter_map(|m| m["event"]["eventId"].as_str()).collect();
     assert_eq!(ids, ["0190a6a0-0000-7000-8000-0000000000a1", "0190a6a0-0000-7000-8000-0000000000a2"], "{sse:?}");
     assert!(events.iter().any(|m| m.get("caughtUp").is_some()), "the live point is sent too: {sse:?}");
-    assert!(sse.iter().all(|line| line.is_empty() || line.starts_with("data: ")), "{sse:?}");
+    assert!(
+        sse.iter().all(|line| line.is_empty() || line.starts_with("data: ") || line.starts_with("id: ")),
+        "{sse:?}"
+    );
+    // Each event's `id:` is its global position; a client that reconnects
+    // with the first one as Last-Event-ID gets what followed it, once.
+    let positions: Vec<&str> = events.iter().filter_map(|m| m["event"]["globalPosition"].as_str()).collect();
+    let first_id = format!("id: {}", positions[0]);
+    assert!(sse.contains(&first_id), "{sse:?}");
+    let resumed = stream_with(&url, Some("text/event-stream"), &[&format!("last-event-id: {}", positions[0])], 2);
+    let resumed_ids: Vec<String> = resumed
+        .iter()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|m| m["event"]["eventId"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(resumed_ids, ["0190a6a0-0000-7000-8000-0000000000a2"], "{resumed:?}");
 
     let lines = stream(&url, None, 2);
     let json: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).expect("one JSON value per line")).collect();
