@@ -1,6 +1,6 @@
 //! `[gateway]` of the configuration.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +18,13 @@ pub struct GatewayConfig {
     /// Deadline of a unary call that brings no `X-Timeout-Ms`, in
     /// milliseconds.
     pub default_timeout_ms: u64,
+    /// `eventfold serve gateway`: the gRPC server of every service not in
+    /// `upstreams`, e.g. `http://eventfold:50051`.
+    pub upstream: Option<String>,
+    /// `eventfold serve gateway`: the gRPC server of a service, by its full
+    /// name (`eventfold.orders.v1.OrderCommandService = "http://command:50052"`),
+    /// so that each service may live in its own process.
+    pub upstreams: BTreeMap<String, String>,
 }
 
 impl Default for GatewayConfig {
@@ -27,6 +34,8 @@ impl Default for GatewayConfig {
             listen: None,
             max_body_bytes: options.max_body_bytes,
             default_timeout_ms: u64::try_from(options.default_timeout.as_millis()).unwrap_or(u64::MAX),
+            upstream: None,
+            upstreams: BTreeMap::new(),
         }
     }
 }
@@ -38,5 +47,36 @@ impl GatewayConfig {
             max_body_bytes: self.max_body_bytes,
             default_timeout: Duration::from_millis(self.default_timeout_ms),
         }
+    }
+}
+
+/// An upstream URL that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("gateway upstream {url:?} is not a URL such as http://host:50051")]
+pub struct UpstreamError {
+    url: String,
+}
+
+impl GatewayConfig {
+    /// The channels of `upstream` and `upstreams` (connected lazily: a
+    /// service that is down answers 503 until it is up).
+    ///
+    /// # Errors
+    ///
+    /// A URL that does not parse.
+    pub fn upstream_channels(&self) -> Result<crate::Upstreams, UpstreamError> {
+        let channel = |url: &str| {
+            tonic::transport::Endpoint::from_shared(url.to_owned())
+                .map(|endpoint| endpoint.connect_lazy())
+                .map_err(|_| UpstreamError { url: url.to_owned() })
+        };
+        let mut upstreams = match &self.upstream {
+            Some(url) => crate::Upstreams::all(channel(url)?),
+            None => crate::Upstreams::default(),
+        };
+        for (service, url) in &self.upstreams {
+            upstreams = upstreams.with_service(service.clone(), channel(url)?);
+        }
+        Ok(upstreams)
     }
 }

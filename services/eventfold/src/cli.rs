@@ -103,6 +103,16 @@ pub(crate) enum Service {
         #[arg(long)]
         database_url: Option<String>,
     },
+    /// The REST gateway alone, in front of gRPC servers elsewhere.
+    Gateway {
+        /// HTTP listen address (default 0.0.0.0:8080).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// The gRPC server of every service, e.g. http://eventfold:50051
+        /// (per service: `[gateway.upstreams]`).
+        #[arg(long)]
+        upstream: Option<String>,
+    },
     /// The outbox relay: every stored event to Kafka, Avro with the
     /// registry's schema ids.
     Relay {
@@ -188,6 +198,22 @@ pub(crate) struct Overrides {
     query: ListenOverrides,
     #[serde(skip_serializing_if = "ListenOverrides::is_empty")]
     saga: ListenOverrides,
+    #[serde(skip_serializing_if = "GatewayOverrides::is_empty")]
+    gateway: GatewayOverrides,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct GatewayOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<String>,
+}
+
+impl GatewayOverrides {
+    fn is_empty(&self) -> bool {
+        self.listen.is_none() && self.upstream.is_none()
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -244,6 +270,10 @@ pub(crate) fn overrides(command: Option<&Command>) -> Overrides {
             | Command::Serve { service: Service::Projector { database_url } | Service::Relay { database_url } },
         ) => {
             o.database.url.clone_from(database_url);
+        }
+        Some(Command::Serve { service: Service::Gateway { listen, upstream } }) => {
+            o.gateway.listen = *listen;
+            o.gateway.upstream.clone_from(upstream);
         }
         Some(Command::Schemas { .. } | Command::Openapi) | None => {}
     }

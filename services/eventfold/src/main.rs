@@ -104,6 +104,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Serve { service: Service::Saga { .. } } => process.saga().await,
         Command::Serve { service: Service::Projector { .. } } => process.projector().await,
         Command::Serve { service: Service::Relay { .. } } => process.relay().await,
+        Command::Serve { service: Service::Gateway { .. } } => process.gateway_alone().await,
         Command::Migrate { action, .. } => migrate(&process.databases()?.main, action).await,
         Command::Projections { action, .. } => {
             let log = process.postgres_log().await?;

@@ -21,6 +21,10 @@ const DEV_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv
 /// The REST gateway of `eventfold dev` when `[gateway] listen` is unset.
 const DEV_REST: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
 
+/// The REST gateway of `eventfold serve gateway` when `[gateway] listen` is
+/// unset.
+const SERVE_REST: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8080);
+
 /// Waits of every supervised worker: restarts after 100 ms, 200 ms, … 30 s.
 fn restart_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
@@ -204,6 +208,21 @@ impl Process {
         self.run_workers().await
     }
 
+    /// `eventfold serve gateway`: the REST gateway in front of the gRPC
+    /// servers of `[gateway] upstream` / `[gateway.upstreams]`.
+    pub(crate) async fn gateway_alone(self) -> anyhow::Result<()> {
+        let config = &self.config.gateway;
+        if config.upstream.is_none() && config.upstreams.is_empty() {
+            return Err(eventfold_platform::Error::Config(
+                "gateway.upstream (--upstream) or [gateway.upstreams] is required".to_owned(),
+            )
+            .into());
+        }
+        let listener = bind(config.listen.unwrap_or(SERVE_REST)).await?;
+        self.serve_gateway(listener, config.upstream_channels()?)?;
+        self.run_workers().await
+    }
+
     /// The query side, and the invalidator its projectors should report to
     /// when a cache is configured.
     async fn read_side(
@@ -358,16 +377,21 @@ impl Process {
             },
             (None, None) => return Ok(()),
         };
-        let addr = listener.local_addr()?;
         let upstream = if upstream.ip().is_unspecified() {
             SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), upstream.port())
         } else {
             upstream
         };
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{upstream}"))?.connect_lazy();
+        self.serve_gateway(listener, eventfold_gateway::Upstreams::all(channel))
+    }
+
+    /// Serves the REST gateway on `listener` until the process stops.
+    fn serve_gateway(&self, listener: TcpListener, upstreams: eventfold_gateway::Upstreams) -> anyhow::Result<()> {
+        let addr = listener.local_addr()?;
         let gateway = eventfold_gateway::Gateway::new(
             eventfold_proto::FILE_DESCRIPTOR_SET,
-            eventfold_gateway::Upstreams::all(channel),
+            upstreams,
             self.config.gateway.options(),
         )?;
         println!("eventfold: REST on http://{addr} ({} operations)", gateway.bindings().len());

@@ -222,3 +222,27 @@ fn server_streams_come_as_server_sent_events_or_json_lines() {
     let json: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).expect("one JSON value per line")).collect();
     assert_eq!(json.iter().filter(|m| m.get("event").is_some()).count(), 2, "{lines:?}");
 }
+
+#[test]
+fn serve_gateway_fronts_grpc_servers_elsewhere() {
+    let (server, _) = dev();
+    let upstream = format!("http://{}", server.addr);
+    let (_gateway, line) = common::spawn_process(
+        &["serve", "gateway"],
+        &["--listen", "127.0.0.1:0", "--upstream", &upstream],
+        &[],
+        "eventfold: REST on http://",
+    );
+    let rest = line.trim_start_matches("eventfold: REST on http://").split_whitespace().next().unwrap().to_owned();
+    let id = "0190a6a0-0000-7000-8000-0000000000b1";
+    let (status, appended) =
+        curl("POST", &format!("http://{rest}/v1/streams/order-g1:append"), Some(&append_body(id)), &[]);
+    assert_eq!(status, 200, "{appended}");
+    let read = server.call(&format!("{SERVICE}/ReadStream"), &json!({"streamId": "order-g1"}));
+    assert_eq!(read["events"][0]["eventId"], id, "the append went to the upstream");
+
+    // Without an upstream it refuses to start, with a usage error.
+    let output = common::eventfold().args(["serve", "gateway"]).output().expect("run eventfold serve gateway");
+    assert_eq!(output.status.code(), Some(64), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("gateway.upstream"));
+}
