@@ -24,6 +24,8 @@ use crate::{
 
 /// Request headers passed on to the service as gRPC metadata.
 const FORWARDED: [&str; 4] = ["authorization", "x-request-id", "traceparent", "tracestate"];
+/// Where Swagger UI is served.
+pub const DOCS: &str = "/docs";
 /// The header that sets a call's deadline, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-timeout-ms";
 /// The longest deadline a caller may ask for.
@@ -87,10 +89,20 @@ impl Gateway {
         &self.inner.bindings
     }
 
-    /// The router: `GET /openapi.json`, and every other request to the
-    /// binding that matches it.
+    /// The router: `GET /openapi.json`, Swagger UI at `/docs` (its files
+    /// embedded, no CDN), and every other request to the binding that
+    /// matches it.
     pub fn router(&self) -> Router {
-        Router::new().route("/openapi.json", axum::routing::get(openapi)).fallback(handle).with_state(self.clone())
+        let docs = swagger_ui_dist::ApiDefinition {
+            uri_prefix: DOCS,
+            api_definition: swagger_ui_dist::OpenApiSource::Uri("/openapi.json"),
+            title: Some("eventfold REST API"),
+        };
+        Router::new()
+            .route("/openapi.json", axum::routing::get(openapi))
+            .fallback(handle)
+            .with_state(self.clone())
+            .merge(swagger_ui_dist::generate_routes(docs))
     }
 }
 

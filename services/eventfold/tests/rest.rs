@@ -246,3 +246,53 @@ fn serve_gateway_fronts_grpc_servers_elsewhere() {
     assert_eq!(output.status.code(), Some(64), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stderr).contains("gateway.upstream"));
 }
+
+/// Headless Chromium (Debian's `chromium`; `tests/run` installs it).
+fn chromium() -> Command {
+    let found = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|name| Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success()));
+    let name = found.unwrap_or_else(|| {
+        panic!("chromium not found: install it with `apt-get install -y chromium` (tests/run does)")
+    });
+    let mut command = Command::new(name);
+    command.args(["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000"]);
+    command
+}
+
+#[test]
+fn swagger_ui_lists_the_operations_in_a_real_browser() {
+    let (_server, rest) = dev();
+    let (status, document) = curl("GET", &format!("http://{rest}/openapi.json"), None, &[]);
+    assert_eq!(status, 200);
+    // The operations of OrderCommandService, by the document.
+    let mut wanted: Vec<String> = Vec::new();
+    for (path, operations) in document["paths"].as_object().expect("paths") {
+        for operation in operations.as_object().expect("operations").values() {
+            if operation["tags"][0] == "OrderCommandService" {
+                wanted.push(path.clone());
+            }
+        }
+    }
+    assert!(wanted.len() >= 5, "{wanted:?}");
+
+    let output = chromium().arg("--dump-dom").arg(format!("http://{rest}/docs")).output().expect("run chromium");
+    assert!(output.status.success(), "chromium: {}", String::from_utf8_lossy(&output.stderr));
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(dom.contains("eventfold REST API"), "the page loaded");
+    for path in &wanted {
+        assert!(dom.contains(&format!("data-path=\"{path}\"")), "Swagger UI renders {path}");
+    }
+
+    let screenshot = std::env::temp_dir().join(format!("eventfold-swagger-{}.png", std::process::id()));
+    let output = chromium()
+        .arg("--window-size=1280,2000")
+        .arg(format!("--screenshot={}", screenshot.display()))
+        .arg(format!("http://{rest}/docs"))
+        .output()
+        .expect("run chromium");
+    assert!(output.status.success(), "chromium: {}", String::from_utf8_lossy(&output.stderr));
+    let png = std::fs::read(&screenshot).expect("the screenshot");
+    let _ = std::fs::remove_file(&screenshot);
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 50_000, "a real screenshot: {} bytes", png.len());
+}
