@@ -25,6 +25,10 @@ pub struct GatewayConfig {
     /// name (`eventfold.orders.v1.OrderCommandService = "http://command:50052"`),
     /// so that each service may live in its own process.
     pub upstreams: BTreeMap<String, String>,
+    /// Origins a browser may call the gateway from (CORS), e.g.
+    /// `["https://app.example.com"]`; `["*"]` allows any (no credentials
+    /// then); empty (the default): no CORS headers, same origin only.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -36,6 +40,7 @@ impl Default for GatewayConfig {
             default_timeout_ms: u64::try_from(options.default_timeout.as_millis()).unwrap_or(u64::MAX),
             upstream: None,
             upstreams: BTreeMap::new(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -46,6 +51,7 @@ impl GatewayConfig {
         GatewayOptions {
             max_body_bytes: self.max_body_bytes,
             default_timeout: Duration::from_millis(self.default_timeout_ms),
+            cors_origins: self.cors_origins.clone(),
         }
     }
 }

@@ -38,12 +38,32 @@ pub struct GatewayOptions {
     pub max_body_bytes: usize,
     /// Deadline of a unary call without `X-Timeout-Ms`.
     pub default_timeout: Duration,
+    /// Origins allowed to call from a browser (`*`: any); empty: no CORS.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for GatewayOptions {
     fn default() -> Self {
-        Self { max_body_bytes: 4 * 1024 * 1024, default_timeout: Duration::from_secs(30) }
+        Self { max_body_bytes: 4 * 1024 * 1024, default_timeout: Duration::from_secs(30), cors_origins: Vec::new() }
     }
+}
+
+/// The CORS layer of `origins`, if any.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let layer = CorsLayer::new()
+        .allow_methods(Any)
+        .allow_headers(Any)
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(Duration::from_secs(600));
+    if origins.iter().any(|o| o == "*") {
+        return Some(layer.allow_origin(Any));
+    }
+    let listed: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    Some(layer.allow_origin(AllowOrigin::list(listed)))
 }
 
 /// A descriptor set that cannot be served.
@@ -91,18 +111,22 @@ impl Gateway {
 
     /// The router: `GET /openapi.json`, Swagger UI at `/docs` (its files
     /// embedded, no CDN), and every other request to the binding that
-    /// matches it.
+    /// matches it; CORS for the configured origins.
     pub fn router(&self) -> Router {
         let docs = swagger_ui_dist::ApiDefinition {
             uri_prefix: DOCS,
             api_definition: swagger_ui_dist::OpenApiSource::Uri("/openapi.json"),
             title: Some("eventfold REST API"),
         };
-        Router::new()
+        let router = Router::new()
             .route("/openapi.json", axum::routing::get(openapi))
             .fallback(handle)
             .with_state(self.clone())
-            .merge(swagger_ui_dist::generate_routes(docs))
+            .merge(swagger_ui_dist::generate_routes(docs));
+        match cors(&self.inner.options.cors_origins) {
+            Some(layer) => router.layer(layer),
+            None => router,
+        }
     }
 }
 

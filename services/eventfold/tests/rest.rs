@@ -296,3 +296,44 @@ fn swagger_ui_lists_the_operations_in_a_real_browser() {
     let _ = std::fs::remove_file(&screenshot);
     assert!(png.starts_with(b"\x89PNG") && png.len() > 50_000, "a real screenshot: {} bytes", png.len());
 }
+
+/// The response headers of curl `args` (lowercase names).
+fn headers_of(args: &[&str]) -> String {
+    let output = Command::new("curl").args(["-sS", "-D", "-", "-o", "/dev/null"]).args(args).output().expect("curl");
+    assert!(output.status.success(), "curl: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).to_lowercase()
+}
+
+#[test]
+fn cors_answers_only_the_configured_origins() {
+    let server = DevServer::start_env(
+        &[],
+        &[
+            ("EVENTFOLD_GATEWAY__LISTEN", "127.0.0.1:0"),
+            ("EVENTFOLD_GATEWAY__CORS_ORIGINS", r#"["https://app.example"]"#),
+        ],
+        "eventfold: EventStoreService and the command services listening on ",
+    );
+    let url = format!("http://{}/v1/streams", server.rest_addr());
+    let preflight = |origin: &str| {
+        headers_of(&[
+            "-X",
+            "OPTIONS",
+            "-H",
+            &format!("origin: {origin}"),
+            "-H",
+            "access-control-request-method: GET",
+            &url,
+        ])
+    };
+    assert!(preflight("https://app.example").contains("access-control-allow-origin: https://app.example"));
+    assert!(!preflight("https://evil.example").contains("access-control-allow-origin"));
+    let get = headers_of(&["-H", "origin: https://app.example", &url]);
+    assert!(get.contains("access-control-allow-origin: https://app.example"), "{get}");
+
+    // Without the setting, no CORS headers at all.
+    let (_plain, rest) = dev();
+    let get = headers_of(&["-H", "origin: https://app.example", &format!("http://{rest}/v1/streams")]);
+    assert!(get.starts_with("http/1.1 200"), "{get}");
+    assert!(!get.contains("access-control-allow-origin"), "{get}");
+}
