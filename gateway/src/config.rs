@@ -21,9 +21,11 @@ pub struct GatewayConfig {
     /// `eventfold serve gateway`: the gRPC server of every service not in
     /// `upstreams`, e.g. `http://eventfold:50051`.
     pub upstream: Option<String>,
-    /// `eventfold serve gateway`: the gRPC server of a service, by its full
-    /// name (`eventfold.orders.v1.OrderCommandService = "http://command:50052"`),
-    /// so that each service may live in its own process.
+    /// `eventfold serve gateway`: the gRPC server of a package's services,
+    /// by the package's last part before the version (`orders =
+    /// "http://command:50052"` for `eventfold.orders.v1`;
+    /// `EVENTFOLD_GATEWAY__UPSTREAMS__ORDERS`), so that each may live in
+    /// its own process.
     pub upstreams: BTreeMap<String, String>,
     /// Origins a browser may call the gateway from (CORS), e.g.
     /// `["https://app.example.com"]`; `["*"]` allows any (no credentials
@@ -80,8 +82,8 @@ impl GatewayConfig {
             Some(url) => crate::Upstreams::all(channel(url)?),
             None => crate::Upstreams::default(),
         };
-        for (service, url) in &self.upstreams {
-            upstreams = upstreams.with_service(service.clone(), channel(url)?);
+        for (package, url) in &self.upstreams {
+            upstreams = upstreams.with_package(package.to_lowercase(), channel(url)?);
         }
         Ok(upstreams)
     }

@@ -69,11 +69,26 @@ impl Decoder for DynamicDecoder {
     }
 }
 
-/// Where each service is served.
+/// Where each service is served: one upstream for all, and upstreams per
+/// proto package, named by the package's last part before the version
+/// (`orders` for `eventfold.orders.v1`), so that each group of services may
+/// live in its own process.
 #[derive(Debug, Clone, Default)]
 pub struct Upstreams {
     default: Option<Channel>,
     services: HashMap<String, Channel>,
+}
+
+/// The name of a service's package in `[gateway.upstreams]`:
+/// `eventfold.orders.v1.OrderCommandService` → `orders`.
+pub fn package_key(service: &str) -> &str {
+    let mut parts: Vec<&str> = service.split('.').collect();
+    parts.pop(); // the service
+    let is_version = |p: &&str| p.len() > 1 && p.starts_with('v') && p[1..].bytes().all(|b| b.is_ascii_alphanumeric());
+    if parts.last().is_some_and(is_version) {
+        parts.pop();
+    }
+    parts.last().copied().unwrap_or(service)
 }
 
 impl Upstreams {
@@ -82,15 +97,30 @@ impl Upstreams {
         Self { default: Some(channel), services: HashMap::new() }
     }
 
-    /// `service` (full name, e.g. `eventfold.orders.v1.OrderCommandService`)
-    /// on its own upstream.
-    pub fn with_service(mut self, service: impl Into<String>, channel: Channel) -> Self {
-        self.services.insert(service.into(), channel);
+    /// The services of package `key` (see [`package_key`]) on their own
+    /// upstream.
+    pub fn with_package(mut self, key: impl Into<String>, channel: Channel) -> Self {
+        self.services.insert(key.into(), channel);
         self
     }
 
-    /// The channel of `service`, if it has one.
+    /// The channel of `service` (full name), if it has one.
     pub fn channel(&self, service: &str) -> Option<Channel> {
-        self.services.get(service).or(self.default.as_ref()).cloned()
+        self.services.get(package_key(service)).or(self.default.as_ref()).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_are_grouped_by_package() {
+        assert_eq!(package_key("eventfold.orders.v1.OrderCommandService"), "orders");
+        assert_eq!(package_key("eventfold.query.v1.OrderQueryService"), "query");
+        assert_eq!(package_key("eventfold.eventstore.v1beta2.EventStoreService"), "eventstore");
+        assert_eq!(package_key("grpc.health.v1.Health"), "health");
+        assert_eq!(package_key("acme.Billing"), "acme");
+        assert_eq!(package_key("Lonely"), "Lonely");
     }
 }

@@ -78,7 +78,7 @@ def env(workload):
 
 
 def check_full(docs):
-    deployments = {f"{PREFIX}-{c}" for c in [*SERVERS, "projector", "relay", "schema-registry"]}
+    deployments = {f"{PREFIX}-{c}" for c in [*SERVERS, "gateway", "projector", "relay", "schema-registry"]}
     check(set(names(docs, "Deployment")) == deployments, f"deployments: {names(docs, 'Deployment')}")
 
     # Hooks: the Secret, then the migrations before install/upgrade; the
@@ -103,7 +103,7 @@ def check_full(docs):
     # Every eventfold container reads the URL from the Secret.
     for d in docs:
         if d["kind"] in ("Deployment", "Job") and "eventfold:" in container(d)["image"]:
-            if d["metadata"]["name"].endswith("register-schemas"):
+            if d["metadata"]["name"].endswith(("register-schemas", "gateway")):
                 continue
             ref = env(d).get("EVENTFOLD_DATABASE__URL")
             check(
@@ -144,6 +144,32 @@ def check_full(docs):
         else:
             check(hpa and hpa["spec"]["scaleTargetRef"]["name"] == name, f"{component}: autoscaled")
             check("replicas" not in deployment["spec"], f"{component}: replicas left to the autoscaler")
+
+    # The REST gateway: in front of every server, one upstream per package,
+    # probed on its admin port, behind a Service of its own.
+    gateway = find(docs, "Deployment", f"{PREFIX}-gateway")
+    if gateway:
+        c = container(gateway)
+        check(c["args"] == ["serve", "gateway"], f"gateway: {c['args']}")
+        check(env(gateway)["EVENTFOLD_GATEWAY__LISTEN"] == "0.0.0.0:8080", "gateway listen")
+        upstreams = {k: v for k, v in env(gateway).items() if k.startswith("EVENTFOLD_GATEWAY__UPSTREAMS__")}
+        expected = {
+            "EVENTSTORE": "eventstore", "ORDERS": "command", "INVENTORY": "command", "PAYMENTS": "command",
+            "SHIPPING": "command", "ACCOUNTS": "command", "USERS": "command", "QUERY": "query", "SAGAS": "saga",
+        }
+        check(
+            upstreams == {
+                f"EVENTFOLD_GATEWAY__UPSTREAMS__{k}": f"http://{PREFIX}-{v}:{SERVERS[v]}" for k, v in expected.items()
+            },
+            f"gateway upstreams: {upstreams}",
+        )
+        check("EVENTFOLD_DATABASE__URL" not in env(gateway), "the gateway does not get the database")
+        check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "gateway readiness on the admin port")
+        service = find(docs, "Service", f"{PREFIX}-gateway")
+        check(service and service["spec"]["ports"][0]["port"] == 8080, "gateway service on 8080")
+        check(find(docs, "Ingress", f"{PREFIX}-gateway") is None, "no Ingress unless enabled")
+    else:
+        failures.append("the gateway is rendered")
 
     # The bus: one relay, Kafka-fed projectors, the registry on Kafka.
     registry_url = f"http://{PREFIX}-schema-registry:8081"
@@ -200,6 +226,16 @@ def main():
         relay and env(relay)["EVENTFOLD_DATABASE__URL"] == {"secretKeyRef": {"name": "pg", "key": "dsn"}},
         "the user's Secret",
     )
+
+    # The gateway's Ingress, when asked for.
+    docs = render(
+        chart_dir,
+        {**DB, "gateway": {"ingress": {"enabled": True, "host": "api.example", "className": "nginx"}}},
+    )
+    ingress = find(docs, "Ingress", f"{PREFIX}-gateway")
+    check(ingress and ingress["spec"]["rules"][0]["host"] == "api.example", "gateway Ingress host")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] if ingress else {}
+    check(backend == {"name": f"{PREFIX}-gateway", "port": {"name": "http"}}, f"gateway Ingress backend: {backend}")
 
     # Settings that cannot work fail the render and say why.
     render_fails(chart_dir, {}, "database.url or database.existingSecret is required")

@@ -241,6 +241,20 @@ fn serve_gateway_fronts_grpc_servers_elsewhere() {
     let read = server.call(&format!("{SERVICE}/ReadStream"), &json!({"streamId": "order-g1"}));
     assert_eq!(read["events"][0]["eventId"], id, "the append went to the upstream");
 
+    // One upstream per package: the event store's here, nothing for the
+    // orders package.
+    let (_split, line) = common::spawn_process(
+        &["serve", "gateway"],
+        &["--listen", "127.0.0.1:0"],
+        &[("EVENTFOLD_GATEWAY__UPSTREAMS__EVENTSTORE", &upstream)],
+        "eventfold: REST on http://",
+    );
+    let split = line.trim_start_matches("eventfold: REST on http://").split_whitespace().next().unwrap().to_owned();
+    let (status, stream) = curl("GET", &format!("http://{split}/v1/streams/order-g1"), None, &[]);
+    assert_eq!(status, 200, "{stream}");
+    let (status, error) = curl("POST", &format!("http://{split}/v1/orders/o-1:confirm"), Some("{}"), &[]);
+    assert_eq!((status, error_detail(&error, "ErrorInfo")["reason"].as_str()), (501, Some("NO_UPSTREAM")), "{error}");
+
     // Without an upstream it refuses to start, with a usage error.
     let output = common::eventfold().args(["serve", "gateway"]).output().expect("run eventfold serve gateway");
     assert_eq!(output.status.code(), Some(64), "{}", String::from_utf8_lossy(&output.stderr));
