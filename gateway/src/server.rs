@@ -24,6 +24,8 @@ use crate::{
 
 /// Request headers passed on to the service as gRPC metadata.
 const FORWARDED: [&str; 4] = ["authorization", "x-request-id", "traceparent", "tracestate"];
+/// Server streams over WebSocket: the stream's own path under this prefix.
+pub const WEBSOCKET: &str = "/ws";
 /// Where Swagger UI is served.
 pub const DOCS: &str = "/docs";
 /// The header that sets a call's deadline, in milliseconds.
@@ -120,6 +122,7 @@ impl Gateway {
         };
         let router = Router::new()
             .route("/openapi.json", axum::routing::get(openapi))
+            .route(&format!("{WEBSOCKET}/{{*path}}"), axum::routing::get(websocket))
             .fallback(handle)
             .with_state(self.clone())
             .merge(swagger_ui_dist::generate_routes(docs));
@@ -160,26 +163,78 @@ async fn handle(State(gateway): State<Gateway>, request: Request) -> Response {
     }
 }
 
-async fn transcode_call(inner: &Inner, request: Request) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let path = parts.uri.path();
-    let mut found = None;
+/// The fields a request path binds: (field path, value).
+type Bound = Vec<(String, String)>;
+
+/// The binding for `method` and `path`, with the path's bindings; 405 when
+/// the path is served under another method, 404 when not at all.
+fn route<'a>(inner: &'a Inner, method: &http::Method, path: &str) -> Result<(&'a Binding, Bound), ApiError> {
     let mut other_method = false;
     for binding in &inner.bindings {
         if let Some(bound) = binding.template.matches(path) {
-            if binding.method == parts.method {
-                found = Some((binding, bound));
-                break;
+            if binding.method == *method {
+                return Ok((binding, bound));
             }
             other_method = true;
         }
     }
-    let Some((binding, bound)) = found else {
-        if other_method {
-            return Err(ApiError::method_not_allowed(&parts.method, path));
-        }
-        return Err(ApiError::new(tonic::Code::NotFound, "NOT_FOUND", format!("no operation at {path}")));
-    };
+    if other_method {
+        return Err(ApiError::method_not_allowed(method, path));
+    }
+    Err(ApiError::new(tonic::Code::NotFound, "NOT_FOUND", format!("no operation at {path}")))
+}
+
+/// A call of `binding` with `message`, ready to send: the client, the RPC
+/// path, the codec, and the call with the forwarded headers.
+struct Call {
+    grpc: Grpc<tonic::transport::Channel>,
+    path: http::uri::PathAndQuery,
+    codec: DynamicCodec,
+    request: tonic::Request<DynamicMessage>,
+    timeout: Option<Duration>,
+}
+
+async fn prepare(
+    inner: &Inner,
+    binding: &Binding,
+    message: DynamicMessage,
+    headers: &HeaderMap,
+) -> Result<Call, ApiError> {
+    let service = binding.rpc.parent_service().full_name().to_owned();
+    let channel = inner.upstreams.channel(&service).ok_or_else(|| {
+        ApiError::new(tonic::Code::Unimplemented, "NO_UPSTREAM", format!("{service} is not served by this gateway"))
+    })?;
+    let mut request = tonic::Request::new(message);
+    forward_headers(headers, request.metadata_mut());
+    let timeout = requested_timeout(headers)?;
+    let path = http::uri::PathAndQuery::try_from(transcode::rpc_path(binding))
+        .map_err(|_| ApiError::new(tonic::Code::Internal, "BAD_RPC_PATH", "the RPC has no valid path"))?;
+    let codec = DynamicCodec::new(binding.rpc.output());
+    let mut grpc = Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|_| ApiError::from_status(&tonic::Status::unavailable("the service is unavailable, retry later")))?;
+    Ok(Call { grpc, path, codec, request, timeout })
+}
+
+/// Opens the server stream of `binding` (its deadline only if asked for).
+async fn open_stream(
+    inner: &Inner,
+    binding: &Binding,
+    message: DynamicMessage,
+    headers: &HeaderMap,
+) -> Result<tonic::Streaming<DynamicMessage>, ApiError> {
+    let Call { mut grpc, path, codec, mut request, timeout } = prepare(inner, binding, message, headers).await?;
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    let answer = grpc.server_streaming(request, path, codec).await.map_err(|s| ApiError::from_status(&s))?;
+    Ok(answer.into_inner())
+}
+
+async fn transcode_call(inner: &Inner, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let (binding, bound) = route(inner, &parts.method, parts.uri.path())?;
     let limit = inner.options.max_body_bytes;
     let declared =
         parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -190,31 +245,12 @@ async fn transcode_call(inner: &Inner, request: Request) -> Result<Response, Api
     let mut message = transcode::request(binding, bound, parts.uri.query(), &body)?;
     if binding.server_streaming() {
         resume_after(&mut message, &parts.headers)?;
+        let stream = open_stream(inner, binding, message, &parts.headers).await?;
+        return Ok(stream_response(binding.clone(), &parts.headers, stream));
     }
-
-    let service = binding.rpc.parent_service().full_name().to_owned();
-    let channel = inner.upstreams.channel(&service).ok_or_else(|| {
-        ApiError::new(tonic::Code::Unimplemented, "NO_UPSTREAM", format!("{service} is not served by this gateway"))
-    })?;
-    let mut call = tonic::Request::new(message);
-    forward_headers(&parts.headers, call.metadata_mut());
-    let timeout = requested_timeout(&parts.headers)?;
-    let rpc_path = http::uri::PathAndQuery::try_from(transcode::rpc_path(binding))
-        .map_err(|_| ApiError::new(tonic::Code::Internal, "BAD_RPC_PATH", "the RPC has no valid path"))?;
-    let codec = DynamicCodec::new(binding.rpc.output());
-    let mut grpc = Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|_| ApiError::from_status(&tonic::Status::unavailable("the service is unavailable, retry later")))?;
-    if binding.server_streaming() {
-        if let Some(timeout) = timeout {
-            call.set_timeout(timeout);
-        }
-        let answer = grpc.server_streaming(call, rpc_path, codec).await.map_err(|s| ApiError::from_status(&s))?;
-        return Ok(stream_response(binding.clone(), &parts.headers, answer.into_inner()));
-    }
-    call.set_timeout(timeout.unwrap_or(inner.options.default_timeout));
-    let answer = grpc.unary(call, rpc_path, codec).await.map_err(|s| ApiError::from_status(&s))?;
+    let Call { mut grpc, path, codec, mut request, timeout } = prepare(inner, binding, message, &parts.headers).await?;
+    request.set_timeout(timeout.unwrap_or(inner.options.default_timeout));
+    let answer = grpc.unary(request, path, codec).await.map_err(|s| ApiError::from_status(&s))?;
     let json = transcode::response(binding, answer.get_ref());
     Ok(json_response(StatusCode::OK, &json))
 }
@@ -251,6 +287,65 @@ fn requested_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> 
             )
         })?;
     Ok(Some(Duration::from_millis(millis)))
+}
+
+/// A server stream over WebSocket (`GET /ws/<the stream's path>`): one
+/// text message per stream message, in the JSON of the REST answer; a
+/// failure of the stream is sent as one text message in the JSON error
+/// shape, then the socket closes. Errors before the stream opens are
+/// ordinary HTTP answers. `Last-Event-ID` resumes as for SSE.
+async fn websocket(
+    State(gateway): State<Gateway>,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+    uri: http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let inner = &gateway.inner;
+    let path = uri.path().strip_prefix(WEBSOCKET).unwrap_or_default();
+    let opened = async {
+        let (binding, bound) = route(inner, &http::Method::GET, path)?;
+        if !binding.server_streaming() {
+            return Err(ApiError::new(
+                tonic::Code::InvalidArgument,
+                "NOT_A_STREAM",
+                format!("{} answers once: call it without {WEBSOCKET}", binding.operation_id()),
+            ));
+        }
+        let mut message = transcode::request(binding, bound, uri.query(), &[])?;
+        resume_after(&mut message, &headers)?;
+        let stream = open_stream(inner, binding, message, &headers).await?;
+        Ok((binding.clone(), stream))
+    };
+    let (binding, mut stream) = match opened.await {
+        Ok(opened) => opened,
+        Err(error) => return error.into_response(),
+    };
+    upgrade.on_upgrade(move |mut socket| async move {
+        use axum::extract::ws::Message;
+        loop {
+            tokio::select! {
+                item = stream.next() => {
+                    let text = match item {
+                        Some(Ok(message)) => transcode::response(&binding, &message).to_string(),
+                        Some(Err(status)) => {
+                            let _ = socket.send(Message::Text(ApiError::from_status(&status).body().to_string().into())).await;
+                            break;
+                        }
+                        None => break,
+                    };
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                received = socket.recv() => match received {
+                    // The client left: stop the stream.
+                    None | Some(Err(_) | Ok(Message::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+        let _ = socket.send(Message::Close(None)).await;
+    })
 }
 
 /// The request field a stream resumes from, and the header a reconnecting

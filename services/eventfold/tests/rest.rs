@@ -351,3 +351,84 @@ fn cors_answers_only_the_configured_origins() {
     assert!(get.starts_with("http/1.1 200"), "{get}");
     assert!(!get.contains("access-control-allow-origin"), "{get}");
 }
+
+/// A WebSocket client just big enough for the test: the handshake, then
+/// the server's text frames (unmasked, as servers send them) until
+/// `seconds` pass or the server closes.
+fn websocket_texts(addr: &str, path: &str, headers: &[&str], seconds: u64) -> (String, Vec<String>) {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(addr).expect("connect to the gateway");
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: ZXZlbnRmb2xkLXRlc3Qta2V5\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    socket.write_all(request.as_bytes()).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while std::time::Instant::now() < deadline {
+        match socket.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    let split = bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("the HTTP answer's head") + 4;
+    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+    let mut frames = &bytes[split..];
+    let mut texts = Vec::new();
+    while frames.len() >= 2 {
+        let opcode = frames[0] & 0x0f;
+        let (len, start) = match frames[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([frames[2], frames[3]])), 4),
+            127 => (usize::try_from(u64::from_be_bytes(frames[2..10].try_into().unwrap())).unwrap(), 10),
+            n => (usize::from(n), 2),
+        };
+        if frames.len() < start + len {
+            break;
+        }
+        if opcode == 1 {
+            texts.push(String::from_utf8(frames[start..start + len].to_vec()).expect("UTF-8 text"));
+        }
+        frames = &frames[start + len..];
+    }
+    (head, texts)
+}
+
+#[test]
+fn server_streams_come_over_websocket_and_resume_after_last_event_id() {
+    let (_server, rest) = dev();
+    let ids = ["0190a6a0-0000-7000-8000-0000000000c1", "0190a6a0-0000-7000-8000-0000000000c2"];
+    for (n, id) in ids.iter().enumerate() {
+        let (status, answer) =
+            curl("POST", &format!("http://{rest}/v1/streams/order-w{n}:append"), Some(&append_body(id)), &[]);
+        assert_eq!(status, 200, "{answer}");
+    }
+    let path = "/ws/v1/events:subscribe?filter.streamPrefixes=order-w";
+    let (head, texts) = websocket_texts(&rest, path, &[], 2);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let messages: Vec<Value> = texts.iter().map(|t| serde_json::from_str(t).expect("JSON text")).collect();
+    let events: Vec<&Value> = messages.iter().filter(|m| m.get("event").is_some()).collect();
+    let got: Vec<&str> = events.iter().filter_map(|m| m["event"]["eventId"].as_str()).collect();
+    assert_eq!(got, ids, "{texts:?}");
+
+    let first = events[0]["event"]["globalPosition"].as_str().unwrap();
+    let (_, resumed) = websocket_texts(&rest, path, &[&format!("Last-Event-ID: {first}")], 2);
+    let got: Vec<String> = resumed
+        .iter()
+        .filter_map(|t| serde_json::from_str::<Value>(t).ok())
+        .filter_map(|m| m["event"]["eventId"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(got, [ids[1]], "what followed the last event, once: {resumed:?}");
+
+    // A unary RPC is no stream: an HTTP error, no upgrade.
+    let (head, _) = websocket_texts(&rest, "/ws/v1/streams/order-w0", &[], 1);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+}
