@@ -260,12 +260,35 @@ pub fn code_name(code: Code) -> &'static str {
 
 /// An `ErrorInfo` detail of the gateway itself.
 fn own_error_info(reason: &str, metadata: Map<String, Value>) -> Value {
-    json!({
+    let mut info = json!({
         "@type": tonic_types::ErrorInfo::TYPE_URL,
         "reason": truncate(reason),
         "domain": DOMAIN,
         "metadata": metadata,
-    })
+    });
+    omit_defaults(&mut info);
+    info
+}
+
+/// Leaves out what proto3 JSON leaves out: empty strings, lists and maps,
+/// zeros and `false` (as the gRPC side's JSON does, so that both read the
+/// same).
+fn omit_defaults(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.values_mut().for_each(omit_defaults);
+            map.retain(|_, v| match v {
+                Value::String(s) => !s.is_empty(),
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(o) => !o.is_empty(),
+                Value::Bool(b) => *b,
+                Value::Number(n) => n.as_f64() != Some(0.0),
+                Value::Null => false,
+            });
+        }
+        Value::Array(items) => items.iter_mut().for_each(omit_defaults),
+        _ => {}
+    }
 }
 
 /// One detail as JSON, with the delay when it is a `RetryInfo`.
@@ -277,7 +300,10 @@ fn detail_json(any: prost_types::Any) -> (Value, Option<Duration>) {
     let single = tonic_types::Status { code: 0, message: String::new(), details: vec![any] };
     let decoded = single.check_error_details_vec().ok().and_then(|mut details| details.pop());
     match decoded.and_then(known_detail_json) {
-        Some(known) => known,
+        Some((mut known, delay)) => {
+            omit_defaults(&mut known);
+            (known, delay)
+        }
         None => {
             let any = single.details.into_iter().next().unwrap_or_default();
             let raw = any.value.get(..MAX_RAW_BYTES).unwrap_or(&any.value);
@@ -286,10 +312,8 @@ fn detail_json(any: prost_types::Any) -> (Value, Option<Duration>) {
     }
 }
 
-/// The proto3 JSON of a standard detail. Fields that were in the first
-/// versions of the messages are always written; later optional ones
-/// (`FieldViolation.reason`/`localizedMessage`, the quota fields beyond
-/// subject and description) only when set. `None` for a kind this code does
+/// The proto3 JSON of a standard detail (defaults are left out afterwards,
+/// by [`omit_defaults`]). `None` for a kind this code does
 /// not know (the enum is non-exhaustive).
 fn known_detail_json(detail: ErrorDetail) -> Option<(Value, Option<Duration>)> {
     let mut delay = None;
@@ -561,7 +585,7 @@ mod tests {
         let details = body["error"]["details"].as_array().unwrap();
         assert_eq!(details[0]["@type"], "type.googleapis.com/google.rpc.BadRequest");
         assert_eq!(details[1]["@type"], "type.googleapis.com/google.rpc.ErrorInfo");
-        assert_eq!(details[1]["metadata"], json!({}));
+        assert!(details[1].get("metadata").is_none(), "empty maps are left out, as proto3 JSON does");
     }
 
     #[test]
@@ -638,7 +662,7 @@ mod tests {
             ApiError::from_status(&status).body(),
             json!({"error": {"code": 500, "message": "oops", "status": "INTERNAL", "details": [
                 {"@type": "type.googleapis.com/acme.Thing", "value": "AAEC+v8="},
-                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "R", "domain": "D", "metadata": {}},
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "R", "domain": "D"},
             ]}})
         );
     }
@@ -721,7 +745,7 @@ mod tests {
                     {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [
                         {"field": "order.items", "description": "expected an array, found a string"}]},
                     {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "INVALID_ARGUMENT",
-                     "domain": "eventfold.dev", "metadata": {}},
+                     "domain": "eventfold.dev"},
                 ],
             }})
         );
@@ -738,7 +762,7 @@ mod tests {
             err.body(),
             json!({"error": {"code": 404, "message": "no route for GET /x", "status": "NOT_FOUND", "details": [
                 {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "NOT_FOUND",
-                 "domain": "eventfold.dev", "metadata": {}}]}})
+                 "domain": "eventfold.dev"}]}})
         );
     }
 
@@ -766,7 +790,7 @@ mod tests {
             json!({"error": {"code": 405, "message": "method DELETE is not allowed for /v1/orders",
                 "status": "UNIMPLEMENTED", "details": [
                 {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "METHOD_NOT_ALLOWED",
-                 "domain": "eventfold.dev", "metadata": {}}]}})
+                 "domain": "eventfold.dev"}]}})
         );
     }
 
