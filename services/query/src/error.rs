@@ -23,6 +23,10 @@ pub enum Error {
          within {waited:?}; retry later"
     )]
     ProjectionBehind { projection: String, position: u64, min_position: u64, waited: Duration },
+    /// `min_position` lies past the end of the log: no write has answered
+    /// it, so no wait could reach it.
+    #[error("min_position {min_position} is past the end of the event log (position {head})")]
+    BeyondHead { min_position: u64, head: u64 },
     /// Fields of the request that cannot be answered, each with why.
     #[error("invalid argument: {}", describe(.0))]
     InvalidArgument(Vec<FieldViolation>),

@@ -103,6 +103,12 @@ impl From<Error> for Status {
                     ("min_position", min_position.to_string()),
                 ],
             ),
+            Error::BeyondHead { min_position, head } => error_info(
+                Code::OutOfRange,
+                error.to_string(),
+                "MIN_POSITION_BEYOND_HEAD",
+                &[("min_position", min_position.to_string()), ("head", head.to_string())],
+            ),
             Error::InvalidArgument(violations) => status::invalid(violations),
             Error::NotFound { reason, ref id, .. } => {
                 error_info(Code::NotFound, error.to_string(), reason, &[("id", id.clone())])

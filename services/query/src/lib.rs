@@ -183,8 +183,15 @@ impl Query {
         let mut violations = Vec::new();
         check_bigint("min_position", min_position, &mut violations);
         Error::check(violations)?;
-        if min_position == 0 {
-            return Ok(self.positions.get(projection));
+        let current = self.positions.get(projection);
+        if min_position == 0 || current.as_ref().is_some_and(|active| active.position >= min_position) {
+            return Ok(current);
+        }
+        // Behind: a position past the log's end is a mistake of the caller
+        // (no write answered it), not worth a wait.
+        let head = self.log.last_position().await.map_err(Error::Store)?;
+        if min_position > head {
+            return Err(Error::BeyondHead { min_position, head });
         }
         // 90 % of the deadline, in integers: a huge `grpc-timeout` cannot
         // overflow (as `Duration::mul_f64` would, with a panic).

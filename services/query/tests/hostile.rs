@@ -16,13 +16,12 @@
 //! tokens — the server
 //!
 //! - never panics and never answers INTERNAL, UNKNOWN or UNAVAILABLE: the
-//!   only UNAVAILABLE that can be right is the documented read-your-writes
-//!   answer (reason PROJECTION_BEHIND, naming the projection, its position —
-//!   the log's head — and the `min_position` asked for) to a `min_position`
-//!   beyond the head; the only other failures that can be right for one
-//!   well-behaved client of a healthy server are INVALID_ARGUMENT, NOT_FOUND
-//!   and, for WatchOrder, RESOURCE_EXHAUSTED (and the client's own deadline
-//!   when it waits for such a position);
+//!   projections are caught up, so a `min_position` beyond the log's head
+//!   is answered at once with OUT_OF_RANGE (reason MIN_POSITION_BEYOND_HEAD,
+//!   naming the head and the `min_position` asked for); the only other
+//!   failures that can be right for one well-behaved client of a healthy
+//!   server are INVALID_ARGUMENT, NOT_FOUND and, for WatchOrder,
+//!   RESOURCE_EXHAUSTED;
 //! - explains every error (AIP-193): an `ErrorInfo` in the domain
 //!   `eventfold.dev`, and for INVALID_ARGUMENT a `BadRequest` whose field
 //!   violations name only fields that really are invalid;
@@ -122,7 +121,7 @@ const DEFAULT_TOP_PRODUCTS: usize = 10;
 const MAX_DAY_RANGE: i64 = 366;
 
 /// The client deadline of a request whose `min_position` is beyond the head
-/// (the server waits 90 % of it, then answers PROJECTION_BEHIND).
+/// (refused at once with MIN_POSITION_BEYOND_HEAD, whatever the deadline).
 const WAIT_DEADLINE: Duration = Duration::from_millis(200);
 /// The server's own limit of a read-your-writes wait (`max_wait_ms`).
 const MAX_WAIT_MS: u64 = 1000;
@@ -652,7 +651,7 @@ fn status_name(status: OrderStatus) -> Option<&'static str> {
 fn check_status(status: &Status) -> Result<(), String> {
     hostile::check_status(status, "eventfold.dev", |code, info| match code {
         Code::InvalidArgument | Code::NotFound | Code::ResourceExhausted => true,
-        Code::Unavailable => info.reason == "PROJECTION_BEHIND",
+        Code::OutOfRange => info.reason == "MIN_POSITION_BEYOND_HEAD",
         _ => false,
     })
 }
@@ -781,8 +780,8 @@ fn judge<'a, T>(m: &Model, e: &Expect, result: &'a Result<T, Status>) -> Result<
                 None => Ok(None),
             }
         }
-        Code::Unavailable => {
-            let Some(projection) = e.wait.filter(|_| waits) else {
+        Code::OutOfRange => {
+            if e.wait.filter(|_| waits).is_none() {
                 return Err(format!(
                     "answered {}, but min_position {} is not beyond the head {} (or other fields are invalid: {:?})",
                     show(status),
@@ -790,18 +789,14 @@ fn judge<'a, T>(m: &Model, e: &Expect, result: &'a Result<T, Status>) -> Result<
                     m.head,
                     e.early
                 ));
-            };
-            let want = [
-                ("projection", projection.to_owned()),
-                ("position", m.head.to_string()),
-                ("min_position", e.min_position.to_string()),
-            ];
+            }
+            let want = [("head", m.head.to_string()), ("min_position", e.min_position.to_string())];
             if want.iter().any(|(k, v)| info.metadata.get(*k) != Some(v)) {
-                return Err(format!("PROJECTION_BEHIND metadata {:?}, expected {want:?}", info.metadata));
+                return Err(format!("MIN_POSITION_BEYOND_HEAD metadata {:?}, expected {want:?}", info.metadata));
             }
             if !e.late.is_empty() {
                 m.note(
-                    "PROJECTION_BEHIND before refusing an invalid page_size/page_token (validated after the wait)",
+                    "MIN_POSITION_BEYOND_HEAD before refusing an invalid page_size/page_token (validated after it)",
                     || format!("invalid {:?}, maybe {:?}: {}", e.late, e.maybe, show(status)),
                 );
             }
@@ -1102,15 +1097,16 @@ async fn get_order(c: &Clients, m: &Model, id: &str, min_position: u64, deadline
     let result = call(c.orders.clone().get_order(r)).await.map_err(|e| fail("GetOrder", &message, e))?;
     m.count("GetOrder", &result);
     if let Some(deadline) = deadline {
-        // The server's own limit bounds the wait, whatever the deadline says.
+        // A position past the head is refused at once, whatever the
+        // deadline says (no write answered it: no wait could reach it).
         let limit = Duration::from_millis(MAX_WAIT_MS * 3);
         let behind = result.as_ref().err().and_then(|s| s.get_details_error_info()).map(|i| i.reason);
-        if behind.as_deref() != Some("PROJECTION_BEHIND") || started.elapsed() > limit {
+        if behind.as_deref() != Some("MIN_POSITION_BEYOND_HEAD") || started.elapsed() > limit {
             return Err(fail(
                 "GetOrder",
                 &(message, deadline),
                 format!(
-                    "answered {:?} after {:?}; the wait ends at the server's limit ({MAX_WAIT_MS} ms) with PROJECTION_BEHIND",
+                    "answered {:?} after {:?}; a min_position past the head is refused at once (MIN_POSITION_BEYOND_HEAD)",
                     result.as_ref().map_err(show),
                     started.elapsed()
                 ),

@@ -33,7 +33,7 @@ use eventfold_proto::{
     },
 };
 use eventfold_query::{BreakerState, CacheConfig, Query};
-use eventfold_store::{Database, EventLog, PostgresConfig, PostgresEventLog};
+use eventfold_store::{Database, PostgresConfig, PostgresEventLog};
 use eventfold_tests::redis::OwnRedis;
 use tokio::net::TcpListener;
 use tonic::{Code, Request, transport::Channel};
@@ -152,7 +152,20 @@ async fn a_position_not_reached_in_time_answers_unavailable_with_the_current_pos
     let stack = stack(None).await;
     let position = stack.create("o-1", "c-1", 100).await;
     stack.settle().await;
-    let mut request = Request::new(get("o-1", position + 1_000));
+    // A position past the log's end: refused at once, no wait.
+    let started = Instant::now();
+    let status = stack.queries.clone().get_order(get("o-1", position + 1_000)).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "no wait for what no write answered");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "MIN_POSITION_BEYOND_HEAD");
+    assert_eq!(info.metadata["head"], position.to_string());
+
+    // A write the projectors have not applied (they are stopped): the wait
+    // ends with the call's deadline.
+    stack.stop_projectors.cancel();
+    let behind = stack.create("o-2", "c-1", 100).await;
+    let mut request = Request::new(get("o-2", behind));
     request.set_timeout(Duration::from_millis(300));
     let started = Instant::now();
     let status = stack.queries.clone().get_order(request).await.unwrap_err();
@@ -161,8 +174,8 @@ async fn a_position_not_reached_in_time_answers_unavailable_with_the_current_pos
     let info = status.get_details_error_info().expect("ErrorInfo");
     assert_eq!(info.reason, "PROJECTION_BEHIND");
     assert_eq!(info.metadata["projection"], "order_views");
-    assert_eq!(info.metadata["position"], stack.log.last_position().await.unwrap().to_string());
-    assert_eq!(info.metadata["min_position"], (position + 1_000).to_string());
+    assert_eq!(info.metadata["position"], position.to_string());
+    assert_eq!(info.metadata["min_position"], behind.to_string());
 
     let status = stack.queries.clone().get_order(get("nope", 0)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
