@@ -51,6 +51,7 @@ pub fn document(pool: &DescriptorPool, title: &str, version: &str) -> Result<Val
     let mut generator = Generator::new(pool);
     let mut paths: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
     let mut tags: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut operation_ids: BTreeMap<String, usize> = BTreeMap::new();
     for binding in &bindings {
         let invalid = |message: String| RuleError::Invalid { rpc: binding.rpc.full_name().to_owned(), message };
         let method = binding.method.as_str().to_ascii_lowercase();
@@ -58,7 +59,14 @@ pub fn document(pool: &DescriptorPool, title: &str, version: &str) -> Result<Val
             return Err(invalid(format!("OpenAPI 3.1 cannot describe the HTTP method {}", binding.method)));
         }
         let path = binding.template.openapi_path();
-        let operation = generator.operation(binding);
+        let mut operation = generator.operation(binding);
+        // An RPC with additional bindings has one operation per binding;
+        // operationIds must be unique, so the later ones are numbered.
+        let seen = operation_ids.entry(binding.operation_id()).or_insert(0usize);
+        *seen = seen.saturating_add(1);
+        if *seen > 1 {
+            operation["operationId"] = Value::String(format!("{}_{seen}", binding.operation_id()));
+        }
         let item = paths.entry(path.clone()).or_default();
         if item.contains_key(&method) {
             return Err(invalid(format!("a second binding of {} {path}", binding.method)));
@@ -1116,7 +1124,12 @@ mod tests {
         assert!(document(&pool, "t", "1").unwrap_err().to_string().contains("cannot describe"));
         let pool = node_pool(json!({ "get": "/v1/nodes/{id}", "additionalBindings": [{ "get": "/v1/things/{id}" }] }));
         let document = document(&pool, "t", "1").unwrap();
-        assert_eq!(document["paths"]["/v1/things/{id}"]["get"]["operationId"], "NodeService_GetNode");
-        assert_eq!(document["paths"]["/v1/nodes/{id}"]["get"]["operationId"], "NodeService_GetNode");
+        let ids = [
+            document["paths"]["/v1/things/{id}"]["get"]["operationId"].as_str().unwrap(),
+            document["paths"]["/v1/nodes/{id}"]["get"]["operationId"].as_str().unwrap(),
+        ];
+        let mut sorted = ids;
+        sorted.sort_unstable();
+        assert_eq!(sorted, ["NodeService_GetNode", "NodeService_GetNode_2"], "one operationId per binding: {ids:?}");
     }
 }
