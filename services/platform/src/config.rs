@@ -65,12 +65,24 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_SAGA__ORCHESTRATOR__CONCURRENCY", "sagas the orchestrator runs at once"),
     ("EVENTFOLD_SAGA__SANDBOX__LATENCY_MS", "latency of each call to the sandbox payment provider and carrier"),
     ("EVENTFOLD_SAGA__MAX_WATCHERS_PER_PEER", "WatchSaga streams one client address may hold open (default 100)"),
+    ("EVENTFOLD_GATEWAY__LISTEN", "HTTP listen address of the REST gateway (dev: 127.0.0.1:8080)"),
+    ("EVENTFOLD_GATEWAY__UPSTREAM", "`eventfold serve gateway`: the gRPC server of every service"),
+    (
+        "EVENTFOLD_GATEWAY__UPSTREAMS__<PACKAGE>",
+        "`eventfold serve gateway`: the gRPC server of one package, e.g. ORDERS",
+    ),
+    (
+        "EVENTFOLD_GATEWAY__CORS_ORIGINS",
+        "origins allowed to call the gateway from a browser, e.g. [\"https://app.example\"]",
+    ),
     ("EVENTFOLD_TEST_DATABASE_URL", "tests only: use this PostgreSQL server instead of a throw-away one"),
     ("EVENTFOLD_TEST_REDIS_URL", "tests only: use this Redis server instead of a throw-away one"),
     ("EVENTFOLD_TEST_KAFKA", "tests only: use this Kafka-protocol broker (host:port) where a test needs no own one"),
     ("EVENTFOLD_KAFKA_BIN", "tests only: the broker binary the tests start (default: the pinned tansu)"),
     ("EVENTFOLD_TOOLS_DIR", "tests only: where tests/run caches the pinned tools"),
     ("EVENTFOLD_GRPCURL", "tests only: the grpcurl binary of the black-box tests"),
+    ("EVENTFOLD_SCHEMATHESIS", "tests only: the schemathesis binary of the REST gateway's tests"),
+    ("EVENTFOLD_API_PYTHON", "tests only: the Python with openapi-spec-validator of the REST gateway's tests"),
 ];
 
 /// Load `T`: its defaults, then `file` (if any), then the environment, then
@@ -98,6 +110,8 @@ where
                     "KAFKA_BIN",
                     "GRPCURL",
                     "TOOLS_DIR",
+                    "SCHEMATHESIS",
+                    "API_PYTHON",
                 ])
                 .split("__"),
         )
