@@ -238,7 +238,7 @@ async fn transcode_call(inner: &Inner, request: Request) -> Result<Response, Api
     let limit = inner.options.max_body_bytes;
     let declared =
         parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX)) {
         return Err(ApiError::payload_too_large(limit));
     }
     let body = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
@@ -279,7 +279,7 @@ fn requested_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> 
         .to_str()
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|&ms| ms > 0 && ms <= MAX_TIMEOUT.as_millis() as u64)
+        .filter(|&ms| ms > 0 && u128::from(ms) <= MAX_TIMEOUT.as_millis())
         .ok_or_else(|| {
             ApiError::invalid_argument(
                 "X-Timeout-Ms",

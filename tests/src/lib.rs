@@ -88,7 +88,12 @@ impl TestDatabase {
 
     /// [`TestDatabase::create`] with eventfold's migrations applied.
     pub async fn migrated() -> TestDatabase {
-        let db = Self::create().await;
+        Self::create().await.with_migrations().await
+    }
+
+    /// Applies eventfold's migrations to this database.
+    async fn with_migrations(self) -> TestDatabase {
+        let db = self;
         let (mut client, connection) = tokio_postgres::connect(db.url(), NoTls)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to test database {}: {e}", db.name));
@@ -335,17 +340,7 @@ impl OwnPostgres {
     /// A fresh database on this server, with eventfold's migrations.
     pub async fn migrated(&self) -> TestDatabase {
         let admin = self.url();
-        let db = TestDatabase::create_on(admin.clone(), |name| with_database(&admin, name)).await;
-        let (mut client, connection) = tokio_postgres::connect(db.url(), NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to test database {}: {e}", db.name));
-        let conn = tokio::spawn(connection);
-        eventfold_migrations::up(&mut client)
-            .await
-            .unwrap_or_else(|e| panic!("migrations do not apply to test database {}: {e}", db.name));
-        drop(client);
-        let _ = conn.await;
-        db
+        TestDatabase::create_on(admin.clone(), |name| with_database(&admin, name)).await.with_migrations().await
     }
 
     /// Stops the server at once, as a crash would (`pg_ctl stop -m
