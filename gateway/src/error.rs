@@ -66,9 +66,16 @@ pub struct ApiError {
     http_override: Option<StatusCode>,
     /// The delay of the first `RetryInfo` detail, for `Retry-After`.
     retry_delay: Option<Duration>,
+    /// The methods a 405's path is served under, for `Allow`.
+    allow: Option<HeaderValue>,
 }
 
 impl ApiError {
+    /// `code`, `message` and `details`, with the HTTP status of `code`.
+    fn plain(code: Code, message: String, details: Vec<Value>) -> ApiError {
+        ApiError { code, message, details, http_override: None, retry_delay: None, allow: None }
+    }
+
     /// From an upstream status: its code, its message and the details decoded
     /// from `grpc-status-details-bin` (`google.rpc.Status.details`), in their
     /// order. Details that cannot be read at all (the trailer is not a
@@ -87,7 +94,7 @@ impl ApiError {
                 details.push(value);
             }
         }
-        ApiError { code: status.code(), message: truncate(status.message()), details, http_override: None, retry_delay }
+        ApiError { retry_delay, ..ApiError::plain(status.code(), truncate(status.message()), details) }
     }
 
     /// A 400 `INVALID_ARGUMENT` made by the gateway (bad JSON, unknown field,
@@ -108,26 +115,18 @@ impl ApiError {
             "@type": tonic_types::BadRequest::TYPE_URL,
             "fieldViolations": [{"field": field, "description": description}],
         });
-        ApiError {
-            code: Code::InvalidArgument,
-            message: truncate(&message),
-            details: vec![bad_request, own_error_info("INVALID_ARGUMENT", Map::new())],
-            http_override: None,
-            retry_delay: None,
-        }
+        ApiError::plain(
+            Code::InvalidArgument,
+            truncate(&message),
+            vec![bad_request, own_error_info("INVALID_ARGUMENT", Map::new())],
+        )
     }
 
     /// Any code with a plain message and an `ErrorInfo` detail with `reason`
     /// and domain `eventfold.dev`, e.g.
     /// `ApiError::new(Code::NotFound, "NOT_FOUND", "no route for GET /x")`.
     pub fn new(code: Code, reason: &str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            message: truncate(&message.into()),
-            details: vec![own_error_info(reason, Map::new())],
-            http_override: None,
-            retry_delay: None,
-        }
+        ApiError::plain(code, truncate(&message.into()), vec![own_error_info(reason, Map::new())])
     }
 
     /// HTTP 413: the request body is larger than `limit` bytes. The JSON
@@ -138,23 +137,33 @@ impl ApiError {
         let mut metadata = Map::new();
         metadata.insert("limit".to_owned(), Value::String(limit.to_string()));
         ApiError {
-            code: Code::ResourceExhausted,
-            message: format!("request body is larger than {limit} bytes"),
-            details: vec![own_error_info("BODY_TOO_LARGE", metadata)],
             http_override: Some(StatusCode::PAYLOAD_TOO_LARGE),
-            retry_delay: None,
+            ..ApiError::plain(
+                Code::ResourceExhausted,
+                format!("request body is larger than {limit} bytes"),
+                vec![own_error_info("BODY_TOO_LARGE", metadata)],
+            )
         }
     }
 
     /// HTTP 405: `path` exists, but not with `method`. The JSON `status` is
-    /// `UNIMPLEMENTED`, the `ErrorInfo` reason `METHOD_NOT_ALLOWED`.
-    pub fn method_not_allowed(method: &http::Method, path: &str) -> ApiError {
+    /// `UNIMPLEMENTED`, the `ErrorInfo` reason `METHOD_NOT_ALLOWED` with the
+    /// `allowed` methods in its metadata (`allow`) and in the `Allow` header.
+    pub fn method_not_allowed(method: &http::Method, path: &str, allowed: &[http::Method]) -> ApiError {
+        let mut names: Vec<&str> = allowed.iter().map(http::Method::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        let allow = names.join(", ");
+        let mut metadata = Map::new();
+        metadata.insert("allow".to_owned(), Value::String(allow.clone()));
         ApiError {
-            code: Code::Unimplemented,
-            message: truncate(&format!("method {method} is not allowed for {path}")),
-            details: vec![own_error_info("METHOD_NOT_ALLOWED", Map::new())],
             http_override: Some(StatusCode::METHOD_NOT_ALLOWED),
-            retry_delay: None,
+            allow: HeaderValue::from_str(&allow).ok(),
+            ..ApiError::plain(
+                Code::Unimplemented,
+                truncate(&format!("method {method} is not allowed for {path}")),
+                vec![own_error_info("METHOD_NOT_ALLOWED", metadata)],
+            )
         }
     }
 
@@ -205,6 +214,9 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(seconds) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(allow) = self.allow {
+            headers.insert(header::ALLOW, allow);
         }
         response
     }
@@ -780,9 +792,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn method_not_allowed_is_405() {
-        let err = ApiError::method_not_allowed(&http::Method::DELETE, "/v1/orders");
+    #[tokio::test]
+    async fn method_not_allowed_is_405_with_allow() {
+        let allowed = [http::Method::POST, http::Method::GET, http::Method::POST];
+        let err = ApiError::method_not_allowed(&http::Method::DELETE, "/v1/orders", &allowed);
         assert_eq!(err.code(), Code::Unimplemented);
         assert_eq!(err.http_status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(
@@ -790,8 +803,11 @@ mod tests {
             json!({"error": {"code": 405, "message": "method DELETE is not allowed for /v1/orders",
                 "status": "UNIMPLEMENTED", "details": [
                 {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "METHOD_NOT_ALLOWED",
-                 "domain": "eventfold.dev"}]}})
+                 "domain": "eventfold.dev", "metadata": {"allow": "GET, POST"}}]}})
         );
+        let (status, headers, _) = response_parts(err).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(headers[header::ALLOW], "GET, POST");
     }
 
     #[tokio::test]

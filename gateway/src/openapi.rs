@@ -97,7 +97,8 @@ pub fn document(pool: &DescriptorPool, title: &str, version: &str) -> Result<Val
             "version": version,
             "description": "REST/JSON transcoding of the gRPC services from their google.api.http \
                 annotations. JSON is the proto3 JSON mapping: lowerCamelCase field names (the proto \
-                names are accepted in requests too), 64-bit integers as strings, enums by name, \
+                names are accepted in requests too), 64-bit integers as strings, enums by name (a \
+                request may give a value's number instead, in a body or a query parameter), \
                 Timestamp as RFC 3339, Duration as seconds with an `s` suffix.",
         },
         "tags": tags,

@@ -169,17 +169,17 @@ type Bound = Vec<(String, String)>;
 /// The binding for `method` and `path`, with the path's bindings; 405 when
 /// the path is served under another method, 404 when not at all.
 fn route<'a>(inner: &'a Inner, method: &http::Method, path: &str) -> Result<(&'a Binding, Bound), ApiError> {
-    let mut other_method = false;
+    let mut allowed = Vec::new();
     for binding in &inner.bindings {
         if let Some(bound) = binding.template.matches(path) {
             if binding.method == *method {
                 return Ok((binding, bound));
             }
-            other_method = true;
+            allowed.push(binding.method.clone());
         }
     }
-    if other_method {
-        return Err(ApiError::method_not_allowed(method, path));
+    if !allowed.is_empty() {
+        return Err(ApiError::method_not_allowed(method, path, &allowed));
     }
     Err(ApiError::new(tonic::Code::NotFound, "NOT_FOUND", format!("no operation at {path}")))
 }
@@ -244,9 +244,9 @@ async fn transcode_call(inner: &Inner, request: Request) -> Result<Response, Api
     let body = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
     let mut message = transcode::request(binding, bound, parts.uri.query(), &body)?;
     if binding.server_streaming() {
-        resume_after(&mut message, &parts.headers)?;
+        let resume = resume_after(&mut message, &parts.headers)?;
         let stream = open_stream(inner, binding, message, &parts.headers).await?;
-        return Ok(stream_response(binding.clone(), &parts.headers, stream));
+        return Ok(stream_response(binding.clone(), resume, &parts.headers, stream));
     }
     let Call { mut grpc, path, codec, mut request, timeout } = prepare(inner, binding, message, &parts.headers).await?;
     request.set_timeout(timeout.unwrap_or(inner.options.default_timeout));
@@ -348,51 +348,107 @@ async fn websocket(
     })
 }
 
-/// The request field a stream resumes from, and the header a reconnecting
-/// SSE client (`EventSource`) sends with the last `id:` it received.
-const RESUME_FIELD: &str = "from_position";
+/// The header a reconnecting SSE client (`EventSource`) sends with the last
+/// `id:` it received.
 const LAST_EVENT_ID: &str = "last-event-id";
 
-/// `Last-Event-ID: N` on a stream whose request has `from_position`:
-/// resume after N (the stream delivers what follows the position, so
-/// nothing comes twice).
-fn resume_after(message: &mut DynamicMessage, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(LAST_EVENT_ID) else {
-        return Ok(());
-    };
-    let Some(field) = message.descriptor().get_field_by_name(RESUME_FIELD) else {
-        return Ok(());
-    };
-    let position = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .ok_or_else(|| ApiError::invalid_argument("Last-Event-ID", "a position (an unsigned integer)"))?;
-    if matches!(field.kind(), prost_reflect::Kind::Uint64) && !field.is_list() {
-        message.set_field(&field, prost_reflect::Value::U64(position));
-    }
-    Ok(())
+/// How a server stream is resumed after a reconnect: which number of its
+/// messages is the SSE `id:`, and which request field `Last-Event-ID` sets.
+/// The stream delivers what follows that number, so nothing comes twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// The global log: `id:` is the message's global position (its own
+    /// `globalPosition`/`position` or that of the message it wraps),
+    /// `Last-Event-ID` sets `from_position`.
+    Position,
+    /// One stream (the request names it in `stream_id` and has
+    /// `from_version`): `id:` is the event's `version`, `Last-Event-ID` sets
+    /// `from_version`. Messages without a version (checkpoints, caught-up
+    /// markers, which carry global positions) get no `id:`, so the client
+    /// keeps the last version it saw.
+    Version,
 }
 
-/// The position a stream message carries, if any: its own `position` or
-/// `globalPosition`, or that of the message it wraps (an event, a
-/// checkpoint), as a decimal string.
-fn event_id(json: &serde_json::Value) -> Option<String> {
-    let own = |object: &serde_json::Value| {
-        ["globalPosition", "position"].iter().find_map(|key| match object.get(key) {
-            Some(serde_json::Value::String(s)) if s.bytes().all(|b| b.is_ascii_digit()) => Some(s.clone()),
-            Some(serde_json::Value::Number(n)) if n.is_u64() => Some(n.to_string()),
-            _ => None,
+impl Resume {
+    /// The resume rule of a stream opened with `request`, if it has one.
+    fn of(request: &DynamicMessage) -> Option<Resume> {
+        let descriptor = request.descriptor();
+        let is_u64 = |field: &prost_reflect::FieldDescriptor| {
+            matches!(field.kind(), prost_reflect::Kind::Uint64) && !field.is_list()
+        };
+        let one_stream = descriptor
+            .get_field_by_name("stream_id")
+            .is_some_and(|field| request.get_field(&field).as_str().is_some_and(|id| !id.is_empty()));
+        if one_stream && descriptor.get_field_by_name("from_version").is_some_and(|f| is_u64(&f)) {
+            return Some(Resume::Version);
+        }
+        descriptor.get_field_by_name("from_position").is_some_and(|f| is_u64(&f)).then_some(Resume::Position)
+    }
+
+    /// The request field `Last-Event-ID` sets.
+    fn field(self) -> &'static str {
+        match self {
+            Resume::Position => "from_position",
+            Resume::Version => "from_version",
+        }
+    }
+
+    /// The `id:` of a stream message: its own number, or that of the
+    /// message it wraps (an event, a checkpoint), as a decimal string. Read
+    /// from the message, not its JSON, where a zero is left out.
+    fn event_id(self, message: &DynamicMessage) -> Option<String> {
+        let names: &[&str] = match self {
+            Resume::Position => &["global_position", "position"],
+            Resume::Version => &["version"],
+        };
+        let own = |message: &DynamicMessage| {
+            let descriptor = message.descriptor();
+            names.iter().find_map(|name| {
+                let field = descriptor.get_field_by_name(name)?;
+                if field.is_list() {
+                    return None;
+                }
+                message.get_field(&field).as_u64().map(|n| n.to_string())
+            })
+        };
+        own(message).or_else(|| {
+            message.fields().find_map(|(_, value)| match value {
+                prost_reflect::Value::Message(inner) => own(inner),
+                _ => None,
+            })
         })
+    }
+}
+
+/// `Last-Event-ID: N` on a stream with a resume rule: resume after N.
+fn resume_after(message: &mut DynamicMessage, headers: &HeaderMap) -> Result<Option<Resume>, ApiError> {
+    let resume = Resume::of(message);
+    let (Some(value), Some(resume)) = (headers.get(LAST_EVENT_ID), resume) else {
+        return Ok(resume);
     };
-    own(json).or_else(|| json.as_object()?.values().find_map(own))
+    let number = value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).ok_or_else(|| {
+        let what = match resume {
+            Resume::Position => "a position (an unsigned integer)",
+            Resume::Version => "a stream version (an unsigned integer)",
+        };
+        ApiError::invalid_argument("Last-Event-ID", what)
+    })?;
+    if let Some(field) = message.descriptor().get_field_by_name(resume.field()) {
+        message.set_field(&field, prost_reflect::Value::U64(number));
+    }
+    Ok(Some(resume))
 }
 
 /// A server stream as Server-Sent Events (`Accept: text/event-stream`; a
 /// message that carries a position has it as its `id:`) or
 /// newline-delimited JSON; a failure ends it with an error frame in the
 /// shape of the JSON error.
-fn stream_response(binding: Binding, headers: &HeaderMap, stream: tonic::Streaming<DynamicMessage>) -> Response {
+fn stream_response(
+    binding: Binding,
+    resume: Option<Resume>,
+    headers: &HeaderMap,
+    stream: tonic::Streaming<DynamicMessage>,
+) -> Response {
     let sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -401,7 +457,9 @@ fn stream_response(binding: Binding, headers: &HeaderMap, stream: tonic::Streami
         let frame = match item {
             Ok(message) => {
                 let json = transcode::response(&binding, &message);
-                match (sse, event_id(&json)) {
+                // A stream without a resume field (a watch, which starts
+                // with the current state) still tags positions.
+                match (sse, resume.unwrap_or(Resume::Position).event_id(&message)) {
                     (true, Some(id)) => format!("id: {id}\ndata: {json}\n\n"),
                     (true, None) => format!("data: {json}\n\n"),
                     (false, _) => format!("{json}\n"),

@@ -144,9 +144,11 @@ fn malformed_requests_are_refused_by_the_gateway_with_the_field_named() {
             assert_eq!(violation["field"], field, "{method} {url}: {error}");
         }
     }
-    // A method the path does not have: 405.
+    // A method the path does not have: 405, naming the one it has (the
+    // `Allow` header carries the same list).
     let (status, error) = curl("PUT", &format!("{base}/v1/streams/order-m1/events"), None, &[]);
     assert_eq!(status, 405, "{error}");
+    assert_eq!(error_detail(&error, "google.rpc.ErrorInfo")["metadata"]["allow"], "GET", "{error}");
     // A body over the limit: 413, before any service sees it.
     let big = format!(r#"{{"events": [{{"eventType": "X", "data": {{"pad": "{}"}}}}]}}"#, "x".repeat(5 * 1024 * 1024));
     let file = std::env::temp_dir().join(format!("eventfold-rest-{}.json", std::process::id()));
@@ -352,54 +354,218 @@ fn cors_answers_only_the_configured_origins() {
     assert!(!get.contains("access-control-allow-origin"), "{get}");
 }
 
-/// A WebSocket client just big enough for the test: the handshake, then
-/// the server's text frames (unmasked, as servers send them) until
-/// `seconds` pass or the server closes.
-fn websocket_texts(addr: &str, path: &str, headers: &[&str], seconds: u64) -> (String, Vec<String>) {
-    use std::io::{Read, Write};
-    let mut socket = std::net::TcpStream::connect(addr).expect("connect to the gateway");
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: ZXZlbnRmb2xkLXRlc3Qta2V5\r\nSec-WebSocket-Version: 13\r\n"
-    );
-    for header in headers {
-        request.push_str(header);
+/// A WebSocket client just big enough for the tests: the handshake, then
+/// the server's text frames (unmasked, as servers send them).
+struct WebSocket {
+    socket: std::net::TcpStream,
+    bytes: Vec<u8>,
+}
+
+impl WebSocket {
+    fn connect(addr: &str, path: &str, headers: &[&str]) -> WebSocket {
+        use std::io::Write;
+        let mut socket = std::net::TcpStream::connect(addr).expect("connect to the gateway");
+        let mut request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: ZXZlbnRmb2xkLXRlc3Qta2V5\r\nSec-WebSocket-Version: 13\r\n"
+        );
+        for header in headers {
+            request.push_str(header);
+            request.push_str("\r\n");
+        }
         request.push_str("\r\n");
+        socket.write_all(request.as_bytes()).unwrap();
+        socket.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+        WebSocket { socket, bytes: Vec::new() }
     }
-    request.push_str("\r\n");
-    socket.write_all(request.as_bytes()).unwrap();
-    socket.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
-    let mut bytes = Vec::new();
-    let mut chunk = [0u8; 65536];
-    while std::time::Instant::now() < deadline {
-        match socket.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(e) => panic!("read: {e}"),
+
+    /// Reads until `done` holds for the text frames so far, the server
+    /// closes, or `seconds` pass.
+    fn read_until(&mut self, seconds: u64, done: impl Fn(&[String]) -> bool) {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+        let mut chunk = [0u8; 65536];
+        while std::time::Instant::now() < deadline && !done(&self.frames().1) {
+            match self.socket.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => self.bytes.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => panic!("read: {e}"),
+            }
         }
     }
-    let split = bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("the HTTP answer's head") + 4;
-    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
-    let mut frames = &bytes[split..];
-    let mut texts = Vec::new();
-    while frames.len() >= 2 {
-        let opcode = frames[0] & 0x0f;
-        let (len, start) = match frames[1] & 0x7f {
-            126 => (usize::from(u16::from_be_bytes([frames[2], frames[3]])), 4),
-            127 => (usize::try_from(u64::from_be_bytes(frames[2..10].try_into().unwrap())).unwrap(), 10),
-            n => (usize::from(n), 2),
+
+    /// The HTTP answer's head and the text frames received so far.
+    fn frames(&self) -> (String, Vec<String>) {
+        let Some(split) = self.bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|at| at + 4) else {
+            return (String::new(), Vec::new());
         };
-        if frames.len() < start + len {
-            break;
+        let head = String::from_utf8_lossy(&self.bytes[..split]).into_owned();
+        let mut frames = &self.bytes[split..];
+        let mut texts = Vec::new();
+        while frames.len() >= 2 {
+            let opcode = frames[0] & 0x0f;
+            let (len, start) = match frames[1] & 0x7f {
+                126 if frames.len() >= 4 => (usize::from(u16::from_be_bytes([frames[2], frames[3]])), 4),
+                127 if frames.len() >= 10 => {
+                    (usize::try_from(u64::from_be_bytes(frames[2..10].try_into().unwrap())).unwrap(), 10)
+                }
+                126 | 127 => break,
+                n => (usize::from(n), 2),
+            };
+            if frames.len() < start + len {
+                break;
+            }
+            if opcode == 1 {
+                texts.push(String::from_utf8(frames[start..start + len].to_vec()).expect("UTF-8 text"));
+            }
+            frames = &frames[start + len..];
         }
-        if opcode == 1 {
-            texts.push(String::from_utf8(frames[start..start + len].to_vec()).expect("UTF-8 text"));
-        }
-        frames = &frames[start + len..];
+        (head, texts)
     }
-    (head, texts)
+}
+
+/// The head and text frames of a WebSocket at `path` over `seconds`.
+fn websocket_texts(addr: &str, path: &str, headers: &[&str], seconds: u64) -> (String, Vec<String>) {
+    let mut socket = WebSocket::connect(addr, path, headers);
+    socket.read_until(seconds, |_| false);
+    socket.frames()
+}
+
+/// The ids of the events among stream messages (JSON texts).
+fn event_ids<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    texts
+        .into_iter()
+        .filter_map(|t| serde_json::from_str::<Value>(t).ok())
+        .filter_map(|m| m["event"]["eventId"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// An SSE subscription held open by a curl child: what it printed so far.
+struct EventSource {
+    child: std::process::Child,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl EventSource {
+    fn open(url: &str, headers: &[&str]) -> EventSource {
+        let mut command = Command::new("curl");
+        command.args(["-sSN", "-H", "accept: text/event-stream", url]);
+        for header in headers {
+            command.args(["-H", header]);
+        }
+        let mut child = command.stdout(std::process::Stdio::piped()).spawn().expect("run curl");
+        let output = common::drain(child.stdout.take().unwrap());
+        EventSource { child, output }
+    }
+
+    /// The (id, data) of each complete event so far.
+    fn events(&self) -> Vec<(Option<String>, String)> {
+        let text = self.output.lock().unwrap().clone();
+        let complete = text.rfind("\n\n").map_or("", |end| &text[..end]);
+        complete
+            .split("\n\n")
+            .filter(|block| !block.is_empty())
+            .map(|block| {
+                let id = block.lines().find_map(|l| l.strip_prefix("id: ")).map(str::to_owned);
+                let data = block.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or_default().to_owned();
+                (id, data)
+            })
+            .collect()
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn(&[(Option<String>, String)]) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done(&self.events()) {
+            assert!(std::time::Instant::now() < deadline, "no {what} in {:?}", self.events());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for EventSource {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn live_subscriptions_deliver_what_follows_and_resume_after_last_event_id() {
+    let (_server, rest) = dev();
+    let event = |n: u32| format!("0190a6a0-0000-7000-8000-00000000d{n:03}");
+    // One stream (SSE id: the event's version, Last-Event-ID sets
+    // from_version) and the global log (id: the global position,
+    // Last-Event-ID sets from_position).
+    for (case, stream, query, key) in [
+        (0, "order-live1", "streamId=order-live1", "version"),
+        (1, "order-logl1", "filter.streamPrefixes=order-logl", "globalPosition"),
+    ] {
+        let append = |n: u32| {
+            let (status, answer) =
+                curl("POST", &format!("http://{rest}/v1/streams/{stream}:append"), Some(&append_body(&event(n))), &[]);
+            assert_eq!(status, 200, "{answer}");
+        };
+        let url = format!("http://{rest}/v1/events:subscribe?{query}");
+        let n = |k: u32| case * 10 + k;
+
+        // Connected and live (caught up on the empty history), then two
+        // appends: both arrive, in order, each with its id.
+        let sse = EventSource::open(&url, &[]);
+        sse.wait_until("caughtUp", |events| events.iter().any(|(_, data)| data.contains("caughtUp")));
+        append(n(1));
+        append(n(2));
+        sse.wait_until("two events", |events| event_ids(events.iter().map(|(_, d)| d.as_str())).len() == 2);
+        let events: Vec<(Option<String>, Value)> = sse
+            .events()
+            .into_iter()
+            .map(|(id, data)| (id, serde_json::from_str::<Value>(&data).expect("each data line is JSON")))
+            .filter(|(_, m)| m.get("event").is_some())
+            .collect();
+        let got: Vec<&str> = events.iter().filter_map(|(_, m)| m["event"]["eventId"].as_str()).collect();
+        assert_eq!(got, [event(n(1)), event(n(2))], "{case}: {events:?}");
+        for (id, message) in &events {
+            assert_eq!(
+                id.as_deref(),
+                Some(message["event"][key].as_str().unwrap_or("0")),
+                "{case}: the id is the event's {key}"
+            );
+        }
+        let last_seen = events[1].0.clone().unwrap();
+        drop(sse);
+
+        // Missed while away; the reconnect with Last-Event-ID gets exactly those.
+        append(n(3));
+        append(n(4));
+        let sse = EventSource::open(&url, &[&format!("last-event-id: {last_seen}")]);
+        sse.wait_until("caughtUp", |events| events.iter().any(|(_, data)| data.contains("caughtUp")));
+        let got = event_ids(sse.events().iter().map(|(_, d)| d.as_str()));
+        assert_eq!(got, [event(n(3)), event(n(4))], "{case}: what was missed, once");
+        let resumed_from = sse.events().iter().rev().find_map(|(id, _)| id.clone()).unwrap();
+        drop(sse);
+
+        // The same over WebSocket: live after the resumed history, then a
+        // reconnect after the first live event gets the second only.
+        let path = format!("/ws/v1/events:subscribe?{query}");
+        let mut socket = WebSocket::connect(&rest, &path, &[&format!("Last-Event-ID: {resumed_from}")]);
+        socket.read_until(20, |texts| texts.iter().any(|t| t.contains("caughtUp")));
+        assert!(socket.frames().0.starts_with("HTTP/1.1 101"), "{:?}", socket.frames());
+        append(n(5));
+        append(n(6));
+        socket.read_until(20, |texts| event_ids(texts.iter().map(String::as_str)).len() == 2);
+        let (_, texts) = socket.frames();
+        assert_eq!(event_ids(texts.iter().map(String::as_str)), [event(n(5)), event(n(6))], "{case}: {texts:?}");
+        let fifth: Value = texts
+            .iter()
+            .filter_map(|t| serde_json::from_str::<Value>(t).ok())
+            .find(|m| m["event"]["eventId"] == event(n(5)))
+            .unwrap();
+        let fifth = fifth["event"][key].as_str().unwrap().to_owned();
+        let mut socket = WebSocket::connect(&rest, &path, &[&format!("Last-Event-ID: {fifth}")]);
+        socket.read_until(20, |texts| texts.iter().any(|t| t.contains("caughtUp")));
+        let (_, texts) = socket.frames();
+        assert_eq!(event_ids(texts.iter().map(String::as_str)), [event(n(6))], "{case}: {texts:?}");
+    }
 }
 
 #[test]
