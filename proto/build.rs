@@ -21,10 +21,11 @@ const PROTOS: &[&str] = &[
 ];
 
 /// `google/api/http.proto` and `google/api/annotations.proto` declare the
-/// `google.api.http` method option. They are not shipped by any crate, so the
-/// build declares the public interface itself (same package, message and
-/// field numbers as the published googleapis definitions). `buf` gets the
-/// published files from PyPI instead (see `tests/run`).
+/// `google.api.http` method option, `google/api/field_behavior.proto` the
+/// `google.api.field_behavior` field option (AIP-203). They are not shipped
+/// by any crate, so the build declares the public interface itself (same
+/// package, names and numbers as the published googleapis definitions).
+/// `buf` gets the published files from PyPI instead (see `tests/run`).
 const GOOGLE_API_HTTP: &str = r#"
 syntax = "proto3";
 package google.api;
@@ -67,6 +68,29 @@ extend google.protobuf.MethodOptions {
 }
 "#;
 
+const GOOGLE_API_FIELD_BEHAVIOR: &str = r#"
+syntax = "proto3";
+package google.api;
+
+import "google/protobuf/descriptor.proto";
+
+extend google.protobuf.FieldOptions {
+  repeated FieldBehavior field_behavior = 1052;
+}
+
+enum FieldBehavior {
+  FIELD_BEHAVIOR_UNSPECIFIED = 0;
+  OPTIONAL = 1;
+  REQUIRED = 2;
+  OUTPUT_ONLY = 3;
+  INPUT_ONLY = 4;
+  IMMUTABLE = 5;
+  UNORDERED_LIST = 6;
+  NON_EMPTY_DEFAULT = 7;
+  IDENTIFIER = 8;
+}
+"#;
+
 struct GoogleApiResolver;
 
 impl FileResolver for GoogleApiResolver {
@@ -74,6 +98,7 @@ impl FileResolver for GoogleApiResolver {
         match name {
             "google/api/http.proto" => File::from_source(name, GOOGLE_API_HTTP),
             "google/api/annotations.proto" => File::from_source(name, GOOGLE_API_ANNOTATIONS),
+            "google/api/field_behavior.proto" => File::from_source(name, GOOGLE_API_FIELD_BEHAVIOR),
             _ => Err(protox::Error::file_not_found(name)),
         }
     }

@@ -77,6 +77,14 @@ impl Edge {
         }
     }
 
+    /// An id the command is not addressed by (the bus checks that one), so
+    /// that its violation names the request's own field.
+    fn id(&mut self, field: &str, value: &str) {
+        let mut found = Vec::new();
+        eventfold_domain::check_id(field, value, &mut found);
+        self.violations.extend(found.into_iter().map(|v| (v.field, v.description)));
+    }
+
     fn finish(self) -> Result<(), Status> {
         if self.violations.is_empty() { Ok(()) } else { Err(invalid_argument(self.violations)) }
     }
@@ -498,6 +506,9 @@ impl AccountCommandService for AccountCommands {
         let meta = meta(&request, &request.get_ref().request_id);
         let r = request.into_inner();
         let mut edge = Edge::default();
+        // The source account is the stream the command goes to: checked
+        // here under its own name, not the bus's `account_id`.
+        edge.id("from_account_id", &r.from_account_id);
         let amount = edge.money("amount", r.amount);
         edge.finish()?;
         let saga_id = eventfold_domain::saga::transfer_saga_id(&r.transfer_id);
