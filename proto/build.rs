@@ -8,6 +8,7 @@ use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, In
 
 /// The catalog's entry points, relative to `proto/`.
 const PROTOS: &[&str] = &[
+    "eventfold/auth/v1/auth.proto",
     "eventfold/common/v1/common.proto",
     "eventfold/eventstore/v1/eventstore.proto",
     "eventfold/orders/v1/orders.proto",
@@ -18,6 +19,7 @@ const PROTOS: &[&str] = &[
     "eventfold/users/v1/users.proto",
     "eventfold/query/v1/query.proto",
     "eventfold/sagas/v1/sagas.proto",
+    "eventfold/admin/v1/api_keys.proto",
 ];
 
 /// `google/api/http.proto` and `google/api/annotations.proto` declare the

@@ -10,7 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use prost_reflect::{
-    DescriptorPool, EnumDescriptor, ExtensionDescriptor, FieldDescriptor, Kind, MessageDescriptor, Value as ProtoValue,
+    DescriptorPool, EnumDescriptor, ExtensionDescriptor, FieldDescriptor, Kind, MessageDescriptor, MethodDescriptor,
+    Value as ProtoValue,
 };
 use serde_json::{Map, Value, json};
 
@@ -24,6 +25,14 @@ pub const ERROR_SCHEMA: &str = "Error";
 const SCHEMA_PREFIX: &str = "#/components/schemas/";
 /// The extension of AIP-203 field behaviors, when the descriptor set has it.
 const FIELD_BEHAVIOR_EXTENSION: &str = "google.api.field_behavior";
+/// The method option that says who may call an RPC
+/// (`proto/eventfold/auth/v1/auth.proto`), when the descriptor set has it.
+const ACCESS_EXTENSION: &str = "eventfold.auth.v1.access";
+/// The role that may call every RPC.
+const ADMIN_ROLE: &str = "admin";
+/// The security schemes of an operation that needs credentials: either one.
+const BEARER_SCHEME: &str = "bearerAuth";
+const API_KEY_SCHEME: &str = "apiKey";
 /// `google.api.FieldBehavior` values.
 const BEHAVIOR_REQUIRED: i32 = 2;
 const BEHAVIOR_OUTPUT_ONLY: i32 = 3;
@@ -103,8 +112,61 @@ pub fn document(pool: &DescriptorPool, title: &str, version: &str) -> Result<Val
         },
         "tags": tags,
         "paths": paths,
-        "components": { "schemas": Value::Object(schemas.into_iter().collect()) },
+        "components": {
+            "schemas": Value::Object(schemas.into_iter().collect()),
+            "securitySchemes": security_schemes(),
+        },
     }))
+}
+
+/// How a caller proves who it is; the roles each operation needs are in
+/// its description.
+fn security_schemes() -> Value {
+    json!({
+        BEARER_SCHEME: {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "A JWT in `Authorization: Bearer …`: its `sub` is the caller, a claim \
+                (`roles` by default) lists the caller's roles.",
+        },
+        API_KEY_SCHEME: {
+            "type": "apiKey",
+            "in": "header",
+            "name": "x-api-key",
+            "description": "An API key (`eventfold keys create`), also accepted as \
+                `Authorization: ApiKey …`; it carries the roles it was created with.",
+        },
+    })
+}
+
+/// Who may call an RPC, as its `(eventfold.auth.v1.access)` option says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Access {
+    Public,
+    Roles(Vec<String>),
+}
+
+impl Access {
+    /// The operation's `security`: none needed, or either scheme.
+    fn security(&self) -> Value {
+        match self {
+            Access::Public => json!([]),
+            Access::Roles(_) => json!([{ BEARER_SCHEME: [] }, { API_KEY_SCHEME: [] }]),
+        }
+    }
+
+    /// The line of the operation's description that names the roles.
+    fn description(&self) -> String {
+        match self {
+            Access::Public => "Public: no credentials needed.".to_owned(),
+            Access::Roles(roles) if roles.iter().all(|role| role == ADMIN_ROLE) => format!("Roles: {ADMIN_ROLE}."),
+            Access::Roles(roles) => {
+                let roles: Vec<&str> = roles.iter().map(String::as_str).filter(|role| *role != ADMIN_ROLE).collect();
+                format!("Roles: {} (or {ADMIN_ROLE}).", roles.join(", "))
+            }
+        }
+    }
 }
 
 /// The leading (else trailing) comments of the pool's declarations, by file
@@ -265,6 +327,7 @@ enum Pending {
 struct Generator {
     comments: Comments,
     behavior: Option<ExtensionDescriptor>,
+    access: Option<ExtensionDescriptor>,
     pending: Vec<Pending>,
     queued: BTreeSet<String>,
 }
@@ -274,6 +337,7 @@ impl Generator {
         Generator {
             comments: Comments::new(pool),
             behavior: pool.get_extension_by_name(FIELD_BEHAVIOR_EXTENSION),
+            access: pool.get_extension_by_name(ACCESS_EXTENSION),
             pending: Vec::new(),
             queued: BTreeSet::new(),
         }
@@ -298,9 +362,17 @@ impl Generator {
         let mut operation = Map::new();
         operation.insert("operationId".to_owned(), Value::String(binding.operation_id()));
         operation.insert("tags".to_owned(), json!([rpc.parent_service().name()]));
-        if let Some(comment) = self.comments.of(&rpc.parent_file(), rpc.path()) {
-            operation.insert("summary".to_owned(), Value::String(summary_of(&comment)));
-            operation.insert("description".to_owned(), Value::String(comment));
+        let comment = self.comments.of(&rpc.parent_file(), rpc.path());
+        if let Some(comment) = &comment {
+            operation.insert("summary".to_owned(), Value::String(summary_of(comment)));
+        }
+        let access = self.access(rpc);
+        let description = [comment, access.as_ref().map(Access::description)].into_iter().flatten().collect::<Vec<_>>();
+        if !description.is_empty() {
+            operation.insert("description".to_owned(), Value::String(description.join("\n\n")));
+        }
+        if let Some(access) = &access {
+            operation.insert("security".to_owned(), access.security());
         }
         if rpc.method_descriptor_proto().options.as_ref().and_then(|o| o.deprecated) == Some(true) {
             operation.insert("deprecated".to_owned(), Value::Bool(true));
@@ -486,6 +558,27 @@ impl Generator {
             parameter.insert("schema".to_owned(), schema);
             out.push(Value::Object(parameter));
         }
+    }
+
+    /// The RPC's access rule; `None` without the option (an RPC the
+    /// servers' policy does not govern) or with one that declares nothing.
+    fn access(&self, rpc: &MethodDescriptor) -> Option<Access> {
+        let extension = self.access.as_ref()?;
+        let options = rpc.options();
+        if !options.has_extension(extension) {
+            return None;
+        }
+        let value = options.get_extension(extension);
+        let access = value.as_message()?;
+        let field = |name: &str| access.get_field_by_name(name).map(|value| value.into_owned());
+        if field("public").and_then(|value| value.as_bool()) == Some(true) {
+            return Some(Access::Public);
+        }
+        let roles: Vec<String> = match field("roles") {
+            Some(ProtoValue::List(values)) => values.iter().filter_map(ProtoValue::as_str).map(str::to_owned).collect(),
+            _ => Vec::new(),
+        };
+        (!roles.is_empty()).then_some(Access::Roles(roles))
     }
 
     /// The AIP-203 behaviors of a field (empty without the extension).
@@ -1114,6 +1207,70 @@ mod tests {
         let mut refs = Vec::new();
         walk_refs(&document, &mut refs);
         assert!(refs.iter().all(|r| schemas.get(r.strip_prefix(SCHEMA_PREFIX).unwrap()).is_some()));
+    }
+
+    #[test]
+    fn security_follows_the_access_option_of_each_rpc() {
+        let catalog = eventfold_document();
+        let schemes = &catalog["components"]["securitySchemes"];
+        assert_eq!(
+            (&schemes["bearerAuth"]["type"], &schemes["bearerAuth"]["scheme"], &schemes["bearerAuth"]["bearerFormat"]),
+            (&json!("http"), &json!("bearer"), &json!("JWT"))
+        );
+        assert_eq!(
+            (&schemes["apiKey"]["type"], &schemes["apiKey"]["in"], &schemes["apiKey"]["name"]),
+            (&json!("apiKey"), &json!("header"), &json!("x-api-key"))
+        );
+        let either = json!([{ "bearerAuth": [] }, { "apiKey": [] }]);
+        // Every eventfold RPC declares its roles: every operation needs
+        // credentials, and says which roles.
+        for (path, method, operation) in operations(&catalog) {
+            assert_eq!(operation["security"], either, "{method} {path}");
+            let description = operation["description"].as_str().unwrap_or_default();
+            assert!(description.lines().last().is_some_and(|l| l.starts_with("Roles: ")), "{method} {path}");
+        }
+        let create = operation(&catalog, "OrderCommandService_CreateOrder");
+        let description = create["description"].as_str().unwrap();
+        assert!(description.ends_with("\n\nRoles: orders.write (or admin)."), "{description}");
+        assert!(!create["summary"].as_str().unwrap().contains("Roles"), "the summary is the comment's");
+        let delete = operation(&catalog, "EventStoreService_DeleteStream");
+        assert!(delete["description"].as_str().unwrap().ends_with("\n\nRoles: admin."), "{delete}");
+        let abort = operation(&catalog, "SagaService_AbortSaga");
+        assert!(abort["description"].as_str().unwrap().ends_with("Roles: sagas.operate (or admin)."), "{abort}");
+
+        // A public RPC needs no credentials; an RPC without the option (not
+        // governed by the servers' policy) has no requirement at all.
+        let mut pool = pool();
+        let access = |value: Value| json!({ "[eventfold.auth.v1.access]": value });
+        let method = |name: &str, path: &str, options: Value| {
+            let mut options = options;
+            options.as_object_mut().unwrap().insert("[google.api.http]".to_owned(), json!({ "get": path }));
+            json!({ "name": name, "inputType": ".p.v1.M", "outputType": ".p.v1.M", "options": options })
+        };
+        add_file(
+            &mut pool,
+            json!({
+                "name": "p/v1/p.proto",
+                "package": "p.v1",
+                "dependency": ["google/api/annotations.proto", "eventfold/auth/v1/auth.proto"],
+                "messageType": [{ "name": "M" }],
+                "service": [{ "name": "PService", "method": [
+                    method("Open", "/v1/open", access(json!({ "public": true }))),
+                    method("Ungoverned", "/v1/ungoverned", json!({})),
+                    method("Several", "/v1/several", access(json!({ "roles": ["p.read", "admin", "p.audit"] }))),
+                ]}],
+                "syntax": "proto3",
+            }),
+        );
+        let document = document(&pool, "t", "1").unwrap();
+        let open = &document["paths"]["/v1/open"]["get"];
+        assert_eq!(open["security"], json!([]), "{open}");
+        assert_eq!(open["description"], "Public: no credentials needed.");
+        let ungoverned = &document["paths"]["/v1/ungoverned"]["get"];
+        assert!(ungoverned.get("security").is_none() && ungoverned.get("description").is_none(), "{ungoverned}");
+        let several = &document["paths"]["/v1/several"]["get"];
+        assert_eq!(several["security"], either);
+        assert_eq!(several["description"], "Roles: p.read, p.audit (or admin).");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Request headers passed on to the service as gRPC metadata.
-const FORWARDED: [&str; 4] = ["authorization", "x-request-id", "traceparent", "tracestate"];
+const FORWARDED: [&str; 5] = ["authorization", "x-api-key", "x-request-id", "traceparent", "tracestate"];
 /// Server streams over WebSocket: the stream's own path under this prefix.
 pub const WEBSOCKET: &str = "/ws";
 /// Where Swagger UI is served.

@@ -24,6 +24,8 @@ pub const FILES: &[(&str, &str)] = &[
     ("0006_sagas.down.sql", include_str!("../0006_sagas.down.sql")),
     ("0007_hardening.up.sql", include_str!("../0007_hardening.up.sql")),
     ("0007_hardening.down.sql", include_str!("../0007_hardening.down.sql")),
+    ("0008_api_keys.up.sql", include_str!("../0008_api_keys.up.sql")),
+    ("0008_api_keys.down.sql", include_str!("../0008_api_keys.down.sql")),
 ];
 
 /// Errors of migrating.

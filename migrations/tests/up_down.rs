@@ -33,6 +33,7 @@ async fn up_status_down_up() {
     assert!(eventfold_migrations::status(&client).await.unwrap().iter().all(|m| m.applied));
     assert!(table_exists(&client, "eventstore.events").await);
     assert!(table_exists(&client, "projections.checkpoints").await);
+    assert!(table_exists(&client, "auth.api_keys").await);
     // Applying again is a no-op.
     eventfold_migrations::up(&mut client).await.unwrap();
 
@@ -45,9 +46,15 @@ async fn up_status_down_up() {
     let after = eventfold_migrations::status(&client).await.unwrap();
     assert!(!after.last().unwrap().applied, "down without --to reverts the latest");
     assert!(after[..after.len() - 1].iter().all(|m| m.applied), "and only the latest");
-    // The latest migration (0007) is reverted: snapshots and request ids lose
-    // their namespace and scope; 0006 and before stay.
-    assert!(!column_exists(&client, "snapshots", "namespace").await, "the latest migration (0007) is reverted");
+    // The latest migration (0008) is reverted: the API keys go; 0007 and
+    // before stay.
+    assert!(!table_exists(&client, "auth.api_keys").await, "the latest migration (0008) is reverted");
+    assert!(column_exists(&client, "snapshots", "namespace").await, "0007 and before stay");
+
+    // Down to 6: snapshots and request ids lose their namespace and scope
+    // (0007); 0006 and before stay.
+    eventfold_migrations::down(&mut client, Some(6)).await.unwrap();
+    assert!(!column_exists(&client, "snapshots", "namespace").await, "0007 is reverted");
     assert!(!column_exists(&client, "append_requests", "scope").await);
     assert!(table_exists(&client, "saga.saga_instances").await, "0006 and before stay");
     assert!(table_exists(&client, "bus.consumer_events").await);

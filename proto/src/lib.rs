@@ -40,11 +40,12 @@ pub mod eventfold {
         users => "eventfold.users.v1.rs",
         query => "eventfold.query.v1.rs",
         sagas => "eventfold.sagas.v1.rs",
+        admin => "eventfold.admin.v1.rs",
     }
 }
 
 pub use eventfold::{
-    accounts::v1 as accounts, common::v1 as common, eventstore::v1 as eventstore, inventory::v1 as inventory,
-    orders::v1 as orders, payments::v1 as payments, query::v1 as query, sagas::v1 as sagas, shipping::v1 as shipping,
-    users::v1 as users,
+    accounts::v1 as accounts, admin::v1 as admin, common::v1 as common, eventstore::v1 as eventstore,
+    inventory::v1 as inventory, orders::v1 as orders, payments::v1 as payments, query::v1 as query, sagas::v1 as sagas,
+    shipping::v1 as shipping, users::v1 as users,
 };

@@ -6,6 +6,7 @@
 //! binary's captured log ([`logs`]), what hostile clients send
 //! ([`hostile`]) and orders to send ([`orders`]).
 
+pub mod auth;
 pub mod hostile;
 pub mod kafka;
 pub mod logs;

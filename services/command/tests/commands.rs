@@ -10,7 +10,11 @@ use eventfold_domain::{
     account::{AccountCommand, ReceiveTransfer, RefundTransfer, SendTransfer},
     inventory::Inventory,
 };
-use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
+use eventfold_platform::{
+    auth::{AuthConfig, Secret},
+    runtime::CancellationToken,
+    server::GrpcServer,
+};
 use eventfold_proto::{
     accounts::{self as accounts_pb, account_command_service_client::AccountCommandServiceClient},
     common::{Money, WriteResult},
@@ -26,17 +30,38 @@ use eventfold_tests::store::{Backend, memory, postgres};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::DropGuard;
-use tonic::{Code, Request, Status, transport::Channel};
+use tonic::{Code, Request, Status, service::interceptor::InterceptedService, transport::Channel};
 use tonic_types::StatusExt;
 use tower::ServiceExt;
 
 // --- harness -------------------------------------------------------------------
 
+/// A channel whose calls carry an admin's token unless they bring their own.
+type Authed = InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, Status>>;
+
+/// The subject of the token every call carries by default.
+const ADMIN: &str = "test-admin";
+
+fn admin_token(mut request: Request<()>) -> Result<Request<()>, Status> {
+    if !request.metadata().contains_key("authorization") {
+        let token = eventfold_tests::auth::token(ADMIN, &["admin"]);
+        request.metadata_mut().insert("authorization", eventfold_tests::auth::bearer(&token));
+    }
+    Ok(request)
+}
+
+/// `request` with the token of `subject` holding `roles`.
+fn as_user<T>(mut request: Request<T>, subject: &str, roles: &[&str]) -> Request<T> {
+    let token = eventfold_tests::auth::token(subject, roles);
+    request.metadata_mut().insert("authorization", eventfold_tests::auth::bearer(&token));
+    request
+}
+
 struct Server {
-    orders: OrderCommandServiceClient<Channel>,
-    inventory: InventoryCommandServiceClient<Channel>,
-    accounts: AccountCommandServiceClient<Channel>,
-    store: EventStoreServiceClient<Channel>,
+    orders: OrderCommandServiceClient<Authed>,
+    inventory: InventoryCommandServiceClient<Authed>,
+    accounts: AccountCommandServiceClient<Authed>,
+    store: EventStoreServiceClient<Authed>,
     /// The bus the services use: the money transfer saga's commands go
     /// straight to it, as the saga sends them.
     bus: Bus,
@@ -63,14 +88,20 @@ impl Server {
         let config = eventfold_eventstore::Config::default();
         eventfold_eventstore::host(&mut server, &config, log.clone(), token.clone());
         eventfold_command::host(&mut server, &Config::default(), log.clone(), bus.clone());
+        // Authenticated as a production server is: the principal comes
+        // from the token, never from a header the client sets.
+        let mut auth = AuthConfig { enabled: Some(true), ..AuthConfig::default() };
+        auth.jwt.hs256_secret = Some(Secret::new(eventfold_tests::auth::HS256_SECRET));
+        server.authenticate(&auth, true, None);
         let grace = Duration::from_secs(config.shutdown_grace_secs);
         tokio::spawn(server.serve(listener, token.clone(), grace));
         let channel = eventfold_tests::channel(addr).await;
+        let authed = |channel: Channel| InterceptedService::new(channel, admin_token as fn(_) -> _);
         Server {
-            orders: OrderCommandServiceClient::new(channel.clone()),
-            inventory: InventoryCommandServiceClient::new(channel.clone()),
-            accounts: AccountCommandServiceClient::new(channel.clone()),
-            store: EventStoreServiceClient::new(channel),
+            orders: OrderCommandServiceClient::new(authed(channel.clone())),
+            inventory: InventoryCommandServiceClient::new(authed(channel.clone())),
+            accounts: AccountCommandServiceClient::new(authed(channel.clone())),
+            store: EventStoreServiceClient::new(authed(channel)),
             bus,
             log,
             backend,
@@ -358,11 +389,13 @@ async fn metadata_carries_correlation_causation_and_principal(mut s: Server) {
     let mut request = Request::new(create_order("o-m", "req-m", &[("sku-1", 1, 100)]));
     request.metadata_mut().insert("x-correlation-id", "corr-1".parse().unwrap());
     request.metadata_mut().insert("x-causation-id", "cause-1".parse().unwrap());
-    request.metadata_mut().insert("x-eventfold-principal", "alice".parse().unwrap());
-    s.orders.create_order(request).await.expect("create");
+    s.orders.create_order(as_user(request, "alice", &["orders.write"])).await.expect("create");
+    // A principal the client claims itself changes nothing: the token's
+    // subject is recorded.
     let mut request =
         Request::new(orders_pb::ConfirmOrderRequest { order_id: "o-m".into(), request_id: "req-c".into() });
     request.metadata_mut().insert("x-correlation-id", "corr-1".parse().unwrap());
+    request.metadata_mut().insert("x-eventfold-principal", "mallory".parse().unwrap());
     s.orders.confirm_order(request).await.expect("confirm");
     let metadata: Vec<store_pb::EventMetadata> =
         s.events("order-o-m").await.into_iter().map(|e| e.metadata.expect("metadata")).collect();
@@ -372,8 +405,8 @@ async fn metadata_carries_correlation_causation_and_principal(mut s: Server) {
     );
     assert_eq!(
         (metadata[1].correlation_id.as_str(), metadata[1].causation_id.as_str(), metadata[1].user_id.as_str()),
-        ("corr-1", "req-c", ""),
-        "without a causation id the command's request id is the cause"
+        ("corr-1", "req-c", ADMIN),
+        "without a causation id the command's request id is the cause; the token's subject, not the header's"
     );
 }
 
@@ -632,9 +665,9 @@ async fn a_request_id_reused_for_another_command_is_refused(mut s: Server) {
     let again = s.orders.create_order(create_order("o-r1", "req-r", &[("sku-1", 1, 100)])).await.expect("repeat");
     assert_eq!(write(again.into_inner().result), write(first.into_inner().result));
     // Another principal has request ids of its own.
-    let mut other = Request::new(create_order("o-r3", "req-r", &[("sku-1", 1, 100)]));
-    other.metadata_mut().insert("x-eventfold-principal", "bob".parse().unwrap());
-    let created = s.orders.create_order(other).await.expect("another principal's own id");
+    let other = Request::new(create_order("o-r3", "req-r", &[("sku-1", 1, 100)]));
+    let created =
+        s.orders.create_order(as_user(other, "bob", &["orders.write"])).await.expect("another principal's own id");
     assert_eq!(write(created.into_inner().result).stream_id, "order-o-r3");
 }
 
@@ -657,14 +690,19 @@ async fn the_authorization_hook_can_refuse() {
     let mut options = Config::default().bus_options();
     options.authorizer = Arc::new(DenyMallory);
     let mut s = Server::start_with(memory().await, options).await;
-    let mut request = Request::new(create_order("o-a", "", &[("sku-1", 1, 1)]));
-    request.metadata_mut().insert("x-eventfold-principal", "mallory".parse().unwrap());
+    let request = as_user(Request::new(create_order("o-a", "", &[("sku-1", 1, 1)])), "mallory", &["orders.write"]);
     let status = s.orders.create_order(request).await.expect_err("refused");
     assert_eq!(reason(&status, Code::PermissionDenied), "PERMISSION_DENIED");
     assert!(status.message().contains("CreateOrder"), "{status:?}");
     assert_eq!(s.head().await, 0, "nothing appended");
-    let mut request = Request::new(create_order("o-a", "", &[("sku-1", 1, 1)]));
+    // mallory claiming to be alice is still mallory.
+    let mut request = as_user(Request::new(create_order("o-a", "", &[("sku-1", 1, 1)])), "mallory", &["orders.write"]);
     request.metadata_mut().insert("x-eventfold-principal", "alice".parse().unwrap());
+    assert_eq!(
+        reason(&s.orders.create_order(request).await.expect_err("still mallory"), Code::PermissionDenied),
+        "PERMISSION_DENIED"
+    );
+    let request = as_user(Request::new(create_order("o-a", "", &[("sku-1", 1, 1)])), "alice", &["orders.write"]);
     s.orders.create_order(request).await.expect("alice may");
 }
 

@@ -35,6 +35,10 @@ pub(crate) enum Command {
         /// PostgreSQL URL: store events there and run the read side too.
         #[arg(long)]
         database_url: Option<String>,
+        /// Authenticate every call (off by default in dev): an admin API
+        /// key is generated and printed once.
+        #[arg(long)]
+        auth: bool,
     },
     /// Run one service on PostgreSQL.
     Serve {
@@ -65,6 +69,14 @@ pub(crate) enum Command {
     /// Print the OpenAPI 3.1 document of the REST gateway (what it serves
     /// at /openapi.json).
     Openapi,
+    /// Create, list or revoke API keys.
+    Keys {
+        /// PostgreSQL URL.
+        #[arg(long)]
+        database_url: Option<String>,
+        #[command(subcommand)]
+        action: crate::keys::KeysAction,
+    },
     /// Dead letters of the Kafka consumers.
     Dlq {
         /// PostgreSQL URL.
@@ -200,6 +212,20 @@ pub(crate) struct Overrides {
     saga: ListenOverrides,
     #[serde(skip_serializing_if = "GatewayOverrides::is_empty")]
     gateway: GatewayOverrides,
+    #[serde(skip_serializing_if = "AuthOverrides::is_empty")]
+    auth: AuthOverrides,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct AuthOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
+}
+
+impl AuthOverrides {
+    fn is_empty(&self) -> bool {
+        self.enabled.is_none()
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -243,9 +269,12 @@ impl ListenOverrides {
 pub(crate) fn overrides(command: Option<&Command>) -> Overrides {
     let mut o = Overrides::default();
     match command {
-        Some(Command::Dev { listen, database_url }) => {
+        Some(Command::Dev { listen, database_url, auth }) => {
             o.eventstore.listen = *listen;
             o.database.url.clone_from(database_url);
+            if *auth {
+                o.auth.enabled = Some(true);
+            }
         }
         Some(Command::Serve { service: Service::Eventstore { listen, database_url } }) => {
             o.eventstore.listen = *listen;
@@ -267,6 +296,7 @@ pub(crate) fn overrides(command: Option<&Command>) -> Overrides {
             Command::Migrate { database_url, .. }
             | Command::Projections { database_url, .. }
             | Command::Dlq { database_url, .. }
+            | Command::Keys { database_url, .. }
             | Command::Serve { service: Service::Projector { database_url } | Service::Relay { database_url } },
         ) => {
             o.database.url.clone_from(database_url);

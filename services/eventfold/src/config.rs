@@ -19,6 +19,7 @@ pub(crate) struct Config {
     pub(crate) registry: eventfold_schemas::RegistryConfig,
     pub(crate) saga: eventfold_saga::SagaConfig,
     pub(crate) gateway: eventfold_gateway::GatewayConfig,
+    pub(crate) auth: eventfold_platform::auth::AuthConfig,
 }
 
 impl Config {

@@ -6,6 +6,7 @@
 mod bus_cli;
 mod cli;
 mod config;
+mod keys;
 mod process;
 mod projections;
 
@@ -72,7 +73,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let command = cli.command.unwrap_or(Command::Dev { listen: None, database_url: None });
+    let command = cli.command.unwrap_or(Command::Dev { listen: None, database_url: None, auth: false });
     match runtime.block_on(run(command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -116,6 +117,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Schemas { action } => bus_cli::schemas(config.registry.url.as_deref(), action).await,
+        Command::Keys { action, .. } => keys::run(&process.databases()?.main, action).await,
         Command::Dlq { action, .. } => {
             let consumer =
                 eventfold_bus::ConsumerConfig { brokers: config.relay.brokers.clone(), ..Default::default() };

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use eventfold_platform::{
+    auth::keys::ApiKeyStore,
     runtime::{Backoff, Databases, Resources, Runtime},
     server::GrpcServer,
 };
@@ -35,6 +36,9 @@ pub(crate) struct Process {
     config: Config,
     resources: Resources,
     runtime: Runtime,
+    /// The API keys of the database, built on first use: the
+    /// ApiKeyService and the authentication layer share it (and its cache).
+    api_key_store: std::sync::OnceLock<ApiKeyStore>,
 }
 
 impl Process {
@@ -46,7 +50,7 @@ impl Process {
         let resources = Resources::open(&config.database, config.query.pool_size, redis.as_ref())?;
         let runtime = Runtime::new();
         runtime.cancel_on_signal();
-        Ok(Self { config, resources, runtime })
+        Ok(Self { config, resources, runtime, api_key_store: std::sync::OnceLock::new() })
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -90,6 +94,7 @@ impl Process {
             let (query, invalidator) = self.read_side(log.clone()).await?;
             self.spawn_projectors(log.clone(), invalidator)?;
             eventfold_query::host(&mut server, &config.query, query, token.clone());
+            eventfold_platform::auth::keys::grpc::host(&mut server, self.api_key_store()?);
         }
         if config.saga.enabled {
             let sagas = if on_postgres {
@@ -137,6 +142,7 @@ impl Process {
         let log = self.postgres_log().await?;
         let mut server = GrpcServer::new();
         eventfold_eventstore::host(&mut server, &self.config.eventstore, log, self.runtime.token().clone());
+        eventfold_platform::auth::keys::grpc::host(&mut server, self.api_key_store()?);
         let grace = self.config.eventstore.shutdown_grace_secs;
         self.serve(server, self.config.eventstore.listen, ("EventStoreService", "PostgreSQL"), grace, (None, None))
             .await
@@ -325,9 +331,15 @@ impl Process {
         grace_secs: u64,
         (admin_default, rest_default): (Option<SocketAddr>, Option<SocketAddr>),
     ) -> anyhow::Result<()> {
+        let mut server = server;
+        // Only `eventfold dev` serves REST beside gRPC by default.
+        let notice = self.authenticate(&mut server, rest_default.is_some())?;
         let listener = bind(listen).await?;
         let addr = listener.local_addr()?;
         print_banner(&server, addr, what, storage);
+        if let Some(notice) = notice {
+            println!("eventfold: {notice}");
+        }
         self.admin(admin_default).await?;
         self.gateway(addr, rest_default).await?;
         tracing::info!(%addr, storage, "serving");
@@ -347,6 +359,48 @@ impl Process {
         };
         self.stop(left).await;
         Ok(served?)
+    }
+
+    /// How `server` authenticates: `[auth] enabled`, by default on for
+    /// `serve` and off (said loudly) for `eventfold dev`, where `--auth`
+    /// turns it on with an admin API key printed once. API keys are looked
+    /// up in PostgreSQL when the process has a database. What `eventfold
+    /// dev` says about it, to print after the banner.
+    fn authenticate(&self, server: &mut GrpcServer, dev: bool) -> anyhow::Result<Option<String>> {
+        use eventfold_platform::auth::{KeyVerifier, dev::DevAdminKey};
+        let auth = &self.config.auth;
+        if !auth.enabled.unwrap_or(!dev) {
+            tracing::warn!("authentication is OFF: every caller may call every RPC");
+            server.authenticate(auth, false, None);
+            let notice = "authentication is OFF: every caller may call every RPC (--auth turns it on)";
+            return Ok(dev.then(|| notice.to_owned()));
+        }
+        let mut keys: Option<Arc<dyn KeyVerifier>> = self.api_keys()?;
+        let mut notice = None;
+        if dev {
+            let (key, admin) = DevAdminKey::generate(keys)?;
+            notice = Some(format!("authentication on; admin API key (shown once): {key}"));
+            keys = Some(Arc::new(admin));
+        }
+        server.authenticate(auth, true, keys);
+        Ok(notice)
+    }
+
+    /// The API keys of the process's database, if it has one.
+    fn api_keys(&self) -> anyhow::Result<Option<Arc<dyn eventfold_platform::auth::KeyVerifier>>> {
+        if self.resources.database.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(self.api_key_store()?)))
+    }
+
+    /// The API keys of the process's database (one store per process).
+    fn api_key_store(&self) -> anyhow::Result<ApiKeyStore> {
+        if let Some(store) = self.api_key_store.get() {
+            return Ok(store.clone());
+        }
+        let store = ApiKeyStore::new(self.databases()?.main.clone());
+        Ok(self.api_key_store.get_or_init(|| store).clone())
     }
 
     /// Runs the supervised workers (and the admin listener) until the

@@ -196,7 +196,8 @@ fn serve_saga_answers_with_health_and_reflection() {
     let server = DevServer::start_command(
         &["serve", "saga", "--listen", "127.0.0.1:0"],
         &["--database-url", db.url()],
-        &[],
+        // Not about authentication (tests/auth.rs is): switched off.
+        &[("EVENTFOLD_AUTH__ENABLED", "false")],
         "eventfold: saga orchestrator and SagaService listening on ",
     );
     let list = server.run(&[&server.addr, "list"]);

@@ -16,6 +16,7 @@
 )]
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod guard;
 pub mod input;

@@ -20,6 +20,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
     Error, Result,
+    auth::{AuthConfig, AuthLayer, Authenticator, KeyVerifier, policy::Policy},
     guard::{PanicToStatus, PeerLimitLayer},
 };
 
@@ -36,16 +37,23 @@ pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The layers of every server: panics caught, calls per peer capped.
-pub type Layers = Stack<PeerLimitLayer, Stack<CatchPanicLayer<PanicToStatus>, Identity>>;
+/// The layers of every server: panics caught, calls per peer capped, then
+/// every call authenticated and authorized.
+pub type Layers = Stack<AuthLayer, Stack<PeerLimitLayer, Stack<CatchPanicLayer<PanicToStatus>, Identity>>>;
 /// A router of an eventfold server (see [`GrpcServer`]).
 pub type Router = tonic::transport::server::Router<Layers>;
 
-/// A router with health and reflection for the given descriptor sets, and
-/// `routes` (the services a process hosts). Every server made here has
-/// the same limits: keepalive pings, streams per connection and calls per
-/// peer capped, pending resets bounded, handler panics answered `INTERNAL`.
-fn router(descriptor_sets: &[&'static [u8]], routes: Routes) -> Result<(HealthReporter, Router)> {
+/// A router with health and reflection (unless `reflection` is off) for the
+/// given descriptor sets, and `routes` (the services a process hosts).
+/// Every server made here has the same limits: keepalive pings, streams per
+/// connection and calls per peer capped, pending resets bounded, handler
+/// panics answered `INTERNAL`, and every call through `authenticator`.
+fn router(
+    descriptor_sets: &[&'static [u8]],
+    routes: Routes,
+    authenticator: Arc<Authenticator>,
+    reflection: bool,
+) -> Result<(HealthReporter, Router)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let configure = || {
         descriptor_sets.iter().fold(
@@ -67,10 +75,10 @@ fn router(descriptor_sets: &[&'static [u8]], routes: Routes) -> Result<(HealthRe
         .http2_max_header_list_size(64 * 1024)
         .layer(crate::guard::catch_panic())
         .layer(PeerLimitLayer::new(MAX_CALLS_PER_PEER))
+        .layer(AuthLayer::new(authenticator))
         .add_routes(routes)
-        .add_service(health)
-        .add_service(v1)
-        .add_service(v1alpha);
+        .add_service(health);
+    let router = if reflection { router.add_service(v1).add_service(v1alpha) } else { router };
     Ok((reporter, router))
 }
 
@@ -88,6 +96,14 @@ pub struct GrpcServer {
     descriptor_sets: Vec<&'static [u8]>,
     checks: Vec<(Vec<String>, HealthCheck)>,
     health_interval: Option<Duration>,
+    auth: Option<AuthSettings>,
+}
+
+/// How a server authenticates, set by [`GrpcServer::authenticate`].
+struct AuthSettings {
+    config: AuthConfig,
+    enabled: bool,
+    keys: Option<Arc<dyn KeyVerifier>>,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -135,6 +151,37 @@ impl GrpcServer {
         self
     }
 
+    /// Authenticate every call as `config` says, when `enabled` (else
+    /// nobody is asked for credentials), with API keys looked up in `keys`.
+    /// The roles each RPC needs come from the descriptor sets of the
+    /// services hosted: a hosted eventfold RPC without a rule stops the
+    /// server from starting. Without this call nobody is asked either. In
+    /// every case a client's own `x-eventfold-principal` is removed.
+    pub fn authenticate(
+        &mut self,
+        config: &AuthConfig,
+        enabled: bool,
+        keys: Option<Arc<dyn KeyVerifier>>,
+    ) -> &mut Self {
+        self.auth = Some(AuthSettings { config: config.clone(), enabled, keys });
+        self
+    }
+
+    /// The authenticator of the services hosted.
+    fn authenticator(&self) -> Result<(Arc<Authenticator>, bool)> {
+        let Some(settings) = &self.auth else {
+            return Ok((Arc::new(Authenticator::disabled()), true));
+        };
+        let reflection = settings.config.reflection;
+        if !settings.enabled {
+            return Ok((Arc::new(Authenticator::disabled()), reflection));
+        }
+        let policy = Policy::from_descriptor_sets(&self.descriptor_sets).map_err(|e| Error::Config(e.to_string()))?;
+        let authenticator = Authenticator::new(&settings.config, policy, settings.keys.clone())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        Ok((Arc::new(authenticator), reflection))
+    }
+
     /// The names of the services hosted so far.
     pub fn service_names(&self) -> &[String] {
         &self.names
@@ -149,7 +196,8 @@ impl GrpcServer {
     /// calls finish for at most `grace` (streams watch the same token and
     /// end first).
     pub async fn serve(self, listener: TcpListener, token: CancellationToken, grace: Duration) -> Result<()> {
-        let (reporter, router) = router(&self.descriptor_sets, self.routes.routes())?;
+        let (authenticator, reflection) = self.authenticator()?;
+        let (reporter, router) = router(&self.descriptor_sets, self.routes.routes(), authenticator, reflection)?;
         // NOT_SERVING before the first call can arrive, until a probe passes.
         for name in self.checks.iter().flat_map(|(names, _)| names).chain(std::iter::once(&String::new())) {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
