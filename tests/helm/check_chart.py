@@ -154,7 +154,7 @@ def check_full(docs):
         check(env(gateway)["EVENTFOLD_GATEWAY__LISTEN"] == "0.0.0.0:8080", "gateway listen")
         upstreams = {k: v for k, v in env(gateway).items() if k.startswith("EVENTFOLD_GATEWAY__UPSTREAMS__")}
         expected = {
-            "EVENTSTORE": "eventstore", "ORDERS": "command", "INVENTORY": "command", "PAYMENTS": "command",
+            "EVENTSTORE": "eventstore", "ADMIN": "eventstore", "ORDERS": "command", "INVENTORY": "command", "PAYMENTS": "command",
             "SHIPPING": "command", "ACCOUNTS": "command", "USERS": "command", "QUERY": "query", "SAGAS": "saga",
         }
         check(
