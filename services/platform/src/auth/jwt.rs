@@ -241,7 +241,16 @@ impl JwtVerifier {
         validation.leeway = self.leeway;
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must be present, not only right
+        // when present.
+        let mut required = vec!["exp", "sub"];
+        if self.issuer.is_some() {
+            required.push("iss");
+        }
+        if self.audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         match &self.issuer {
             Some(issuer) => validation.set_issuer(&[issuer]),
             None => validation.iss = None,
@@ -318,6 +327,8 @@ fn refusal_of(kind: &ErrorKind) -> Refusal {
         ErrorKind::InvalidSignature => Refusal::Signature,
         ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => Refusal::Algorithm,
         ErrorKind::MissingRequiredClaim(claim) if claim == "sub" => Refusal::Subject,
+        ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => Refusal::Issuer,
+        ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => Refusal::Audience,
         _ => Refusal::Malformed,
     }
 }
@@ -440,6 +451,8 @@ mod tests {
             (with(json!({"nbf": now() + 60})), Refusal::NotYetValid),
             (with(json!({"iss": "evil"})), Refusal::Issuer),
             (with(json!({"aud": "another-service"})), Refusal::Audience),
+            (with(json!({"iss": null})), Refusal::Issuer),
+            (with(json!({"aud": null})), Refusal::Audience),
             (with(json!({"exp": null})), Refusal::Malformed),
             (with(json!({"sub": null})), Refusal::Subject),
             (with(json!({"sub": ""})), Refusal::Subject),
