@@ -190,10 +190,11 @@ impl ApiError {
         })
     }
 
-    /// The value of a `Retry-After` header: for `UNAVAILABLE` with a
-    /// `RetryInfo` delay, its whole seconds rounded up.
+    /// The value of a `Retry-After` header: for `UNAVAILABLE` (503) and
+    /// `RESOURCE_EXHAUSTED` (429, e.g. a rate limit) with a `RetryInfo`
+    /// delay, its whole seconds rounded up.
     fn retry_after(&self) -> Option<u64> {
-        if self.code != Code::Unavailable {
+        if !matches!(self.code, Code::Unavailable | Code::ResourceExhausted) {
             return None;
         }
         let delay = self.retry_delay?;
@@ -831,7 +832,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn retry_after_for_unavailable_with_retry_info() {
+    async fn retry_after_for_unavailable_or_resource_exhausted_with_retry_info() {
         let unavailable = |delay: Duration| {
             tonic::Status::with_error_details_vec(Code::Unavailable, "later", vec![RetryInfo::new(Some(delay)).into()])
         };
@@ -842,7 +843,17 @@ mod tests {
         let (_, headers, _) = response_parts(ApiError::from_status(&unavailable(Duration::from_secs(3)))).await;
         assert_eq!(headers[header::RETRY_AFTER], "3");
 
-        // Not UNAVAILABLE: no header, though the detail is echoed.
+        // A rate limit: 429, and a delay under a second is still 1 s.
+        let limited = tonic::Status::with_error_details_vec(
+            Code::ResourceExhausted,
+            "rate limit",
+            vec![RetryInfo::new(Some(Duration::from_millis(250))).into()],
+        );
+        let (status, headers, _) = response_parts(ApiError::from_status(&limited)).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+
+        // Neither: no header, though the detail is echoed.
         let busy = tonic::Status::with_error_details_vec(
             Code::Aborted,
             "retry",

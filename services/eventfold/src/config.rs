@@ -20,11 +20,13 @@ pub(crate) struct Config {
     pub(crate) saga: eventfold_saga::SagaConfig,
     pub(crate) gateway: eventfold_gateway::GatewayConfig,
     pub(crate) auth: eventfold_platform::auth::AuthConfig,
+    pub(crate) rate_limit: eventfold_platform::ratelimit::RateLimitConfig,
 }
 
 impl Config {
     pub(crate) fn validate(&self) -> Result<(), eventfold_platform::Error> {
-        self.database.validate()
+        self.database.validate()?;
+        self.rate_limit.validate().map_err(|e| eventfold_platform::Error::Config(e.to_string()))
     }
 
     /// How long a stopping process lets calls and workers finish.

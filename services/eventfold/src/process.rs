@@ -334,6 +334,10 @@ impl Process {
         let mut server = server;
         // Only `eventfold dev` serves REST beside gRPC by default.
         let notice = self.authenticate(&mut server, rest_default.is_some())?;
+        // `[rate_limit]`, shared through Redis when `redis_url` is set.
+        let limits = &self.config.rate_limit;
+        let redis = limits.redis().map(|options| eventfold_platform::runtime::redis(&options)).transpose()?;
+        server.rate_limit(limits, redis);
         let listener = bind(listen).await?;
         let addr = listener.local_addr()?;
         print_banner(&server, addr, what, storage);

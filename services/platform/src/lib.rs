@@ -21,6 +21,7 @@ pub mod config;
 pub mod guard;
 pub mod input;
 pub mod page;
+pub mod ratelimit;
 pub mod runtime;
 pub mod server;
 pub mod status;

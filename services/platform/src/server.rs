@@ -22,6 +22,7 @@ use crate::{
     Error, Result,
     auth::{AuthConfig, AuthLayer, Authenticator, KeyVerifier, policy::Policy},
     guard::{PanicToStatus, PeerLimitLayer},
+    ratelimit::{RateLimitConfig, RateLimitLayer, RateLimiter, RouteClasses},
 };
 
 /// Most calls (streams included) open at once on one connection.
@@ -37,9 +38,11 @@ pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The layers of every server: panics caught, calls per peer capped, then
-/// every call authenticated and authorized.
-pub type Layers = Stack<AuthLayer, Stack<PeerLimitLayer, Stack<CatchPanicLayer<PanicToStatus>, Identity>>>;
+/// The layers of every server: panics caught, calls per peer capped, every
+/// call authenticated and authorized, then rate limited (per principal, or
+/// per address for anonymous calls).
+pub type Layers =
+    Stack<RateLimitLayer, Stack<AuthLayer, Stack<PeerLimitLayer, Stack<CatchPanicLayer<PanicToStatus>, Identity>>>>;
 /// A router of an eventfold server (see [`GrpcServer`]).
 pub type Router = tonic::transport::server::Router<Layers>;
 
@@ -47,12 +50,14 @@ pub type Router = tonic::transport::server::Router<Layers>;
 /// given descriptor sets, and `routes` (the services a process hosts).
 /// Every server made here has the same limits: keepalive pings, streams per
 /// connection and calls per peer capped, pending resets bounded, handler
-/// panics answered `INTERNAL`, and every call through `authenticator`.
+/// panics answered `INTERNAL`, and every call through `authenticator`, then
+/// through `rate_limit`.
 fn router(
     descriptor_sets: &[&'static [u8]],
     routes: Routes,
     authenticator: Arc<Authenticator>,
     reflection: bool,
+    rate_limit: RateLimitLayer,
 ) -> Result<(HealthReporter, Router)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let configure = || {
@@ -76,6 +81,7 @@ fn router(
         .layer(crate::guard::catch_panic())
         .layer(PeerLimitLayer::new(MAX_CALLS_PER_PEER))
         .layer(AuthLayer::new(authenticator))
+        .layer(rate_limit)
         .add_routes(routes)
         .add_service(health);
     let router = if reflection { router.add_service(v1).add_service(v1alpha) } else { router };
@@ -97,6 +103,7 @@ pub struct GrpcServer {
     checks: Vec<(Vec<String>, HealthCheck)>,
     health_interval: Option<Duration>,
     auth: Option<AuthSettings>,
+    rate_limit: Option<(RateLimitConfig, Option<fred::clients::Client>)>,
 }
 
 /// How a server authenticates, set by [`GrpcServer::authenticate`].
@@ -167,6 +174,30 @@ impl GrpcServer {
         self
     }
 
+    /// Limit the calls of every caller as `config` says (unless
+    /// `config.enabled` is false), per route class read from the
+    /// descriptor sets of the services hosted, shared with other processes
+    /// through `redis` when given (see [`crate::ratelimit`]). Without this
+    /// call nothing is limited (in-process servers of tests and benches).
+    pub fn rate_limit(&mut self, config: &RateLimitConfig, redis: Option<fred::clients::Client>) -> &mut Self {
+        self.rate_limit = Some((config.clone(), redis));
+        self
+    }
+
+    /// The rate limits of the services hosted, if any.
+    fn rate_limiter(&self) -> Result<RateLimitLayer> {
+        let Some((config, redis)) = &self.rate_limit else {
+            return Ok(RateLimitLayer::default());
+        };
+        if !config.enabled {
+            return Ok(RateLimitLayer::default());
+        }
+        let classes =
+            RouteClasses::from_descriptor_sets(&self.descriptor_sets).map_err(|e| Error::Config(e.to_string()))?;
+        let limiter = RateLimiter::new(config, classes, redis.clone()).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(RateLimitLayer::new(Some(Arc::new(limiter))))
+    }
+
     /// The authenticator of the services hosted.
     fn authenticator(&self) -> Result<(Arc<Authenticator>, bool)> {
         let Some(settings) = &self.auth else {
@@ -197,7 +228,9 @@ impl GrpcServer {
     /// end first).
     pub async fn serve(self, listener: TcpListener, token: CancellationToken, grace: Duration) -> Result<()> {
         let (authenticator, reflection) = self.authenticator()?;
-        let (reporter, router) = router(&self.descriptor_sets, self.routes.routes(), authenticator, reflection)?;
+        let rate_limit = self.rate_limiter()?;
+        let (reporter, router) =
+            router(&self.descriptor_sets, self.routes.routes(), authenticator, reflection, rate_limit)?;
         // NOT_SERVING before the first call can arrive, until a probe passes.
         for name in self.checks.iter().flat_map(|(names, _)| names).chain(std::iter::once(&String::new())) {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
