@@ -163,7 +163,25 @@ fn json_error(field: &str, error: &serde_json::Error) -> ApiError {
         .strip_prefix("unrecognized field name '")
         .and_then(|rest| rest.split('\'').next())
         .map(|name| if field == "body" { name.to_owned() } else { format!("{field}.{name}") });
-    ApiError::invalid_argument(named.unwrap_or_else(|| field.to_owned()), text)
+    ApiError::invalid_argument(named.unwrap_or_else(|| field.to_owned()), without_value(&text))
+}
+
+/// A JSON error's text without the value it quotes. serde says "invalid
+/// type: integer `4111111111111111`, expected a string": the value may be a
+/// card number sent where a payment token belongs, and no error message
+/// echoes a sensitive value (the line and column say where it was).
+fn without_value(text: &str) -> String {
+    for marker in ["invalid type: ", "invalid value: "] {
+        let Some(at) = text.find(marker) else { continue };
+        let (head, rest) = text.split_at(at.saturating_add(marker.len()));
+        // The expected part is a type's description; a quoted value may
+        // hold ", expected " itself, hence the last one.
+        let Some((unexpected, expected)) = rest.rsplit_once(", expected ") else { continue };
+        let quoted = [" `", " \""].iter().filter_map(|quote| unexpected.find(quote)).min();
+        let kind = quoted.map_or(unexpected, |cut| &unexpected[..cut]);
+        return format!("{head}{kind}, expected {expected}");
+    }
+    text.to_owned()
 }
 
 fn decode_query(text: &str) -> Result<String, ApiError> {
@@ -413,5 +431,28 @@ mod tests {
         assert_eq!(field_of(&twice), "page_size");
         let body = request(&list, vec![], None, b"{}").unwrap_err();
         assert_eq!(field_of(&body), "body");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_not_echoed() {
+        let create = binding("OrderCommandService_CreateOrder");
+        for (body, value) in [
+            (r#"{"paymentToken": 4111111111111111}"#, "4111111111111111"),
+            (r#"{"paymentToken": -41.5}"#, "41.5"),
+            (r#"{"paymentToken": true}"#, "true"),
+            (r#"{"items": "tok_1234, expected x"}"#, "tok_1234"),
+        ] {
+            let error = request(&create, vec![], None, body.as_bytes()).unwrap_err();
+            let text = error.body().to_string();
+            assert!(text.contains("invalid type") && !text.contains(value), "{body}: {text}");
+        }
+        assert_eq!(
+            without_value("invalid type: floating point `1.5`, expected a string at line 1 column 9"),
+            "invalid type: floating point, expected a string at line 1 column 9"
+        );
+        assert_eq!(
+            without_value("unknown variant `X`, expected one of A, B"),
+            "unknown variant `X`, expected one of A, B"
+        );
     }
 }

@@ -56,8 +56,10 @@ async fn the_whole_catalog_registers_with_stable_ids() {
     assert_eq!(
         orders["references"],
         json!([
+            { "name": "eventfold/auth/v1/auth.proto", "subject": "eventfold/auth/v1/auth.proto", "version": 1 },
             { "name": "eventfold/common/v1/common.proto", "subject": "eventfold/common/v1/common.proto", "version": 1 },
             { "name": "google/api/annotations.proto", "subject": "google/api/annotations.proto", "version": 1 },
+            { "name": "google/api/field_behavior.proto", "subject": "google/api/field_behavior.proto", "version": 1 },
         ])
     );
     let annotations = registry.schema_by_id(ids.protos["google/api/annotations.proto"].id).await.unwrap();

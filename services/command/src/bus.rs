@@ -148,6 +148,9 @@ impl Middleware for Trace {
             principal = envelope.meta.principal.as_deref().unwrap_or(""),
         );
         async move {
+            // The whole command: its sensitive values print as `<redacted>`
+            // (eventfold_domain::Sensitive).
+            tracing::debug!(command = ?envelope.command, "command received");
             let result = next.oneshot(envelope).await;
             match &result {
                 Ok(reply) => tracing::debug!(

@@ -200,14 +200,19 @@ impl Envelope {
         let principal = Sha256::digest(self.meta.principal.as_deref().unwrap_or("").as_bytes());
         let scope = format!("command/{}/{}", self.command.service(), hex::encode(&principal[..16]));
         // `Debug` of a command is its full content (no maps, no floats):
-        // equal for a retry, different for any other command.
-        let fingerprint: [u8; 32] = Sha256::digest(format!("{:?}", self.command).as_bytes()).into();
+        // equal for a retry, different for any other command. Unmasked:
+        // a command that differs only in a sensitive value (a payment
+        // token) is another command, and the text is hashed at once.
+        let text = eventfold_domain::sensitive::unmasked_debug(&self.command);
+        let fingerprint: [u8; 32] = Sha256::digest(text.as_bytes()).into();
         Some(RequestKey { scope, request_id, fingerprint })
     }
 }
 
-/// One stream a command wrote to (or would have, for a no-op).
-#[derive(Debug, Clone, PartialEq)]
+/// One stream a command wrote to (or would have, for a no-op). Its
+/// `Debug` names the events' types, not their bodies (which hold the
+/// sensitive values as they are stored).
+#[derive(Clone, PartialEq)]
 pub struct Write {
     pub stream_id: String,
     /// The stream's version after the command; `None`: the stream is empty.
@@ -219,6 +224,18 @@ pub struct Write {
     pub events: Vec<(String, Value)>,
     /// True when this is the first answer of the same request id.
     pub duplicate: bool,
+}
+
+impl std::fmt::Debug for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Write")
+            .field("stream_id", &self.stream_id)
+            .field("stream_version", &self.stream_version)
+            .field("global_position", &self.global_position)
+            .field("events", &self.events.iter().map(|(event_type, _)| event_type).collect::<Vec<_>>())
+            .field("duplicate", &self.duplicate)
+            .finish()
+    }
 }
 
 /// The answer to a command: one write per stream it touched (every
@@ -252,4 +269,54 @@ impl Reply {
 /// A stream id of `A` for the instance `id`.
 pub(crate) fn stream<A: Aggregate>(id: &str) -> String {
     eventfold_domain::stream_id::<A>(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use eventfold_domain::order::{CreateOrder, OrderItem};
+
+    use super::*;
+
+    fn create(token: &str) -> Envelope {
+        let create = CreateOrder {
+            order_id: "o-1".into(),
+            customer_id: "c-1".into(),
+            currency: "EUR".parse().unwrap(),
+            items: vec![OrderItem {
+                product_id: "p-1".into(),
+                quantity: 1,
+                unit_price: Money::new(100, "EUR".parse().unwrap()),
+            }],
+            payment_token: Some(token.into()),
+            carrier: None,
+        };
+        let meta = Meta { request_id: Some("r-1".into()), ..Meta::default() };
+        Envelope::new(Command::Order { order_id: "o-1".into(), command: create.into() }, meta)
+    }
+
+    #[test]
+    fn the_envelope_masks_the_payment_token_and_the_fingerprint_does_not() {
+        let (visa, other) = (create("tok_visa_1234"), create("tok_other_5678"));
+        assert!(!format!("{visa:?}").contains("tok_visa_1234"), "{visa:?}");
+        let key = |e: &Envelope| e.request_key().unwrap().fingerprint;
+        assert_eq!(key(&visa), key(&create("tok_visa_1234")), "a retry has the same fingerprint");
+        assert_ne!(key(&visa), key(&other), "another token is another command under the same request id");
+        // The text hashed is the `{:?}` from before the masking, so the
+        // request keys stored by an earlier version still match.
+        let text = eventfold_domain::sensitive::unmasked_debug(&visa.command);
+        assert!(text.contains(r#"payment_token: Some("tok_visa_1234")"#), "{text}");
+    }
+
+    #[test]
+    fn a_write_shows_event_types_not_bodies() {
+        let write = Write {
+            stream_id: "order-o-1".into(),
+            stream_version: Some(0),
+            global_position: 7,
+            events: vec![("OrderCreated".into(), serde_json::json!({"payment_token": "tok_visa_1234"}))],
+            duplicate: false,
+        };
+        let text = format!("{:?}", Reply::single(write));
+        assert!(text.contains("OrderCreated") && !text.contains("tok_visa_1234"), "{text}");
+    }
 }

@@ -167,7 +167,7 @@ impl OrderCommandService for OrderCommands {
             customer_id: r.customer_id,
             currency,
             items,
-            payment_token: given(r.payment_token),
+            payment_token: given(r.payment_token).map(Into::into),
             carrier: given(r.carrier),
         };
         let reply = send(&self.bus, meta, Command::Order { order_id: r.order_id, command: create.into() }).await?;
@@ -548,7 +548,8 @@ impl UserCommandService for UserCommands {
     ) -> Result<Response<users_pb::RegisterUserResponse>, Status> {
         let meta = meta(&request, &request.get_ref().request_id);
         let r = request.into_inner();
-        let register = user::RegisterUser { user_id: r.user_id.clone(), email: r.email, display_name: r.display_name };
+        let register =
+            user::RegisterUser { user_id: r.user_id.clone(), email: r.email.into(), display_name: r.display_name };
         let result = user(&self.bus, meta, r.user_id, register.into()).await?;
         Ok(Response::new(users_pb::RegisterUserResponse { result }))
     }

@@ -19,6 +19,7 @@ pub mod order;
 pub mod payment;
 mod rejection;
 pub mod saga;
+pub mod sensitive;
 pub mod shipment;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -31,6 +32,7 @@ pub use self::{
     event::{DecodeError, DomainEvent},
     money::{Currency, Money, MoneyError},
     rejection::{Reason, Rejection, Violation},
+    sensitive::Sensitive,
 };
 
 /// An aggregate: a consistency boundary whose state is the fold of its

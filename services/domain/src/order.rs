@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Aggregate, Currency, Money, Reason, Rejection, Violation, check_id, check_text,
+    Aggregate, Currency, Money, Reason, Rejection, Sensitive, Violation, check_id, check_text,
     event::{command_enum, domain_events},
     invalid_if_any,
 };
@@ -43,8 +43,8 @@ pub struct CreateOrder {
     pub currency: Currency,
     pub items: Vec<OrderItem>,
     /// The payment provider's token of the customer's payment method (e.g.
-    /// `tok_visa`), for the fulfilment saga's authorization.
-    pub payment_token: Option<String>,
+    /// `tok_visa`), for the fulfilment saga's authorization: never logged.
+    pub payment_token: Option<Sensitive<String>>,
     /// The carrier to ship with (e.g. `DHL`), for the saga's label.
     pub carrier: Option<String>,
 }
@@ -90,7 +90,7 @@ pub struct OrderCreated {
     pub total: Money,
     /// Absent in orders placed without one (and in every v1 event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub payment_token: Option<String>,
+    pub payment_token: Option<Sensitive<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carrier: Option<String>,
 }
@@ -243,7 +243,7 @@ impl Aggregate for Order {
                     violations.extend(v);
                 }
                 if let Some(token) = &c.payment_token {
-                    check_id("payment_token", token, &mut violations);
+                    check_id("payment_token", token.expose(), &mut violations);
                 }
                 if let Some(carrier) = &c.carrier {
                     check_id("carrier", carrier, &mut violations);
@@ -352,7 +352,7 @@ impl Aggregate for Order {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::Scenario;
+    use crate::{DomainEvent, testing::Scenario};
 
     fn usd(minor: i64) -> Money {
         Money::new(minor, "USD".parse().unwrap())
@@ -437,6 +437,20 @@ mod tests {
         Scenario::<Order>::given_no_events()
             .when(CreateOrder { payment_token: Some("tok visa".into()), carrier: Some(String::new()), ..create() })
             .then_invalid(&["payment_token", "carrier"]);
+    }
+
+    #[test]
+    fn the_payment_token_is_masked_and_its_violation_names_the_field_not_the_value() {
+        let bad = "tok with spaces";
+        let command = OrderCommand::Create(CreateOrder { payment_token: Some(bad.into()), ..create() });
+        let Err(rejection) = Order::default().decide(&command) else { panic!("a token with spaces is refused") };
+        let text = format!("{command:?} {rejection:?}");
+        assert!(!text.contains(bad) && text.contains("<redacted>"), "{text}");
+        let events = Order::default().decide(&create().into()).unwrap();
+        let text = format!("{events:?} {:?}", Order::default().fold(&events));
+        assert!(!text.contains("tok_visa"), "{text}");
+        let json = events[0].to_data();
+        assert_eq!(json["payment_token"], "tok_visa", "the stored event keeps the value");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Aggregate, Reason, Rejection, Violation, check_id, check_text,
+    Aggregate, Reason, Rejection, Sensitive, Violation, check_id, check_text,
     event::{command_enum, domain_events},
     invalid_if_any,
 };
@@ -12,7 +12,8 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegisterUser {
     pub user_id: String,
-    pub email: String,
+    /// Never logged.
+    pub email: Sensitive<String>,
     pub display_name: String,
 }
 
@@ -42,7 +43,7 @@ command_enum! {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRegistered {
     pub user_id: String,
-    pub email: String,
+    pub email: Sensitive<String>,
     pub display_name: String,
 }
 
@@ -71,7 +72,7 @@ domain_events! {
 pub struct User {
     pub id: String,
     pub registered: bool,
-    pub email: String,
+    pub email: Sensitive<String>,
     pub display_name: String,
     pub logins: u64,
     pub actions: u64,
@@ -102,7 +103,7 @@ impl Aggregate for User {
         match command {
             UserCommand::Register(c) => {
                 check_id("user_id", &c.user_id, &mut violations);
-                check_email(&c.email, &mut violations);
+                check_email(c.email.expose(), &mut violations);
                 check_text("display_name", &c.display_name, 200, &mut violations);
             }
             UserCommand::Login(c) => check_text("source", &c.source, 200, &mut violations),
@@ -181,6 +182,23 @@ mod tests {
                 .when(RegisterUser { email: bad.into(), ..register() })
                 .then_invalid(&["email"]);
         }
+    }
+
+    #[test]
+    fn the_email_is_masked_and_its_violation_names_the_field_not_the_value() {
+        let bad = "ada at example.com";
+        let command = UserCommand::Register(RegisterUser { email: bad.into(), ..register() });
+        let Err(Rejection::Invalid(violations)) = User::default().decide(&command) else {
+            panic!("an invalid email is refused")
+        };
+        let text = format!("{command:?} {violations:?}");
+        assert!(!text.contains(bad) && text.contains("<redacted>"), "{text}");
+        let events = User::default().decide(&register().into()).unwrap();
+        let state = User::default().fold(&events);
+        let text = format!("{events:?} {state:?}");
+        assert!(!text.contains("ada@example.com"), "{text}");
+        let json = serde_json::to_value(&state).unwrap();
+        assert_eq!(json["email"], "ada@example.com", "a snapshot keeps the value");
     }
 
     #[test]

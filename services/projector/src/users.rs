@@ -116,13 +116,13 @@ async fn apply_user_event(
                                               last_seen_at, last_position) \
                          VALUES ($1, $2, $3, $4, 0, 0, $4, $5) ON CONFLICT (user_id) DO NOTHING"
                     ),
-                    &[&e.user_id, &e.email, &e.display_name, &at, &position],
+                    &[&e.user_id, e.email.expose(), &e.display_name, &at, &position],
                 )
                 .await?;
             if inserted != 1 {
                 return Err(inconsistent(format!("user {} was registered before", e.user_id)));
             }
-            (e.user_id, "registered", e.email)
+            (e.user_id, "registered", e.email.into_inner())
         }
         UserEvent::LoggedIn(e) => {
             seen(tx, &users, &e.user_id, "logins", at, position).await?;

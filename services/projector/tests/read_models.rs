@@ -617,7 +617,7 @@ async fn user_activity_is_each_users_timeline_including_orders() {
     };
     for u in 0..3 {
         let (id, email, name) = (format!("u-{u}"), format!("user{u}@example.com"), format!("User {u}"));
-        let register = RegisterUser { user_id: id.clone(), email: email.clone(), display_name: name.clone() };
+        let register = RegisterUser { user_id: id.clone(), email: email.clone().into(), display_name: name.clone() };
         let position = accepted(&bus, user(&id, register)).await;
         note(&id, position, "registered", &email);
         users.insert(id, SentUser { email, name, logins: 0, actions: 0, registered: position, last: position });
@@ -761,7 +761,7 @@ async fn user_activity_is_each_users_timeline_including_orders() {
         assert_eq!((state.logins as i64, state.actions as i64), (sent.logins, sent.actions), "{id}: the aggregate");
         assert_eq!(
             (r.get::<_, String>(1), r.get::<_, String>(2), r.get::<_, i64>(4), r.get::<_, i64>(5)),
-            (state.email, state.display_name, sent.logins, sent.actions),
+            (state.email.into_inner(), state.display_name, sent.logins, sent.actions),
             "{id}"
         );
         assert_eq!((sent.email.as_str(), sent.name.as_str()), (r.get::<_, &str>(1), r.get::<_, &str>(2)));

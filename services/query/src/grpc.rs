@@ -350,7 +350,7 @@ fn transaction(r: TransactionRecord) -> AccountTransaction {
 fn user_profile(r: UserRecord) -> UserProfile {
     UserProfile {
         user_id: r.user_id,
-        email: r.email,
+        email: r.email.into_inner(),
         display_name: r.display_name,
         register_time: timestamp(r.registered_at),
         logins: r.logins,
@@ -360,7 +360,12 @@ fn user_profile(r: UserRecord) -> UserProfile {
 }
 
 fn activity(r: ActivityRecord) -> Activity {
-    Activity { global_position: r.global_position, kind: r.kind, detail: r.detail, time: timestamp(r.occurred_at) }
+    Activity {
+        global_position: r.global_position,
+        kind: r.kind,
+        detail: r.detail.into_inner(),
+        time: timestamp(r.occurred_at),
+    }
 }
 
 // --- OrderQueryService ---------------------------------------------------------------

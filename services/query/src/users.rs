@@ -3,6 +3,7 @@
 
 use std::time::SystemTime;
 
+use eventfold_domain::Sensitive;
 use eventfold_store::from_bigint;
 
 use crate::{Query, Result, column, one_page};
@@ -14,7 +15,7 @@ pub(crate) const USERS: &str = "user_activity";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UserRecord {
     pub(crate) user_id: String,
-    pub(crate) email: String,
+    pub(crate) email: Sensitive<String>,
     pub(crate) display_name: String,
     pub(crate) registered_at: SystemTime,
     pub(crate) logins: i64,
@@ -27,7 +28,8 @@ pub(crate) struct UserRecord {
 pub(crate) struct ActivityRecord {
     pub(crate) global_position: u64,
     pub(crate) kind: String,
-    pub(crate) detail: String,
+    /// The email for `registered`: sensitive, as the proto field says.
+    pub(crate) detail: Sensitive<String>,
     pub(crate) occurred_at: SystemTime,
 }
 
@@ -61,7 +63,7 @@ impl Query {
         let user = match user {
             Some(row) => Some(UserRecord {
                 user_id: column(&row, 0)?,
-                email: column(&row, 1)?,
+                email: column::<String>(&row, 1)?.into(),
                 display_name: column(&row, 2)?,
                 registered_at: column(&row, 3)?,
                 logins: column(&row, 4)?,
@@ -76,7 +78,7 @@ impl Query {
                 Ok(ActivityRecord {
                     global_position: from_bigint(column(row, 0)?),
                     kind: column(row, 1)?,
-                    detail: column(row, 2)?,
+                    detail: column::<String>(row, 2)?.into(),
                     occurred_at: column(row, 3)?,
                 })
             })

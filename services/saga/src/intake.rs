@@ -239,6 +239,8 @@ mod tests {
             [Line { product_id: "a".into(), quantity: 2 }, Line { product_id: "b".into(), quantity: 4 }]
         );
         assert_eq!(data.carrier, "DHL", "the default carrier");
+        assert_eq!(data.payment_token.expose(), "tok_visa", "the saga keeps the token it authorizes with");
+        assert!(!format!("{data:?}").contains("tok_visa"), "and never shows it: {data:?}");
         created.payment_token = None;
         assert!(fulfilment_for(&created, SystemTime::now()).is_none(), "no token, no saga");
     }

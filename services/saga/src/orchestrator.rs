@@ -142,6 +142,7 @@ impl Orchestrator {
                 let Some(mut data) = Self::data::<FulfilmentData>(record) else {
                     return self.park(claim, step).await;
                 };
+                tracing::debug!(saga = %record.saga_id, step = step.as_str(), ?data, "saga step");
                 let outcome = match left {
                     None => Outcome::TimedOut,
                     Some(left) => {
@@ -159,6 +160,7 @@ impl Orchestrator {
                 let Some(data) = Self::data::<TransferData>(record) else {
                     return self.park(claim, step).await;
                 };
+                tracing::debug!(saga = %record.saga_id, step = step.as_str(), ?data, "saga step");
                 match left {
                     None => Outcome::TimedOut,
                     Some(left) => {

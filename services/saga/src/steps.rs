@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use eventfold_command::{Command, Envelope, Meta};
 use eventfold_domain::{
-    Money,
+    Money, Sensitive,
     account::{ReceiveTransfer, RefundTransfer, SendTransfer},
     inventory::{ReleaseReservation, ReserveStock},
     order::{CancelOrder, ConfirmOrder},
@@ -79,7 +79,8 @@ pub struct FulfilmentData {
     pub customer_id: String,
     pub lines: Vec<Line>,
     pub total: Money,
-    pub payment_token: String,
+    /// Never logged: `{:?}` of the data prints `<redacted>`.
+    pub payment_token: Sensitive<String>,
     pub carrier: String,
     /// The provider's authorization, once authorized.
     #[serde(default)]
@@ -165,38 +166,40 @@ impl Fulfilment {
                     ));
                 }
             }
-            Step::AuthorizePayment => match self.payments.authorize(&key, &data.payment_token, data.total).await {
-                Ok(authorization) => {
-                    let command = Command::AuthorizePayment {
-                        payment_id: data.payment_id(),
-                        order_id: order.clone(),
-                        amount: authorization.amount,
-                        provider_reference: authorization.id.clone(),
-                    };
-                    data.authorization_id = Some(authorization.id);
-                    attempt!(command_outcome(send(command, key).await, &["PAYMENT_ALREADY_EXISTS"]));
-                }
-                Err(Error::Refused { reason }) => {
-                    // The decline on record (the payment's stream), then
-                    // the saga compensates.
-                    let command = Command::Payment {
-                        payment_id: data.payment_id(),
-                        command: DeclinePayment {
+            Step::AuthorizePayment => {
+                match self.payments.authorize(&key, data.payment_token.expose(), data.total).await {
+                    Ok(authorization) => {
+                        let command = Command::AuthorizePayment {
                             payment_id: data.payment_id(),
                             order_id: order.clone(),
-                            amount: data.total,
-                            reason: reason.clone(),
-                        }
-                        .into(),
-                    };
-                    attempt!(command_outcome(
-                        send(command, format!("{key}:decline")).await,
-                        &["PAYMENT_ALREADY_EXISTS"]
-                    ));
-                    return Outcome::Rejected { reason };
+                            amount: authorization.amount,
+                            provider_reference: authorization.id.clone(),
+                        };
+                        data.authorization_id = Some(authorization.id);
+                        attempt!(command_outcome(send(command, key).await, &["PAYMENT_ALREADY_EXISTS"]));
+                    }
+                    Err(Error::Refused { reason }) => {
+                        // The decline on record (the payment's stream), then
+                        // the saga compensates.
+                        let command = Command::Payment {
+                            payment_id: data.payment_id(),
+                            command: DeclinePayment {
+                                payment_id: data.payment_id(),
+                                order_id: order.clone(),
+                                amount: data.total,
+                                reason: reason.clone(),
+                            }
+                            .into(),
+                        };
+                        attempt!(command_outcome(
+                            send(command, format!("{key}:decline")).await,
+                            &["PAYMENT_ALREADY_EXISTS"]
+                        ));
+                        return Outcome::Rejected { reason };
+                    }
+                    Err(error) => return failed(error),
                 }
-                Err(error) => return failed(error),
-            },
+            }
             Step::CreateShippingLabel => match self.carrier.create_label(&key, &order, &data.carrier).await {
                 Ok(label) => {
                     let command = Command::Shipment {

@@ -19,10 +19,20 @@ use super::{
 use crate::status::error_info;
 
 /// The credentials of a call.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 enum Credentials<'a> {
     Bearer(&'a str),
     ApiKey(&'a str),
+}
+
+/// Names the kind of credentials, never the token or key.
+impl std::fmt::Debug for Credentials<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credentials::Bearer(_) => "Bearer(<redacted>)",
+            Credentials::ApiKey(_) => "ApiKey(<redacted>)",
+        })
+    }
 }
 
 /// Decides every call: who it comes from, and whether they may make it.
