@@ -23,7 +23,6 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    io::Write as _,
     path::Path,
     process::{Command, Output, Stdio},
     thread,
@@ -39,7 +38,6 @@ use eventfold_gateway::{
 use eventfold_platform::auth::policy::{Policy, Rule};
 use eventfold_tests::auth::{HS256_SECRET, now, token, token_with};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use prost::Message as _;
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind};
 use serde_json::{Value, json};
 use tonic::Code;
@@ -76,23 +74,6 @@ fn bearer(token: &str) -> String {
     header("authorization", &format!("Bearer {token}"))
 }
 
-/// The services' descriptor set and tonic-types' (`google.rpc` details, so
-/// that grpcurl prints an ErrorInfo's reason), each file once.
-fn protoset() -> tempfile::NamedTempFile {
-    let mut set = prost_types::FileDescriptorSet::default();
-    for bytes in [eventfold_proto::FILE_DESCRIPTOR_SET, tonic_types::pb::FILE_DESCRIPTOR_SET] {
-        let more = prost_types::FileDescriptorSet::decode(bytes).expect("a descriptor set");
-        for file in more.file {
-            if !set.file.iter().any(|f| f.name == file.name) {
-                set.file.push(file);
-            }
-        }
-    }
-    let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
-    file.write_all(&set.encode_to_vec()).expect("write the protoset");
-    file
-}
-
 /// A server under test, with what its clients need.
 struct Ends {
     server: DevServer,
@@ -104,7 +85,7 @@ struct Ends {
 impl Ends {
     fn new(server: DevServer, with_rest: bool) -> Ends {
         let rest = with_rest.then(|| format!("http://{}", server.rest_addr()));
-        Ends { server, rest, protoset: protoset() }
+        Ends { server, rest, protoset: common::protoset_file() }
     }
 
     /// grpcurl's call of `rpc` (`Service/Method`) with `headers`: JSON

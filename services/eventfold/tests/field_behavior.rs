@@ -27,12 +27,10 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write as _,
     process::{Output, Stdio},
 };
 
 use common::DevServer;
-use prost::Message as _;
 use prost_reflect::{
     DescriptorPool, ExtensionDescriptor, FieldDescriptor, Kind, MessageDescriptor, MethodDescriptor,
     Value as ProtoValue,
@@ -254,21 +252,6 @@ enum Answer {
     Refused(Vec<(String, String)>),
 }
 
-/// The services' descriptor set with tonic-types' (`google.rpc` details,
-/// so that grpcurl prints the BadRequest), each file once.
-fn protoset() -> Vec<u8> {
-    let mut set = prost_types::FileDescriptorSet::default();
-    for bytes in [eventfold_proto::FILE_DESCRIPTOR_SET, tonic_types::pb::FILE_DESCRIPTOR_SET] {
-        let more = prost_types::FileDescriptorSet::decode(bytes).expect("a descriptor set");
-        for file in more.file {
-            if !set.file.iter().any(|f| f.name == file.name) {
-                set.file.push(file);
-            }
-        }
-    }
-    set.encode_to_vec()
-}
-
 /// Calls `method` with `request` through grpcurl.
 fn call(server: &DevServer, protoset: &str, method: &MethodDescriptor, request: &Value) -> Answer {
     let rpc = format!("{}/{}", method.parent_service().full_name(), method.name());
@@ -385,8 +368,7 @@ fn the_required_fields_are_exactly_the_ones_refused_when_empty() {
         );
     }
 
-    let mut protoset_file = tempfile::NamedTempFile::new().expect("a temporary file");
-    protoset_file.write_all(&protoset()).expect("write the protoset");
+    let protoset_file = common::protoset_file();
     let protoset = protoset_file.path().to_string_lossy().into_owned();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let db = runtime.block_on(eventfold_tests::TestDatabase::create());

@@ -21,14 +21,12 @@
 mod common;
 
 use std::{
-    io::Write as _,
     process::{Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use common::DevServer;
-use prost::Message as _;
 use serde_json::{Value, json};
 
 /// The first line of `eventfold dev` on PostgreSQL.
@@ -52,22 +50,6 @@ impl Secret {
         let unique = if value.contains(&uuid) { uuid } else { value.clone() };
         Secret { label, value, unique }
     }
-}
-
-/// The services' descriptor set and tonic-types' (`google.rpc` details).
-fn protoset() -> tempfile::NamedTempFile {
-    let mut set = prost_types::FileDescriptorSet::default();
-    for bytes in [eventfold_proto::FILE_DESCRIPTOR_SET, tonic_types::pb::FILE_DESCRIPTOR_SET] {
-        let more = prost_types::FileDescriptorSet::decode(bytes).expect("a descriptor set");
-        for file in more.file {
-            if !set.file.iter().any(|f| f.name == file.name) {
-                set.file.push(file);
-            }
-        }
-    }
-    let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
-    file.write_all(&set.encode_to_vec()).expect("write the protoset");
-    file
 }
 
 /// The gRPC code of grpcurl's call (0: OK), from the status it prints as
@@ -203,7 +185,8 @@ fn tokens_emails_and_keys_never_reach_the_logs_or_error_messages() {
         ],
         DEV_ON_POSTGRES,
     );
-    let platform = Platform { rest: server.rest_addr(), admin: admin_key(&server), protoset: protoset(), server };
+    let platform =
+        Platform { rest: server.rest_addr(), admin: admin_key(&server), protoset: common::protoset_file(), server };
 
     let token_grpc = Secret::new("payment token (gRPC)", |u| format!("tok_mask_{u}"));
     let token_rest = Secret::new("payment token (REST)", |u| format!("tok_mask_{u}"));

@@ -29,7 +29,6 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
@@ -40,7 +39,6 @@ use eventfold_gateway::{
     error::{code_name, http_status},
     rules::{Binding, Body, field_path},
 };
-use prost::Message as _;
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
 
@@ -687,21 +685,6 @@ fn head_position(ends: &Ends<'_>) -> u64 {
     }
 }
 
-/// The services' descriptor set and tonic-types' (`google.rpc` details),
-/// each file once.
-fn protoset() -> Vec<u8> {
-    let mut set = prost_types::FileDescriptorSet::default();
-    for bytes in [eventfold_proto::FILE_DESCRIPTOR_SET, tonic_types::pb::FILE_DESCRIPTOR_SET] {
-        let more = prost_types::FileDescriptorSet::decode(bytes).expect("a descriptor set");
-        for file in more.file {
-            if !set.file.iter().any(|f| f.name == file.name) {
-                set.file.push(file);
-            }
-        }
-    }
-    set.encode_to_vec()
-}
-
 /// One binding walked: the calls and what each side answered.
 struct Walked<'a> {
     binding: &'a Binding,
@@ -722,8 +705,7 @@ fn every_annotated_rpc_answers_over_rest_what_it_answers_over_grpc() {
     for operation in requests().keys().chain(setup().iter().map(|(operation, _)| operation)) {
         assert!(bindings.iter().any(|b| b.operation_id() == *operation), "{operation} is no annotated RPC");
     }
-    let mut protoset_file = tempfile::NamedTempFile::new().expect("a temporary file");
-    protoset_file.write_all(&protoset()).expect("write the protoset");
+    let protoset_file = common::protoset_file();
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let db = runtime.block_on(eventfold_tests::TestDatabase::create());

@@ -296,3 +296,23 @@ impl Subscriber {
         }
     }
 }
+
+/// The services' descriptor set with tonic-types' (`google.rpc` details,
+/// so that grpcurl prints an ErrorInfo or a BadRequest), each file once,
+/// in a temporary file for grpcurl's `-protoset`.
+pub fn protoset_file() -> tempfile::NamedTempFile {
+    use prost::Message as _;
+    use std::io::Write as _;
+    let mut set = prost_types::FileDescriptorSet::default();
+    for bytes in [eventfold_proto::FILE_DESCRIPTOR_SET, tonic_types::pb::FILE_DESCRIPTOR_SET] {
+        let more = prost_types::FileDescriptorSet::decode(bytes).expect("a descriptor set");
+        for file in more.file {
+            if !set.file.iter().any(|f| f.name == file.name) {
+                set.file.push(file);
+            }
+        }
+    }
+    let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
+    file.write_all(&set.encode_to_vec()).expect("write the protoset");
+    file
+}
