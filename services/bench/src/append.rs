@@ -396,12 +396,17 @@ impl Measurement {
         self.appends_per_sec() * batch as f64
     }
 
-    /// Nearest-rank percentile in milliseconds.
+    /// Nearest-rank percentile in milliseconds (`p` to four decimals).
     pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
         if self.latencies.is_empty() {
             return f64::NAN;
         }
-        let rank = ((p / 100.0) * self.latencies.len() as f64).ceil() as usize;
+        // In whole millionths, so that the rank is exact: in floating point
+        // 0.999 × 1000 is 999.0000000000001, whose ceiling would be the
+        // maximum instead of the 999th.
+        let millionths = (p * 10_000.0).round().clamp(0.0, 1_000_000.0) as u128;
+        let rank = (millionths * self.latencies.len() as u128).div_ceil(1_000_000);
+        let rank = usize::try_from(rank).unwrap_or(usize::MAX);
         self.latencies[rank.clamp(1, self.latencies.len()) - 1].as_secs_f64() * 1000.0
     }
 
@@ -504,6 +509,25 @@ mod tests {
         assert_eq!(m.percentile_ms(99.0), 99.0);
         assert_eq!(m.percentile_ms(100.0), 100.0);
         assert_eq!(m.events_per_sec(10), 1000.0);
+    }
+
+    #[test]
+    fn fractional_percentiles_take_the_exact_rank() {
+        // 0.999 × 1000 is 999.0000000000001 in floating point: a rank
+        // computed from it would be 1000, the maximum.
+        for n in [1000u64, 10_000, 15_000, 30_000] {
+            let m = Measurement {
+                latencies: (1..=n).map(Duration::from_micros).collect(),
+                seconds: 1.0,
+                worst_per_second: Vec::new(),
+            };
+            let expect = |rank: u64| Duration::from_micros(rank).as_secs_f64() * 1000.0;
+            assert_eq!(m.percentile_ms(99.9), expect(n / 1000 * 999), "p99.9 of {n}");
+            assert_eq!(m.percentile_ms(99.0), expect(n / 100 * 99), "p99 of {n}");
+            assert_eq!(m.percentile_ms(50.0), expect(n / 2), "p50 of {n}");
+        }
+        let one = Measurement { latencies: vec![Duration::from_millis(7)], seconds: 1.0, worst_per_second: Vec::new() };
+        assert_eq!((one.percentile_ms(0.0), one.percentile_ms(99.9)), (7.0, 7.0));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod append;
 mod commands;
+mod gateway;
 mod queries;
 mod relay;
 
@@ -24,6 +25,9 @@ enum Bench {
     Append(append::AppendBenchArgs),
     /// CreateOrder over gRPC at fixed arrival rates beside raw INSERTs.
     Commands(commands::CommandBenchArgs),
+    /// CreateOrder and cached GetOrder over REST through the gateway
+    /// beside the same over gRPC, open loop at one rate.
+    Gateway(gateway::GatewayBenchArgs),
     /// GetOrder over gRPC, cached and uncached, beside the raw SELECT.
     Queries(queries::QueryBenchArgs),
     /// Append → read-model-visible lag at a fixed rate, and rebuild speed.
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         match cli.bench {
             Bench::Append(args) => append::append(args).await,
             Bench::Commands(args) => commands::commands(args).await,
+            Bench::Gateway(args) => gateway::gateway(args).await,
             Bench::Queries(args) => queries::queries(args).await,
             Bench::ProjectionLag(args) => queries::lag(args).await,
             Bench::Relay(args) => relay::relay(args).await,

@@ -70,20 +70,20 @@ pub(crate) struct LagBenchArgs {
     duration_secs: u64,
 }
 
-/// What both benches of the read side start from.
-struct ReadSide {
+/// What the benches of the read side start from.
+pub(crate) struct ReadSide {
     /// An admin session on the migrated database.
-    admin: tokio_postgres::Client,
-    machine: String,
-    database: Database,
-    log: Arc<dyn EventLog>,
+    pub(crate) admin: tokio_postgres::Client,
+    pub(crate) machine: String,
+    pub(crate) database: Database,
+    pub(crate) log: Arc<dyn EventLog>,
     /// Sessions that do not wait for the WAL flush: projectors write
     /// through them, as `eventfold serve projector` does.
-    workers: Database,
+    pub(crate) workers: Database,
 }
 
 impl ReadSide {
-    async fn open(url: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn open(url: &str) -> anyhow::Result<Self> {
         let (admin, machine) = migrated(url).await?;
         let database = Database::from_url(url)?;
         let store = PostgresEventLog::connect(database.clone(), PostgresConfig::default()).await?;
@@ -93,7 +93,7 @@ impl ReadSide {
     }
 }
 
-async fn create_orders(log: Arc<dyn EventLog>, tag: &str, count: usize) -> anyhow::Result<()> {
+pub(crate) async fn create_orders(log: Arc<dyn EventLog>, tag: &str, count: usize) -> anyhow::Result<()> {
     let bus = eventfold_command::bus(log, eventfold_command::Config::default().bus_options());
     let eur: Currency = "EUR".parse().map_err(anyhow::Error::msg)?;
     let mut pending = futures_util::stream::iter(0..count)
@@ -144,13 +144,13 @@ pub(crate) async fn create_order(bus: eventfold_command::Bus, order_id: String) 
 
 /// The version of the order views that serves queries (1 when none has
 /// been built yet): the one whose projector the bench must run.
-async fn active_order_views(database: &Database) -> anyhow::Result<u32> {
+pub(crate) async fn active_order_views(database: &Database) -> anyhow::Result<u32> {
     let statuses = eventfold_projector::status(database).await?;
     Ok(statuses.iter().find(|s| s.name == "order_views" && s.active).map_or(1, |s| s.version))
 }
 
 /// Builds `projector` up to the log's head.
-async fn catch_up(projector: &Projector, log: &Arc<dyn EventLog>) -> anyhow::Result<()> {
+pub(crate) async fn catch_up(projector: &Projector, log: &Arc<dyn EventLog>) -> anyhow::Result<()> {
     projector.prepare().await?;
     let head = log.last_position().await?;
     while projector.position().await? < head {
