@@ -26,6 +26,10 @@ pub(crate) struct Config {
 impl Config {
     pub(crate) fn validate(&self) -> Result<(), eventfold_platform::Error> {
         self.database.validate()?;
+        // A secret too short or a JWKS file that cannot be read is a usage
+        // error before anything starts.
+        eventfold_platform::auth::jwt::JwtVerifier::new(&self.auth.jwt)
+            .map_err(|e| eventfold_platform::Error::Config(e.to_string()))?;
         self.rate_limit.validate().map_err(|e| eventfold_platform::Error::Config(e.to_string()))
     }
 

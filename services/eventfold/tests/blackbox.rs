@@ -382,6 +382,22 @@ fn serve_without_database_url_is_a_usage_error() {
     assert!(output.stdout.is_empty(), "nothing on stdout: {}", String::from_utf8_lossy(&output.stdout));
 }
 
+/// A bad `[auth.jwt]` stops the process before it starts, in one line
+/// that names the setting and not the secret.
+#[test]
+fn a_short_jwt_secret_is_a_usage_error_that_does_not_show_it() {
+    let output = eventfold()
+        .args(["serve", "eventstore", "--database-url", "postgresql://nobody@127.0.0.1:1/none"])
+        .env("EVENTFOLD_AUTH__JWT__HS256_SECRET", "short-s3cret")
+        .output()
+        .expect("run eventfold serve eventstore");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "exit status: {:?}; stderr:\n{stderr}", output.status);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line:\n{stderr}");
+    assert!(stderr.contains("auth.jwt.hs256_secret") && !stderr.contains("short-s3cret"), "{stderr}");
+    assert!(output.stdout.is_empty(), "nothing on stdout: {}", String::from_utf8_lossy(&output.stdout));
+}
+
 /// The test-only variables share the `EVENTFOLD_` prefix; setting them must
 /// not make the configuration invalid.
 #[test]
