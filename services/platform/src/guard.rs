@@ -181,6 +181,103 @@ impl HttpBody for Held {
     }
 }
 
+/// A check every call of a server passes before its service (the
+/// authentication layer, the rate limits): it may change the request's
+/// headers and extensions, or answer the call with a status.
+pub trait Gate: Send + Sync + 'static {
+    /// The debug line of a refused call.
+    const REFUSED: &'static str;
+
+    /// Lets the call through (`Ok`) or answers it with the status.
+    fn admit<'a>(
+        &'a self,
+        request: &'a mut http::request::Parts,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Status>>;
+}
+
+/// Runs a [`Gate`] in front of a server's services (none: every call
+/// passes).
+#[derive(Debug)]
+pub struct GateLayer<G> {
+    gate: Option<Arc<G>>,
+}
+
+impl<G> GateLayer<G> {
+    pub fn new(gate: Arc<G>) -> Self {
+        Self { gate: Some(gate) }
+    }
+}
+
+impl<G> Default for GateLayer<G> {
+    fn default() -> Self {
+        Self { gate: None }
+    }
+}
+
+impl<G> Clone for GateLayer<G> {
+    fn clone(&self) -> Self {
+        Self { gate: self.gate.clone() }
+    }
+}
+
+impl<S, G> Layer<S> for GateLayer<G> {
+    type Service = Gated<S, G>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Gated { inner, gate: self.gate.clone() }
+    }
+}
+
+/// See [`GateLayer`].
+#[derive(Debug)]
+pub struct Gated<S, G> {
+    inner: S,
+    gate: Option<Arc<G>>,
+}
+
+impl<S: Clone, G> Clone for Gated<S, G> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), gate: self.gate.clone() }
+    }
+}
+
+impl<S, B, G> Service<http::Request<B>> for Gated<S, G>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    G: Gate,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let Some(gate) = self.gate.clone() else {
+            return Box::pin(self.inner.call(request));
+        };
+        // The service made ready by `poll_ready` serves this call; a clone
+        // takes its place for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let (mut parts, body) = request.into_parts();
+            match gate.admit(&mut parts).await {
+                Ok(()) => inner.call(http::Request::from_parts(parts, body)).await,
+                Err(status) => {
+                    tracing::debug!(path = parts.uri.path(), code = ?status.code(), "{}", G::REFUSED);
+                    Ok(status.into_http())
+                }
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;

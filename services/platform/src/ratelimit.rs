@@ -47,12 +47,10 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    pin::Pin,
     sync::{
-        Arc, Mutex,
+        Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -60,11 +58,15 @@ use fred::prelude::LuaInterface;
 use prost_reflect::{DescriptorPool, Value};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tonic::{Code, Status, body::Body, transport::server::TcpConnectInfo};
+use tonic::{Code, Status, transport::server::TcpConnectInfo};
 use tonic_types::{ErrorDetails, StatusExt};
-use tower::{Layer, Service};
 
-use crate::{auth::Principal, runtime::RedisOptions, status::ERROR_DOMAIN};
+use crate::{
+    auth::Principal,
+    guard::{Gate, GateLayer},
+    runtime::RedisOptions,
+    status::ERROR_DOMAIN,
+};
 
 /// The counter of calls decided by `on_redis_down` because Redis failed.
 pub const REDIS_UNAVAILABLE_METRIC: &str = "eventfold_rate_limit_redis_unavailable_total";
@@ -637,67 +639,19 @@ fn rate_limited(class: RouteClass, limit: Limit, wait: Duration) -> Status {
 /// Runs a [`RateLimiter`] in front of a server's services, after the
 /// authentication layer (it reads the [`Principal`] that layer puts in the
 /// request's extensions). Without a limiter, calls pass untouched.
-#[derive(Debug, Clone, Default)]
-pub struct RateLimitLayer {
-    limiter: Option<Arc<RateLimiter>>,
-}
+pub type RateLimitLayer = GateLayer<RateLimiter>;
 
-impl RateLimitLayer {
-    pub fn new(limiter: Option<Arc<RateLimiter>>) -> Self {
-        Self { limiter }
-    }
-}
+impl Gate for RateLimiter {
+    const REFUSED: &'static str = "call refused by a rate limit";
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimit { inner, limiter: self.limiter.clone() }
-    }
-}
-
-/// See [`RateLimitLayer`].
-#[derive(Debug, Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    limiter: Option<Arc<RateLimiter>>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<S, B> Service<http::Request<B>> for RateLimit<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(limiter) = self.limiter.clone() else {
-            return Box::pin(self.inner.call(request));
-        };
-        // The service made ready by `poll_ready` serves this call; a clone
-        // takes its place for the next.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+    fn admit<'a>(
+        &'a self,
+        request: &'a mut http::request::Parts,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Status>> {
         Box::pin(async move {
-            let peer = request.extensions().get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr);
-            let principal = request.extensions().get::<Principal>();
-            match limiter.check(request.uri().path(), principal, peer.map(|addr| addr.ip())).await {
-                Ok(()) => inner.call(request).await,
-                Err(status) => {
-                    tracing::debug!(path = request.uri().path(), code = ?status.code(), "call refused by a rate limit");
-                    Ok(status.into_http())
-                }
-            }
+            let peer = request.extensions.get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr);
+            let principal = request.extensions.get::<Principal>();
+            self.check(request.uri.path(), principal, peer.map(|addr| addr.ip())).await
         })
     }
 }

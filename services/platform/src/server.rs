@@ -195,7 +195,7 @@ impl GrpcServer {
         let classes =
             RouteClasses::from_descriptor_sets(&self.descriptor_sets).map_err(|e| Error::Config(e.to_string()))?;
         let limiter = RateLimiter::new(config, classes, redis.clone()).map_err(|e| Error::Config(e.to_string()))?;
-        Ok(RateLimitLayer::new(Some(Arc::new(limiter))))
+        Ok(RateLimitLayer::new(Arc::new(limiter)))
     }
 
     /// The authenticator of the services hosted.

@@ -1,22 +1,21 @@
 //! The tower layer that authenticates and authorizes every call of a gRPC
 //! server (see the module comment of [`crate::auth`]).
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderValue};
-use tonic::{Code, Status, body::Body};
-use tower::{Layer, Service};
+use tonic::{Code, Status};
 
 use super::{
     ADMIN_ROLE, API_KEY_HEADER, AuthConfig, KeyVerifier, PRINCIPAL_HEADER, Principal,
     jwt::{JwtVerifier, MAX_TOKEN_BYTES, SetupError},
     policy::{Policy, Rule},
 };
-use crate::status::error_info;
+use crate::{
+    guard::{Gate, GateLayer},
+    status::error_info,
+};
 
 /// The credentials of a call.
 #[derive(PartialEq, Eq)]
@@ -191,73 +190,22 @@ fn credentials(headers: &HeaderMap) -> Result<Option<Credentials<'_>>, Status> {
 }
 
 /// Runs an [`Authenticator`] in front of a server's services.
-#[derive(Debug, Clone)]
-pub struct AuthLayer {
-    authenticator: Arc<Authenticator>,
-}
+pub type AuthLayer = GateLayer<Authenticator>;
 
-impl AuthLayer {
-    pub fn new(authenticator: Arc<Authenticator>) -> Self {
-        Self { authenticator }
-    }
-}
+impl Gate for Authenticator {
+    const REFUSED: &'static str = "call refused by authentication";
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = Auth<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Auth { inner, authenticator: self.authenticator.clone() }
-    }
-}
-
-/// See [`AuthLayer`].
-#[derive(Debug, Clone)]
-pub struct Auth<S> {
-    inner: S,
-    authenticator: Arc<Authenticator>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<S, B> Service<http::Request<B>> for Auth<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        // The service made ready by `poll_ready` serves this call; a clone
-        // takes its place for the next.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let authenticator = self.authenticator.clone();
+    fn admit<'a>(&'a self, request: &'a mut http::request::Parts) -> BoxFuture<'a, Result<(), Status>> {
         Box::pin(async move {
             // Only the layer says who calls.
-            request.headers_mut().remove(PRINCIPAL_HEADER);
-            match authenticator.check(request.uri().path(), request.headers()).await {
-                Ok(principal) => {
-                    if let Some(principal) = principal {
-                        if let Ok(value) = HeaderValue::from_str(&principal.subject) {
-                            request.headers_mut().insert(PRINCIPAL_HEADER, value);
-                        }
-                        request.extensions_mut().insert(principal);
-                    }
-                    inner.call(request).await
+            request.headers.remove(PRINCIPAL_HEADER);
+            if let Some(principal) = self.check(request.uri.path(), &request.headers).await? {
+                if let Ok(value) = HeaderValue::from_str(&principal.subject) {
+                    request.headers.insert(PRINCIPAL_HEADER, value);
                 }
-                Err(status) => {
-                    tracing::debug!(path = request.uri().path(), code = ?status.code(), "call refused by authentication");
-                    Ok(status.into_http())
-                }
+                request.extensions.insert(principal);
             }
+            Ok(())
         })
     }
 }
@@ -267,8 +215,9 @@ mod tests {
     use std::convert::Infallible;
 
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use tonic::body::Body;
     use tonic_types::StatusExt;
-    use tower::{ServiceExt, service_fn};
+    use tower::{Layer, ServiceExt, service_fn};
 
     use super::*;
     use crate::auth::{KeyError, Secret};
