@@ -19,7 +19,8 @@ pub struct GatewayConfig {
     /// milliseconds.
     pub default_timeout_ms: u64,
     /// `eventfold serve gateway`: the gRPC server of every service not in
-    /// `upstreams`, e.g. `http://eventfold:50051`.
+    /// `upstreams`, e.g. `http://eventfold:50051` (`https://…` over TLS,
+    /// trusting `[tls] ca_file` and presenting `[tls] cert_file`).
     pub upstream: Option<String>,
     /// `eventfold serve gateway`: the gRPC server of a package's services,
     /// by the package's last part before the version (`orders =
@@ -58,26 +59,25 @@ impl GatewayConfig {
     }
 }
 
-/// An upstream URL that is not one.
+/// An upstream URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("gateway upstream {url:?} is not a URL such as http://host:50051")]
-pub struct UpstreamError {
-    url: String,
-}
+#[error("gateway upstream: {0}")]
+pub struct UpstreamError(String);
 
 impl GatewayConfig {
-    /// The channels of `upstream` and `upstreams` (connected lazily: a
-    /// service that is down answers 503 until it is up).
+    /// The channels of `upstream` and `upstreams`, each made by `channel`
+    /// from its URL (connected lazily: a service that is down answers 503
+    /// until it is up; `https://` ones over TLS, see
+    /// `eventfold_platform::tls::channel`).
     ///
     /// # Errors
     ///
-    /// A URL that does not parse.
-    pub fn upstream_channels(&self) -> Result<crate::Upstreams, UpstreamError> {
-        let channel = |url: &str| {
-            tonic::transport::Endpoint::from_shared(url.to_owned())
-                .map(|endpoint| endpoint.connect_lazy())
-                .map_err(|_| UpstreamError { url: url.to_owned() })
-        };
+    /// A URL `channel` refuses, with its reason.
+    pub fn upstream_channels(
+        &self,
+        channel: impl Fn(&str) -> Result<tonic::transport::Channel, String>,
+    ) -> Result<crate::Upstreams, UpstreamError> {
+        let channel = |url: &str| channel(url).map_err(UpstreamError);
         let mut upstreams = match &self.upstream {
             Some(url) => crate::Upstreams::all(channel(url)?),
             None => crate::Upstreams::default(),

@@ -80,7 +80,22 @@ impl ApiError {
     /// from `grpc-status-details-bin` (`google.rpc.Status.details`), in their
     /// order. Details that cannot be read at all (the trailer is not a
     /// `google.rpc.Status`) are left out.
+    ///
+    /// A status the channel made from a transport failure (it carries the
+    /// failure as its source: the connection was refused, reset, or closed
+    /// by a TLS alert) is `UNAVAILABLE`, whatever code the channel gave it
+    /// (a reset stream comes as `CANCELLED`, which would read as the caller's
+    /// own doing), and its text stays out of the answer.
     pub fn from_status(status: &tonic::Status) -> ApiError {
+        if std::error::Error::source(status).is_some()
+            && matches!(status.code(), Code::Cancelled | Code::Unknown | Code::Internal)
+        {
+            return ApiError::plain(
+                Code::Unavailable,
+                "the service is unavailable, retry later".to_owned(),
+                Vec::new(),
+            );
+        }
         let mut details = Vec::new();
         let mut retry_delay = None;
         if !status.details().is_empty()
@@ -829,6 +844,16 @@ mod tests {
 
         let (status, _, _) = response_parts(ApiError::from_status(&tonic::Status::cancelled("c"))).await;
         assert_eq!(status.as_u16(), 499);
+
+        // The same code made by the channel from a broken connection: 503,
+        // without the transport's text.
+        let mut reset = tonic::Status::cancelled("operation was canceled");
+        reset.set_source(std::sync::Arc::new(std::io::Error::other("tls: certificate required")));
+        let (status, _, bytes) = response_parts(ApiError::from_status(&reset)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"]["status"], "UNAVAILABLE", "{body}");
+        assert!(!body.to_string().contains("canceled") && !body.to_string().contains("tls"), "{body}");
     }
 
     #[tokio::test]

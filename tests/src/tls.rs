@@ -152,30 +152,67 @@ struct Certificates {
 
 impl Certificates {
     fn generate() -> Result<Certificates, rcgen::Error> {
-        let ca = authority("eventfold test CA")?;
-        let unrelated_ca = authority("eventfold unrelated test CA")?;
-        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
-        params.distinguished_name.push(DnType::CommonName, "localhost");
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &*ca)?;
-        Ok(Certificates {
-            ca: ca.pem(),
-            unrelated_ca: unrelated_ca.pem(),
-            server_cert: cert.pem(),
-            server_key: key.serialize_pem(),
-        })
+        let ca = TestCa::try_new("eventfold test CA")?;
+        let unrelated_ca = TestCa::try_new("eventfold unrelated test CA")?;
+        let (server_cert, server_key) = ca.try_issue("localhost", &["localhost", "127.0.0.1"])?;
+        Ok(Certificates { ca: ca.pem(), unrelated_ca: unrelated_ca.pem(), server_cert, server_key })
     }
 }
 
-/// A self-signed certificate authority named `name`.
-fn authority(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, rcgen::Error> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    CertifiedIssuer::self_signed(params, KeyPair::generate()?)
+/// A certificate authority made for a test, and the certificates it
+/// issues; nothing of it is ever written to the repository.
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for TestCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCa").finish_non_exhaustive()
+    }
+}
+
+impl TestCa {
+    /// A self-signed authority named `name`.
+    ///
+    /// # Panics
+    ///
+    /// If rcgen cannot make it.
+    pub fn new(name: &str) -> TestCa {
+        Self::try_new(name).expect("a test certificate authority")
+    }
+
+    fn try_new(name: &str) -> Result<TestCa, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Ok(TestCa { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate()?)? })
+    }
+
+    /// The authority's certificate (PEM).
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate named `common_name` for `names` (DNS names or IP
+    /// addresses), for servers and clients alike: its PEM and its key's PEM.
+    ///
+    /// # Panics
+    ///
+    /// If rcgen cannot make it.
+    pub fn issue(&self, common_name: &str, names: &[&str]) -> (String, String) {
+        self.try_issue(common_name, names).expect("a test certificate")
+    }
+
+    fn try_issue(&self, common_name: &str, names: &[&str]) -> Result<(String, String), rcgen::Error> {
+        let mut params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &*self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
 }
 
 /// Writes a new file with permissions `mode`.

@@ -21,6 +21,7 @@ pub(crate) struct Config {
     pub(crate) gateway: eventfold_gateway::GatewayConfig,
     pub(crate) auth: eventfold_platform::auth::AuthConfig,
     pub(crate) rate_limit: eventfold_platform::ratelimit::RateLimitConfig,
+    pub(crate) tls: eventfold_platform::tls::TlsConfig,
 }
 
 impl Config {
@@ -30,7 +31,11 @@ impl Config {
         // error before anything starts.
         eventfold_platform::auth::jwt::JwtVerifier::new(&self.auth.jwt)
             .map_err(|e| eventfold_platform::Error::Config(e.to_string()))?;
-        self.rate_limit.validate().map_err(|e| eventfold_platform::Error::Config(e.to_string()))
+        self.rate_limit.validate().map_err(|e| eventfold_platform::Error::Config(e.to_string()))?;
+        // Certificates that cannot be read or used: a usage error naming the
+        // setting.
+        eventfold_platform::tls::Tls::load(&self.tls).map_err(|e| eventfold_platform::Error::Config(e.to_string()))?;
+        Ok(())
     }
 
     /// How long a stopping process lets calls and workers finish.

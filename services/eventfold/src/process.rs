@@ -10,6 +10,7 @@ use eventfold_platform::{
     auth::keys::ApiKeyStore,
     runtime::{Backoff, Databases, Resources, Runtime},
     server::GrpcServer,
+    tls::Tls,
 };
 use eventfold_store::{EventLog, MemoryEventLog, PostgresConfig, PostgresEventLog, Upcasting};
 use tokio::net::TcpListener;
@@ -39,6 +40,9 @@ pub(crate) struct Process {
     /// The API keys of the database, built on first use: the
     /// ApiKeyService and the authentication layer share it (and its cache).
     api_key_store: std::sync::OnceLock<ApiKeyStore>,
+    /// `[tls]`: the certificates of the listeners and of calls to other
+    /// services, reloaded when their files change.
+    tls: Option<Arc<Tls>>,
 }
 
 impl Process {
@@ -50,7 +54,11 @@ impl Process {
         let resources = Resources::open(&config.database, config.query.pool_size, redis.as_ref())?;
         let runtime = Runtime::new();
         runtime.cancel_on_signal();
-        Ok(Self { config, resources, runtime, api_key_store: std::sync::OnceLock::new() })
+        let tls = Tls::load(&config.tls).map_err(|e| eventfold_platform::Error::Config(e.to_string()))?;
+        if let Some(tls) = &tls {
+            runtime.spawn("TLS reload", tls.clone().watch(runtime.token().clone()));
+        }
+        Ok(Self { config, resources, runtime, api_key_store: std::sync::OnceLock::new(), tls })
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -225,7 +233,8 @@ impl Process {
             .into());
         }
         let listener = bind(config.listen.unwrap_or(SERVE_REST)).await?;
-        self.serve_gateway(listener, config.upstream_channels()?)?;
+        let upstreams = config.upstream_channels(|url| eventfold_platform::tls::channel(url, self.tls.as_ref()))?;
+        self.serve_gateway(listener, upstreams)?;
         self.run_workers().await
     }
 
@@ -338,9 +347,10 @@ impl Process {
         let limits = &self.config.rate_limit;
         let redis = limits.redis().map(|options| eventfold_platform::runtime::redis(&options)).transpose()?;
         server.rate_limit(limits, redis);
+        server.tls(self.tls.clone());
         let listener = bind(listen).await?;
         let addr = listener.local_addr()?;
-        print_banner(&server, addr, what, storage);
+        print_banner(&server, addr, what, storage, self.tls.as_deref());
         if let Some(notice) = notice {
             println!("eventfold: {notice}");
         }
@@ -440,7 +450,13 @@ impl Process {
         } else {
             upstream
         };
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{upstream}"))?.connect_lazy();
+        // Over TLS when the gRPC server speaks it: the certificate must name
+        // the address the gateway dials (127.0.0.1 when it listens on all).
+        let scheme = if self.tls.as_ref().is_some_and(|tls| tls.serves()) { "https" } else { "http" };
+        let channel =
+            eventfold_platform::tls::channel(&format!("{scheme}://{upstream}"), self.tls.as_ref()).map_err(|e| {
+                eventfold_platform::Error::Config(format!("the REST gateway cannot call the gRPC server: {e}"))
+            })?;
         self.serve_gateway(listener, eventfold_gateway::Upstreams::all(channel))
     }
 
@@ -452,11 +468,13 @@ impl Process {
             upstreams,
             self.config.gateway.options(),
         )?;
-        println!("eventfold: REST on http://{addr} ({} operations)", gateway.bindings().len());
+        let tls = self.tls.clone().filter(|tls| tls.serves());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("eventfold: REST on {scheme}://{addr} ({} operations)", gateway.bindings().len());
         let token = self.runtime.token().clone();
         let router = gateway.router();
         self.runtime.spawn("REST gateway", async move {
-            if let Err(e) = eventfold_platform::admin::serve(listener, router, token).await {
+            if let Err(e) = eventfold_platform::admin::serve_tls(listener, tls, router, token).await {
                 tracing::error!(error = %e, "REST gateway failed");
             }
         });
@@ -497,18 +515,29 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// What the server hosts and how to try it.
-fn print_banner(server: &GrpcServer, addr: SocketAddr, what: &str, storage: &str) {
+fn print_banner(server: &GrpcServer, addr: SocketAddr, what: &str, storage: &str, tls: Option<&Tls>) {
     let commands = server.hosts("eventfold.orders.");
     let queries = server.hosts("eventfold.query.");
-    println!("eventfold: {what} listening on {addr} ({storage})");
-    println!("  try: grpcurl -plaintext {addr} list");
+    let over = match tls {
+        Some(tls) if tls.mutual() => " over mutual TLS",
+        Some(tls) if tls.serves() => " over TLS",
+        _ => "",
+    };
+    println!("eventfold: {what} listening on {addr}{over} ({storage})");
+    // grpcurl's flags for this server: the CA (and a client certificate).
+    let flags = match tls {
+        Some(tls) if tls.mutual() => "-cacert ca.crt -cert client.crt -key client.key",
+        Some(tls) if tls.serves() => "-cacert ca.crt",
+        _ => "-plaintext",
+    };
+    println!("  try: grpcurl {flags} {addr} list");
     if commands {
         let order = r#"{"order_id":"o-1","customer_id":"c-1","currency":"EUR","items":[{"product_id":"sku-1","quantity":2,"unit_price":{"minor":1250,"currency":"EUR"}}]}"#;
-        println!("       grpcurl -plaintext -d '{order}' {addr} eventfold.orders.v1.OrderCommandService/CreateOrder");
+        println!("       grpcurl {flags} -d '{order}' {addr} eventfold.orders.v1.OrderCommandService/CreateOrder");
     }
     if queries {
         println!(
-            "       grpcurl -plaintext -d '{{\"order_id\":\"o-1\"}}' {addr} eventfold.query.v1.OrderQueryService/GetOrder"
+            "       grpcurl {flags} -d '{{\"order_id\":\"o-1\"}}' {addr} eventfold.query.v1.OrderQueryService/GetOrder"
         );
     } else if commands {
         println!("  (read models and queries run with a database: eventfold dev --database-url postgresql://…)");

@@ -8,40 +8,7 @@ mod common;
 
 use std::process::Command;
 
-use common::DevServer;
-
-/// A step of the walkthrough: its comment and its shell commands.
-#[derive(Debug)]
-struct Step {
-    comment: String,
-    script: String,
-}
-
-/// The ```sh block of the README's "A curl walkthrough" section, cut into
-/// steps at each comment that follows a command.
-fn steps() -> Vec<Step> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).expect("README");
-    let section = readme.split("\n## A curl walkthrough\n").nth(1).expect("a curl walkthrough in README.md");
-    let section = section.split("\n## ").next().unwrap_or_default();
-    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("\n```").next()).expect("a ```sh block");
-    let mut steps: Vec<Step> = Vec::new();
-    for line in block.lines() {
-        if let Some(comment) = line.strip_prefix("# ") {
-            match steps.last_mut() {
-                Some(step) if step.script.is_empty() => {
-                    step.comment.push(' ');
-                    step.comment.push_str(comment);
-                }
-                _ => steps.push(Step { comment: comment.to_owned(), script: String::new() }),
-            }
-        } else if !line.trim().is_empty() {
-            let step = steps.last_mut().expect("a comment before the first command");
-            step.script.push_str(line);
-            step.script.push('\n');
-        }
-    }
-    steps
-}
+use common::{DevServer, readme_steps};
 
 /// Runs `script` with `localhost:8080` replaced by `rest`, in `dir`: what
 /// it printed (stdout), after checking that it succeeded.
@@ -114,7 +81,7 @@ fn the_readme_curl_walkthrough_runs_as_written() {
             assert_eq!(out.trim(), r#""openapi": "3.1.0","#, "{out}");
         }),
     ];
-    let steps = steps();
+    let steps = readme_steps("A curl walkthrough");
     let comments: Vec<&str> = steps.iter().map(|s| s.comment.as_str()).collect();
     assert_eq!(steps.len(), checks.len(), "the README's steps and this test's checks differ: {comments:?}");
     for (step, (starts, check)) in steps.iter().zip(checks) {

@@ -2,9 +2,13 @@
 //! (the process is alive) and `/readyz` (it takes traffic: not while it
 //! shuts down). Metrics and per-dependency readiness hang here next.
 
+use std::sync::Arc;
+
 use axum::{Router, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::tls::{Alpn, Tls, TlsListener};
 
 /// The admin routes; add more with [`Router::merge`] before serving.
 pub fn routes(token: CancellationToken) -> Router {
@@ -26,4 +30,21 @@ pub fn routes(token: CancellationToken) -> Router {
 /// Serve `routes` on `listener` until `token` is cancelled.
 pub async fn serve(listener: TcpListener, routes: Router, token: CancellationToken) -> std::io::Result<()> {
     axum::serve(listener, routes).with_graceful_shutdown(async move { token.cancelled().await }).await
+}
+
+/// Serve `routes` on `listener` until `token` is cancelled, over TLS with
+/// the certificates of `tls` when it has one (the REST gateway).
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    routes: Router,
+    token: CancellationToken,
+) -> std::io::Result<()> {
+    match tls.filter(|tls| tls.serves()) {
+        Some(tls) => {
+            let listener = TlsListener::new(listener, tls, Alpn::Http1)?;
+            axum::serve(listener, routes).with_graceful_shutdown(async move { token.cancelled().await }).await
+        }
+        None => serve(listener, routes, token).await,
+    }
 }

@@ -26,6 +26,7 @@ pub mod runtime;
 pub mod server;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod watchers;
 
 /// Errors of the platform plumbing.

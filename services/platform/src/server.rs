@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{
     server::NamedService,
     service::{Routes, RoutesBuilder},
-    transport::Server,
+    transport::{Server, server::Connected},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::layer::util::{Identity, Stack};
@@ -23,6 +23,7 @@ use crate::{
     auth::{AuthConfig, AuthLayer, Authenticator, KeyVerifier, policy::Policy},
     guard::{PanicToStatus, PeerLimitLayer},
     ratelimit::{RateLimitConfig, RateLimitLayer, RateLimiter, RouteClasses},
+    tls::{Alpn, Tls, TlsListener},
 };
 
 /// Most calls (streams included) open at once on one connection.
@@ -104,6 +105,7 @@ pub struct GrpcServer {
     health_interval: Option<Duration>,
     auth: Option<AuthSettings>,
     rate_limit: Option<(RateLimitConfig, Option<fred::clients::Client>)>,
+    tls: Option<Arc<Tls>>,
 }
 
 /// How a server authenticates, set by [`GrpcServer::authenticate`].
@@ -184,6 +186,13 @@ impl GrpcServer {
         self
     }
 
+    /// Serve over TLS with the certificates of `tls` (mutual TLS when it
+    /// has client CAs), when it has a certificate; else in plain text.
+    pub fn tls(&mut self, tls: Option<Arc<Tls>>) -> &mut Self {
+        self.tls = tls.filter(|tls| tls.serves());
+        self
+    }
+
     /// The rate limits of the services hosted, if any.
     fn rate_limiter(&self) -> Result<RateLimitLayer> {
         let Some((config, redis)) = &self.rate_limit else {
@@ -237,7 +246,14 @@ impl GrpcServer {
         }
         let probe =
             tokio::spawn(probe_health(reporter, self.checks, self.health_interval.unwrap_or(Duration::from_secs(5))));
-        let result = serve(router, listener, async move { token.cancelled().await }, grace).await;
+        let shutdown = async move { token.cancelled().await };
+        let result = match self.tls {
+            Some(tls) => {
+                let incoming = TlsListener::new(listener, tls, Alpn::H2).map_err(|e| Error::Config(e.to_string()))?;
+                serve(router, incoming, shutdown, grace).await
+            }
+            None => serve(router, TcpListenerStream::new(listener), shutdown, grace).await,
+        };
         probe.abort();
         result
     }
@@ -284,12 +300,18 @@ async fn probe_health(reporter: HealthReporter, checks: Vec<(Vec<String>, Health
 /// Serve `router` until `shutdown` resolves, then let in-flight calls finish for at
 /// most `grace` (streams are told to end through the service's own shutdown
 /// signal before that).
-async fn serve(
+async fn serve<I, IO, IE>(
     router: Router,
-    listener: TcpListener,
+    incoming: I,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
-) -> Result<()> {
+) -> Result<()>
+where
+    I: futures_util::Stream<Item = std::result::Result<IO, IE>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -298,7 +320,7 @@ async fn serve(
         tokio::time::sleep(grace).await;
         let _ = drained_tx.send(());
     });
-    let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+    let serving = router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop_rx.await;
     });
     tokio::select! {

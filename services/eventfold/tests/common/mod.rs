@@ -206,14 +206,17 @@ impl DevServer {
     }
 
     /// The address of the REST gateway, from the `eventfold: REST on
-    /// http://ADDR` line (within 10 s).
+    /// http://ADDR` (or `https://ADDR`) line (within 10 s).
     pub fn rest_addr(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let printed = self.process.stdout.lock().unwrap().clone();
             if let Some(addr) = printed
                 .lines()
-                .find_map(|line| line.strip_prefix("eventfold: REST on http://"))
+                .find_map(|line| {
+                    line.strip_prefix("eventfold: REST on http://")
+                        .or_else(|| line.strip_prefix("eventfold: REST on https://"))
+                })
                 .and_then(|rest| rest.split_whitespace().next())
             {
                 return addr.to_owned();
@@ -315,4 +318,38 @@ pub fn protoset_file() -> tempfile::NamedTempFile {
     let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
     file.write_all(&set.encode_to_vec()).expect("write the protoset");
     file
+}
+
+/// A step of a README walkthrough: its comment and its shell commands.
+#[derive(Debug)]
+pub struct Step {
+    pub comment: String,
+    pub script: String,
+}
+
+/// The ```sh blocks of the README's section `title`, cut into steps at
+/// each comment that follows a command (a comment of several lines is one).
+pub fn readme_steps(title: &str) -> Vec<Step> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).expect("README");
+    let section = readme.split(&format!("\n## {title}\n")).nth(1).unwrap_or_else(|| panic!("{title} in README.md"));
+    let section = section.split("\n## ").next().unwrap_or_default();
+    let blocks: Vec<&str> = section.split("```sh\n").skip(1).filter_map(|b| b.split("\n```").next()).collect();
+    assert!(!blocks.is_empty(), "no ```sh block in {title}");
+    let mut steps: Vec<Step> = Vec::new();
+    for line in blocks.iter().flat_map(|block| block.lines()) {
+        if let Some(comment) = line.strip_prefix("# ") {
+            match steps.last_mut() {
+                Some(step) if step.script.is_empty() => {
+                    step.comment.push(' ');
+                    step.comment.push_str(comment);
+                }
+                _ => steps.push(Step { comment: comment.to_owned(), script: String::new() }),
+            }
+        } else if !line.trim().is_empty() {
+            let step = steps.last_mut().expect("a comment before the first command");
+            step.script.push_str(line);
+            step.script.push('\n');
+        }
+    }
+    steps
 }
