@@ -217,6 +217,76 @@ impl Drop for OwnRedis {
     }
 }
 
+/// A Redis server of one test's own that speaks only TLS (`--port 0
+/// --tls-port P`), with the certificate, key and CA files given; with
+/// `mutual`, clients must present a certificate of that CA
+/// (`tls-auth-clients yes`). Killed on drop.
+#[derive(Debug)]
+pub struct TlsRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl TlsRedis {
+    /// Starts it on a free loopback port and waits until it accepts
+    /// connections.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is missing, lacks TLS, or does not listen within
+    /// 10 s.
+    pub fn start(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path, mutual: bool) -> TlsRedis {
+        let server = find_redis_server().unwrap_or_else(|| panic!("{NOT_FOUND}"));
+        let port = crate::free_port().expect("a free port");
+        let mut child = Command::new(&server)
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--tls-cert-file")
+            .arg(cert)
+            .arg("--tls-key-file")
+            .arg(key)
+            .arg("--tls-ca-cert-file")
+            .arg(ca)
+            .args(["--tls-auth-clients", if mutual { "yes" } else { "no" }])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"])
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", server.display()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                panic!("the TLS test Redis exited ({status}); built without TLS? {stderr}");
+            }
+            assert!(Instant::now() < deadline, "the TLS test Redis does not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TlsRedis { port, child }
+    }
+
+    /// `rediss://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+
+    /// The same server as a plain `redis://` URL (which it does not serve).
+    pub fn plain_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `PING` over RESP; `+PONG` expected.
 fn ping(port: u16) -> Result<(), String> {
     let mut stream = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(1))

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use eventfold_platform::{
     auth::keys::ApiKeyStore,
-    runtime::{Backoff, Databases, Resources, Runtime},
+    runtime::{Backoff, Databases, RedisOptions, Resources, Runtime},
     server::GrpcServer,
     tls::Tls,
 };
@@ -50,11 +50,12 @@ impl Process {
     /// client only for a process that `caches`: it starts connecting at once)
     /// and stops on SIGTERM/SIGINT.
     pub(crate) fn new(config: Config, caches: bool) -> anyhow::Result<Self> {
+        let tls = Tls::load(&config.tls).map_err(|e| eventfold_platform::Error::Config(e.to_string()))?;
         let redis = if caches { config.query.cache.redis() } else { None };
+        let redis = redis.map(|options| RedisOptions { tls: tls.clone(), ..options });
         let resources = Resources::open(&config.database, config.query.pool_size, redis.as_ref())?;
         let runtime = Runtime::new();
         runtime.cancel_on_signal();
-        let tls = Tls::load(&config.tls).map_err(|e| eventfold_platform::Error::Config(e.to_string()))?;
         if let Some(tls) = &tls {
             runtime.spawn("TLS reload", tls.clone().watch(runtime.token().clone()));
         }
@@ -345,7 +346,10 @@ impl Process {
         let notice = self.authenticate(&mut server, rest_default.is_some())?;
         // `[rate_limit]`, shared through Redis when `redis_url` is set.
         let limits = &self.config.rate_limit;
-        let redis = limits.redis().map(|options| eventfold_platform::runtime::redis(&options)).transpose()?;
+        let redis = limits
+            .redis()
+            .map(|options| eventfold_platform::runtime::redis(&RedisOptions { tls: self.tls.clone(), ..options }))
+            .transpose()?;
         server.rate_limit(limits, redis);
         server.tls(self.tls.clone());
         let listener = bind(listen).await?;

@@ -233,7 +233,7 @@ impl RateLimitConfig {
     /// when limits are off): `runtime::redis` builds it.
     pub fn redis(&self) -> Option<RedisOptions> {
         let url = self.redis_url.as_ref().filter(|url| self.enabled && !url.trim().is_empty())?;
-        Some(RedisOptions { url: url.clone(), command_timeout: Duration::from_millis(self.timeout_ms.max(1)) })
+        Some(RedisOptions { url: url.clone(), command_timeout: Duration::from_millis(self.timeout_ms.max(1)), tls: None })
     }
 }
 
@@ -719,7 +719,7 @@ mod tests {
     fn config_is_validated() {
         let config = RateLimitConfig::default();
         config.validate().unwrap();
-        assert_eq!(config.redis(), None, "no Redis unless configured");
+        assert!(config.redis().is_none(), "no Redis unless configured");
         let zero = RateLimitConfig { writes: Limit { per_second: 0, burst: 1 }, ..RateLimitConfig::default() };
         assert_eq!(
             zero.validate().unwrap_err().to_string(),
@@ -731,7 +731,7 @@ mod tests {
         let no_timeout = RateLimitConfig { timeout_ms: 0, ..RateLimitConfig::default() };
         assert!(no_timeout.validate().is_err());
         let off = RateLimitConfig { enabled: false, redis_url: Some("redis://x".into()), ..RateLimitConfig::default() };
-        assert_eq!(off.redis(), None, "limits off: no Redis client");
+        assert!(off.redis().is_none(), "limits off: no Redis client");
         let policy: RateLimitConfig = serde_json::from_str(r#"{"on_redis_down": "deny"}"#).unwrap();
         assert_eq!(policy.on_redis_down, RedisDown::Deny);
         assert!(serde_json::from_str::<RateLimitConfig>(r#"{"on_redis_down": "maybe"}"#).is_err());

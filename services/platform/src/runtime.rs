@@ -11,7 +11,7 @@
 //! see [`Runtime::cancel_on_signal`]), then [`Runtime::shutdown`] waits for
 //! every task within the grace period.
 
-use std::{fmt::Display, future::Future, time::Duration};
+use std::{fmt::Display, future::Future, sync::Arc, time::Duration};
 
 use eventfold_store::{Database, DatabaseOptions};
 pub use eventfold_store::{
@@ -72,11 +72,16 @@ impl DatabaseConfig {
     }
 }
 
-/// Where a process's Redis is and how long one command may take.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a process's Redis is, how long one command may take, and the TLS
+/// of a `rediss://` URL.
+#[derive(Debug, Clone)]
 pub struct RedisOptions {
     pub url: String,
     pub command_timeout: Duration,
+    /// `[tls]`: a `rediss://` connection trusts its CAs (else the system's)
+    /// and presents its certificate (Redis `tls-auth-clients`), as they
+    /// are when the client is built.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// A Redis client for `options` that connects, and reconnects every 200 ms,
@@ -86,7 +91,13 @@ pub struct RedisOptions {
 pub fn redis(options: &RedisOptions) -> Result<fred::clients::Client> {
     use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
     // The URL may hold a password: it appears in no error or log line.
-    let config = Config::from_url(&options.url).map_err(|e| Error::Config(format!("cache URL: {}", e.details())))?;
+    let mut config =
+        Config::from_url(&options.url).map_err(|e| Error::Config(format!("cache URL: {}", e.details())))?;
+    if config.uses_tls()
+        && let Some(tls) = options.tls.as_ref().and_then(|tls| tls.plain_client_config())
+    {
+        config.tls = Some(fred::types::config::TlsConnector::from((*tls).clone()).into());
+    }
     let command_timeout = options.command_timeout.max(Duration::from_millis(1));
     let client = Builder::from_config(config)
         .with_connection_config(|c| {

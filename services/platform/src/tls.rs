@@ -153,7 +153,10 @@ struct Configs {
     digest: [u8; 32],
     grpc: Option<Arc<ServerConfig>>,
     rest: Option<Arc<ServerConfig>>,
+    /// Calls to gRPC servers (ALPN h2).
     client: Option<Arc<ClientConfig>>,
+    /// Calls to Redis and Kafka (no ALPN).
+    plain_client: Option<Arc<ClientConfig>>,
 }
 
 /// ring, as the PostgreSQL client uses (no C toolchain beyond `cc`); it
@@ -237,18 +240,28 @@ impl Configs {
                     .with_safe_default_protocol_versions()
                     .map_err(|e| tls_error(setting, format!("TLS setup ({e})")))?
                     .with_root_certificates(roots(setting, pem)?);
-                let mut client = match &identity {
+                let client = match &identity {
                     Some((chain, key)) => builder
                         .with_client_auth_cert(chain.clone(), key.clone_key())
                         .map_err(|e| tls_error("key_file", format!("does not go with cert_file ({e})")))?,
                     None => builder.with_no_client_auth(),
                 };
-                client.alpn_protocols = vec![b"h2".to_vec()];
-                Some(Arc::new(client))
+                Some(client)
             }
             None => None,
         };
-        Ok(Self { digest: files.digest(), grpc: server(Alpn::H2, true)?, rest: server(Alpn::Http1, false)?, client })
+        let plain_client = client.clone().map(Arc::new);
+        let client = client.map(|mut client| {
+            client.alpn_protocols = vec![b"h2".to_vec()];
+            Arc::new(client)
+        });
+        Ok(Self {
+            digest: files.digest(),
+            grpc: server(Alpn::H2, true)?,
+            rest: server(Alpn::Http1, false)?,
+            client,
+            plain_client,
+        })
     }
 }
 
@@ -314,6 +327,13 @@ impl Tls {
     /// configured.
     pub fn client_config(&self) -> Option<Arc<ClientConfig>> {
         self.current().client.clone()
+    }
+
+    /// The configuration of connections to Redis and Kafka (as
+    /// [`Tls::client_config`], offering no application protocol), if CAs
+    /// to trust are configured.
+    pub fn plain_client_config(&self) -> Option<Arc<ClientConfig>> {
+        self.current().plain_client.clone()
     }
 
     /// Reads the files again; `Ok(true)` when they changed and the new

@@ -129,7 +129,7 @@ fn limits() -> RateLimitConfig {
 
 /// A Redis client of its own (as each process builds one), connected.
 async fn client(url: &str, timeout_ms: u64) -> fred::clients::Client {
-    let options = RedisOptions { url: url.to_owned(), command_timeout: Duration::from_millis(timeout_ms) };
+    let options = RedisOptions { url: url.to_owned(), command_timeout: Duration::from_millis(timeout_ms), tls: None };
     let client = redis(&options).expect("a Redis client");
     tokio::time::timeout(Duration::from_secs(10), client.wait_for_connect())
         .await
@@ -307,7 +307,7 @@ async fn with_redis_down_the_fallback_applies_and_is_counted() {
     let allow = RateLimitConfig { on_redis_down: RedisDown::Allow, ..config.clone() };
     let allowing = start(
         &allow,
-        Some(redis(&RedisOptions { url: own.url(), command_timeout: Duration::from_millis(200) }).unwrap()),
+        Some(redis(&RedisOptions { url: own.url(), command_timeout: Duration::from_millis(200), tls: None }).unwrap()),
         true,
     )
     .await;
@@ -319,7 +319,7 @@ async fn with_redis_down_the_fallback_applies_and_is_counted() {
     let deny = RateLimitConfig { on_redis_down: RedisDown::Deny, ..config.clone() };
     let denying = start(
         &deny,
-        Some(redis(&RedisOptions { url: own.url(), command_timeout: Duration::from_millis(200) }).unwrap()),
+        Some(redis(&RedisOptions { url: own.url(), command_timeout: Duration::from_millis(200), tls: None }).unwrap()),
         true,
     )
     .await;

@@ -64,6 +64,7 @@ impl CacheConfig {
         self.url.as_ref().map(|url| eventfold_platform::runtime::RedisOptions {
             url: url.clone(),
             command_timeout: Duration::from_millis(self.timeout_ms.max(1)),
+            tls: None,
         })
     }
 }
