@@ -237,6 +237,47 @@ def main():
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] if ingress else {}
     check(backend == {"name": f"{PREFIX}-gateway", "port": {"name": "http"}}, f"gateway Ingress backend: {backend}")
 
+    # TLS from a Secret: every eventfold container mounts it and has [tls];
+    # mutual TLS by default; the gateway calls https:// upstreams; the gRPC
+    # servers are probed on the admin listener (gRPC probes speak no TLS).
+    docs = render(chart_dir, {**DB, "tls": {"existingSecret": "eventfold-tls"}})
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "Job")]
+    for workload in workloads:
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        if "EVENTFOLD_TLS__CERT_FILE" not in env(workload):
+            check(name.endswith("register-schemas"), f"{name}: [tls] set")
+            continue
+        check(
+            {"name": "tls", "secret": {"secretName": "eventfold-tls"}} in pod.get("volumes", []),
+            f"{name}: the TLS Secret as a volume",
+        )
+        mounts = container(workload).get("volumeMounts", [])
+        check(
+            {"name": "tls", "mountPath": "/etc/eventfold/tls", "readOnly": True} in mounts,
+            f"{name}: the TLS Secret mounted: {mounts}",
+        )
+        check(env(workload)["EVENTFOLD_TLS__KEY_FILE"] == "/etc/eventfold/tls/tls.key", f"{name}: key file")
+        check(env(workload).get("EVENTFOLD_TLS__CLIENT_CA_FILE") == "/etc/eventfold/tls/ca.crt", f"{name}: mutual")
+    gateway = find(docs, "Deployment", f"{PREFIX}-gateway")
+    upstreams = {k: v for k, v in env(gateway).items() if k.startswith("EVENTFOLD_GATEWAY__UPSTREAMS__")}
+    check(upstreams and all(v.startswith("https://") for v in upstreams.values()), f"https upstreams: {upstreams}")
+    command = find(docs, "Deployment", f"{PREFIX}-command")
+    probe = container(command)["readinessProbe"]
+    check(probe.get("httpGet") == {"path": "/readyz", "port": "admin"}, f"probe over the admin listener: {probe}")
+    check(env(command)["EVENTFOLD_ADMIN__LISTEN"] == "0.0.0.0:9464", "the admin listener of a gRPC server")
+    plain = render(chart_dir, DB)
+    check("grpc" in container(find(plain, "Deployment", f"{PREFIX}-command"))["readinessProbe"], "gRPC probes without TLS")
+    check(
+        not any("EVENTFOLD_TLS__CERT_FILE" in env(d) for d in plain if d["kind"] in ("Deployment", "Job")),
+        "no [tls] without a Secret",
+    )
+    docs = render(chart_dir, {**DB, "tls": {"existingSecret": "eventfold-tls", "mutual": False}})
+    check(
+        "EVENTFOLD_TLS__CLIENT_CA_FILE" not in env(find(docs, "Deployment", f"{PREFIX}-command")),
+        "tls.mutual=false: no client CA",
+    )
+
     # Settings that cannot work fail the render and say why.
     render_fails(chart_dir, {}, "database.url or database.existingSecret is required")
     render_fails(chart_dir, {**DB, "projector": {"source": "kafka"}}, "projector.source=kafka needs kafka.brokers")

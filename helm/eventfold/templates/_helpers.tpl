@@ -110,6 +110,38 @@ url
 - name: EVENTFOLD_QUERY__CACHE__URL
   value: {{ .Values.redis.url | quote }}
 {{- end }}
+{{- include "eventfold.tlsEnv" . }}
+{{- end -}}
+
+{{/* [tls] from the Secret tls.existingSecret, mounted by eventfold.tlsMount. */}}
+{{- define "eventfold.tlsEnv" -}}
+{{- if .Values.tls.existingSecret }}
+- name: EVENTFOLD_TLS__CERT_FILE
+  value: /etc/eventfold/tls/tls.crt
+- name: EVENTFOLD_TLS__KEY_FILE
+  value: /etc/eventfold/tls/tls.key
+- name: EVENTFOLD_TLS__CA_FILE
+  value: /etc/eventfold/tls/ca.crt
+{{- if .Values.tls.mutual }}
+- name: EVENTFOLD_TLS__CLIENT_CA_FILE
+  value: /etc/eventfold/tls/ca.crt
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The container's mount of the TLS Secret, when there is one. */}}
+{{- define "eventfold.tlsMount" -}}
+{{- if .Values.tls.existingSecret }}
+volumeMounts:
+  - name: tls
+    mountPath: /etc/eventfold/tls
+    readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The scheme of the gRPC servers' URLs. */}}
+{{- define "eventfold.grpcScheme" -}}
+{{- if .Values.tls.existingSecret -}}https{{- else -}}http{{- end -}}
 {{- end -}}
 
 {{/* Pod settings every eventfold pod shares. */}}
@@ -120,6 +152,12 @@ imagePullSecrets:
 {{- end }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- if .Values.tls.existingSecret }}
+volumes:
+  - name: tls
+    secret:
+      secretName: {{ .Values.tls.existingSecret }}
+{{- end }}
 {{- with .Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
