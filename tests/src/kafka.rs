@@ -50,14 +50,22 @@ impl Broker {
     ///
     /// If the binary is missing or the port does not answer within 10 s.
     pub fn start() -> Broker {
+        Self::start_advertising(None)
+    }
+
+    /// [`Broker::start`], telling clients to connect to `advertised` (a
+    /// port on 127.0.0.1) instead of its own port: the port of a proxy in
+    /// front of it.
+    fn start_advertising(advertised: Option<u16>) -> Broker {
         let binary = binary();
         let mut last = String::new();
         for _attempt in 0..3 {
             let port = crate::free_port().expect("a free port");
             let log = tempfile::NamedTempFile::new().expect("a log file");
             let url = format!("tcp://127.0.0.1:{port}");
+            let advertised = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
             let child = Command::new(&binary)
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised])
                 .args(["--storage-engine", "memory://tansu/"])
                 .stdin(Stdio::null())
                 .stdout(log.reopen().expect("log"))
@@ -108,6 +116,121 @@ impl Broker {
     /// What the broker printed so far (for a failing test's message).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+/// A broker reached only over TLS, as behind a TLS-terminating proxy
+/// (stunnel, envoy): tansu on a port of its own, advertising the port of a
+/// terminator that completes each TLS handshake with the given server
+/// certificate (and, with a client CA, requires a client certificate of
+/// it) and forwards the bytes to the broker. Both stop on drop.
+pub struct TlsBroker {
+    broker: Broker,
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TlsBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsBroker").field("port", &self.port).field("broker", &self.broker).finish()
+    }
+}
+
+impl TlsBroker {
+    /// Starts the terminator on a free loopback port and the broker
+    /// behind it.
+    ///
+    /// # Panics
+    ///
+    /// If the PEM files do not make a TLS server, or the broker does not
+    /// start.
+    #[allow(deprecated)] // ring's provider, as the services use.
+    pub fn start(cert: &std::path::Path, key: &std::path::Path, client_ca: Option<&std::path::Path>) -> TlsBroker {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(ca).expect("the client CA") {
+                    roots.add(cert.expect("a CA certificate")).expect("a usable CA");
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .expect("a client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let chain = CertificateDer::pem_file_iter(cert).expect("the certificate").map(|c| c.expect("PEM")).collect();
+        let key = PrivateKeyDer::from_pem_file(key).expect("the key");
+        let config = std::sync::Arc::new(builder.with_single_cert(chain, key).expect("a TLS server"));
+
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("a port for the terminator");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let port = listener.local_addr().expect("its address").port();
+        let broker = Broker::start_advertising(Some(port));
+        let upstream = broker.port;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            runtime.block_on(terminate(listener, config, upstream, stopped));
+        });
+        TlsBroker { broker, port, stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// `127.0.0.1:PORT` of the terminator, for the bootstrap list.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What the broker printed so far.
+    pub fn log(&self) -> String {
+        self.broker.log()
+    }
+}
+
+/// Accepts TLS connections on `listener` until `stopped`, each forwarded to
+/// the broker on `upstream`.
+async fn terminate(
+    listener: std::net::TcpListener,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    upstream: u16,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let tcp = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(_) => continue,
+            },
+        };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            // A refused handshake closes the connection, as a proxy does.
+            let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+            let Ok(mut broker) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, upstream)).await else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+        });
+    }
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -42,6 +42,9 @@ pub struct ConsumerConfig {
     /// How long a generic consumer remembers the event ids it handled, to
     /// drop an event the relay sends again (at-least-once).
     pub dedupe_retention_hours: u64,
+    /// TLS to the brokers (set at run time from `[tls]`).
+    #[serde(skip)]
+    pub tls: crate::BrokerTls,
 }
 
 impl Default for ConsumerConfig {
@@ -55,6 +58,7 @@ impl Default for ConsumerConfig {
             request_timeout_ms: 10_000,
             max_backoff_ms: 5_000,
             dedupe_retention_hours: 7 * 24,
+            tls: crate::BrokerTls::default(),
         }
     }
 }

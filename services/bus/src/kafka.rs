@@ -11,6 +11,44 @@ use rskafka::client::{
 
 use crate::{ConsumerConfig, Error, Result, broker};
 
+/// How the connections to the brokers are encrypted: not at all (the
+/// default), or over TLS with a rustls client configuration (built from
+/// `[tls]` when `[relay] tls = true`: its CAs, and its certificate for
+/// brokers that require client certificates). Set at run time, never from
+/// a configuration file.
+#[derive(Clone, Default)]
+pub struct BrokerTls(Option<Arc<rustls::ClientConfig>>);
+
+impl BrokerTls {
+    /// Over TLS with `config`.
+    pub fn new(config: Arc<rustls::ClientConfig>) -> Self {
+        Self(Some(config))
+    }
+
+    /// Whether the connections use TLS.
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl PartialEq for BrokerTls {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for BrokerTls {}
+
+impl std::fmt::Debug for BrokerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_on() { "BrokerTls(on)" } else { "BrokerTls(off)" })
+    }
+}
+
 /// A connection to the brokers, with the partition clients and the topic
 /// sizes it has looked up: what the relay and the consumers share.
 pub struct Kafka {
@@ -29,6 +67,7 @@ impl std::fmt::Debug for Kafka {
 pub(crate) async fn connect_kafka(config: &ConsumerConfig) -> Result<Kafka> {
     Kafka::connect(
         &config.brokers,
+        &config.tls,
         Duration::from_millis(config.request_timeout_ms.max(1)),
         Duration::from_millis(config.max_backoff_ms),
     )
@@ -44,16 +83,26 @@ pub(crate) async fn connected<'a>(slot: &'a mut Option<Kafka>, config: &Consumer
 }
 
 impl Kafka {
-    /// Connects to `brokers`. Every broker call of rskafka retries with
-    /// exponential backoff (up to `max_backoff`) until `timeout`.
-    pub async fn connect(brokers: &[String], timeout: Duration, max_backoff: Duration) -> Result<Kafka> {
+    /// Connects to `brokers` (over TLS as `tls` says). Every broker call of
+    /// rskafka retries with exponential backoff (up to `max_backoff`) until
+    /// `timeout`.
+    pub async fn connect(
+        brokers: &[String],
+        tls: &BrokerTls,
+        timeout: Duration,
+        max_backoff: Duration,
+    ) -> Result<Kafka> {
         let backoff = rskafka::BackoffConfig {
             init_backoff: Duration::from_millis(50),
             max_backoff: max_backoff.max(Duration::from_millis(50)),
             base: 2.0,
             deadline: Some(timeout),
         };
-        let build = ClientBuilder::new(brokers.to_vec()).backoff_config(backoff).build();
+        let mut builder = ClientBuilder::new(brokers.to_vec()).backoff_config(backoff);
+        if let Some(config) = &tls.0 {
+            builder = builder.tls_config(config.clone());
+        }
+        let build = builder.build();
         let client = tokio::time::timeout(timeout, build)
             .await
             .map_err(|_| Error::Broker("no connection to the brokers".to_owned()))?

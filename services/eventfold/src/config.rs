@@ -35,6 +35,11 @@ impl Config {
         // Certificates that cannot be read or used: a usage error naming the
         // setting.
         eventfold_platform::tls::Tls::load(&self.tls).map_err(|e| eventfold_platform::Error::Config(e.to_string()))?;
+        if self.relay.tls && self.tls.ca_file.is_none() && self.tls.client_ca_file.is_none() {
+            return Err(eventfold_platform::Error::Config(
+                "relay.tls = true needs tls.ca_file (the CAs of the brokers' certificates)".to_owned(),
+            ));
+        }
         Ok(())
     }
 

@@ -119,8 +119,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Schemas { action } => bus_cli::schemas(config.registry.url.as_deref(), action).await,
         Command::Keys { action, .. } => keys::run(&process.databases()?.main, action).await,
         Command::Dlq { action, .. } => {
-            let consumer =
-                eventfold_bus::ConsumerConfig { brokers: config.relay.brokers.clone(), ..Default::default() };
+            let consumer = eventfold_bus::ConsumerConfig {
+                brokers: config.relay.brokers.clone(),
+                tls: process.broker_tls()?,
+                ..Default::default()
+            };
             bus_cli::dlq(&consumer, &process.databases()?.main, config.registry.url.as_deref(), action).await
         }
     }

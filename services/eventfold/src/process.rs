@@ -66,6 +66,21 @@ impl Process {
         &self.config
     }
 
+    /// The TLS of the connections to the brokers: `[relay] tls` with the
+    /// CAs (and certificate) of `[tls]`.
+    pub(crate) fn broker_tls(&self) -> anyhow::Result<eventfold_bus::BrokerTls> {
+        if !self.config.relay.tls {
+            return Ok(eventfold_bus::BrokerTls::default());
+        }
+        match self.tls.as_ref().and_then(|tls| tls.plain_client_config()) {
+            Some(config) => Ok(eventfold_bus::BrokerTls::new(config)),
+            None => Err(eventfold_platform::Error::Config(
+                "relay.tls = true needs tls.ca_file (the CAs of the brokers' certificates)".to_owned(),
+            )
+            .into()),
+        }
+    }
+
     pub(crate) fn databases(&self) -> anyhow::Result<&Databases> {
         Ok(self.resources.databases()?)
     }
@@ -215,7 +230,7 @@ impl Process {
             self.databases()?.workers.clone(),
             log,
             Arc::new(encoder),
-            self.config.relay.clone(),
+            eventfold_relay::Config { tls_config: self.broker_tls()?, ..self.config.relay.clone() },
         )
         .await?;
         println!("eventfold: relaying to {} (registry {registry_url})", self.config.relay.brokers.join(","));
@@ -282,6 +297,7 @@ impl Process {
                     consumer: eventfold_bus::ConsumerConfig {
                         brokers: config.relay.brokers.clone(),
                         fetch_wait_ms: 1,
+                        tls: self.broker_tls()?,
                         ..Default::default()
                     },
                     relay: config.relay.name.clone(),

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, DevServer, grpcurl, readme_steps};
+use common::{BIN, DevServer, eventfold, grpcurl, readme_steps};
 use eventfold_tests::tls::TestCa;
 
 const HEALTH: &str = "grpc.health.v1.Health/Check";
@@ -518,4 +518,27 @@ fn certificates_are_replaced_without_a_restart() {
         serving(&["-cacert", &new_ca], &server.addr)
     });
     drop(server);
+}
+
+#[test]
+fn unusable_tls_settings_are_usage_errors_that_name_the_setting_not_the_path() {
+    let run = |env: &[(&str, &str)]| {
+        let output = eventfold()
+            .args(["serve", "eventstore", "--database-url", "postgresql://nobody@127.0.0.1:1/none"])
+            .envs(env.iter().copied())
+            .output()
+            .expect("run eventfold serve eventstore");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(64), "exit status: {:?}; stderr:\n{stderr}", output.status);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line:\n{stderr}");
+        stderr
+    };
+    let missing = run(&[
+        ("EVENTFOLD_TLS__CERT_FILE", "/srv/very-secret-dir/tls.crt"),
+        ("EVENTFOLD_TLS__KEY_FILE", "/srv/very-secret-dir/tls.key"),
+    ]);
+    assert!(missing.contains("tls.cert_file: cannot read the file"), "{missing}");
+    assert!(!missing.contains("very-secret-dir"), "{missing}");
+    let relay = run(&[("EVENTFOLD_RELAY__TLS", "true")]);
+    assert!(relay.contains("relay.tls = true needs tls.ca_file"), "{relay}");
 }

@@ -58,6 +58,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_RELAY__BROKERS", "Kafka bootstrap brokers of the relay and the consumers, e.g. [\"kafka:9092\"]"),
     ("EVENTFOLD_RELAY__PARTITIONS", "partitions of the topics the relay creates"),
     ("EVENTFOLD_RELAY__BATCH_SIZE", "most events the relay sends per batch"),
+    ("EVENTFOLD_RELAY__TLS", "brokers over TLS (relay, consumers, Kafka-fed projectors), trusting tls.ca_file"),
     ("EVENTFOLD_REGISTRY__URL", "Schema Registry URL, e.g. http://schema-registry:8081"),
     ("EVENTFOLD_SAGA__LISTEN", "gRPC listen address of `eventfold serve saga`"),
     ("EVENTFOLD_SAGA__ENABLED", "whether the sagas run (intake with the projectors, orchestrator on PostgreSQL)"),

@@ -233,7 +233,11 @@ impl RateLimitConfig {
     /// when limits are off): `runtime::redis` builds it.
     pub fn redis(&self) -> Option<RedisOptions> {
         let url = self.redis_url.as_ref().filter(|url| self.enabled && !url.trim().is_empty())?;
-        Some(RedisOptions { url: url.clone(), command_timeout: Duration::from_millis(self.timeout_ms.max(1)), tls: None })
+        Some(RedisOptions {
+            url: url.clone(),
+            command_timeout: Duration::from_millis(self.timeout_ms.max(1)),
+            tls: None,
+        })
     }
 }
 

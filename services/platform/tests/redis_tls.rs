@@ -31,8 +31,7 @@ async fn round_trip(options: &RedisOptions) -> Result<(), String> {
     let result = tokio::time::timeout(Duration::from_secs(3), async {
         client.wait_for_connect().await.map_err(|e| e.to_string())?;
         let script = "redis.call('SET', KEYS[1], ARGV[1]); return redis.call('GET', KEYS[1])";
-        let value: String =
-            client.eval(script, vec!["tls-key"], vec!["over tls"]).await.map_err(|e| e.to_string())?;
+        let value: String = client.eval(script, vec!["tls-key"], vec!["over tls"]).await.map_err(|e| e.to_string())?;
         if value == "over tls" { Ok(()) } else { Err(format!("GET answered {value:?}")) }
     })
     .await

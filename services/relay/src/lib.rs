@@ -61,6 +61,13 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Longest pause between retries while the broker is unreachable.
     pub max_backoff_ms: u64,
+    /// Connect to the brokers over TLS, trusting `[tls] ca_file` and
+    /// presenting `[tls] cert_file` (for brokers that require client
+    /// certificates); the consumers and the Kafka-fed projectors too.
+    pub tls: bool,
+    /// The TLS of `tls`, set at run time from `[tls]`.
+    #[serde(skip)]
+    pub tls_config: eventfold_bus::BrokerTls,
 }
 
 impl Config {
@@ -83,6 +90,8 @@ impl Default for Config {
             linger_ms: 5,
             request_timeout_ms: 10_000,
             max_backoff_ms: 5_000,
+            tls: false,
+            tls_config: eventfold_bus::BrokerTls::default(),
         }
     }
 }
@@ -290,7 +299,9 @@ impl Relay {
 
     async fn connect(&self) -> Result<Kafka> {
         let max_backoff = Duration::from_millis(self.config.max_backoff_ms);
-        Kafka::connect(&self.config.brokers, self.timeout(), max_backoff).await.map_err(from_bus)
+        Kafka::connect(&self.config.brokers, &self.config.tls_config, self.timeout(), max_backoff)
+            .await
+            .map_err(from_bus)
     }
 
     /// Relays at most one batch. Returns how many events it sent; 0 means
