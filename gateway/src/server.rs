@@ -23,7 +23,14 @@ use crate::{
 };
 
 /// Request headers passed on to the service as gRPC metadata.
-const FORWARDED: [&str; 5] = ["authorization", "x-api-key", "x-request-id", "traceparent", "tracestate"];
+const FORWARDED: [&str; 6] =
+    ["authorization", "x-api-key", "x-request-id", "traceparent", "tracestate", CLIENT_ADDRESS_HEADER];
+
+/// The caller's address as the gateway saw it (its TCP peer), for the
+/// upstreams' per-address limits; the value a client sent is replaced, so
+/// it cannot pose as another address. Upstreams believe it only from
+/// their `[rate_limit] trusted_proxies`.
+pub const CLIENT_ADDRESS_HEADER: &str = "x-forwarded-for";
 /// Server streams over WebSocket: the stream's own path under this prefix.
 pub const WEBSOCKET: &str = "/ws";
 /// Where Swagger UI is served.
@@ -232,8 +239,20 @@ async fn open_stream(
     Ok(answer.into_inner())
 }
 
+/// Replaces what the client sent as [`CLIENT_ADDRESS_HEADER`] with the
+/// address of its connection (when served with connect info), or removes
+/// it.
+fn set_client_address(headers: &mut HeaderMap, extensions: &http::Extensions) {
+    headers.remove(CLIENT_ADDRESS_HEADER);
+    let peer = extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|info| info.0.ip());
+    if let Some(value) = peer.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()) {
+        headers.insert(CLIENT_ADDRESS_HEADER, value);
+    }
+}
+
 async fn transcode_call(inner: &Inner, request: Request) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    set_client_address(&mut parts.headers, &parts.extensions);
     let (binding, bound) = route(inner, &parts.method, parts.uri.path())?;
     let limit = inner.options.max_body_bytes;
     let declared =
@@ -298,8 +317,10 @@ async fn websocket(
     State(gateway): State<Gateway>,
     upgrade: axum::extract::ws::WebSocketUpgrade,
     uri: http::Uri,
-    headers: HeaderMap,
+    extensions: http::Extensions,
+    mut headers: HeaderMap,
 ) -> Response {
+    set_client_address(&mut headers, &extensions);
     let inner = &gateway.inner;
     let path = uri.path().strip_prefix(WEBSOCKET).unwrap_or_default();
     let opened = async {

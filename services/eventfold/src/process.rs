@@ -361,7 +361,13 @@ impl Process {
         // Only `eventfold dev` serves REST beside gRPC by default.
         let notice = self.authenticate(&mut server, rest_default.is_some())?;
         // `[rate_limit]`, shared through Redis when `redis_url` is set.
-        let limits = &self.config.rate_limit;
+        // `eventfold dev`'s gateway calls from loopback: its caller's
+        // address counts, unless trusted proxies are configured.
+        let mut limits = self.config.rate_limit.clone();
+        if rest_default.is_some() && limits.trusted_proxies.is_empty() {
+            limits.trusted_proxies = vec!["127.0.0.1".to_owned(), "::1".to_owned()];
+        }
+        let limits = &limits;
         let redis = limits
             .redis()
             .map(|options| eventfold_platform::runtime::redis(&RedisOptions { tls: self.tls.clone(), ..options }))

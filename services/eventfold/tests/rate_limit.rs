@@ -46,11 +46,24 @@ impl Answer {
 
 /// Appends one event over REST with curl.
 fn append(rest: &str) -> Answer {
+    append_from(rest, None, &[])
+}
+
+/// [`append`] from the loopback address `from` (curl `--interface`), with
+/// more `headers`.
+fn append_from(rest: &str, from: Option<&str>, headers: &[&str]) -> Answer {
     static EVENTS: AtomicU64 = AtomicU64::new(1);
     let n = EVENTS.fetch_add(1, Ordering::Relaxed);
     let body =
         json!({"events": [{"eventId": format!("0190a6a0-0000-7000-8000-{n:012}"), "eventType": "Noted", "data": {}}]});
-    let output = Command::new("curl")
+    let mut command = Command::new("curl");
+    if let Some(from) = from {
+        command.args(["--interface", from]);
+    }
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let output = command
         .args(["-sS", "-i", "-X", "POST", &format!("http://{rest}/v1/streams/limited-{n}:append")])
         .args(["-H", "content-type: application/json", "--data-binary", &body.to_string()])
         .output()
@@ -138,4 +151,24 @@ fn two_processes_share_one_limit_through_redis_and_fall_back_when_it_stops() {
         let statuses: Vec<u16> = (0..5).map(|_| append(rest).status).collect();
         assert_eq!(statuses, [200, 200, 200, 429, 429], "on {rest}");
     }
+}
+
+/// Anonymous REST callers count each for their own address (the gateway
+/// names it in `x-forwarded-for`, which `eventfold dev` trusts from
+/// loopback), not all for the gateway's; a caller cannot name another
+/// address itself.
+#[test]
+fn anonymous_rest_callers_are_limited_each_by_their_own_address() {
+    let (server, rest) = dev(&[]);
+    for n in 0..3 {
+        let answer = append_from(&rest, Some("127.0.0.2"), &[]);
+        assert_eq!(answer.status, 200, "write {n} from 127.0.0.2: {}", answer.body);
+    }
+    too_many(&append_from(&rest, Some("127.0.0.2"), &[]));
+    // Posing as another address changes nothing: the gateway replaces it.
+    too_many(&append_from(&rest, Some("127.0.0.2"), &["X-Forwarded-For: 127.0.0.9"]));
+    // Another caller of the same gateway has a bucket of its own.
+    let other = append_from(&rest, Some("127.0.0.3"), &[]);
+    assert_eq!(other.status, 200, "the first write from 127.0.0.3: {}", other.body);
+    drop(server);
 }

@@ -2,9 +2,9 @@
 //! (the process is alive) and `/readyz` (it takes traffic: not while it
 //! shuts down). Metrics and per-dependency readiness hang here next.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
-use axum::{Router, http::StatusCode, routing::get};
+use axum::{Router, http::StatusCode, routing::get, serve::ListenerExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -27,9 +27,12 @@ pub fn routes(token: CancellationToken) -> Router {
     )
 }
 
-/// Serve `routes` on `listener` until `token` is cancelled.
+/// Serve `routes` on `listener` until `token` is cancelled, each request
+/// with its connection's peer (`ConnectInfo<SocketAddr>`).
 pub async fn serve(listener: TcpListener, routes: Router, token: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, routes).with_graceful_shutdown(async move { token.cancelled().await }).await
+    axum::serve(listener, routes.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await
 }
 
 /// Serve `routes` on `listener` until `token` is cancelled, over TLS with
@@ -42,8 +45,11 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     match tls.filter(|tls| tls.serves()) {
         Some(tls) => {
-            let listener = TlsListener::new(listener, tls, Alpn::Http1)?;
-            axum::serve(listener, routes).with_graceful_shutdown(async move { token.cancelled().await }).await
+            // tap_io: axum gives the peer of any listener it wraps so.
+            let listener = TlsListener::new(listener, tls, Alpn::Http1)?.tap_io(|_| {});
+            axum::serve(listener, routes.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
         }
         None => serve(listener, routes, token).await,
     }

@@ -98,6 +98,12 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_RATE_LIMIT__TIMEOUT_MS", "longest wait for Redis before on_redis_down applies (default 50)"),
     ("EVENTFOLD_RATE_LIMIT__REDIS_RETRY_MS", "after a Redis failure, how long it is not asked (default 1000)"),
     ("EVENTFOLD_RATE_LIMIT__ON_REDIS_DOWN", "while Redis fails: local (default), allow or deny"),
+    (
+        "EVENTFOLD_RATE_LIMIT__TRUSTED_PROXIES",
+        "peers whose x-forwarded-for names the caller, e.g. [\"10.0.0.0/8\"] (dev: loopback)",
+    ),
+    ("EVENTFOLD_RATE_LIMIT__AUTH_FAILURES__PER_SECOND", "failed authentications a second per address (default 10)"),
+    ("EVENTFOLD_RATE_LIMIT__AUTH_FAILURES__BURST", "failed authentications at once per address (default 100)"),
     ("EVENTFOLD_RATE_LIMIT__MAX_LOCAL_KEYS", "most rate limit buckets a process tracks itself (default 100000)"),
     ("EVENTFOLD_TLS__CERT_FILE", "PEM certificate chain: every gRPC and REST listener speaks TLS with it"),
     ("EVENTFOLD_TLS__KEY_FILE", "PEM private key of tls.cert_file"),

@@ -2,9 +2,12 @@
 //! that runs after authentication:
 //!
 //! - who: the authenticated principal's subject, else the client's IP
-//!   address (`ip:<addr>`) for anonymous calls. Calls that come through the
-//!   REST gateway are the gateway's: authenticated ones count for their
-//!   principal, anonymous ones for the gateway's address;
+//!   address (`ip:<addr>`) for anonymous calls. The client's address is
+//!   the connection's peer, unless the peer is one of `trusted_proxies`
+//!   (addresses or CIDR ranges): then it is the last address of the
+//!   `x-forwarded-for` the proxy set (the REST gateway sets it to its own
+//!   caller's address, replacing what that caller sent), so anonymous REST
+//!   callers count each for their own address, not all for the gateway's;
 //! - what: the route class of the RPC, read from the descriptor sets
 //!   ([`RouteClasses`]): a server- or client-streaming RPC opens a stream
 //!   (`streams`, limited per stream opened, not per message), an RPC bound
@@ -130,6 +133,15 @@ pub struct RateLimitConfig {
     pub on_redis_down: RedisDown,
     /// Most buckets this process tracks itself (default 100000).
     pub max_local_keys: usize,
+    /// Peers whose `x-forwarded-for` names the caller (the REST gateway,
+    /// a load balancer): addresses or CIDR ranges, e.g. `["10.0.0.0/8"]`
+    /// (default none; `eventfold dev`: loopback, where its gateway runs).
+    pub trusted_proxies: Vec<String>,
+    /// Failed authentications per client address (bad tokens, unknown
+    /// keys: each may cost a signature check or a database read): over
+    /// it, calls with credentials from that address are refused without
+    /// being checked (default 10/s, burst 100; this process's own count).
+    pub auth_failures: Limit,
 }
 
 impl Default for RateLimitConfig {
@@ -145,6 +157,8 @@ impl Default for RateLimitConfig {
             redis_retry_ms: 1000,
             on_redis_down: RedisDown::Local,
             max_local_keys: 100_000,
+            trusted_proxies: Vec::new(),
+            auth_failures: Limit { per_second: 10, burst: 100 },
         }
     }
 }
@@ -192,6 +206,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("rate_limit.key_prefix is longer than 128 bytes")]
     Prefix,
+    #[error("rate_limit.trusted_proxies: {0:?} is not an address or a CIDR range such as 10.0.0.0/8")]
+    Proxy(String),
     #[error("cannot read the descriptor sets: {0}")]
     Descriptors(#[from] prost_reflect::DescriptorError),
 }
@@ -202,7 +218,7 @@ impl RateLimitConfig {
     /// A limit of 0 or over [`MAX_RATE`], a zero timeout or bound, a key
     /// prefix over 128 bytes.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for class in [RouteClass::Reads, RouteClass::Writes, RouteClass::Streams] {
+        for class in [RouteClass::Reads, RouteClass::Writes, RouteClass::Streams, RouteClass::AuthFailures] {
             let limit = self.limit(class);
             if !(1..=MAX_RATE).contains(&limit.per_second) || !(1..=MAX_RATE).contains(&limit.burst) {
                 return Err(ConfigError::Limit { class: class.label() });
@@ -217,6 +233,7 @@ impl RateLimitConfig {
         if self.key_prefix.len() > 128 {
             return Err(ConfigError::Prefix);
         }
+        TrustedProxies::parse(&self.trusted_proxies)?;
         Ok(())
     }
 
@@ -226,6 +243,7 @@ impl RateLimitConfig {
             RouteClass::Reads => self.reads,
             RouteClass::Writes => self.writes,
             RouteClass::Streams => self.streams,
+            RouteClass::AuthFailures => self.auth_failures,
         }
     }
 
@@ -247,6 +265,8 @@ pub enum RouteClass {
     Reads,
     Writes,
     Streams,
+    /// Not an RPC's class: the failed authentications of a client address.
+    AuthFailures,
 }
 
 impl RouteClass {
@@ -256,6 +276,7 @@ impl RouteClass {
             RouteClass::Reads => "reads",
             RouteClass::Writes => "writes",
             RouteClass::Streams => "streams",
+            RouteClass::AuthFailures => "auth_failures",
         }
     }
 }
@@ -376,6 +397,16 @@ impl LocalLimiter {
         self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// What [`LocalLimiter::check`] would decide now, taking nothing.
+    fn peek(&self, class: RouteClass, subject: SubjectKey, rate: Rate) -> Decision {
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let tat = self.lock().get(&(class, subject)).copied().unwrap_or(0);
+        match gcra(tat, now, rate) {
+            Ok(_) => Decision::Allow,
+            Err(wait_us) => Decision::Deny(Duration::from_micros(wait_us)),
+        }
+    }
+
     fn check(&self, class: RouteClass, subject: SubjectKey, rate: Rate) -> Decision {
         let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut buckets = self.lock();
@@ -461,6 +492,7 @@ impl RedisLimiter {
 pub struct RateLimiter {
     classes: RouteClasses,
     config: RateLimitConfig,
+    trusted: TrustedProxies,
     local: LocalLimiter,
     redis: Option<RedisLimiter>,
     /// Since when Redis is not asked (after a failure).
@@ -498,6 +530,7 @@ impl RateLimiter {
         Ok(Self {
             classes,
             config: config.clone(),
+            trusted: TrustedProxies::parse(&config.trusted_proxies)?,
             local: LocalLimiter::new(config.max_local_keys),
             redis: redis.map(|client| RedisLimiter {
                 client,
@@ -614,6 +647,127 @@ impl RateLimiter {
     }
 }
 
+/// `[rate_limit] trusted_proxies`, parsed: the peers whose
+/// `x-forwarded-for` names the caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<(IpAddr, u8)>);
+
+impl TrustedProxies {
+    /// Addresses (`10.1.2.3`, `::1`) and CIDR ranges (`10.0.0.0/8`).
+    ///
+    /// # Errors
+    ///
+    /// An entry that is neither, or a prefix longer than the address.
+    pub fn parse(list: &[String]) -> Result<Self, ConfigError> {
+        let mut ranges = Vec::with_capacity(list.len());
+        for entry in list {
+            let bad = || ConfigError::Proxy(entry.chars().take(64).collect());
+            let (addr, prefix) = match entry.trim().split_once('/') {
+                Some((addr, prefix)) => (addr, Some(prefix)),
+                None => (entry.trim(), None),
+            };
+            let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+            let bits = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix = match prefix {
+                Some(prefix) => prefix.parse::<u8>().ok().filter(|p| *p <= bits).ok_or_else(bad)?,
+                None => bits,
+            };
+            ranges.push((addr, prefix));
+        }
+        Ok(Self(ranges))
+    }
+
+    /// Whether `ip` is in one of the ranges.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.iter().any(|(range, prefix)| match (range, ip) {
+            (IpAddr::V4(range), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32u32.saturating_sub(u32::from(*prefix))).unwrap_or(0);
+                u32::from(*range) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(range), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128u32.saturating_sub(u32::from(*prefix))).unwrap_or(0);
+                u128::from(*range) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        })
+    }
+
+    /// The caller of `request`: its connection's peer, or, when the peer
+    /// is trusted, the last address of the `x-forwarded-for` it set (the
+    /// peer itself when that header is missing or does not parse).
+    pub fn client_ip(&self, request: &http::request::Parts) -> Option<IpAddr> {
+        let peer = request.extensions.get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr)?.ip();
+        if !self.contains(peer) {
+            return Some(peer);
+        }
+        let forwarded = request
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .last()
+            .and_then(|last| last.trim().parse::<IpAddr>().ok());
+        Some(forwarded.unwrap_or(peer))
+    }
+}
+
+/// The failed authentications of each client address, this process's own
+/// count (`[rate_limit] auth_failures`): an address over it is refused
+/// before its credentials are checked again.
+#[derive(Debug)]
+pub struct AuthFailures {
+    local: LocalLimiter,
+    rate: Rate,
+    trusted: TrustedProxies,
+}
+
+impl AuthFailures {
+    /// The budget of `config` (when its limits are on).
+    ///
+    /// # Errors
+    ///
+    /// A `config` that does not validate.
+    pub fn new(config: &RateLimitConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            local: LocalLimiter::new(config.max_local_keys),
+            rate: Rate::new(config.auth_failures),
+            trusted: TrustedProxies::parse(&config.trusted_proxies)?,
+        })
+    }
+
+    /// The caller of `request` (see [`TrustedProxies::client_ip`]).
+    pub fn client_ip(&self, request: &http::request::Parts) -> Option<IpAddr> {
+        self.trusted.client_ip(request)
+    }
+
+    /// `RESOURCE_EXHAUSTED` (with `RetryInfo`) when `ip` has failed too
+    /// often to be checked now.
+    ///
+    /// # Errors
+    ///
+    /// The refusal.
+    pub fn admit(&self, ip: IpAddr) -> Result<(), Status> {
+        match self.local.peek(RouteClass::AuthFailures, subject_key(&format!("ip:{ip}")), self.rate) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(wait) => {
+                metrics::counter!(REJECTED_METRIC, "class" => RouteClass::AuthFailures.label()).increment(1);
+                Err(rate_limited(RouteClass::AuthFailures, self.rate.limit, wait))
+            }
+        }
+    }
+
+    /// Counts a failed authentication of `ip`.
+    pub fn failed(&self, ip: IpAddr) {
+        let _ = self.local.check(RouteClass::AuthFailures, subject_key(&format!("ip:{ip}")), self.rate);
+    }
+}
+
 /// `RESOURCE_EXHAUSTED` with `ErrorInfo{RATE_LIMITED}` and `RetryInfo`.
 fn rate_limited(class: RouteClass, limit: Limit, wait: Duration) -> Status {
     // Whole milliseconds, rounded up: a client that waits exactly this
@@ -653,9 +807,9 @@ impl Gate for RateLimiter {
         request: &'a mut http::request::Parts,
     ) -> futures_util::future::BoxFuture<'a, Result<(), Status>> {
         Box::pin(async move {
-            let peer = request.extensions.get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr);
+            let client = self.trusted.client_ip(request);
             let principal = request.extensions.get::<Principal>();
-            self.check(request.uri.path(), principal, peer.map(|addr| addr.ip())).await
+            self.check(request.uri.path(), principal, client).await
         })
     }
 }
@@ -667,6 +821,43 @@ mod tests {
     const APPEND: &str = "/eventfold.eventstore.v1.EventStoreService/Append";
     const READ_STREAM: &str = "/eventfold.eventstore.v1.EventStoreService/ReadStream";
     const SUBSCRIBE: &str = "/eventfold.eventstore.v1.EventStoreService/Subscribe";
+
+    fn parts(peer: &str, forwarded: Option<&str>) -> http::request::Parts {
+        let mut request = http::Request::builder().uri("/x");
+        if let Some(forwarded) = forwarded {
+            request = request.header("x-forwarded-for", forwarded);
+        }
+        let (mut parts, ()) = request.body(()).unwrap().into_parts();
+        parts.extensions.insert(TcpConnectInfo { local_addr: None, remote_addr: Some(peer.parse().unwrap()) });
+        parts
+    }
+
+    #[test]
+    fn the_caller_is_the_peer_unless_the_peer_is_a_trusted_proxy() {
+        let trusted =
+            TrustedProxies::parse(&["10.0.0.0/8".to_owned(), "127.0.0.1".to_owned(), "fd00::/8".to_owned()]).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(trusted.contains(ip("10.200.3.4")) && !trusted.contains(ip("11.0.0.1")));
+        assert!(trusted.contains(ip("::ffff:10.1.1.1")), "IPv4-mapped IPv6");
+        assert!(trusted.contains(ip("fd12::1")) && !trusted.contains(ip("fe80::1")));
+        assert!(!trusted.contains(ip("127.0.0.2")), "a single address is /32");
+        // An untrusted peer cannot name another caller.
+        assert_eq!(trusted.client_ip(&parts("192.0.2.7:5000", Some("10.9.9.9"))), Some(ip("192.0.2.7")));
+        // A trusted proxy's last entry is the caller it saw.
+        assert_eq!(
+            trusted.client_ip(&parts("10.0.0.5:5000", Some("203.0.113.9, 198.51.100.4"))),
+            Some(ip("198.51.100.4"))
+        );
+        assert_eq!(trusted.client_ip(&parts("127.0.0.1:5000", None)), Some(ip("127.0.0.1")));
+        assert_eq!(trusted.client_ip(&parts("127.0.0.1:5000", Some("not an address"))), Some(ip("127.0.0.1")));
+        assert!(TrustedProxies::default().client_ip(&parts("[::1]:1", Some("10.0.0.1"))) == Some(ip("::1")));
+        for bad in ["10.0.0.0/33", "::/129", "example.com", "10.0.0/8", ""] {
+            let error = TrustedProxies::parse(&[bad.to_owned()]).unwrap_err().to_string();
+            assert!(error.starts_with("rate_limit.trusted_proxies:"), "{bad}: {error}");
+        }
+        let config = RateLimitConfig { trusted_proxies: vec!["nope".to_owned()], ..RateLimitConfig::default() };
+        assert!(config.validate().is_err());
+    }
 
     #[test]
     fn gcra_lets_a_burst_through_then_one_call_per_interval() {

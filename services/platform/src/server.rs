@@ -22,7 +22,7 @@ use crate::{
     Error, Result,
     auth::{AuthConfig, AuthLayer, Authenticator, KeyVerifier, policy::Policy},
     guard::{PanicToStatus, PeerLimitLayer},
-    ratelimit::{RateLimitConfig, RateLimitLayer, RateLimiter, RouteClasses},
+    ratelimit::{AuthFailures, RateLimitConfig, RateLimitLayer, RateLimiter, RouteClasses},
     tls::{Alpn, Tls, TlsListener},
 };
 
@@ -217,8 +217,13 @@ impl GrpcServer {
             return Ok((Arc::new(Authenticator::disabled()), reflection));
         }
         let policy = Policy::from_descriptor_sets(&self.descriptor_sets).map_err(|e| Error::Config(e.to_string()))?;
-        let authenticator = Authenticator::new(&settings.config, policy, settings.keys.clone())
+        let mut authenticator = Authenticator::new(&settings.config, policy, settings.keys.clone())
             .map_err(|e| Error::Config(e.to_string()))?;
+        // With rate limits on, failed authentications are limited too.
+        if let Some((limits, _)) = self.rate_limit.as_ref().filter(|(limits, _)| limits.enabled) {
+            let failures = AuthFailures::new(limits).map_err(|e| Error::Config(e.to_string()))?;
+            authenticator = authenticator.limit_failures(Arc::new(failures));
+        }
         Ok((Arc::new(authenticator), reflection))
     }
 

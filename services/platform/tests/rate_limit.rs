@@ -368,3 +368,39 @@ async fn the_local_buckets_of_many_callers_stay_bounded() {
     }
     assert!(limiter.tracked_local_keys() <= 1000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_of_an_address_are_limited_before_they_are_checked() {
+    let config = RateLimitConfig { auth_failures: Limit { per_second: 1, burst: 3 }, ..limits() };
+    let server = start(&config, None, true).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let call = |credentials: Option<String>| {
+        let mut client = ApiKeyServiceClient::new(channel.clone());
+        async move {
+            let mut request = Request::new(pb::ListApiKeysRequest::default());
+            if let Some(credentials) = credentials {
+                request.metadata_mut().insert("authorization", credentials.parse().unwrap());
+            }
+            client.list_api_keys(request).await.map(drop)
+        }
+    };
+    let forged = || Some("Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJtYWxsb3J5In0.c2lnbmF0dXJl".to_owned());
+    let good = || Some(format!("Bearer {}", token("alice", &["admin"])));
+    // Missing credentials cost nothing to refuse and are not counted.
+    for _ in 0..5 {
+        assert_eq!(call(None).await.unwrap_err().code(), Code::Unauthenticated);
+    }
+    for n in 0..3 {
+        let status = call(forged()).await.expect_err("a forged token");
+        assert_eq!(status.code(), Code::Unauthenticated, "failure {n}: {status:?}");
+    }
+    // Over the budget: refused before the check, even with a good token.
+    let status = call(good()).await.expect_err("the address is over its failures");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let info = status.get_details_error_info().expect("an ErrorInfo");
+    assert_eq!(info.metadata.get("class").map(String::as_str), Some("auth_failures"));
+    let delay = status.get_details_retry_info().and_then(|r| r.retry_delay).expect("a RetryInfo");
+    assert!(delay > Duration::ZERO && delay <= Duration::from_secs(1), "{delay:?}");
+    tokio::time::sleep(delay).await;
+    call(good()).await.expect("after the delay, a good token passes");
+}

@@ -14,6 +14,7 @@ use super::{
 };
 use crate::{
     guard::{Gate, GateLayer},
+    ratelimit::AuthFailures,
     status::error_info,
 };
 
@@ -40,6 +41,8 @@ pub struct Authenticator {
     policy: Policy,
     jwt: Option<JwtVerifier>,
     keys: Option<Arc<dyn KeyVerifier>>,
+    /// Failed authentications per client address (none: not limited).
+    failures: Option<Arc<AuthFailures>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -56,7 +59,7 @@ impl Authenticator {
     /// Nobody is asked for credentials; a client's own
     /// `x-eventfold-principal` is still removed.
     pub fn disabled() -> Authenticator {
-        Authenticator { enabled: false, policy: Policy::default(), jwt: None, keys: None }
+        Authenticator { enabled: false, policy: Policy::default(), jwt: None, keys: None, failures: None }
     }
 
     /// Every call of an RPC in `policy` must authenticate with a JWT (as
@@ -67,7 +70,16 @@ impl Authenticator {
         if jwt.is_none() && keys.is_none() {
             return Err(SetupError::NoKeys);
         }
-        Ok(Authenticator { enabled: true, policy, jwt, keys })
+        Ok(Authenticator { enabled: true, policy, jwt, keys, failures: None })
+    }
+
+    /// Refuse calls with credentials from a client address that failed to
+    /// authenticate more often than `failures` allows, without checking
+    /// them (a flood of bad tokens or invented keys costs no signature
+    /// check or database read once over the limit).
+    pub fn limit_failures(mut self, failures: Arc<AuthFailures>) -> Self {
+        self.failures = Some(failures);
+        self
     }
 
     /// Whether calls must authenticate.
@@ -199,7 +211,21 @@ impl Gate for Authenticator {
         Box::pin(async move {
             // Only the layer says who calls.
             request.headers.remove(PRINCIPAL_HEADER);
-            if let Some(principal) = self.check(request.uri.path(), &request.headers).await? {
+            let limited = self.failures.as_ref().filter(|_| self.enabled).and_then(|failures| {
+                let credentials = request.headers.contains_key(http::header::AUTHORIZATION)
+                    || request.headers.contains_key(API_KEY_HEADER);
+                credentials.then(|| failures.client_ip(request).map(|ip| (failures, ip))).flatten()
+            });
+            if let Some((failures, ip)) = limited {
+                failures.admit(ip)?;
+            }
+            let checked = self.check(request.uri.path(), &request.headers).await;
+            if let (Err(status), Some((failures, ip))) = (&checked, limited)
+                && status.code() == Code::Unauthenticated
+            {
+                failures.failed(ip);
+            }
+            if let Some(principal) = checked? {
                 if let Ok(value) = HeaderValue::from_str(&principal.subject) {
                     request.headers.insert(PRINCIPAL_HEADER, value);
                 }
