@@ -18,10 +18,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use eventfold_proto::{
-    common::Money,
-    orders::{CreateOrderRequest, OrderItem, order_command_service_client::OrderCommandServiceClient},
-};
+use eventfold_proto::orders::{CreateOrderRequest, order_command_service_client::OrderCommandServiceClient};
 use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_postgres::{Client, Statement};
@@ -30,7 +27,10 @@ use uuid::Uuid;
 
 use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 
-use crate::append::{Measurement, connect, migrated, ms, thousands};
+use crate::{
+    append::{Measurement, connect, migrated, ms, thousands},
+    pacing::{create_order_request, delete_orders},
+};
 
 /// Arguments of `eventfold-bench commands`.
 #[derive(Debug, clap::Args)]
@@ -214,32 +214,15 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
 
     stop.cancel();
     let _ = server.await;
-    let pattern = format!("order-cbench-{session}-%");
     let cleanup = async {
-        admin.batch_execute("DROP TABLE IF EXISTS bench_orders_raw").await?;
-        admin.execute("DELETE FROM eventstore.snapshots WHERE stream_id LIKE $1", &[&pattern]).await?;
-        admin.execute("DELETE FROM eventstore.events WHERE stream_id LIKE $1", &[&pattern]).await?;
-        admin.execute("DELETE FROM eventstore.streams WHERE stream_id LIKE $1", &[&pattern]).await?;
-        admin.execute("DELETE FROM eventstore.append_requests WHERE stream_id LIKE $1", &[&pattern]).await?;
-        anyhow::Ok(())
+        admin.batch_execute("DROP TABLE IF EXISTS bench_orders_raw").await.context("dropping bench_orders_raw")?;
+        delete_orders(&admin, &format!("order-cbench-{session}-%")).await
     };
-    result.and(cleanup.await.context("cleaning up the bench orders"))
+    result.and(cleanup.await)
 }
 
 fn create_order(session: &str, rate: u32, i: usize) -> CreateOrderRequest {
-    let money = |minor| Some(Money { minor, currency: "EUR".into() });
-    CreateOrderRequest {
-        request_id: format!("cbench-{session}-{rate}-{i}"),
-        order_id: format!("cbench-{session}-{rate}-{i}"),
-        customer_id: format!("customer-{}", i % 1000),
-        currency: "EUR".into(),
-        items: vec![
-            OrderItem { product_id: format!("sku-{}", i % 50), quantity: 1 + (i % 3) as u32, unit_price: money(1250) },
-            OrderItem { product_id: format!("sku-{}", (i + 7) % 50), quantity: 1, unit_price: money(499) },
-        ],
-        payment_token: String::new(),
-        carrier: String::new(),
-    }
+    create_order_request(format!("cbench-{session}-{rate}-{i}"), i)
 }
 
 /// Sends `call(i)` at `rate` per second for `warmup + duration`; the

@@ -14,18 +14,13 @@
 //! the REST p99 minus the gRPC p99 and their ratio, against the targets of
 //! [`MAX_OVERHEAD_MS`] and [`MAX_RATIO`].
 
-use std::{
-    future::Future,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use eventfold_proto::{
-    common::Money,
-    orders::{CreateOrderRequest, OrderItem, order_command_service_client::OrderCommandServiceClient},
+    orders::{CreateOrderRequest, order_command_service_client::OrderCommandServiceClient},
     query::{GetOrderRequest, order_query_service_client::OrderQueryServiceClient},
 };
 use http_body_util::{BodyExt, Full};
@@ -38,7 +33,7 @@ use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
 use crate::{
-    append::{Measurement, ms, thousands},
+    pacing::{Schedule, Series, cells, create_order_request, delete_orders, open_loop, rotation, send_lag, verdict},
     queries::{ReadSide, active_order_views, catch_up, create_orders},
 };
 
@@ -46,10 +41,6 @@ use crate::{
 pub(crate) const MAX_OVERHEAD_MS: f64 = 1.0;
 /// … and at most this many times it.
 pub(crate) const MAX_RATIO: f64 = 1.3;
-/// A call still unanswered after this counts as failed, so that a hung
-/// path fails the run instead of hanging it.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Arguments of `eventfold-bench gateway`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct GatewayBenchArgs {
@@ -63,18 +54,8 @@ pub(crate) struct GatewayBenchArgs {
     #[arg(long)]
     redis_url: Option<String>,
 
-    /// Calls per second on each path.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
-    rate: u32,
-
-    /// Measured seconds of one block (one path, one call). Short blocks
-    /// and many rounds spread a disturbance of the machine over both paths.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
-    duration_secs: u64,
-
-    /// Unmeasured seconds at the rate before each block.
-    #[arg(long, default_value_t = 1)]
-    warmup_secs: u64,
+    #[command(flatten)]
+    schedule: Schedule,
 
     /// Blocks per path and call, alternating gRPC and REST (gRPC first in
     /// even rounds, REST first in odd ones: an even count gives each path
@@ -173,22 +154,6 @@ async fn answered(
     Ok(())
 }
 
-fn create_order_request(order_id: String, i: usize) -> CreateOrderRequest {
-    let money = |minor| Some(Money { minor, currency: "EUR".into() });
-    CreateOrderRequest {
-        request_id: order_id.clone(),
-        order_id,
-        customer_id: format!("customer-{}", i % 1000),
-        currency: "EUR".into(),
-        items: vec![
-            OrderItem { product_id: format!("sku-{}", i % 50), quantity: 1 + (i % 3) as u32, unit_price: money(1250) },
-            OrderItem { product_id: format!("sku-{}", (i + 7) % 50), quantity: 1, unit_price: money(499) },
-        ],
-        payment_token: String::new(),
-        carrier: String::new(),
-    }
-}
-
 /// `request` in the JSON of the REST binding (proto3 JSON: camelCase,
 /// 64-bit integers as strings).
 fn create_order_json(request: &CreateOrderRequest) -> serde_json::Value {
@@ -216,101 +181,6 @@ fn create_order_json(request: &CreateOrderRequest) -> serde_json::Value {
     })
 }
 
-/// One open-loop block.
-#[derive(Debug, Default)]
-struct Block {
-    /// From the scheduled send time to the answer, of the calls scheduled
-    /// in the measured span.
-    latencies: Vec<Duration>,
-    /// How late the pacer started the calls of the measured span.
-    send_lag: Vec<Duration>,
-    failed: usize,
-    first_error: Option<String>,
-}
-
-/// Starts `call(i)` at `rate` per second for `warmup + duration`, whether
-/// or not earlier calls have answered.
-///
-/// The pacer is a blocking thread that sleeps to each send time: tokio's
-/// timer ticks in whole milliseconds, which would make sends up to 1 ms
-/// late — as much as a cached GetOrder takes — and, since latency counts
-/// from the scheduled time, add that to every figure.
-async fn open_loop<F, Fut>(rate: u32, warmup: Duration, duration: Duration, call: F) -> anyhow::Result<Block>
-where
-    F: Fn(usize) -> Fut + Send + 'static,
-    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    let runtime = tokio::runtime::Handle::current();
-    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
-    let pacer = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let start = Instant::now();
-        let measure_from = start + warmup;
-        let until = measure_from + duration;
-        let mut calls = Vec::new();
-        for i in 0u32.. {
-            let scheduled = start + interval.checked_mul(i).context("too many calls")?;
-            if scheduled >= until {
-                break;
-            }
-            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            let lag = scheduled.elapsed();
-            let future = call(i as usize);
-            let task = runtime.spawn(async move {
-                let result = match tokio::time::timeout(CALL_TIMEOUT, future).await {
-                    Ok(result) => result,
-                    Err(_) => Err(anyhow::anyhow!("no answer within {CALL_TIMEOUT:?}")),
-                };
-                (result, scheduled.elapsed())
-            });
-            calls.push((scheduled >= measure_from, lag, task));
-        }
-        Ok(calls)
-    });
-    let mut block = Block::default();
-    for (measured, lag, task) in pacer.await.context("the pacer panicked")?? {
-        let (result, latency) = task.await.context("a call panicked")?;
-        match result {
-            Ok(()) if measured => {
-                block.latencies.push(latency);
-                block.send_lag.push(lag);
-            }
-            Ok(()) => {}
-            Err(e) => {
-                block.failed += 1;
-                block.first_error.get_or_insert_with(|| format!("{e:#}"));
-            }
-        }
-    }
-    Ok(block)
-}
-
-/// One call over one path: its blocks pooled.
-struct Series {
-    latencies: Vec<Duration>,
-    send_lag: Vec<Duration>,
-    seconds: f64,
-}
-
-impl Series {
-    fn new() -> Self {
-        Self { latencies: Vec::new(), send_lag: Vec::new(), seconds: 0.0 }
-    }
-
-    fn add(&mut self, block: Block, seconds: f64) {
-        self.latencies.extend(block.latencies);
-        self.send_lag.extend(block.send_lag);
-        self.seconds += seconds;
-    }
-
-    fn measurement(&self) -> Measurement {
-        let mut latencies = self.latencies.clone();
-        latencies.sort_unstable();
-        Measurement { latencies, seconds: self.seconds, worst_per_second: Vec::new() }
-    }
-}
-
 /// The gateway's cost at p99 against the targets.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Overhead {
@@ -334,10 +204,6 @@ impl Overhead {
     pub(crate) fn ratio_met(&self) -> bool {
         self.ratio <= MAX_RATIO
     }
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "PASS" } else { "MISS" }
 }
 
 pub(crate) async fn gateway(args: GatewayBenchArgs) -> anyhow::Result<()> {
@@ -416,15 +282,7 @@ pub(crate) async fn gateway(args: GatewayBenchArgs) -> anyhow::Result<()> {
     stop.cancel();
     let _ = grpc_server.await;
     let _ = rest_server.await;
-    let pattern = format!("order-gbench-{session}-c%");
-    let cleanup = async {
-        admin.execute("DELETE FROM eventstore.snapshots WHERE stream_id LIKE $1", &[&pattern]).await?;
-        admin.execute("DELETE FROM eventstore.events WHERE stream_id LIKE $1", &[&pattern]).await?;
-        admin.execute("DELETE FROM eventstore.streams WHERE stream_id LIKE $1", &[&pattern]).await?;
-        admin.execute("DELETE FROM eventstore.append_requests WHERE stream_id LIKE $1", &[&pattern]).await?;
-        anyhow::Ok(())
-    };
-    result.and(cleanup.await.context("cleaning up the bench orders"))
+    result.and(delete_orders(&admin, &format!("order-gbench-{session}-c%")).await)
 }
 
 /// The blocks, the tables and the verdicts.
@@ -454,50 +312,49 @@ async fn measure(
     }
     let stats_before = query.cache().map(|c| c.stats());
 
-    let warmup = Duration::from_secs(args.warmup_secs);
-    let duration = Duration::from_secs(args.duration_secs);
+    let warmup = Duration::from_secs(args.schedule.warmup_secs);
+    let duration = Duration::from_secs(args.schedule.duration_secs);
     // One unmeasured block of each call on each path first, so that the
     // first measured block (gRPC's) does not also warm the process up.
     for path in [Path::Grpc, Path::Rest] {
         let clients_c = clients.clone();
         let prefix = format!("gbench-{session}-cw{}", path.tag());
-        let block = open_loop(args.rate, warmup, Duration::ZERO, move |i| {
+        let block = open_loop(args.schedule.rate, warmup, Duration::ZERO, move |i| {
             clients_c.create_order(path, format!("{prefix}-{i}"), i)
         })
         .await?;
-        check(&block, "CreateOrder", path)?;
+        block.check(&format!("CreateOrder over {}", path.label()))?;
         if cached {
             let (clients_g, ids) = (clients.clone(), order_ids.clone());
-            let block = open_loop(args.rate, warmup, Duration::ZERO, move |i| {
+            let block = open_loop(args.schedule.rate, warmup, Duration::ZERO, move |i| {
                 clients_g.get_order(path, ids[i % ids.len()].clone())
             })
             .await?;
-            check(&block, "GetOrder", path)?;
+            block.check(&format!("GetOrder over {}", path.label()))?;
         }
     }
     let mut create = [Series::new(), Series::new()];
     let mut get = [Series::new(), Series::new()];
     for round in 0..args.rounds {
-        let order = if round % 2 == 0 { [Path::Grpc, Path::Rest] } else { [Path::Rest, Path::Grpc] };
-        for (slot, path) in order.into_iter().enumerate() {
+        for (slot, path) in rotation([Path::Grpc, Path::Rest], round).into_iter().enumerate() {
             let index = usize::from(path == Path::Rest);
             let clients_c = clients.clone();
             let prefix = format!("gbench-{session}-c{}{round}", path.tag());
-            let block = open_loop(args.rate, warmup, duration, move |i| {
+            let block = open_loop(args.schedule.rate, warmup, duration, move |i| {
                 clients_c.create_order(path, format!("{prefix}-{i}"), i)
             })
             .await?;
-            check(&block, "CreateOrder", path)?;
-            eprintln!("round {round}.{slot}: CreateOrder over {}: {}", path.label(), summary(&block));
+            block.check(&format!("CreateOrder over {}", path.label()))?;
+            eprintln!("round {round}.{slot}: CreateOrder over {}: {}", path.label(), block.summary());
             create[index].add(block, duration.as_secs_f64());
             if cached {
                 let (clients_g, ids) = (clients.clone(), order_ids.clone());
-                let block = open_loop(args.rate, warmup, duration, move |i| {
+                let block = open_loop(args.schedule.rate, warmup, duration, move |i| {
                     clients_g.get_order(path, ids[i % ids.len()].clone())
                 })
                 .await?;
-                check(&block, "GetOrder", path)?;
-                eprintln!("round {round}.{slot}: GetOrder over {}: {}", path.label(), summary(&block));
+                block.check(&format!("GetOrder over {}", path.label()))?;
+                eprintln!("round {round}.{slot}: GetOrder over {}: {}", path.label(), block.summary());
                 get[index].add(block, duration.as_secs_f64());
             }
         }
@@ -512,10 +369,10 @@ async fn measure(
          first in even rounds); latency from the scheduled send time. gRPC: one tonic channel. REST: hyper's HTTP/1.1 client with a keep-alive pool, \
          to the gateway, which calls the same server over one channel of its own.",
         if cached { "CreateOrder and GetOrder (cached)" } else { "CreateOrder" },
-        args.rate,
+        args.schedule.rate,
         args.rounds,
-        args.warmup_secs,
-        args.duration_secs
+        args.schedule.warmup_secs,
+        args.schedule.duration_secs
     );
     println!();
     println!("| call | path | done/s | p50 ms | p99 ms | p99.9 ms | max ms |");
@@ -524,20 +381,10 @@ async fn measure(
     if cached {
         pairs.push(("GetOrder (cached)", get));
     }
-    let mut lag = Vec::new();
     for (call, series) in &pairs {
         for (series, path) in series.iter().zip([Path::Grpc, Path::Rest]) {
             let m = series.measurement();
-            println!(
-                "| {call} | {} | {} | {} | {} | {} | {} |",
-                path.label(),
-                thousands(m.latencies.len() as f64 / m.seconds),
-                ms(m.percentile_ms(50.0)),
-                ms(m.percentile_ms(99.0)),
-                ms(m.percentile_ms(99.9)),
-                ms(m.percentile_ms(100.0)),
-            );
-            lag.extend_from_slice(&series.send_lag);
+            println!("| {call} | {} | {} |", path.label(), cells(&m, &[50.0, 99.0, 99.9, 100.0]));
         }
     }
     println!();
@@ -555,15 +402,10 @@ async fn measure(
             verdict(overhead.ratio_met())
         );
     }
-    lag.sort_unstable();
-    let lag = Measurement { latencies: lag, seconds: 1.0, worst_per_second: Vec::new() };
     println!();
     println!(
-        "Pacer send lag (counted in every latency above): p50 {} / p99 {} / max {} ms. Every call answered \
-         without error.",
-        ms(lag.percentile_ms(50.0)),
-        ms(lag.percentile_ms(99.0)),
-        ms(lag.percentile_ms(100.0))
+        "Pacer send lag (counted in every latency above): {}. Every call answered without error.",
+        send_lag(pairs.iter().flat_map(|(_, series)| series))
     );
     if let (Some(before), Some(after)) = (stats_before, stats_after) {
         let misses = after.misses.saturating_sub(before.misses);
@@ -579,32 +421,6 @@ async fn measure(
         );
     }
     Ok(())
-}
-
-/// Fails the run when a call failed: a broken path must not look fast.
-fn check(block: &Block, call: &str, path: Path) -> anyhow::Result<()> {
-    if block.failed > 0 {
-        bail!(
-            "{call} over {}: {} calls failed; the first: {}",
-            path.label(),
-            block.failed,
-            block.first_error.as_deref().unwrap_or("?")
-        );
-    }
-    Ok(())
-}
-
-fn summary(block: &Block) -> String {
-    let mut latencies = block.latencies.clone();
-    latencies.sort_unstable();
-    let m = Measurement { latencies, seconds: 1.0, worst_per_second: Vec::new() };
-    format!(
-        "{} calls, p50 {} / p99 {} / max {} ms",
-        m.latencies.len(),
-        ms(m.percentile_ms(50.0)),
-        ms(m.percentile_ms(99.0)),
-        ms(m.percentile_ms(100.0))
-    )
 }
 
 #[cfg(test)]
@@ -684,56 +500,5 @@ mod tests {
             message.transcode_to::<GetOrderRequest>().unwrap(),
             GetOrderRequest { order_id: "gbench-1a2b3c4d-q-7".into(), min_position: 0 }
         );
-    }
-
-    #[tokio::test]
-    async fn open_loop_keeps_the_schedule_and_counts_failures() {
-        // 200/s for 0.1 s after 0.05 s of warm-up: 30 sends, 20 measured;
-        // every third fails.
-        let block = open_loop(200, Duration::from_millis(50), Duration::from_millis(100), |i| async move {
-            if i % 3 == 0 { Err(anyhow::anyhow!("call {i} failed")) } else { Ok(()) }
-        })
-        .await
-        .unwrap();
-        assert_eq!(block.failed, 10);
-        assert_eq!(block.first_error.as_deref(), Some("call 0 failed"));
-        // Measured: i in 10..30 that did not fail.
-        assert_eq!(block.latencies.len(), (10..30).filter(|i| i % 3 != 0).count());
-        assert_eq!(block.send_lag.len(), block.latencies.len());
-    }
-
-    #[tokio::test]
-    async fn sends_do_not_wait_for_answers() {
-        // Calls that take 20 ms each, sent every 5 ms: 10 sends take about
-        // 50 ms, not 200.
-        let started = Instant::now();
-        let block = open_loop(200, Duration::ZERO, Duration::from_millis(50), |_| async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok(())
-        })
-        .await
-        .unwrap();
-        assert_eq!(block.latencies.len(), 10);
-        assert!(block.latencies.iter().all(|l| *l >= Duration::from_millis(20)));
-        assert!(started.elapsed() < Duration::from_millis(150), "the sends waited for the answers");
-    }
-
-    #[tokio::test]
-    async fn latency_counts_from_the_scheduled_time() {
-        // The first send holds the sender for 30 ms: the calls due
-        // meanwhile go out late, and their lateness is latency even though
-        // each answers at once.
-        let block = open_loop(200, Duration::ZERO, Duration::from_millis(50), |i| {
-            if i == 0 {
-                std::thread::sleep(Duration::from_millis(30));
-            }
-            async { Ok(()) }
-        })
-        .await
-        .unwrap();
-        assert_eq!(block.latencies.len(), 10);
-        let slowest = block.latencies.iter().max().unwrap();
-        assert!(*slowest >= Duration::from_millis(20), "slowest {slowest:?}");
-        assert!(block.send_lag.iter().max().unwrap() >= &Duration::from_millis(20));
     }
 }

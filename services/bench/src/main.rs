@@ -3,8 +3,10 @@
 //! run, and printed as a ratio that survives a noisy machine.
 
 mod append;
+mod auth;
 mod commands;
 mod gateway;
+mod pacing;
 mod queries;
 mod relay;
 
@@ -23,6 +25,9 @@ struct Cli {
 enum Bench {
     /// Append throughput and latency beside raw INSERTs.
     Append(append::AppendBenchArgs),
+    /// CreateOrder over gRPC with authentication off, with a JWT and with
+    /// a cached API key, open loop at one rate.
+    Auth(auth::AuthBenchArgs),
     /// CreateOrder over gRPC at fixed arrival rates beside raw INSERTs.
     Commands(commands::CommandBenchArgs),
     /// CreateOrder and cached GetOrder over REST through the gateway
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.bench {
             Bench::Append(args) => append::append(args).await,
+            Bench::Auth(args) => auth::auth(args).await,
             Bench::Commands(args) => commands::commands(args).await,
             Bench::Gateway(args) => gateway::gateway(args).await,
             Bench::Queries(args) => queries::queries(args).await,
