@@ -90,6 +90,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    // Every metric the process records is kept for /metrics.
+    eventfold_platform::telemetry::install_metrics()?;
     // The query services and the projectors' invalidator use the cache.
     let caches = matches!(
         command,

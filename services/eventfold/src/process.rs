@@ -519,7 +519,7 @@ impl Process {
             (None, None) => return Ok(()),
         };
         let addr = listener.local_addr()?;
-        println!("eventfold: admin on http://{addr} (/healthz, /readyz)");
+        println!("eventfold: admin on http://{addr} (/healthz, /readyz, /metrics)");
         let token = self.runtime.token().clone();
         let routes = eventfold_platform::admin::routes(token.clone());
         self.runtime.spawn("admin listener", async move {

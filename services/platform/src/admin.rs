@@ -1,30 +1,44 @@
 //! The admin HTTP listener of every process (`[admin] listen`): `/healthz`
-//! (the process is alive) and `/readyz` (it takes traffic: not while it
-//! shuts down). Metrics and per-dependency readiness hang here next.
+//! (the process is alive), `/readyz` (it takes traffic: not while it shuts
+//! down) and `/metrics` (Prometheus). Per-dependency readiness hangs here
+//! next.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{Router, http::StatusCode, routing::get, serve::ListenerExt};
+use axum::{Router, http::StatusCode, response::IntoResponse, routing::get, serve::ListenerExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::tls::{Alpn, Tls, TlsListener};
 
 /// The admin routes; add more with [`Router::merge`] before serving.
+/// `/metrics`: every metric of the process (Prometheus text format), 404
+/// when no recorder is installed.
 pub fn routes(token: CancellationToken) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok\n" })).route(
-        "/readyz",
-        get(move || {
-            let token = token.clone();
-            async move {
-                if token.is_cancelled() {
-                    (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-                } else {
-                    (StatusCode::OK, "ready\n")
+    Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                match crate::telemetry::render_metrics() {
+                    Some(text) => ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+                    None => (StatusCode::NOT_FOUND, "no metrics recorder in this process\n").into_response(),
                 }
-            }
-        }),
-    )
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let token = token.clone();
+                async move {
+                    if token.is_cancelled() {
+                        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+                    } else {
+                        (StatusCode::OK, "ready\n")
+                    }
+                }
+            }),
+        )
 }
 
 /// Serve `routes` on `listener` until `token` is cancelled, each request

@@ -1,0 +1,55 @@
+//! `/metrics` on the admin listener of `eventfold dev` (issue 18, first
+//! step): the process installs a Prometheus recorder, so what the code
+//! records is exported, in the text format, after a command ran.
+
+mod common;
+
+use std::{process::Command, thread, time::Duration};
+
+use common::DevServer;
+
+/// The admin listener's address, from the `eventfold: admin on http://ADDR`
+/// line.
+fn admin_addr(server: &DevServer) -> String {
+    for _ in 0..100 {
+        let printed = server.process.stdout.lock().unwrap().clone();
+        if let Some(addr) = printed
+            .lines()
+            .find_map(|line| line.strip_prefix("eventfold: admin on http://"))
+            .and_then(|rest| rest.split_whitespace().next())
+        {
+            return addr.to_owned();
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no admin line on stdout");
+}
+
+#[test]
+fn metrics_recorded_by_the_code_are_exported_at_slash_metrics() {
+    let server = DevServer::start_env(
+        &[],
+        &[("EVENTFOLD_ADMIN__LISTEN", "127.0.0.1:0")],
+        "eventfold: EventStoreService and the command services listening on ",
+    );
+    let order = serde_json::json!({
+        "orderId": "m-1", "customerId": "c-1", "currency": "EUR",
+        "items": [{"productId": "sku-1", "quantity": 1, "unitPrice": {"minor": "100", "currency": "EUR"}}],
+    });
+    server.call("eventfold.orders.v1.OrderCommandService/CreateOrder", &order);
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code} %{content_type}"])
+        .arg(format!("http://{}/metrics", admin_addr(&server)))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (body, status) = text.rsplit_once('\n').expect("a status line");
+    assert!(status.starts_with("200 text/plain"), "{status}\n{body}");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("eventfold_commands_total{") && l.contains("command=\"CreateOrder\""))
+        .unwrap_or_else(|| panic!("no eventfold_commands_total for CreateOrder:\n{body}"));
+    assert!(line.contains("outcome=\"ok\"") && line.ends_with(" 1"), "{line}");
+    assert!(body.contains("# TYPE eventfold_commands_total counter"), "{body}");
+    drop(server);
+}
