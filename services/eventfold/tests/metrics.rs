@@ -4,26 +4,9 @@
 
 mod common;
 
-use std::{process::Command, thread, time::Duration};
+use std::process::Command;
 
 use common::DevServer;
-
-/// The admin listener's address, from the `eventfold: admin on http://ADDR`
-/// line.
-fn admin_addr(server: &DevServer) -> String {
-    for _ in 0..100 {
-        let printed = server.process.stdout.lock().unwrap().clone();
-        if let Some(addr) = printed
-            .lines()
-            .find_map(|line| line.strip_prefix("eventfold: admin on http://"))
-            .and_then(|rest| rest.split_whitespace().next())
-        {
-            return addr.to_owned();
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no admin line on stdout");
-}
 
 #[test]
 fn metrics_recorded_by_the_code_are_exported_at_slash_metrics() {
@@ -39,7 +22,7 @@ fn metrics_recorded_by_the_code_are_exported_at_slash_metrics() {
     server.call("eventfold.orders.v1.OrderCommandService/CreateOrder", &order);
     let output = Command::new("curl")
         .args(["-sS", "--max-time", "10", "-w", "\n%{http_code} %{content_type}"])
-        .arg(format!("http://{}/metrics", admin_addr(&server)))
+        .arg(format!("http://{}/metrics", server.admin_addr()))
         .output()
         .expect("run curl");
     let text = String::from_utf8_lossy(&output.stdout);

@@ -208,20 +208,29 @@ impl DevServer {
     /// The address of the REST gateway, from the `eventfold: REST on
     /// http://ADDR` (or `https://ADDR`) line (within 10 s).
     pub fn rest_addr(&self) -> String {
+        self.printed_addr(&["eventfold: REST on http://", "eventfold: REST on https://"])
+    }
+
+    /// The address of the admin listener, from the `eventfold: admin on
+    /// http://ADDR` line (within 10 s).
+    pub fn admin_addr(&self) -> String {
+        self.printed_addr(&["eventfold: admin on http://"])
+    }
+
+    /// The address after the first of `prefixes` on a line of stdout
+    /// (within 10 s).
+    fn printed_addr(&self, prefixes: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let printed = self.process.stdout.lock().unwrap().clone();
             if let Some(addr) = printed
                 .lines()
-                .find_map(|line| {
-                    line.strip_prefix("eventfold: REST on http://")
-                        .or_else(|| line.strip_prefix("eventfold: REST on https://"))
-                })
+                .find_map(|line| prefixes.iter().find_map(|prefix| line.strip_prefix(prefix)))
                 .and_then(|rest| rest.split_whitespace().next())
             {
                 return addr.to_owned();
             }
-            assert!(Instant::now() < deadline, "no REST line on stdout: {printed:?}");
+            assert!(Instant::now() < deadline, "no {prefixes:?} line on stdout: {printed:?}");
             thread::sleep(Duration::from_millis(20));
         }
     }
