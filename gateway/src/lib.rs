@@ -27,6 +27,18 @@ pub use crate::{
     upstream::Upstreams,
 };
 
+/// Describes the REST gateway's metrics (the `# HELP` lines of `/metrics`).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "eventfold_http_server_requests_total",
+        "REST calls answered, by operation (unmatched: no RPC at the path) and HTTP status"
+    );
+    metrics::describe_histogram!(
+        "eventfold_http_server_request_duration_seconds",
+        "Latency of REST calls to the response's head, in seconds"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     /// The checked-in document is the one the gateway serves.

@@ -163,11 +163,26 @@ async fn openapi(State(gateway): State<Gateway>) -> Response {
     response
 }
 
+/// Transcodes one REST call, counted in
+/// `eventfold_http_server_requests_total{operation, status}` and timed (to
+/// the response's head; a stream's length is the client's choice) in
+/// `eventfold_http_server_request_duration_seconds{operation}`. `operation`
+/// is the RPC's operation id, or `unmatched` for a path no RPC serves (a
+/// bounded label whatever paths clients invent).
 async fn handle(State(gateway): State<Gateway>, request: Request) -> Response {
-    match transcode_call(&gateway.inner, request).await {
+    let started = std::time::Instant::now();
+    let mut operation = None;
+    let response = match transcode_call(&gateway.inner, request, &mut operation).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
-    }
+    };
+    let operation = operation.unwrap_or_else(|| "unmatched".to_owned());
+    metrics::histogram!("eventfold_http_server_request_duration_seconds", "operation" => operation.clone())
+        .record(started.elapsed());
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("eventfold_http_server_requests_total", "operation" => operation, "status" => status)
+        .increment(1);
+    response
 }
 
 /// The fields a request path binds: (field path, value).
@@ -250,10 +265,13 @@ fn set_client_address(headers: &mut HeaderMap, extensions: &http::Extensions) {
     }
 }
 
-async fn transcode_call(inner: &Inner, request: Request) -> Result<Response, ApiError> {
+/// Transcodes `request`; `operation` is set to the operation id of the
+/// RPC it calls once its route is found.
+async fn transcode_call(inner: &Inner, request: Request, operation: &mut Option<String>) -> Result<Response, ApiError> {
     let (mut parts, body) = request.into_parts();
     set_client_address(&mut parts.headers, &parts.extensions);
     let (binding, bound) = route(inner, &parts.method, parts.uri.path())?;
+    *operation = Some(binding.operation_id());
     let limit = inner.options.max_body_bytes;
     let declared =
         parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());

@@ -238,10 +238,16 @@ impl Consumer {
         let next = offsets::next_offset(&tx, &self.name, topic, partition).await?;
         let client = self.client(topic, partition).await?;
         let fetch = client.fetch_records(next, 1..self.config.fetch_max_bytes.max(1), self.config.fetch_wait_ms.max(1));
-        let (records, _high_watermark) = tokio::time::timeout(self.config.timeout(), fetch)
-            .await
-            .map_err(|_| Error::Broker(format!("{topic}/{partition}: fetch timed out")))?
-            .map_err(|e| Error::Broker(format!("{topic}/{partition}: {e}")))?;
+        let fetched = match tokio::time::timeout(self.config.timeout(), fetch).await {
+            Ok(Ok(fetched)) => Ok(fetched),
+            Ok(Err(e)) => Err(Error::Broker(format!("{topic}/{partition}: {e}"))),
+            Err(_) => Err(Error::Broker(format!("{topic}/{partition}: fetch timed out"))),
+        };
+        if fetched.is_err() {
+            metrics::counter!("eventfold_kafka_errors_total", "client" => "consumer", "operation" => "fetch")
+                .increment(1);
+        }
+        let (records, high_watermark) = fetched?;
         // The broker may answer from the start of a batch.
         let messages: Vec<Message> = records
             .into_iter()
@@ -280,6 +286,11 @@ impl Consumer {
             metrics::counter!("eventfold_consumer_messages_total", "consumer" => self.name.clone())
                 .increment(handled as u64);
         }
+        // Messages on the partition not handled yet, as of this fetch.
+        let behind = high_watermark.saturating_sub(last.map_or(next, |l| l.saturating_add(1))).max(0);
+        let labels =
+            [("consumer", self.name.clone()), ("topic", topic.to_owned()), ("partition", partition.to_string())];
+        metrics::gauge!("eventfold_consumer_lag_messages", &labels).set(behind as f64);
         Ok(handled)
     }
 

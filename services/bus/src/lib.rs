@@ -67,3 +67,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 fn broker(e: impl std::fmt::Display) -> Error {
     Error::Broker(e.to_string())
 }
+
+/// Describes the Kafka consumers' metrics (the `# HELP` lines of
+/// `/metrics`).
+pub fn describe_metrics() {
+    metrics::describe_counter!("eventfold_consumer_messages_total", "Messages handled, by consumer");
+    metrics::describe_counter!(
+        "eventfold_consumer_duplicates_total",
+        "Messages skipped as handled before, by consumer"
+    );
+    metrics::describe_counter!("eventfold_consumer_dead_letters_total", "Messages dead-lettered, by consumer");
+    metrics::describe_gauge!(
+        "eventfold_consumer_lag_messages",
+        "Messages on a partition not handled yet, by consumer, topic and partition"
+    );
+    metrics::describe_counter!(
+        "eventfold_kafka_errors_total",
+        "Failed Kafka requests, by client (relay, consumer) and operation"
+    );
+}

@@ -180,12 +180,15 @@ impl Middleware for Metrics {
         let name = envelope.command.name();
         let started = Instant::now();
         let result = next.oneshot(envelope).await;
-        let outcome = match &result {
-            Ok(reply) if reply.writes.iter().any(|w| w.duplicate) => "duplicate",
-            Ok(_) => "ok",
-            Err(e) => e.kind(),
+        // `reason`: the business rule's reason of a rejection (a closed set).
+        let (outcome, reason) = match &result {
+            Ok(reply) if reply.writes.iter().any(|w| w.duplicate) => ("duplicate", ""),
+            Ok(_) => ("ok", ""),
+            Err(Error::Rejected { reason, .. }) => ("rejected", reason.as_str()),
+            Err(e) => (e.kind(), ""),
         };
-        metrics::counter!("eventfold_commands_total", "command" => name, "outcome" => outcome).increment(1);
+        metrics::counter!("eventfold_commands_total", "command" => name, "outcome" => outcome, "reason" => reason)
+            .increment(1);
         metrics::histogram!("eventfold_command_duration_seconds", "command" => name)
             .record(started.elapsed().as_secs_f64());
         result

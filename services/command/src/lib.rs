@@ -137,6 +137,19 @@ pub fn host(server: &mut GrpcServer, config: &Config, log: Arc<dyn EventLog>, bu
         });
 }
 
+/// Describes the command side's metrics (the `# HELP` lines of `/metrics`).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "eventfold_commands_total",
+        "Commands handled, by command and outcome (ok, duplicate, rejected with its reason, conflict, invalid, …)"
+    );
+    metrics::describe_histogram!("eventfold_command_duration_seconds", "Latency of commands, in seconds");
+    metrics::describe_counter!(
+        "eventfold_command_retries_total",
+        "Commands run again after a wrong expected version (a concurrent write to the stream)"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

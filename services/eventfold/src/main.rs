@@ -92,6 +92,7 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     // Every metric the process records is kept for /metrics.
     eventfold_platform::telemetry::install_metrics()?;
+    describe_metrics();
     // The query services and the projectors' invalidator use the cache.
     let caches = matches!(
         command,
@@ -129,6 +130,20 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             bus_cli::dlq(&consumer, &process.databases()?.main, config.registry.url.as_deref(), action).await
         }
     }
+}
+
+/// The `# HELP` lines of every metric the crates record (whichever of them
+/// this process runs).
+fn describe_metrics() {
+    eventfold_platform::metrics::describe();
+    eventfold_store::metered::describe();
+    eventfold_command::describe_metrics();
+    eventfold_projector::describe_metrics();
+    eventfold_query::describe_metrics();
+    eventfold_saga::describe_metrics();
+    eventfold_relay::describe_metrics();
+    eventfold_bus::describe_metrics();
+    eventfold_gateway::describe_metrics();
 }
 
 async fn migrate(database: &eventfold_store::Database, action: MigrateAction) -> anyhow::Result<()> {

@@ -12,7 +12,7 @@ use eventfold_platform::{
     server::GrpcServer,
     tls::Tls,
 };
-use eventfold_store::{EventLog, MemoryEventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_store::{EventLog, MemoryEventLog, Metered, PostgresConfig, PostgresEventLog, Upcasting};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -531,9 +531,10 @@ impl Process {
     }
 }
 
-/// The log as every service reads it: old event versions upcast.
+/// The log as every service reads it: old event versions upcast, appends
+/// counted and timed.
 fn upcasting(log: Arc<dyn EventLog>) -> Arc<dyn EventLog> {
-    Arc::new(Upcasting::new(log, eventfold_command::upcasters()))
+    Arc::new(Upcasting::new(Metered::new(log), eventfold_command::upcasters()))
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

@@ -20,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod guard;
 pub mod input;
+pub mod metrics;
 pub mod page;
 pub mod ratelimit;
 pub mod runtime;

@@ -50,13 +50,21 @@ impl Databases {
     pub fn open(config: &DatabaseConfig, query_pool_size: u32) -> Result<Self> {
         let url = config.require_url()?;
         let options = config.options();
-        let store = Database::open(url, &options).map_err(|e| Error::Config(e.to_string()))?;
-        Ok(Self {
-            queries: store.sized(query_pool_size.max(1)),
-            workers: store.without_flush_wait(config.worker_pool_size.max(1)),
-            main: store.sized(config.worker_pool_size.max(1)),
+        let store = Database::open(url, &options).map_err(|e| Error::Config(e.to_string()))?.labelled("store");
+        let databases = Self {
+            queries: store.sized(query_pool_size.max(1)).labelled("queries"),
+            workers: store.without_flush_wait(config.worker_pool_size.max(1)).labelled("workers"),
+            main: store.sized(config.worker_pool_size.max(1)).labelled("main"),
             store,
-        })
+        };
+        // The pools' sizes, idle connections and waiters, read when scraped.
+        let pools = databases.clone();
+        crate::telemetry::on_scrape("database pools", move || {
+            for pool in [&pools.store, &pools.queries, &pools.workers, &pools.main] {
+                pool.record_pool_metrics();
+            }
+        });
+        Ok(databases)
     }
 }
 

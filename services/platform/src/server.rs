@@ -22,6 +22,7 @@ use crate::{
     Error, Result,
     auth::{AuthConfig, AuthLayer, Authenticator, KeyVerifier, policy::Policy},
     guard::{PanicToStatus, PeerLimitLayer},
+    metrics::GrpcMetricsLayer,
     ratelimit::{AuthFailures, RateLimitConfig, RateLimitLayer, RateLimiter, RouteClasses},
     tls::{Alpn, Tls, TlsListener},
 };
@@ -39,16 +40,19 @@ pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The layers of every server: panics caught, calls per peer capped, every
-/// call authenticated and authorized, then rate limited (per principal, or
-/// per address for anonymous calls).
-pub type Layers =
-    Stack<RateLimitLayer, Stack<AuthLayer, Stack<PeerLimitLayer, Stack<CatchPanicLayer<PanicToStatus>, Identity>>>>;
+/// The layers of every server: every call counted and timed, panics
+/// caught, calls per peer capped, every call authenticated and authorized,
+/// then rate limited (per principal, or per address for anonymous calls).
+pub type Layers = Stack<
+    RateLimitLayer,
+    Stack<AuthLayer, Stack<PeerLimitLayer, Stack<CatchPanicLayer<PanicToStatus>, Stack<GrpcMetricsLayer, Identity>>>>,
+>;
 /// A router of an eventfold server (see [`GrpcServer`]).
 pub type Router = tonic::transport::server::Router<Layers>;
 
 /// A router with health and reflection (unless `reflection` is off) for the
 /// given descriptor sets, and `routes` (the services a process hosts).
+/// Every call is counted and timed by `metrics` (see [`crate::metrics`]).
 /// Every server made here has the same limits: keepalive pings, streams per
 /// connection and calls per peer capped, pending resets bounded, handler
 /// panics answered `INTERNAL`, and every call through `authenticator`, then
@@ -59,6 +63,7 @@ fn router(
     authenticator: Arc<Authenticator>,
     reflection: bool,
     rate_limit: RateLimitLayer,
+    metrics: GrpcMetricsLayer,
 ) -> Result<(HealthReporter, Router)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let configure = || {
@@ -79,6 +84,7 @@ fn router(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_max_pending_accept_reset_streams(Some(50))
         .http2_max_header_list_size(64 * 1024)
+        .layer(metrics)
         .layer(crate::guard::catch_panic())
         .layer(PeerLimitLayer::new(MAX_CALLS_PER_PEER))
         .layer(AuthLayer::new(authenticator))
@@ -106,6 +112,8 @@ pub struct GrpcServer {
     auth: Option<AuthSettings>,
     rate_limit: Option<(RateLimitConfig, Option<fred::clients::Client>)>,
     tls: Option<Arc<Tls>>,
+    /// Whether calls are counted and timed (on unless turned off).
+    metrics_off: bool,
 }
 
 /// How a server authenticates, set by [`GrpcServer::authenticate`].
@@ -193,6 +201,21 @@ impl GrpcServer {
         self
     }
 
+    /// Whether every call is counted and timed (see [`crate::metrics`]); on
+    /// unless turned off here (the bench that measures what it costs).
+    pub fn metrics(&mut self, on: bool) -> &mut Self {
+        self.metrics_off = !on;
+        self
+    }
+
+    /// The metrics layer of the services hosted.
+    fn metrics_layer(&self) -> Result<GrpcMetricsLayer> {
+        if self.metrics_off {
+            return Ok(GrpcMetricsLayer::default());
+        }
+        GrpcMetricsLayer::from_descriptor_sets(&self.descriptor_sets).map_err(|e| Error::Config(e.to_string()))
+    }
+
     /// The rate limits of the services hosted, if any.
     fn rate_limiter(&self) -> Result<RateLimitLayer> {
         let Some((config, redis)) = &self.rate_limit else {
@@ -243,8 +266,9 @@ impl GrpcServer {
     pub async fn serve(self, listener: TcpListener, token: CancellationToken, grace: Duration) -> Result<()> {
         let (authenticator, reflection) = self.authenticator()?;
         let rate_limit = self.rate_limiter()?;
+        let metrics = self.metrics_layer()?;
         let (reporter, router) =
-            router(&self.descriptor_sets, self.routes.routes(), authenticator, reflection, rate_limit)?;
+            router(&self.descriptor_sets, self.routes.routes(), authenticator, reflection, rate_limit, metrics)?;
         // NOT_SERVING before the first call can arrive, until a probe passes.
         for name in self.checks.iter().flat_map(|(names, _)| names).chain(std::iter::once(&String::new())) {
             reporter.set_service_status(name, ServingStatus::NotServing).await;

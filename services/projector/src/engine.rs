@@ -250,6 +250,8 @@ impl Projector {
                 .await;
         }
         metrics::counter!("eventfold_projection_events_total", "projection" => self.name()).increment(applied as u64);
+        metrics::histogram!("eventfold_projection_batch_seconds", "projection" => self.name())
+            .record(started.elapsed());
         self.record_lag(position, caught_up && complete, applied_events.last()).await;
         Ok(considered.max(1))
     }
@@ -353,6 +355,8 @@ impl Projector {
             %error,
             "event parked"
         );
+        // Counted when parked; a batch rolled back after this parks it again.
+        metrics::counter!("eventfold_projection_parked_total", "projection" => self.name()).increment(1);
         tx.execute(
             "INSERT INTO projections.parked (name, version, global_position, event_id, stream_id, event_type, error, \
                                              attempts) \
@@ -436,6 +440,8 @@ impl Projector {
     pub async fn run(self, token: CancellationToken) -> Result<()> {
         let mut wake = self.source.changed();
         self.prepare().await?;
+        // Exported at zero until something parks (alerts see the series).
+        metrics::counter!("eventfold_projection_parked_total", "projection" => self.name()).increment(0);
         while !token.is_cancelled() {
             if self.step().await? == 0 {
                 tokio::select! {

@@ -116,3 +116,22 @@ pub trait Projection: Send + Sync + 'static {
         Ok(false)
     }
 }
+
+/// Describes the projectors' metrics (the `# HELP` lines of `/metrics`).
+pub fn describe_metrics() {
+    metrics::describe_counter!("eventfold_projection_events_total", "Events applied, by projection");
+    metrics::describe_histogram!("eventfold_projection_batch_seconds", "Latency of one applied batch, in seconds");
+    metrics::describe_gauge!(
+        "eventfold_projection_position",
+        "Global position applied up to, by projection and version"
+    );
+    metrics::describe_gauge!("eventfold_projection_lag_positions", "Positions of the log not applied yet");
+    metrics::describe_gauge!(
+        "eventfold_projection_lag_seconds",
+        "Age of the last applied event, in seconds (0 when caught up)"
+    );
+    metrics::describe_counter!(
+        "eventfold_projection_parked_total",
+        "Events parked after every retry failed, by projection"
+    );
+}

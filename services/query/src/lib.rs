@@ -271,3 +271,16 @@ impl Amount {
         Self { minor, currency: currency.to_owned() }
     }
 }
+
+/// Describes the query side's metrics (the `# HELP` lines of `/metrics`)
+/// and registers the cache's error counter at zero.
+pub fn describe_metrics() {
+    metrics::describe_counter!("eventfold_cache_requests_total", "Cache lookups, by kind and result (hit, miss, …)");
+    metrics::describe_counter!("eventfold_cache_errors_total", "Redis errors of the query cache");
+    metrics::describe_gauge!(
+        "eventfold_cache_breaker_state",
+        "The cache's circuit breaker: 0 closed, 1 open, 2 half-open"
+    );
+    metrics::describe_gauge!("eventfold_cache_pending_invalidations", "Cache invalidations waiting for Redis");
+    metrics::counter!("eventfold_cache_errors_total").increment(0);
+}

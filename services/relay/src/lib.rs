@@ -380,6 +380,7 @@ impl Relay {
             let stats = self.stats.clone();
             sends.push(async move {
                 let n = records.len();
+                let started = std::time::Instant::now();
                 let result =
                     match tokio::time::timeout(timeout, client.produce(records, Compression::NoCompression)).await {
                         Ok(Ok(offsets)) if offsets.len() == n => Ok(()),
@@ -390,8 +391,11 @@ impl Relay {
                         Ok(Err(e)) => Err(Error::Broker(format!("{topic}/{partition}: {e}"))),
                         Err(_) => Err(Error::Broker(format!("{topic}/{partition}: produce timed out"))),
                     };
+                metrics::histogram!("eventfold_relay_produce_seconds").record(started.elapsed());
                 if result.is_err() {
                     stats.failed_produces.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("eventfold_kafka_errors_total", "client" => "relay", "operation" => "produce")
+                        .increment(1);
                 }
                 result
             });
@@ -443,6 +447,15 @@ impl Relay {
         }
         Ok(())
     }
+}
+
+/// Describes the relay's metrics (the `# HELP` lines of `/metrics`).
+pub fn describe_metrics() {
+    metrics::describe_gauge!("eventfold_relay_position", "Global position relayed up to");
+    metrics::describe_gauge!("eventfold_relay_lag_positions", "Positions of the log not relayed yet");
+    metrics::describe_counter!("eventfold_relay_events_total", "Events produced to Kafka");
+    metrics::describe_counter!("eventfold_relay_unencodable_total", "Events that could not be encoded in Avro");
+    metrics::describe_histogram!("eventfold_relay_produce_seconds", "Latency of produce requests, in seconds");
 }
 
 #[cfg(test)]

@@ -49,3 +49,20 @@ pub use crate::{
     repo::{Claim, MemorySagas, Repository},
     steps::{CommandSender, Fulfilment, FulfilmentData},
 };
+
+/// Describes the sagas' metrics (the `# HELP` lines of `/metrics`) and
+/// registers the parked counter at zero.
+pub fn describe_metrics() {
+    metrics::describe_counter!("eventfold_sagas_started_total", "Sagas started, by type");
+    metrics::describe_counter!(
+        "eventfold_sagas_finished_total",
+        "Sagas finished, by type and outcome (completed, compensated, failed)"
+    );
+    metrics::describe_histogram!("eventfold_saga_step_seconds", "Latency of saga steps, by step, in seconds");
+    metrics::describe_counter!(
+        "eventfold_saga_retries_total",
+        "Saga steps retried after a transient failure or timeout"
+    );
+    metrics::describe_counter!("eventfold_saga_parked_total", "Sagas parked because their data could not be read");
+    metrics::counter!("eventfold_saga_parked_total").increment(0);
+}

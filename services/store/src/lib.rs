@@ -17,6 +17,7 @@ pub mod failpoint;
 pub mod hash;
 mod log;
 pub mod memory;
+pub mod metered;
 pub mod model;
 pub mod pg;
 pub mod postgres;
@@ -30,6 +31,7 @@ pub use crate::{
     error::{Error, FieldViolation, Result},
     log::EventLog,
     memory::MemoryEventLog,
+    metered::Metered,
     model::*,
     pg::{Database, DatabaseOptions, PgPool, TlsMode},
     postgres::{PostgresConfig, PostgresEventLog},

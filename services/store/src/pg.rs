@@ -82,6 +82,9 @@ pub struct Database {
     tls: Tls,
     pool: PgPool,
     connect_timeout: Duration,
+    max_size: u32,
+    /// The `pool` label of its metrics.
+    label: &'static str,
 }
 
 impl std::fmt::Debug for Database {
@@ -118,15 +121,43 @@ impl Database {
 
     fn with(config: Config, tls: Tls, pool_size: u32, connect_timeout: Duration) -> Self {
         let manager = PostgresConnectionManager::new(config.clone(), tls.clone());
-        let pool =
-            Pool::builder().max_size(pool_size.max(1)).connection_timeout(connect_timeout).build_unchecked(manager);
-        Self { config, tls, pool, connect_timeout }
+        let max_size = pool_size.max(1);
+        let pool = Pool::builder().max_size(max_size).connection_timeout(connect_timeout).build_unchecked(manager);
+        Self { config, tls, pool, connect_timeout, max_size, label: "default" }
+    }
+
+    /// The same pool, its metrics labelled `pool = label`.
+    #[must_use]
+    pub fn labelled(mut self, label: &'static str) -> Self {
+        self.label = label;
+        self
+    }
+
+    /// Sets the pool's gauges and counters from its state (called when the
+    /// metrics are scraped): `eventfold_db_pool_connections`,
+    /// `…_idle_connections`, `…_max_connections`, `…_waiters` (gets waiting
+    /// for a connection) and `…_acquires_total{result}`. [`Database::get`]
+    /// records `…_acquire_seconds`.
+    pub fn record_pool_metrics(&self) {
+        let pool = self.label;
+        let state = self.pool.state();
+        let stats = &state.statistics;
+        metrics::gauge!("eventfold_db_pool_connections", "pool" => pool).set(f64::from(state.connections));
+        metrics::gauge!("eventfold_db_pool_idle_connections", "pool" => pool).set(f64::from(state.idle_connections));
+        metrics::gauge!("eventfold_db_pool_max_connections", "pool" => pool).set(f64::from(self.max_size));
+        metrics::gauge!("eventfold_db_pool_waiters", "pool" => pool)
+            .set(stats.get_started.saturating_sub(stats.completed_gets()) as f64);
+        for (result, count) in
+            [("direct", stats.get_direct), ("waited", stats.get_waited), ("timed_out", stats.get_timed_out)]
+        {
+            metrics::counter!("eventfold_db_pool_acquires_total", "pool" => pool, "result" => result).absolute(count);
+        }
     }
 
     /// The same server with a pool of its own of `pool_size` connections
     /// (another purpose: its load does not starve this one's).
     pub fn sized(&self, pool_size: u32) -> Self {
-        Self::with(self.config.clone(), self.tls.clone(), pool_size, self.connect_timeout)
+        Self::with(self.config.clone(), self.tls.clone(), pool_size, self.connect_timeout).labelled(self.label)
     }
 
     /// The same server with a pool of its own whose sessions commit without
@@ -140,7 +171,7 @@ impl Database {
             None => "-c synchronous_commit=off".to_owned(),
         };
         config.options(&options);
-        Self::with(config, self.tls.clone(), pool_size, self.connect_timeout)
+        Self::with(config, self.tls.clone(), pool_size, self.connect_timeout).labelled(self.label)
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -158,7 +189,10 @@ impl Database {
 
     /// A pooled connection, or `Unavailable` after the connect timeout.
     pub async fn get(&self) -> Result<PgConnection<'_>> {
-        self.pool.get().await.map_err(pool_error)
+        let started = std::time::Instant::now();
+        let connection = self.pool.get().await.map_err(pool_error);
+        metrics::histogram!("eventfold_db_pool_acquire_seconds", "pool" => self.label).record(started.elapsed());
+        connection
     }
 
     /// A connection of its own (not pooled) whose I/O half the caller

@@ -230,6 +230,7 @@ impl Subscriptions {
             },
         };
         tokio::spawn(async move {
+            let _counted = Counted::new();
             if let Err(e) = subscriber.run(&target).await {
                 let _ = subscriber.buffer.send(0, Err(e)).await;
             }
@@ -438,6 +439,23 @@ struct Cursor {
     since_checkpoint: u64,
 }
 
+/// One running subscription in `eventfold_store_subscribers`, until it
+/// is dropped (however its task ends).
+struct Counted;
+
+impl Counted {
+    fn new() -> Self {
+        metrics::gauge!("eventfold_store_subscribers").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        metrics::gauge!("eventfold_store_subscribers").decrement(1.0);
+    }
+}
+
 /// The receiver went away: stop quietly.
 struct Gone;
 
@@ -493,6 +511,9 @@ impl Subscriber {
                 Stop::Gone => return Ok(()),
                 Stop::Log(e) => return Err(e),
                 Stop::Blocked(charge) => {
+                    if was_live {
+                        metrics::counter!("eventfold_store_subscribers_fell_behind_total").increment(1);
+                    }
                     if self.buffer.wait_for_space(charge).await.is_err() {
                         return Ok(());
                     }
@@ -521,7 +542,13 @@ impl Subscriber {
         }
         cursor.since_checkpoint = 0;
         loop {
-            match live.recv().await {
+            // A reader that went away ends the subscription now, not at the
+            // next event (which may be long coming on a quiet log).
+            let received = tokio::select! {
+                received = live.recv() => received,
+                () = self.buffer.tx.closed() => return (Stop::Gone, true),
+            };
+            match received {
                 Ok(batch) => {
                     if let Err(stop) = self.deliver(target, cursor, &batch) {
                         return (stop, true);

@@ -99,6 +99,7 @@ pub(super) async fn writer(writer: Writer, token: CancellationToken) -> std::res
             }
             batch
         };
+        metrics::histogram!("eventfold_store_group_commit_size").record(batch.len() as f64);
 
         let mut attempt: u64 = 0;
         let mut retries = CONFLICT_BACKOFF.start();
