@@ -275,10 +275,12 @@ impl KafkaSource {
     /// The records of one partition from `next`, at most `max`, fetching
     /// again while the broker answers fewer than there are: (next, records,
     /// whether they reach the high watermark).
+    /// `eventfold_consumer_lag_messages{consumer, topic, partition}` is
+    /// set to what remains on the partition after the records taken.
     async fn fetch_partition(
         &self,
-        topic: &str,
-        partition: i32,
+        consumer: &str,
+        (topic, partition): (&str, i32),
         client: Arc<rskafka::client::partition::PartitionClient>,
         next: i64,
         max: usize,
@@ -291,10 +293,16 @@ impl KafkaSource {
                 1..self.config.consumer.fetch_max_bytes.max(1),
                 self.config.consumer.fetch_wait_ms.max(1),
             );
-            let (records, high_watermark) = tokio::time::timeout(self.timeout(), fetch)
-                .await
-                .map_err(|_| unavailable(format!("{topic}/{partition}: fetch timed out")))?
-                .map_err(|e| unavailable(format!("{topic}/{partition}: {e}")))?;
+            let fetched = match tokio::time::timeout(self.timeout(), fetch).await {
+                Ok(Ok(fetched)) => Ok(fetched),
+                Ok(Err(e)) => Err(unavailable(format!("{topic}/{partition}: {e}"))),
+                Err(_) => Err(unavailable(format!("{topic}/{partition}: fetch timed out"))),
+            };
+            if fetched.is_err() {
+                metrics::counter!("eventfold_kafka_errors_total", "client" => "consumer", "operation" => "fetch")
+                    .increment(1);
+            }
+            let (records, high_watermark) = fetched?;
             let from = end;
             let mut full = false;
             for record in records.into_iter().filter(|r| r.offset >= from) {
@@ -307,6 +315,13 @@ impl KafkaSource {
             }
             let caught_up = !full && end >= high_watermark;
             if caught_up || full || end == from {
+                let labels = [
+                    ("consumer", consumer.to_owned()),
+                    ("topic", topic.to_owned()),
+                    ("partition", partition.to_string()),
+                ];
+                metrics::gauge!("eventfold_consumer_lag_messages", &labels)
+                    .set(high_watermark.saturating_sub(end).max(0) as f64);
                 return Ok((next, out, caught_up));
             }
         }
@@ -330,6 +345,9 @@ impl KafkaSource {
         // A second instance of this consumer keeps off the partitions until
         // this batch commits.
         offsets::lock_offsets(tx, consumer, None).await?;
+        // Exported at zero until something is dead-lettered or fails.
+        metrics::counter!("eventfold_consumer_dead_letters_total", "consumer" => consumer.to_owned()).increment(0);
+        metrics::counter!("eventfold_kafka_errors_total", "client" => "consumer", "operation" => "fetch").increment(0);
         let next_offsets = offsets::next_offsets(tx, consumer).await?;
         let mut clients = Vec::with_capacity(partitions.len());
         for (topic, partition) in &partitions {
@@ -339,7 +357,7 @@ impl KafkaSource {
         // partition.
         let fetches = partitions.iter().zip(clients).map(|((topic, partition), client)| {
             let next = next_offsets.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
-            self.fetch_partition(topic, *partition, client, next, max.max(1))
+            self.fetch_partition(consumer, (topic, *partition), client, next, max.max(1))
         });
         let answers = futures_util::future::try_join_all(fetches).await?;
         let mut fetched = Vec::new();

@@ -95,9 +95,136 @@ fn curl(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Both workloads (dev, then the Kafka-fed processes), and every metric
+/// name of the dashboard and the alert rules exported by one of them.
 #[test]
-fn a_workload_on_dev_exports_every_metric_family_with_values_that_agree() {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+fn a_workload_exports_every_metric_family_with_values_that_agree_and_all_the_dashboard_uses() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let dev = dev_workload(&runtime);
+    let (relay, projector) = kafka_workload(&runtime);
+    let exported: std::collections::BTreeSet<&str> =
+        [&dev, &relay, &projector].iter().flat_map(|s| s.samples.iter().map(|s| family_of(&s.name))).collect();
+    let files = ["grafana-dashboard.json", "prometheus-alerts.yml"];
+    let mut used = 0;
+    for file in files {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../helm/eventfold/files").join(file);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for name in metric_names(&text) {
+            used += 1;
+            assert!(exported.contains(family_of(&name)), "{file} uses {name}, which no process exports");
+        }
+    }
+    assert!(used >= 20, "the dashboard and rules use metrics: {used}");
+}
+
+/// Every `eventfold_…` token of `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("eventfold_") {
+        let tail = &rest[at..];
+        let end =
+            tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// `serve command`, `serve relay` and a Kafka-fed `serve projector` on one
+/// database: orders relayed to the broker and projected from it; the
+/// scrapes of the relay and the projector once both caught up.
+fn kafka_workload(runtime: &tokio::runtime::Runtime) -> (Scrape, Scrape) {
+    let db = runtime.block_on(eventfold_tests::TestDatabase::migrated());
+    let broker = eventfold_tests::kafka::Broker::start();
+    let registry = runtime.block_on(async {
+        let registry = eventfold_tests::registry::RegistryStandIn::start().await;
+        eventfold_schemas::Registry::new(registry.url())
+            .expect("a registry client")
+            .register_catalog(
+                &eventfold_schemas::Catalog::load().expect("the catalog"),
+                eventfold_proto::FILE_DESCRIPTOR_SET,
+            )
+            .await
+            .expect("register the schemas");
+        registry
+    });
+    let (brokers, registry_url) = (format!("[\"{}\"]", broker.bootstrap()), registry.url());
+    let env = [
+        ("EVENTFOLD_ADMIN__LISTEN", "127.0.0.1:0"),
+        ("EVENTFOLD_RELAY__BROKERS", brokers.as_str()),
+        ("EVENTFOLD_REGISTRY__URL", registry_url.as_str()),
+        ("EVENTFOLD_PROJECTOR__SOURCE", "kafka"),
+        // Calls without credentials: authentication is tested elsewhere.
+        ("EVENTFOLD_AUTH__ENABLED", "false"),
+    ];
+    let database = ["--database-url", db.url()];
+    let command = DevServer::start_command(
+        &["serve", "command", "--listen", "127.0.0.1:0"],
+        &database,
+        &env,
+        "eventfold: command services listening on ",
+    );
+    let (relay, _) = common::spawn_process(&["serve", "relay"], &database, &env, "eventfold: relaying to ");
+    let (projector, _) = common::spawn_process(&["serve", "projector"], &database, &env, "eventfold: ");
+    for n in 0..3 {
+        let order = json!({
+            "orderId": format!("k-{n}"), "customerId": "c-1", "currency": "EUR",
+            "items": [{"productId": "sku-k", "quantity": 1, "unitPrice": {"minor": "700", "currency": "EUR"}}],
+        });
+        command.call("eventfold.orders.v1.OrderCommandService/CreateOrder", &order);
+    }
+    let relay_admin = relay.printed_addr(&["eventfold: admin on http://"]);
+    let projector_admin = projector.printed_addr(&["eventfold: admin on http://"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (relayed, projected) = loop {
+        let (relayed, projected) = (Scrape::of(&relay_admin), Scrape::of(&projector_admin));
+        let sent = relayed.sum("eventfold_relay_events_total", &[]);
+        let applied = projected.sum("eventfold_projection_position", &[("projection", "order_views")]);
+        let head = relayed.sum("eventfold_relay_position", &[]);
+        if sent >= 3.0 && head > 0.0 && applied >= head {
+            break (relayed, projected);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relayed {sent} (to {head}), order_views at {applied}:\n{}\n{}\nrelay:\n{}\nprojector:\n{}",
+            relayed.text,
+            projected.text,
+            relay.stderr.lock().unwrap(),
+            projector.stderr.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The relay: every event produced, caught up, produces timed, no error.
+    assert_eq!(relayed.sum("eventfold_relay_lag_positions", &[]), 0.0, "{}", relayed.text);
+    assert!(relayed.sum("eventfold_relay_produce_seconds_count", &[]) >= 1.0);
+    assert_eq!(relayed.sum("eventfold_kafka_errors_total", &[]), 0.0);
+    // The Kafka-fed projector: a lag per partition, back to 0; nothing
+    // dead-lettered.
+    let lags: Vec<&Sample> = projected.matching("eventfold_consumer_lag_messages", &[]).collect();
+    assert!(!lags.is_empty(), "{}", projected.text);
+    for lag in &lags {
+        assert!(lag.labels.contains_key("topic") && lag.labels.contains_key("partition"), "{lag:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let projected = loop {
+        let projected = Scrape::of(&projector_admin);
+        if projected.sum("eventfold_consumer_lag_messages", &[]) == 0.0 {
+            break projected;
+        }
+        assert!(Instant::now() < deadline, "consumer lag not back to 0:\n{}", projected.text);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    projected.has("eventfold_consumer_dead_letters_total", &[]);
+    assert_eq!(projected.sum("eventfold_consumer_dead_letters_total", &[]), 0.0);
+    assert!(projected.sum("eventfold_projection_events_total", &[("projection", "order_views")]) >= 3.0);
+    drop((command, relay, projector, broker, registry));
+    (relayed, projected)
+}
+
+/// `eventfold dev --database-url` (query cache on Redis) after a short
+/// workload; every family of the dev process checked against it.
+fn dev_workload(runtime: &tokio::runtime::Runtime) -> Scrape {
     let db = runtime.block_on(eventfold_tests::TestDatabase::create());
     let redis = eventfold_tests::redis::TestRedis::create();
     let server = DevServer::start_env(
@@ -290,6 +417,7 @@ fn a_workload_on_dev_exports_every_metric_family_with_values_that_agree() {
         assert!(scrape.text.contains(&format!("# HELP {family} ")), "{family} has no HELP line");
     }
     drop(server);
+    scrape
 }
 
 /// The family of a sample name (histograms add `_bucket`, `_sum`, `_count`).

@@ -426,6 +426,8 @@ impl Relay {
     /// cancellation moves no checkpoint (its batch is sent again).
     pub async fn run(self, token: CancellationToken) -> Result<()> {
         let mut wake = self.log.appended();
+        // Exported at zero until a produce fails (alerts see the series).
+        metrics::counter!("eventfold_kafka_errors_total", "client" => "relay", "operation" => "produce").increment(0);
         while !token.is_cancelled() {
             let step = tokio::select! {
                 step = self.step() => step,

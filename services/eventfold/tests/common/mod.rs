@@ -93,6 +93,24 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// The address after the first of `prefixes` on a line of stdout
+    /// (within 10 s).
+    pub fn printed_addr(&self, prefixes: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let printed = self.stdout.lock().unwrap().clone();
+            if let Some(addr) = printed
+                .lines()
+                .find_map(|line| prefixes.iter().find_map(|prefix| line.strip_prefix(prefix)))
+                .and_then(|rest| rest.split_whitespace().next())
+            {
+                return addr.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no {prefixes:?} line on stdout: {printed:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the process printed `needle` on stderr; false when it did
     /// not within `timeout` (or exited first).
     pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> bool {
@@ -217,22 +235,8 @@ impl DevServer {
         self.printed_addr(&["eventfold: admin on http://"])
     }
 
-    /// The address after the first of `prefixes` on a line of stdout
-    /// (within 10 s).
     fn printed_addr(&self, prefixes: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let printed = self.process.stdout.lock().unwrap().clone();
-            if let Some(addr) = printed
-                .lines()
-                .find_map(|line| prefixes.iter().find_map(|prefix| line.strip_prefix(prefix)))
-                .and_then(|rest| rest.split_whitespace().next())
-            {
-                return addr.to_owned();
-            }
-            assert!(Instant::now() < deadline, "no {prefixes:?} line on stdout: {printed:?}");
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.process.printed_addr(prefixes)
     }
 
     /// grpcurl against this server.
