@@ -222,6 +222,24 @@ impl Registry {
         })
     }
 
+    /// Whether the registry answers (`GET /config`, the global
+    /// compatibility: a small answer whatever the number of schemas).
+    pub async fn check(&self) -> Result<(), Error> {
+        let url = format!("{}/config", self.url);
+        let response = self.http.get(&url).header(reqwest::header::ACCEPT, CONTENT_TYPE).send().await.map_err(|e| {
+            Error::Registry { error_code: None, message: format!("GET /config: {}", e.without_url()), retriable: true }
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        Err(Error::Registry {
+            error_code: None,
+            message: format!("GET /config answered {status}"),
+            retriable: status.is_server_error(),
+        })
+    }
+
     /// The registry id of the schema of `event_type` at `version`, looked up
     /// (not registered) under its subject and cached: what a producer puts
     /// in the wire format.

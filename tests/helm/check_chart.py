@@ -42,6 +42,10 @@ def render(chart_dir, values):
             continue
         for doc in yaml.safe_load_all(text):
             if doc:
+                # Prometheus Operator kinds are CRDs: checked by check_monitoring.
+                if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                    docs.append(doc)
+                    continue
                 try:
                     kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
                 except kubernetes_validate.ValidationError as e:
@@ -125,7 +129,11 @@ def check_full(docs):
         check(c["ports"][0]["containerPort"] == port, f"{component}: container port")
         for probe in ("startupProbe", "readinessProbe"):
             check(c.get(probe, {}).get("grpc", {}).get("port") == port, f"{component}: {probe} is grpc on {port}")
-        check("tcpSocket" in c["livenessProbe"], f"{component}: liveness only checks the port")
+        check(
+            c["livenessProbe"].get("httpGet") == {"path": "/healthz", "port": "admin"},
+            f"{component}: liveness on the admin listener's /healthz",
+        )
+        check(env(deployment)["EVENTFOLD_ADMIN__LISTEN"] == "0.0.0.0:9464", f"{component}: admin listener")
         check(service["spec"]["ports"][0]["port"] == port, f"{component}: service port")
         pods = deployment["spec"]["template"]["metadata"]["labels"]
         selector = service["spec"]["selector"]
@@ -178,6 +186,33 @@ def check_full(docs):
         check(relay["spec"]["replicas"] == 1 and relay["spec"]["strategy"]["type"] == "Recreate", "one relay")
         check(json.loads(env(relay)["EVENTFOLD_RELAY__BROKERS"]) == BROKERS, "relay brokers")
         check(env(relay)["EVENTFOLD_REGISTRY__URL"] == registry_url, "relay registry")
+    # The workers: probed on their admin listener.
+    for worker in (relay, find(docs, "Deployment", f"{PREFIX}-projector")):
+        if not worker:
+            failures.append("the projector and the relay are rendered")
+            continue
+        name, c = worker["metadata"]["name"], container(worker)
+        check(env(worker)["EVENTFOLD_ADMIN__LISTEN"] == "0.0.0.0:9464", f"{name}: admin listener")
+        check({"name": "admin", "containerPort": 9464, "protocol": "TCP"} in c["ports"], f"{name}: admin port")
+        for probe in ("startupProbe", "readinessProbe"):
+            check(c[probe]["httpGet"] == {"path": "/readyz", "port": "admin"}, f"{name}: {probe} on /readyz")
+        check(c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}, f"{name}: liveness")
+
+    # Every eventfold pod carries Prometheus' scrape annotations for the
+    # port its admin listener has.
+    for d in docs:
+        if d["kind"] != "Deployment" or "eventfold:" not in container(d)["image"]:
+            continue
+        annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+        admin = [p["containerPort"] for p in container(d)["ports"] if p["name"] == "admin"]
+        check(
+            annotations.get("prometheus.io/scrape") == "true"
+            and annotations.get("prometheus.io/path") == "/metrics"
+            and [int(annotations.get("prometheus.io/port", 0))] == admin,
+            f"{d['metadata']['name']}: scrape annotations for its admin port {admin}: {annotations}",
+        )
+    check(not [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")], "no PodMonitor unless asked")
+
     projector = find(docs, "Deployment", f"{PREFIX}-projector")
     if projector:
         check(env(projector)["EVENTFOLD_PROJECTOR__SOURCE"] == "kafka", "projectors read Kafka")
@@ -191,6 +226,70 @@ def check_full(docs):
         check(c["readinessProbe"]["httpGet"]["path"] == "/subjects", "registry readiness")
         service = find(docs, "Service", f"{PREFIX}-schema-registry")
         check(service and service["spec"]["ports"][0]["port"] == 8081, "registry service on 8081")
+
+
+def check_monitoring(chart_dir):
+    """The PodMonitor, the PrometheusRule and the dashboard ConfigMap, when
+    enabled; podAnnotations beside (and over) the scrape annotations."""
+    values = {
+        **BUS,
+        "podAnnotations": {"team": "orders", "prometheus.io/path": "/custom"},
+        "metrics": {
+            "podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+            "prometheusRule": {"enabled": True},
+            "dashboard": {"enabled": True},
+        },
+    }
+    docs = render(chart_dir, values)
+    monitor = find(docs, "PodMonitor", PREFIX)
+    if monitor:
+        spec = monitor["spec"]
+        check(monitor["metadata"]["labels"].get("release") == "kube-prometheus", "PodMonitor labels")
+        check(spec["podMetricsEndpoints"][0]["port"] == "admin", "PodMonitor scrapes the admin port")
+        check(spec["podMetricsEndpoints"][0]["path"] == "/metrics", "PodMonitor path")
+        selected = []
+        for d in docs:
+            if d["kind"] != "Deployment":
+                continue
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            match = spec["selector"]["matchLabels"].items() <= labels.items() and all(
+                labels.get(e["key"]) in e["values"] for e in spec["selector"]["matchExpressions"]
+            )
+            if match:
+                selected.append(d["metadata"]["name"])
+                check(
+                    any(p["name"] == "admin" for p in container(d)["ports"]),
+                    f"{d['metadata']['name']}: selected by the PodMonitor, has an admin port",
+                )
+        expected = sorted(f"{PREFIX}-{c}" for c in [*SERVERS, "gateway", "projector", "relay"])
+        check(sorted(selected) == expected, f"PodMonitor selects every eventfold pod: {selected}")
+    else:
+        failures.append("metrics.podMonitor.enabled renders a PodMonitor")
+    rule = find(docs, "PrometheusRule", PREFIX)
+    with open(f"{chart_dir}/files/prometheus-alerts.yml") as f:
+        alerts = yaml.safe_load(f)
+    check(rule and rule["spec"] == alerts, "the PrometheusRule holds files/prometheus-alerts.yml")
+    dashboard = find(docs, "ConfigMap", f"{PREFIX}-dashboard")
+    with open(f"{chart_dir}/files/grafana-dashboard.json") as f:
+        expected_dashboard = json.load(f)
+    check(
+        dashboard
+        and dashboard["metadata"]["labels"].get("grafana_dashboard") == "1"
+        and json.loads(dashboard["data"]["eventfold.json"]) == expected_dashboard,
+        "the dashboard ConfigMap holds files/grafana-dashboard.json",
+    )
+    command = find(docs, "Deployment", f"{PREFIX}-command")
+    annotations = command["spec"]["template"]["metadata"]["annotations"]
+    check(
+        annotations.get("team") == "orders" and annotations.get("prometheus.io/path") == "/custom",
+        f"podAnnotations kept and winning: {annotations}",
+    )
+    docs = render(chart_dir, {**DB, "metrics": {"scrapeAnnotations": False}})
+    command = find(docs, "Deployment", f"{PREFIX}-command")
+    check(
+        "annotations" not in command["spec"]["template"]["metadata"],
+        "metrics.scrapeAnnotations=false: no annotations",
+    )
 
 
 def main():
@@ -277,6 +376,8 @@ def main():
         "EVENTFOLD_TLS__CLIENT_CA_FILE" not in env(find(docs, "Deployment", f"{PREFIX}-command")),
         "tls.mutual=false: no client CA",
     )
+
+    check_monitoring(chart_dir)
 
     # Settings that cannot work fail the render and say why.
     render_fails(chart_dir, {}, "database.url or database.existingSecret is required")

@@ -171,3 +171,53 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* The annotations of an eventfold pod whose admin listener is on
+.port: Prometheus' scrape annotations (metrics.scrapeAnnotations), then
+podAnnotations (which win). */}}
+{{- define "eventfold.podAnnotations" -}}
+{{- $root := .root -}}
+{{- $annotations := dict -}}
+{{- if $root.Values.metrics.scrapeAnnotations -}}
+{{- $_ := set $annotations "prometheus.io/scrape" "true" -}}
+{{- $_ := set $annotations "prometheus.io/port" (toString .port) -}}
+{{- $_ := set $annotations "prometheus.io/path" "/metrics" -}}
+{{- end -}}
+{{- $annotations = merge (deepCopy ($root.Values.podAnnotations | default dict)) $annotations -}}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The admin listener of an eventfold container: its env var. */}}
+{{- define "eventfold.adminEnv" -}}
+- name: EVENTFOLD_ADMIN__LISTEN
+  value: "0.0.0.0:{{ .Values.admin.port }}"
+{{- end -}}
+
+{{/* Probes of a worker (no gRPC port) on its admin listener. */}}
+{{- define "eventfold.adminProbes" -}}
+ports:
+  - name: admin
+    containerPort: {{ .Values.admin.port }}
+    protocol: TCP
+startupProbe:
+  httpGet:
+    path: /readyz
+    port: admin
+  periodSeconds: 2
+  failureThreshold: 60
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: admin
+  periodSeconds: 5
+  failureThreshold: 2
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: admin
+  periodSeconds: 10
+  failureThreshold: 6
+{{- end -}}

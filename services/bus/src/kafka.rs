@@ -74,6 +74,13 @@ pub(crate) async fn connect_kafka(config: &ConsumerConfig) -> Result<Kafka> {
     .await
 }
 
+/// Whether the brokers of `config` answer: a connection and a metadata
+/// request, within the request timeout (readiness checks).
+pub async fn check_brokers(config: &ConsumerConfig) -> Result<()> {
+    let kafka = connect_kafka(config).await?;
+    kafka.list_topics(config.timeout()).await.map(|_| ())
+}
+
 /// The connection in `slot`, made first if there is none.
 pub(crate) async fn connected<'a>(slot: &'a mut Option<Kafka>, config: &ConsumerConfig) -> Result<&'a mut Kafka> {
     if slot.is_none() {

@@ -37,7 +37,7 @@ mod source;
 pub use crate::{
     consumer::{Consumer, ConsumerConfig, HandleError, Message, MessageHandler},
     dead_letters::{DLQ_SUFFIX, DeadLetter, Replayed, StillFailing, dead_letters, headers, pending_consumers, replay},
-    kafka::{BrokerTls, Kafka},
+    kafka::{BrokerTls, Kafka, check_brokers},
     outage::Outage,
     projection_replay::{ProjectionReplay, replay_projection},
     source::{DecodeError, Decoder, KafkaSource, KafkaSourceConfig},

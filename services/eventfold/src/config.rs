@@ -27,6 +27,7 @@ pub(crate) struct Config {
 impl Config {
     pub(crate) fn validate(&self) -> Result<(), eventfold_platform::Error> {
         self.database.validate()?;
+        self.admin.validate()?;
         // A secret too short or a JWKS file that cannot be read is a usage
         // error before anything starts.
         eventfold_platform::auth::jwt::JwtVerifier::new(&self.auth.jwt)

@@ -8,6 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use eventfold_platform::{
     auth::keys::ApiKeyStore,
+    readiness::Readiness,
     runtime::{Backoff, Databases, RedisOptions, Resources, Runtime},
     server::GrpcServer,
     tls::Tls,
@@ -43,6 +44,9 @@ pub(crate) struct Process {
     /// `[tls]`: the certificates of the listeners and of calls to other
     /// services, reloaded when their files change.
     tls: Option<Arc<Tls>>,
+    /// The dependencies the process needs (`/readyz`, the gRPC server's
+    /// overall health).
+    readiness: Readiness,
 }
 
 impl Process {
@@ -59,7 +63,45 @@ impl Process {
         if let Some(tls) = &tls {
             runtime.spawn("TLS reload", tls.clone().watch(runtime.token().clone()));
         }
-        Ok(Self { config, resources, runtime, api_key_store: std::sync::OnceLock::new(), tls })
+        let readiness = Readiness::new();
+        if let Some(databases) = &resources.database {
+            let database = databases.main.clone();
+            readiness.add("postgresql", config.admin.requires("postgresql"), move || {
+                let database = database.clone();
+                async move {
+                    let client = database.get().await.map_err(|e| e.to_string())?;
+                    client.simple_query("SELECT 1").await.map(drop).map_err(|e| e.to_string())
+                }
+            });
+        }
+        if let Some(redis) = &resources.redis {
+            let redis = redis.clone();
+            readiness.add("redis", config.admin.requires("redis"), move || {
+                let redis = redis.clone();
+                async move { eventfold_platform::runtime::redis_answers(&redis).await }
+            });
+        }
+        Ok(Self { config, resources, runtime, api_key_store: std::sync::OnceLock::new(), tls, readiness })
+    }
+
+    /// The brokers and the registry join the dependencies (the relay, the
+    /// Kafka-fed projectors).
+    fn needs_kafka(&self, registry_url: &str) -> anyhow::Result<()> {
+        let consumer = eventfold_bus::ConsumerConfig {
+            brokers: self.config.relay.brokers.clone(),
+            tls: self.broker_tls()?,
+            ..Default::default()
+        };
+        self.readiness.add("kafka", self.config.admin.requires("kafka"), move || {
+            let consumer = consumer.clone();
+            async move { eventfold_bus::check_brokers(&consumer).await.map_err(|e| e.to_string()) }
+        });
+        let registry = Arc::new(eventfold_schemas::Registry::new(registry_url)?);
+        self.readiness.add("registry", self.config.admin.requires("registry"), move || {
+            let registry = registry.clone();
+            async move { registry.check().await.map_err(|e| e.to_string()) }
+        });
+        Ok(())
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -221,6 +263,7 @@ impl Process {
             )
             .into());
         };
+        self.needs_kafka(&registry_url)?;
         let log = self.postgres_log().await?;
         let encoder = eventfold_relay::AvroEncoder::new(
             eventfold_schemas::Catalog::load()?,
@@ -303,6 +346,7 @@ impl Process {
                     relay: config.relay.name.clone(),
                     ..Default::default()
                 };
+                self.needs_kafka(registry_url)?;
                 let catalog = eventfold_schemas::Catalog::load()?;
                 let registry = eventfold_schemas::Registry::new(registry_url)?;
                 Some(eventfold_bus::KafkaSource::new(source_config, catalog, registry))
@@ -374,6 +418,7 @@ impl Process {
             .transpose()?;
         server.rate_limit(limits, redis);
         server.tls(self.tls.clone());
+        server.readiness(self.readiness.clone());
         let listener = bind(listen).await?;
         let addr = listener.local_addr()?;
         print_banner(&server, addr, what, storage, self.tls.as_deref());
@@ -509,7 +554,11 @@ impl Process {
 
     /// The admin HTTP listener at `[admin] listen`, else at `default` (for
     /// `eventfold dev`; another free port when that one is taken).
+    /// The readiness prober starts here too (the gRPC server's health
+    /// follows it with or without the listener).
     async fn admin(&self, default: Option<SocketAddr>) -> anyhow::Result<()> {
+        let interval = Duration::from_millis(self.config.admin.readiness_interval_ms.max(100));
+        self.runtime.spawn("readiness", self.readiness.clone().run(interval, self.runtime.token().clone()));
         let listener = match (self.config.admin.listen, default) {
             (Some(addr), _) => bind(addr).await?,
             (None, Some(addr)) => match TcpListener::bind(addr).await {
@@ -521,7 +570,7 @@ impl Process {
         let addr = listener.local_addr()?;
         println!("eventfold: admin on http://{addr} (/healthz, /readyz, /metrics)");
         let token = self.runtime.token().clone();
-        let routes = eventfold_platform::admin::routes(token.clone());
+        let routes = eventfold_platform::admin::routes(token.clone(), self.readiness.clone());
         self.runtime.spawn("admin listener", async move {
             if let Err(e) = eventfold_platform::admin::serve(listener, routes, token).await {
                 tracing::error!(error = %e, "admin listener failed");

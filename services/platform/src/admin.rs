@@ -1,7 +1,7 @@
 //! The admin HTTP listener of every process (`[admin] listen`): `/healthz`
-//! (the process is alive), `/readyz` (it takes traffic: not while it shuts
-//! down) and `/metrics` (Prometheus). Per-dependency readiness hangs here
-//! next.
+//! (the process is alive), `/readyz` (it takes traffic: its dependencies
+//! answer and it is not shutting down; see [`crate::readiness`]) and
+//! `/metrics` (Prometheus).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -9,12 +9,17 @@ use axum::{Router, http::StatusCode, response::IntoResponse, routing::get, serve
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::tls::{Alpn, Tls, TlsListener};
+use crate::{
+    readiness::Readiness,
+    tls::{Alpn, Tls, TlsListener},
+};
 
 /// The admin routes; add more with [`Router::merge`] before serving.
 /// `/metrics`: every metric of the process (Prometheus text format), 404
-/// when no recorder is installed.
-pub fn routes(token: CancellationToken) -> Router {
+/// when no recorder is installed. `/readyz`: 200 while every required
+/// dependency of `readiness` answers and `token` is not cancelled, else
+/// 503; one line per dependency either way.
+pub fn routes(token: CancellationToken, readiness: Readiness) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -29,13 +34,11 @@ pub fn routes(token: CancellationToken) -> Router {
         .route(
             "/readyz",
             get(move || {
-                let token = token.clone();
+                let (token, readiness) = (token.clone(), readiness.clone());
                 async move {
-                    if token.is_cancelled() {
-                        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-                    } else {
-                        (StatusCode::OK, "ready\n")
-                    }
+                    let (ready, text) = readiness.answer(token.is_cancelled());
+                    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                    (status, text)
                 }
             }),
         )

@@ -37,7 +37,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_DATABASE__CONNECT_TIMEOUT_MS", "longest wait for a PostgreSQL connection (default 5000)"),
     ("EVENTFOLD_DATABASE__TLS", "TLS to PostgreSQL: prefer (default), disable, require or verify-full"),
     ("EVENTFOLD_DATABASE__CA_FILE", "PEM file of the CAs that tls = verify-full trusts"),
-    ("EVENTFOLD_ADMIN__LISTEN", "admin HTTP listener (/healthz, /readyz), e.g. 0.0.0.0:9464"),
+    ("EVENTFOLD_ADMIN__LISTEN", "admin HTTP listener (/healthz, /readyz, /metrics), e.g. 0.0.0.0:9464"),
+    ("EVENTFOLD_ADMIN__READINESS_INTERVAL_MS", "how often readiness checks every dependency (default 1000)"),
+    ("EVENTFOLD_ADMIN__OPTIONAL", "dependencies /readyz reports without requiring them, e.g. [\"redis\"]"),
     ("EVENTFOLD_EVENTSTORE__LISTEN", "gRPC listen address of the event store"),
     ("EVENTFOLD_EVENTSTORE__SHUTDOWN_GRACE_SECS", "seconds to drain streams on shutdown"),
     ("EVENTFOLD_COMMAND__LISTEN", "gRPC listen address of `eventfold serve command`"),
@@ -159,14 +161,46 @@ pub fn config_file_from_env() -> Option<std::path::PathBuf> {
     std::env::var_os("EVENTFOLD_CONFIG").map(Into::into)
 }
 
-/// The admin HTTP listener of a process (`[admin]`): `/healthz` and
-/// `/readyz` today, `/metrics` next.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+/// The admin HTTP listener of a process (`[admin]`): `/healthz`, `/readyz`
+/// and `/metrics`; and how readiness is probed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Where it listens; unset: no admin listener (`eventfold dev` uses
     /// 127.0.0.1:9464 when unset).
     pub listen: Option<SocketAddr>,
+    /// How often every dependency is checked for readiness.
+    pub readiness_interval_ms: u64,
+    /// Dependencies (`postgresql`, `redis`, `kafka`, `registry`) that
+    /// `/readyz` reports without letting them decide readiness.
+    pub optional: Vec<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: None, readiness_interval_ms: 1000, optional: Vec::new() }
+    }
+}
+
+/// The dependencies readiness knows.
+pub const DEPENDENCIES: [&str; 4] = ["postgresql", "redis", "kafka", "registry"];
+
+impl AdminConfig {
+    /// Whether dependency `name` decides readiness.
+    pub fn requires(&self, name: &str) -> bool {
+        !self.optional.iter().any(|o| o == name)
+    }
+
+    /// Refuses an unknown dependency name in `optional`.
+    pub fn validate(&self) -> Result<()> {
+        match self.optional.iter().find(|o| !DEPENDENCIES.contains(&o.as_str())) {
+            Some(unknown) => Err(Error::Config(format!(
+                "admin.optional: unknown dependency {unknown:?} (known: {})",
+                DEPENDENCIES.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Logging settings.

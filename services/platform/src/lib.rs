@@ -23,6 +23,7 @@ pub mod input;
 pub mod metrics;
 pub mod page;
 pub mod ratelimit;
+pub mod readiness;
 pub mod runtime;
 pub mod server;
 pub mod status;

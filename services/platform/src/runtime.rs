@@ -92,6 +92,12 @@ pub struct RedisOptions {
     pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
+/// Whether the Redis server of `client` answers a PING (readiness).
+pub async fn redis_answers(client: &fred::clients::Client) -> std::result::Result<(), String> {
+    use fred::interfaces::ClientLike;
+    client.ping::<String>(None).await.map(drop).map_err(|e| e.to_string())
+}
+
 /// A Redis client for `options` that connects, and reconnects every 200 ms,
 /// in the background: Redis being away at start is not an error. Each
 /// command is tried once within `command_timeout` (its callers fall back,

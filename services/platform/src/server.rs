@@ -24,6 +24,7 @@ use crate::{
     guard::{PanicToStatus, PeerLimitLayer},
     metrics::GrpcMetricsLayer,
     ratelimit::{AuthFailures, RateLimitConfig, RateLimitLayer, RateLimiter, RouteClasses},
+    readiness::Readiness,
     tls::{Alpn, Tls, TlsListener},
 };
 
@@ -199,6 +200,15 @@ impl GrpcServer {
     pub fn tls(&mut self, tls: Option<Arc<Tls>>) -> &mut Self {
         self.tls = tls.filter(|tls| tls.serves());
         self
+    }
+
+    /// The server's overall health (`""`) follows `readiness` too: NOT_SERVING
+    /// while a required dependency of the process does not answer.
+    pub fn readiness(&mut self, readiness: Readiness) -> &mut Self {
+        self.health_check(&[], Duration::from_secs(1), move || {
+            let ready = readiness.is_ready();
+            async move { if ready { Ok(()) } else { Err("a required dependency does not answer".to_owned()) } }
+        })
     }
 
     /// Whether every call is counted and timed (see [`crate::metrics`]); on
