@@ -9,5 +9,7 @@ RUN useradd --system --uid 10001 eventfold
 COPY --from=build /src/target/release/eventfold /usr/local/bin/eventfold
 USER eventfold
 EXPOSE 50051
+# Ready while the admin listener (127.0.0.1:9464 by default in dev) says so.
+HEALTHCHECK --interval=10s --timeout=5s CMD ["/usr/local/bin/eventfold", "probe"]
 ENTRYPOINT ["/usr/local/bin/eventfold"]
 CMD ["dev", "--listen", "0.0.0.0:50051"]

@@ -85,6 +85,17 @@ pub(crate) enum Command {
         #[command(subcommand)]
         action: bus_cli::DlqAction,
     },
+    /// Ask a process's admin listener whether it is ready (`/readyz`), or
+    /// with `--live` alive (`/healthz`); exit 0 if so, else 1: a container
+    /// health check that needs no curl in the image.
+    Probe {
+        /// The admin listener's address.
+        #[arg(default_value = "127.0.0.1:9464")]
+        admin: SocketAddr,
+        /// Liveness (`/healthz`) instead of readiness.
+        #[arg(long)]
+        live: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -305,7 +316,7 @@ pub(crate) fn overrides(command: Option<&Command>) -> Overrides {
             o.gateway.listen = *listen;
             o.gateway.upstream.clone_from(upstream);
         }
-        Some(Command::Schemas { .. } | Command::Openapi) | None => {}
+        Some(Command::Schemas { .. } | Command::Openapi | Command::Probe { .. }) | None => {}
     }
     o
 }

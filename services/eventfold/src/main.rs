@@ -7,6 +7,7 @@ mod bus_cli;
 mod cli;
 mod config;
 mod keys;
+mod probe;
 mod process;
 mod projections;
 
@@ -90,6 +91,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    if let Command::Probe { admin, live } = command {
+        return probe::run(admin, live).await;
+    }
     // Every metric the process records is kept for /metrics.
     eventfold_platform::telemetry::install_metrics()?;
     describe_metrics();
@@ -121,6 +125,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Schemas { action } => bus_cli::schemas(config.registry.url.as_deref(), action).await,
         Command::Keys { action, .. } => keys::run(&process.databases()?.main, action).await,
+        Command::Probe { .. } => unreachable!("answered above"),
         Command::Dlq { action, .. } => {
             let consumer = eventfold_bus::ConsumerConfig {
                 brokers: config.relay.brokers.clone(),

@@ -43,6 +43,16 @@ fn wait_readyz(admin: &str, code: u16, line: &str, process: &Guard) -> String {
     }
 }
 
+/// `eventfold probe ADMIN` (`--live` when `live`).
+fn probe(admin: &str, live: bool) -> std::process::Output {
+    let mut command = common::eventfold();
+    command.args(["probe", admin]);
+    if live {
+        command.arg("--live");
+    }
+    command.output().expect("run eventfold probe")
+}
+
 /// The overall gRPC health (`""`) of the server at `addr`.
 fn grpc_health(server: &DevServer) -> String {
     let output =
@@ -80,9 +90,15 @@ fn stopping_redis_makes_the_query_server_not_ready_and_back() {
     assert!(body.starts_with("ready\n") && body.contains("postgresql: up"), "{body}");
     assert!(grpc_health(&server).contains("\"SERVING\""), "{}", grpc_health(&server));
 
+    assert!(probe(&admin, false).status.success(), "eventfold probe: ready");
+
     redis.stop();
     let body = wait_readyz(&admin, 503, "redis: down", &server.process);
     assert!(body.starts_with("not ready\n") && body.contains("postgresql: up"), "{body}");
+    let probed = probe(&admin, false);
+    assert!(!probed.status.success(), "eventfold probe: not ready");
+    assert!(String::from_utf8_lossy(&probed.stderr).contains("/readyz at"), "{probed:?}");
+    assert!(probe(&admin, true).status.success(), "eventfold probe --live: alive all along");
     assert!(!body.contains("127.0.0.1"), "no address or error text in the answer: {body}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !grpc_health(&server).contains("NOT_SERVING") {
