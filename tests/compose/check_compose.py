@@ -84,6 +84,8 @@ def main():
         check(listen.startswith("0.0.0.0:"), f"{name}: admin listener on all interfaces ({listen})")
         admin[name] = listen.rsplit(":", 1)[-1]
         check(service["healthcheck"]["test"][:3] == ["CMD", "eventfold", "probe"], f"{name}: eventfold probe")
+        endpoint = service.get("environment", {}).get("EVENTFOLD_TRACING__OTLP_ENDPOINT")
+        check(endpoint == "http://jaeger:4317", f"{name}: spans to Jaeger ({endpoint})")
 
     # Prometheus scrapes each of them; its rules and Grafana's dashboard
     # come from the Helm chart's files.

@@ -212,6 +212,10 @@ def check_full(docs):
             f"{d['metadata']['name']}: scrape annotations for its admin port {admin}: {annotations}",
         )
     check(not [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")], "no PodMonitor unless asked")
+    check(
+        not any("EVENTFOLD_TRACING__OTLP_ENDPOINT" in env(d) for d in docs if d["kind"] == "Deployment"),
+        "no span export unless tracing.otlpEndpoint is set",
+    )
 
     projector = find(docs, "Deployment", f"{PREFIX}-projector")
     if projector:
@@ -284,6 +288,15 @@ def check_monitoring(chart_dir):
         annotations.get("team") == "orders" and annotations.get("prometheus.io/path") == "/custom",
         f"podAnnotations kept and winning: {annotations}",
     )
+    # Span export: every eventfold container, the gateway included.
+    docs = render(chart_dir, {**BUS, "tracing": {"otlpEndpoint": "http://collector:4317", "samplingRatio": 0.25}})
+    for d in docs:
+        if d["kind"] == "Deployment" and "eventfold:" in container(d)["image"]:
+            check(
+                env(d).get("EVENTFOLD_TRACING__OTLP_ENDPOINT") == "http://collector:4317"
+                and env(d).get("EVENTFOLD_TRACING__SAMPLING_RATIO") == "0.25",
+                f"{d['metadata']['name']}: spans exported to tracing.otlpEndpoint",
+            )
     docs = render(chart_dir, {**DB, "metrics": {"scrapeAnnotations": False}})
     command = find(docs, "Deployment", f"{PREFIX}-command")
     check(

@@ -110,7 +110,18 @@ url
 - name: EVENTFOLD_QUERY__CACHE__URL
   value: {{ .Values.redis.url | quote }}
 {{- end }}
+{{- include "eventfold.tracingEnv" . }}
 {{- include "eventfold.tlsEnv" . }}
+{{- end -}}
+
+{{/* Span export of every eventfold container (tracing.otlpEndpoint). */}}
+{{- define "eventfold.tracingEnv" -}}
+{{- with .Values.tracing.otlpEndpoint }}
+- name: EVENTFOLD_TRACING__OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+- name: EVENTFOLD_TRACING__SAMPLING_RATIO
+  value: {{ .Values.tracing.samplingRatio | quote }}
 {{- end -}}
 
 {{/* [tls] from the Secret tls.existingSecret, mounted by eventfold.tlsMount. */}}

@@ -370,8 +370,27 @@ impl KafkaSource {
             for record in records {
                 let offset = record.offset;
                 let message = Message::of_record(&topic, partition, offset, record.record);
+                // The message's receipt, in the trace the relay put on it;
+                // what the event causes here (its projection) follows it.
+                let span = tracing::info_span!(
+                    "kafka.consume",
+                    otel.name = %format_args!("consume {topic}"),
+                    otel.kind = "consumer",
+                    messaging.system = "kafka",
+                    consumer,
+                    partition,
+                    offset,
+                );
+                eventfold_platform::trace::set_parent(
+                    &span,
+                    message.header(eventfold_platform::trace::TRACEPARENT),
+                    None,
+                );
                 match self.decoder.decode(&message).await {
-                    Ok(event) => {
+                    Ok(mut event) => {
+                        if let Some(parent) = eventfold_platform::trace::traceparent_of(&span) {
+                            event.metadata.custom.insert(eventfold_platform::trace::TRACEPARENT.to_owned(), parent);
+                        }
                         decoded.push((event.global_position, index, part.records.len(), event));
                         part.records.push((offset, Some(usize::MAX)));
                     }

@@ -141,6 +141,7 @@ impl Middleware for Trace {
     {
         let span = tracing::info_span!(
             "command",
+            otel.name = envelope.command.name(),
             name = envelope.command.name(),
             request_id = envelope.meta.request_id.as_deref().unwrap_or(""),
             correlation_id = %envelope.meta.correlation_id,

@@ -206,7 +206,11 @@ impl Handler {
             correlation_id: Some(meta.correlation_id.clone()),
             causation_id: meta.causation_id.clone().or_else(|| meta.request_id.clone()),
             user_id: meta.principal.clone(),
-            custom: Default::default(),
+            // The trace this command runs in (W3C), so that whatever the
+            // events cause joins it.
+            custom: eventfold_platform::trace::current_traceparent()
+                .map(|parent| [(eventfold_platform::trace::TRACEPARENT.to_owned(), parent)].into_iter().collect())
+                .unwrap_or_default(),
         };
         let new_events = new_events(&events, &metadata);
         let expected = loaded.version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);

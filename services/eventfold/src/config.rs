@@ -1,7 +1,7 @@
 //! The whole configuration of the binary: one section per crate, each
 //! owned (and documented) by that crate.
 
-use eventfold_platform::config::{AdminConfig, DatabaseConfig, LogConfig};
+use eventfold_platform::config::{AdminConfig, DatabaseConfig, LogConfig, TracingConfig};
 use serde::{Deserialize, Serialize};
 
 /// Every section of `eventfold.toml` (and of `EVENTFOLD_*`).
@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Config {
     pub(crate) log: LogConfig,
+    pub(crate) tracing: TracingConfig,
     pub(crate) database: DatabaseConfig,
     pub(crate) admin: AdminConfig,
     pub(crate) eventstore: eventfold_eventstore::Config,
@@ -28,6 +29,7 @@ impl Config {
     pub(crate) fn validate(&self) -> Result<(), eventfold_platform::Error> {
         self.database.validate()?;
         self.admin.validate()?;
+        self.tracing.validate()?;
         // A secret too short or a JWKS file that cannot be read is a usage
         // error before anything starts.
         eventfold_platform::auth::jwt::JwtVerifier::new(&self.auth.jwt)

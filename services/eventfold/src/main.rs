@@ -50,22 +50,11 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Err(e) = eventfold_platform::telemetry::init(&config.log) {
-        eprintln!("eventfold: {e}");
-        return ExitCode::from(EXIT_USAGE);
-    }
     // Only test builds have failpoints; FAILPOINTS set on any other build is
     // refused rather than silently ignored.
     if let Err(e) = eventfold_store::failpoint::init_from_env() {
         eprintln!("eventfold: {e}");
         return ExitCode::from(EXIT_USAGE);
-    }
-    if let Some(armed) = std::env::var_os(eventfold_store::failpoint::ENV).filter(|v| !v.is_empty()) {
-        tracing::warn!(
-            "test build: failpoints armed ({}={})",
-            eventfold_store::failpoint::ENV,
-            armed.to_string_lossy()
-        );
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -75,7 +64,27 @@ fn main() -> ExitCode {
         }
     };
     let command = cli.command.unwrap_or(Command::Dev { listen: None, database_url: None, auth: false });
-    match runtime.block_on(run(command, config)) {
+    // Inside the runtime: the span exporter's connection runs on it.
+    let telemetry = match runtime
+        .block_on(async { eventfold_platform::telemetry::init(&config.log, &config.tracing, &service_name(&command)) })
+    {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("eventfold: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Some(armed) = std::env::var_os(eventfold_store::failpoint::ENV).filter(|v| !v.is_empty()) {
+        tracing::warn!(
+            "test build: failpoints armed ({}={})",
+            eventfold_store::failpoint::ENV,
+            armed.to_string_lossy()
+        );
+    }
+    let result = runtime.block_on(run(command, config));
+    // The spans still buffered go out before the process ends.
+    runtime.block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await.ok() });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(config_error @ eventfold_platform::Error::Config(_)) =
@@ -135,6 +144,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             bus_cli::dlq(&consumer, &process.databases()?.main, config.registry.url.as_deref(), action).await
         }
     }
+}
+
+/// `service.name` of the process's spans (and `service` of its JSON logs).
+fn service_name(command: &Command) -> String {
+    let name = match command {
+        Command::Dev { .. } => "dev",
+        Command::Serve { service } => match service {
+            Service::Eventstore { .. } => "eventstore",
+            Service::Command { .. } => "command",
+            Service::Query { .. } => "query",
+            Service::Saga { .. } => "saga",
+            Service::Projector { .. } => "projector",
+            Service::Relay { .. } => "relay",
+            Service::Gateway { .. } => "gateway",
+        },
+        _ => "cli",
+    };
+    format!("eventfold-{name}")
 }
 
 /// The `# HELP` lines of every metric the crates record (whichever of them

@@ -38,6 +38,12 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_DATABASE__TLS", "TLS to PostgreSQL: prefer (default), disable, require or verify-full"),
     ("EVENTFOLD_DATABASE__CA_FILE", "PEM file of the CAs that tls = verify-full trusts"),
     ("EVENTFOLD_ADMIN__LISTEN", "admin HTTP listener (/healthz, /readyz, /metrics), e.g. 0.0.0.0:9464"),
+    (
+        "EVENTFOLD_TRACING__OTLP_ENDPOINT",
+        "OTLP/gRPC collector of the spans, e.g. http://jaeger:4317 (unset: no export)",
+    ),
+    ("EVENTFOLD_TRACING__SAMPLING_RATIO", "share of new traces sampled, 0.0 to 1.0 (default 1.0)"),
+    ("EVENTFOLD_TRACING__SERVICE_NAME", "service.name of the spans (default eventfold-<service>)"),
     ("EVENTFOLD_ADMIN__READINESS_INTERVAL_MS", "how often readiness checks every dependency (default 1000)"),
     ("EVENTFOLD_ADMIN__OPTIONAL", "dependencies /readyz reports without requiring them, e.g. [\"redis\"]"),
     ("EVENTFOLD_EVENTSTORE__LISTEN", "gRPC listen address of the event store"),
@@ -216,6 +222,46 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self { format: LogFormat::Pretty, filter: "info".to_owned() }
+    }
+}
+
+/// Traces (`[tracing]`): W3C trace context is always read from calls,
+/// stored in events and carried through Kafka; spans are exported over
+/// OTLP (gRPC) only when `otlp_endpoint` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// OTLP/gRPC endpoint of a collector (Jaeger, the OpenTelemetry
+    /// Collector), e.g. `http://jaeger:4317`; unset: nothing is exported.
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0.0 to 1.0 (a call with a sampled
+    /// parent is always sampled).
+    pub sampling_ratio: f64,
+    /// `service.name` of the spans; unset: `eventfold-<what the process runs>`.
+    pub service_name: Option<String>,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, sampling_ratio: 1.0, service_name: None }
+    }
+}
+
+impl TracingConfig {
+    /// Refuses a ratio outside 0–1 and an endpoint that is not an http(s) URL.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return Err(Error::Config(format!(
+                "tracing.sampling_ratio: {} is not between 0.0 and 1.0",
+                self.sampling_ratio
+            )));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(Error::Config("tracing.otlp_endpoint: not an http:// or https:// URL".to_owned()));
+        }
+        Ok(())
     }
 }
 

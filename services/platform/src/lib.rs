@@ -29,6 +29,7 @@ pub mod server;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod watchers;
 
 /// Errors of the platform plumbing.

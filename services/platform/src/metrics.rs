@@ -12,6 +12,11 @@
 //! sets of the hosted services (plus health and reflection); a call to
 //! any other path is labelled `unknown`, so a client cannot grow the label
 //! set with invented paths.
+//!
+//! The same layer opens each call's server span (`otel.kind = server`,
+//! named `service/method`), a child of the caller's W3C trace context
+//! (`traceparent` metadata) when it sent one: everything the call does,
+//! the command and its append included, happens inside it.
 
 use std::{
     collections::HashMap,
@@ -25,6 +30,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 /// Calls ended, by service, method and status code.
 pub const HANDLED: &str = "eventfold_grpc_server_handled_total";
@@ -62,14 +68,24 @@ struct Rpc {
     service: String,
     method: String,
     streaming: bool,
+    /// `service/method`: the name of its server spans.
+    span_name: String,
+}
+
+impl Rpc {
+    fn new(service: &str, method: &str, streaming: bool) -> Self {
+        let span_name = format!("{service}/{method}");
+        Rpc { service: service.to_owned(), method: method.to_owned(), streaming, span_name }
+    }
 }
 
 /// Records the metrics of every call (see the module documentation).
-/// Without RPCs ([`Default`]) it records nothing (servers built with
-/// metrics off, to measure what they cost).
+/// With metrics off ([`GrpcMetricsLayer::without_metrics`]) it only opens
+/// the spans (servers built to measure what the metrics cost).
 #[derive(Debug, Clone, Default)]
 pub struct GrpcMetricsLayer {
-    rpcs: Option<Arc<HashMap<String, Rpc>>>,
+    rpcs: Arc<HashMap<String, Rpc>>,
+    record: bool,
 }
 
 impl GrpcMetricsLayer {
@@ -88,23 +104,32 @@ impl GrpcMetricsLayer {
         for service in pool.services() {
             for method in service.methods() {
                 let streaming = method.is_server_streaming() || method.is_client_streaming();
-                let rpc = Rpc { service: service.full_name().to_owned(), method: method.name().to_owned(), streaming };
+                let rpc = Rpc::new(service.full_name(), method.name(), streaming);
                 rpcs.insert(format!("/{}/{}", service.full_name(), method.name()), rpc);
             }
         }
         for (service, method, streaming) in BUILT_IN {
-            let rpc = Rpc { service: service.to_owned(), method: method.to_owned(), streaming };
-            rpcs.insert(format!("/{service}/{method}"), rpc);
+            rpcs.insert(format!("/{service}/{method}"), Rpc::new(service, method, streaming));
         }
-        Ok(Self { rpcs: Some(Arc::new(rpcs)) })
+        Ok(Self { rpcs: Arc::new(rpcs), record: true })
+    }
+
+    /// The same layer, opening spans but recording no metric.
+    #[must_use]
+    pub fn without_metrics(mut self) -> Self {
+        self.record = false;
+        self
     }
 }
+
+/// An RPC of a path no hosted service has.
+static UNKNOWN: std::sync::LazyLock<Rpc> = std::sync::LazyLock::new(|| Rpc::new("unknown", "unknown", false));
 
 impl<S> Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner, rpcs: self.rpcs.clone() }
+        GrpcMetrics { inner, rpcs: self.rpcs.clone(), record: self.record }
     }
 }
 
@@ -112,7 +137,8 @@ impl<S> Layer<S> for GrpcMetricsLayer {
 #[derive(Debug, Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
-    rpcs: Option<Arc<HashMap<String, Rpc>>>,
+    rpcs: Arc<HashMap<String, Rpc>>,
+    record: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -134,38 +160,40 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(rpcs) = &self.rpcs else {
-            let response = self.inner.call(request);
-            return Box::pin(async move { Ok(response.await?.map(Body::new)) });
+        let rpc = self.rpcs.get(request.uri().path()).unwrap_or(&UNKNOWN);
+        let span = tracing::info_span!(
+            "grpc",
+            otel.name = %rpc.span_name,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %rpc.service,
+            rpc.method = %rpc.method,
+        );
+        crate::trace::set_parent_from_headers(&span, request.headers());
+        let response = span.in_scope(|| self.inner.call(request));
+        if !self.record {
+            return Box::pin(async move { Ok(response.await?.map(Body::new)) }.instrument(span));
+        }
+        let mut call = Call {
+            service: rpc.service.clone(),
+            method: rpc.method.clone(),
+            timed: !rpc.streaming,
+            started: Instant::now(),
+            done: false,
         };
-        let call = match rpcs.get(request.uri().path()) {
-            Some(rpc) => Call {
-                service: rpc.service.clone(),
-                method: rpc.method.clone(),
-                timed: !rpc.streaming,
-                started: Instant::now(),
-                done: false,
-            },
-            None => Call {
-                service: "unknown".to_owned(),
-                method: "unknown".to_owned(),
-                timed: false,
-                started: Instant::now(),
-                done: false,
-            },
-        };
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let mut call = call;
-            let response = response.await?;
-            // A trailers-only answer (an error before any message) carries
-            // its status in the headers.
-            if let Some(code) = response.headers().get("grpc-status") {
-                call.end(code.as_bytes());
-                return Ok(response.map(Body::new));
+        Box::pin(
+            async move {
+                let response = response.await?;
+                // A trailers-only answer (an error before any message) carries
+                // its status in the headers.
+                if let Some(code) = response.headers().get("grpc-status") {
+                    call.end(code.as_bytes());
+                    return Ok(response.map(Body::new));
+                }
+                Ok(response.map(|body| Body::new(Metered { body: Body::new(body), call })))
             }
-            Ok(response.map(|body| Body::new(Metered { body: Body::new(body), call })))
-        })
+            .instrument(span),
+        )
     }
 }
 

@@ -220,10 +220,9 @@ impl GrpcServer {
 
     /// The metrics layer of the services hosted.
     fn metrics_layer(&self) -> Result<GrpcMetricsLayer> {
-        if self.metrics_off {
-            return Ok(GrpcMetricsLayer::default());
-        }
-        GrpcMetricsLayer::from_descriptor_sets(&self.descriptor_sets).map_err(|e| Error::Config(e.to_string()))
+        let layer =
+            GrpcMetricsLayer::from_descriptor_sets(&self.descriptor_sets).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(if self.metrics_off { layer.without_metrics() } else { layer })
     }
 
     /// The rate limits of the services hosted, if any.

@@ -3,6 +3,7 @@
 //! switched atomically.
 
 use std::{sync::Arc, time::Duration};
+use tracing::Instrument;
 
 use eventfold_platform::runtime::CancellationToken;
 use eventfold_store::{
@@ -206,12 +207,16 @@ impl Projector {
         if self.apply_set_based(&tx, events).await? {
             applied = events.len() as i64;
             considered = events.len();
+            // One span per event all the same, in the trace of each.
+            for event in events {
+                let _applied = self.apply_span(event).entered();
+            }
         } else {
             for event in events {
                 if considered > 0 && started.elapsed() >= self.options.batch_time {
                     break;
                 }
-                if self.apply_with_retries(&tx, event).await? {
+                if self.apply_with_retries(&tx, event).instrument(self.apply_span(event)).await? {
                     applied += 1;
                 }
                 considered += 1;
@@ -254,6 +259,22 @@ impl Projector {
             .record(started.elapsed());
         self.record_lag(position, caught_up && complete, applied_events.last()).await;
         Ok(considered.max(1))
+    }
+
+    /// The span of applying `event`: a child of the trace its metadata
+    /// carries (the command that appended it, or the consumer that took it
+    /// from Kafka).
+    fn apply_span(&self, event: &RecordedEvent) -> tracing::Span {
+        let span = tracing::info_span!(
+            "projection.apply",
+            otel.name = %format_args!("apply {}", self.name()),
+            projection = self.name(),
+            position = event.global_position,
+            event_type = %event.event_type,
+        );
+        let traceparent = event.metadata.custom.get(eventfold_platform::trace::TRACEPARENT).map(String::as_str);
+        eventfold_platform::trace::set_parent(&span, traceparent, None);
+        span
     }
 
     /// The name under which the source keeps this version's progress.

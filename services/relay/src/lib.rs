@@ -181,20 +181,10 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
     (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
 }
 
-/// A W3C `traceparent` for an event: the one recorded in its metadata
-/// (`custom.traceparent`), else one whose trace id is the correlation id
-/// (when it is a UUID) and whose span id comes from the event id.
+/// The W3C `traceparent` recorded in an event's metadata
+/// (`custom.traceparent`: the context of the command that appended it).
 pub fn traceparent(event: &RecordedEvent) -> Option<String> {
-    if let Some(recorded) = event.metadata.custom.get("traceparent") {
-        return Some(recorded.clone());
-    }
-    let correlation = event.metadata.correlation_id.as_deref()?;
-    let trace: String = correlation.chars().filter(|c| *c != '-').collect();
-    if trace.len() != 32 || !trace.chars().all(|c| c.is_ascii_hexdigit()) || trace.chars().all(|c| c == '0') {
-        return None;
-    }
-    let span: String = event.event_id.as_bytes()[..8].iter().map(|b| format!("{b:02x}")).collect();
-    Some(format!("00-{}-{span}-01", trace.to_ascii_lowercase()))
+    event.metadata.custom.get(eventfold_platform::trace::TRACEPARENT).cloned()
 }
 
 /// The record of `event` with `value`: key = stream id, headers for the
@@ -348,8 +338,19 @@ impl Relay {
     async fn send(&self, kafka: &mut Kafka, events: &[RecordedEvent]) -> Result<()> {
         let mut batches: BTreeMap<(String, i32), Vec<Record>> = BTreeMap::new();
         for event in events {
+            // The event's publication, in the event's own trace: the record
+            // carries this span's context, so consumers continue the trace.
+            let span = tracing::info_span!(
+                "relay.publish",
+                otel.name = "publish",
+                otel.kind = "producer",
+                messaging.system = "kafka",
+                position = event.global_position,
+                event_type = %event.event_type,
+            );
+            eventfold_platform::trace::set_parent(&span, traceparent(event).as_deref(), None);
             let topic = self.encoder.topic(event);
-            let (topic, record) = match self.encoder.encode(&topic, event).await {
+            let (topic, mut record) = match self.encoder.encode(&topic, event).await {
                 Ok(value) => (topic, record(event, value)),
                 Err(EncodeError::Unavailable(why)) => {
                     return Err(Error::Encoder(format!("cannot encode {}: {why}", event.event_type)));
@@ -368,6 +369,9 @@ impl Relay {
                     (UNENCODABLE_TOPIC.to_owned(), r)
                 }
             };
+            if let Some(parent) = eventfold_platform::trace::traceparent_of(&span) {
+                record.headers.insert(eventfold_platform::trace::TRACEPARENT.to_owned(), parent.into_bytes());
+            }
             let (count, replication) = (self.config.partitions, self.config.replication_factor);
             let partitions = kafka.ensure_topic(&topic, count, replication, self.timeout()).await.map_err(from_bus)?;
             let partition = partition_for(event.stream_id.as_bytes(), partitions);
@@ -479,7 +483,7 @@ mod tests {
     }
 
     #[test]
-    fn traceparent_comes_from_metadata_or_the_correlation_id() {
+    fn traceparent_comes_from_the_metadata_only() {
         let mut event = RecordedEvent {
             event_id: "0190a6a2-7c4e-7c1d-9a4b-0123456789ab".parse().unwrap(),
             stream_id: "order-1".into(),
@@ -492,11 +496,9 @@ mod tests {
             created_at: std::time::SystemTime::UNIX_EPOCH,
             hash: [0; 32],
         };
-        assert_eq!(traceparent(&event), None, "no correlation id");
+        assert_eq!(traceparent(&event), None, "none recorded");
         event.metadata.correlation_id = Some("4bf92f35-77b3-4da6-a3ce-929d0e0e4736".into());
-        assert_eq!(traceparent(&event).unwrap(), "00-4bf92f3577b34da6a3ce929d0e0e4736-0190a6a27c4e7c1d-01");
-        event.metadata.correlation_id = Some("not-a-uuid".into());
-        assert_eq!(traceparent(&event), None);
+        assert_eq!(traceparent(&event), None, "never made up from the correlation id");
         event.metadata.custom.insert("traceparent".into(), "00-abc-def-01".into());
         assert_eq!(traceparent(&event).unwrap(), "00-abc-def-01");
         let r = record(&event, b"v".to_vec());

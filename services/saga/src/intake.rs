@@ -53,8 +53,9 @@ fn lines(created: &OrderCreated) -> Vec<Line> {
     by_product.into_iter().map(|(product_id, quantity)| Line { product_id: product_id.to_owned(), quantity }).collect()
 }
 
-/// The saga an order starts, if it gives a payment token.
-pub fn fulfilment_for(created: &OrderCreated, now: SystemTime) -> Option<SagaRecord> {
+/// The saga an order starts, if it gives a payment token; its steps join
+/// the trace of `traceparent` (the event's).
+pub fn fulfilment_for(created: &OrderCreated, traceparent: Option<&str>, now: SystemTime) -> Option<SagaRecord> {
     let payment_token = created.payment_token.clone()?;
     let data = FulfilmentData {
         order_id: created.order_id.clone(),
@@ -65,6 +66,7 @@ pub fn fulfilment_for(created: &OrderCreated, now: SystemTime) -> Option<SagaRec
         carrier: created.carrier.clone().unwrap_or_else(|| "DHL".to_owned()),
         authorization_id: None,
         tracking_number: None,
+        traceparent: traceparent.map(str::to_owned),
     };
     let (state, _) = SagaState::start(SagaType::OrderFulfilment);
     Some(SagaRecord {
@@ -83,13 +85,15 @@ pub fn transfer_saga_id(transfer_id: &str) -> String {
     format!("transfer-{transfer_id}")
 }
 
-/// The saga a transfer request starts.
-pub fn transfer_for(requested: &TransferRequested, now: SystemTime) -> Option<SagaRecord> {
+/// The saga a transfer request starts; its steps join the trace of
+/// `traceparent` (the event's).
+pub fn transfer_for(requested: &TransferRequested, traceparent: Option<&str>, now: SystemTime) -> Option<SagaRecord> {
     let data = TransferData {
         transfer_id: requested.transfer_id.clone(),
         from_account_id: requested.account_id.clone(),
         to_account_id: requested.to_account_id.clone(),
         amount: requested.amount,
+        traceparent: traceparent.map(str::to_owned),
     };
     let (state, _) = SagaState::start(SagaType::MoneyTransfer);
     Some(SagaRecord {
@@ -106,16 +110,17 @@ pub fn transfer_for(requested: &TransferRequested, now: SystemTime) -> Option<Sa
 /// The saga `event` starts, if any.
 fn saga_for(event: &RecordedEvent) -> Result<Option<SagaRecord>, ApplyError> {
     let decode = |e: eventfold_domain::DecodeError| ApplyError::Event(e.to_string());
+    let traceparent = event.metadata.custom.get(eventfold_platform::trace::TRACEPARENT).map(String::as_str);
     Ok(match event.event_type.as_str() {
         "OrderCreated" => {
             match OrderEvent::from_data_ref(&event.event_type, event.schema_version, &event.data).map_err(decode)? {
-                OrderEvent::Created(created) => fulfilment_for(&created, SystemTime::now()),
+                OrderEvent::Created(created) => fulfilment_for(&created, traceparent, SystemTime::now()),
                 _ => None,
             }
         }
         "TransferRequested" => {
             match AccountEvent::from_data_ref(&event.event_type, event.schema_version, &event.data).map_err(decode)? {
-                AccountEvent::TransferRequested(requested) => transfer_for(&requested, SystemTime::now()),
+                AccountEvent::TransferRequested(requested) => transfer_for(&requested, traceparent, SystemTime::now()),
                 _ => None,
             }
         }
@@ -231,7 +236,7 @@ mod tests {
             payment_token: Some("tok_visa".into()),
             carrier: None,
         };
-        let record = fulfilment_for(&created, SystemTime::now()).unwrap();
+        let record = fulfilment_for(&created, None, SystemTime::now()).unwrap();
         assert_eq!(record.saga_id, "fulfil-o-1");
         let data: FulfilmentData = serde_json::from_value(record.data).unwrap();
         assert_eq!(
@@ -242,6 +247,6 @@ mod tests {
         assert_eq!(data.payment_token.expose(), "tok_visa", "the saga keeps the token it authorizes with");
         assert!(!format!("{data:?}").contains("tok_visa"), "and never shows it: {data:?}");
         created.payment_token = None;
-        assert!(fulfilment_for(&created, SystemTime::now()).is_none(), "no token, no saga");
+        assert!(fulfilment_for(&created, None, SystemTime::now()).is_none(), "no token, no saga");
     }
 }

@@ -13,6 +13,7 @@ use std::{
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
+use tracing::Instrument;
 
 use eventfold_platform::runtime::CancellationToken;
 use eventfold_store::Database;
@@ -122,8 +123,23 @@ impl Orchestrator {
         self.step(claim).await.map(|()| true)
     }
 
-    /// Runs the current step of the held saga and saves how it ended.
-    async fn step(&self, mut claim: Claim) -> Result<()> {
+    /// Runs the current step of the held saga and saves how it ended, in a
+    /// span of the trace that started the saga (the commands it sends join
+    /// that trace too).
+    async fn step(&self, claim: Claim) -> Result<()> {
+        let step = claim.record.state.step.map_or("none", |s| s.as_str());
+        let span = tracing::info_span!(
+            "saga.step",
+            otel.name = %format_args!("saga step {step}"),
+            saga = %claim.record.saga_id,
+            step,
+        );
+        let traceparent = claim.record.data.get(eventfold_platform::trace::TRACEPARENT).and_then(|v| v.as_str());
+        eventfold_platform::trace::set_parent(&span, traceparent, None);
+        self.run_step(claim).instrument(span).await
+    }
+
+    async fn run_step(&self, mut claim: Claim) -> Result<()> {
         let record = &mut claim.record;
         let Some(step) = record.state.step else {
             return Ok(());

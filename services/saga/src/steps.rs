@@ -88,6 +88,10 @@ pub struct FulfilmentData {
     /// The carrier's tracking number, once labelled.
     #[serde(default)]
     pub tracking_number: Option<String>,
+    /// The W3C trace context of the event that started the saga: its
+    /// steps join that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl FulfilmentData {
@@ -273,6 +277,9 @@ pub struct TransferData {
     pub from_account_id: String,
     pub to_account_id: String,
     pub amount: Money,
+    /// The W3C trace context of the event that started the saga.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Runs the steps of the money transfer saga: the source's side (sent,

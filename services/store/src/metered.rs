@@ -1,5 +1,6 @@
 //! The event store's metrics, for any adapter: [`Metered`] wraps an
-//! [`EventLog`] and records every append.
+//! [`EventLog`] and records every append (each in an `eventstore.append`
+//! span, a child of the caller's).
 //!
 //! - `eventfold_store_appends_total{outcome}`: `ok`, `duplicate` (the first
 //!   answer of a request id again), `conflict` (wrong expected version),
@@ -16,6 +17,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::{
     error::{Error, Result},
@@ -53,7 +55,13 @@ fn outcome(result: &Result<AppendOutcome>) -> &'static str {
 impl<L: EventLog> EventLog for Metered<L> {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {
         let started = Instant::now();
-        let result = self.inner.append(request).await;
+        let span = tracing::info_span!(
+            "eventstore.append",
+            otel.name = "append",
+            stream = %request.stream_id,
+            events = request.events.len(),
+        );
+        let result = self.inner.append(request).instrument(span).await;
         metrics::histogram!("eventfold_store_append_seconds").record(started.elapsed());
         metrics::counter!("eventfold_store_appends_total", "outcome" => outcome(&result)).increment(1);
         if let Ok(o) = &result
