@@ -197,3 +197,65 @@ fn stopping_postgresql_makes_the_projector_and_a_server_not_ready_and_back() {
     wait_readyz(&projector_admin, 200, "postgresql: up", &projector);
     wait_readyz(&server_admin, 200, "postgresql: up", &server.process);
 }
+
+/// `[query] max_lag_events`: a query service whose projections are further
+/// behind the log than the bound answers NOT_SERVING (its health), the
+/// others keep serving; once a projector catches up, it serves again.
+#[test]
+fn a_query_service_whose_projection_lags_past_the_bound_is_not_serving() {
+    let runtime = runtime();
+    let db = runtime.block_on(eventfold_tests::TestDatabase::migrated());
+    let env = [("EVENTFOLD_AUTH__ENABLED", "false"), ("EVENTFOLD_QUERY__MAX_LAG_EVENTS", "2")];
+    let database = ["--database-url", db.url()];
+    let command = DevServer::start_command(
+        &["serve", "command", "--listen", "127.0.0.1:0"],
+        &database,
+        &env,
+        "eventfold: command services listening on ",
+    );
+    for n in 0..3 {
+        let order = serde_json::json!({
+            "orderId": format!("l-{n}"), "customerId": "c-1", "currency": "EUR",
+            "items": [{"productId": "sku-l", "quantity": 1, "unitPrice": {"minor": "100", "currency": "EUR"}}],
+        });
+        command.call("eventfold.orders.v1.OrderCommandService/CreateOrder", &order);
+    }
+    let query = DevServer::start_command(
+        &["serve", "query", "--listen", "127.0.0.1:0"],
+        &database,
+        &env,
+        "eventfold: query services listening on ",
+    );
+    // The same without a bound: serving however far behind.
+    let unbounded = DevServer::start_command(
+        &["serve", "query", "--listen", "127.0.0.1:0"],
+        &database,
+        &[("EVENTFOLD_AUTH__ENABLED", "false")],
+        "eventfold: query services listening on ",
+    );
+    let health = |server: &DevServer, service: &str| {
+        let output = server
+            .grpcurl(&["-d", &format!("{{\"service\":\"{service}\"}}"), &server.addr, "grpc.health.v1.Health/Check"])
+            .output()
+            .expect("run grpcurl");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let wait = |server: &DevServer, service: &str, status: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = health(server, service);
+            if answer.contains(&format!("\"{status}\"")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{service} never {status}: {answer}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let orders = "eventfold.query.v1.OrderQueryService";
+    // Three orders, no projector: order_views is 3 events behind.
+    wait(&unbounded, orders, "SERVING");
+    assert!(health(&query, orders).contains("\"NOT_SERVING\""), "{}", health(&query, orders));
+    let (_projector, _) = spawn_process(&["serve", "projector"], &database, &env, "eventfold: ");
+    wait(&query, orders, "SERVING");
+    drop(command);
+}

@@ -55,6 +55,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_QUERY__POOL_SIZE", "PostgreSQL connections of the query services"),
     ("EVENTFOLD_QUERY__MAX_WAIT_MS", "longest read-your-writes wait of a query (a shorter call deadline wins)"),
     ("EVENTFOLD_QUERY__MAX_WATCHERS_PER_PEER", "WatchOrder streams one client address may hold open (default 100)"),
+    (
+        "EVENTFOLD_QUERY__MAX_LAG_EVENTS",
+        "a query service is NOT_SERVING while a projection it reads is further behind (0: never)",
+    ),
     ("EVENTFOLD_QUERY__CACHE__URL", "Redis URL of the query cache (unset: no cache)"),
     ("EVENTFOLD_QUERY__CACHE__KEY_PREFIX", "prefix of every cache key"),
     ("EVENTFOLD_QUERY__CACHE__TIMEOUT_MS", "longest Redis call before it counts as failed"),

@@ -52,7 +52,7 @@ use crate::{
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Hosts the four query services on `server`, their health following the
-/// read database. `WatchOrder` streams end when `token` is cancelled.
+/// read database (and the lag of their projections, when bounded). `WatchOrder` streams end when `token` is cancelled.
 pub fn host(server: &mut GrpcServer, config: &Config, query: Arc<Query>, token: CancellationToken) {
     let watchers = Watchers::new(usize::try_from(config.max_watchers_per_peer).unwrap_or(usize::MAX));
     let orders = OrderQueries { query: query.clone(), watchers, token };
@@ -60,12 +60,24 @@ pub fn host(server: &mut GrpcServer, config: &Config, query: Arc<Query>, token: 
         .add_service(FILE_DESCRIPTOR_SET, OrderQueryServiceServer::new(orders))
         .add_service(FILE_DESCRIPTOR_SET, InventoryQueryServiceServer::new(InventoryQueries { query: query.clone() }))
         .add_service(FILE_DESCRIPTOR_SET, AccountQueryServiceServer::new(AccountQueries { query: query.clone() }))
-        .add_service(FILE_DESCRIPTOR_SET, UserQueryServiceServer::new(UserQueries { query: query.clone() }))
-        .health_check(SERVICE_NAMES, HEALTH_INTERVAL, move || {
+        .add_service(FILE_DESCRIPTOR_SET, UserQueryServiceServer::new(UserQueries { query: query.clone() }));
+    // Each service follows the read database and, with `max_lag_events`,
+    // how far behind the projections it reads are.
+    let interval = if config.max_lag_events > 0 { LAG_INTERVAL } else { HEALTH_INTERVAL };
+    for (service, projections) in SERVICE_NAMES.iter().zip(PROJECTIONS) {
+        let (query, max_lag) = (query.clone(), config.max_lag_events);
+        server.health_check(&[service], interval, move || {
             let query = query.clone();
-            async move { query.check().await.map_err(|e| e.to_string()) }
+            async move { query.check_serving(projections, max_lag).await }
         });
+    }
 }
+
+/// The projections each of [`SERVICE_NAMES`] reads, in its order.
+const PROJECTIONS: [&[&str]; 4] = [&[ORDERS, ANALYTICS], &[INVENTORY], &[ACCOUNTS], &[USERS]];
+
+/// How often the lag of the projections is probed when it is bounded.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 // --- errors --------------------------------------------------------------------------
 

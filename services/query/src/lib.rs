@@ -97,6 +97,9 @@ pub struct Config {
     pub positions_poll_ms: u64,
     /// Most `WatchOrder` streams one client address may hold open at once.
     pub max_watchers_per_peer: u32,
+    /// A query service is NOT_SERVING while a projection it reads is more
+    /// than this many events behind the log (0: never, the default).
+    pub max_lag_events: u64,
     pub cache: CacheConfig,
 }
 
@@ -109,6 +112,7 @@ impl Default for Config {
             max_wait_ms: 5000,
             positions_poll_ms: 1000,
             max_watchers_per_peer: 100,
+            max_lag_events: 0,
             cache: CacheConfig::default(),
         }
     }
@@ -173,6 +177,30 @@ impl Query {
     /// Whether the read database answers (the services' health).
     async fn check(&self) -> Result<()> {
         self.conn().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// How many events of the log the active version of `projection` has
+    /// not applied yet (the whole log when it has no active version).
+    async fn lag(&self, projection: &str) -> Result<u64> {
+        let head = self.log.last_position().await?;
+        let position = self.positions.get(projection).map_or(0, |a| a.position);
+        Ok(head.saturating_sub(position))
+    }
+
+    /// The read database answers, and (when `max_lag` is not 0) none of
+    /// `projections` is more than `max_lag` events behind.
+    async fn check_serving(&self, projections: &[&str], max_lag: u64) -> std::result::Result<(), String> {
+        self.check().await.map_err(|e| e.to_string())?;
+        if max_lag == 0 {
+            return Ok(());
+        }
+        for projection in projections {
+            let lag = self.lag(projection).await.map_err(|e| e.to_string())?;
+            if lag > max_lag {
+                return Err(format!("projection {projection} is {lag} events behind (max_lag_events {max_lag})"));
+            }
+        }
         Ok(())
     }
 
