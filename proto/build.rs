@@ -20,6 +20,7 @@ const PROTOS: &[&str] = &[
     "eventfold/query/v1/query.proto",
     "eventfold/sagas/v1/sagas.proto",
     "eventfold/admin/v1/api_keys.proto",
+    "eventfold/admin/v1/admin.proto",
 ];
 
 /// `google/api/http.proto` and `google/api/annotations.proto` declare the

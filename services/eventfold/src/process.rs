@@ -161,6 +161,8 @@ impl Process {
             self.spawn_projectors(log.clone(), invalidator)?;
             eventfold_query::host(&mut server, &config.query, query, token.clone());
             eventfold_platform::auth::keys::grpc::host(&mut server, self.api_key_store()?);
+            // No bus in dev: dead letters answer FAILED_PRECONDITION there.
+            eventfold_admin::host(&mut server, self.admin_service(log.clone(), false)?);
         }
         if config.saga.enabled {
             let sagas = if on_postgres {
@@ -207,8 +209,9 @@ impl Process {
     pub(crate) async fn eventstore(self) -> anyhow::Result<()> {
         let log = self.postgres_log().await?;
         let mut server = GrpcServer::new();
-        eventfold_eventstore::host(&mut server, &self.config.eventstore, log, self.runtime.token().clone());
+        eventfold_eventstore::host(&mut server, &self.config.eventstore, log.clone(), self.runtime.token().clone());
         eventfold_platform::auth::keys::grpc::host(&mut server, self.api_key_store()?);
+        eventfold_admin::host(&mut server, self.admin_service(log, true)?);
         let grace = self.config.eventstore.shutdown_grace_secs;
         self.serve(server, self.config.eventstore.listen, ("EventStoreService", "PostgreSQL"), grace, (None, None))
             .await
@@ -297,6 +300,33 @@ impl Process {
         self.run_workers().await
     }
 
+    /// The AdminService over the process's databases and `log`, with the
+    /// projections, brokers (when the platform has a `bus`) and registry
+    /// the CLI would use.
+    fn admin_service(&self, log: Arc<dyn EventLog>, bus: bool) -> anyhow::Result<eventfold_admin::Admin> {
+        let config = &self.config;
+        let databases = self.databases()?;
+        let consumer = if bus && !config.relay.brokers.is_empty() {
+            Some(eventfold_bus::ConsumerConfig {
+                brokers: config.relay.brokers.clone(),
+                tls: self.broker_tls()?,
+                ..Default::default()
+            })
+        } else {
+            None
+        };
+        Ok(eventfold_admin::Admin::new(eventfold_admin::AdminConfig {
+            projections_database: databases.workers.clone(),
+            database: databases.main.clone(),
+            log,
+            projections: crate::projections::known(config.saga.enabled),
+            options: config.projector.options(),
+            consumer,
+            registry_url: config.registry.url.clone(),
+            readiness: self.readiness.clone(),
+        }))
+    }
+
     /// The query side, and the invalidator its projectors should report to
     /// when a cache is configured.
     async fn read_side(
@@ -352,10 +382,7 @@ impl Process {
                 Some(eventfold_bus::KafkaSource::new(source_config, catalog, registry))
             }
         };
-        let mut projections = eventfold_projector::all();
-        if config.saga.enabled {
-            projections.push(Arc::new(eventfold_saga::SagaIntake));
-        }
+        let projections = crate::projections::known(config.saga.enabled);
         let database = self.databases()?.workers.clone();
         let count = projections.len();
         for projection in projections {

@@ -14,7 +14,7 @@ use crate::cli::ProjectionsAction;
 
 /// Every projection this binary runs: the saga intake too when the sagas
 /// are enabled.
-fn known(saga_enabled: bool) -> Vec<Arc<dyn Projection>> {
+pub(crate) fn known(saga_enabled: bool) -> Vec<Arc<dyn Projection>> {
     let mut projections = eventfold_projector::all();
     if saga_enabled {
         projections.push(Arc::new(eventfold_saga::SagaIntake));

@@ -73,8 +73,14 @@ const CONDITIONAL: &[(&str, &str, &str)] = &[
 
 /// A string field's value in a probe, by field name, where an id-like
 /// `fb-NAME` would be refused for its format.
-const STRINGS: &[(&str, &str)] =
-    &[("currency", "EUR"), ("email", "fb@example.com"), ("start_day", "2024-01-01"), ("end_day", "2024-01-01")];
+const STRINGS: &[(&str, &str)] = &[
+    ("currency", "EUR"),
+    ("email", "fb@example.com"),
+    ("start_day", "2024-01-01"),
+    ("end_day", "2024-01-01"),
+    // A well-formed projection name (no projection has it: NOT_FOUND).
+    ("name", "fb_name"),
+];
 
 /// The `google.api.field_behavior` extension.
 struct Behaviors(ExtensionDescriptor);

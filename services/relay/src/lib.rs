@@ -455,6 +455,34 @@ impl Relay {
     }
 }
 
+/// A relay's checkpoint, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The relay (`relay.name`).
+    pub name: String,
+    /// Every event up to this global position is on Kafka.
+    pub position: u64,
+    /// When it last moved.
+    pub updated_at: std::time::SystemTime,
+}
+
+/// Every relay's checkpoint in `database`, by name.
+pub async fn checkpoints(database: &Database) -> Result<Vec<Checkpoint>> {
+    let rows = database
+        .get()
+        .await?
+        .query("SELECT name, position, updated_at FROM bus.relay_checkpoints ORDER BY name", &[])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Checkpoint {
+            name: r.get(0),
+            position: u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+            updated_at: r.get(2),
+        })
+        .collect())
+}
+
 /// Describes the relay's metrics (the `# HELP` lines of `/metrics`).
 pub fn describe_metrics() {
     metrics::describe_gauge!("eventfold_relay_position", "Global position relayed up to");
