@@ -168,6 +168,7 @@ fn service_name(command: &Command) -> String {
 /// this process runs).
 fn describe_metrics() {
     eventfold_platform::metrics::describe();
+    eventfold_platform::ratelimit::describe();
     eventfold_store::metered::describe();
     eventfold_command::describe_metrics();
     eventfold_projector::describe_metrics();

@@ -37,20 +37,13 @@ pub const HANDLED: &str = "eventfold_grpc_server_handled_total";
 /// Latency of unary calls, by service and method.
 pub const HANDLING_SECONDS: &str = "eventfold_grpc_server_handling_seconds";
 
-/// Describes the metrics of this crate (the `# HELP` lines of `/metrics`):
-/// the gRPC servers', the TLS listeners' and the rate limits'.
+/// Describes the metrics of the gRPC servers and the TLS listeners (the
+/// `# HELP` lines of `/metrics`; the rate limits describe theirs in
+/// [`crate::ratelimit::describe`]).
 pub fn describe() {
     metrics::describe_counter!(HANDLED, "gRPC calls ended, by service, method and status code");
     metrics::describe_histogram!(HANDLING_SECONDS, "Latency of unary gRPC calls, to the status, in seconds");
     metrics::describe_counter!("eventfold_tls_handshake_failures_total", "TLS handshakes refused or timed out");
-    metrics::describe_counter!(
-        crate::ratelimit::REJECTED_METRIC,
-        "Calls refused by the rate limits (RESOURCE_EXHAUSTED), by route class"
-    );
-    metrics::describe_counter!(
-        crate::ratelimit::REDIS_UNAVAILABLE_METRIC,
-        "Rate-limit decisions made without Redis (it did not answer), by the on_redis_down policy"
-    );
 }
 
 /// Paths served by every server besides the hosted services, and whether

@@ -75,6 +75,19 @@ use crate::{
 pub const REDIS_UNAVAILABLE_METRIC: &str = "eventfold_rate_limit_redis_unavailable_total";
 /// The counter of calls refused by a rate limit.
 pub const REJECTED_METRIC: &str = "eventfold_rate_limit_rejected_total";
+
+/// Describes the rate limits' metrics (the `# HELP` lines of `/metrics`).
+pub fn describe() {
+    metrics::describe_counter!(
+        REJECTED_METRIC,
+        "Calls refused by the rate limits (RESOURCE_EXHAUSTED), by route class"
+    );
+    metrics::describe_counter!(
+        REDIS_UNAVAILABLE_METRIC,
+        "Rate-limit decisions made without Redis (it did not answer), by the on_redis_down policy"
+    );
+}
+
 /// The `ErrorInfo` reason of a call over its limit.
 pub const REASON: &str = "RATE_LIMITED";
 /// Highest `per_second` and `burst` accepted.
