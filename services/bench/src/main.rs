@@ -6,6 +6,7 @@ mod append;
 mod auth;
 mod commands;
 mod gateway;
+mod metrics;
 mod pacing;
 mod queries;
 mod relay;
@@ -33,6 +34,9 @@ enum Bench {
     /// CreateOrder and cached GetOrder over REST through the gateway
     /// beside the same over gRPC, open loop at one rate.
     Gateway(gateway::GatewayBenchArgs),
+    /// CreateOrder over gRPC with the metrics layer on and off (and an A/A
+    /// control), open loop at one rate.
+    Metrics(metrics::MetricsBenchArgs),
     /// GetOrder over gRPC, cached and uncached, beside the raw SELECT.
     Queries(queries::QueryBenchArgs),
     /// Append → read-model-visible lag at a fixed rate, and rebuild speed.
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
             Bench::Auth(args) => auth::auth(args).await,
             Bench::Commands(args) => commands::commands(args).await,
             Bench::Gateway(args) => gateway::gateway(args).await,
+            Bench::Metrics(args) => metrics::metrics(args).await,
             Bench::Queries(args) => queries::queries(args).await,
             Bench::ProjectionLag(args) => queries::lag(args).await,
             Bench::Relay(args) => relay::relay(args).await,
