@@ -88,7 +88,12 @@ fn stopping_redis_makes_the_query_server_not_ready_and_back() {
     let admin = server.admin_addr();
     let body = wait_readyz(&admin, 200, "redis: up", &server.process);
     assert!(body.starts_with("ready\n") && body.contains("postgresql: up"), "{body}");
-    assert!(grpc_health(&server).contains("\"SERVING\""), "{}", grpc_health(&server));
+    // The server's gRPC health follows readiness at its next probe (1 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !grpc_health(&server).contains("\"SERVING\"") {
+        assert!(Instant::now() < deadline, "gRPC health never SERVING: {}", grpc_health(&server));
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     assert!(probe(&admin, false).status.success(), "eventfold probe: ready");
 
@@ -191,7 +196,11 @@ fn stopping_postgresql_makes_the_projector_and_a_server_not_ready_and_back() {
     postgres.stop();
     wait_readyz(&projector_admin, 503, "postgresql: down", &projector);
     wait_readyz(&server_admin, 503, "postgresql: down", &server.process);
-    assert!(grpc_health(&server).contains("NOT_SERVING"), "{}", grpc_health(&server));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !grpc_health(&server).contains("NOT_SERVING") {
+        assert!(Instant::now() < deadline, "gRPC health stayed SERVING: {}", grpc_health(&server));
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     postgres.start_again();
     wait_readyz(&projector_admin, 200, "postgresql: up", &projector);
