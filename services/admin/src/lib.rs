@@ -94,10 +94,7 @@ pub fn host(server: &mut GrpcServer, admin: Admin) {
     server.add_service(eventfold_proto::FILE_DESCRIPTOR_SET, AdminServiceServer::new(admin));
     server.health_check(SERVICE_NAMES, HEALTH_INTERVAL, move || {
         let database = database.clone();
-        async move {
-            let client = database.get().await.map_err(|e| e.to_string())?;
-            client.simple_query("SELECT 1").await.map(drop).map_err(|e| e.to_string())
-        }
+        async move { database.check().await.map_err(|e| e.to_string()) }
     });
 }
 

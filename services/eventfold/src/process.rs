@@ -68,10 +68,7 @@ impl Process {
             let database = databases.main.clone();
             readiness.add("postgresql", config.admin.requires("postgresql"), move || {
                 let database = database.clone();
-                async move {
-                    let client = database.get().await.map_err(|e| e.to_string())?;
-                    client.simple_query("SELECT 1").await.map(drop).map_err(|e| e.to_string())
-                }
+                async move { database.check().await.map_err(|e| e.to_string()) }
             });
         }
         if let Some(redis) = &resources.redis {

@@ -482,18 +482,8 @@ fn a_relay_killed_between_the_ack_and_the_checkpoint_loses_nothing_and_sends_the
     let rt = runtime();
     let db = rt.block_on(TestDatabase::migrated());
     let broker = eventfold_tests::kafka::Broker::start();
-    let (log, client, registry) = rt.block_on(async {
-        let registry = eventfold_tests::registry::RegistryStandIn::start().await;
-        eventfold_schemas::Registry::new(registry.url())
-            .expect("a registry client")
-            .register_catalog(
-                &eventfold_schemas::Catalog::load().expect("the catalog"),
-                eventfold_proto::FILE_DESCRIPTOR_SET,
-            )
-            .await
-            .expect("register the schemas");
-        (open_log(&db).await, connect(&db).await, registry)
-    });
+    let (log, client, registry) =
+        rt.block_on(async { (open_log(&db).await, connect(&db).await, common::registry_with_catalog().await) });
     rt.block_on(write_orders(&log, 0..30));
     let stored: Vec<String> = rt.block_on(async {
         let read =

@@ -137,18 +137,7 @@ fn metric_names(text: &str) -> Vec<String> {
 fn kafka_workload(runtime: &tokio::runtime::Runtime) -> (Scrape, Scrape) {
     let db = runtime.block_on(eventfold_tests::TestDatabase::migrated());
     let broker = eventfold_tests::kafka::Broker::start();
-    let registry = runtime.block_on(async {
-        let registry = eventfold_tests::registry::RegistryStandIn::start().await;
-        eventfold_schemas::Registry::new(registry.url())
-            .expect("a registry client")
-            .register_catalog(
-                &eventfold_schemas::Catalog::load().expect("the catalog"),
-                eventfold_proto::FILE_DESCRIPTOR_SET,
-            )
-            .await
-            .expect("register the schemas");
-        registry
-    });
+    let registry = runtime.block_on(common::registry_with_catalog());
     let (brokers, registry_url) = (format!("[\"{}\"]", broker.bootstrap()), registry.url());
     let env = [
         ("EVENTFOLD_ADMIN__LISTEN", "127.0.0.1:0"),

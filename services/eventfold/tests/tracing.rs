@@ -180,18 +180,7 @@ fn the_kafka_fed_variant_adds_the_relay_and_the_consumer_to_the_trace() {
     let mut collector = runtime.block_on(FakeCollectorServer::start()).expect("start the collector");
     let db = runtime.block_on(eventfold_tests::TestDatabase::migrated());
     let broker = eventfold_tests::kafka::Broker::start();
-    let registry = runtime.block_on(async {
-        let registry = eventfold_tests::registry::RegistryStandIn::start().await;
-        eventfold_schemas::Registry::new(registry.url())
-            .expect("a registry client")
-            .register_catalog(
-                &eventfold_schemas::Catalog::load().expect("the catalog"),
-                eventfold_proto::FILE_DESCRIPTOR_SET,
-            )
-            .await
-            .expect("register the schemas");
-        registry
-    });
+    let registry = runtime.block_on(common::registry_with_catalog());
     let (brokers, registry_url, endpoint) =
         (format!("[\"{}\"]", broker.bootstrap()), registry.url(), collector.endpoint());
     let env = [

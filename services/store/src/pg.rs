@@ -195,6 +195,13 @@ impl Database {
         connection
     }
 
+    /// Whether the server answers a `SELECT 1` on a pooled connection
+    /// (health and readiness checks).
+    pub async fn check(&self) -> Result<()> {
+        self.get().await?.simple_query("SELECT 1").await.map_err(db_error)?;
+        Ok(())
+    }
+
     /// A connection of its own (not pooled) whose I/O half the caller
     /// drives: for `LISTEN`, which reads notifications from it.
     pub async fn open_connection(&self) -> Result<(Client, Connection)> {

@@ -366,3 +366,18 @@ pub fn readme_steps(title: &str) -> Vec<Step> {
     }
     steps
 }
+
+/// A Schema Registry stand-in with every Avro schema and proto file of the
+/// catalog registered (what `eventfold schemas register` does).
+pub async fn registry_with_catalog() -> eventfold_tests::registry::RegistryStandIn {
+    let registry = eventfold_tests::registry::RegistryStandIn::start().await;
+    eventfold_schemas::Registry::new(registry.url())
+        .expect("a registry client")
+        .register_catalog(
+            &eventfold_schemas::Catalog::load().expect("the catalog"),
+            eventfold_proto::FILE_DESCRIPTOR_SET,
+        )
+        .await
+        .expect("register the schemas");
+    registry
+}
