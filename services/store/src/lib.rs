@@ -1,5 +1,5 @@
 //! The event log of eventfold: one [`EventLog`] trait, its adapters
-//! (in memory and PostgreSQL), gap-safe subscriptions, upcasting of old
+//! (in memory, in local files and in PostgreSQL), gap-safe subscriptions, upcasting of old
 //! event versions and the per-stream SHA-256 hash chain. Every adapter passes the same conformance suite
 //! (`tests/conformance.rs`).
 
@@ -14,6 +14,8 @@
 pub mod backoff;
 pub mod error;
 pub mod failpoint;
+#[cfg(unix)]
+pub mod fs;
 pub mod hash;
 mod log;
 pub mod memory;
@@ -26,6 +28,8 @@ pub mod subscription;
 pub mod supervise;
 pub mod upcast;
 
+#[cfg(unix)]
+pub use crate::fs::{FsConfig, FsEventLog, Fsync, Recovery};
 pub use crate::{
     backoff::Backoff,
     error::{Error, FieldViolation, Result},

@@ -1,5 +1,6 @@
-//! The conformance suite (`common::conformance`) run against the memory and
-//! the PostgreSQL adapters.
+//! The conformance suite (`common::conformance`) run against the memory,
+//! the file-system and the PostgreSQL adapters (the Azure Blob adapter runs
+//! it in tests/blob.rs, against Azurite).
 
 mod common;
 
@@ -34,5 +35,15 @@ conformance!(postgres, || async {
     let (db, log) = common::postgres().await;
     let guard: Box<dyn std::any::Any + Send> = Box::new(db);
     let log: Arc<dyn EventLog> = log;
+    (guard, log)
+});
+
+conformance!(fs, || async {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let log = eventfold_store::FsEventLog::open(dir.path(), eventfold_store::FsConfig::default())
+        .await
+        .expect("open a file-system log");
+    let guard: Box<dyn std::any::Any + Send> = Box::new(dir);
+    let log: Arc<dyn EventLog> = Arc::new(log);
     (guard, log)
 });
