@@ -21,7 +21,8 @@
 //!
 //! Names used in eventfold (each documented where it sits):
 //! `store::after_commit`, `relay::after_ack`, `projector::after_apply`,
-//! `consumer::after_handle`, `saga::after_call`, `saga::after_state`.
+//! `consumer::after_handle`, `saga::after_call`, `saga::after_state`,
+//! `fs::mid_write` (a batch written but for its last byte), `fs::after_write`.
 
 /// The environment variable that arms failpoints in a test build.
 pub const ENV: &str = "FAILPOINTS";

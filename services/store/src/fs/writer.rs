@@ -303,8 +303,9 @@ impl Writer {
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         let written = if cfg!(feature = "failpoints") {
             // Two writes in test builds, so that a crash test can stop the
-            // process with half a batch on disk.
-            let (head, tail) = bytes.split_at(bytes.len() / 2);
+            // process with a batch on disk but for its last byte (inside
+            // its last frame, whatever the batch holds).
+            let (head, tail) = bytes.split_at(bytes.len().saturating_sub(1));
             self.file.write_all(head).and_then(|()| {
                 crate::failpoint!("fs::mid_write");
                 self.file.write_all(tail)
