@@ -24,10 +24,12 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Everything in one process (the default command): the store, the
-    /// command services and the sagas on the in-memory store with no
-    /// external service, or, with a database URL, on PostgreSQL with the
-    /// projectors and the query services too.
+    /// Everything in one process (the default command), keeping its data
+    /// under `./data`: on a private PostgreSQL cluster there when the
+    /// PostgreSQL server binaries are installed (the whole platform, read
+    /// side included), else on a file-system log (commands, sagas, the
+    /// store; no read side). With a database URL, on that PostgreSQL; with
+    /// `--ephemeral`, in memory.
     Dev {
         /// gRPC listen address.
         #[arg(long)]
@@ -39,6 +41,12 @@ pub(crate) enum Command {
         /// key is generated and printed once.
         #[arg(long)]
         auth: bool,
+        /// Where to keep the data (default ./data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Keep nothing: the in-memory log, forgotten on exit.
+        #[arg(long, conflicts_with_all = ["data_dir", "database_url"])]
+        ephemeral: bool,
     },
     /// Run one service on PostgreSQL.
     Serve {
@@ -225,6 +233,22 @@ pub(crate) struct Overrides {
     gateway: GatewayOverrides,
     #[serde(skip_serializing_if = "AuthOverrides::is_empty")]
     auth: AuthOverrides,
+    #[serde(skip_serializing_if = "DevOverrides::is_empty")]
+    dev: DevOverrides,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct DevOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ephemeral: Option<bool>,
+}
+
+impl DevOverrides {
+    fn is_empty(&self) -> bool {
+        self.data_dir.is_none() && self.ephemeral.is_none()
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -280,11 +304,15 @@ impl ListenOverrides {
 pub(crate) fn overrides(command: Option<&Command>) -> Overrides {
     let mut o = Overrides::default();
     match command {
-        Some(Command::Dev { listen, database_url, auth }) => {
+        Some(Command::Dev { listen, database_url, auth, data_dir, ephemeral }) => {
             o.eventstore.listen = *listen;
             o.database.url.clone_from(database_url);
             if *auth {
                 o.auth.enabled = Some(true);
+            }
+            o.dev.data_dir.clone_from(data_dir);
+            if *ephemeral {
+                o.dev.ephemeral = Some(true);
             }
         }
         Some(Command::Serve { service: Service::Eventstore { listen, database_url } }) => {

@@ -23,11 +23,60 @@ pub(crate) struct Config {
     pub(crate) auth: eventfold_platform::auth::AuthConfig,
     pub(crate) rate_limit: eventfold_platform::ratelimit::RateLimitConfig,
     pub(crate) tls: eventfold_platform::tls::TlsConfig,
+    pub(crate) dev: DevConfig,
+}
+
+/// `[dev]`: where `eventfold dev` keeps its data and on what.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct DevConfig {
+    /// The data directory (relative paths from the working directory).
+    pub(crate) data_dir: std::path::PathBuf,
+    /// Keep nothing: the in-memory log (`--ephemeral`).
+    pub(crate) ephemeral: bool,
+    /// Run a private PostgreSQL cluster under the data directory when the
+    /// server binaries are found; `false`: the file-system log.
+    pub(crate) postgres: bool,
+    /// Where to look for the PostgreSQL server binaries (`initdb`,
+    /// `pg_ctl`, `postgres`) after `PATH` and `pg_config --bindir`; a `*`
+    /// stands for one path component (the highest version is taken).
+    pub(crate) postgres_search: Vec<String>,
+    /// When the file-system log forces its writes to disk: `always` (each
+    /// commit), `batch(MS)` or `never`.
+    pub(crate) fsync: String,
+}
+
+impl Default for DevConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: "data".into(),
+            ephemeral: false,
+            postgres: true,
+            postgres_search: [
+                "/usr/lib/postgresql/*/bin",
+                "/usr/pgsql-*/bin",
+                "/usr/local/pgsql/bin",
+                "/opt/homebrew/opt/postgresql@*/bin",
+                "/opt/homebrew/opt/postgresql/bin",
+                "/usr/local/opt/postgresql@*/bin",
+                "/usr/local/opt/postgresql/bin",
+                "/opt/homebrew/bin",
+                "/usr/local/bin",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            fsync: "always".into(),
+        }
+    }
 }
 
 impl Config {
     pub(crate) fn validate(&self) -> Result<(), eventfold_platform::Error> {
         self.database.validate()?;
+        self.dev
+            .fsync
+            .parse::<eventfold_store::Fsync>()
+            .map_err(|e| eventfold_platform::Error::Config(format!("dev.fsync {e}")))?;
         self.admin.validate()?;
         self.tracing.validate()?;
         // A secret too short or a JWKS file that cannot be read is a usage

@@ -6,6 +6,7 @@
 mod bus_cli;
 mod cli;
 mod config;
+mod embedded;
 mod keys;
 mod probe;
 mod process;
@@ -63,7 +64,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let command = cli.command.unwrap_or(Command::Dev { listen: None, database_url: None, auth: false });
+    let command = cli.command.unwrap_or(Command::Dev {
+        listen: None,
+        database_url: None,
+        auth: false,
+        data_dir: None,
+        ephemeral: false,
+    });
     // Inside the runtime: the span exporter's connection runs on it.
     let telemetry = match runtime
         .block_on(async { eventfold_platform::telemetry::init(&config.log, &config.tracing, &service_name(&command)) })
@@ -111,10 +118,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         command,
         Command::Dev { .. } | Command::Serve { service: Service::Query { .. } | Service::Projector { .. } }
     );
+    if let Command::Dev { .. } = command {
+        return dev(config, caches).await;
+    }
     let process = Process::new(config, caches)?;
     let config = process.config();
     match command {
-        Command::Dev { .. } => process.dev().await,
+        Command::Dev { .. } => unreachable!("answered above"),
         Command::Serve { service: Service::Eventstore { .. } } => process.eventstore().await,
         Command::Serve { service: Service::Command { .. } } => process.command().await,
         Command::Serve { service: Service::Query { .. } } => process.query().await,
@@ -147,6 +157,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 /// `service.name` of the process's spans (and `service` of its JSON logs).
+/// `eventfold dev`: on its data directory (a private PostgreSQL or the
+/// file-system log), on the given database, or in memory.
+async fn dev(mut config: Config, caches: bool) -> anyhow::Result<()> {
+    let (dev, has_url) = (config.dev.clone(), config.database.url.is_some());
+    let storage = tokio::task::spawn_blocking(move || embedded::choose(&dev, has_url)).await??;
+    if let embedded::DevStorage::Postgres(Some(postgres)) = &storage {
+        config.database.url = Some(postgres.url());
+    }
+    let result = match Process::new(config, caches) {
+        Ok(process) => process.dev(&storage).await,
+        Err(e) => Err(e),
+    };
+    if let embedded::DevStorage::Postgres(Some(postgres)) = storage {
+        tokio::task::spawn_blocking(move || postgres.stop()).await?;
+    }
+    result
+}
+
 fn service_name(command: &Command) -> String {
     let name = match command {
         Command::Dev { .. } => "dev",

@@ -13,7 +13,11 @@ use eventfold_platform::{
     server::GrpcServer,
     tls::Tls,
 };
-use eventfold_store::{EventLog, MemoryEventLog, Metered, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_store::{
+    EventLog, FsConfig, FsEventLog, MemoryEventLog, Metered, PostgresConfig, PostgresEventLog, Upcasting,
+};
+
+use crate::embedded::DevStorage;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -136,18 +140,33 @@ impl Process {
     }
 
     /// Everything in one process: on PostgreSQL with the read side when a
-    /// database is configured, else in memory.
-    pub(crate) async fn dev(self) -> anyhow::Result<()> {
+    /// database is configured (or the private cluster runs), else on the
+    /// file-system log or in memory, without the read side.
+    pub(crate) async fn dev(self, storage: &DevStorage) -> anyhow::Result<()> {
         let config = &self.config;
         let token = self.runtime.token().clone();
         let mut server = GrpcServer::new();
         let on_postgres = self.resources.database.is_some();
+        let retention = Duration::from_secs(config.database.request_retention_hours.saturating_mul(3600));
         let log = if on_postgres {
             let mut admin = self.databases()?.main.connect().await?;
             eventfold_migrations::up(&mut admin).await.context("applying the migrations")?;
             self.postgres_log().await?
+        } else if let DevStorage::Files { dir, .. } = storage {
+            let fs = FsConfig {
+                fsync: config
+                    .dev
+                    .fsync
+                    .parse()
+                    .map_err(|e| eventfold_platform::Error::Config(format!("dev.fsync {e}")))?,
+                request_retention: retention,
+                ..FsConfig::default()
+            };
+            let log = FsEventLog::open(dir.join("log"), fs)
+                .await
+                .with_context(|| format!("cannot open the event log in {}", dir.join("log").display()))?;
+            upcasting(Arc::new(log))
         } else {
-            let retention = Duration::from_secs(config.database.request_retention_hours.saturating_mul(3600));
             upcasting(Arc::new(MemoryEventLog::with_request_retention(retention)))
         };
         eventfold_eventstore::host(&mut server, &config.eventstore, log.clone(), token.clone());
@@ -160,6 +179,8 @@ impl Process {
             eventfold_platform::auth::keys::grpc::host(&mut server, self.api_key_store()?);
             // No bus in dev: dead letters answer FAILED_PRECONDITION there.
             eventfold_admin::host(&mut server, self.admin_service(log.clone(), false)?);
+        } else {
+            eventfold_query::host_unavailable(&mut server, crate::embedded::INSTALL_HINT);
         }
         if config.saga.enabled {
             let sagas = if on_postgres {
@@ -187,11 +208,28 @@ impl Process {
             };
             eventfold_saga::grpc::host(&mut server, &config.saga, sagas.with_changes(log.appended()), token);
         }
-        let (what, storage) = if on_postgres {
-            ("EventStoreService and the command and query services", "PostgreSQL, with projectors and queries")
-        } else {
-            ("EventStoreService and the command services", "in-memory store, nothing is persisted")
+        let (what, storage) = match storage {
+            DevStorage::Postgres(Some(postgres)) => (
+                "EventStoreService and the command and query services",
+                format!("{} under the data directory, with projectors and queries", postgres.describe()),
+            ),
+            DevStorage::Postgres(None) => (
+                "EventStoreService and the command and query services",
+                "PostgreSQL, with projectors and queries".to_owned(),
+            ),
+            DevStorage::Files { dir, why } => (
+                "EventStoreService and the command services",
+                format!(
+                    "file-system log in {}, since {why}; no read side: the query services answer \
+                     FAILED_PRECONDITION until PostgreSQL is installed",
+                    dir.join("log").display()
+                ),
+            ),
+            DevStorage::Memory => {
+                ("EventStoreService and the command services", "in-memory store, nothing is persisted".to_owned())
+            }
         };
+        let storage = storage.as_str();
         self.serve(
             server,
             config.eventstore.listen,
@@ -451,7 +489,7 @@ impl Process {
         }
         self.admin(admin_default).await?;
         self.gateway(addr, rest_default).await?;
-        tracing::info!(%addr, storage, "serving");
+        tracing::info!(%addr, what, "serving");
         let grace = Duration::from_secs(grace_secs);
         let token = self.runtime.token().clone();
         let stopping = tokio::spawn(async move {

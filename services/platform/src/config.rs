@@ -37,6 +37,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_DATABASE__CONNECT_TIMEOUT_MS", "longest wait for a PostgreSQL connection (default 5000)"),
     ("EVENTFOLD_DATABASE__TLS", "TLS to PostgreSQL: prefer (default), disable, require or verify-full"),
     ("EVENTFOLD_DATABASE__CA_FILE", "PEM file of the CAs that tls = verify-full trusts"),
+    ("EVENTFOLD_DEV__DATA_DIR", "where `eventfold dev` keeps its data (default ./data)"),
+    ("EVENTFOLD_DEV__EPHEMERAL", "`eventfold dev` keeps nothing: the in-memory log"),
+    ("EVENTFOLD_DEV__POSTGRES", "`eventfold dev` runs a private PostgreSQL when its binaries are found (default true)"),
+    ("EVENTFOLD_DEV__FSYNC", "fsync of `eventfold dev`'s file-system log: always (default), batch(MS) or never"),
     ("EVENTFOLD_ADMIN__LISTEN", "admin HTTP listener (/healthz, /readyz, /metrics), e.g. 0.0.0.0:9464"),
     (
         "EVENTFOLD_TRACING__OTLP_ENDPOINT",

@@ -392,3 +392,51 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutdown requested");
 }
+
+/// The name of a gRPC service that a [`Refusing`] stands in for.
+pub trait ServiceName: Send + Sync + 'static {
+    const NAME: &'static str;
+}
+
+/// A gRPC service this process cannot offer, answering every call with one
+/// status (say, FAILED_PRECONDITION with what to install) rather than
+/// UNIMPLEMENTED without a word.
+pub struct Refusing<N> {
+    status: Arc<tonic::Status>,
+    name: std::marker::PhantomData<fn() -> N>,
+}
+
+impl<N> Refusing<N> {
+    pub fn new(status: tonic::Status) -> Self {
+        Self { status: Arc::new(status), name: std::marker::PhantomData }
+    }
+}
+
+impl<N> Clone for Refusing<N> {
+    fn clone(&self) -> Self {
+        Self { status: self.status.clone(), name: std::marker::PhantomData }
+    }
+}
+
+impl<N: ServiceName> NamedService for Refusing<N> {
+    const NAME: &'static str = N::NAME;
+}
+
+impl<N> tower::Service<http::Request<tonic::body::Body>> for Refusing<N> {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<std::result::Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::result::Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        let status = tonic::Status::with_details(
+            self.status.code(),
+            self.status.message(),
+            self.status.details().to_vec().into(),
+        );
+        std::future::ready(Ok(status.into_http()))
+    }
+}

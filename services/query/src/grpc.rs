@@ -51,6 +51,32 @@ use crate::{
 /// How often the health of the query services is probed.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The four query services, for a process without the read side
+/// (`eventfold dev` on the file-system log): every call answers
+/// FAILED_PRECONDITION with `message` (what to install), reason
+/// `READ_SIDE_UNAVAILABLE`.
+pub fn host_unavailable(server: &mut GrpcServer, message: &str) {
+    use eventfold_platform::server::{Refusing, ServiceName};
+    macro_rules! refusing {
+        ($($marker:ident => $server:ty),* $(,)?) => {$(
+            struct $marker;
+            impl ServiceName for $marker {
+                const NAME: &'static str = <$server as tonic::server::NamedService>::NAME;
+            }
+            server.add_service(
+                FILE_DESCRIPTOR_SET,
+                Refusing::<$marker>::new(error_info(tonic::Code::FailedPrecondition, message, "READ_SIDE_UNAVAILABLE", &[])),
+            );
+        )*};
+    }
+    refusing!(
+        Orders => OrderQueryServiceServer<OrderQueries>,
+        Inventory => InventoryQueryServiceServer<InventoryQueries>,
+        Accounts => AccountQueryServiceServer<AccountQueries>,
+        Users => UserQueryServiceServer<UserQueries>,
+    );
+}
+
 /// Hosts the four query services on `server`, their health following the
 /// read database (and the lag of their projections, when bounded). `WatchOrder` streams end when `token` is cancelled.
 pub fn host(server: &mut GrpcServer, config: &Config, query: Arc<Query>, token: CancellationToken) {

@@ -67,7 +67,7 @@ pub use crate::{
     breaker::BreakerState,
     cache::{Cache, CacheConfig, CacheStats, Invalidator, Kind},
     error::{Error, Result},
-    grpc::host,
+    grpc::{host, host_unavailable},
     positions::{Active, Positions},
 };
 

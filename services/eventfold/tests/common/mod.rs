@@ -139,7 +139,22 @@ impl Guard {
 /// whose stderr is drained; returns once its first stdout line (which
 /// must start with `prefix`) is printed, with that line.
 pub fn spawn_process(command: &[&str], args: &[&str], env: &[(&str, &str)], prefix: &str) -> (Guard, String) {
-    let mut child = eventfold()
+    spawn_process_in(None, command, args, env, prefix)
+}
+
+/// [`spawn_process`] in the working directory `dir` (`None`: this one).
+pub fn spawn_process_in(
+    dir: Option<&std::path::Path>,
+    command: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+    prefix: &str,
+) -> (Guard, String) {
+    let mut child = eventfold();
+    if let Some(dir) = dir {
+        child.current_dir(dir);
+    }
+    let mut child = child
         .args(command)
         .args(args)
         .env("EVENTFOLD_LOG__FILTER", "info")
@@ -204,8 +219,16 @@ impl DevServer {
     }
 
     /// [`DevServer::start_with`] with environment variables `env` too.
+    /// Without `--database-url` or `--data-dir` it runs `--ephemeral` (in
+    /// memory): tests keep nothing in the working directory.
     pub fn start_env(args: &[&str], env: &[(&str, &str)], prefix: &str) -> Self {
-        Self::start_command(&["dev", "--listen", "127.0.0.1:0"], args, env, prefix)
+        let stores = args.iter().any(|a| a.starts_with("--database-url") || a.starts_with("--data-dir"));
+        let command: &[&str] = if stores {
+            &["dev", "--listen", "127.0.0.1:0"]
+        } else {
+            &["dev", "--listen", "127.0.0.1:0", "--ephemeral"]
+        };
+        Self::start_command(command, args, env, prefix)
     }
 
     /// `eventfold COMMAND ARGS` (a server); its first line starts `prefix`.
