@@ -7,6 +7,7 @@
 //! ([`hostile`]) and orders to send ([`orders`]).
 
 pub mod auth;
+pub mod azurite;
 pub mod hostile;
 pub mod kafka;
 pub mod logs;

@@ -12,6 +12,8 @@
 )]
 
 pub mod backoff;
+#[cfg(all(unix, feature = "blob"))]
+pub mod blob;
 pub mod error;
 pub mod failpoint;
 #[cfg(unix)]
@@ -28,6 +30,8 @@ pub mod subscription;
 pub mod supervise;
 pub mod upcast;
 
+#[cfg(all(unix, feature = "blob"))]
+pub use crate::blob::{BlobConfig, BlobEventLog};
 #[cfg(unix)]
 pub use crate::fs::{FsConfig, FsEventLog, Fsync, Recovery};
 pub use crate::{

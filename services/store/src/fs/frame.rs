@@ -10,14 +10,14 @@ use std::{
 };
 
 /// Bytes of a frame's header.
-pub(super) const HEADER_LEN: u64 = 8;
+pub(crate) const HEADER_LEN: u64 = 8;
 /// Largest payload of one frame: one event or snapshot (at most 1 MiB of
 /// canonical JSON, escaped once more inside the record) with room to spare.
-pub(super) const MAX_PAYLOAD: u32 = 8 * 1024 * 1024;
+pub(crate) const MAX_PAYLOAD: u32 = 8 * 1024 * 1024;
 
 /// Append one frame holding `payload` to `out`; its length, or `None` when
 /// the payload is larger than [`MAX_PAYLOAD`].
-pub(super) fn push(out: &mut Vec<u8>, payload: &[u8]) -> Option<u32> {
+pub(crate) fn push(out: &mut Vec<u8>, payload: &[u8]) -> Option<u32> {
     let len = u32::try_from(payload.len()).ok().filter(|len| *len <= MAX_PAYLOAD)?;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
@@ -28,7 +28,7 @@ pub(super) fn push(out: &mut Vec<u8>, payload: &[u8]) -> Option<u32> {
 /// The payload of the frame at `offset`, whose payload is `len` bytes long;
 /// an error when the frame there is not that frame (a wrong length or
 /// checksum).
-pub(super) fn read(file: &File, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+pub(crate) fn read(file: &File, offset: u64, len: u32) -> io::Result<Vec<u8>> {
     let payload_len = usize::try_from(len).map_err(|_| invalid("frame length"))?;
     let mut buf = vec![0; payload_len.saturating_add(8)];
     file.read_exact_at(&mut buf, offset)?;
@@ -48,17 +48,17 @@ fn invalid(what: &str) -> io::Error {
 
 /// Where a scan of a segment stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Scanned {
+pub(crate) struct Scanned {
     /// The end of the last whole frame.
-    pub(super) valid_end: u64,
+    pub(crate) valid_end: u64,
     /// The file's length: beyond `valid_end` lies a torn tail.
-    pub(super) file_len: u64,
+    pub(crate) file_len: u64,
 }
 
 /// Call `each(offset, length, payload)` for every whole frame of `file` from
 /// `from` on, in order; stop at the end or at the first frame that is short,
 /// of an impossible length or does not match its checksum.
-pub(super) fn scan<E>(
+pub(crate) fn scan<E>(
     file: &File,
     from: u64,
     mut each: impl FnMut(u64, u32, &[u8]) -> Result<(), E>,
@@ -99,6 +99,45 @@ pub(super) fn scan<E>(
         offset = offset.saturating_add(frame_len);
     }
     Ok(Ok(Scanned { valid_end: offset, file_len }))
+}
+
+/// A frame of a buffer: its offset, payload length and payload.
+pub(crate) type Frame<'a> = (u64, u32, &'a [u8]);
+
+/// The whole frames of `bytes` (a blob), and where the last one ends.
+pub(crate) fn split(bytes: &[u8]) -> (Vec<Frame<'_>>, u64) {
+    let mut frames = Vec::new();
+    let mut offset = 0usize;
+    while let Some(header) = bytes.get(offset..offset.saturating_add(8)) {
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let start = offset.saturating_add(8);
+        let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+        let Some(payload) = bytes.get(start..end).filter(|_| len > 0 && len <= MAX_PAYLOAD) else { break };
+        if crc32c::crc32c(payload) != crc {
+            break;
+        }
+        frames.push((offset as u64, len, payload));
+        offset = end;
+    }
+    (frames, offset as u64)
+}
+
+/// The payload of the frame at `offset` of `bytes`, checked as [`read`]
+/// checks a file's.
+pub(crate) fn read_slice(bytes: &[u8], offset: u64, len: u32) -> io::Result<&[u8]> {
+    let start = usize::try_from(offset).map_err(|_| invalid("frame offset"))?;
+    let payload_len = usize::try_from(len).map_err(|_| invalid("frame length"))?;
+    let header = bytes.get(start..start.saturating_add(8)).ok_or_else(|| invalid("a frame is missing"))?;
+    let payload = bytes
+        .get(start.saturating_add(8)..start.saturating_add(8).saturating_add(payload_len))
+        .ok_or_else(|| invalid("a frame is cut short"))?;
+    let stored_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let stored_crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if stored_len != len || stored_crc != crc32c::crc32c(payload) {
+        return Err(invalid("a frame does not match its checksum"));
+    }
+    Ok(payload)
 }
 
 #[cfg(test)]
@@ -156,6 +195,19 @@ mod tests {
         flipped[last] ^= 1;
         let (seen, scanned) = scan_all(&flipped);
         assert_eq!((seen.len(), scanned.valid_end), (2, two as u64));
+    }
+
+    #[test]
+    fn frames_of_a_buffer_split_and_read_back() {
+        let bytes = frames(&[b"one", b"two"]);
+        let (split, end) = split(&bytes);
+        assert_eq!(end, bytes.len() as u64);
+        assert_eq!(split.iter().map(|(_, _, p)| p.to_vec()).collect::<Vec<_>>(), [b"one".to_vec(), b"two".to_vec()]);
+        let (offset, len, _) = split[1];
+        assert_eq!(read_slice(&bytes, offset, len).expect("read"), b"two");
+        assert!(read_slice(&bytes, offset, len + 1).is_err());
+        let (cut, end) = super::split(&bytes[..bytes.len() - 1]);
+        assert_eq!((cut.len(), end), (1, offset));
     }
 
     #[test]

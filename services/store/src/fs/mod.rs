@@ -28,9 +28,11 @@
 //! answered, since nothing is answered before its whole batch is written
 //! and synced. Damage anywhere else is refused rather than repaired.
 
-mod frame;
-mod record;
-mod state;
+pub(crate) mod batch;
+pub(crate) mod frame;
+pub(crate) mod reads;
+pub(crate) mod record;
+pub(crate) mod state;
 mod writer;
 
 use std::{
@@ -59,9 +61,8 @@ use crate::{
     log::EventLog,
     memory::DEFAULT_REQUEST_RETENTION,
     model::{
-        AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, ListStreams, MAX_PAGE_BYTES, RecordedEvent,
-        RequestKey, Snapshot, SnapshotQuery, StreamInfo, StreamPage, StreamRead, StreamSlice, check_stream_id,
-        check_version, from_micros,
+        AllRead, AllSlice, AppendOutcome, AppendRequest, ListStreams, RecordedEvent, RequestKey, Snapshot,
+        SnapshotQuery, StreamInfo, StreamPage, StreamRead, StreamSlice, check_stream_id, check_version,
     },
 };
 
@@ -128,7 +129,7 @@ pub struct Recovery {
 }
 
 /// What the writer and the readers share.
-pub(super) struct Shared {
+pub(crate) struct Shared {
     state: RwLock<State>,
     appended: watch::Sender<u64>,
     /// Set when a write could not be completed or undone: the log refuses
@@ -165,10 +166,6 @@ impl std::fmt::Debug for FsEventLog {
         f.debug_struct("FsEventLog").field("recovery", &self.recovery).finish_non_exhaustive()
     }
 }
-
-/// Most index entries one `read_all` looks at, matching or not: a filter
-/// that matches little does not hold the index for long.
-const MAX_SCAN: usize = 100_000;
 
 fn segment_path(dir: &Path, segment: u32) -> PathBuf {
     dir.join("segments").join(format!("{segment:020}.log"))
@@ -263,32 +260,15 @@ impl FsEventLog {
         for &segment in &numbers {
             let path = segment_path(&dir, segment);
             let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_error("opening a segment"))?;
-            let mut group: Vec<(EventRecord, Loc)> = Vec::new();
+            let mut replay = state::Replay::default();
             let scanned = frame::scan(&file, 0, |offset, len, payload| {
                 let loc = Loc { segment, offset, len };
                 let record: Record = serde_json::from_slice(payload)
                     .map_err(|e| Error::Internal(format!("segment {segment}: a record cannot be decoded: {e}")))?;
-                match record {
-                    Record::Event(event) => {
-                        let mut event = *event;
-                        if usize::try_from(event.i).ok() != Some(group.len()) {
-                            return Err(Error::Internal(format!("segment {segment}: an append is out of order")));
-                        }
-                        event.data = serde_json::Value::Null;
-                        event.metadata = Default::default();
-                        let closes = event.closes_append();
-                        group.push((event, loc));
-                        if closes {
-                            state.apply_append(&group, config.request_retention, now)?;
-                            group.clear();
-                        }
-                        Ok(())
-                    }
-                    other if group.is_empty() => state.apply_other(&other, loc),
-                    _ => Err(Error::Internal(format!("segment {segment}: an append is interrupted"))),
-                }
+                replay.push(&mut state, record, loc, config.request_retention, now)
             })?
             .map_err(io_error("reading a segment"))?;
+            let group = replay.unfinished();
             let mut keep = scanned.valid_end;
             if let Some((_, first)) = group.first() {
                 keep = first.offset;
@@ -394,14 +374,9 @@ impl Drop for FsEventLog {
     }
 }
 
-/// Whether `version` passes the read's version bounds.
-fn version_admitted(read: &StreamRead, version: u64) -> bool {
-    let from_ok = match (read.direction, read.from_version) {
-        (_, None) => true,
-        (Direction::Forwards, Some(from)) => version >= from,
-        (Direction::Backwards, Some(from)) => version <= from,
-    };
-    from_ok && read.max_version.is_none_or(|max| version <= max)
+/// The segment of each location.
+fn with_files(state: &State, locs: &[Loc]) -> Result<Vec<(Arc<File>, Loc)>> {
+    locs.iter().map(|loc| Ok((state.segment(loc.segment)?, *loc))).collect()
 }
 
 #[async_trait]
@@ -413,86 +388,29 @@ impl EventLog for FsEventLog {
 
     async fn read_stream(&self, read: StreamRead) -> Result<StreamSlice> {
         read.validate()?;
-        let (stream_version, locs, more) = {
+        let (plan, files) = {
             let state = self.shared.read();
-            let stream_version = state.live_stream(&read.stream_id)?.info.version;
-            let mut history = state.history(&read.stream_id, None);
-            if read.direction == Direction::Backwards {
-                history.reverse();
-            }
-            let mut candidates = history.into_iter().filter(|(v, _)| version_admitted(&read, *v));
-            // Without a time bound one more than asked tells whether the
-            // stream goes on; with one, every candidate may be needed.
-            let timed = read.start_time.is_some() || read.end_time.is_some();
-            let wanted = if timed { usize::MAX } else { read.max_count };
-            let mut locs = Vec::new();
-            for (_, position) in candidates.by_ref().take(wanted) {
-                let entry = state.entry(position).copied().ok_or_else(|| Error::Internal("index gap".into()))?;
-                locs.push((state.segment(entry.loc.segment)?, entry.loc));
-            }
-            (stream_version, locs, candidates.next().is_some())
+            let plan = reads::plan_stream(&state, &read)?;
+            let files = with_files(&state, &plan.locs)?;
+            (plan, files)
         };
-        let read_for_filter = read.clone();
-        let (events, cut) = self
-            .load_events(locs, move |loaded| -> Result<(Vec<RecordedEvent>, bool)> {
-                let mut events = Vec::new();
-                let mut bytes = 0usize;
-                for event in loaded {
-                    let event = event?;
-                    if !read_for_filter.admits(event.version, event.created_at) {
-                        continue;
-                    }
-                    bytes = bytes.saturating_add(event.size());
-                    if events.len() == read_for_filter.max_count || (!events.is_empty() && bytes > MAX_PAGE_BYTES) {
-                        return Ok((events, true));
-                    }
-                    events.push(event);
-                }
-                Ok((events, false))
-            })
-            .await??;
-        Ok(StreamSlice { events, stream_version, end_of_stream: !cut && !more })
+        let read_for_cut = read.clone();
+        let (events, cut) = self.load_events(files, move |loaded| reads::cut_stream(&read_for_cut, loaded)).await??;
+        Ok(StreamSlice { events, stream_version: plan.stream_version, end_of_stream: !cut && !plan.more })
     }
 
     async fn read_all(&self, read: AllRead) -> Result<AllSlice> {
         read.validate()?;
-        let (picks, scanned_to, head) = {
+        let (plan, files) = {
             let state = self.shared.read();
-            let head = state.head();
-            let start = usize::try_from(read.after).unwrap_or(usize::MAX).min(state.entries.len());
-            let mut picks = Vec::new();
-            let mut scanned_to = read.after;
-            for (position, entry) in (read.after.saturating_add(1)..).zip(state.entries[start..].iter().take(MAX_SCAN))
-            {
-                if picks.len() == read.max_count {
-                    break;
-                }
-                if read.filter.matches(state.name(entry.stream), state.name(entry.event_type)) {
-                    picks.push((position, state.segment(entry.loc.segment)?, entry.loc));
-                }
-                scanned_to = position;
-            }
-            (picks, scanned_to, head)
+            let plan = reads::plan_all(&state, &read);
+            let locs: Vec<Loc> = plan.picks.iter().map(|(_, loc)| *loc).collect();
+            let files = with_files(&state, &locs)?;
+            (plan, files)
         };
-        let (positions, locs): (Vec<u64>, Vec<(Arc<File>, Loc)>) =
-            picks.into_iter().map(|(p, file, loc)| (p, (file, loc))).unzip();
-        let (events, cut_at) = self
-            .load_events(locs, move |loaded| -> Result<(Vec<RecordedEvent>, Option<u64>)> {
-                let mut events = Vec::new();
-                let mut bytes = 0usize;
-                for (event, position) in loaded.zip(positions) {
-                    let event = event?;
-                    bytes = bytes.saturating_add(event.size());
-                    if !events.is_empty() && bytes > MAX_PAGE_BYTES {
-                        return Ok((events, Some(position.saturating_sub(1))));
-                    }
-                    events.push(event);
-                }
-                Ok((events, None))
-            })
-            .await??;
-        let next_position = cut_at.unwrap_or(scanned_to).max(read.after);
-        Ok(AllSlice { events, next_position, end_of_log: next_position >= head })
+        let positions: Vec<u64> = plan.picks.iter().map(|(p, _)| *p).collect();
+        let end = (plan.scanned_to, plan.head);
+        self.load_events(files, move |loaded| reads::cut_all(&read, end, positions.into_iter().zip(loaded))).await?
     }
 
     async fn last_position(&self) -> Result<u64> {
@@ -506,23 +424,7 @@ impl EventLog for FsEventLog {
 
     async fn list_streams(&self, query: ListStreams) -> Result<StreamPage> {
         query.validate()?;
-        let state = self.shared.read();
-        let mut streams = Vec::new();
-        let mut next_after = None;
-        let from = query.after.clone().map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        for (id, stream) in state.streams.range::<String, _>((from, std::ops::Bound::Unbounded)) {
-            if query.prefix.as_ref().is_some_and(|p| !id.starts_with(p.as_str()))
-                || (!query.show_deleted && stream.info.deleted_at.is_some())
-            {
-                continue;
-            }
-            if streams.len() == query.limit {
-                next_after = streams.last().map(|s: &StreamInfo| s.stream_id.clone());
-                break;
-            }
-            streams.push(stream.info.clone());
-        }
-        Ok(StreamPage { streams, next_after })
+        Ok(reads::list_streams(&self.shared.read(), &query))
     }
 
     async fn delete_stream(&self, stream_id: &str, expected_version: Option<u64>) -> Result<StreamInfo> {
@@ -549,16 +451,8 @@ impl EventLog for FsEventLog {
         query.validate()?;
         let found = {
             let state = self.shared.read();
-            state.live_stream(&query.stream_id)?;
-            let upper = query.max_version.unwrap_or(u64::MAX);
-            let (id, namespace) = (query.stream_id.clone(), query.namespace);
-            match state
-                .snapshots
-                .range((id.clone(), namespace, 0)..=(id, namespace, upper))
-                .rev()
-                .find(|(_, (_, schema))| query.schema_version.is_none_or(|v| *schema == v))
-            {
-                Some((_, (loc, _))) => Some((state.segment(loc.segment)?, *loc)),
+            match reads::plan_snapshot(&state, &query)? {
+                Some(loc) => Some((state.segment(loc.segment)?, loc)),
                 None => None,
             }
         };
@@ -566,18 +460,7 @@ impl EventLog for FsEventLog {
         let record = tokio::task::spawn_blocking(move || load(&file, loc))
             .await
             .map_err(|e| Error::Internal(format!("reading the event log: {e}")))??;
-        match record {
-            Record::Snapshot(s) => Ok(Some(Snapshot {
-                stream_id: s.stream,
-                namespace: s.namespace.into(),
-                version: s.version,
-                schema_version: s.schema_version,
-                state: s.state,
-                created_at: from_micros(s.at),
-                head_hash: s.head.0,
-            })),
-            _ => Err(Error::Internal("the index points at a record that is not a snapshot".into())),
-        }
+        reads::snapshot_of(record).map(Some)
     }
 
     async fn find_request(&self, key: &RequestKey) -> Result<Option<AppendOutcome>> {

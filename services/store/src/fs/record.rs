@@ -13,7 +13,7 @@ use crate::model::{EventMetadata, RecordedEvent, SnapshotNamespace, from_micros}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
-pub(super) enum Record {
+pub(crate) enum Record {
     Event(Box<EventRecord>),
     Delete { stream: String, at: i64 },
     Branch { stream: String, source: String, at_version: u64, head: Option<Hash>, at: i64 },
@@ -21,30 +21,30 @@ pub(super) enum Record {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct EventRecord {
-    pub(super) id: Uuid,
-    pub(super) stream: String,
-    pub(super) version: u64,
-    pub(super) position: u64,
+pub(crate) struct EventRecord {
+    pub(crate) id: Uuid,
+    pub(crate) stream: String,
+    pub(crate) version: u64,
+    pub(crate) position: u64,
     #[serde(rename = "type")]
-    pub(super) event_type: String,
-    pub(super) schema_version: u32,
-    pub(super) data: Value,
+    pub(crate) event_type: String,
+    pub(crate) schema_version: u32,
+    pub(crate) data: Value,
     #[serde(default)]
-    pub(super) metadata: EventMetadata,
+    pub(crate) metadata: EventMetadata,
     /// Microseconds since the Unix epoch.
-    pub(super) at: i64,
-    pub(super) hash: Hash,
+    pub(crate) at: i64,
+    pub(crate) hash: Hash,
     /// This event's place in its append: `i` of `n` (0-based).
-    pub(super) i: u32,
-    pub(super) n: u32,
+    pub(crate) i: u32,
+    pub(crate) n: u32,
     /// On the last event of an append made with a request id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) request: Option<RequestRecord>,
+    pub(crate) request: Option<RequestRecord>,
 }
 
 impl EventRecord {
-    pub(super) fn into_event(self) -> RecordedEvent {
+    pub(crate) fn into_event(self) -> RecordedEvent {
         RecordedEvent {
             event_id: self.id,
             stream_id: self.stream,
@@ -60,32 +60,32 @@ impl EventRecord {
     }
 
     /// Whether this is the last event of its append.
-    pub(super) fn closes_append(&self) -> bool {
+    pub(crate) fn closes_append(&self) -> bool {
         self.i.checked_add(1) == Some(self.n)
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct RequestRecord {
-    pub(super) scope: String,
-    pub(super) id: String,
-    pub(super) fingerprint: Hash,
+pub(crate) struct RequestRecord {
+    pub(crate) scope: String,
+    pub(crate) id: String,
+    pub(crate) fingerprint: Hash,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct SnapshotRecord {
-    pub(super) stream: String,
-    pub(super) namespace: Namespace,
-    pub(super) version: u64,
-    pub(super) schema_version: u32,
-    pub(super) state: Value,
-    pub(super) at: i64,
-    pub(super) head: Hash,
+pub(crate) struct SnapshotRecord {
+    pub(crate) stream: String,
+    pub(crate) namespace: Namespace,
+    pub(crate) version: u64,
+    pub(crate) schema_version: u32,
+    pub(crate) state: Value,
+    pub(crate) at: i64,
+    pub(crate) head: Hash,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub(super) enum Namespace {
+pub(crate) enum Namespace {
     Client,
     Aggregate,
 }
@@ -110,7 +110,7 @@ impl From<Namespace> for SnapshotNamespace {
 
 /// A SHA-256 digest, stored as 64 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Hash(pub(super) [u8; 32]);
+pub(crate) struct Hash(pub(crate) [u8; 32]);
 
 impl Serialize for Hash {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

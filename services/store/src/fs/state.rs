@@ -21,62 +21,62 @@ use crate::{
 
 /// Where a frame lies: its segment (1-based), offset and payload length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Loc {
-    pub(super) segment: u32,
-    pub(super) offset: u64,
-    pub(super) len: u32,
+pub(crate) struct Loc {
+    pub(crate) segment: u32,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
 }
 
 /// One event of the global log, by position.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Entry {
-    pub(super) loc: Loc,
+pub(crate) struct Entry {
+    pub(crate) loc: Loc,
     /// Index into [`State::names`] of the stream id and of the event type.
-    pub(super) stream: u32,
-    pub(super) event_type: u32,
+    pub(crate) stream: u32,
+    pub(crate) event_type: u32,
 }
 
 #[derive(Debug, Clone)]
-pub(super) struct StreamState {
-    pub(super) info: StreamInfo,
+pub(crate) struct StreamState {
+    pub(crate) info: StreamInfo,
     /// The version of the stream's first own event (after the shared
     /// history of a branch).
-    pub(super) base: u64,
+    pub(crate) base: u64,
     /// Global positions of its own events, by version from `base`.
-    pub(super) own: Vec<u64>,
+    pub(crate) own: Vec<u64>,
 }
 
 #[derive(Debug)]
-pub(super) struct Answered {
-    pub(super) fingerprint: [u8; 32],
-    pub(super) outcome: AppendOutcome,
+pub(crate) struct Answered {
+    pub(crate) fingerprint: [u8; 32],
+    pub(crate) outcome: AppendOutcome,
     /// Microseconds since the Unix epoch of the first answer.
-    pub(super) at: i64,
+    pub(crate) at: i64,
 }
 
 #[derive(Debug, Default)]
-pub(super) struct State {
+pub(crate) struct State {
     /// Read handles of the segments, segment 1 first.
-    pub(super) segments: Vec<Arc<File>>,
+    pub(crate) segments: Vec<Arc<File>>,
     /// By global position - 1.
-    pub(super) entries: Vec<Entry>,
-    pub(super) event_ids: HashSet<Uuid>,
-    pub(super) streams: BTreeMap<String, StreamState>,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) event_ids: HashSet<Uuid>,
+    pub(crate) streams: BTreeMap<String, StreamState>,
     /// Interned stream ids and event types.
-    pub(super) names: Vec<Arc<str>>,
+    pub(crate) names: Vec<Arc<str>>,
     name_index: HashMap<Arc<str>, u32>,
-    pub(super) snapshots: BTreeMap<(String, SnapshotNamespace, u64), (Loc, u32)>,
-    pub(super) requests: HashMap<(String, String), Answered>,
+    pub(crate) snapshots: BTreeMap<(String, SnapshotNamespace, u64), (Loc, u32)>,
+    pub(crate) requests: HashMap<(String, String), Answered>,
     request_times: VecDeque<(i64, (String, String))>,
 }
 
 impl State {
     /// The highest global position.
-    pub(super) fn head(&self) -> u64 {
+    pub(crate) fn head(&self) -> u64 {
         self.entries.len() as u64
     }
 
-    pub(super) fn name(&self, index: u32) -> &str {
+    pub(crate) fn name(&self, index: u32) -> &str {
         usize::try_from(index).ok().and_then(|i| self.names.get(i)).map_or("", |n| n)
     }
 
@@ -91,7 +91,7 @@ impl State {
         index
     }
 
-    pub(super) fn segment(&self, segment: u32) -> Result<Arc<File>> {
+    pub(crate) fn segment(&self, segment: u32) -> Result<Arc<File>> {
         usize::try_from(segment)
             .ok()
             .and_then(|s| s.checked_sub(1))
@@ -100,11 +100,11 @@ impl State {
             .ok_or_else(|| Error::Internal("the index names a segment that is not open".into()))
     }
 
-    pub(super) fn entry(&self, position: u64) -> Option<&Entry> {
+    pub(crate) fn entry(&self, position: u64) -> Option<&Entry> {
         usize::try_from(position).ok().and_then(|p| p.checked_sub(1)).and_then(|i| self.entries.get(i))
     }
 
-    pub(super) fn live_stream(&self, stream_id: &str) -> Result<&StreamState> {
+    pub(crate) fn live_stream(&self, stream_id: &str) -> Result<&StreamState> {
         match self.streams.get(stream_id) {
             None => Err(Error::StreamNotFound(stream_id.to_owned())),
             Some(s) if s.info.deleted_at.is_some() => Err(Error::StreamDeleted(stream_id.to_owned())),
@@ -114,7 +114,7 @@ impl State {
 
     /// The stream's history up to `upto` (all of it: `None`) as
     /// (version, position), shared history first.
-    pub(super) fn history(&self, stream_id: &str, upto: Option<u64>) -> Vec<(u64, u64)> {
+    pub(crate) fn history(&self, stream_id: &str, upto: Option<u64>) -> Vec<(u64, u64)> {
         let Some(state) = self.streams.get(stream_id) else { return Vec::new() };
         let mut out = match &state.info.parent {
             Some((parent, at)) => self.history(parent, Some(upto.map_or(*at, |u| u.min(*at)))),
@@ -131,7 +131,7 @@ impl State {
 
     /// The position of the stream's event at `version` (shared history
     /// included).
-    pub(super) fn position_of(&self, stream_id: &str, version: u64) -> Option<u64> {
+    pub(crate) fn position_of(&self, stream_id: &str, version: u64) -> Option<u64> {
         let state = self.streams.get(stream_id)?;
         match version.checked_sub(state.base) {
             Some(i) => usize::try_from(i).ok().and_then(|i| state.own.get(i)).copied(),
@@ -144,7 +144,7 @@ impl State {
 
     /// The first answer of `key`'s request id, if it is the same request
     /// and was answered within `retention` before `now`.
-    pub(super) fn answered(&self, key: &RequestKey, now: i64, retention: Duration) -> Result<Option<AppendOutcome>> {
+    pub(crate) fn answered(&self, key: &RequestKey, now: i64, retention: Duration) -> Result<Option<AppendOutcome>> {
         match self.requests.get(&(key.scope.clone(), key.request_id.clone())) {
             Some(first) if !expired(first.at, now, retention) => {
                 if key.matches(Some(&first.fingerprint)) {
@@ -158,7 +158,7 @@ impl State {
     }
 
     /// Forget request ids answered more than `retention` before `now`.
-    pub(super) fn forget_requests(&mut self, now: i64, retention: Duration) {
+    pub(crate) fn forget_requests(&mut self, now: i64, retention: Duration) {
         while let Some((at, _)) = self.request_times.front()
             && expired(*at, now, retention)
         {
@@ -171,7 +171,7 @@ impl State {
     }
 
     /// Apply one whole append: its events in order, each with its location.
-    pub(super) fn apply_append(&mut self, events: &[(EventRecord, Loc)], retention: Duration, now: i64) -> Result<()> {
+    pub(crate) fn apply_append(&mut self, events: &[(EventRecord, Loc)], retention: Duration, now: i64) -> Result<()> {
         let (Some((first, _)), Some((last, _))) = (events.first(), events.last()) else { return Ok(()) };
         let at = from_micros(first.at);
         let stream_index = self.intern(&first.stream);
@@ -228,7 +228,7 @@ impl State {
     }
 
     /// Apply a record other than an event.
-    pub(super) fn apply_other(&mut self, record: &Record, loc: Loc) -> Result<()> {
+    pub(crate) fn apply_other(&mut self, record: &Record, loc: Loc) -> Result<()> {
         match record {
             Record::Event(_) => Err(Error::Internal("an event outside an append".into())),
             Record::Delete { stream, at } => {
@@ -264,12 +264,58 @@ impl State {
     }
 }
 
+/// Applies the records of a log in order: the events of an append once all
+/// of them are there (on open, and for the blob adapter on catching up).
+#[derive(Debug, Default)]
+pub(crate) struct Replay {
+    group: Vec<(EventRecord, Loc)>,
+}
+
+impl Replay {
+    /// Apply `record`, found at `loc`; `Internal` when the records are not
+    /// in an order the writer produces.
+    pub(crate) fn push(
+        &mut self,
+        state: &mut State,
+        record: Record,
+        loc: Loc,
+        retention: Duration,
+        now: i64,
+    ) -> Result<()> {
+        match record {
+            Record::Event(event) => {
+                let mut event = *event;
+                if usize::try_from(event.i).ok() != Some(self.group.len()) {
+                    return Err(Error::Internal(format!("commit {}: an append is out of order", loc.segment)));
+                }
+                // The index needs no payload.
+                event.data = serde_json::Value::Null;
+                event.metadata = Default::default();
+                let closes = event.closes_append();
+                self.group.push((event, loc));
+                if closes {
+                    state.apply_append(&self.group, retention, now)?;
+                    self.group.clear();
+                }
+                Ok(())
+            }
+            other if self.group.is_empty() => state.apply_other(&other, loc),
+            _ => Err(Error::Internal(format!("commit {}: an append is interrupted", loc.segment))),
+        }
+    }
+
+    /// The events of an append not yet complete.
+    pub(crate) fn unfinished(&self) -> &[(EventRecord, Loc)] {
+        &self.group
+    }
+}
+
 fn expired(at: i64, now: i64, retention: Duration) -> bool {
     let retention = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
     now.saturating_sub(at) > retention
 }
 
 /// Now, in microseconds since the Unix epoch.
-pub(super) fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     to_micros(std::time::SystemTime::now())
 }

@@ -6,7 +6,6 @@
 //! still take away.
 
 use std::{
-    collections::{HashMap, HashSet},
     fs::{File, OpenOptions},
     io::{self, Write},
     sync::{Arc, atomic::Ordering, mpsc},
@@ -14,18 +13,18 @@ use std::{
 };
 
 use tokio::sync::oneshot;
-use uuid::Uuid;
 
 use super::{
-    Fsync, Shared, frame, load_event,
-    record::{EventRecord, Hash, Namespace, Record, RequestRecord, SnapshotRecord},
+    Fsync, Shared,
+    batch::{EventRef, Prepared, Staged, encode_into, prepare_append},
+    load_event,
+    record::{Hash, Namespace, Record, SnapshotRecord},
     segment_path,
-    state::{Loc, State, now},
+    state::{Loc, now},
     sync_dir,
 };
 use crate::{
     error::{Error, Result},
-    hash::{self, GENESIS},
     model::{AppendOutcome, AppendRequest, ExpectedVersion, Snapshot, StreamInfo, from_micros},
 };
 
@@ -47,25 +46,6 @@ pub(super) struct Writer {
     pub(super) len: u64,
     /// Since when written frames wait for an `fsync` (`Fsync::Batch`).
     pub(super) dirty_since: Option<Instant>,
-}
-
-/// What a batch has staged but not yet written.
-#[derive(Default)]
-struct Staged {
-    frames: Vec<u8>,
-    appends: Vec<Vec<(EventRecord, Loc)>>,
-    replies: Vec<(oneshot::Sender<Result<AppendOutcome>>, AppendOutcome)>,
-    /// Stream heads (version, link) after the staged appends.
-    heads: HashMap<String, (u64, [u8; 32])>,
-    event_ids: HashSet<Uuid>,
-    requests: HashMap<(String, String), ([u8; 32], AppendOutcome)>,
-}
-
-enum Prepared {
-    /// A repeat of a request already answered: answer it now.
-    Answered(AppendOutcome),
-    /// To answer once the batch is durable.
-    Staged(AppendOutcome),
 }
 
 fn storage_failed() -> Error {
@@ -127,7 +107,13 @@ impl Writer {
                 Command::Append { request, reply } => {
                     let prepared = {
                         let state = self.shared.read();
-                        self.prepare_append(&state, &mut staged, request)
+                        prepare_append(
+                            &state,
+                            &mut staged,
+                            request,
+                            (self.segment, self.len),
+                            self.shared.config.request_retention,
+                        )
                     };
                     match prepared {
                         Ok(Prepared::Answered(outcome)) => drop(reply.send(Ok(outcome))),
@@ -146,115 +132,6 @@ impl Writer {
             }
         }
         self.commit(staged);
-    }
-
-    /// Check one append against the committed index and the batch so far,
-    /// and stage its records.
-    fn prepare_append(&self, state: &State, staged: &mut Staged, request: AppendRequest) -> Result<Prepared> {
-        let config = &self.shared.config;
-        let now = now();
-        let key = request.request_key();
-        if let Some(key) = &key {
-            if let Some((fingerprint, first)) = staged.requests.get(&(key.scope.clone(), key.request_id.clone())) {
-                return if key.matches(Some(fingerprint)) {
-                    Ok(Prepared::Staged(AppendOutcome { duplicate: true, ..first.clone() }))
-                } else {
-                    Err(Error::RequestIdReused { request_id: key.request_id.clone() })
-                };
-            }
-            if let Some(first) = state.answered(key, now, config.request_retention)? {
-                return Ok(Prepared::Answered(first));
-            }
-        }
-        let committed = state.streams.get(&request.stream_id);
-        if committed.is_some_and(|s| s.info.deleted_at.is_some()) {
-            return Err(Error::StreamDeleted(request.stream_id));
-        }
-        let (current, head) = match staged.heads.get(&request.stream_id) {
-            Some((version, head)) => (Some(*version), *head),
-            None => {
-                (committed.and_then(|s| s.info.version), committed.and_then(|s| s.info.head_hash).unwrap_or(GENESIS))
-            }
-        };
-        if !request.expected.admits(current) {
-            return Err(Error::WrongExpectedVersion {
-                stream: request.stream_id,
-                expected: request.expected,
-                actual: current,
-            });
-        }
-        if let Some(dup) = request
-            .events
-            .iter()
-            .find(|e| state.event_ids.contains(&e.event_id) || staged.event_ids.contains(&e.event_id))
-        {
-            return Err(Error::DuplicateEventId { event_id: dup.event_id.to_string() });
-        }
-
-        let n = u32::try_from(request.events.len()).map_err(|_| Error::invalid("events", "too many events"))?;
-        let staged_events: usize = staged.appends.iter().map(Vec::len).sum();
-        let mut position = state.head().saturating_add(staged_events as u64);
-        let mut version = current.map_or(0, |v| v.saturating_add(1));
-        let first_version = version;
-        let mut prev = head;
-        let mut records = Vec::with_capacity(request.events.len());
-        let mut positions = Vec::with_capacity(request.events.len());
-        let mut frames = Vec::new();
-        for (i, event) in (0u32..).zip(request.events) {
-            position = position.saturating_add(1);
-            let content = hash::content_digest(
-                &event.event_id,
-                &event.event_type,
-                event.schema_version,
-                &event.data,
-                &event.metadata,
-            );
-            let link = hash::link(&prev, version, now, &request.stream_id, &content);
-            let closes = i.checked_add(1) == Some(n);
-            let mut record = EventRecord {
-                id: event.event_id,
-                stream: request.stream_id.clone(),
-                version,
-                position,
-                event_type: event.event_type,
-                schema_version: event.schema_version,
-                data: event.data,
-                metadata: event.metadata,
-                at: now,
-                hash: Hash(link),
-                i,
-                n,
-                request: key.as_ref().filter(|_| closes).map(|k| RequestRecord {
-                    scope: k.scope.clone(),
-                    id: k.request_id.clone(),
-                    fingerprint: Hash(k.fingerprint),
-                }),
-            };
-            let offset = self.len.saturating_add((staged.frames.len().saturating_add(frames.len())) as u64);
-            let len = encode_into(&mut frames, &EventRef::Event(&record))?;
-            // The index needs no payload: let it go now.
-            record.data = serde_json::Value::Null;
-            record.metadata = Default::default();
-            records.push((record, Loc { segment: self.segment, offset, len }));
-            positions.push(position);
-            prev = link;
-            version = version.saturating_add(1);
-        }
-        let outcome = AppendOutcome {
-            stream_id: request.stream_id.clone(),
-            first_version,
-            last_version: version.saturating_sub(1),
-            positions,
-            duplicate: false,
-        };
-        staged.frames.extend_from_slice(&frames);
-        staged.event_ids.extend(records.iter().map(|(r, _)| r.id));
-        staged.heads.insert(request.stream_id, (outcome.last_version, prev));
-        if let Some(key) = key {
-            staged.requests.insert((key.scope, key.request_id), (key.fingerprint, outcome.clone()));
-        }
-        staged.appends.push(records);
-        Ok(Prepared::Staged(outcome))
     }
 
     /// Write, make durable, apply and answer what the batch staged.
@@ -489,19 +366,4 @@ fn refuse(command: Command) {
         Command::Delete { reply, .. } | Command::Branch { reply, .. } => drop(reply.send(Err(storage_failed()))),
         Command::Snapshot { reply, .. } => drop(reply.send(Err(storage_failed()))),
     }
-}
-
-/// Records serialized by reference (the same JSON as [`Record`]), so that
-/// an event's payload is not copied to be written.
-#[derive(serde::Serialize)]
-#[serde(tag = "k", rename_all = "snake_case")]
-enum EventRef<'a> {
-    Event(&'a EventRecord),
-    Snapshot(&'a SnapshotRecord),
-}
-
-/// Append `record` as one frame; its payload length.
-fn encode_into(out: &mut Vec<u8>, record: &impl serde::Serialize) -> Result<u32> {
-    let payload = serde_json::to_vec(record).map_err(|e| Error::Internal(format!("encoding a record: {e}")))?;
-    frame::push(out, &payload).ok_or_else(|| Error::invalid("events", "an event is too large to store"))
 }
