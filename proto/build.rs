@@ -21,6 +21,7 @@ const PROTOS: &[&str] = &[
     "eventfold/sagas/v1/sagas.proto",
     "eventfold/admin/v1/api_keys.proto",
     "eventfold/admin/v1/admin.proto",
+    "eventfold/topics/v1/topics.proto",
 ];
 
 /// `google/api/http.proto` and `google/api/annotations.proto` declare the

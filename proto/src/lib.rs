@@ -41,11 +41,12 @@ pub mod eventfold {
         query => "eventfold.query.v1.rs",
         sagas => "eventfold.sagas.v1.rs",
         admin => "eventfold.admin.v1.rs",
+        topics => "eventfold.topics.v1.rs",
     }
 }
 
 pub use eventfold::{
     accounts::v1 as accounts, admin::v1 as admin, common::v1 as common, eventstore::v1 as eventstore,
     inventory::v1 as inventory, orders::v1 as orders, payments::v1 as payments, query::v1 as query, sagas::v1 as sagas,
-    shipping::v1 as shipping, users::v1 as users,
+    shipping::v1 as shipping, topics::v1 as topics, users::v1 as users,
 };

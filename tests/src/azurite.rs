@@ -27,10 +27,25 @@ pub const ACCOUNT_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 fn binary() -> PathBuf {
-    match std::env::var_os(AZURITE_BIN_ENV).filter(|p| !p.is_empty()) {
-        Some(path) => PathBuf::from(path),
-        None => panic!("no Azurite: run tests/run (it installs the pinned Azurite) or set {AZURITE_BIN_ENV}"),
+    if let Some(path) = std::env::var_os(AZURITE_BIN_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
     }
+    // What tests/run installed: $EVENTFOLD_TOOLS_DIR/azurite-<version>-<lock>.
+    let tools = std::env::var_os("EVENTFOLD_TOOLS_DIR")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/eventfold/tools")));
+    let installed = tools.and_then(|tools| std::fs::read_dir(tools).ok()).and_then(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("azurite-"))
+            .map(|e| e.path().join("node_modules/.bin/azurite-blob"))
+            .filter(|p| p.is_file())
+            .max()
+    });
+    installed.unwrap_or_else(|| {
+        panic!("no Azurite: run tests/run (it installs the pinned Azurite) or set {AZURITE_BIN_ENV}")
+    })
 }
 
 /// A container of its own on the shared Azurite.

@@ -42,7 +42,7 @@ pub use crate::{
     metered::Metered,
     model::*,
     pg::{Database, DatabaseOptions, PgPool, TlsMode},
-    postgres::{PostgresConfig, PostgresEventLog},
+    postgres::{PostgresConfig, PostgresEventLog, Tables},
     source::{EventSource, LogSource, Pulled, SourceError},
     subscription::{SubscriptionMessage, SubscriptionOptions, Subscriptions, Target},
     upcast::{Upcasters, Upcasting},

@@ -47,3 +47,22 @@ conformance!(fs, || async {
     let log: Arc<dyn EventLog> = Arc::new(log);
     (guard, log)
 });
+
+// A topic's tables: its own schema and events table (two topics in one
+// schema, to show that they share nothing), created by Tables::migrate.
+conformance!(postgres_topic, || async {
+    let db = eventfold_tests::TestDatabase::create().await;
+    let (mut client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let neighbour = eventfold_store::Tables::topic("shop", "neighbour").expect("plain names");
+    neighbour.migrate(&mut client).await.expect("create the neighbour's tables");
+    let tables = eventfold_store::Tables::topic("shop", "orders").expect("plain names");
+    tables.migrate(&mut client).await.expect("create the topic's tables");
+    tables.migrate(&mut client).await.expect("a second migrate does nothing");
+    let database = eventfold_store::Database::from_url(db.url()).expect("a URL");
+    let config = eventfold_store::PostgresConfig { tables, ..Default::default() };
+    let log = eventfold_store::PostgresEventLog::connect(database, config).await.expect("connect the log");
+    let guard: Box<dyn std::any::Any + Send> = Box::new(db);
+    let log: Arc<dyn EventLog> = Arc::new(log);
+    (guard, log)
+});

@@ -30,6 +30,7 @@
 mod notify;
 mod requests;
 mod rows;
+mod tables;
 mod writer;
 mod xid;
 
@@ -47,7 +48,11 @@ use tokio::{
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-pub use self::{notify::notify_appended, writer::append_in};
+pub use self::{
+    notify::notify_appended,
+    tables::{MAX_SCHEMA_LEN, MAX_TABLE_LEN, Tables, is_plain_identifier},
+    writer::append_in,
+};
 use self::{
     requests::{forget_requests, prune_requests},
     rows::{
@@ -99,6 +104,8 @@ pub struct PostgresConfig {
     /// How long request ids (AIP-155) are remembered; older ones are
     /// pruned about every `retention / 100` (at least a minute).
     pub request_retention: Duration,
+    /// Where the tables are: the platform's event store, or a topic's own.
+    pub tables: Tables,
 }
 
 impl Default for PostgresConfig {
@@ -111,6 +118,7 @@ impl Default for PostgresConfig {
             notify_interval: Duration::from_millis(5),
             append_timeout: Duration::from_secs(30),
             request_retention: crate::memory::DEFAULT_REQUEST_RETENTION,
+            tables: Tables::platform(),
         }
     }
 }
@@ -118,6 +126,7 @@ impl Default for PostgresConfig {
 /// The event log on PostgreSQL. Needs the schema of `eventfold migrate up`.
 pub struct PostgresEventLog {
     database: Database,
+    tables: Tables,
     jobs: mpsc::Sender<Job>,
     appended: watch::Sender<u64>,
     gap_wait: Duration,
@@ -155,6 +164,7 @@ impl PostgresEventLog {
         let token = CancellationToken::new();
         let writer = Writer {
             database: database.clone(),
+            tables: config.tables.clone(),
             append_timeout: config.append_timeout,
             jobs: receiver,
             heads: [appended.clone(), committed.clone()],
@@ -170,11 +180,17 @@ impl PostgresEventLog {
                 writer::writer(writer.clone(), token)
             })));
         }
-        tasks.push(tokio::spawn(notify::notifier(database.clone(), config.notify_interval, committed_rx)));
-        tasks.push(tokio::spawn(notify::listener(database.clone(), appended.clone())));
-        tasks.push(tokio::spawn(prune_requests(database.clone(), config.request_retention)));
+        tasks.push(tokio::spawn(notify::notifier(
+            database.clone(),
+            config.tables.clone(),
+            config.notify_interval,
+            committed_rx,
+        )));
+        tasks.push(tokio::spawn(notify::listener(database.clone(), config.tables.clone(), appended.clone())));
+        tasks.push(tokio::spawn(prune_requests(database.clone(), config.tables.clone(), config.request_retention)));
         Ok(Self {
             database,
+            tables: config.tables,
             jobs,
             appended,
             gap_wait: config.gap_wait,
@@ -187,7 +203,7 @@ impl PostgresEventLog {
     /// Forgets now the request ids answered more than `age` ago (the
     /// background pruning does this with `request_retention`); how many.
     pub async fn forget_requests_older_than(&self, age: Duration) -> Result<u64> {
-        forget_requests(&self.database, age).await
+        forget_requests(&self.database, &self.tables, age).await
     }
 
     async fn conn(&self) -> Result<PgConnection<'_>> {
@@ -197,7 +213,9 @@ impl PostgresEventLog {
     /// The segments `(stream, first version, last version)` whose events
     /// make up `stream_id`: ancestors' shared history first.
     async fn segments(&self, client: &Client, stream_id: &str) -> Result<(StreamInfo, Vec<(String, i64, i64)>)> {
-        let info = fetch_stream(client, stream_id).await?.ok_or_else(|| Error::StreamNotFound(stream_id.to_owned()))?;
+        let info = fetch_stream(client, &self.tables, stream_id)
+            .await?
+            .ok_or_else(|| Error::StreamNotFound(stream_id.to_owned()))?;
         if info.deleted_at.is_some() {
             return Err(Error::StreamDeleted(stream_id.to_owned()));
         }
@@ -209,7 +227,7 @@ impl PostgresEventLog {
         // only, even where the parent forked later.
         let mut cap = i64::MAX;
         while let Some((id, at)) = parent {
-            let row = fetch_stream(client, &id)
+            let row = fetch_stream(client, &self.tables, &id)
                 .await?
                 .ok_or_else(|| Error::Internal(format!("branch parent {id} of {stream_id} is missing")))?;
             let start = row.parent.as_ref().map_or(0, |(_, p)| bigint(*p).saturating_add(1));
@@ -268,7 +286,7 @@ impl EventLog for PostgresEventLog {
         // the rows beyond it come without data, and the page ends before them.
         let rows = client
             .query(
-                &format!(
+                &*self.tables.sql(&format!(
                     "SELECT {PAGED_COLUMNS}, \
                             CASE WHEN x.run <= $9 OR x.run = x.size THEN x.data END AS data, \
                             CASE WHEN x.run <= $9 OR x.run = x.size THEN x.metadata END AS metadata \
@@ -281,7 +299,7 @@ impl EventLog for PostgresEventLog {
                                    AND ($7::timestamptz IS NULL OR e.created_at < $7) \
                                  ORDER BY e.version {order} LIMIT $8) y) x \
                      ORDER BY x.version {order}"
-                ),
+                )),
                 &[
                     &ids,
                     &lows,
@@ -323,7 +341,7 @@ impl EventLog for PostgresEventLog {
         let gaps = || self.gaps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             let rows = client
-                .query(SCAN_SQL, &[&after, &prefixes, &types, &scan_rows, &page_bytes])
+                .query(&*self.tables.sql(SCAN_SQL), &[&after, &prefixes, &types, &scan_rows, &page_bytes])
                 .await
                 .map_err(db_error)?;
             let Some(first) = rows.first() else {
@@ -388,7 +406,7 @@ impl EventLog for PostgresEventLog {
     async fn last_position(&self) -> Result<u64> {
         let client = self.conn().await?;
         let row = client
-            .query_one("SELECT coalesce(max(global_position), 0) FROM eventstore.events", &[])
+            .query_one(&*self.tables.sql("SELECT coalesce(max(global_position), 0) FROM eventstore.events"), &[])
             .await
             .map_err(db_error)?;
         Ok(from_bigint(row.get(0)))
@@ -397,7 +415,7 @@ impl EventLog for PostgresEventLog {
     async fn stream_info(&self, stream_id: &str) -> Result<StreamInfo> {
         check_stream_id("stream_id", stream_id)?;
         let client = self.conn().await?;
-        match fetch_stream(&client, stream_id).await? {
+        match fetch_stream(&client, &self.tables, stream_id).await? {
             None => Err(Error::StreamNotFound(stream_id.to_owned())),
             Some(info) if info.deleted_at.is_some() => Err(Error::StreamDeleted(stream_id.to_owned())),
             Some(info) => Ok(info),
@@ -411,14 +429,14 @@ impl EventLog for PostgresEventLog {
         let prefix = query.prefix.as_deref().map(like_prefix);
         let rows = client
             .query(
-                &format!(
+                &*self.tables.sql(&format!(
                     "SELECT {STREAM_COLUMNS} FROM eventstore.streams \
                      WHERE ($1::text IS NULL OR stream_id > $1) \
                        AND ($2::text IS NULL OR stream_id LIKE $2) \
                        AND ($3 OR deleted_at IS NULL) \
                        AND (version >= 0 OR parent_stream_id IS NOT NULL) \
                      ORDER BY stream_id LIMIT $4"
-                ),
+                )),
                 &[
                     &query.after,
                     &prefix,
@@ -441,10 +459,10 @@ impl EventLog for PostgresEventLog {
         let tx = client.transaction().await.map_err(db_error)?;
         let row = tx
             .query_opt(
-                &format!(
+                &*self.tables.sql(&format!(
                     "SELECT {STREAM_COLUMNS} FROM eventstore.streams \
                      WHERE stream_id = $1 AND (version >= 0 OR parent_stream_id IS NOT NULL) FOR UPDATE"
-                ),
+                )),
                 &[&stream_id],
             )
             .await
@@ -466,10 +484,10 @@ impl EventLog for PostgresEventLog {
         }
         let row = tx
             .query_one(
-                &format!(
+                &*self.tables.sql(&format!(
                     "UPDATE eventstore.streams SET deleted_at = clock_timestamp(), updated_at = clock_timestamp() \
                      WHERE stream_id = $1 RETURNING {STREAM_COLUMNS}"
-                ),
+                )),
                 &[&stream_id],
             )
             .await
@@ -497,7 +515,7 @@ impl EventLog for PostgresEventLog {
         let tx = client.transaction().await.map_err(db_error)?;
         let head: Vec<u8> = tx
             .query_one(
-                "SELECT hash FROM eventstore.events WHERE stream_id = $1 AND version = $2",
+                &*self.tables.sql("SELECT hash FROM eventstore.events WHERE stream_id = $1 AND version = $2"),
                 &[holder, &bigint(at_version)],
             )
             .await
@@ -505,10 +523,10 @@ impl EventLog for PostgresEventLog {
             .get(0);
         let row = tx
             .query_opt(
-                &format!(
+                &*self.tables.sql(&format!(
                     "INSERT INTO eventstore.streams (stream_id, version, head_hash, parent_stream_id, parent_version) \
                      VALUES ($1, $2, $3, $4, $2) ON CONFLICT (stream_id) DO NOTHING RETURNING {STREAM_COLUMNS}"
-                ),
+                )),
                 &[&branch, &bigint(at_version), &head, &source],
             )
             .await
@@ -537,12 +555,12 @@ impl EventLog for PostgresEventLog {
         let client = self.conn().await?;
         let row = client
             .query_one(
-                "INSERT INTO eventstore.snapshots (stream_id, namespace, version, schema_version, state, head_hash) \
+                &*self.tables.sql("INSERT INTO eventstore.snapshots (stream_id, namespace, version, schema_version, state, head_hash) \
                  VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (stream_id, namespace, version) DO UPDATE \
                    SET schema_version = EXCLUDED.schema_version, state = EXCLUDED.state, \
                        head_hash = EXCLUDED.head_hash, created_at = clock_timestamp() \
-                 RETURNING created_at",
+                 RETURNING created_at"),
                 &[
                     &snapshot.stream_id,
                     &snapshot.namespace.as_str(),
@@ -563,10 +581,12 @@ impl EventLog for PostgresEventLog {
         let client = self.conn().await?;
         let row = client
             .query_opt(
-                "SELECT version, schema_version, state, created_at, head_hash FROM eventstore.snapshots \
+                &*self.tables.sql(
+                    "SELECT version, schema_version, state, created_at, head_hash FROM eventstore.snapshots \
                  WHERE stream_id = $1 AND namespace = $2 AND ($3::bigint IS NULL OR version <= $3) \
                    AND ($4::integer IS NULL OR schema_version = $4) \
                  ORDER BY version DESC LIMIT 1",
+                ),
                 &[
                     &query.stream_id,
                     &query.namespace.as_str(),
@@ -595,8 +615,10 @@ impl EventLog for PostgresEventLog {
         let client = self.conn().await?;
         let row = client
             .query_opt(
-                "SELECT stream_id, result, fingerprint FROM eventstore.append_requests \
+                &*self.tables.sql(
+                    "SELECT stream_id, result, fingerprint FROM eventstore.append_requests \
                  WHERE scope = $1 AND request_id = $2 AND result IS NOT NULL",
+                ),
                 &[&key.scope, &key.request_id],
             )
             .await
@@ -629,7 +651,7 @@ impl EventLog for PostgresEventLog {
 
     async fn check_health(&self) -> Result<()> {
         let client = self.conn().await?;
-        client.query("SELECT 1 FROM eventstore.streams LIMIT 1", &[]).await.map_err(db_error)?;
+        client.query(&*self.tables.sql("SELECT 1 FROM eventstore.streams LIMIT 1"), &[]).await.map_err(db_error)?;
         Ok(())
     }
 }

@@ -10,7 +10,7 @@ use tokio_postgres::{AsyncMessage, Client, Statement};
 
 #[cfg(doc)]
 use super::writer::append_in;
-use super::writer::connect_prepared;
+use super::{tables::Tables, writer::connect_prepared};
 use crate::{
     backoff::Backoff,
     error::Result,
@@ -19,7 +19,12 @@ use crate::{
 
 /// Tells other processes about this process's appends: one NOTIFY per
 /// change of the committed head, at most one per `interval`.
-pub(super) async fn notifier(database: Database, interval: Duration, mut committed: watch::Receiver<u64>) {
+pub(super) async fn notifier(
+    database: Database,
+    tables: Tables,
+    interval: Duration,
+    mut committed: watch::Receiver<u64>,
+) {
     let mut connection: Option<(Client, Statement)> = None;
     while committed.changed().await.is_ok() {
         // Commits that land meanwhile share the next notification: at most
@@ -27,8 +32,8 @@ pub(super) async fn notifier(database: Database, interval: Duration, mut committ
         tokio::time::sleep(interval).await;
         let head = committed.borrow_and_update().to_string();
         if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            let sql = "SELECT pg_notify('eventstore_appended', $1)";
-            connection = match connect_prepared(&database, sql).await {
+            let sql = tables.sql("SELECT pg_notify('eventstore_appended', $1)");
+            connection = match connect_prepared(&database, &sql).await {
                 // A NOTIFY transaction needs a commit record. Waiting for
                 // its flush would cost the writers a WAL flush each time;
                 // a wake-up hint lost in a crash costs a poll interval.
@@ -65,10 +70,10 @@ pub async fn notify_appended(client: &impl tokio_postgres::GenericClient, positi
 
 /// Keeps `LISTEN eventstore_appended` open and turns notifications (appends
 /// of any process) into wake-ups; reconnects with the common backoff.
-pub(super) async fn listener(database: Database, appended: watch::Sender<u64>) {
+pub(super) async fn listener(database: Database, tables: Tables, appended: watch::Sender<u64>) {
     let mut retries = Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).start();
     loop {
-        match listen(&database, &appended).await {
+        match listen(&database, &tables, &appended).await {
             Ok(()) => retries.reset(),
             Err(e) => tracing::debug!(error = %e, "PostgreSQL listener disconnected"),
         }
@@ -76,7 +81,7 @@ pub(super) async fn listener(database: Database, appended: watch::Sender<u64>) {
     }
 }
 
-async fn listen(database: &Database, appended: &watch::Sender<u64>) -> Result<(), String> {
+async fn listen(database: &Database, tables: &Tables, appended: &watch::Sender<u64>) -> Result<(), String> {
     let (client, mut connection) = database.open_connection().await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
@@ -92,7 +97,7 @@ async fn listen(database: &Database, appended: &watch::Sender<u64>) -> Result<()
         }
         Ok(())
     });
-    client.batch_execute("LISTEN eventstore_appended").await.map_err(|e| e.to_string())?;
+    client.batch_execute(&tables.sql("LISTEN eventstore_appended")).await.map_err(|e| e.to_string())?;
     // Anything appended while we were not listening: wake readers once.
     appended.send_modify(|_| {});
     while let Some(position) = rx.recv().await {

@@ -4,6 +4,7 @@
 use serde_json::Value;
 use tokio_postgres::{Client, Row};
 
+use super::tables::Tables;
 #[cfg(doc)]
 use crate::model::MAX_PAGE_BYTES;
 use crate::{
@@ -15,13 +16,13 @@ use crate::{
 pub(super) const STREAM_COLUMNS: &str = "stream_id, version, head_hash, first_position, last_position, created_at, \
                               updated_at, deleted_at, parent_stream_id, parent_version";
 
-pub(super) async fn fetch_stream(client: &Client, stream_id: &str) -> Result<Option<StreamInfo>> {
+pub(super) async fn fetch_stream(client: &Client, tables: &Tables, stream_id: &str) -> Result<Option<StreamInfo>> {
     let row = client
         .query_opt(
-            &format!(
+            &*tables.sql(&format!(
                 "SELECT {STREAM_COLUMNS} FROM eventstore.streams \
                  WHERE stream_id = $1 AND (version >= 0 OR parent_stream_id IS NOT NULL)"
-            ),
+            )),
             &[&stream_id],
         )
         .await

@@ -54,6 +54,7 @@ const APPEND_SQL: &str = "SELECT idx, status, first_version, last_version, actua
 #[derive(Clone)]
 pub(super) struct Writer {
     pub(super) database: Database,
+    pub(super) tables: super::tables::Tables,
     pub(super) append_timeout: Duration,
     /// The queue, shared by the writers; it outlives a writer that crashed,
     /// so that its restart takes what was queued meanwhile.
@@ -73,7 +74,7 @@ pub(super) struct Writer {
 /// channels drop with it; the outcome is unknown, a retry with the same
 /// request id gets the first answer) and it is started again.
 pub(super) async fn writer(writer: Writer, token: CancellationToken) -> std::result::Result<(), Infallible> {
-    let Writer { database, append_timeout, jobs, heads, max_appends, max_events } = writer;
+    let Writer { database, tables, append_timeout, jobs, heads, max_appends, max_events } = writer;
     let mut connection: Option<(Client, Statement)> = None;
     loop {
         let batch = {
@@ -107,7 +108,7 @@ pub(super) async fn writer(writer: Writer, token: CancellationToken) -> std::res
         let result = loop {
             attempt = attempt.saturating_add(1);
             if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-                connection = match connect_prepared(&database, APPEND_SQL).await {
+                connection = match connect_prepared(&database, &tables.sql(APPEND_SQL)).await {
                     Ok(c) => Some(c),
                     Err(e) => break Err(e),
                 };
