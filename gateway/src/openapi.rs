@@ -1222,11 +1222,17 @@ mod tests {
             (&json!("apiKey"), &json!("header"), &json!("x-api-key"))
         );
         let either = json!([{ "bearerAuth": [] }, { "apiKey": [] }]);
-        // Every eventfold RPC declares its roles: every operation needs
-        // credentials, and says which roles.
+        // Every eventfold RPC declares its access: GET /health (the topics'
+        // health) is public, every other operation needs credentials and
+        // says which roles.
         for (path, method, operation) in operations(&catalog) {
-            assert_eq!(operation["security"], either, "{method} {path}");
             let description = operation["description"].as_str().unwrap_or_default();
+            if path == "/health" {
+                assert_eq!(operation["security"], json!([]), "{method} {path}");
+                assert!(description.ends_with("Public: no credentials needed."), "{method} {path}");
+                continue;
+            }
+            assert_eq!(operation["security"], either, "{method} {path}");
             assert!(description.lines().last().is_some_and(|l| l.starts_with("Roles: ")), "{method} {path}");
         }
         let create = operation(&catalog, "OrderCommandService_CreateOrder");

@@ -26,6 +26,8 @@ pub const FILES: &[(&str, &str)] = &[
     ("0007_hardening.down.sql", include_str!("../0007_hardening.down.sql")),
     ("0008_api_keys.up.sql", include_str!("../0008_api_keys.up.sql")),
     ("0008_api_keys.down.sql", include_str!("../0008_api_keys.down.sql")),
+    ("0009_topics.up.sql", include_str!("../0009_topics.up.sql")),
+    ("0009_topics.down.sql", include_str!("../0009_topics.down.sql")),
 ];
 
 /// Errors of migrating.

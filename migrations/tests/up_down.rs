@@ -34,6 +34,7 @@ async fn up_status_down_up() {
     assert!(table_exists(&client, "eventstore.events").await);
     assert!(table_exists(&client, "projections.checkpoints").await);
     assert!(table_exists(&client, "auth.api_keys").await);
+    assert!(table_exists(&client, "topic_catalog.topics").await);
     // Applying again is a no-op.
     eventfold_migrations::up(&mut client).await.unwrap();
 
@@ -46,9 +47,10 @@ async fn up_status_down_up() {
     let after = eventfold_migrations::status(&client).await.unwrap();
     assert!(!after.last().unwrap().applied, "down without --to reverts the latest");
     assert!(after[..after.len() - 1].iter().all(|m| m.applied), "and only the latest");
-    // The latest migration (0008) is reverted: the API keys go; 0007 and
-    // before stay.
-    assert!(!table_exists(&client, "auth.api_keys").await, "the latest migration (0008) is reverted");
+    // The latest migration (0009) is reverted: the topic catalog goes; 0008
+    // and before stay.
+    assert!(!table_exists(&client, "topic_catalog.topics").await, "the latest migration (0009) is reverted");
+    assert!(table_exists(&client, "auth.api_keys").await, "0008 and before stay");
     assert!(column_exists(&client, "snapshots", "namespace").await, "0007 and before stay");
 
     // Down to 6: snapshots and request ids lose their namespace and scope

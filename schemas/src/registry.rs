@@ -113,6 +113,7 @@ impl Registry {
     /// A client of the registry at `url`, e.g. `http://127.0.0.1:8081`.
     pub fn new(url: impl Into<String>) -> Result<Registry, Error> {
         let url = url.into().trim_end_matches('/').to_owned();
+        install_crypto_provider();
         let settings = SrSettings::new_builder(url.clone()).set_timeout(TIMEOUT).build().map_err(from_src)?;
         let http = reqwest::Client::builder().timeout(TIMEOUT).build().map_err(|e| Error::Registry {
             error_code: None,
@@ -376,6 +377,14 @@ fn encode_path_segment(segment: &str) -> String {
         }
     }
     out
+}
+
+/// ring as the process's rustls provider: reqwest is built (for the
+/// workspace's HTTPS users) without one of its own, and refuses to build a
+/// client until one is installed. A second call does nothing.
+#[allow(deprecated)]
+fn install_crypto_provider() {
+    drop(rustls::crypto::ring::default_provider().install_default());
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub(crate) struct Config {
     pub(crate) rate_limit: eventfold_platform::ratelimit::RateLimitConfig,
     pub(crate) tls: eventfold_platform::tls::TlsConfig,
     pub(crate) dev: DevConfig,
+    pub(crate) topics: eventfold_topics::TopicsConfig,
 }
 
 /// `[dev]`: where `eventfold dev` keeps its data and on what.

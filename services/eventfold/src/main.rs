@@ -28,6 +28,9 @@ use crate::{
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    // Every HTTP client of the process (registry, JWKS, blob storage,
+    // callbacks) uses rustls with ring.
+    eventfold_store::install_crypto_provider();
     let cli = Cli::parse();
     let file = cli.config.clone().or_else(layered::config_file_from_env);
     let config: Config = match layered::load(file.as_deref(), &cli::overrides(cli.command.as_ref()))

@@ -182,6 +182,13 @@ impl Process {
         } else {
             eventfold_query::host_unavailable(&mut server, crate::embedded::INSTALL_HINT);
         }
+        let catalog: Arc<dyn eventfold_topics::Catalog> = match storage {
+            _ if on_postgres => Arc::new(eventfold_topics::PgCatalog::new(self.databases()?.main.clone())),
+            DevStorage::Files { dir, .. } => Arc::new(eventfold_topics::FileCatalog::new(dir.join("topics.json"))),
+            _ => Arc::new(eventfold_topics::MemoryCatalog::default()),
+        };
+        let fs_root = config.topics.fs_root.clone().unwrap_or_else(|| config.dev.data_dir.join("topics"));
+        self.host_topics(&mut server, catalog, &fs_root).await?;
         if config.saga.enabled {
             let sagas = if on_postgres {
                 self.spawn_orchestrator(bus)?;
@@ -247,6 +254,9 @@ impl Process {
         eventfold_eventstore::host(&mut server, &self.config.eventstore, log.clone(), self.runtime.token().clone());
         eventfold_platform::auth::keys::grpc::host(&mut server, self.api_key_store()?);
         eventfold_admin::host(&mut server, self.admin_service(log, true)?);
+        let fs_root = self.config.topics.fs_root.clone().unwrap_or_else(|| eventfold_topics::DEFAULT_FS_ROOT.into());
+        let catalog = Arc::new(eventfold_topics::PgCatalog::new(self.databases()?.main.clone()));
+        self.host_topics(&mut server, catalog, &fs_root).await?;
         let grace = self.config.eventstore.shutdown_grace_secs;
         self.serve(server, self.config.eventstore.listen, ("EventStoreService", "PostgreSQL"), grace, (None, None))
             .await
@@ -360,6 +370,23 @@ impl Process {
             registry_url: config.registry.url.clone(),
             readiness: self.readiness.clone(),
         }))
+    }
+
+    /// The TopicService over the topics of `catalog` (each reopened now),
+    /// `fs` topics under `fs_root`.
+    async fn host_topics(
+        &self,
+        server: &mut GrpcServer,
+        catalog: Arc<dyn eventfold_topics::Catalog>,
+        fs_root: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        let described = catalog.describe();
+        let topics = eventfold_topics::Topics::open(catalog, fs_root, self.config.topics.max_topics)
+            .await
+            .context("opening the topics")?;
+        tracing::info!(catalog = %described, "topics opened");
+        eventfold_topics::host(server, topics, self.runtime.token().clone());
+        Ok(())
     }
 
     /// The query side, and the invalidator its projectors should report to

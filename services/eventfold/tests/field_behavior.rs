@@ -80,6 +80,9 @@ const STRINGS: &[(&str, &str)] = &[
     ("end_day", "2024-01-01"),
     // A well-formed projection name (no projection has it: NOT_FOUND).
     ("name", "fb_name"),
+    // A topic's adapter and a callback's URL (nothing listens there).
+    ("adapter", "memory"),
+    ("url", "http://127.0.0.1:9/fb"),
 ];
 
 /// The `google.api.field_behavior` extension.

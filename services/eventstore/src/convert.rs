@@ -12,7 +12,9 @@ use serde_json::{Map, Number, Value};
 /// Largest integer a double holds exactly: beyond it, numbers stay floats.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
-pub(crate) fn struct_to_json(s: Struct, field: &str, violations: &mut Vec<FieldViolation>) -> Value {
+/// A `google.protobuf.Struct` as JSON; values JSON cannot hold (NaN,
+/// infinities) are reported as violations of `field`.
+pub fn struct_to_json(s: Struct, field: &str, violations: &mut Vec<FieldViolation>) -> Value {
     Value::Object(
         s.fields
             .into_iter()
@@ -53,7 +55,9 @@ fn value_to_json(value: prost_types::Value, field: &str, violations: &mut Vec<Fi
     }
 }
 
-pub(crate) fn json_to_struct(value: &Value) -> Struct {
+/// A JSON object as a `google.protobuf.Struct` (any other value under the
+/// key `value`).
+pub fn json_to_struct(value: &Value) -> Struct {
     match value {
         Value::Object(map) => Struct { fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect() },
         other => Struct { fields: [("value".to_owned(), json_to_value(other))].into() },
@@ -72,7 +76,8 @@ fn json_to_value(value: &Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-pub(crate) fn timestamp(time: SystemTime) -> Timestamp {
+/// A time as a protobuf timestamp.
+pub fn timestamp(time: SystemTime) -> Timestamp {
     Timestamp::from(time)
 }
 

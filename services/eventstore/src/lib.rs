@@ -30,7 +30,10 @@ use eventfold_proto::eventstore::event_store_service_server::EventStoreServiceSe
 use eventfold_store::{EventLog, SubscriptionOptions, Subscriptions};
 use serde::{Deserialize, Serialize};
 
-pub use crate::grpc::{ERROR_DOMAIN, EventStoreGrpc};
+pub use crate::{
+    convert::{json_to_struct, struct_to_json, timestamp},
+    grpc::{ERROR_DOMAIN, EventStoreGrpc},
+};
 
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "eventfold.eventstore.v1.EventStoreService";

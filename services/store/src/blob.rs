@@ -108,17 +108,8 @@ fn parse_connection(connection: &str) -> Result<HashMap<String, String>> {
 const EMULATOR: (&str, &str) =
     ("devstoreaccount1", "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==");
 
-/// reqwest's rustls takes the process's crypto provider: ring, as
-/// everywhere in eventfold (no C toolchain beyond `cc`; it lacks the
-/// post-quantum key exchange, which rustls offers only with aws-lc-rs). A
-/// second install is refused, harmlessly.
-#[allow(deprecated)]
-fn install_ring() {
-    drop(rustls::crypto::ring::default_provider().install_default());
-}
-
 fn build_store(config: &BlobConfig) -> Result<Arc<dyn ObjectStore>> {
-    install_ring();
+    crate::pg::install_crypto_provider();
     let settings = parse_connection(&config.connection)?;
     let get = |key: &str| settings.get(key).cloned();
     let development = get("usedevelopmentstorage").is_some_and(|v| v.eq_ignore_ascii_case("true"));

@@ -41,7 +41,7 @@ pub use crate::{
     memory::MemoryEventLog,
     metered::Metered,
     model::*,
-    pg::{Database, DatabaseOptions, PgPool, TlsMode},
+    pg::{Database, DatabaseOptions, PgPool, TlsMode, install_crypto_provider},
     postgres::{PostgresConfig, PostgresEventLog, Tables},
     source::{EventSource, LogSource, Pulled, SourceError},
     subscription::{SubscriptionMessage, SubscriptionOptions, Subscriptions, Target},

@@ -325,3 +325,13 @@ impl ServerCertVerifier for EncryptOnly {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// Installs ring as the process's default rustls crypto provider (what
+/// eventfold uses everywhere: no C toolchain beyond `cc`; it lacks the
+/// post-quantum key exchange, which rustls offers only with aws-lc-rs).
+/// reqwest is built without a provider of its own, so every process calls
+/// this before it builds an HTTP client; a second call does nothing.
+#[allow(deprecated)]
+pub fn install_crypto_provider() {
+    drop(rustls::crypto::ring::default_provider().install_default());
+}

@@ -221,7 +221,16 @@ impl DevServer {
     /// [`DevServer::start_with`] with environment variables `env` too.
     /// Without `--database-url` or `--data-dir` it runs `--ephemeral` (in
     /// memory): tests keep nothing in the working directory.
+    /// `fs` topics go to a temporary directory of this test process unless
+    /// `env` says where.
     pub fn start_env(args: &[&str], env: &[(&str, &str)], prefix: &str) -> Self {
+        static TOPICS: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        let topics = TOPICS.get_or_init(|| tempfile::tempdir().expect("a directory for fs topics"));
+        let mut env = env.to_vec();
+        if !env.iter().any(|(k, _)| *k == "EVENTFOLD_TOPICS__FS_ROOT") {
+            env.push(("EVENTFOLD_TOPICS__FS_ROOT", topics.path().to_str().expect("UTF-8")));
+        }
+        let env = env.as_slice();
         let stores = args.iter().any(|a| a.starts_with("--database-url") || a.starts_with("--data-dir"));
         let command: &[&str] = if stores {
             &["dev", "--listen", "127.0.0.1:0"]

@@ -204,8 +204,10 @@ impl JwtVerifier {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err(SetupError::JwksUrl);
                 }
-                let client =
-                    reqwest::Client::builder().timeout(JWKS_TIMEOUT).build().map_err(|_| SetupError::JwksUrl)?;
+                let client = {
+                    eventfold_store::install_crypto_provider();
+                    reqwest::Client::builder().timeout(JWKS_TIMEOUT).build().map_err(|_| SetupError::JwksUrl)?
+                };
                 (Some(JwksSource::Url(url.clone(), client)), PublicKeys::default())
             }
             (None, None) => (None, PublicKeys::default()),

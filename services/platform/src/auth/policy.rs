@@ -332,6 +332,9 @@ mod tests {
             "users.write",
             "sagas.read",
             "sagas.operate",
+            "topics.read",
+            "topics.write",
+            "topics.admin",
         ];
         for (path, rule) in policy.rules() {
             if let Rule::Roles(roles) = rule {
