@@ -160,6 +160,15 @@ fn without_postgresql_binaries_it_runs_on_the_file_system_log_and_queries_say_wh
     assert!(line.contains("file-system log"), "one line says where the data is: {line}");
     assert!(line.contains("no PostgreSQL server binaries were found"), "{line}");
     assert!(!line.contains("query services listening"), "queries are not advertised as working: {line}");
+    let health = server.run(&[
+        "-d",
+        r#"{"service":"eventfold.query.v1.OrderQueryService"}"#,
+        &server.addr,
+        "grpc.health.v1.Health/Check",
+    ]);
+    assert!(health.contains("NOT_SERVING"), "the query services' health says so: {health}");
+    let printed = server.process.stdout.lock().unwrap().clone();
+    assert!(!printed.contains("OrderQueryService/GetOrder"), "no query is offered as an example: {printed}");
 
     let out = server
         .grpcurl(&["-d", r#"{"orderId":"f-1"}"#, &server.addr, "eventfold.query.v1.OrderQueryService/GetOrder"])

@@ -107,6 +107,9 @@ pub type HealthCheck = Arc<dyn Fn() -> BoxFuture<'static, std::result::Result<()
 pub struct GrpcServer {
     routes: RoutesBuilder,
     names: Vec<String>,
+    /// Services answered by a [`Refusing`] stand-in: NOT_SERVING in the
+    /// health service, not counted as hosted.
+    refused: Vec<String>,
     descriptor_sets: Vec<&'static [u8]>,
     checks: Vec<(Vec<String>, HealthCheck)>,
     health_interval: Option<Duration>,
@@ -149,6 +152,19 @@ impl GrpcServer {
     {
         self.routes.add_service(service);
         self.names.push(S::NAME.to_owned());
+        if !self.descriptor_sets.iter().any(|d| std::ptr::eq(*d, descriptor_set)) {
+            self.descriptor_sets.push(descriptor_set);
+        }
+        self
+    }
+
+    /// Answers every call of service `N` with `status` (a service this
+    /// process cannot offer, e.g. FAILED_PRECONDITION with what to
+    /// install); its health is NOT_SERVING and [`GrpcServer::hosts`] does
+    /// not count it.
+    pub fn add_refusing<N: ServiceName>(&mut self, descriptor_set: &'static [u8], status: tonic::Status) -> &mut Self {
+        self.routes.add_service(Refusing::<N>::new(status));
+        self.refused.push(N::NAME.to_owned());
         if !self.descriptor_sets.iter().any(|d| std::ptr::eq(*d, descriptor_set)) {
             self.descriptor_sets.push(descriptor_set);
         }
@@ -280,6 +296,9 @@ impl GrpcServer {
             router(&self.descriptor_sets, self.routes.routes(), authenticator, reflection, rate_limit, metrics)?;
         // NOT_SERVING before the first call can arrive, until a probe passes.
         for name in self.checks.iter().flat_map(|(names, _)| names).chain(std::iter::once(&String::new())) {
+            reporter.set_service_status(name, ServingStatus::NotServing).await;
+        }
+        for name in &self.refused {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
         }
         let probe =

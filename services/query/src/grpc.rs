@@ -56,16 +56,16 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// FAILED_PRECONDITION with `message` (what to install), reason
 /// `READ_SIDE_UNAVAILABLE`.
 pub fn host_unavailable(server: &mut GrpcServer, message: &str) {
-    use eventfold_platform::server::{Refusing, ServiceName};
+    use eventfold_platform::server::ServiceName;
     macro_rules! refusing {
         ($($marker:ident => $server:ty),* $(,)?) => {$(
             struct $marker;
             impl ServiceName for $marker {
                 const NAME: &'static str = <$server as tonic::server::NamedService>::NAME;
             }
-            server.add_service(
+            server.add_refusing::<$marker>(
                 FILE_DESCRIPTOR_SET,
-                Refusing::<$marker>::new(error_info(tonic::Code::FailedPrecondition, message, "READ_SIDE_UNAVAILABLE", &[])),
+                error_info(tonic::Code::FailedPrecondition, message, "READ_SIDE_UNAVAILABLE", &[]),
             );
         )*};
     }
