@@ -69,6 +69,7 @@ async fn everything_survives_a_reopen() {
 
     let log = open(dir.path()).await;
     assert_eq!(log.recovery().events, 5);
+    assert!(log.recovery().index_loaded, "the index written at close is used");
     assert_eq!(log.recovery().truncated_bytes, 0, "a clean close leaves no torn tail");
     assert_eq!(all(&log).await, events, "the same events at the same positions");
     let listed =
@@ -202,11 +203,21 @@ async fn segments_roll_over_and_damage_before_the_end_is_refused() {
         }
     }
 
-    // One flipped byte in the first segment: not a torn tail, so not cut
-    // off (that would drop acknowledged events): opening is refused.
+    // One flipped byte in the first segment. With the index, the segment is
+    // not read on open: the damaged event's checksum fails when it is read,
+    // and the read fails rather than answer something else.
     let mut bytes = std::fs::read(&paths[0]).expect("read");
     bytes[20] ^= 0x55;
     std::fs::write(&paths[0], &bytes).expect("damage");
+    {
+        let log = FsEventLog::open(dir.path(), config.clone()).await.expect("opened from the index");
+        assert!(log.recovery().index_loaded);
+        let read = log.read_all(AllRead { after: 0, max_count: 10, filter: Default::default() }).await;
+        assert!(matches!(&read, Err(Error::Internal(m)) if m.contains("checksum")), "the damage is found: {read:?}");
+    }
+    // Without the index, every segment is scanned: not a torn tail, so not
+    // cut off (that would drop acknowledged events): opening is refused.
+    std::fs::remove_file(dir.path().join("index")).expect("remove the index");
     let refused = FsEventLog::open(dir.path(), config).await.expect_err("a damaged segment is refused");
     assert!(matches!(&refused, Error::Internal(m) if m.contains("segment 1 is damaged")), "a clear error: {refused}");
     assert_eq!(std::fs::read(&paths[0]).expect("read").len(), bytes.len(), "nothing was cut off");
@@ -264,4 +275,97 @@ async fn batched_fsync_answers_and_keeps_every_append() {
     assert_eq!(written.len(), 200);
     let log = FsEventLog::open(dir.path(), config).await.expect("reopen");
     assert_eq!(all(&log).await, written);
+}
+
+/// What a log answers, for comparing two opens of it.
+async fn everything(log: &FsEventLog) -> (Vec<RecordedEvent>, eventfold_store::StreamPage, Option<Snapshot>) {
+    let streams =
+        log.list_streams(ListStreams { limit: 100, show_deleted: true, ..ListStreams::default() }).await.expect("list");
+    let snapshot = log
+        .load_snapshot(SnapshotQuery {
+            stream_id: "s-0".into(),
+            namespace: SnapshotNamespace::Client,
+            max_version: None,
+            schema_version: None,
+        })
+        .await
+        .expect("load");
+    (all(log).await, streams, snapshot)
+}
+
+async fn fill(log: &FsEventLog, from: u64, to: u64) {
+    for n in from..to {
+        let mut request = append(&format!("s-{}", n % 4), ExpectedVersion::Any, vec![event("E", n)]);
+        request.request_id = Some(format!("req-{n}"));
+        log.append(request).await.expect("append");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_file_is_used_when_it_matches_and_rebuilt_when_missing_stale_or_damaged() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let index = dir.path().join("index");
+    let expected = {
+        let log = open(dir.path()).await;
+        fill(&log, 0, 40).await;
+        log.branch_stream("s-0", 2, "what-if").await.expect("branch");
+        log.append(append("gone", ExpectedVersion::Any, vec![event("E", 99)])).await.expect("append");
+        log.delete_stream("gone", None).await.expect("delete");
+        log.save_snapshot(Snapshot::new("s-0", SnapshotNamespace::Client, 3, json!({"n": 3}))).await.expect("snapshot");
+        everything(&log).await
+    };
+    let older_index = std::fs::read(&index).expect("the index written at close");
+
+    // Loaded, and the same answers as from the segments.
+    {
+        let log = open(dir.path()).await;
+        assert!(log.recovery().index_loaded);
+        assert_eq!(everything(&log).await, expected);
+    }
+    // Missing: rebuilt from the segments, the same answers.
+    std::fs::remove_file(&index).expect("remove the index");
+    {
+        let log = open(dir.path()).await;
+        assert!(!log.recovery().index_loaded, "no index: rebuilt");
+        assert_eq!(everything(&log).await, expected);
+    }
+    // Older than the segments (they only grew since): used, and the rest
+    // replayed after it; a request id from after the old index is known.
+    let grown = {
+        let log = open(dir.path()).await;
+        fill(&log, 40, 60).await;
+        everything(&log).await
+    };
+    std::fs::write(&index, &older_index).expect("put the older index back");
+    {
+        let log = open(dir.path()).await;
+        assert!(log.recovery().index_loaded, "an older index that still matches is used");
+        assert_eq!(everything(&log).await, grown);
+        let mut again = append("s-3", ExpectedVersion::Any, vec![event("E", 55)]);
+        again.request_id = Some("req-55".into());
+        assert!(log.append(again).await.expect("a repeat").duplicate, "request ids after the old index are known");
+    }
+    // Damaged: rebuilt.
+    let mut damaged = std::fs::read(&index).expect("read");
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x20;
+    std::fs::write(&index, &damaged).expect("damage the index");
+    {
+        let log = open(dir.path()).await;
+        assert!(!log.recovery().index_loaded, "a damaged index: rebuilt");
+        assert_eq!(everything(&log).await.0, grown.0);
+    }
+    // Another log's index (segments of other content, longer than what the
+    // index covers, so that only the checksum tells): stale, rebuilt.
+    let other = tempfile::tempdir().expect("a directory");
+    {
+        let log = open(other.path()).await;
+        fill(&log, 100, 300).await;
+    }
+    std::fs::copy(&index, other.path().join("index")).expect("copy the index over");
+    let log = open(other.path()).await;
+    assert!(!log.recovery().index_loaded, "an index of other segments is stale");
+    let events = all(&log).await;
+    assert_eq!(events.len(), 200);
+    assert_eq!(events[0].data["n"], 100, "the log's own events");
 }

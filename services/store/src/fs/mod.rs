@@ -9,6 +9,8 @@
 //! - `segments/NNNNNNNNNNNNNNNNNNNN.log`: the log, in segments of about
 //!   [`FsConfig::segment_bytes`], each a sequence of frames (length,
 //!   CRC32C, a JSON record; see `frame.rs` and `record.rs`).
+//! - `index`: the in-memory index as of the last open, close or segment
+//!   roll, and what of the segments it covers (see `index.rs`).
 //!
 //! # Durability
 //!
@@ -20,9 +22,12 @@
 //! machine may lose that interval); with [`Fsync::Never`] the operating
 //! system decides.
 //!
-//! On open the segments are scanned in order and the index rebuilt from
-//! them (in memory: where each event lies, each stream's versions and head,
-//! event ids, request ids, snapshots; payloads stay on disk). A torn tail of
+//! On open the index (in memory: where each event lies, each stream's
+//! versions and head, event ids, request ids, snapshots; payloads stay on
+//! disk) is read from the `index` file and the segments after what it
+//! covers are replayed; when the file is missing, damaged or stale (the
+//! segments it names do not hold the bytes it covered), every segment is
+//! replayed instead. A torn tail of
 //! the last segment (a frame cut short or failing its checksum, or an
 //! append whose events are not all there) is cut off: it was never
 //! answered, since nothing is answered before its whole batch is written
@@ -30,6 +35,7 @@
 
 pub(crate) mod batch;
 pub(crate) mod frame;
+pub(crate) mod index;
 pub(crate) mod reads;
 pub(crate) mod record;
 pub(crate) mod state;
@@ -126,6 +132,9 @@ pub struct Recovery {
     pub truncated_bytes: u64,
     /// Events of an unfinished append that were cut off with it.
     pub dropped_events: u64,
+    /// Whether the index file was used (else it was missing or stale and
+    /// the index was rebuilt from every segment).
+    pub index_loaded: bool,
 }
 
 /// What the writer and the readers share.
@@ -252,16 +261,33 @@ impl FsEventLog {
             numbers.push(1);
         }
 
-        let mut state = State::default();
         let mut recovery = Recovery::default();
         let last = numbers.last().copied().unwrap_or(1);
+        let (mut state, (from_segment, from_offset)) = match index::load(&dir, |n| segment_path(&dir, n), last) {
+            Some((state, cover)) => {
+                recovery.index_loaded = true;
+                (state, (cover.segment, cover.end))
+            }
+            None => {
+                if dir.join("index").exists() {
+                    tracing::warn!("the event log's index file is stale or damaged: rebuilding it from the segments");
+                }
+                (State::default(), (1, 0))
+            }
+        };
         let now = state::now();
         let mut tail_len = 0;
         for &segment in &numbers {
             let path = segment_path(&dir, segment);
             let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_error("opening a segment"))?;
+            if segment < from_segment {
+                // Covered by the index.
+                state.segments.push(Arc::new(File::open(&path).map_err(io_error("opening a segment"))?));
+                continue;
+            }
+            let start = if segment == from_segment { from_offset } else { 0 };
             let mut replay = state::Replay::default();
-            let scanned = frame::scan(&file, 0, |offset, len, payload| {
+            let scanned = frame::scan(&file, start, |offset, len, payload| {
                 let loc = Loc { segment, offset, len };
                 let record: Record = serde_json::from_slice(payload)
                     .map_err(|e| Error::Internal(format!("segment {segment}: a record cannot be decoded: {e}")))?;
@@ -299,7 +325,19 @@ impl FsEventLog {
                 "the event log's last segment ended in a torn write (a crash before its batch was acknowledged); cut it off"
             );
         }
-        tracing::info!(segments = recovery.segments, events = recovery.events, "file-system event log opened");
+        tracing::info!(
+            segments = recovery.segments,
+            events = recovery.events,
+            index_loaded = recovery.index_loaded,
+            "file-system event log opened"
+        );
+        // The next open starts from here, whatever happens meanwhile.
+        if let Some(last_file) = state.segments.last() {
+            let written = index::cover(last_file, last, tail_len).and_then(|cover| index::write(&dir, &state, cover));
+            if let Err(e) = written {
+                tracing::warn!(error = %e.kind(), "the event log's index file was not written; the next open rebuilds it");
+            }
+        }
 
         let file = OpenOptions::new()
             .append(true)

@@ -71,6 +71,22 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Set what the index file does not spell out: the interned names, the
+    /// event ids, the answered request ids and their order in time.
+    pub(crate) fn restore(
+        &mut self,
+        names: Vec<String>,
+        event_ids: HashSet<Uuid>,
+        requests: HashMap<(String, String), Answered>,
+        request_times: VecDeque<(i64, (String, String))>,
+    ) {
+        self.names = names.into_iter().map(Arc::from).collect();
+        self.name_index = (0u32..).zip(&self.names).map(|(i, n)| (Arc::clone(n), i)).collect();
+        self.event_ids = event_ids;
+        self.requests = requests;
+        self.request_times = request_times;
+    }
+
     /// The highest global position.
     pub(crate) fn head(&self) -> u64 {
         self.entries.len() as u64

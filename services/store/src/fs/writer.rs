@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use super::{
     Fsync, Shared,
     batch::{EventRef, Prepared, Staged, encode_into, prepare_append},
-    load_event,
+    index, load_event,
     record::{Hash, Namespace, Record, SnapshotRecord},
     segment_path,
     state::{Loc, now},
@@ -65,6 +65,24 @@ impl Writer {
             self.process(batch);
         }
         self.sync_if_dirty();
+        self.write_index();
+    }
+
+    /// Write the index file, covering what the segments hold now (not after
+    /// a failure: the index would cover what may not be durable).
+    fn write_index(&self) {
+        if self.failed() {
+            return;
+        }
+        let state = self.shared.read();
+        let written = state
+            .segment(self.segment)
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|file| index::cover(&file, self.segment, self.len))
+            .and_then(|cover| index::write(&self.shared.dir, &state, cover));
+        if let Err(e) = written {
+            tracing::warn!(error = %e.kind(), "the event log's index file was not written; the next open rebuilds it");
+        }
     }
 
     /// The next command; with `Fsync::Batch`, written frames are made
@@ -246,6 +264,7 @@ impl Writer {
                 self.file = file;
                 self.segment = next;
                 self.len = 0;
+                self.write_index();
             }
             Err(e) => self.fail("starting a new segment", &e),
         }
