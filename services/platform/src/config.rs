@@ -41,6 +41,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("EVENTFOLD_DEV__EPHEMERAL", "`eventfold dev` keeps nothing: the in-memory log"),
     ("EVENTFOLD_DEV__POSTGRES", "`eventfold dev` runs a private PostgreSQL when its binaries are found (default true)"),
     ("EVENTFOLD_DEV__FSYNC", "fsync of `eventfold dev`'s file-system log: always (default), batch(MS) or never"),
+    ("EVENTFOLD_TOPICS__FS_ROOT", "where fs topics may live (dev: <data_dir>/topics, else /var/lib/eventfold/topics)"),
+    ("EVENTFOLD_TOPICS__MAX_TOPICS", "most topics (default 1000)"),
     ("EVENTFOLD_ADMIN__LISTEN", "admin HTTP listener (/healthz, /readyz, /metrics), e.g. 0.0.0.0:9464"),
     (
         "EVENTFOLD_TRACING__OTLP_ENDPOINT",

@@ -140,7 +140,7 @@ pub fn check(requested: RequestedTopic, fs_root: &Path, now: i64) -> Result<Topi
     }
     let Some(adapter) = adapter else { return Err(violations) };
     let known: &[&str] = match adapter {
-        Adapter::Fs => &["createDirIfNotExist"],
+        Adapter::Fs => &["createDirIfNotExist", "fsync"],
         Adapter::Blob => &["container"],
         Adapter::Memory | Adapter::Postgres => &[],
     };
@@ -189,6 +189,11 @@ pub fn check(requested: RequestedTopic, fs_root: &Path, now: i64) -> Result<Topi
                     "must lie under the server's topics directory ([topics] fs_root)",
                 )),
                 Some(dir) => spec.connection = dir.to_string_lossy().into_owned(),
+            }
+            if let Some(fsync) = spec.options.get("fsync")
+                && fsync.parse::<eventfold_store::Fsync>().is_err()
+            {
+                violations.push(FieldViolation::new("topic.options[fsync]", "must be always, never or batch(MS)"));
             }
             match spec.options.get("createDirIfNotExist").map(String::as_str) {
                 None | Some("true" | "false") => {}
@@ -260,6 +265,12 @@ pub fn check(requested: RequestedTopic, fs_root: &Path, now: i64) -> Result<Topi
 }
 
 impl TopicSpec {
+    /// When an `fs` topic forces its writes to disk (`options.fsync`,
+    /// default `always`).
+    pub fn fsync(&self) -> eventfold_store::Fsync {
+        self.options.get("fsync").and_then(|f| f.parse().ok()).unwrap_or_default()
+    }
+
     /// Whether the directory of an `fs` topic is created when missing.
     pub fn creates_dir(&self) -> bool {
         self.options.get("createDirIfNotExist").is_none_or(|v| v == "true")
@@ -358,6 +369,9 @@ mod tests {
             fields(check(topic("t", "blob", "AccountName=a;AccountKey=b"), root, 0)),
             ["topic.options[container]"]
         );
+        let mut fsync = topic("t", "fs", "");
+        fsync.options.insert("fsync".into(), "sometimes".into());
+        assert_eq!(fields(check(fsync, root, 0)), ["topic.options[fsync]"]);
         let mut unknown = topic("t", "memory", "");
         unknown.options.insert("color".into(), "blue".into());
         assert_eq!(fields(check(unknown, root, 0)), ["topic.options[color]"]);

@@ -234,7 +234,8 @@ async fn open_log(spec: &TopicSpec) -> Result<Arc<dyn EventLog>, TopicError> {
                     "the directory does not exist (and createDirIfNotExist is false)".to_owned(),
                 ));
             }
-            let log = FsEventLog::open(dir, FsConfig::default()).await.map_err(store_error)?;
+            let config = FsConfig { fsync: spec.fsync(), ..FsConfig::default() };
+            let log = FsEventLog::open(dir, config).await.map_err(store_error)?;
             Ok(Arc::new(log))
         }
         Adapter::Postgres => {
