@@ -138,12 +138,17 @@ impl std::fmt::Debug for PrivatePostgres {
     }
 }
 
-fn run(command: &mut Command, what: &str) -> anyhow::Result<()> {
+/// Run a server program; its output goes to `log` (appended), and a
+/// failure says which program and where to look, without its text (which
+/// names paths).
+fn run(command: &mut Command, what: &str, log: &Path) -> anyhow::Result<()> {
     let out = command.stdin(Stdio::null()).output().with_context(|| format!("cannot run {what}"))?;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    file.write_all(&out.stdout)?;
+    file.write_all(&out.stderr)?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-        bail!("{what} failed ({}): {last}", out.status);
+        let name = log.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        bail!("{what} failed ({}; see {name} in the data directory)", out.status);
     }
     Ok(())
 }
@@ -179,6 +184,7 @@ impl PrivatePostgres {
                     .args(["-U", "eventfold", "--auth=scram-sha-256", "-E", "UTF8", "--locale=C"])
                     .arg(format!("--pwfile={}", password_file.display())),
                 "initdb",
+                &data_dir.join("postgres.log"),
             )?;
         }
         let password = std::fs::read_to_string(&password_file)
@@ -208,7 +214,8 @@ impl PrivatePostgres {
                 .arg("-o")
                 .arg(options)
                 .args(["-w", "-t", "60", "start"]),
-            "pg_ctl start (see postgres.log in the data directory)",
+            "pg_ctl start",
+            &log,
         )?;
         Ok(postgres)
     }
@@ -253,6 +260,7 @@ impl PrivatePostgres {
                 .arg(&self.cluster)
                 .args(["-m", "fast", "-w", "-t", "60", "stop"]),
             "pg_ctl stop",
+            &self.cluster.with_file_name("postgres.log"),
         );
         if let Err(e) = stopped {
             tracing::warn!(error = %e, "the private PostgreSQL did not stop");
@@ -269,6 +277,28 @@ pub(crate) const INSTALL_HINT: &str = "the read side (projections and the query 
      and no PostgreSQL server binaries were found: install them (Debian/Ubuntu: apt-get install postgresql; \
      Fedora: dnf install postgresql-server; macOS: brew install postgresql) and start eventfold dev again, \
      or give it a server with --database-url postgresql://…";
+
+/// What to tell a user whose private cluster did not start.
+pub(crate) const CLUSTER_HINT: &str = "the read side (projections and the query services) needs PostgreSQL, \
+     and eventfold dev's private PostgreSQL did not start (see postgres.log in the data directory; run as root, \
+     the postgres user must be able to reach the data directory): fix that and start eventfold dev again, \
+     or give it a server with --database-url postgresql://…";
+
+/// What to tell a user of `eventfold dev --ephemeral`.
+pub(crate) const EPHEMERAL_HINT: &str = "eventfold dev --ephemeral runs no read side (projections and the query \
+     services need PostgreSQL): start it without --ephemeral where PostgreSQL is installed, or with \
+     --database-url postgresql://…";
+
+impl DevStorage {
+    /// What the query services answer without the read side.
+    pub(crate) fn read_side_hint(&self) -> &'static str {
+        match self {
+            Self::Files { why, .. } if why.starts_with("the private PostgreSQL") => CLUSTER_HINT,
+            Self::Memory => EPHEMERAL_HINT,
+            _ => INSTALL_HINT,
+        }
+    }
+}
 
 /// Decide where `eventfold dev` keeps its data.
 pub(crate) fn choose(config: &crate::config::DevConfig, database_url: bool) -> anyhow::Result<DevStorage> {

@@ -180,7 +180,7 @@ impl Process {
             // No bus in dev: dead letters answer FAILED_PRECONDITION there.
             eventfold_admin::host(&mut server, self.admin_service(log.clone(), false)?);
         } else {
-            eventfold_query::host_unavailable(&mut server, crate::embedded::INSTALL_HINT);
+            eventfold_query::host_unavailable(&mut server, storage.read_side_hint());
         }
         let catalog: Arc<dyn eventfold_topics::Catalog> = match storage {
             _ if on_postgres => Arc::new(eventfold_topics::PgCatalog::new(self.databases()?.main.clone())),
@@ -228,7 +228,7 @@ impl Process {
                 "EventStoreService and the command services",
                 format!(
                     "file-system log in {}, since {why}; no read side: the query services answer \
-                     FAILED_PRECONDITION until PostgreSQL is installed",
+                     FAILED_PRECONDITION (the read side needs PostgreSQL)",
                     dir.join("log").display()
                 ),
             ),
