@@ -238,10 +238,8 @@ fn body(topic: &str, callback_id: &str, events: &[RecordedEvent]) -> Vec<u8> {
 
 /// `sha256=<hex HMAC-SHA256 of body under secret>`.
 pub fn signature(secret: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| {
-        // HMAC takes keys of any length.
-        unreachable!("HMAC accepts any key length")
-    });
+    // HMAC takes keys of any length: the error case does not occur.
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return String::new() };
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
