@@ -202,7 +202,10 @@ fn the_kafka_fed_variant_adds_the_relay_and_the_consumer_to_the_trace() {
     let (_projector, _) = spawn_process(&["serve", "projector"], &database, &env, "eventfold: ");
     create_order(&command, "k-1", None);
 
-    let spans = collect(&runtime, &mut collector, |spans| count(spans, |n| n == "apply order_views") >= 1);
+    // Three processes export their spans in their own batches: wait for the
+    // whole chain (the relay's `publish` may come after the projector's
+    // `apply`), not for the first `apply`.
+    let spans = collect(&runtime, &mut collector, |spans| ancestry(spans, "apply order_views").len() >= 5);
     let chain = ancestry(&spans, "apply order_views");
     assert_eq!(
         chain,
