@@ -136,10 +136,19 @@ impl Topics {
                 return Err(e);
             }
         };
-        match self.catalog.insert(&spec).await {
-            Ok(true) => {}
-            Ok(false) => return Err(TopicError::AlreadyExists(spec.name)),
-            Err(e) => return Err(e.into()),
+        let refused = match self.catalog.insert(&spec).await {
+            Ok(true) => None,
+            Ok(false) => Some(TopicError::AlreadyExists(spec.name.clone())),
+            Err(e) => Some(e.into()),
+        };
+        if let Some(error) = refused {
+            // Not recorded: nothing of it may stay (the log lets go of its
+            // directory when dropped).
+            drop(topic);
+            if created_dir {
+                remove_new_dir(Path::new(&spec.connection));
+            }
+            return Err(error);
         }
         let topic = Arc::new(topic);
         self.write().insert(spec.name.clone(), topic.clone());
