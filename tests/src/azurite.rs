@@ -8,11 +8,10 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, TcpStream},
-    os::unix::process::CommandExt,
     path::PathBuf,
-    process::{ChildStdin, Command, Stdio},
+    process::ChildStdin,
     sync::OnceLock,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use base64::Engine;
@@ -119,35 +118,17 @@ cat >/dev/null 2>&1
 kill "$pid" 2>/dev/null
 wait "$pid" 2>/dev/null
 rm -rf "$dir""#;
-    let mut last_error = String::new();
-    for _attempt in 0..3 {
-        let port = crate::free_port()?;
-        let mut child = Command::new("sh")
-            .args(["-c", SCRIPT])
-            .env("EF_AZURITE", &binary)
-            .env("EF_PORT", port.to_string())
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot start the Azurite watchdog (sh): {e}"))?;
-        let watchdog = child.stdin.take().ok_or_else(|| "the watchdog has no stdin".to_owned())?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_millis(200)).is_ok() {
-                return Ok((port, watchdog));
-            }
-            if Instant::now() >= deadline {
-                last_error = format!("nothing listens on port {port} after 30 s");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        drop(watchdog);
-    }
-    Err(format!("cannot start Azurite ({}): {last_error}", binary.display()))
+    crate::watched_server(
+        &format!("Azurite ({})", binary.display()),
+        SCRIPT,
+        &[("EF_AZURITE", binary.as_os_str())],
+        Duration::from_secs(30),
+        |port| {
+            TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_millis(200))
+                .map(drop)
+                .map_err(|_| format!("nothing listens on port {port} after 30 s"))
+        },
+    )
 }
 
 /// Creates container `name` (Create Container, signed with the account's

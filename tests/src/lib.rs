@@ -515,6 +515,51 @@ done"#;
     Ok((stdin, child))
 }
 
+/// Starts a server under a watchdog shell on a free loopback port: `script`
+/// runs it with `$EF_PORT` (and `env`) in the background and stops it once
+/// its stdin closes, i.e. when this process ends for any reason. Returns
+/// the port and the watchdog's stdin once `ready(port)` passes (within
+/// `timeout`); tries three ports, since another process may take one in
+/// between.
+pub(crate) fn watched_server(
+    what: &str,
+    script: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    timeout: Duration,
+    ready: impl Fn(u16) -> Result<(), String>,
+) -> Result<(u16, ChildStdin), String> {
+    let mut last_error = String::new();
+    for _attempt in 0..3 {
+        let port = free_port()?;
+        let mut child = Command::new("sh")
+            .args(["-c", script])
+            .envs(env.iter().copied())
+            .env("EF_PORT", port.to_string())
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start the {what} watchdog (sh): {e}"))?;
+        let watchdog = child.stdin.take().ok_or_else(|| "the watchdog has no stdin".to_owned())?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match ready(port) {
+                Ok(()) => return Ok((port, watchdog)),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    last_error = e;
+                    break;
+                }
+            }
+        }
+        // Dropping the watchdog's stdin stops whatever did start.
+        drop(watchdog);
+    }
+    Err(format!("cannot start {what}: {last_error}"))
+}
+
 /// Runs a command to completion; on failure, the error has its output.
 fn run(command: &mut Command) -> Result<(), String> {
     let output = command.stdin(Stdio::null()).output().map_err(|e| format!("cannot run {command:?}: {e}"))?;

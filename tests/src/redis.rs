@@ -6,7 +6,6 @@
 use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, TcpStream},
-    os::unix::process::CommandExt,
     process::{ChildStdin, Command, Stdio},
     sync::OnceLock,
     time::{Duration, Instant},
@@ -87,37 +86,13 @@ pid=$!
 cat >/dev/null 2>&1
 kill "$pid" 2>/dev/null
 wait "$pid" 2>/dev/null"#;
-    let mut last_error = String::new();
-    for _attempt in 0..3 {
-        let port = crate::free_port()?;
-        let mut child = Command::new("sh")
-            .args(["-c", SCRIPT])
-            .env("EF_REDIS", &server)
-            .env("EF_PORT", port.to_string())
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot start the test Redis watchdog (sh): {e}"))?;
-        let watchdog = child.stdin.take().ok_or_else(|| "the watchdog has no stdin".to_owned())?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match ping(port) {
-                Ok(()) => return Ok((port, watchdog)),
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => {
-                    last_error = e;
-                    break;
-                }
-            }
-        }
-        // Dropping the watchdog's stdin stops whatever did start; another
-        // process may have taken the port in between: retry.
-        drop(watchdog);
-    }
-    Err(format!("cannot start the test Redis ({}): {last_error}", server.display()))
+    crate::watched_server(
+        &format!("the test Redis ({})", server.display()),
+        SCRIPT,
+        &[("EF_REDIS", server.as_os_str())],
+        Duration::from_secs(10),
+        ping,
+    )
 }
 
 /// A Redis server of one test's own, which the test may stop and start
