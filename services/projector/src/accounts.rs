@@ -7,6 +7,11 @@
 //! `amount_minor` is the (positive) amount of the event; `kind` says in
 //! which direction it moved.
 
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::SystemTime,
+};
+
 use async_trait::async_trait;
 use eventfold_domain::{DomainEvent, Money, account::AccountEvent};
 use eventfold_store::RecordedEvent;
@@ -72,8 +77,28 @@ impl Projection for AccountViews {
         )
     }
 
+    /// The batch folded in memory per account, from the rows it touches
+    /// (read once), then one statement per table and kind of change.
+    async fn apply_batch(&self, tx: &Transaction<'_>, v: u32, events: &[RecordedEvent]) -> Result<bool, ApplyError> {
+        let mut decoded = Vec::new();
+        for event in events.iter().filter(|e| is_account_event(e)) {
+            let e = AccountEvent::from_data_ref(&event.event_type, event.schema_version, &event.data)
+                .map_err(|e| ApplyError::Event(e.to_string()))?;
+            decoded.push((event, e));
+        }
+        if decoded.is_empty() {
+            return Ok(true);
+        }
+        let mut fold = AccountFold::load(tx, v, &decoded).await?;
+        for (event, e) in decoded {
+            fold.apply(event, e)?;
+        }
+        fold.write(tx, v).await?;
+        Ok(true)
+    }
+
     async fn apply(&self, tx: &Transaction<'_>, v: u32, event: &RecordedEvent) -> Result<(), ApplyError> {
-        if !event.stream_id.starts_with("account-") || AccountEvent::current_version(&event.event_type).is_none() {
+        if !is_account_event(event) {
             return Ok(());
         }
         let decoded = AccountEvent::from_data(&event.event_type, event.schema_version, event.data.clone())
@@ -86,6 +111,10 @@ impl Projection for AccountViews {
             other => other,
         })
     }
+}
+
+fn is_account_event(event: &RecordedEvent) -> bool {
+    event.stream_id.starts_with("account-") && AccountEvent::current_version(&event.event_type).is_some()
 }
 
 /// One row of `account_transactions`, and the account change it makes.
@@ -313,4 +342,364 @@ async fn describe(tx: &Transaction<'_>, accounts: &str, account_id: &str) -> Res
             )
         }
     })
+}
+
+/// One account row, as folded in memory.
+#[derive(Debug)]
+struct AccountRow {
+    /// Read from the table (updated) rather than opened in this batch
+    /// (inserted).
+    stored: bool,
+    owner_id: String,
+    currency: String,
+    balance_minor: i64,
+    status: &'static str,
+    opened_at: SystemTime,
+    updated_at: SystemTime,
+    stream_version: i64,
+    last_position: i64,
+}
+
+/// One new row of `account_transactions`.
+#[derive(Debug)]
+struct TransactionRow {
+    account_id: String,
+    stream_version: i64,
+    kind: &'static str,
+    transaction_id: String,
+    counterparty: Option<String>,
+    amount_minor: i64,
+    balance_minor: i64,
+    reason: Option<String>,
+    occurred_at: SystemTime,
+    global_position: i64,
+}
+
+/// [`AccountViews`]' batch: the accounts it touches, the transfers its
+/// refunds look up, and the movements it adds.
+#[derive(Debug, Default)]
+struct AccountFold {
+    accounts: HashMap<String, AccountRow>,
+    touched: BTreeSet<String>,
+    /// (account, transfer) → (counterparty, amount) of `transfer_sent`
+    /// movements: stored ones a refund of the batch needs, and the batch's.
+    sent: HashMap<(String, String), (Option<String>, i64)>,
+    movements: Vec<TransactionRow>,
+}
+
+impl AccountFold {
+    async fn load(
+        tx: &Transaction<'_>,
+        v: u32,
+        decoded: &[(&RecordedEvent, AccountEvent)],
+    ) -> Result<Self, ApplyError> {
+        let mut ids: Vec<&str> = Vec::new();
+        let (mut refund_accounts, mut refund_transfers): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+        for (_, e) in decoded {
+            ids.push(account_of(e));
+            if let AccountEvent::TransferRefunded(r) = e {
+                refund_accounts.push(&r.account_id);
+                refund_transfers.push(&r.transfer_id);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let mut fold = Self::default();
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT account_id, owner_id, currency, balance_minor, status, opened_at, updated_at, \
+                            stream_version, last_position \
+                       FROM read.accounts_v{v} WHERE account_id = ANY($1)"
+                ),
+                &[&ids],
+            )
+            .await?;
+        for r in rows {
+            let status = if r.get::<_, &str>(4) == "open" { "open" } else { "closed" };
+            let account = AccountRow {
+                stored: true,
+                owner_id: r.get(1),
+                currency: r.get(2),
+                balance_minor: r.get(3),
+                status,
+                opened_at: r.get(5),
+                updated_at: r.get(6),
+                stream_version: r.get(7),
+                last_position: r.get(8),
+            };
+            fold.accounts.insert(r.get(0), account);
+        }
+        if !refund_accounts.is_empty() {
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT t.account_id, t.transaction_id, t.counterparty_account_id, t.amount_minor \
+                           FROM read.account_transactions_v{v} t \
+                           JOIN unnest($1::text[], $2::text[]) AS k(account_id, transaction_id) \
+                             ON t.account_id = k.account_id AND t.transaction_id = k.transaction_id \
+                          WHERE t.kind = 'transfer_sent'"
+                    ),
+                    &[&refund_accounts, &refund_transfers],
+                )
+                .await?;
+            for r in rows {
+                if fold.sent.insert((r.get(0), r.get(1)), (r.get(2), r.get(3))).is_some() {
+                    // The event-by-event path refuses this too (one row expected).
+                    return Err(inconsistent("a transfer was sent twice"));
+                }
+            }
+        }
+        Ok(fold)
+    }
+
+    /// One event, with the checks of [`apply_account_event`].
+    fn apply(&mut self, recorded: &RecordedEvent, event: AccountEvent) -> Result<(), ApplyError> {
+        let (at, version, position) = (recorded.created_at, recorded.version as i64, recorded.global_position as i64);
+        let m = match &event {
+            AccountEvent::Opened(e) => {
+                if self.accounts.contains_key(&e.account_id) {
+                    return Err(inconsistent(format!("account {} was opened before", e.account_id)));
+                }
+                let account = AccountRow {
+                    stored: false,
+                    owner_id: e.owner_id.clone(),
+                    currency: e.currency.as_str().to_owned(),
+                    balance_minor: 0,
+                    status: "open",
+                    opened_at: at,
+                    updated_at: at,
+                    stream_version: version,
+                    last_position: position,
+                };
+                self.accounts.insert(e.account_id.clone(), account);
+                self.touched.insert(e.account_id.clone());
+                return Ok(());
+            }
+            AccountEvent::Closed(e) => {
+                let account =
+                    self.accounts.get_mut(&e.account_id).filter(|a| a.status == "open" && a.balance_minor == 0);
+                let account = account.ok_or_else(|| {
+                    inconsistent(format!("account {} is not an open account with balance 0", e.account_id))
+                })?;
+                account.status = "closed";
+                account.updated_at = at;
+                account.stream_version = version;
+                account.last_position = position;
+                self.touched.insert(e.account_id.clone());
+                return Ok(());
+            }
+            AccountEvent::TransferRequested(e) => {
+                if let Some(account) = self.accounts.get_mut(&e.account_id) {
+                    account.updated_at = at;
+                    account.stream_version = version;
+                    account.last_position = position;
+                    self.touched.insert(e.account_id.clone());
+                }
+                return Ok(());
+            }
+            AccountEvent::Deposited(e) => Movement {
+                account_id: &e.account_id,
+                kind: "deposit",
+                transaction_id: &e.transaction_id,
+                counterparty: None,
+                amount: e.amount,
+                balance: e.balance,
+                reason: None,
+                credit: true,
+            },
+            AccountEvent::Withdrawn(e) => Movement {
+                account_id: &e.account_id,
+                kind: "withdrawal",
+                transaction_id: &e.transaction_id,
+                counterparty: None,
+                amount: e.amount,
+                balance: e.balance,
+                reason: None,
+                credit: false,
+            },
+            AccountEvent::TransferSent(e) => Movement {
+                account_id: &e.account_id,
+                kind: "transfer_sent",
+                transaction_id: &e.transfer_id,
+                counterparty: Some(e.to_account_id.clone()),
+                amount: e.amount,
+                balance: e.balance,
+                reason: None,
+                credit: false,
+            },
+            AccountEvent::TransferReceived(e) => Movement {
+                account_id: &e.account_id,
+                kind: "transfer_received",
+                transaction_id: &e.transfer_id,
+                counterparty: Some(e.from_account_id.clone()),
+                amount: e.amount,
+                balance: e.balance,
+                reason: None,
+                credit: true,
+            },
+            AccountEvent::TransferRefunded(e) => {
+                let (counterparty, sent_minor) =
+                    self.sent.get(&(e.account_id.clone(), e.transfer_id.clone())).cloned().ok_or_else(|| {
+                        inconsistent(format!("account {} sent no transfer {} to refund", e.account_id, e.transfer_id))
+                    })?;
+                if sent_minor != e.amount.minor {
+                    return Err(inconsistent(format!(
+                        "refund of {} for transfer {} of {sent_minor}",
+                        e.amount.minor, e.transfer_id
+                    )));
+                }
+                Movement {
+                    account_id: &e.account_id,
+                    kind: "transfer_refunded",
+                    transaction_id: &e.transfer_id,
+                    counterparty,
+                    amount: e.amount,
+                    balance: e.balance,
+                    reason: Some(&e.reason),
+                    credit: true,
+                }
+            }
+        };
+        if m.amount.currency != m.balance.currency {
+            return Err(inconsistent(format!("amount in {}, balance in {}", m.amount.currency, m.balance.currency)));
+        }
+        let before = if m.credit {
+            m.balance.minor.checked_sub(m.amount.minor)
+        } else {
+            m.balance.minor.checked_add(m.amount.minor)
+        }
+        .ok_or_else(|| inconsistent("the balance before the movement is out of range"))?;
+        let account = self
+            .accounts
+            .get_mut(m.account_id)
+            .filter(|a| a.status == "open" && a.currency == m.balance.currency.as_str() && a.balance_minor == before)
+            .ok_or_else(|| {
+                inconsistent(format!(
+                    "expected account {} open in {} with balance {before} before the {} of {}",
+                    m.account_id, m.balance.currency, m.kind, m.amount.minor
+                ))
+            })?;
+        account.balance_minor = m.balance.minor;
+        account.updated_at = at;
+        account.stream_version = version;
+        account.last_position = position;
+        self.touched.insert(m.account_id.to_owned());
+        if m.kind == "transfer_sent" {
+            let key = (m.account_id.to_owned(), m.transaction_id.to_owned());
+            if self.sent.insert(key, (m.counterparty.clone(), m.amount.minor)).is_some() {
+                return Err(inconsistent(format!("transfer {} was sent twice", m.transaction_id)));
+            }
+        }
+        self.movements.push(TransactionRow {
+            account_id: m.account_id.to_owned(),
+            stream_version: version,
+            kind: m.kind,
+            transaction_id: m.transaction_id.to_owned(),
+            counterparty: m.counterparty,
+            amount_minor: m.amount.minor,
+            balance_minor: m.balance.minor,
+            reason: m.reason.map(str::to_owned),
+            occurred_at: at,
+            global_position: position,
+        });
+        Ok(())
+    }
+
+    /// One `INSERT` of the opened accounts, one `UPDATE` of the stored ones
+    /// and one `INSERT` of the movements (each must be new).
+    async fn write(self, tx: &Transaction<'_>, v: u32) -> Result<(), ApplyError> {
+        const COLUMNS: &str = "account_id, owner_id, currency, balance_minor, status, opened_at, updated_at, \
+                               stream_version, last_position";
+        const UNNEST: &str = "unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], \
+                              $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::int8[])";
+        let accounts = format!("read.accounts_v{v}");
+        for update in [false, true] {
+            let rows: Vec<(&String, &AccountRow)> = self
+                .touched
+                .iter()
+                .filter_map(|id| self.accounts.get(id).map(|a| (id, a)))
+                .filter(|(_, a)| a.stored == update)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let sql = if update {
+                format!(
+                    "UPDATE {accounts} t SET balance_minor = u.balance_minor, status = u.status, \
+                            updated_at = u.updated_at, stream_version = u.stream_version, \
+                            last_position = u.last_position \
+                       FROM {UNNEST} AS u({COLUMNS}) WHERE t.account_id = u.account_id"
+                )
+            } else {
+                format!("INSERT INTO {accounts} ({COLUMNS}) SELECT * FROM {UNNEST}")
+            };
+            let changed = tx
+                .execute(
+                    &sql,
+                    &[
+                        &rows.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+                        &rows.iter().map(|(_, a)| a.owner_id.as_str()).collect::<Vec<_>>(),
+                        &rows.iter().map(|(_, a)| a.currency.as_str()).collect::<Vec<_>>(),
+                        &rows.iter().map(|(_, a)| a.balance_minor).collect::<Vec<_>>(),
+                        &rows.iter().map(|(_, a)| a.status).collect::<Vec<_>>(),
+                        &rows.iter().map(|(_, a)| a.opened_at).collect::<Vec<_>>(),
+                        &rows.iter().map(|(_, a)| a.updated_at).collect::<Vec<_>>(),
+                        &rows.iter().map(|(_, a)| a.stream_version).collect::<Vec<_>>(),
+                        &rows.iter().map(|(_, a)| a.last_position).collect::<Vec<_>>(),
+                    ],
+                )
+                .await?;
+            if changed != rows.len() as u64 {
+                return Err(inconsistent(format!("{changed} of {} accounts written to {accounts}", rows.len())));
+            }
+        }
+        if self.movements.is_empty() {
+            return Ok(());
+        }
+        let m = &self.movements;
+        let inserted = tx
+            .execute(
+                &format!(
+                    "INSERT INTO read.account_transactions_v{v} (account_id, stream_version, kind, transaction_id, \
+                                    counterparty_account_id, amount_minor, balance_minor, reason, occurred_at, \
+                                    global_position) \
+                     SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::int8[], \
+                                          $7::int8[], $8::text[], $9::timestamptz[], $10::int8[]) \
+                     ON CONFLICT (account_id, stream_version) DO NOTHING"
+                ),
+                &[
+                    &m.iter().map(|t| t.account_id.as_str()).collect::<Vec<_>>(),
+                    &m.iter().map(|t| t.stream_version).collect::<Vec<_>>(),
+                    &m.iter().map(|t| t.kind).collect::<Vec<_>>(),
+                    &m.iter().map(|t| t.transaction_id.as_str()).collect::<Vec<_>>(),
+                    &m.iter().map(|t| t.counterparty.as_deref()).collect::<Vec<_>>(),
+                    &m.iter().map(|t| t.amount_minor).collect::<Vec<_>>(),
+                    &m.iter().map(|t| t.balance_minor).collect::<Vec<_>>(),
+                    &m.iter().map(|t| t.reason.as_deref()).collect::<Vec<_>>(),
+                    &m.iter().map(|t| t.occurred_at).collect::<Vec<_>>(),
+                    &m.iter().map(|t| t.global_position).collect::<Vec<_>>(),
+                ],
+            )
+            .await?;
+        if inserted == m.len() as u64 {
+            Ok(())
+        } else {
+            Err(inconsistent(format!("{} movements are stored already", m.len() as u64 - inserted)))
+        }
+    }
+}
+
+/// The account an event is about.
+fn account_of(event: &AccountEvent) -> &str {
+    match event {
+        AccountEvent::Opened(e) => &e.account_id,
+        AccountEvent::Deposited(e) => &e.account_id,
+        AccountEvent::Withdrawn(e) => &e.account_id,
+        AccountEvent::TransferRequested(e) => &e.account_id,
+        AccountEvent::TransferSent(e) => &e.account_id,
+        AccountEvent::TransferReceived(e) => &e.account_id,
+        AccountEvent::TransferRefunded(e) => &e.account_id,
+        AccountEvent::Closed(e) => &e.account_id,
+    }
 }

@@ -268,11 +268,11 @@ impl Projection for OrderViews {
     }
 }
 
-fn is_order_event(event: &RecordedEvent) -> bool {
+pub(crate) fn is_order_event(event: &RecordedEvent) -> bool {
     event.stream_id.starts_with("order-") && OrderEvent::current_version(&event.event_type).is_some()
 }
 
-fn order_id(event: &OrderEvent) -> &str {
+pub(crate) fn order_id(event: &OrderEvent) -> &str {
     match event {
         OrderEvent::Created(e) => &e.order_id,
         OrderEvent::Confirmed(e) => &e.order_id,
