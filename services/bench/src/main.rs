@@ -9,6 +9,7 @@ mod gateway;
 mod metrics;
 mod pacing;
 mod queries;
+mod rebuild;
 mod relay;
 
 use std::process::ExitCode;
@@ -41,6 +42,9 @@ enum Bench {
     Queries(queries::QueryBenchArgs),
     /// Append → read-model-visible lag at a fixed rate, and rebuild speed.
     ProjectionLag(queries::LagBenchArgs),
+    /// Every read model rebuilt from a generated log beside raw INSERT …
+    /// SELECTs of the same rows.
+    Rebuild(rebuild::RebuildBenchArgs),
     /// Relay throughput and append → Kafka → read model lag, beside the
     /// raw broker.
     Relay(relay::RelayBenchArgs),
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
             Bench::Metrics(args) => metrics::metrics(args).await,
             Bench::Queries(args) => queries::queries(args).await,
             Bench::ProjectionLag(args) => queries::lag(args).await,
+            Bench::Rebuild(args) => rebuild::rebuild(args).await,
             Bench::Relay(args) => relay::relay(args).await,
         }
     });

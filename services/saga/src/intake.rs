@@ -128,6 +128,13 @@ fn saga_for(event: &RecordedEvent) -> Result<Option<SagaRecord>, ApplyError> {
     })
 }
 
+fn apply_error(error: Error) -> ApplyError {
+    match error {
+        Error::Database(db) => ApplyError::Database(db),
+        other => ApplyError::Event(other.to_string()),
+    }
+}
+
 #[async_trait]
 impl Projection for SagaIntake {
     fn name(&self) -> &'static str {
@@ -148,14 +155,31 @@ impl Projection for SagaIntake {
         String::new()
     }
 
+    /// The sagas of the whole batch started by one statement, and their
+    /// channel told once per saga started.
+    async fn apply_batch(
+        &self,
+        tx: &Transaction<'_>,
+        _version: u32,
+        events: &[RecordedEvent],
+    ) -> Result<bool, ApplyError> {
+        let mut records = Vec::new();
+        for event in events {
+            records.extend(saga_for(event)?);
+        }
+        let started = store::start_many(tx, &records).await.map_err(apply_error)?;
+        if !started.is_empty() {
+            tx.execute("SELECT pg_notify($1, saga_id) FROM unnest($2::text[]) AS saga_id", &[&SAGA_CHANNEL, &started])
+                .await?;
+        }
+        Ok(true)
+    }
+
     async fn apply(&self, tx: &Transaction<'_>, _version: u32, event: &RecordedEvent) -> Result<(), ApplyError> {
         let Some(record) = saga_for(event)? else {
             return Ok(());
         };
-        let started = store::start(tx, &record).await.map_err(|e| match e {
-            Error::Database(db) => ApplyError::Database(db),
-            other => ApplyError::Event(other.to_string()),
-        })?;
+        let started = store::start(tx, &record).await.map_err(apply_error)?;
         if started {
             tx.execute("SELECT pg_notify($1, $2)", &[&SAGA_CHANNEL, &record.saga_id]).await?;
         }

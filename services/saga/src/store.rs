@@ -112,6 +112,39 @@ pub async fn start(client: &impl GenericClient, record: &SagaRecord) -> Result<b
     Ok(inserted == 1)
 }
 
+/// [`start`] for each of `records`, in order, in one statement: the ids
+/// of the sagas started now (a record whose saga exists, or which an
+/// earlier record of the list started, starts nothing).
+pub async fn start_many(client: &impl GenericClient, records: &[SagaRecord]) -> Result<Vec<String>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let columns = records.iter().map(Columns::of).collect::<Result<Vec<_>>>()?;
+    let ids: Vec<&str> = records.iter().map(|r| r.saga_id.as_str()).collect();
+    let types: Vec<&str> = records.iter().map(|r| r.state.saga_type.as_str()).collect();
+    let correlations: Vec<&str> = records.iter().map(|r| r.correlation_id.as_str()).collect();
+    let statuses: Vec<&str> = columns.iter().map(|c| c.status).collect();
+    let steps: Vec<Option<&str>> = columns.iter().map(|c| c.step).collect();
+    let states: Vec<&Value> = columns.iter().map(|c| &c.state).collect();
+    let data: Vec<&Value> = records.iter().map(|r| &r.data).collect();
+    let due: Vec<SystemTime> = records.iter().map(|r| r.due_at).collect();
+    let deadlines: Vec<Option<SystemTime>> = records.iter().map(|r| r.deadline_at).collect();
+    let rows = client
+        .query(
+            "INSERT INTO saga.saga_instances (saga_id, saga_type, correlation_id, status, current_step, state, data, \
+                                              due_at, deadline_at) \
+             SELECT saga_id, saga_type, correlation_id, status, current_step, state, data, due_at, deadline_at \
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], \
+                           $8::timestamptz[], $9::timestamptz[]) WITH ORDINALITY \
+                    AS u(saga_id, saga_type, correlation_id, status, current_step, state, data, due_at, deadline_at, n) \
+              ORDER BY n \
+             ON CONFLICT DO NOTHING RETURNING saga_id",
+            &[&ids, &types, &correlations, &statuses, &steps, &states, &data, &due, &deadlines],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// The saga `saga_id`, if it exists.
 pub async fn load(client: &impl GenericClient, saga_id: &str) -> Result<Option<SagaRecord>> {
     let sql = format!("SELECT {COLUMNS} FROM saga.saga_instances WHERE saga_id = $1");

@@ -102,9 +102,11 @@ pub(crate) fn scan<E>(
 }
 
 /// A frame of a buffer: its offset, payload length and payload.
+#[cfg(any(feature = "blob", test))]
 pub(crate) type Frame<'a> = (u64, u32, &'a [u8]);
 
 /// The whole frames of `bytes` (a blob), and where the last one ends.
+#[cfg(any(feature = "blob", test))]
 pub(crate) fn split(bytes: &[u8]) -> (Vec<Frame<'_>>, u64) {
     let mut frames = Vec::new();
     let mut offset = 0usize;
@@ -125,6 +127,7 @@ pub(crate) fn split(bytes: &[u8]) -> (Vec<Frame<'_>>, u64) {
 
 /// The payload of the frame at `offset` of `bytes`, checked as [`read`]
 /// checks a file's.
+#[cfg(any(feature = "blob", test))]
 pub(crate) fn read_slice(bytes: &[u8], offset: u64, len: u32) -> io::Result<&[u8]> {
     let start = usize::try_from(offset).map_err(|_| invalid("frame offset"))?;
     let payload_len = usize::try_from(len).map_err(|_| invalid("frame length"))?;

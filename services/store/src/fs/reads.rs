@@ -175,6 +175,7 @@ pub(crate) fn snapshot_of(record: Record) -> Result<Snapshot> {
     }
 }
 
+#[cfg(any(feature = "blob", test))]
 pub(crate) fn event_of(record: Record) -> Result<RecordedEvent> {
     match record {
         Record::Event(event) => Ok(event.into_event()),
