@@ -1,6 +1,8 @@
 //! `eventfold-bench append`: append throughput and latency of the event log
-//! on PostgreSQL, next to the same workload as plain `INSERT`s into a bare
-//! table on the same server.
+//! on PostgreSQL, next to the same workload as plain `INSERT`s on the same
+//! server: into a table with a primary key and UNIQUE (stream_id, version)
+//! (what any event store must enforce), and into one with the primary key
+//! only.
 //!
 //! Absolute numbers say more about the machine (CPU, disk flush latency)
 //! than about eventfold, so every row is measured twice in the same run,
@@ -23,8 +25,9 @@ use uuid::Uuid;
 #[derive(Debug, clap::Args)]
 pub(crate) struct AppendBenchArgs {
     /// PostgreSQL URL of a throw-away database: migrations are applied, the
-    /// table `bench_raw` is created and dropped, and events are appended to
-    /// (and deleted again from) streams named `bench-…`.
+    /// tables `bench_raw` and `bench_raw_pk` are created and dropped, and
+    /// events are appended to (and deleted again from) streams named
+    /// `bench-…`.
     #[arg(long, env = "EVENTFOLD_DATABASE__URL")]
     database_url: String,
 
@@ -88,7 +91,10 @@ pub(crate) async fn append(args: AppendBenchArgs) -> anyhow::Result<()> {
 
     // Leave the database as found (up to the migrations), also after a
     // failure part-way: the raw table goes, bench streams are deleted.
-    let mut cleanup = admin.batch_execute("DROP TABLE IF EXISTS bench_raw").await.context("dropping bench_raw");
+    let mut cleanup = admin
+        .batch_execute("DROP TABLE IF EXISTS bench_raw; DROP TABLE IF EXISTS bench_raw_pk")
+        .await
+        .context("dropping the raw tables");
     for &c in &args.concurrency {
         for &b in &args.batch_sizes {
             if cleanup.is_ok() {
@@ -121,24 +127,39 @@ impl Bench<'_> {
                      event_type      text,
                      data            jsonb,
                      metadata        jsonb,
+                     created_at      timestamptz DEFAULT now(),
+                     UNIQUE (stream_id, version)
+                 );
+                 DROP TABLE IF EXISTS bench_raw_pk;
+                 CREATE TABLE bench_raw_pk (
+                     global_position bigserial PRIMARY KEY,
+                     stream_id       text,
+                     version         bigint,
+                     event_id        uuid,
+                     event_type      text,
+                     data            jsonb,
+                     metadata        jsonb,
                      created_at      timestamptz DEFAULT now()
-                 )",
+                 );",
             )
             .await
-            .context("creating bench_raw")?;
+            .context("creating the raw tables")?;
 
         let args = self.args;
         println!("{machine}");
         println!();
         println!(
-            "Each row: {}s warm-up, then {}s measured, for eventfold ({} group-commit writers) and for raw INSERTs.",
+            "Each row: {}s warm-up, then {}s measured, for eventfold ({} group-commit writers) and for raw INSERTs \
+             into a table with a primary key and UNIQUE (stream_id, version), as any event store must enforce \
+             (ratio), and into one with the primary key only (ratio PK only).",
             args.warmup_secs, args.duration_secs, self.writers
         );
         println!();
         println!(
-            "| concurrency | batch | eventfold events/s | raw events/s | ratio | eventfold p50/p95/p99 ms | raw p50/p95/p99 ms |"
+            "| concurrency | batch | eventfold events/s | raw events/s | ratio | raw PK only events/s | ratio PK only | \
+             eventfold p50/p95/p99 ms | raw p50/p95/p99 ms |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for &c in &args.concurrency {
             for &b in &args.batch_sizes {
                 let streams = stream_ids(self.session, c, b);
@@ -150,23 +171,29 @@ impl Bench<'_> {
                 delete_streams(self.admin, &streams).await?;
                 self.vacuum("eventstore.events, eventstore.streams").await;
 
-                self.admin
-                    .batch_execute("TRUNCATE bench_raw RESTART IDENTITY")
-                    .await
-                    .context("truncating bench_raw")?;
-                self.settle().await?;
-                let raw = self.measure_raw(&streams, b).await?;
-                eprintln!("raw       c={c} b={b}: {}", raw.summary(b));
-                self.admin
-                    .batch_execute("TRUNCATE bench_raw RESTART IDENTITY")
-                    .await
-                    .context("truncating bench_raw")?;
-
-                let ratio = eventfold.events_per_sec(b) / raw.events_per_sec(b);
+                let mut raws = Vec::new();
+                for table in ["bench_raw", "bench_raw_pk"] {
+                    self.admin
+                        .batch_execute(&format!("TRUNCATE {table} RESTART IDENTITY"))
+                        .await
+                        .with_context(|| format!("truncating {table}"))?;
+                    self.settle().await?;
+                    let raw = self.measure_raw(table, &streams, b).await?;
+                    eprintln!("{table:<12} c={c} b={b}: {}", raw.summary(b));
+                    self.admin
+                        .batch_execute(&format!("TRUNCATE {table} RESTART IDENTITY"))
+                        .await
+                        .with_context(|| format!("truncating {table}"))?;
+                    raws.push(raw);
+                }
+                let (raw, raw_pk) = (&raws[0], &raws[1]);
                 println!(
-                    "| {c} | {b} | {} | {} | {ratio:.2}x | {} | {} |",
+                    "| {c} | {b} | {} | {} | {:.2}x | {} | {:.2}x | {} | {} |",
                     thousands(eventfold.events_per_sec(b)),
                     thousands(raw.events_per_sec(b)),
+                    eventfold.events_per_sec(b) / raw.events_per_sec(b),
+                    thousands(raw_pk.events_per_sec(b)),
+                    eventfold.events_per_sec(b) / raw_pk.events_per_sec(b),
                     eventfold.percentiles(),
                     raw.percentiles(),
                 );
@@ -208,16 +235,21 @@ impl Bench<'_> {
         drive(targets, batch, self.window()).await
     }
 
-    async fn measure_raw(&self, streams: &[String], batch: usize) -> anyhow::Result<Measurement> {
+    async fn measure_raw(&self, table: &str, streams: &[String], batch: usize) -> anyhow::Result<Measurement> {
         // One connection per appender, as an application with a pool of c
         // connections would have; connected and prepared before the clock runs.
         let sql = if batch == 1 {
-            "INSERT INTO bench_raw (stream_id, version, event_id, event_type, data, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6)"
+            format!(
+                "INSERT INTO {table} (stream_id, version, event_id, event_type, data, metadata) \
+                 VALUES ($1, $2, $3, $4, $5, $6)"
+            )
         } else {
-            "INSERT INTO bench_raw (stream_id, version, event_id, event_type, data, metadata) \
-             SELECT $1, * FROM unnest($2::bigint[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])"
+            format!(
+                "INSERT INTO {table} (stream_id, version, event_id, event_type, data, metadata) \
+                 SELECT $1, * FROM unnest($2::bigint[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])"
+            )
         };
+        let sql = sql.as_str();
         let mut targets = Vec::with_capacity(streams.len());
         for stream in streams {
             let client = connect(&self.args.database_url).await?;

@@ -14,7 +14,7 @@ use std::{
 
 use async_trait::async_trait;
 use eventfold_domain::{DomainEvent, Money, account::AccountEvent};
-use eventfold_store::RecordedEvent;
+use eventfold_store::{EventFilter, RecordedEvent};
 use tokio_postgres::Transaction;
 
 use crate::{ApplyError, Projection};
@@ -75,6 +75,10 @@ impl Projection for AccountViews {
              DROP VIEW IF EXISTS read.account_transactions;
              CREATE VIEW read.account_transactions AS SELECT * FROM read.account_transactions_v{v};"
         )
+    }
+
+    fn event_filter(&self) -> EventFilter {
+        crate::reads_of::<AccountEvent>("account-")
     }
 
     /// The batch folded in memory per account, from the rows it touches

@@ -29,7 +29,7 @@ use eventfold_domain::{
     DomainEvent,
     order::{OrderEvent, OrderItem},
 };
-use eventfold_store::RecordedEvent;
+use eventfold_store::{EventFilter, RecordedEvent};
 use tokio_postgres::Transaction;
 
 use crate::{
@@ -139,6 +139,10 @@ impl Projection for OrderAnalytics {
             .iter()
             .map(|t| format!("DROP VIEW IF EXISTS read.{t}; CREATE VIEW read.{t} AS SELECT * FROM read.{t}_v{v};\n"))
             .collect()
+    }
+
+    fn event_filter(&self) -> EventFilter {
+        crate::reads_of::<OrderEvent>("order-")
     }
 
     /// The batch folded in memory: the facts of the orders it touches (read

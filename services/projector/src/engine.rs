@@ -117,7 +117,7 @@ impl Projector {
         version: u32,
         options: ProjectorOptions,
     ) -> Self {
-        let source: Arc<dyn EventSource> = Arc::new(LogSource::new(log.clone()));
+        let source: Arc<dyn EventSource> = Arc::new(LogSource::filtered(log.clone(), projection.event_filter()));
         Self {
             database,
             log,

@@ -9,7 +9,7 @@ use std::{
 
 use async_trait::async_trait;
 use eventfold_domain::{DomainEvent, inventory::InventoryEvent};
-use eventfold_store::RecordedEvent;
+use eventfold_store::{EventFilter, RecordedEvent};
 use tokio_postgres::Transaction;
 
 use crate::{ApplyError, Projection};
@@ -78,6 +78,10 @@ impl Projection for InventoryViews {
              DROP VIEW IF EXISTS read.inventory_reservations;
              CREATE VIEW read.inventory_reservations AS SELECT * FROM read.inventory_reservations_v{v};"
         )
+    }
+
+    fn event_filter(&self) -> EventFilter {
+        crate::reads_of::<InventoryEvent>("inventory-")
     }
 
     /// The batch folded in memory per product and reservation, from the

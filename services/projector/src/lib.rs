@@ -36,7 +36,8 @@ pub use crate::{
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use eventfold_store::RecordedEvent;
+use eventfold_domain::DomainEvent;
+use eventfold_store::{EventFilter, RecordedEvent};
 use tokio_postgres::Transaction;
 
 /// Every projection of eventfold, in its default configuration.
@@ -92,6 +93,15 @@ pub trait Projection: Send + Sync + 'static {
     /// DDL pointing the public views at the tables of `version`.
     fn activate_sql(&self, version: u32) -> String;
 
+    /// The events it reads from the store's log: the read leaves the others
+    /// out server-side (the checkpoint moves over them all the same), so a
+    /// model of a few event types does not pay for the whole log. Every
+    /// event left out must be one [`Projection::apply`] ignores. Default:
+    /// every event.
+    fn event_filter(&self) -> EventFilter {
+        EventFilter::default()
+    }
+
     /// Apply one event (in its current schema version) to the tables of
     /// `version`, inside the engine's transaction. Events the projection
     /// does not care about are ignored.
@@ -115,6 +125,21 @@ pub trait Projection: Send + Sync + 'static {
     ) -> std::result::Result<bool, ApplyError> {
         Ok(false)
     }
+}
+
+/// The filter of a model that reads the events of `E` in streams starting
+/// with `prefix`, for each `(prefix, E::TYPES)` of `reads` (types of one
+/// part in another part's streams pass too: `apply` ignores them).
+pub fn reads(reads: &[(&str, &[(&str, u32)])]) -> EventFilter {
+    EventFilter {
+        stream_prefixes: reads.iter().map(|(prefix, _)| (*prefix).to_owned()).collect(),
+        event_types: reads.iter().flat_map(|(_, types)| types.iter().map(|(t, _)| (*t).to_owned())).collect(),
+    }
+}
+
+/// [`reads`] of one event enum in one stream category.
+pub fn reads_of<E: DomainEvent>(prefix: &str) -> EventFilter {
+    reads(&[(prefix, E::TYPES)])
 }
 
 /// Describes the projectors' metrics (the `# HELP` lines of `/metrics`).

@@ -5,7 +5,7 @@ use std::{collections::HashMap, time::SystemTime};
 
 use async_trait::async_trait;
 use eventfold_domain::{DomainEvent, order::OrderEvent};
-use eventfold_store::RecordedEvent;
+use eventfold_store::{EventFilter, RecordedEvent};
 use tokio_postgres::Transaction;
 
 use crate::{ApplyError, Projection};
@@ -57,6 +57,10 @@ impl Projection for OrderViews {
             "DROP VIEW IF EXISTS read.order_views; CREATE VIEW read.order_views AS SELECT * FROM {};",
             table(version)
         )
+    }
+
+    fn event_filter(&self) -> EventFilter {
+        crate::reads_of::<OrderEvent>("order-")
     }
 
     /// The batch folded in memory per order, then one upsert of every

@@ -18,7 +18,7 @@ use std::{
 
 use async_trait::async_trait;
 use eventfold_domain::{DomainEvent, order::OrderEvent, user::UserEvent};
-use eventfold_store::RecordedEvent;
+use eventfold_store::{EventFilter, RecordedEvent};
 use tokio_postgres::Transaction;
 
 use crate::{
@@ -80,6 +80,10 @@ impl Projection for UserActivity {
              DROP VIEW IF EXISTS read.user_activity;
              CREATE VIEW read.user_activity AS SELECT * FROM read.user_activity_v{v};"
         )
+    }
+
+    fn event_filter(&self) -> EventFilter {
+        crate::reads(&[("user-", UserEvent::TYPES), ("order-", OrderEvent::TYPES)])
     }
 
     /// The batch folded in memory per user and order, from the rows it

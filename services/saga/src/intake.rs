@@ -128,6 +128,12 @@ fn saga_for(event: &RecordedEvent) -> Result<Option<SagaRecord>, ApplyError> {
     })
 }
 
+/// The events that start sagas, whatever their stream (`saga_for` looks at
+/// the type alone).
+fn starters() -> EventFilter {
+    EventFilter { stream_prefixes: Vec::new(), event_types: vec!["OrderCreated".into(), "TransferRequested".into()] }
+}
+
 fn apply_error(error: Error) -> ApplyError {
     match error {
         Error::Database(db) => ApplyError::Database(db),
@@ -153,6 +159,14 @@ impl Projection for SagaIntake {
 
     fn activate_sql(&self, _version: u32) -> String {
         String::new()
+    }
+
+    fn event_filter(&self) -> EventFilter {
+        // Whatever the stream: `saga_for` looks at the type alone.
+        EventFilter {
+            stream_prefixes: Vec::new(),
+            event_types: vec!["OrderCreated".into(), "TransferRequested".into()],
+        }
     }
 
     /// The sagas of the whole batch started by one statement, and their
@@ -195,10 +209,7 @@ impl Projection for SagaIntake {
 /// it reads the log from its beginning, and a saga already started is not
 /// started twice.
 pub async fn run_in_memory(log: Arc<dyn EventLog>, sagas: Arc<MemorySagas>, token: CancellationToken) -> Result<()> {
-    let filter = EventFilter {
-        stream_prefixes: Vec::new(),
-        event_types: vec!["OrderCreated".to_owned(), "TransferRequested".to_owned()],
-    };
+    let filter = starters();
     let mut appended = log.appended();
     let mut position = 0;
     while !token.is_cancelled() {

@@ -77,6 +77,7 @@ pub trait EventSource: Send + Sync + 'static {
 /// read while the current one applies.
 pub struct LogSource {
     log: Arc<dyn EventLog>,
+    filter: EventFilter,
     prefetch: std::sync::Mutex<Option<(AllRead, tokio::task::JoinHandle<crate::Result<AllSlice>>)>>,
 }
 
@@ -88,7 +89,13 @@ impl std::fmt::Debug for LogSource {
 
 impl LogSource {
     pub fn new(log: Arc<dyn EventLog>) -> Self {
-        Self { log, prefetch: std::sync::Mutex::new(None) }
+        Self::filtered(log, EventFilter::default())
+    }
+
+    /// Only the events of `filter`: the read skips the others server-side
+    /// (still gap-safely: the checkpoint moves over them all the same).
+    pub fn filtered(log: Arc<dyn EventLog>, filter: EventFilter) -> Self {
+        Self { log, filter, prefetch: std::sync::Mutex::new(None) }
     }
 
     fn take_prefetch(&self) -> Option<(AllRead, tokio::task::JoinHandle<crate::Result<AllSlice>>)> {
@@ -99,7 +106,7 @@ impl LogSource {
 #[async_trait::async_trait]
 impl EventSource for LogSource {
     async fn pull(&self, at: Cursor<'_>, max: usize) -> Result<Pulled, SourceError> {
-        let read = AllRead { after: at.position, max_count: max.max(1), filter: EventFilter::default() };
+        let read = AllRead { after: at.position, max_count: max.max(1), filter: self.filter.clone() };
         let mut slice = None;
         if let Some((prefetched, handle)) = self.take_prefetch() {
             // A gap-safe read from the same position, only earlier.
