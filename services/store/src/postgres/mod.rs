@@ -331,6 +331,7 @@ impl EventLog for PostgresEventLog {
         let max_count = read.max_count.clamp(1, crate::model::MAX_READ_COUNT);
         let scan = if read.filter.is_empty() { max_count } else { max_count.saturating_mul(8).clamp(1000, 20_000) };
         let scan_rows = i64::try_from(scan).unwrap_or(i64::MAX);
+        let max_rows = i64::try_from(max_count).unwrap_or(i64::MAX);
         let page_bytes = i64::try_from(MAX_PAGE_BYTES).unwrap_or(i64::MAX);
         let prefixes: Option<Vec<String>> = (!read.filter.stream_prefixes.is_empty())
             .then(|| read.filter.stream_prefixes.iter().map(|p| like_prefix(p)).collect());
@@ -341,7 +342,7 @@ impl EventLog for PostgresEventLog {
         let gaps = || self.gaps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             let rows = client
-                .query(&*self.tables.sql(SCAN_SQL), &[&after, &prefixes, &types, &scan_rows, &page_bytes])
+                .query(&*self.tables.sql(SCAN_SQL), &[&after, &prefixes, &types, &scan_rows, &page_bytes, &max_rows])
                 .await
                 .map_err(db_error)?;
             let Some(first) = rows.first() else {

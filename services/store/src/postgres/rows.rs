@@ -105,21 +105,29 @@ pub(super) fn like_prefix(prefix: &str) -> String {
 /// A scan of the global log after `$1` (at most `$4` rows) that carries
 /// payloads only for rows the filter (`$2` prefixes, `$3` types) matches,
 /// and only up to `$5` bytes of them (the first matching row always): the
-/// rows beyond come without data and end the page. Sizes are computed only
+/// rows beyond come without data and end the page. The scan stops after
+/// the `$6`-th matching row (`matched_run <= $6` is a run condition of the
+/// window: PostgreSQL ends the index scan there rather than filter the rows
+/// after it), so a filter reads no further than the page it fills; the
+/// unmatched rows up to the next match may follow. Sizes are computed only
 /// for matching rows.
 pub(super) const SCAN_SQL: &str = "SELECT pg_current_snapshot()::text AS snap, \
         x.global_position, x.stream_id, x.version, x.event_id, x.event_type, x.schema_version, x.created_at, \
         x.hash, x.matched, \
         CASE WHEN x.matched AND (x.run <= $5 OR x.run = x.size) THEN x.data END AS data, \
         CASE WHEN x.matched AND (x.run <= $5 OR x.run = x.size) THEN x.metadata END AS metadata \
-      FROM (SELECT y.*, sum(y.size) OVER (ORDER BY y.global_position ROWS UNBOUNDED PRECEDING) AS run \
-            FROM (SELECT e.global_position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, \
-                         e.created_at, e.hash, e.data, e.metadata, m.matched, \
-                         CASE WHEN m.matched THEN octet_length(e.data::text) + octet_length(e.metadata::text) \
+      FROM (SELECT z.*, sum(z.size) OVER (ORDER BY z.global_position ROWS UNBOUNDED PRECEDING) AS run \
+            FROM (SELECT y.*, \
+                         CASE WHEN y.matched THEN octet_length(y.data::text) + octet_length(y.metadata::text) \
                               ELSE 0 END AS size \
-                  FROM eventstore.events e, \
-                       LATERAL (SELECT ($2::text[] IS NULL OR e.stream_id LIKE ANY ($2)) \
-                                   AND ($3::text[] IS NULL OR e.event_type = ANY ($3)) AS matched) m \
-                  WHERE e.global_position > $1 \
-                  ORDER BY e.global_position LIMIT $4) y) x \
+                    FROM (SELECT e.global_position, e.stream_id, e.version, e.event_id, e.event_type, \
+                                 e.schema_version, e.created_at, e.hash, e.data, e.metadata, m.matched, \
+                                 count(*) FILTER (WHERE m.matched) \
+                                     OVER (ORDER BY e.global_position ROWS UNBOUNDED PRECEDING) AS matched_run \
+                            FROM eventstore.events e, \
+                                 LATERAL (SELECT ($2::text[] IS NULL OR e.stream_id LIKE ANY ($2)) \
+                                             AND ($3::text[] IS NULL OR e.event_type = ANY ($3)) AS matched) m \
+                           WHERE e.global_position > $1) y \
+                   WHERE y.matched_run <= $6 \
+                   ORDER BY y.global_position LIMIT $4) z) x \
       ORDER BY x.global_position";
