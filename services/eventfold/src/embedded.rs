@@ -103,14 +103,16 @@ impl RunAs {
     }
 
     fn command(&self, program: &Path) -> Command {
-        match self {
+        let mut command = match self {
             Self::Me => Command::new(program),
             Self::Postgres { runuser, .. } => {
                 let mut command = Command::new(runuser);
                 command.args(["-u", "postgres", "--"]).arg(program);
                 command
             }
-        }
+        };
+        crate::heap::without_threshold(&mut command);
+        command
     }
 
     /// Hand `path` to the user the server runs as.

@@ -7,6 +7,7 @@ mod bus_cli;
 mod cli;
 mod config;
 mod embedded;
+mod heap;
 mod keys;
 mod probe;
 mod process;
@@ -28,6 +29,8 @@ use crate::{
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    // First, before any thread: freed large buffers must leave the process.
+    heap::fix_mmap_threshold();
     // Every HTTP client of the process (registry, JWKS, blob storage,
     // callbacks) uses rustls with ring.
     eventfold_store::install_crypto_provider();

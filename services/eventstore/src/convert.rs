@@ -57,21 +57,23 @@ fn value_to_json(value: prost_types::Value, field: &str, violations: &mut Vec<Fi
 
 /// A JSON object as a `google.protobuf.Struct` (any other value under the
 /// key `value`).
-pub fn json_to_struct(value: &Value) -> Struct {
+pub fn json_to_struct(value: Value) -> Struct {
     match value {
-        Value::Object(map) => Struct { fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect() },
+        Value::Object(map) => Struct { fields: map.into_iter().map(|(k, v)| (k, json_to_value(v))).collect() },
         other => Struct { fields: [("value".to_owned(), json_to_value(other))].into() },
     }
 }
 
-fn json_to_value(value: &Value) -> prost_types::Value {
+/// Taken apart as it is converted, so that a page of large events is never
+/// held twice (as JSON and as protobuf) at once.
+fn json_to_value(value: Value) -> prost_types::Value {
     let kind = match value {
         Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Bool(b) => Kind::BoolValue(b),
         Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => Kind::ListValue(ListValue { values: items.iter().map(json_to_value).collect() }),
-        Value::Object(_) => Kind::StructValue(json_to_struct(value)),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(items) => Kind::ListValue(ListValue { values: items.into_iter().map(json_to_value).collect() }),
+        object @ Value::Object(_) => Kind::StructValue(json_to_struct(object)),
     };
     prost_types::Value { kind: Some(kind) }
 }
@@ -95,12 +97,12 @@ pub(crate) fn metadata_from_proto(m: Option<pb::EventMetadata>) -> EventMetadata
     }
 }
 
-fn metadata_to_proto(m: &EventMetadata) -> pb::EventMetadata {
+fn metadata_to_proto(m: EventMetadata) -> pb::EventMetadata {
     pb::EventMetadata {
-        correlation_id: m.correlation_id.clone().unwrap_or_default(),
-        causation_id: m.causation_id.clone().unwrap_or_default(),
-        user_id: m.user_id.clone().unwrap_or_default(),
-        custom: m.custom.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        correlation_id: m.correlation_id.unwrap_or_default(),
+        causation_id: m.causation_id.unwrap_or_default(),
+        user_id: m.user_id.unwrap_or_default(),
+        custom: m.custom.into_iter().collect(),
     }
 }
 
@@ -112,18 +114,20 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     })
 }
 
-pub(crate) fn event_to_proto(e: &RecordedEvent) -> pb::RecordedEvent {
+/// Consumes `e`: its payload moves into the message rather than being
+/// copied (see [`json_to_struct`]).
+pub(crate) fn event_to_proto(e: RecordedEvent) -> pb::RecordedEvent {
     pb::RecordedEvent {
         event_id: e.event_id.to_string(),
-        stream_id: e.stream_id.clone(),
+        hash: hex(&e.hash),
+        stream_id: e.stream_id,
         version: e.version,
         global_position: e.global_position,
-        event_type: e.event_type.clone(),
+        event_type: e.event_type,
         schema_version: e.schema_version,
-        data: Some(json_to_struct(&e.data)),
-        metadata: Some(metadata_to_proto(&e.metadata)),
+        data: Some(json_to_struct(e.data)),
+        metadata: Some(metadata_to_proto(e.metadata)),
         create_time: Some(timestamp(e.created_at)),
-        hash: hex(&e.hash),
     }
 }
 
@@ -147,7 +151,7 @@ pub(crate) fn snapshot_to_proto(s: &Snapshot) -> pb::Snapshot {
         stream_id: s.stream_id.clone(),
         version: s.version,
         schema_version: s.schema_version,
-        state: Some(json_to_struct(&s.state)),
+        state: Some(json_to_struct(s.state.clone())),
         create_time: Some(timestamp(s.created_at)),
     }
 }
@@ -179,7 +183,7 @@ mod tests {
     fn json_survives_struct_round_trips() {
         let json = json!({"s": "x", "i": 42, "f": 2.5, "b": true, "n": null, "l": [1, {"k": "v"}], "o": {"x": -7}});
         let mut violations = Vec::new();
-        let back = struct_to_json(json_to_struct(&json), "data", &mut violations);
+        let back = struct_to_json(json_to_struct(json.clone()), "data", &mut violations);
         assert!(violations.is_empty());
         assert_eq!(back, json);
     }

@@ -170,7 +170,7 @@ impl EventStoreService for EventStoreGrpc {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ReadStreamResponse {
-            events: slice.events.iter().map(event_to_proto).collect(),
+            events: slice.events.into_iter().map(event_to_proto).collect(),
             stream_version: slice.stream_version.unwrap_or_default(),
             end_of_stream: slice.end_of_stream,
         }))
@@ -217,7 +217,7 @@ impl EventStoreService for EventStoreGrpc {
         };
         Ok(Response::new(pb::ReadStreamAtResponse {
             has_more: !slice.end_of_stream,
-            events: slice.events.iter().map(event_to_proto).collect(),
+            events: slice.events.into_iter().map(event_to_proto).collect(),
             version_at,
         }))
     }
@@ -231,7 +231,7 @@ impl EventStoreService for EventStoreGrpc {
         read.validate().map_err(status)?;
         let slice = self.log.read_all(read).await.map_err(status)?;
         Ok(Response::new(pb::ReadAllResponse {
-            events: slice.events.iter().map(event_to_proto).collect(),
+            events: slice.events.into_iter().map(event_to_proto).collect(),
             next_position: slice.next_position,
             end_of_log: slice.end_of_log,
         }))
@@ -273,7 +273,7 @@ impl EventStoreService for EventStoreGrpc {
         let messages = ReceiverStream::new(self.subscriptions.subscribe(target, interval)).map(|item| {
             item.map_err(status).map(|message| pb::SubscribeResponse {
                 message: Some(match message {
-                    SubscriptionMessage::Event(e) => pb::subscribe_response::Message::Event(event_to_proto(&e)),
+                    SubscriptionMessage::Event(e) => pb::subscribe_response::Message::Event(event_to_proto(e)),
                     SubscriptionMessage::CaughtUp(position) => {
                         pb::subscribe_response::Message::CaughtUp(pb::CaughtUp { position })
                     }

@@ -94,7 +94,7 @@ pub fn event_to_proto(event: &RecordedEvent) -> pb::TopicEvent {
         event_type: event.event_type.clone(),
         key: event.stream_id.clone(),
         version: event.version,
-        data: Some(json_to_struct(&event.data)),
+        data: Some(json_to_struct(event.data.clone())),
         metadata: event.metadata.custom.clone().into_iter().collect(),
         publish_time: Some(timestamp(event.created_at)),
     }

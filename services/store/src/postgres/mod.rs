@@ -359,14 +359,17 @@ impl EventLog for PostgresEventLog {
             let mut blocked = false;
             let mut full = false;
             let mut matched: usize = 0;
-            for row in &rows {
+            let scanned = rows.len();
+            // Each row is dropped once its event is made: a page of large
+            // events is not held twice (as rows and as events) at once.
+            for row in rows {
                 let at = from_bigint(row.get("global_position"));
                 if at != position.saturating_add(1) && at > resolved_upto {
                     blocked = true;
                     break;
                 }
                 if row.get::<_, bool>("matched") {
-                    let Some(event) = event_from_row(row)? else {
+                    let Some(event) = event_from_row(&row)? else {
                         // Beyond the page's byte budget: the page ends here.
                         full = true;
                         break;
@@ -383,7 +386,7 @@ impl EventLog for PostgresEventLog {
                 return Ok(AllSlice { events, next_position: position, end_of_log: false });
             }
             if !blocked {
-                let end_of_log = rows.len() < scan && matched < max_count;
+                let end_of_log = scanned < scan && matched < max_count;
                 return Ok(AllSlice { events, next_position: position, end_of_log });
             }
             if position > read.after || Instant::now() >= deadline {
