@@ -13,7 +13,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use eventfold_domain::{DomainEvent, Money, account::AccountEvent};
+use eventfold_domain::{
+    DomainEvent, Money,
+    account::{AccountEvent, TransferRefunded},
+};
 use eventfold_store::{EventFilter, RecordedEvent};
 use tokio_postgres::Transaction;
 
@@ -134,6 +137,96 @@ struct Movement<'a> {
     credit: bool,
 }
 
+impl<'a> Movement<'a> {
+    /// The movement of a deposit, a withdrawal, or a transfer sent or
+    /// received; `None` for the other events (a refund needs the transfer
+    /// it undoes: [`Movement::refund`]).
+    fn of(event: &'a AccountEvent) -> Option<Self> {
+        Some(match event {
+            AccountEvent::Deposited(e) => Self {
+                account_id: &e.account_id,
+                kind: "deposit",
+                transaction_id: &e.transaction_id,
+                counterparty: None,
+                amount: e.amount,
+                balance: e.balance,
+                reason: None,
+                credit: true,
+            },
+            AccountEvent::Withdrawn(e) => Self {
+                account_id: &e.account_id,
+                kind: "withdrawal",
+                transaction_id: &e.transaction_id,
+                counterparty: None,
+                amount: e.amount,
+                balance: e.balance,
+                reason: None,
+                credit: false,
+            },
+            AccountEvent::TransferSent(e) => Self {
+                account_id: &e.account_id,
+                kind: "transfer_sent",
+                transaction_id: &e.transfer_id,
+                counterparty: Some(e.to_account_id.clone()),
+                amount: e.amount,
+                balance: e.balance,
+                reason: None,
+                credit: false,
+            },
+            AccountEvent::TransferReceived(e) => Self {
+                account_id: &e.account_id,
+                kind: "transfer_received",
+                transaction_id: &e.transfer_id,
+                counterparty: Some(e.from_account_id.clone()),
+                amount: e.amount,
+                balance: e.balance,
+                reason: None,
+                credit: true,
+            },
+            _ => return None,
+        })
+    }
+
+    /// The refund `e` of the transfer that sent `sent_minor` to
+    /// `counterparty`: it goes back to where the transfer was sent from, and
+    /// must give back what was sent.
+    fn refund(e: &'a TransferRefunded, counterparty: Option<String>, sent_minor: i64) -> Result<Self, ApplyError> {
+        if sent_minor != e.amount.minor {
+            return Err(inconsistent(format!(
+                "refund of {} for transfer {} of {sent_minor}",
+                e.amount.minor, e.transfer_id
+            )));
+        }
+        Ok(Self {
+            account_id: &e.account_id,
+            kind: "transfer_refunded",
+            transaction_id: &e.transfer_id,
+            counterparty,
+            amount: e.amount,
+            balance: e.balance,
+            reason: Some(&e.reason),
+            credit: true,
+        })
+    }
+
+    /// The balance before the movement: amount and balance in one currency,
+    /// the difference in range.
+    fn balance_before(&self) -> Result<i64, ApplyError> {
+        if self.amount.currency != self.balance.currency {
+            return Err(inconsistent(format!(
+                "amount in {}, balance in {}",
+                self.amount.currency, self.balance.currency
+            )));
+        }
+        if self.credit {
+            self.balance.minor.checked_sub(self.amount.minor)
+        } else {
+            self.balance.minor.checked_add(self.amount.minor)
+        }
+        .ok_or_else(|| inconsistent("the balance before the movement is out of range"))
+    }
+}
+
 async fn apply_account_event(
     tx: &Transaction<'_>,
     v: u32,
@@ -142,7 +235,7 @@ async fn apply_account_event(
 ) -> Result<(), ApplyError> {
     let accounts = format!("read.accounts_v{v}");
     let (at, version, position) = (recorded.created_at, recorded.version as i64, recorded.global_position as i64);
-    let movement = match &event {
+    let m = match &event {
         AccountEvent::Opened(e) => {
             let inserted = tx
                 .execute(
@@ -194,46 +287,6 @@ async fn apply_account_event(
             .await?;
             return Ok(());
         }
-        AccountEvent::Deposited(e) => Movement {
-            account_id: &e.account_id,
-            kind: "deposit",
-            transaction_id: &e.transaction_id,
-            counterparty: None,
-            amount: e.amount,
-            balance: e.balance,
-            reason: None,
-            credit: true,
-        },
-        AccountEvent::Withdrawn(e) => Movement {
-            account_id: &e.account_id,
-            kind: "withdrawal",
-            transaction_id: &e.transaction_id,
-            counterparty: None,
-            amount: e.amount,
-            balance: e.balance,
-            reason: None,
-            credit: false,
-        },
-        AccountEvent::TransferSent(e) => Movement {
-            account_id: &e.account_id,
-            kind: "transfer_sent",
-            transaction_id: &e.transfer_id,
-            counterparty: Some(e.to_account_id.clone()),
-            amount: e.amount,
-            balance: e.balance,
-            reason: None,
-            credit: false,
-        },
-        AccountEvent::TransferReceived(e) => Movement {
-            account_id: &e.account_id,
-            kind: "transfer_received",
-            transaction_id: &e.transfer_id,
-            counterparty: Some(e.from_account_id.clone()),
-            amount: e.amount,
-            balance: e.balance,
-            reason: None,
-            credit: true,
-        },
         AccountEvent::TransferRefunded(e) => {
             // The refund goes back to where the transfer was sent from: its
             // counterparty is the account the transfer was sent to.
@@ -249,36 +302,11 @@ async fn apply_account_event(
                 .ok_or_else(|| {
                     inconsistent(format!("account {} sent no transfer {} to refund", e.account_id, e.transfer_id))
                 })?;
-            if sent.get::<_, i64>(1) != e.amount.minor {
-                return Err(inconsistent(format!(
-                    "refund of {} for transfer {} of {}",
-                    e.amount.minor,
-                    e.transfer_id,
-                    sent.get::<_, i64>(1)
-                )));
-            }
-            Movement {
-                account_id: &e.account_id,
-                kind: "transfer_refunded",
-                transaction_id: &e.transfer_id,
-                counterparty: sent.get(0),
-                amount: e.amount,
-                balance: e.balance,
-                reason: Some(&e.reason),
-                credit: true,
-            }
+            Movement::refund(e, sent.get(0), sent.get(1))?
         }
+        other => Movement::of(other).ok_or_else(|| inconsistent("the event moves no money"))?,
     };
-    let m = movement;
-    if m.amount.currency != m.balance.currency {
-        return Err(inconsistent(format!("amount in {}, balance in {}", m.amount.currency, m.balance.currency)));
-    }
-    let before = if m.credit {
-        m.balance.minor.checked_sub(m.amount.minor)
-    } else {
-        m.balance.minor.checked_add(m.amount.minor)
-    }
-    .ok_or_else(|| inconsistent("the balance before the movement is out of range"))?;
+    let before = m.balance_before()?;
     let changed = tx
         .execute(
             &format!(
@@ -502,78 +530,16 @@ impl AccountFold {
                 }
                 return Ok(());
             }
-            AccountEvent::Deposited(e) => Movement {
-                account_id: &e.account_id,
-                kind: "deposit",
-                transaction_id: &e.transaction_id,
-                counterparty: None,
-                amount: e.amount,
-                balance: e.balance,
-                reason: None,
-                credit: true,
-            },
-            AccountEvent::Withdrawn(e) => Movement {
-                account_id: &e.account_id,
-                kind: "withdrawal",
-                transaction_id: &e.transaction_id,
-                counterparty: None,
-                amount: e.amount,
-                balance: e.balance,
-                reason: None,
-                credit: false,
-            },
-            AccountEvent::TransferSent(e) => Movement {
-                account_id: &e.account_id,
-                kind: "transfer_sent",
-                transaction_id: &e.transfer_id,
-                counterparty: Some(e.to_account_id.clone()),
-                amount: e.amount,
-                balance: e.balance,
-                reason: None,
-                credit: false,
-            },
-            AccountEvent::TransferReceived(e) => Movement {
-                account_id: &e.account_id,
-                kind: "transfer_received",
-                transaction_id: &e.transfer_id,
-                counterparty: Some(e.from_account_id.clone()),
-                amount: e.amount,
-                balance: e.balance,
-                reason: None,
-                credit: true,
-            },
             AccountEvent::TransferRefunded(e) => {
                 let (counterparty, sent_minor) =
                     self.sent.get(&(e.account_id.clone(), e.transfer_id.clone())).cloned().ok_or_else(|| {
                         inconsistent(format!("account {} sent no transfer {} to refund", e.account_id, e.transfer_id))
                     })?;
-                if sent_minor != e.amount.minor {
-                    return Err(inconsistent(format!(
-                        "refund of {} for transfer {} of {sent_minor}",
-                        e.amount.minor, e.transfer_id
-                    )));
-                }
-                Movement {
-                    account_id: &e.account_id,
-                    kind: "transfer_refunded",
-                    transaction_id: &e.transfer_id,
-                    counterparty,
-                    amount: e.amount,
-                    balance: e.balance,
-                    reason: Some(&e.reason),
-                    credit: true,
-                }
+                Movement::refund(e, counterparty, sent_minor)?
             }
+            other => Movement::of(other).ok_or_else(|| inconsistent("the event moves no money"))?,
         };
-        if m.amount.currency != m.balance.currency {
-            return Err(inconsistent(format!("amount in {}, balance in {}", m.amount.currency, m.balance.currency)));
-        }
-        let before = if m.credit {
-            m.balance.minor.checked_sub(m.amount.minor)
-        } else {
-            m.balance.minor.checked_add(m.amount.minor)
-        }
-        .ok_or_else(|| inconsistent("the balance before the movement is out of range"))?;
+        let before = m.balance_before()?;
         let account = self
             .accounts
             .get_mut(m.account_id)
