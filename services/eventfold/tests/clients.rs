@@ -14,19 +14,6 @@ use common::DevServer;
 
 const CLIENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/clients");
 
-/// `eventfold dev` with the read side, on a database of its own, its
-/// gateway on a free port.
-fn server() -> (eventfold_tests::TestDatabase, DevServer) {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let db = runtime.block_on(eventfold_tests::TestDatabase::create());
-    let server = DevServer::start_env(
-        &["--database-url", db.url()],
-        &[("EVENTFOLD_GATEWAY__LISTEN", "127.0.0.1:0")],
-        "eventfold: EventStoreService and the command and query services listening on ",
-    );
-    (db, server)
-}
-
 /// Runs `tests/clients/example NAME ADDRESS`; what it printed, after
 /// checking that it succeeded.
 fn example(name: &str, address: &str) -> String {
@@ -68,21 +55,21 @@ fn assert_results(name: &str, out: &str, statuses: (&str, &str)) {
 
 #[test]
 fn the_python_client_runs_the_order_flow_over_grpc() {
-    let (_db, server) = server();
+    let (_db, server) = DevServer::with_read_side();
     let out = example("python", &server.addr);
     assert_results("python", &out, ("SAGA_STATUS_COMPLETED", "SAGA_STATUS_FAILED"));
 }
 
 #[test]
 fn the_typescript_grpc_client_runs_the_order_flow_over_grpc() {
-    let (_db, server) = server();
+    let (_db, server) = DevServer::with_read_side();
     let out = example("typescript-grpc", &server.addr);
     assert_results("typescript-grpc", &out, ("COMPLETED", "FAILED"));
 }
 
 #[test]
 fn the_typescript_rest_client_runs_the_order_flow_through_the_gateway() {
-    let (_db, server) = server();
+    let (_db, server) = DevServer::with_read_side();
     let out = example("typescript-rest", &format!("http://{}", server.rest_addr()));
     assert_results("typescript-rest", &out, ("SAGA_STATUS_COMPLETED", "SAGA_STATUS_FAILED"));
 }

@@ -379,13 +379,7 @@ fn the_required_fields_are_exactly_the_ones_refused_when_empty() {
 
     let protoset_file = common::protoset_file();
     let protoset = protoset_file.path().to_string_lossy().into_owned();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let db = runtime.block_on(eventfold_tests::TestDatabase::create());
-    let server = DevServer::start_env(
-        &["--database-url", db.url()],
-        &[("EVENTFOLD_GATEWAY__LISTEN", "127.0.0.1:0")],
-        "eventfold: EventStoreService and the command and query services listening on ",
-    );
+    let (_db, server) = DevServer::with_read_side();
 
     let mut mismatches = Vec::new();
     let mut conditional_seen = BTreeSet::new();

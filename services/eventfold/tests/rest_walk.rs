@@ -707,13 +707,7 @@ fn every_annotated_rpc_answers_over_rest_what_it_answers_over_grpc() {
     }
     let protoset_file = common::protoset_file();
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let db = runtime.block_on(eventfold_tests::TestDatabase::create());
-    let server = DevServer::start_env(
-        &["--database-url", db.url()],
-        &[("EVENTFOLD_GATEWAY__LISTEN", "127.0.0.1:0")],
-        "eventfold: EventStoreService and the command and query services listening on ",
-    );
+    let (_db, server) = DevServer::with_read_side();
     let ends = Ends {
         server: &server,
         base: format!("http://{}", server.rest_addr()),

@@ -240,6 +240,20 @@ impl DevServer {
         Self::start_command(command, args, env, prefix)
     }
 
+    /// `eventfold dev` with the read side, on a throw-away database of its
+    /// own (returned: it lives as long as the caller keeps it), its gateway
+    /// on a free port.
+    pub fn with_read_side() -> (eventfold_tests::TestDatabase, Self) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let db = runtime.block_on(eventfold_tests::TestDatabase::create());
+        let server = Self::start_env(
+            &["--database-url", db.url()],
+            &[("EVENTFOLD_GATEWAY__LISTEN", "127.0.0.1:0")],
+            "eventfold: EventStoreService and the command and query services listening on ",
+        );
+        (db, server)
+    }
+
     /// `eventfold COMMAND ARGS` (a server); its first line starts `prefix`.
     pub fn start_command(command: &[&str], args: &[&str], env: &[(&str, &str)], prefix: &str) -> Self {
         let (process, line) = spawn_process(command, args, env, "");
