@@ -21,6 +21,10 @@ use serde_json::{Value, json};
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
+/// The raw tables, each with what it enforces beside its primary key: the
+/// first as any event store must (the ratio), the second nothing more.
+const RAW_TABLES: [(&str, &str); 2] = [("bench_raw", ",\n UNIQUE (stream_id, version)"), ("bench_raw_pk", "")];
+
 /// Arguments of `eventfold-bench append`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AppendBenchArgs {
@@ -91,10 +95,8 @@ pub(crate) async fn append(args: AppendBenchArgs) -> anyhow::Result<()> {
 
     // Leave the database as found (up to the migrations), also after a
     // failure part-way: the raw table goes, bench streams are deleted.
-    let mut cleanup = admin
-        .batch_execute("DROP TABLE IF EXISTS bench_raw; DROP TABLE IF EXISTS bench_raw_pk")
-        .await
-        .context("dropping the raw tables");
+    let drop: String = RAW_TABLES.iter().map(|(table, _)| format!("DROP TABLE IF EXISTS {table};")).collect();
+    let mut cleanup = admin.batch_execute(&drop).await.context("dropping the raw tables");
     for &c in &args.concurrency {
         for &b in &args.batch_sizes {
             if cleanup.is_ok() {
@@ -116,10 +118,11 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     async fn run(&self, machine: &str) -> anyhow::Result<()> {
-        self.admin
-            .batch_execute(
-                "DROP TABLE IF EXISTS bench_raw;
-                 CREATE TABLE bench_raw (
+        let mut ddl = String::new();
+        for (table, constraint) in RAW_TABLES {
+            ddl.push_str(&format!(
+                "DROP TABLE IF EXISTS {table};
+                 CREATE TABLE {table} (
                      global_position bigserial PRIMARY KEY,
                      stream_id       text,
                      version         bigint,
@@ -127,23 +130,11 @@ impl Bench<'_> {
                      event_type      text,
                      data            jsonb,
                      metadata        jsonb,
-                     created_at      timestamptz DEFAULT now(),
-                     UNIQUE (stream_id, version)
-                 );
-                 DROP TABLE IF EXISTS bench_raw_pk;
-                 CREATE TABLE bench_raw_pk (
-                     global_position bigserial PRIMARY KEY,
-                     stream_id       text,
-                     version         bigint,
-                     event_id        uuid,
-                     event_type      text,
-                     data            jsonb,
-                     metadata        jsonb,
-                     created_at      timestamptz DEFAULT now()
-                 );",
-            )
-            .await
-            .context("creating the raw tables")?;
+                     created_at      timestamptz DEFAULT now(){constraint}
+                 );"
+            ));
+        }
+        self.admin.batch_execute(&ddl).await.context("creating the raw tables")?;
 
         let args = self.args;
         println!("{machine}");
@@ -172,7 +163,7 @@ impl Bench<'_> {
                 self.vacuum("eventstore.events, eventstore.streams").await;
 
                 let mut raws = Vec::new();
-                for table in ["bench_raw", "bench_raw_pk"] {
+                for (table, _) in RAW_TABLES {
                     self.admin
                         .batch_execute(&format!("TRUNCATE {table} RESTART IDENTITY"))
                         .await
