@@ -655,7 +655,7 @@ impl AccountFold {
         if inserted == m.len() as u64 {
             Ok(())
         } else {
-            Err(inconsistent(format!("{} movements are stored already", m.len() as u64 - inserted)))
+            Err(inconsistent(format!("{} movements are stored already", (m.len() as u64).saturating_sub(inserted))))
         }
     }
 }

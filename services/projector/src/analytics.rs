@@ -749,7 +749,7 @@ impl AnalyticsFold {
             if changed != others.len() as u64 {
                 return Err(inconsistent(format!(
                     "{} customers have no orders in {}",
-                    others.len() as u64 - changed,
+                    (others.len() as u64).saturating_sub(changed),
                     t.customers
                 )));
             }

@@ -514,7 +514,7 @@ impl UserFold {
         if inserted == a.len() as u64 {
             Ok(())
         } else {
-            Err(inconsistent(format!("{} timeline rows are stored already", a.len() as u64 - inserted)))
+            Err(inconsistent(format!("{} timeline rows are stored already", (a.len() as u64).saturating_sub(inserted))))
         }
     }
 }
