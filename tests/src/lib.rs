@@ -18,6 +18,7 @@ pub mod store;
 pub mod tls;
 
 use std::collections::hash_map::RandomState;
+use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, TcpListener};
@@ -498,19 +499,29 @@ done"#;
         RunAs::Me => String::new(),
         RunAs::Postgres(runuser) => format!("{} -u postgres --", runuser.display()),
     };
+    let env: [(&str, &OsStr); 4] = [
+        ("EF_RUN_AS", run_as.as_ref()),
+        ("EF_PG_CTL", pg_ctl.as_os_str()),
+        ("EF_DATA", data.as_os_str()),
+        ("EF_DIR", dir.as_os_str()),
+    ];
+    watchdog_shell("test server", SCRIPT, &env)
+}
+
+/// `sh -c script` with `env`, detached (its own process group, in `/`, no
+/// output), its stdin a pipe whose closing tells it to stop what it runs:
+/// the pipe and the child.
+fn watchdog_shell(what: &str, script: &str, env: &[(&str, &OsStr)]) -> Result<(ChildStdin, Child), String> {
     let mut child = Command::new("sh")
-        .args(["-c", SCRIPT])
-        .env("EF_RUN_AS", run_as)
-        .env("EF_PG_CTL", pg_ctl)
-        .env("EF_DATA", data)
-        .env("EF_DIR", dir)
+        .args(["-c", script])
+        .envs(env.iter().copied())
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("cannot start the test server's watchdog (sh): {e}"))?;
+        .map_err(|e| format!("cannot start the {what} watchdog (sh): {e}"))?;
     let stdin = child.stdin.take().ok_or_else(|| "the watchdog has no stdin".to_owned())?;
     Ok((stdin, child))
 }
@@ -524,25 +535,17 @@ done"#;
 pub(crate) fn watched_server(
     what: &str,
     script: &str,
-    env: &[(&str, &std::ffi::OsStr)],
+    env: &[(&str, &OsStr)],
     timeout: Duration,
     ready: impl Fn(u16) -> Result<(), String>,
 ) -> Result<(u16, ChildStdin), String> {
     let mut last_error = String::new();
     for _attempt in 0..3 {
         let port = free_port()?;
-        let mut child = Command::new("sh")
-            .args(["-c", script])
-            .envs(env.iter().copied())
-            .env("EF_PORT", port.to_string())
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot start the {what} watchdog (sh): {e}"))?;
-        let watchdog = child.stdin.take().ok_or_else(|| "the watchdog has no stdin".to_owned())?;
+        let port_text = port.to_string();
+        let mut env = env.to_vec();
+        env.push(("EF_PORT", port_text.as_ref()));
+        let (watchdog, _child) = watchdog_shell(what, script, &env)?;
         let deadline = Instant::now() + timeout;
         loop {
             match ready(port) {
