@@ -2,10 +2,11 @@
 //!
 //! - Appends go through a group commit (`writer.rs`): concurrent appends are
 //!   queued and a few writer tasks, each with its own connection, take
-//!   whatever is queued and run it as one `eventstore.append_batch(...)`
-//!   call, i.e. one round trip and one transaction for many appends. Every
-//!   append keeps its own expected-version check, so one append's conflict
-//!   never fails another. The writers run supervised: one that crashes
+//!   whatever is queued and run it as one batch (`append.rs`): one
+//!   transaction of two pipelined round trips for many appends, with the
+//!   checks and the hash chain computed here from the locked stream heads.
+//!   Every append keeps its own expected-version check, so one append's
+//!   conflict never fails another. The writers run supervised: one that crashes
 //!   (panics) is started again, and the appends of its batch answer
 //!   `Unavailable` (outcome unknown; a retry with the same request id gets
 //!   the first answer). [`append_in`] runs the same call inside a caller's
@@ -27,6 +28,7 @@
 //! `rows.rs` turns rows into the store's model and holds the SQL the reads
 //! share.
 
+mod append;
 mod notify;
 mod requests;
 mod rows;
@@ -51,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::{
     notify::notify_appended,
     tables::{MAX_SCHEMA_LEN, MAX_TABLE_LEN, Tables, is_plain_identifier},
-    writer::append_in,
+    writer::{append_all_in, append_in},
 };
 use self::{
     requests::{forget_requests, prune_requests},
@@ -65,7 +67,6 @@ use self::{
 use crate::{
     backoff::Backoff,
     error::{Error, Result},
-    hash,
     log::EventLog,
     model::{
         AllRead, AllSlice, AppendOutcome, AppendRequest, Direction, ExpectedVersion, ListStreams, MAX_PAGE_BYTES,
@@ -243,11 +244,7 @@ impl PostgresEventLog {
 impl EventLog for PostgresEventLog {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {
         request.validate()?;
-        let contents = request
-            .events
-            .iter()
-            .map(|e| hash::content_digest(&e.event_id, &e.event_type, e.schema_version, &e.data, &e.metadata).to_vec())
-            .collect();
+        let contents = writer::content_digests(&request);
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job { key: request.request_key(), request, contents, reply })
