@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use eventfold_proto::orders::{CreateOrderRequest, order_command_service_client::OrderCommandServiceClient};
-use eventfold_store::{EventLog, PostgresConfig, PostgresEventLog, Upcasting};
+use eventfold_store::{EventLog, Metered, PostgresConfig, PostgresEventLog, Upcasting};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_postgres::{Client, Statement};
 use tonic::transport::Channel;
@@ -30,6 +30,7 @@ use eventfold_platform::{runtime::CancellationToken, server::GrpcServer};
 use crate::{
     append::{Measurement, connect, migrated, ms, thousands},
     pacing::{create_order_request, delete_orders},
+    stages::{Capture, percentile},
 };
 
 /// Arguments of `eventfold-bench commands`.
@@ -100,6 +101,8 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
     if args.rates.is_empty() || args.rates.contains(&0) {
         bail!("--rates needs values of at least 1");
     }
+    // What the services record as they serve, for the stage table.
+    let capture = Capture::install()?;
     let (admin, machine) = migrated(&args.database_url).await?;
     admin
         .batch_execute(
@@ -115,7 +118,8 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
     let config = PostgresConfig { writers: args.writers.unwrap_or(defaults.writers).max(1), ..defaults };
     let writers = config.writers;
     let store = PostgresEventLog::connect(eventfold_store::Database::from_url(&args.database_url)?, config).await?;
-    let log: Arc<dyn EventLog> = Arc::new(Upcasting::new(Arc::new(store), eventfold_command::upcasters()));
+    let log: Arc<dyn EventLog> =
+        Arc::new(Upcasting::new(Arc::new(Metered::new(store)), eventfold_command::upcasters()));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
@@ -155,19 +159,23 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
     let warmup = Duration::from_secs(args.warmup_secs);
     let duration = Duration::from_secs(args.duration_secs);
     let mut best = (None, None);
+    let mut stage_rows = Vec::new();
     let mut result = Ok(());
     for &rate in &args.rates {
         let clients = clients.clone();
         let tag = session.clone();
-        let eventfold = open_loop(rate, warmup, duration, move |i| {
+        let eventfold = open_loop(rate, warmup, duration, Some(&capture), move |i| {
             let mut client = clients[i % clients.len()].clone();
             let request = create_order(&tag, rate, i);
             async move { client.create_order(request).await.map(drop).map_err(anyhow::Error::from) }
         })
         .await;
+        if let Ok(run) = &eventfold {
+            stage_rows.push(stage_row(rate, &run.measurement, &capture));
+        }
         let raw_pool = raw.clone();
         let tag = session.clone();
-        let raw_run = open_loop(rate, warmup, duration, move |i| {
+        let raw_run = open_loop(rate, warmup, duration, None, move |i| {
             let raw_pool = raw_pool.clone();
             let request = create_order(&tag, rate, i);
             async move {
@@ -202,6 +210,23 @@ pub(crate) async fn commands(args: CommandBenchArgs) -> anyhow::Result<()> {
         }
     }
     if result.is_ok() {
+        println!();
+        println!(
+            "Where eventfold's time goes (p50 / p99 ms of each stage, as the services record it; each stage holds the \
+             ones after it): end to end from the scheduled send; the gRPC server (from its metrics layer to the \
+             status); the command bus (validation, idempotency, aggregate load, decision, append); the store's \
+             append (queue wait and group commit); one group commit (its transaction of two round trips, with \
+             retries); and appends per group commit."
+        );
+        println!();
+        println!(
+            "| rate/s | end to end | gRPC server | command bus | store append | group commit | appends per commit |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        for row in &stage_rows {
+            println!("{row}");
+        }
+        println!();
         let show = |r: Option<u32>| r.map_or_else(|| "none of the rates".to_owned(), |r| format!("{r}/s"));
         println!();
         println!(
@@ -225,9 +250,39 @@ fn create_order(session: &str, rate: u32, i: usize) -> CreateOrderRequest {
     create_order_request(format!("cbench-{session}-{rate}-{i}"), i)
 }
 
+/// A row of the stage table: the percentiles of each stage the services
+/// recorded during `rate`'s measured span.
+fn stage_row(rate: u32, end_to_end: &Measurement, capture: &Capture) -> String {
+    let seconds = |name: &str| {
+        let values = capture.sorted(name);
+        let at = |p| percentile(&values, p).map_or_else(|| "–".to_owned(), |s| ms(s * 1000.0));
+        format!("{} / {}", at(50.0), at(99.0))
+    };
+    let size = capture.sorted("eventfold_store_group_commit_size");
+    let appends = |p| percentile(&size, p).map_or_else(|| "–".to_owned(), |n| format!("{n:.0}"));
+    format!(
+        "| {rate} | {} / {} | {} | {} | {} | {} | {} / {} |",
+        ms(end_to_end.percentile_ms(50.0)),
+        ms(end_to_end.percentile_ms(99.0)),
+        seconds(eventfold_platform::metrics::HANDLING_SECONDS),
+        seconds("eventfold_command_duration_seconds"),
+        seconds("eventfold_store_append_seconds"),
+        seconds("eventfold_store_group_commit_seconds"),
+        appends(50.0),
+        appends(99.0),
+    )
+}
+
 /// Sends `call(i)` at `rate` per second for `warmup + duration`; the
-/// latencies of the calls scheduled inside the measured span.
-async fn open_loop<F, Fut>(rate: u32, warmup: Duration, duration: Duration, call: F) -> anyhow::Result<Run>
+/// latencies of the calls scheduled inside the measured span. `capture`,
+/// if given, is cleared when the measured span starts.
+async fn open_loop<F, Fut>(
+    rate: u32,
+    warmup: Duration,
+    duration: Duration,
+    capture: Option<&Capture>,
+    call: F,
+) -> anyhow::Result<Run>
 where
     F: Fn(usize) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -247,6 +302,9 @@ where
         }
         tokio::time::sleep_until(scheduled.into()).await;
         let measured = scheduled >= measure_from;
+        if measured && scheduled_in_window == 0 {
+            capture.inspect(|c| c.clear());
+        }
         scheduled_in_window += usize::from(measured);
         let future = call(i);
         let errors = errors.clone();

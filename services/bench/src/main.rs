@@ -11,6 +11,7 @@ mod pacing;
 mod queries;
 mod rebuild;
 mod relay;
+mod stages;
 
 use std::process::ExitCode;
 

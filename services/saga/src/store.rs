@@ -168,7 +168,7 @@ pub async fn find(
 /// commit). A save by someone else since is an [`Error::Conflict`] and
 /// changes nothing.
 pub async fn save(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     record: &mut SagaRecord,
     log: &[StepLog],
     events: &[SagaEvent],

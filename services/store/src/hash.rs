@@ -2,9 +2,11 @@
 //! `sha256(previous link ‖ version ‖ created_at µs ‖ stream id ‖ content)`
 //! where `content` digests the event id, type, schema version and the
 //! canonical JSON of data and metadata; the first link's predecessor is 32
-//! zero bytes. The PostgreSQL adapter computes links in SQL with exactly this
-//! layout (see `migrations/0001_event_store.up.sql`); verification recomputes
-//! them here from what is stored.
+//! zero bytes. Every adapter computes links with [`link`] (the PostgreSQL
+//! one from the stream heads it locks, with the database's clock; the SQL
+//! function `eventstore.append_batch` of `migrations/0001_event_store.up.sql`
+//! computes the same layout and stays as the reference of its tests), and
+//! verification recomputes them from what is stored.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};

@@ -136,6 +136,10 @@ pub fn describe() {
         "eventfold_store_group_commit_size",
         "Appends committed together by one PostgreSQL group commit"
     );
+    metrics::describe_histogram!(
+        "eventfold_store_group_commit_seconds",
+        "Latency of one PostgreSQL group commit (its transaction and retries), in seconds"
+    );
     metrics::describe_gauge!("eventfold_store_subscribers", "Subscriptions running");
     metrics::describe_counter!(
         "eventfold_store_subscribers_fell_behind_total",

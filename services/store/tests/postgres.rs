@@ -365,65 +365,79 @@ async fn explain_skips(url: &str, missing: &[u64]) -> String {
 // ---------------------------------------------------------------------------
 // 2. Out-of-order commits.
 
-/// One `eventstore.append_batch` call as the group commit makes it, for
-/// appends `(stream, expected, request id, event count)`; returns its rows.
+/// One batch as the group commit runs it (`append_all_in`, inside `tx`),
+/// for appends `(stream, expected, request id, event count)` with expected
+/// -1 any, -2 no stream, -3 stream exists, else exact; each answer as
+/// `(index from 1, status, first version, last version, actual version,
+/// positions)`.
 async fn append_batch(
-    client: &impl tokio_postgres::GenericClient,
+    tx: &tokio_postgres::Transaction<'_>,
     appends: &[(&str, i64, &str, usize)],
     event_type: &str,
-    check_event_ids: bool,
-) -> Vec<tokio_postgres::Row> {
-    let mut events = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (stream, _, _, count) in appends {
-        for _ in 0..*count {
-            let id = Uuid::now_v7();
-            let data = json!({ "stream": stream });
-            let metadata = EventMetadata::default();
-            events.5.push(hash::content_digest(&id, event_type, 1, &data, &metadata).to_vec());
-            events.0.push(id);
-            events.1.push(event_type);
-            events.2.push(1i32);
-            events.3.push(data);
-            events.4.push(metadata.to_json());
-        }
-    }
-    let streams: Vec<&str> = appends.iter().map(|a| a.0).collect();
-    let expected: Vec<i64> = appends.iter().map(|a| a.1).collect();
-    let requests: Vec<&str> = appends.iter().map(|a| a.2).collect();
-    let counts: Vec<i32> = appends.iter().map(|a| a.3 as i32).collect();
-    client
-        .query(
-            "SELECT * FROM eventstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            &[
-                &streams,
-                &expected,
-                &requests,
-                &counts,
-                &events.0,
-                &events.1,
-                &events.2,
-                &events.3,
-                &events.4,
-                &events.5,
-                &check_event_ids,
-            ],
-        )
-        .await
-        .expect("append_batch")
+) -> Vec<Answer> {
+    let requests: Vec<AppendRequest> = appends
+        .iter()
+        .map(|&(stream, expected, request_id, count)| {
+            let expected = match expected {
+                -1 => ExpectedVersion::Any,
+                -2 => ExpectedVersion::NoStream,
+                -3 => ExpectedVersion::StreamExists,
+                v => ExpectedVersion::Exact(v as u64),
+            };
+            let events = (0..count).map(|_| NewEvent::new(event_type, json!({ "stream": stream }))).collect();
+            let mut request = AppendRequest::new(stream, expected, events);
+            request.request_id = (!request_id.is_empty()).then(|| request_id.to_owned());
+            request
+        })
+        .collect();
+    let answers = eventfold_store::postgres::append_all_in(tx, &requests).await.expect("the batch");
+    answers
+        .into_iter()
+        .enumerate()
+        .map(|(i, answer)| {
+            let index = i as i32 + 1;
+            match answer {
+                Ok(o) => (
+                    index,
+                    if o.duplicate { "duplicate" } else { "ok" }.to_owned(),
+                    Some(o.first_version as i64),
+                    Some(o.last_version as i64),
+                    None,
+                    Some(o.positions.iter().map(|&p| p as i64).collect()),
+                ),
+                Err(Error::WrongExpectedVersion { actual, .. }) => {
+                    (index, "wrong_version".to_owned(), None, None, Some(actual.map_or(-1, |a| a as i64)), None)
+                }
+                Err(e) => panic!("append {index} refused: {e}"),
+            }
+        })
+        .collect()
 }
 
-/// `eventstore.append_batch` for one event to a new stream, inside the
-/// caller's transaction. Returns the event id and its position.
+/// index, status, first version, last version, actual version, positions
+type Answer = (i32, String, Option<i64>, Option<i64>, Option<i64>, Option<Vec<i64>>);
+
+/// One event to a new stream inside the caller's transaction, through the
+/// `eventstore.append_batch` function: one statement, no savepoint, so that
+/// the transaction ids these reader tests arrange are the only ones (a
+/// savepoint's subtransaction id would move the snapshots' `xmax`).
+/// Returns the event id and its position.
 async fn raw_append(tx: &tokio_postgres::Transaction<'_>, stream: &str, event_type: &str) -> (Uuid, u64) {
-    let row = append_batch(tx, &[(stream, -2, "", 1)], event_type, false).await.remove(0);
+    let id = Uuid::now_v7();
+    let data = json!({ "stream": stream });
+    let metadata = EventMetadata::default();
+    let content = hash::content_digest(&id, event_type, 1, &data, &metadata).to_vec();
+    let row = tx
+        .query_one(
+            "SELECT status, positions FROM eventstore.append_batch(ARRAY[$1], ARRAY[-2::bigint], ARRAY[''], \
+             ARRAY[1], ARRAY[$2::uuid], ARRAY[$3], ARRAY[1], ARRAY[$4::jsonb], ARRAY[$5::jsonb], ARRAY[$6::bytea])",
+            &[&stream, &id, &event_type, &data, &metadata.to_json(), &content],
+        )
+        .await
+        .expect("append_batch");
     assert_eq!(row.get::<_, String>("status"), "ok");
     let positions: Vec<i64> = row.get("positions");
     assert_eq!(positions.len(), 1);
-    let id = tx
-        .query_one("SELECT event_id FROM eventstore.events WHERE global_position = $1", &[&positions[0]])
-        .await
-        .expect("the event is visible to its own transaction")
-        .get(0);
     (id, positions[0] as u64)
 }
 
@@ -848,14 +862,14 @@ async fn one_conflict_never_fails_another() {
     assert_eq!(log.stream_info("gate").await.unwrap().version, Some(1));
 }
 
-/// One call with a crafted batch: appends to one stream apply in batch order,
+/// One batch, crafted: appends to one stream apply in batch order,
 /// a request id repeated within the batch gets the answer of its successful
 /// occurrence, and a failed append leaves neither a stream nor a request id
 /// behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_applies_its_appends_in_order() {
     let (db, log) = common::postgres().await;
-    let client = common::client(db.url()).await;
+    let mut client = common::client(db.url()).await;
     let batch = [
         ("a", -2, "", 2),   // ok: versions 0 and 1
         ("a", 1, "", 1),    // ok: version 2, after the append before it
@@ -864,13 +878,11 @@ async fn one_batch_applies_its_appends_in_order() {
         ("a", -1, "r1", 1), // the same request: its first answer
         ("c", 3, "r2", 1),  // wrong version
         ("c", -2, "r2", 2), // ok: the failed occurrence is not an answer
-        ("c", -3, "r2", 1), // the same request: the answer of the one before
+        ("c", -2, "r2", 2), // the same request: the answer of the one before
     ];
-    let rows = append_batch(&client, &batch, "Appended", false).await;
-    /// idx, status, first version, last version, actual version, positions
-    type Answer = (i32, String, Option<i64>, Option<i64>, Option<i64>, Option<Vec<i64>>);
-    let answers: Vec<Answer> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))).collect();
+    let tx = client.transaction().await.unwrap();
+    let answers = append_batch(&tx, &batch, "Appended").await;
+    tx.commit().await.unwrap();
     let statuses: Vec<&str> = answers.iter().map(|a| a.1.as_str()).collect();
     assert_eq!(statuses, ["ok", "ok", "wrong_version", "ok", "duplicate", "wrong_version", "ok", "duplicate"]);
     assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
@@ -894,10 +906,13 @@ async fn one_batch_applies_its_appends_in_order() {
     assert!(matches!(log.stream_info("b").await, Err(Error::StreamNotFound(_))), "no placeholder stream left");
 
     // Retried alone, each request answers what it answered in the batch.
-    let retried = append_batch(&client, &[("a", -2, "r1", 1), ("c", 9, "r2", 1)], "Appended", false).await;
-    for (row, first) in retried.iter().zip([3, 6]) {
-        assert_eq!(row.get::<_, String>(1), "duplicate");
-        assert_eq!(row.get::<_, Option<Vec<i64>>>(5), answers[first].5);
+    // (The same requests: a request id with another request is refused.)
+    let tx = client.transaction().await.unwrap();
+    let retried = append_batch(&tx, &[("a", -1, "r1", 1), ("c", -2, "r2", 2)], "Appended").await;
+    tx.commit().await.unwrap();
+    for (answer, first) in retried.iter().zip([3, 6]) {
+        assert_eq!(answer.1, "duplicate");
+        assert_eq!(answer.5, answers[first].5);
     }
     assert_eq!(read_everything(log.as_ref()).await.len(), 6, "a retry appends nothing");
 }

@@ -40,7 +40,10 @@ pub(super) struct Appending<'a> {
 /// Locks the batch's streams (sorted ids, `$1`) in id order and makes the
 /// missing ones; a stream neither locked nor made was made by a transaction
 /// that committed after this statement's snapshot, and is locked by
-/// [`RELOCK`]. The clock is read after the locks are held.
+/// [`RELOCK`]. The clock is read after the locks are held. The transaction
+/// gets its id here (`pg_current_xact_id()`, which locking or making a row
+/// would do anyway), before [`WRITE`] allocates positions: the gap-safe
+/// tail relies on that order (see `xid.rs`).
 const LOCK: &str = "WITH locked AS MATERIALIZED ( \
         SELECT t.stream_id, t.version, t.head_hash, t.deleted_at IS NOT NULL AS deleted \
           FROM eventstore.streams t WHERE t.stream_id = ANY ($1::text[]) ORDER BY t.stream_id FOR UPDATE), \
@@ -49,12 +52,13 @@ const LOCK: &str = "WITH locked AS MATERIALIZED ( \
         SELECT u.id FROM unnest($1::text[]) WITH ORDINALITY AS u (id, n) \
          WHERE NOT EXISTS (SELECT 1 FROM locked l WHERE l.stream_id = u.id) ORDER BY u.n \
         ON CONFLICT (stream_id) DO NOTHING RETURNING stream_id) \
-    SELECT l.stream_id, l.version, l.head_hash, l.deleted, false AS made, clock_timestamp() AS now FROM locked l \
+    SELECT l.stream_id, l.version, l.head_hash, l.deleted, false AS made, clock_timestamp() AS now, \
+           pg_current_xact_id()::text AS tx FROM locked l \
     UNION ALL \
-    SELECT m.stream_id, -1::bigint, NULL::bytea, false, true, clock_timestamp() FROM made m";
+    SELECT m.stream_id, -1::bigint, NULL::bytea, false, true, clock_timestamp(), pg_current_xact_id()::text FROM made m";
 
 const RELOCK: &str = "SELECT t.stream_id, t.version, t.head_hash, t.deleted_at IS NOT NULL AS deleted, \
-                             false AS made, clock_timestamp() AS now \
+                             false AS made, clock_timestamp() AS now, pg_current_xact_id()::text AS tx \
                         FROM eventstore.streams t WHERE t.stream_id = ANY ($1::text[]) ORDER BY t.stream_id FOR UPDATE";
 
 /// Claims the new request keys (a claim is made and answered, or removed,
@@ -75,7 +79,9 @@ const STORED_IDS: &str = "SELECT event_id FROM eventstore.events WHERE event_id 
 
 /// Writes the events (positions from the column default, taken in array
 /// order, so they ascend through the batch), moves the stream rows and
-/// stores the answers of the request keys; returns the positions in order.
+/// stores the answers of the request keys, with the stream and fingerprint
+/// of the append answered (a key's claim holds its first occurrence's, which
+/// may have been refused); returns the positions in order.
 const WRITE: &str = "WITH written AS ( \
         INSERT INTO eventstore.events (stream_id, version, event_id, event_type, schema_version, data, metadata, \
                                        created_at, hash) \
@@ -96,8 +102,10 @@ const WRITE: &str = "WITH written AS ( \
         UPDATE eventstore.append_requests q SET result = jsonb_build_object( \
                'first_version', u.f, 'last_version', u.l, 'positions', \
                (SELECT jsonb_agg(w.global_position ORDER BY w.global_position) FROM written w \
-                 WHERE w.stream_id = u.stream AND w.version BETWEEN u.f AND u.l)) \
-          FROM unnest($13::text[], $14::text[], $15::text[], $16::bigint[], $17::bigint[]) AS u (s, r, stream, f, l) \
+                 WHERE w.stream_id = u.stream AND w.version BETWEEN u.f AND u.l)), \
+               stream_id = u.stream, fingerprint = u.print \
+          FROM unnest($13::text[], $14::text[], $15::text[], $16::bigint[], $17::bigint[], $18::bytea[]) \
+               AS u (s, r, stream, f, l, print) \
          WHERE q.scope = u.s AND q.request_id = u.r) \
     SELECT coalesce(array_agg(w.global_position ORDER BY w.global_position), '{}') AS positions FROM written w";
 
@@ -219,6 +227,9 @@ pub(super) async fn run<C>(
 where
     C: GenericClient + Sync,
 {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
     let scope = if own_transaction { Scope::OWN } else { Scope::SAVEPOINT };
     if let Some(savepoint) = scope.before {
         // Alone, not pipelined: outside a transaction block it fails, and
@@ -360,13 +371,14 @@ where
             locked.extend(client.query(&statements.lock, &[&again]).await?);
         }
     }
-    let now = now.ok_or_else(|| Failure::Corrupt("a batch without appends".to_owned()))?;
+    // Every stream has a row here, so the clock was read (the batch is not empty).
+    let now = now.ok_or_else(|| Failure::Corrupt("no stream of the batch was locked".to_owned()))?;
     let micros = to_micros(now);
 
     // The keys this batch claimed; the others were answered before.
     let claimed: HashSet<(String, String)> =
         claimed.iter().map(|r| (r.get::<_, String>("scope"), r.get::<_, String>("request_id"))).collect();
-    let mut seen: HashMap<(String, String), (Option<Value>, Option<Vec<u8>>, String)> = HashMap::new();
+    let mut seen: HashMap<(String, String), Stored> = HashMap::new();
     if claimed.len() < keys.len() {
         let (scopes, ids): (Vec<&str>, Vec<&str>) =
             keys.iter().filter(|k| !claimed.contains(&(k.0.to_owned(), k.1.to_owned()))).map(|k| (k.0, k.1)).unzip();
@@ -468,14 +480,15 @@ where
     let s_ids: Vec<&str> = written.iter().map(|(id, _)| *id).collect();
     let s_versions: Vec<i64> = written.iter().map(|(_, h)| h.version).collect();
     let s_links: Vec<&[u8]> = written.iter().map(|(_, h)| h.link.as_ref().map_or(&[][..], |l| &l[..])).collect();
-    let mut answered: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>) = Default::default();
+    let mut answered = Answered::default();
     for (a, d) in batch.iter().zip(&decisions) {
         if let (Some(key), Decision::Answer(answer @ Answer { span: Some(_), duplicate: false, .. })) = (a.key, d) {
-            answered.0.push(&key.scope);
-            answered.1.push(&key.request_id);
-            answered.2.push(&a.request.stream_id);
-            answered.3.push(answer.first);
-            answered.4.push(answer.last);
+            answered.scopes.push(&key.scope);
+            answered.ids.push(&key.request_id);
+            answered.streams.push(&a.request.stream_id);
+            answered.firsts.push(answer.first);
+            answered.lasts.push(answer.last);
+            answered.prints.push(&key.fingerprint);
         }
     }
     let (unclaim_scopes, unclaim_ids): (Vec<&str>, Vec<&str>) = if failed {
@@ -499,7 +512,7 @@ where
             return Ok(Vec::new());
         }
         let links: Vec<&[u8]> = rows.links.iter().map(|l| &l[..]).collect();
-        let params: [&(dyn ToSql + Sync); 17] = [
+        let params: [&(dyn ToSql + Sync); 18] = [
             &rows.streams,
             &rows.versions,
             &rows.ids,
@@ -512,11 +525,12 @@ where
             &s_ids,
             &s_versions,
             &s_links,
-            &answered.0,
-            &answered.1,
-            &answered.2,
-            &answered.3,
-            &answered.4,
+            &answered.scopes,
+            &answered.ids,
+            &answered.streams,
+            &answered.firsts,
+            &answered.lasts,
+            &answered.prints,
         ];
         let row = client.query_one(&statements.write, &params).await?;
         Ok::<_, tokio_postgres::Error>(row.get::<_, Vec<i64>>("positions"))
@@ -595,6 +609,21 @@ fn stored_answer(result: &Value, stream: &str) -> Answer {
             .unwrap_or_default(),
         duplicate: true,
     }
+}
+
+/// A request key's stored answer, fingerprint and stream.
+type Stored = (Option<Value>, Option<Vec<u8>>, String);
+
+/// The request keys the batch answers, as the write statement's parallel
+/// arrays.
+#[derive(Default)]
+struct Answered<'a> {
+    scopes: Vec<&'a str>,
+    ids: Vec<&'a str>,
+    streams: Vec<&'a str>,
+    firsts: Vec<i64>,
+    lasts: Vec<i64>,
+    prints: Vec<&'a [u8]>,
 }
 
 /// The batch's events as the write statement's parallel arrays.

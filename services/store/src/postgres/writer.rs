@@ -104,6 +104,7 @@ pub(super) async fn writer(writer: Writer, token: CancellationToken) -> std::res
         };
         metrics::histogram!("eventfold_store_group_commit_size").record(batch.len() as f64);
 
+        let started = std::time::Instant::now();
         let mut attempt: u64 = 0;
         let mut retries = CONFLICT_BACKOFF.start();
         let mut check_event_ids = false;
@@ -158,6 +159,7 @@ pub(super) async fn writer(writer: Writer, token: CancellationToken) -> std::res
                 }
             };
 
+        metrics::histogram!("eventfold_store_group_commit_seconds").record(started.elapsed());
         match result {
             Ok(answers) => {
                 // Failpoint `store::after_commit`: the batch's transaction

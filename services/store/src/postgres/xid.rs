@@ -2,8 +2,9 @@
 //! the gap-safe tail.
 //!
 //! Why a missing position can be resolved: an appending transaction obtains
-//! its transaction id before it allocates positions (`append_batch` calls
-//! `pg_current_xact_id()` first) and positions are handed out in call order.
+//! its transaction id before it allocates positions (the batch's first
+//! statement, which locks its stream rows, calls `pg_current_xact_id()`;
+//! see `append.rs`) and positions are handed out in call order.
 //! So if a reader's snapshot S1 sees the event at position r but not position
 //! p < r, the transaction holding p had its id before r was committed, hence
 //! before S1 was taken: it was still running at S1 or it rolled back. A
