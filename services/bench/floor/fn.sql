@@ -1,0 +1,1 @@
+SELECT * FROM eventstore.append_batch(ARRAY['s-' || :client_id], ARRAY[-1::bigint], ARRAY[''], ARRAY[1], ARRAY[gen_random_uuid()], ARRAY['OrderCreated'], ARRAY[1], ARRAY['{"order_id":"abc","amount":100,"items":[1,2,3]}'::jsonb], ARRAY['{"correlation_id":"x"}'::jsonb], ARRAY[sha256('x')], false, NULL, NULL);

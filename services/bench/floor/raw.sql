@@ -1,0 +1,1 @@
+INSERT INTO floor_raw (stream_id, version, event_id, event_type, data, metadata) VALUES ('s-' || :client_id, nextval('floor_version'), gen_random_uuid(), 'OrderCreated', '{"order_id":"abc","amount":100,"items":[1,2,3]}', '{"correlation_id":"x"}');
