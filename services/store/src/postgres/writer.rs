@@ -108,65 +108,62 @@ pub(super) async fn writer(writer: Writer, token: CancellationToken) -> std::res
         let mut attempt: u64 = 0;
         let mut retries = CONFLICT_BACKOFF.start();
         let mut check_event_ids = false;
-        let result =
-            loop {
-                attempt = attempt.saturating_add(1);
-                if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-                    connection = match connect_statements(&database, &tables).await {
-                        Ok(c) => Some(c),
-                        Err(e) => break Err(e),
-                    };
-                }
-                let Some((client, statements)) = connection.as_ref() else { continue };
-                let answer =
-                    match tokio::time::timeout(append_timeout, run_batch(client, statements, &batch, check_event_ids))
-                        .await
-                    {
-                        Ok(answer) => answer,
-                        Err(_) => {
-                            // Dropping the connection aborts the call if it is still
-                            // running; if it committed meanwhile, a retry with the
-                            // same request id gets the first answer.
-                            connection = None;
-                            break Err(Error::Unavailable(format!(
-                                "PostgreSQL did not answer the append within {:?}, the outcome is unknown; \
+        let result = loop {
+            attempt = attempt.saturating_add(1);
+            if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+                connection = match connect_statements(&database, &tables).await {
+                    Ok(c) => Some(c),
+                    Err(e) => break Err(e),
+                };
+            }
+            let Some((client, statements)) = connection.as_ref() else { continue };
+            let run = run_batch(client, statements, &batch, check_event_ids);
+            let answer = match tokio::time::timeout(append_timeout, run).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    // Dropping the connection aborts the call if it is still
+                    // running; if it committed meanwhile, a retry with the
+                    // same request id gets the first answer.
+                    connection = None;
+                    break Err(Error::Unavailable(format!(
+                        "PostgreSQL did not answer the append within {:?}, the outcome is unknown; \
                          retry with the same request id",
-                                append_timeout
-                            )));
-                        }
-                    };
-                match answer {
-                    Ok(answers) => break Ok(answers),
-                    Err(e) if attempt < 4 && is_retryable(&e) => {
-                        // A unique violation is almost always an event id stored
-                        // before: repeat with the check that fails only that append.
-                        check_event_ids |= matches!(&e, Failure::Database(e) if is_unique_violation(e));
-                        tracing::debug!(error = ?e, attempt, "group commit retried");
-                        retries.wait().await;
-                    }
-                    Err(e @ (Failure::Unlocked(_) | Failure::Corrupt(_))) => break Err(e.into_error()),
-                    Err(Failure::Database(e)) => {
-                        let closed = e.is_closed() || e.as_db_error().is_none();
-                        if closed {
-                            connection = None;
-                            break Err(Error::Unavailable(format!(
-                                "PostgreSQL connection failed during the append, the outcome is unknown; \
-                             retry with the same request id: {e}"
-                            )));
-                        }
-                        break Err(db_error(e));
-                    }
+                        append_timeout
+                    )));
                 }
             };
+            match answer {
+                Ok(answers) => break Ok(answers),
+                Err(e) if attempt < 4 && is_retryable(&e) => {
+                    // A unique violation is almost always an event id stored
+                    // before: repeat with the check that fails only that append.
+                    check_event_ids |= matches!(&e, Failure::Database(e) if is_unique_violation(e));
+                    tracing::debug!(error = ?e, attempt, "group commit retried");
+                    retries.wait().await;
+                }
+                Err(e @ (Failure::Unlocked(_) | Failure::Corrupt(_))) => break Err(e.into_error()),
+                Err(Failure::Database(e)) => {
+                    let closed = e.is_closed() || e.as_db_error().is_none();
+                    if closed {
+                        connection = None;
+                        break Err(Error::Unavailable(format!(
+                            "PostgreSQL connection failed during the append, the outcome is unknown; \
+                             retry with the same request id: {e}"
+                        )));
+                    }
+                    break Err(db_error(e));
+                }
+            }
+        };
 
         metrics::histogram!("eventfold_store_group_commit_seconds").record(started.elapsed());
         match result {
             Ok(answers) => {
                 // Failpoint `store::after_commit`: the batch's transaction
-                // committed, its appenders not yet answered. A crash here leaves stored
-                // appends whose callers never heard of them: they must get an
-                // error (not wait for good), and a retry with the same request
-                // id must get the first answer.
+                // committed, its appenders not yet answered. A crash here
+                // leaves stored appends whose callers never heard of them:
+                // they must get an error (not wait for good), and a retry with
+                // the same request id must get the first answer.
                 crate::failpoint!("store::after_commit");
                 let mut head = 0;
                 for (job, outcome) in batch.into_iter().zip(answers) {
