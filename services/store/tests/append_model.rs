@@ -273,17 +273,6 @@ impl Memory {
     }
 }
 
-/// Rows of `sql` as text, for comparing two databases.
-async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
-    client
-        .query(&format!("SELECT row_to_json(t)::text FROM ({sql}) t"), &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Every stream's chain recomputes from what is stored, and its row's head
 /// is its last event's link.
 async fn assert_chains_valid(log: &PostgresEventLog, client: &tokio_postgres::Client, what: &str) {
@@ -336,8 +325,8 @@ async fn the_rewritten_batch_decides_as_the_function_did() {
                 );
             }
             assert_eq!(actual.len(), expected.len());
-            for (what, sql) in TABLES {
-                let (a, b) = (rows(&old, sql).await, rows(&new, sql).await);
+            for table @ (what, _, _) in TABLES {
+                let (a, b) = (rows(&old, table).await, rows(&new, table).await);
                 if a != b {
                     for (r, e) in batch.iter().zip(&expected) {
                         eprintln!(
@@ -390,8 +379,8 @@ async fn the_rewritten_batch_decides_as_the_function_did() {
     }
 
     // The same log, stream rows and request ids.
-    for (what, sql) in TABLES {
-        let (a, b) = (rows(&old, sql).await, rows(&new, sql).await);
+    for table @ (what, _, _) in TABLES {
+        let (a, b) = (rows(&old, table).await, rows(&new, table).await);
         assert!(!a.is_empty(), "{what}: nothing stored");
         assert_eq!(b, a, "{what} differ between the function and the new path");
     }
@@ -400,23 +389,30 @@ async fn the_rewritten_batch_decides_as_the_function_did() {
 }
 
 /// What the two databases must hold alike (`created_at` and links aside).
-const TABLES: [(&str, &str); 3] = [
+const TABLES: [(&str, &str, &str); 3] = [
     (
         "events",
-        "SELECT global_position, stream_id, version, event_id, event_type, schema_version, data, metadata \
-               FROM eventstore.events ORDER BY global_position",
+        "(SELECT global_position, stream_id, version, event_id, event_type, schema_version, data, metadata \
+            FROM eventstore.events)",
+        "global_position",
     ),
     (
         "streams",
-        "SELECT stream_id, version, first_position, last_position, deleted_at IS NOT NULL AS deleted, \
-                    parent_stream_id FROM eventstore.streams ORDER BY stream_id",
+        "(SELECT stream_id, version, first_position, last_position, deleted_at IS NOT NULL AS deleted, \
+                 parent_stream_id FROM eventstore.streams)",
+        "stream_id",
     ),
     (
         "request ids",
-        "SELECT scope, request_id, stream_id, result, fingerprint FROM eventstore.append_requests \
-              ORDER BY scope, request_id",
+        "(SELECT scope, request_id, stream_id, result, fingerprint FROM eventstore.append_requests)",
+        "scope, request_id",
     ),
 ];
+
+/// The rows of one of [`TABLES`] on `client`, as JSON text.
+async fn rows(client: &tokio_postgres::Client, (_, columns, order_by): (&str, &str, &str)) -> Vec<String> {
+    eventfold_tests::table_rows(client, columns, order_by).await
+}
 
 /// One append of the concurrent run and what it was answered.
 struct Done {
